@@ -1,0 +1,3 @@
+from buffyfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""The content-addressed blob store.
+
+Layout under the cache directory::
+
+    blobs/ab/abcdef...        one read-only file per distinct content, named by sha256
+    partial/NAME.part         the body of a download in progress for source NAME
+    partial/NAME.lock         flock held by whoever downloads NAME (one at a time)
+
+A blob appears under ``blobs/`` only complete: the partial file is fsynced and then
+renamed into place, and the directory fsynced. Identical content is stored once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+
+from buffyfs.errors import CacheError
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blob_dir = root / "blobs"
+        self.partial_dir = root / "partial"
+        try:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            self.partial_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot use cache directory {root}: {e.strerror}") from None
+
+    def path(self, sha256: str) -> Path:
+        return self.blob_dir / sha256[:2] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).exists()
+
+    def partial_path(self, source: str) -> Path:
+        return self.partial_dir / f"{source}.part"
+
+    def lock_path(self, source: str) -> Path:
+        return self.partial_dir / f"{source}.lock"
+
+    def commit_partial(self, partial: Path, sha256: str) -> Path:
+        """Move a complete, fsynced partial file into the store under its hash.
+
+        If the content is already stored, the partial file is dropped instead.
+        Blocking: call from a worker thread.
+        """
+        target = self.path(sha256)
+        if target.exists():
+            partial.unlink(missing_ok=True)
+            return target
+        target.parent.mkdir(exist_ok=True)
+        os.chmod(partial, 0o444)
+        os.rename(partial, target)
+        _fsync_dir(target.parent)
+        return target
+
+    def open_blob(self, sha256: str) -> int:
+        """An O_RDONLY file descriptor of the blob (the caller closes it)."""
+        return os.open(self.path(sha256), os.O_RDONLY | os.O_CLOEXEC)
+
+    def size_on_disk(self) -> int:
+        total = 0
+        for sub in self.blob_dir.iterdir():
+            if sub.is_dir():
+                for f in sub.iterdir():
+                    try:
+                        total += f.stat().st_size
+                    except FileNotFoundError:
+                        pass
+        return total
+
+
+class SourceLock:
+    """An exclusive flock on ``partial/NAME.lock``: one download per source,
+    across the mount and command-line processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def hash_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

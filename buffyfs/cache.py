@@ -1,0 +1,165 @@
+"""The cache directory as a whole: index + blobs, and the operations that the
+command line and the mount's control files share (add, remove, set, status).
+
+Layout of a cache directory::
+
+    index/            the LMDB index (index.py documents its keys)
+    blobs/, partial/  the blob store (blobs.py)
+    mount.lock        flock held by the running mount of this cache
+    mount.json        {"pid", "mountpoint"} of that mount
+    buffyfs.log       the log of a detached mount
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from buffyfs import status
+from buffyfs.blobs import BlobStore
+from buffyfs.errors import BadInput, CacheError, NotFound
+from buffyfs.index import Index, latest_of
+from buffyfs.options import check_name, check_url, normalize_options
+
+
+def default_cache_dir() -> Path:
+    if os.getuid() == 0:
+        return Path("/var/cache/buffyfs")
+    return Path(platformdirs.user_cache_dir("buffyfs"))
+
+
+def resolve_cache_dir(cli_value: str | None, config_value: str | None = None) -> Path:
+    """SPEC order: --cache, the config's [daemon] cache, $BUFFYFS_CACHE, the default."""
+    for value in (cli_value, config_value, os.environ.get("BUFFYFS_CACHE")):
+        if value:
+            return Path(value).expanduser().absolute()
+    return default_cache_dir()
+
+
+class Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create cache directory {root}: {e.strerror}") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise CacheError(f"cache directory {root} is not writable")
+        self.blobs = BlobStore(root)
+        self.index = Index(root / "index")
+
+    def close(self) -> None:
+        self.index.close()
+
+    # --- sources ----------------------------------------------------------------------
+
+    def add_source(
+        self, name: str, url: str, raw_options: dict[str, Any], replace: bool = False
+    ) -> bool:
+        check_name(name)
+        check_url(url)
+        return self.index.add_source(name, url, normalize_options(raw_options), replace=replace)
+
+    def remove_source(self, name: str) -> None:
+        check_name(name)
+        self.index.remove_source(name)
+
+    def set_options(self, name: str, raw_options: dict[str, Any]) -> None:
+        """Change options (``url`` included) of an existing source."""
+        src = self.index.get_source(name)
+        raw = dict(raw_options)
+        url = check_url(raw.pop("url")) if "url" in raw else src["url"]
+        options = normalize_options(raw, base=src["options"])
+        self.index.add_source(name, url, options, replace=True)
+
+    def version(self, name: str, ref: str) -> dict[str, Any]:
+        """A version of ``name`` by id, or ``latest``."""
+        with self.index.read() as r:
+            if r.source(name) is None:
+                raise NotFound(f"no source named {name!r}")
+            if ref == "latest":
+                v = latest_of(r.versions(name))
+                if v is None:
+                    raise NotFound(f"source {name!r} has no usable version")
+                return v
+            v = r.version(name, ref)
+        if v is None:
+            raise NotFound(f"source {name!r} has no version {ref!r}")
+        return v
+
+    # --- status -----------------------------------------------------------------------
+
+    def cache_size(self) -> int:
+        """Bytes of the distinct blobs that versions refer to."""
+        sizes: dict[str, int] = {}
+        with self.index.read() as r:
+            for name in r.source_names():
+                for v in r.versions(name):
+                    sizes[v["sha256"]] = v["size"]
+        return sum(sizes.values())
+
+    def source_status(
+        self, name: str, live_progress: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        with self.index.read() as r:
+            try:
+                return status.source_status(r, name, live_progress)
+            except KeyError:
+                raise NotFound(f"no source named {name!r}") from None
+
+    def root_status(self, max_cache_size: int | None = None) -> dict[str, Any]:
+        return status.root_status(self.index, self.root, self.cache_size(), max_cache_size)
+
+    def set_control_error(self, source: str | None, message: str | None) -> None:
+        if source is None:
+            with self.index.write() as w:
+                w.put_meta_json("last_control_error", message)
+        else:
+            self.index.set_state(source, last_control_error=message)
+
+    # --- the running mount ------------------------------------------------------------
+
+    def running_mount(self) -> dict[str, Any] | None:
+        """``{"pid", "mountpoint"}`` of the mount using this cache, or None."""
+        lock = self.root / "mount.lock"
+        if not lock.exists():
+            return None
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads((self.root / "mount.json").read_text())
+            except (OSError, ValueError):
+                return {"pid": None, "mountpoint": None}
+        finally:
+            os.close(fd)
+        return None
+
+    def claim_mount(self, mountpoint: str) -> int:
+        """Take the mount lock; returns its fd (held for the mount's life)."""
+        fd = os.open(self.root / "mount.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = self.running_mount() or {}
+            raise CacheError(
+                f"cache {self.root} is in use by another mount"
+                + (f" at {other['mountpoint']} (pid {other['pid']})" if other.get("pid") else "")
+            ) from None
+        info = {"pid": os.getpid(), "mountpoint": mountpoint}
+        (self.root / "mount.json").write_text(json.dumps(info))
+        return fd
+
+
+def check_option_keys(raw: dict[str, Any]) -> None:
+    """Fail early on keys that are not options (for the command line)."""
+    normalize_options({k: v for k, v in raw.items() if k != "url"})
+    if "url" in raw:
+        raise BadInput("give the URL as an argument, not as an option")

@@ -1,0 +1,346 @@
+"""The ``buffyfs`` command. Parsing and printing only; the work is in the modules below."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from buffyfs import __version__
+from buffyfs.errors import BadInput, BuffyError, CacheError, FetchError
+
+MOUNT_READY_TIMEOUT = 30.0
+UMOUNT_TIMEOUT = 10.0
+
+# SPEC options settable on the command line: key -> help
+SOURCE_OPTIONS = {
+    "refresh": "never, or a duration such as 30m, 6h, 1d (default 1d)",
+    "attempt_timeout": "connect/stall timeout of one attempt (default 30s)",
+    "max_attempts": "attempts per refresh (default 5)",
+    "keep_versions": "versions kept besides latest, newest valid and keep (default 5)",
+    "method": "GET or POST (default GET)",
+    "body": "request body (for POST)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage line, then one error line, exit 2
+        self.print_usage(sys.stderr)
+        print(f"buffyfs: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="buffyfs", description="Registered URLs as plain files, from a local "
+                "versioned cache.")
+    p.add_argument("--version", action="version", version=f"buffyfs {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument("--cache", metavar="DIR", help="cache directory")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    m = sub.add_parser("mount", parents=[common], help="mount the cache")
+    m.add_argument("mountpoint")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    m.add_argument("--allow-other", action="store_true", help="let other users read")
+    m.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    u = sub.add_parser("umount", help="unmount")
+    u.add_argument("mountpoint")
+
+    a = sub.add_parser("add", parents=[common], help="register a source")
+    a.add_argument("name")
+    a.add_argument("url")
+    for key, help_text in SOURCE_OPTIONS.items():
+        a.add_argument("--" + key.replace("_", "-"), dest="opt_" + key, help=help_text)
+    a.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="extra request header (repeatable); its value is never shown")
+
+    r = sub.add_parser("remove", parents=[common], help="unregister a source")
+    r.add_argument("name")
+    sub.add_parser("list", parents=[common], help="list sources")
+    s = sub.add_parser("status", parents=[common], help="show status")
+    s.add_argument("name", nargs="?")
+    s.add_argument("--json", action="store_true")
+    v = sub.add_parser("versions", parents=[common], help="list versions of a source")
+    v.add_argument("name")
+    f = sub.add_parser("fetch", parents=[common], help="download now, with a progress bar")
+    f.add_argument("name")
+    rf = sub.add_parser("refresh", parents=[common], help="check the origin now")
+    rf.add_argument("name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "mount":  # commands report their own errors, one line each
+        logging.getLogger().addHandler(logging.NullHandler())
+        logging.getLogger().setLevel(logging.CRITICAL)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except BuffyError as e:
+        print(f"buffyfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("buffyfs: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from buffyfs.cache import Cache, resolve_cache_dir
+
+    return Cache(resolve_cache_dir(args.cache))
+
+
+# --- mount ------------------------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from buffyfs import log
+    from buffyfs.cache import resolve_cache_dir
+
+    cache_dir = resolve_cache_dir(args.cache)
+    if not os.path.isdir(args.mountpoint):
+        raise BadInput(f"mount point {args.mountpoint} is not a directory")
+    if args.foreground:
+        from buffyfs import mount
+
+        log.setup(args.log_level, None if args.ready_fd is None else cache_dir / "buffyfs.log")
+        mount.run(args.mountpoint, cache_dir, allow_other=args.allow_other,
+                  ready_fd=args.ready_fd)
+        return 0
+    return _mount_detached(args, cache_dir)
+
+
+def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
+    """Start the daemon in its own session and return once the mount is live."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "buffyfs", "mount", args.mountpoint, "--foreground",
+           "--cache", str(cache_dir), "--log-level", args.log_level, "--ready-fd", str(write_end)]
+    if args.allow_other:
+        cmd.append("--allow-other")
+    errors = cache_dir / "buffyfs.start-error"
+    with open(errors, "w") as err:
+        proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        import select
+
+        r, _, _ = select.select([ready], [], [], MOUNT_READY_TIMEOUT)
+        line = ready.readline() if r else b""
+    if line.startswith(b"ready"):
+        print(f"buffyfs mounted on {args.mountpoint} (pid {proc.pid}, log {cache_dir}/buffyfs.log)")
+        return 0
+    try:
+        code = proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    message = errors.read_text().strip().splitlines()
+    raise CacheError(message[-1].removeprefix("buffyfs: error: ") if message
+                     else f"the mount daemon exited with status {code}")
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.ismount(mountpoint):
+        raise BadInput(f"{args.mountpoint} is not mounted")
+    done = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CacheError(f"cannot unmount {args.mountpoint}: "
+                         + (done.stderr.strip().splitlines() or ["fusermount3 failed"])[-1])
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 0
+
+
+# --- sources ----------------------------------------------------------------------------
+
+
+def _options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, Any] = {k: getattr(args, "opt_" + k) for k in SOURCE_OPTIONS
+                           if getattr(args, "opt_" + k) is not None}
+    if args.header:
+        headers = {}
+        for h in args.header:
+            key, sep, value = h.partition(":")
+            if not sep or not key.strip():
+                raise BadInput("invalid --header: use 'Name: value'")
+            headers[key.strip()] = value.strip()
+        raw["headers"] = headers
+    return raw
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from buffyfs.options import check_name, check_url, normalize_options
+
+    check_name(args.name)
+    check_url(args.url)
+    raw = _options_from_args(args)
+    normalize_options(raw)  # bad input is reported before the cache is touched
+    cache = _cache(args)
+    cache.add_source(args.name, args.url, raw)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    _cache(args).remove_source(args.name)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from buffyfs.options import redact_url
+
+    cache = _cache(args)
+    with cache.index.read() as r:
+        for name, src in r.sources():
+            print(f"{name}\t{redact_url(src['url'])}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cache = _cache(args)
+    if args.name:
+        from buffyfs.options import check_name
+
+        check_name(args.name)
+        obj = cache.source_status(args.name)
+    else:
+        obj = cache.root_status()
+    if args.json:
+        print(json.dumps(obj, indent=2))
+        return 0
+    _print_status(obj, cache)
+    return 0
+
+
+def _print_status(obj: dict[str, Any], cache: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "sources" in obj:
+        mount = cache.running_mount()
+        where = f"mounted on {mount['mountpoint']}" if mount else "not mounted"
+        console.print(f"buffyfs {obj['version']}  cache {obj['cache']} ({where}), "
+                      f"{_human(obj['cache_size'])} used")
+        table = Table("source", "url", "latest", "state", "failures", box=None)
+        for s in obj["sources"]:
+            table.add_row(s["name"], s["url"], s["latest"] or "-", s["state"],
+                          str(s["consecutive_failures"]))
+        console.print(table)
+        return
+    for key in ("name", "url", "refresh", "state", "latest", "last_check", "last_success",
+                "next_check", "consecutive_failures"):
+        console.print(f"{key:>21}: {obj[key] if obj[key] is not None else '-'}", highlight=False)
+    if obj["last_error"]:
+        console.print(f"{'last_error':>21}: {obj['last_error']['at']} "
+                      f"{obj['last_error']['message']}", highlight=False)
+    console.print(f"{'versions':>21}: {len(obj['versions'])}")
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from buffyfs.index import latest_of
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    cache = _cache(args)
+    cache.index.get_source(args.name)
+    with cache.index.read() as r:
+        versions = r.versions(args.name)
+    latest = latest_of(versions)
+    table = Table("version", "size", "fetched", "tags", "", box=None)
+    for v in versions:
+        table.add_row(v["id"], _human(v["size"]), v["fetched_at"], ",".join(v.get("tags", [])),
+                      "latest" if latest and v["id"] == latest["id"] else "")
+    Console().print(table)
+    return 0
+
+
+# --- downloads --------------------------------------------------------------------------
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    cache = _cache(args)
+    cache.index.get_source(args.name)
+    with Progress(TextColumn(args.name), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("fetch", total=None)
+
+        def on_progress(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        outcome = _run_refresh(cache, args.name, on_progress)
+    if outcome.error:
+        raise FetchError(f"{args.name}: {outcome.error}")
+    if outcome.version:
+        v = outcome.version
+        print(f"{args.name}: new version {v['id']} ({_human(v['size'])})")
+    else:
+        print(f"{args.name}: up to date")
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    cache = _cache(args)
+    if cache.running_mount():
+        cache.index.request_refresh(args.name)
+        print(f"{args.name}: refresh requested from the running mount")
+        return 0
+    cache.index.get_source(args.name)
+    outcome = _run_refresh(cache, args.name, None)
+    if outcome.error:
+        raise FetchError(f"{args.name}: {outcome.error}")
+    return 0
+
+
+def _run_refresh(cache: Any, name: str, on_progress: Any) -> Any:
+    import trio
+
+    from buffyfs import downloader
+    from buffyfs.refresh import Refresher
+
+    async def go() -> Any:
+        async with downloader.new_client() as client:
+            return await Refresher(cache.index, cache.blobs, client).refresh(name, on_progress)
+
+    return trio.run(go)
+
+
+COMMANDS = {
+    "mount": cmd_mount, "umount": cmd_umount, "add": cmd_add, "remove": cmd_remove,
+    "list": cmd_list, "status": cmd_status, "versions": cmd_versions, "fetch": cmd_fetch,
+    "refresh": cmd_refresh,
+}

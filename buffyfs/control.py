@@ -1,0 +1,100 @@
+"""The grammar of the ``@control`` files (pure: no I/O, easy to fuzz).
+
+One command per line, words split as a POSIX shell splits them. ``parse`` checks a
+whole write and either returns every command or raises BadInput naming the first
+bad line; nothing is applied before the whole write has parsed.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from buffyfs.errors import BadInput
+from buffyfs.options import check_name, check_url, normalize_options
+
+Scope = Literal["root", "source"]
+
+MAX_WRITE = 1 << 20
+
+# word -> (min positional args, max positional args, takes KEY=VALUE options)
+GRAMMAR: dict[Scope, dict[str, tuple[int, int, bool]]] = {
+    "root": {"add": (2, 2, True), "remove": (1, 1, False)},
+    "source": {"refresh": (0, 0, False), "set": (0, 0, True)},
+}
+
+USAGE = {
+    "add": "add NAME URL [KEY=VALUE ...]",
+    "remove": "remove NAME",
+    "refresh": "refresh",
+    "set": "set KEY=VALUE ...",
+}
+
+
+@dataclass
+class Command:
+    word: str
+    args: list[str]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse(data: bytes, scope: Scope) -> list[Command]:
+    if len(data) > MAX_WRITE:
+        raise BadInput(f"control write too long ({len(data)} bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput("control write is not UTF-8") from None
+    if "\0" in text:
+        raise BadInput("control write contains a NUL byte")
+    commands = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            cmd = _parse_line(line, scope)
+        except BadInput as e:
+            raise BadInput(f"line {number}: {e}") from None
+        if cmd is not None:
+            commands.append(cmd)
+    if not commands:
+        raise BadInput("no command given")
+    return commands
+
+
+def _parse_line(line: str, scope: Scope) -> Command | None:
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError as e:
+        raise BadInput(f"cannot split {line[:80]!r}: {e}") from None
+    if not words:
+        return None
+    word, rest = words[0], words[1:]
+    grammar = GRAMMAR[scope]
+    if word not in grammar:
+        raise BadInput(
+            f"unknown command {word[:40]!r}; here: " + ", ".join(USAGE[w] for w in grammar)
+        )
+    lo, hi, takes_options = grammar[word]
+    # Positional words come first (a URL may hold "="), then KEY=VALUE pairs.
+    positional, pairs = (rest[:hi], rest[hi:]) if takes_options else (rest, [])
+    if not lo <= len(positional) <= hi or any("=" not in p for p in pairs):
+        raise BadInput(f"usage: {USAGE[word]}")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        options[key] = value
+    if word == "add":
+        check_name(positional[0])
+        check_url(positional[1])
+        if "url" in options:
+            raise BadInput("give the URL once, as the second argument")
+        normalize_options(options)
+    elif word == "remove":
+        check_name(positional[0])
+    elif word == "set":
+        if not options:
+            raise BadInput(f"usage: {USAGE[word]}")
+        if "url" in options:
+            check_url(options["url"])
+        normalize_options({k: v for k, v in options.items() if k != "url"})
+    return Command(word, positional, options)

@@ -1,0 +1,555 @@
+"""The pyfuse3 filesystem: SPEC's layout over the cache.
+
+Handlers stay thin: they read the index, open blobs, and turn domain errors into
+``FUSEError``. Only ``FUSEError`` may leave a handler.
+
+Inode numbers (all stable, never reused):
+
+    1, 2, 3            the root, its @status and @control
+    index-allocated    per source a block (index.SourceInode: dir, @status,
+                       @control, @versions, pending-latest), one per version
+
+Caching: a version inode never changes, so its attributes and entries are cached
+for long and its data stays in the page cache across opens (``keep_cache``). The
+name ``latest`` maps to a version inode with a short entry timeout, and the entry
+is invalidated as soon as ``latest`` moves. While a source has no servable version,
+``latest`` is the "pending" inode: opening it waits for the first download, and it
+is opened with ``direct_io`` since its size is not known in advance.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+
+from buffyfs import control
+from buffyfs.cache import Cache
+from buffyfs.errors import BadInput, BuffyError, FetchError
+from buffyfs.index import SourceInode, latest_of, parse_rfc3339
+from buffyfs.options import NAME_RE, normalize_options, redact_url
+from buffyfs.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+ROOT_STATUS = 2
+ROOT_CONTROL = 3
+
+IMMUTABLE_TIMEOUT = 3600.0  # version inodes and their @versions entries
+SHORT_TIMEOUT = 1.0  # everything that can change
+
+SOURCE_FILES = {"@status": SourceInode.status, "@control": SourceInode.control}
+
+
+@dataclass
+class Node:
+    kind: str  # root, root_status, root_control, or a SourceInode name, or "version"
+    source: str | None = None
+    version: dict[str, Any] | None = None
+
+
+@dataclass
+class BlobHandle:
+    fd: int
+    size: int
+
+
+@dataclass
+class BytesHandle:
+    data: bytes
+
+
+@dataclass
+class ControlHandle:
+    source: str | None  # None for the root @control
+
+
+@dataclass
+class DirHandle:
+    ino: int
+    entries: list[tuple[bytes, pyfuse3.EntryAttributes]] | None = None
+
+
+@dataclass
+class Counters:
+    opens: int = 0
+    bytes_served: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class BuffyFS(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        cache: Cache,
+        scheduler: Scheduler | None,
+        max_cache_size: int | None = None,
+        progress: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
+        super().__init__()
+        self.cache = cache
+        self.index = cache.index
+        self.scheduler = scheduler
+        self.max_cache_size = max_cache_size
+        self.live_progress = progress
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.handles: dict[int, Any] = {}
+        self.next_fh = 1
+        self.shown_latest: dict[str, int] = {}  # source -> inode last given for `latest`
+        self.counters = Counters()
+        self.nowait_reads = True
+
+    # --- node resolution --------------------------------------------------------------
+
+    def _node(self, ino: int) -> Node:
+        if ino == ROOT:
+            return Node("root")
+        if ino == ROOT_STATUS:
+            return Node("root_status")
+        if ino == ROOT_CONTROL:
+            return Node("root_control")
+        with self.index.read() as r:
+            ref = r.inode(ino)
+            if ref is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if ref["kind"] == "version":
+                v = r.version(ref["source"], ref["id"])
+                if v is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                return Node("version", ref["source"], v)
+        return Node(ref["kind"], ref["source"])
+
+    def _source_base(self, name: str) -> int:
+        with self.index.read() as r:
+            src = r.source(name)
+        if src is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return src["ino"]
+
+    def _latest_ino(self, name: str, base: int) -> int:
+        with self.index.read() as r:
+            v = latest_of(r.versions(name))
+        ino = v["ino"] if v else base + SourceInode.pending
+        self.shown_latest[name] = ino
+        return ino
+
+    # --- attributes -------------------------------------------------------------------
+
+    def _attr(self, ino: int, node: Node | None = None) -> pyfuse3.EntryAttributes:
+        node = node or self._node(ino)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_blksize = 1 << 17
+        a.entry_timeout = SHORT_TIMEOUT
+        a.attr_timeout = SHORT_TIMEOUT
+        kind = node.kind
+        if kind in ("root", "dir", "versions"):
+            a.st_mode = stat.S_IFDIR | 0o555
+            a.st_nlink = 2
+        elif kind == "version":
+            assert node.version is not None
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.st_size = node.version["size"]
+            a.st_blocks = (a.st_size + 511) // 512
+            stamp = int(parse_rfc3339(node.version["fetched_at"]).timestamp() * 1e9)
+            a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
+            a.entry_timeout = a.attr_timeout = IMMUTABLE_TIMEOUT
+        elif kind in ("root_control", "control"):
+            a.st_mode = stat.S_IFREG | 0o200
+            a.st_nlink = 1
+        else:  # @status files, pending latest: contents not known ahead, served direct_io
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+        return a
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    # --- lookup and listing -----------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        ino = self._child(parent_inode, text)
+        attr = self._attr(ino)
+        if text == "latest":
+            attr.entry_timeout = SHORT_TIMEOUT
+        return attr
+
+    def _child(self, parent: int, name: str) -> int:
+        node = self._node(parent)
+        if name == ".":
+            return parent
+        if node.kind == "root":
+            if name == "..":
+                return ROOT
+            if name == "@status":
+                return ROOT_STATUS
+            if name == "@control":
+                return ROOT_CONTROL
+            if not NAME_RE.fullmatch(name) or name[0] in ".@":
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._source_base(name)
+        if node.kind == "dir":
+            assert node.source
+            base = self._source_base(node.source)
+            if name == "..":
+                return ROOT
+            if name == "latest":
+                return self._latest_ino(node.source, base)
+            if name in SOURCE_FILES:
+                return base + SOURCE_FILES[name]
+            if name == "@versions":
+                return base + SourceInode.versions
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.kind == "versions":
+            assert node.source
+            if name == "..":
+                return self._source_base(node.source)
+            with self.index.read() as r:
+                v = r.version(node.source, name) if "\0" not in name else None
+            if v is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return v["ino"]
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if node.kind not in ("root", "dir", "versions"):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return self._new_handle(DirHandle(inode))
+
+    def _list(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        node = self._node(ino)
+        names: list[tuple[str, int]] = []
+        if node.kind == "root":
+            names = [("@status", ROOT_STATUS), ("@control", ROOT_CONTROL)]
+            with self.index.read() as r:
+                names += [(n, src["ino"]) for n, src in r.sources()]
+        elif node.kind == "dir":
+            assert node.source
+            base = self._source_base(node.source)
+            names = [("latest", self._latest_ino(node.source, base))]
+            names += [(n, base + off) for n, off in SOURCE_FILES.items()]
+            names.append(("@versions", base + SourceInode.versions))
+        elif node.kind == "versions":
+            assert node.source
+            with self.index.read() as r:
+                names = [(v["id"], v["ino"]) for v in r.versions(node.source)]
+        out = []
+        for name, child in names:
+            try:
+                out.append((name.encode(), self._attr(child)))
+            except pyfuse3.FUSEError:
+                continue  # removed meanwhile
+        return out
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.handles.get(fh)
+        if not isinstance(handle, DirHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.entries is None or start_id == 0:
+            handle.entries = self._list(handle.ino)
+        for i in range(start_id, len(handle.entries)):
+            name, attr = handle.entries[i]
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    async def forget(self, inode_list: Any) -> None:
+        pass  # nothing is kept per inode: numbers are stable and come from the index
+
+    # --- opening and reading ----------------------------------------------------------
+
+    def _new_handle(self, handle: Any) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    def _open_version(self, version: dict[str, Any], **info: Any) -> pyfuse3.FileInfo:
+        try:
+            fd = self.cache.blobs.open_blob(version["sha256"])
+        except OSError as e:
+            log.error("blob of version %s unreadable: %s", version["id"], e.strerror)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        self.counters.opens += 1
+        fh = self._new_handle(BlobHandle(fd, version["size"]))
+        return pyfuse3.FileInfo(fh=fh, **info)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if node.kind in ("root_control", "control"):
+            if not writing:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return pyfuse3.FileInfo(fh=self._new_handle(ControlHandle(node.source)),
+                                    direct_io=True, keep_cache=False)
+        if writing:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.kind == "version":
+            assert node.version is not None
+            return self._open_version(node.version, keep_cache=True)
+        if node.kind == "pending":
+            assert node.source
+            version = await self._wait_latest(node.source)
+            return self._open_version(version, direct_io=True, keep_cache=False)
+        if node.kind in ("root_status", "status"):
+            data = self._render_status(node.source)
+            return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(data)),
+                                    direct_io=True, keep_cache=False)
+        raise pyfuse3.FUSEError(errno.EISDIR)
+
+    async def _wait_latest(self, name: str) -> dict[str, Any]:
+        if self.scheduler is not None:
+            try:
+                await self.scheduler.wait_first_version(name)
+            except FetchError as e:
+                log.info("%s: open of latest fails: %s", name, e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        with self.index.read() as r:
+            v = latest_of(r.versions(name))
+        if v is None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        return v
+
+    def _render_status(self, source: str | None) -> bytes:
+        if source is None:
+            obj = self.cache.root_status(self.max_cache_size)
+        else:
+            try:
+                obj = self.cache.source_status(source, self.live_progress())
+            except BuffyError:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+        return (json.dumps(obj, indent=2) + "\n").encode()
+
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        handle = self.handles.get(fh)
+        if isinstance(handle, BytesHandle):
+            return handle.data[off : off + size]
+        if not isinstance(handle, BlobHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        size = max(0, min(size, handle.size - off))
+        if size == 0:
+            return b""
+        data = self._read_cached(handle.fd, off, size)
+        if data is None:  # not in the page cache: read from disk off the event loop
+            data = await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
+        self.counters.bytes_served += len(data)
+        return data
+
+    def _read_cached(self, fd: int, off: int, size: int) -> memoryview | None:
+        """Read without blocking if the bytes are in the page cache (RWF_NOWAIT)."""
+        if not self.nowait_reads:
+            return None
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self.nowait_reads = False
+                return None
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        return memoryview(buf)[:n] if n == size else None
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if isinstance(handle, BlobHandle):
+            os.close(handle.fd)
+
+    # --- control files ----------------------------------------------------------------
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles.get(fh)
+        if not isinstance(handle, ControlHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            commands = control.parse(buf, "root" if handle.source is None else "source")
+            self._check_commands(commands, handle.source)
+            for cmd in commands:
+                self._apply(cmd, handle.source)
+        except BadInput as e:
+            where = handle.source or "@control"
+            log.warning("%s: control write refused: %s", where, e)
+            self._set_control_error(handle.source, str(e))
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        except BuffyError as e:
+            log.error("control write failed: %s", e)
+            self._set_control_error(handle.source, str(e))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        self._set_control_error(handle.source, None)
+        return len(buf)
+
+    def _set_control_error(self, source: str | None, message: str | None) -> None:
+        try:
+            self.cache.set_control_error(source, message)
+        except BuffyError as e:
+            log.error("cannot record control error: %s", e)
+
+    def _check_commands(self, commands: list[control.Command], source: str | None) -> None:
+        """Check a whole write against the index before applying any of it."""
+        with self.index.read() as r:
+            exists = {n: True for n in r.source_names()}
+            if source is not None and source not in exists:
+                raise BadInput(f"source {source!r} was removed")
+            for number, cmd in enumerate(commands, 1):
+                if cmd.word == "add":
+                    if exists.get(cmd.args[0]):
+                        raise BadInput(f"command {number}: source {cmd.args[0]!r} exists already")
+                    exists[cmd.args[0]] = True
+                elif cmd.word == "remove":
+                    if not exists.get(cmd.args[0]):
+                        raise BadInput(f"command {number}: no source named {cmd.args[0]!r}")
+                    exists[cmd.args[0]] = False
+                elif cmd.word == "set":
+                    assert source is not None
+                    src = r.source(source)
+                    assert src is not None
+                    opts = {k: v for k, v in cmd.options.items() if k != "url"}
+                    normalize_options(opts, base=src["options"])
+
+    def _apply(self, cmd: control.Command, source: str | None) -> None:
+        if cmd.word == "add":
+            self.cache.add_source(cmd.args[0], cmd.args[1], cmd.options)
+            self.source_changed(cmd.args[0])
+        elif cmd.word == "remove":
+            self.cache.remove_source(cmd.args[0])
+            self.source_changed(cmd.args[0])
+        elif cmd.word == "refresh":
+            assert source is not None
+            if self.scheduler is not None:
+                self.scheduler.kick(source)
+                self.index.set_state(source, state="fetching")
+        elif cmd.word == "set":
+            assert source is not None
+            self.cache.set_options(source, cmd.options)
+            self.source_changed(source)
+
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        only_size = fields.update_size and not any((
+            fields.update_mode, fields.update_uid, fields.update_gid,
+            fields.update_atime, fields.update_mtime,
+        ))
+        if node.kind in ("root_control", "control") and only_size:
+            return self._attr(inode, node)  # O_TRUNC of a control file: nothing to do
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    # --- extended attributes ----------------------------------------------------------
+
+    def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+        node = self._node(inode)
+        if node.kind != "version":
+            return {}
+        v = node.version
+        assert v is not None and node.source is not None
+        out = {
+            "source": node.source, "version": v["id"], "url": redact_url(v.get("url") or ""),
+            "sha256": v["sha256"], "fetched_at": v["fetched_at"],
+            "tags": ",".join(v.get("tags", [])),
+            "etag": v.get("etag"), "last_modified": v.get("last_modified"),
+            "content_type": v.get("content_type"),
+        }
+        return {f"user.buffy.{k}".encode(): val.encode() for k, val in out.items()
+                if val is not None}
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._xattrs(inode).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return list(self._xattrs(inode))
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    # --- everything that would change the tree ----------------------------------------
+
+    async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mkdir(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def create(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def symlink(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def unlink(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rmdir(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rename(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.cache.root)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = st.f_bsize
+        out.f_frsize = st.f_frsize
+        out.f_blocks = st.f_blocks
+        out.f_bfree = st.f_bfree
+        out.f_bavail = st.f_bavail
+        out.f_namemax = 255
+        return out
+
+    # --- keeping the kernel's view current --------------------------------------------
+
+    def source_changed(self, name: str) -> None:
+        """Drop kernel entries that changed for ``name`` (call after any change)."""
+        with self.index.read() as r:
+            src = r.source(name)
+            latest = latest_of(r.versions(name)) if src else None
+        if src is None:
+            self.shown_latest.pop(name, None)
+            _invalidate(ROOT, name)
+            return
+        current = latest["ino"] if latest else src["ino"] + SourceInode.pending
+        shown = self.shown_latest.get(name)
+        if shown is not None and shown != current:
+            _invalidate(src["ino"], "latest")
+            del self.shown_latest[name]
+
+
+def _invalidate(parent: int, name: str) -> None:
+    try:
+        pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
+    except Exception as e:  # not mounted (unit tests) or shutting down
+        log.debug("invalidate %s/%s: %s", parent, name, e)

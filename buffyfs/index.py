@@ -1,0 +1,374 @@
+"""The index: an LMDB environment under ``CACHE/index/``.
+
+The mount and every command-line process open the same environment; LMDB makes
+that safe (one writer at a time across processes, readers never blocked). Every
+change that touches several keys is one write transaction, so a crash leaves
+either all of it or none.
+
+Named databases and their keys (all values JSON unless said otherwise):
+
+``meta``
+    ``format``    b"1", the layout version (a later layout migrates from it)
+    ``seq``       8-byte big-endian counter, bumped by every change in ``changes``
+    ``next_ino``  8-byte big-endian, the next unused inode number (never reused)
+``sources``       NAME -> ``{"url", "options", "ino", "added_at"}``
+                  ``ino`` is the first of INODES_PER_SOURCE numbers owned by the
+                  source (see ``SourceInode``); ``options`` is normalized
+                  (options.normalize_options)
+``versions``      NAME b"\\0" VERSION_ID -> ``{"id", "sha256", "size", "fetched_at",
+                  "url", "etag", "last_modified", "content_type", "ino", "tags"}``;
+                  ids sort by fetch time, so a reverse prefix scan is newest first
+``state``         NAME -> ``{"last_check", "last_success", "next_check",
+                  "consecutive_failures", "last_error", "last_control_error",
+                  "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``)
+``inodes``        8-byte inode -> ``{"kind", "source"[, "id"]}``, kind one of
+                  SourceInode's names or ``"version"``
+``changes``       8-byte seq -> NAME (b"" for the root): which source changed in a
+                  way the mount must see (sources, versions, requests). Trimmed to
+                  the last CHANGES_KEPT entries.
+``requests``      NAME -> b"refresh": a command-line ``refresh`` for the mount
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from buffyfs.errors import BadInput, CacheError, NotFound
+
+FORMAT = b"1"
+FIRST_DYNAMIC_INO = 16
+INODES_PER_SOURCE = 8
+CHANGES_KEPT = 10_000
+MAP_SIZE = 8 << 30  # virtual; the file grows only as needed
+
+
+class SourceInode(enum.IntEnum):
+    """Offsets from a source's base inode."""
+
+    dir = 0
+    status = 1
+    control = 2
+    versions = 3
+    pending = 4  # `latest` while the source has no servable version
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(s: str) -> datetime:
+    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def version_id(fetched_at: datetime, sha256: str) -> str:
+    return fetched_at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + sha256[:8]
+
+
+def latest_of(versions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest version not tagged ``failed`` (``versions`` newest first)."""
+    for v in versions:
+        if "failed" not in v.get("tags", ()):
+            return v
+    return None
+
+
+def _u64(n: int) -> bytes:
+    return struct.pack(">Q", n)
+
+
+def _from_u64(b: bytes) -> int:
+    return struct.unpack(">Q", b)[0]
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class Reader:
+    """Typed reads inside one transaction (read or write)."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+        self.txn = txn
+        self.dbs = dbs
+
+    def _get(self, db: str, key: bytes) -> Any:
+        raw = self.txn.get(key, db=self.dbs[db])
+        return None if raw is None else json.loads(raw)
+
+    def source(self, name: str) -> dict[str, Any] | None:
+        return self._get("sources", name.encode())
+
+    def sources(self) -> list[tuple[str, dict[str, Any]]]:
+        with self.txn.cursor(db=self.dbs["sources"]) as cur:
+            return [(k.decode(), json.loads(v)) for k, v in cur]
+
+    def source_names(self) -> list[str]:
+        with self.txn.cursor(db=self.dbs["sources"]) as cur:
+            return [k.decode() for k in cur.iternext(keys=True, values=False)]
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """All versions of a source, newest first."""
+        prefix = name.encode() + b"\0"
+        out = []
+        with self.txn.cursor(db=self.dbs["versions"]) as cur:
+            if not cur.set_range(prefix):
+                return out
+            for k, v in cur:
+                if not k.startswith(prefix):
+                    break
+                out.append(json.loads(v))
+        out.reverse()
+        return out
+
+    def version(self, name: str, vid: str) -> dict[str, Any] | None:
+        return self._get("versions", name.encode() + b"\0" + vid.encode())
+
+    def state(self, name: str) -> dict[str, Any]:
+        return self._get("state", name.encode()) or {
+            "last_check": None,
+            "last_success": None,
+            "next_check": None,
+            "consecutive_failures": 0,
+            "last_error": None,
+            "last_control_error": None,
+            "progress": None,
+        }
+
+    def inode(self, ino: int) -> dict[str, Any] | None:
+        return self._get("inodes", _u64(ino))
+
+    def seq(self) -> int:
+        raw = self.txn.get(b"seq", db=self.dbs["meta"])
+        return _from_u64(raw) if raw else 0
+
+    def meta_json(self, key: str) -> Any:
+        return self._get("meta", key.encode())
+
+
+class Writer(Reader):
+    """Writes inside one write transaction; commits when the ``with`` block ends."""
+
+    def _put(self, db: str, key: bytes, value: Any) -> None:
+        self.txn.put(key, _dumps(value), db=self.dbs[db])
+
+    def changed(self, name: str) -> None:
+        """Record that the mount must look at ``name`` again ("" for the root)."""
+        seq = self.seq() + 1
+        self.txn.put(b"seq", _u64(seq), db=self.dbs["meta"])
+        self.txn.put(_u64(seq), name.encode(), db=self.dbs["changes"])
+        if seq > CHANGES_KEPT:
+            self.txn.delete(_u64(seq - CHANGES_KEPT), db=self.dbs["changes"])
+
+    def alloc_inodes(self, count: int) -> int:
+        raw = self.txn.get(b"next_ino", db=self.dbs["meta"])
+        first = _from_u64(raw) if raw else FIRST_DYNAMIC_INO
+        self.txn.put(b"next_ino", _u64(first + count), db=self.dbs["meta"])
+        return first
+
+    def put_state(self, name: str, **fields: Any) -> dict[str, Any]:
+        state = self.state(name)
+        state.update(fields)
+        self._put("state", name.encode(), state)
+        return state
+
+    def put_meta_json(self, key: str, value: Any) -> None:
+        self._put("meta", key.encode(), value)
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self.env = lmdb.open(
+                str(path), map_size=MAP_SIZE, max_dbs=8, max_readers=256, subdir=True
+            )
+        except (OSError, lmdb.Error) as e:
+            raise CacheError(f"cannot open the index in {path}: {e}") from None
+        names = ("meta", "sources", "versions", "state", "inodes", "changes", "requests")
+        self.dbs = {n: self.env.open_db(n.encode()) for n in names}
+        with self.write() as w:
+            fmt = w.txn.get(b"format", db=self.dbs["meta"])
+            if fmt is None:
+                w.txn.put(b"format", FORMAT, db=self.dbs["meta"])
+            elif fmt != FORMAT:
+                raise CacheError(
+                    f"the index in {path} has format {fmt.decode(errors='replace')}, "
+                    f"this buffyfs reads format {FORMAT.decode()}"
+                )
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextmanager
+    def read(self) -> Iterator[Reader]:
+        with self.env.begin(write=False) as txn:
+            yield Reader(txn, self.dbs)
+
+    @contextmanager
+    def write(self) -> Iterator[Writer]:
+        try:
+            with self.env.begin(write=True) as txn:
+                yield Writer(txn, self.dbs)
+        except lmdb.Error as e:
+            raise CacheError(f"index write failed: {e}") from None
+
+    # --- one-transaction conveniences -------------------------------------------------
+
+    def get_source(self, name: str) -> dict[str, Any]:
+        with self.read() as r:
+            src = r.source(name)
+        if src is None:
+            raise NotFound(f"no source named {name!r}")
+        return src
+
+    def add_source(
+        self, name: str, url: str, options: dict[str, Any], replace: bool = False
+    ) -> bool:
+        """Register (or, with ``replace``, update) a source. Returns True if anything changed."""
+        with self.write() as w:
+            old = w.source(name)
+            if old is not None:
+                if not replace:
+                    raise BadInput(f"a source named {name!r} exists already")
+                if old["url"] == url and old["options"] == options:
+                    return False
+                rec = {**old, "url": url, "options": options}
+            else:
+                base = w.alloc_inodes(INODES_PER_SOURCE)
+                rec = {"url": url, "options": options, "ino": base, "added_at": rfc3339(now_utc())}
+                for kind in SourceInode:
+                    w._put("inodes", _u64(base + kind), {"kind": kind.name, "source": name})
+            w._put("sources", name.encode(), rec)
+            w.changed(name)
+            w.changed("")
+        return True
+
+    def remove_source(self, name: str) -> list[dict[str, Any]]:
+        """Unregister a source; returns its versions (now garbage)."""
+        with self.write() as w:
+            src = w.source(name)
+            if src is None:
+                raise NotFound(f"no source named {name!r}")
+            versions = w.versions(name)
+            for v in versions:
+                w.txn.delete(name.encode() + b"\0" + v["id"].encode(), db=self.dbs["versions"])
+                w.txn.delete(_u64(v["ino"]), db=self.dbs["inodes"])
+            for kind in SourceInode:
+                w.txn.delete(_u64(src["ino"] + kind), db=self.dbs["inodes"])
+            w.txn.delete(name.encode(), db=self.dbs["sources"])
+            w.txn.delete(name.encode(), db=self.dbs["state"])
+            w.txn.delete(name.encode(), db=self.dbs["requests"])
+            w.changed(name)
+            w.changed("")
+        return versions
+
+    def update_source_options(
+        self, name: str, update: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> None:
+        with self.write() as w:
+            src = w.source(name)
+            if src is None:
+                raise NotFound(f"no source named {name!r}")
+            src["options"] = update(src["options"])
+            w._put("sources", name.encode(), src)
+            w.changed(name)
+
+    def commit_version(
+        self, name: str, record: dict[str, Any], fetched_at: datetime
+    ) -> dict[str, Any] | None:
+        """Add a version and record the successful check, in one transaction.
+
+        Returns the new version, or None when the content equals the newest
+        version's (then only the check is recorded) or the source is gone.
+        """
+        with self.write() as w:
+            if w.source(name) is None:
+                return None
+            versions = w.versions(name)
+            stamp = rfc3339(fetched_at)
+            w.put_state(
+                name, last_check=stamp, last_success=stamp, consecutive_failures=0,
+                last_error=None, progress=None,
+            )
+            if versions and versions[0]["sha256"] == record["sha256"]:
+                return None
+            # Ids are unique within the source; content seen earlier in the same
+            # second (A, B, A) moves the stamp on by a second.
+            when = fetched_at
+            if versions and versions[0]["fetched_at"] >= rfc3339(when):
+                when = parse_rfc3339(versions[0]["fetched_at"]) + timedelta(seconds=1)
+            vid = version_id(when, record["sha256"])
+            ino = w.alloc_inodes(1)
+            version = {**record, "id": vid, "fetched_at": rfc3339(when), "ino": ino,
+                       "tags": list(record.get("tags", []))}
+            w._put("versions", name.encode() + b"\0" + vid.encode(), version)
+            w._put("inodes", _u64(ino), {"kind": "version", "source": name, "id": vid})
+            w.changed(name)
+        return version
+
+    def record_check(self, name: str, at: datetime, **fields: Any) -> None:
+        with self.write() as w:
+            if w.source(name) is not None:
+                w.put_state(name, last_check=rfc3339(at), **fields)
+
+    def record_failure(self, name: str, at: datetime, message: str) -> int:
+        """Record a failed refresh; returns the count of consecutive failures."""
+        with self.write() as w:
+            if w.source(name) is None:
+                return 0
+            state = w.state(name)
+            failures = state["consecutive_failures"] + 1
+            w.put_state(
+                name, last_check=rfc3339(at), consecutive_failures=failures,
+                last_error={"at": rfc3339(at), "message": message}, progress=None,
+            )
+            w.changed(name)
+        return failures
+
+    def set_state(self, name: str, **fields: Any) -> None:
+        with self.write() as w:
+            if w.source(name) is not None:
+                w.put_state(name, **fields)
+
+    def request_refresh(self, name: str) -> None:
+        with self.write() as w:
+            if w.source(name) is None:
+                raise NotFound(f"no source named {name!r}")
+            w.txn.put(name.encode(), b"refresh", db=self.dbs["requests"])
+            w.changed(name)
+
+    def take_refresh_requests(self) -> list[str]:
+        with self.write() as w:
+            with w.txn.cursor(db=self.dbs["requests"]) as cur:
+                names = [k.decode() for k in cur.iternext(keys=True, values=False)]
+            for n in names:
+                w.txn.delete(n.encode(), db=self.dbs["requests"])
+        return names
+
+    def changes_since(self, seq: int) -> tuple[int, set[str] | None]:
+        """The current seq and the names changed after ``seq``; None if too old to tell."""
+        with self.read() as r:
+            now = r.seq()
+            if now == seq:
+                return now, set()
+            if now - seq > CHANGES_KEPT - 1 or seq > now:
+                return now, None
+            names = set()
+            with r.txn.cursor(db=self.dbs["changes"]) as cur:
+                if cur.set_range(_u64(seq + 1)):
+                    for _k, v in cur:
+                        names.add(v.decode())
+            return now, names

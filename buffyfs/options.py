@@ -1,0 +1,182 @@
+"""Names, URLs and source options: parsing and validation (pure, no I/O).
+
+Option values arrive typed from TOML and as strings from control lines and the
+command line; ``normalize_options`` accepts both and returns one canonical dict,
+which is what the index stores.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+
+from buffyfs.errors import BadInput
+
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+TAG_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+RESERVED_TAGS = frozenset({"versions", "status", "control", "tags", "latest", "metrics"})
+
+_DURATION_RE = re.compile(r"(\d+)(s|m|h|d)")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_RE = re.compile(r"(\d+)([KMGT]?)")
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "refresh": "1d",
+    "attempt_timeout": "30s",
+    "max_attempts": 5,
+    "keep_versions": 5,
+    "method": "GET",
+    "body": None,
+    "headers": {},
+}
+
+# Options of SPEC that later work will bring; they are refused with a clear message
+# rather than silently accepted and ignored.
+NOT_YET = {
+    "open_wait": "comes with the on-open refresh policy",
+    "pinned": "comes with pinning",
+    "validate": "comes with validation",
+}
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name[0] in ".@":
+        raise BadInput(
+            f"invalid source name {name!r}: use 1-128 characters of A-Z a-z 0-9 . _ -, "
+            "not starting with '.' or '@'"
+        )
+    return name
+
+
+def check_tag(tag: str) -> str:
+    if not isinstance(tag, str) or not TAG_RE.fullmatch(tag) or tag in RESERVED_TAGS:
+        raise BadInput(
+            f"invalid tag {tag!r}: use [a-z][a-z0-9_-]{{0,31}}, not one of "
+            + ", ".join(sorted(RESERVED_TAGS))
+        )
+    return tag
+
+
+def check_url(url: str) -> str:
+    """Return the URL unchanged if it is a usable http(s) URL."""
+    if not isinstance(url, str) or not url or any(c.isspace() or ord(c) < 32 for c in url):
+        raise BadInput(f"invalid URL {redact_url(str(url))!r}")
+    try:
+        parsed = httpx.URL(url)
+    except Exception:  # httpx raises several types for malformed URLs
+        raise BadInput(f"invalid URL {redact_url(url)!r}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise BadInput(
+            f"unsupported URL scheme {parsed.scheme or '(none)'!r} in {redact_url(url)!r}: "
+            "only http and https"
+        )
+    if not parsed.host:
+        raise BadInput(f"invalid URL {redact_url(url)!r}: no host")
+    return url
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials (``user:pass@`` becomes nothing)."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@?#]*@", r"\1", url)
+
+
+def parse_duration(value: Any, key: str = "duration") -> int:
+    """``2s``, ``30m``, ``6h``, ``1d`` -> seconds."""
+    m = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
+    if not m or int(m.group(1)) == 0:
+        raise BadInput(f"invalid {key} {value!r}: use a number and a unit s, m, h or d (e.g. 30m)")
+    return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """``50G`` -> bytes (1024-based); a plain integer is bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
+    if not m:
+        raise BadInput(f"invalid {key} {value!r}: use a number with an optional K, M, G or T")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def check_refresh(value: Any) -> str:
+    if value == "never":
+        return value
+    if value in ("on-open",) or (isinstance(value, str) and value.startswith("cron:")):
+        raise BadInput(f"refresh policy {value!r} is not supported yet: use never or a duration")
+    parse_duration(value, "refresh")
+    return value
+
+
+def _positive_int(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise BadInput(f"invalid {key} {value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def _check_headers(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise BadInput("invalid headers: must be a table of name = value")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", k):
+            raise BadInput(f"invalid header name {k!r}")
+        if not isinstance(v, str) or any(c in v for c in "\r\n\0"):
+            raise BadInput(f"invalid value for header {k!r}")  # never echo the value
+        out[k] = v
+    return out
+
+
+def _check_option(key: str, value: Any) -> Any:
+    if key == "refresh":
+        return check_refresh(value)
+    if key == "attempt_timeout":
+        parse_duration(value, key)
+        return value
+    if key == "max_attempts":
+        return _positive_int(value, key, 1)
+    if key == "keep_versions":
+        return _positive_int(value, key, 0)
+    if key == "method":
+        if not isinstance(value, str) or value.upper() not in ("GET", "POST"):
+            raise BadInput(f"invalid method {value!r}: GET or POST")
+        return value.upper()
+    if key == "body":
+        if value is not None and not isinstance(value, str):
+            raise BadInput("invalid body: must be a string")
+        return value
+    if key == "headers":
+        return _check_headers(value)
+    if key in NOT_YET:
+        raise BadInput(f"option {key!r} is not supported yet ({NOT_YET[key]})")
+    raise BadInput(f"unknown option {key!r}")
+
+
+def normalize_options(raw: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate ``raw`` over ``base`` (default: DEFAULT_OPTIONS); return the merged dict.
+
+    Dotted keys (``headers.Authorization``) set one entry of a table option.
+    """
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (base or DEFAULT_OPTIONS).items()}
+    for key, value in raw.items():
+        key = key.replace("-", "_")
+        if "." in key:
+            table, _, sub = key.partition(".")
+            if table != "headers":
+                _check_option(table, {})  # unknown / not-yet tables give their own error
+                raise BadInput(f"option {table!r} is not a table")
+            out["headers"] = _check_headers({**out.get("headers", {}), sub: value})
+        else:
+            out[key] = _check_option(key, value)
+    return out
+
+
+def public_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options safe to show: header values hidden."""
+    shown = dict(options)
+    shown["headers"] = {k: "<hidden>" for k in options.get("headers", {})}
+    return shown

@@ -1,0 +1,27 @@
+"""When a source is due for a check, from its ``refresh`` option and its state."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from buffyfs.index import parse_rfc3339
+from buffyfs.options import parse_duration
+
+
+def next_check(
+    options: dict[str, Any], state: dict[str, Any], has_version: bool, now: datetime
+) -> datetime | None:
+    """The time of the next automatic check, or None for "not until asked".
+
+    A source that has never been checked is due now. ``never`` downloads once:
+    after that (or after a first attempt that gave up) only ``refresh`` fetches.
+    A duration counts from the last check, successful or not.
+    """
+    last = state.get("last_check")
+    if last is None:
+        return now
+    policy = options.get("refresh", "1d")
+    if policy == "never":
+        return None
+    return max(now, parse_rfc3339(last) + timedelta(seconds=parse_duration(policy)))

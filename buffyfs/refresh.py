@@ -1,0 +1,173 @@
+"""One refresh of one source: attempts, commit, and the state the user sees.
+
+A refresh makes up to ``max_attempts`` attempts (downloader.download) with
+exponential backoff and jitter between retryable failures, then commits the
+result: a new version, or only a recorded check (304, or the same bytes as the
+newest version). It holds the source's lock (blobs.SourceLock) throughout, so the
+mount and the command line never download the same source at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+
+from buffyfs import downloader
+from buffyfs.blobs import BlobStore, SourceLock
+from buffyfs.errors import FetchError, NotFound
+from buffyfs.index import Index, now_utc, rfc3339
+from buffyfs.options import parse_duration, redact_url
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 1.0  # seconds between progress writes to the index
+LOCK_POLL = 0.2
+
+
+@dataclass
+class Outcome:
+    version: dict[str, Any] | None = None  # the new version, if one was made
+    error: str | None = None  # why the refresh gave up
+    checked: bool = False  # the origin answered (new version, 304 or same bytes)
+
+
+class Refresher:
+    def __init__(
+        self,
+        index: Index,
+        blobs: BlobStore,
+        client: httpx.AsyncClient,
+        max_downloads: int = 4,
+        max_downloads_per_host: int = 2,
+        on_state: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.index = index
+        self.blobs = blobs
+        self.client = client
+        self.global_limit = trio.CapacityLimiter(max_downloads)
+        self.per_host = max_downloads_per_host
+        self.host_limits: dict[str, trio.CapacityLimiter] = {}
+        self.on_state = on_state
+        self.progress: dict[str, tuple[int, int | None]] = {}
+
+    def _set_state(self, name: str, state: str, **fields: Any) -> None:
+        self.index.set_state(name, state=state, **fields)
+        if self.on_state:
+            self.on_state(name, state)
+
+    def _host_limit(self, url: str) -> trio.CapacityLimiter:
+        host = httpx.URL(url).host
+        if host not in self.host_limits:
+            self.host_limits[host] = trio.CapacityLimiter(self.per_host)
+        return self.host_limits[host]
+
+    async def refresh(
+        self, name: str, on_progress: Callable[[int, int | None], None] | None = None
+    ) -> Outcome:
+        lock = SourceLock(self.blobs.lock_path(name))
+        while not lock.try_acquire():  # noqa: ASYNC110 (held by another process)
+            await trio.sleep(LOCK_POLL)
+        try:
+            return await self._refresh_locked(name, on_progress)
+        finally:
+            lock.release()
+            self.progress.pop(name, None)
+
+    async def _refresh_locked(
+        self, name: str, on_progress: Callable[[int, int | None], None] | None
+    ) -> Outcome:
+        try:
+            source = self.index.get_source(name)
+        except NotFound:
+            return Outcome(error="source removed")
+        options = source["options"]
+        with self.index.read() as r:
+            versions = r.versions(name)
+        newest = versions[0] if versions else None
+        req = downloader.Request(
+            url=source["url"], method=options["method"], body=options["body"],
+            headers=options["headers"],
+            etag=newest.get("etag") if newest else None,
+            last_modified=newest.get("last_modified") if newest else None,
+            attempt_timeout=float(parse_duration(options["attempt_timeout"])),
+        )
+        partial = self.blobs.partial_path(name)
+        last_write = [0.0]
+
+        def progress(done: int, total: int | None) -> None:
+            self.progress[name] = (done, total)
+            if on_progress:
+                on_progress(done, total)
+            if trio.current_time() - last_write[0] >= PROGRESS_EVERY:
+                last_write[0] = trio.current_time()
+                self.index.set_state(name, progress={"bytes": done, "total": total})
+
+        max_attempts = options["max_attempts"]
+        error = "no attempt made"
+        for attempt in range(1, max_attempts + 1):
+            self._set_state(name, "fetching", progress={"bytes": 0, "total": None})
+            started = now_utc()
+            try:
+                async with self.global_limit, self._host_limit(req.url):
+                    result = await downloader.download(self.client, req, partial, progress)
+            except downloader.AttemptError as e:
+                error = str(e)
+                log.warning(
+                    "%s: attempt %d/%d failed: %s (%s)", name, attempt, max_attempts, error,
+                    redact_url(req.url),
+                )
+                if not e.retryable or attempt == max_attempts:
+                    break
+                delay = min(60.0, 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                self._set_state(name, "waiting", progress=None)
+                await trio.sleep(delay)
+                continue
+            return await self._commit(name, source, result, started)
+        partial.unlink(missing_ok=True)
+        failures = self.index.record_failure(name, now_utc(), error)
+        self._set_state(name, "idle")
+        log.error("%s: refresh gave up (%d in a row): %s", name, failures, error)
+        return Outcome(error=error)
+
+    async def _commit(
+        self,
+        name: str,
+        source: dict[str, Any],
+        result: downloader.Downloaded | downloader.NotModified,
+        started: Any,
+    ) -> Outcome:
+        if isinstance(result, downloader.NotModified):
+            self.index.record_check(
+                name, started, last_success=rfc3339(started), consecutive_failures=0,
+                last_error=None, progress=None,
+            )
+            self._set_state(name, "idle")
+            log.info("%s: not modified", name)
+            return Outcome(checked=True)
+        partial = self.blobs.partial_path(name)
+        try:
+            await trio.to_thread.run_sync(self.blobs.commit_partial, partial, result.sha256)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            message = f"cannot store the download: {e.strerror}"
+            self.index.record_failure(name, now_utc(), message)
+            self._set_state(name, "idle")
+            raise FetchError(message) from None
+        record = {
+            "sha256": result.sha256, "size": result.size, "url": redact_url(source["url"]),
+            "etag": result.etag, "last_modified": result.last_modified,
+            "content_type": result.content_type, "tags": [],
+        }
+        version = self.index.commit_version(name, record, started)
+        self._set_state(name, "idle")
+        if version:
+            log.info("%s: new version %s (%d bytes)", name, version["id"], version["size"])
+        else:
+            log.info("%s: checked, content unchanged", name)
+        return Outcome(version=version, checked=True)

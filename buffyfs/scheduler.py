@@ -1,0 +1,147 @@
+"""The mount's refresh scheduler: one trio task per source.
+
+Each worker sleeps until its source is due (policy.next_check) or is kicked
+(``refresh`` control command, ``buffyfs refresh``, an option change), then runs one
+refresh. Workers start and stop as sources come and go (``sync``).
+
+Openers of a source that has no version yet wait in ``wait_first_version`` for the
+worker to finish its attempt; they never wait on a worker that has nothing planned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from buffyfs.errors import FetchError
+from buffyfs.index import Index, latest_of, now_utc, rfc3339
+from buffyfs.policy import next_check
+from buffyfs.refresh import Refresher
+
+log = logging.getLogger(__name__)
+
+MAX_SLEEP = 3600.0  # re-evaluate at least this often (clock changes, lost kicks)
+
+
+@dataclass
+class Worker:
+    name: str
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    wake: trio.Event = field(default_factory=trio.Event)
+    attempt_done: trio.Event = field(default_factory=trio.Event)
+    force: bool = False
+    busy: bool = True  # deciding, or refreshing: an opener should wait
+
+    def kick(self, force: bool) -> None:
+        self.force = self.force or force
+        if force:
+            self.busy = True
+        self.wake.set()
+
+    def finish_round(self) -> None:
+        self.busy = False
+        self.attempt_done.set()
+        self.attempt_done = trio.Event()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        index: Index,
+        refresher: Refresher,
+        nursery: trio.Nursery,
+        on_changed: Callable[[str], None] = lambda name: None,
+    ) -> None:
+        self.index = index
+        self.refresher = refresher
+        self.nursery = nursery
+        self.on_changed = on_changed
+        self.workers: dict[str, Worker] = {}
+
+    def start_all(self) -> None:
+        with self.index.read() as r:
+            names = r.source_names()
+        for name in names:
+            self.sync(name)
+
+    def sync(self, name: str) -> None:
+        """Match the worker of ``name`` to the index: start, stop or re-evaluate it."""
+        with self.index.read() as r:
+            exists = r.source(name) is not None
+        worker = self.workers.get(name)
+        if exists and worker is None:
+            worker = self.workers[name] = Worker(name)
+            self.nursery.start_soon(self._run, worker, name=f"refresh {name}")
+        elif not exists and worker is not None:
+            worker.cancel_scope.cancel()
+            worker.finish_round()
+            del self.workers[name]
+        elif worker is not None:
+            worker.kick(force=False)
+
+    def kick(self, name: str) -> None:
+        """Check the origin of ``name`` now."""
+        worker = self.workers.get(name)
+        if worker is not None:
+            worker.kick(force=True)
+
+    def is_fetching(self, name: str) -> bool:
+        worker = self.workers.get(name)
+        return worker is not None and worker.busy
+
+    async def wait_first_version(self, name: str) -> None:
+        """Wait until ``name`` has a servable version; FetchError if none is coming."""
+        while True:
+            with self.index.read() as r:
+                versions = r.versions(name)
+                state = r.state(name)
+            if latest_of(versions) is not None:
+                return
+            if versions:
+                raise FetchError("every version is tagged failed")
+            worker = self.workers.get(name)
+            if worker is None:
+                raise FetchError("no such source")
+            if not worker.busy:
+                error = state.get("last_error") or {}
+                raise FetchError(error.get("message") or "no version downloaded yet")
+            await worker.attempt_done.wait()
+
+    async def _run(self, worker: Worker) -> None:
+        with worker.cancel_scope:
+            while True:
+                with self.index.read() as r:
+                    source = r.source(worker.name)
+                    state = r.state(worker.name)
+                    has_version = bool(r.versions(worker.name))
+                if source is None:
+                    return
+                now = now_utc()
+                due = now if worker.force else next_check(
+                    source["options"], state, has_version, now
+                )
+                stamp = rfc3339(due) if due else None
+                if state.get("next_check") != stamp:
+                    self.index.set_state(worker.name, next_check=stamp)
+                if due is None or due > now:
+                    worker.finish_round()
+                    delay = MAX_SLEEP if due is None else (due - now).total_seconds()
+                    with trio.move_on_after(min(MAX_SLEEP, max(0.0, delay))):
+                        await worker.wake.wait()
+                    worker.wake = trio.Event()
+                    continue
+                worker.force = False
+                worker.busy = True
+                worker.wake = trio.Event()
+                try:
+                    await self.refresher.refresh(worker.name)
+                except FetchError as e:
+                    log.error("%s: %s", worker.name, e)
+                except Exception:  # a bug must not stop the other sources
+                    log.exception("%s: refresh failed unexpectedly", worker.name)
+                finally:
+                    self.on_changed(worker.name)
+                worker.finish_round()

@@ -1,0 +1,75 @@
+"""The ``@status`` objects (SPEC), built from the index.
+
+The same functions serve the mount's ``@status`` files and ``buffyfs status``, so
+both always agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from buffyfs import __version__
+from buffyfs.index import Index, Reader, latest_of
+from buffyfs.options import redact_url
+
+
+def source_status(
+    r: Reader, name: str, live_progress: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    src = r.source(name)
+    if src is None:
+        raise KeyError(name)
+    state = r.state(name)
+    versions = r.versions(name)
+    latest = latest_of(versions)
+    progress = state.get("progress")
+    if live_progress and name in live_progress:
+        done, total = live_progress[name]
+        progress = {"bytes": done, "total": total}
+    run_state = state.get("state", "idle")
+    return {
+        "name": name,
+        "url": redact_url(src["url"]),
+        "refresh": src["options"]["refresh"],
+        "pinned": None,
+        "state": run_state,
+        "latest": latest["id"] if latest else None,
+        "progress": progress if run_state == "fetching" else None,
+        "last_check": state.get("last_check"),
+        "last_success": state.get("last_success"),
+        "next_check": state.get("next_check"),
+        "consecutive_failures": state.get("consecutive_failures", 0),
+        "last_error": state.get("last_error"),
+        "last_control_error": state.get("last_control_error"),
+        "versions": [
+            {k: v[k] for k in ("id", "size", "sha256", "fetched_at")} | {"tags": v.get("tags", [])}
+            for v in versions
+        ],
+    }
+
+
+def root_status(
+    index: Index, cache_dir: Path, cache_size: int, max_cache_size: int | None
+) -> dict[str, Any]:
+    with index.read() as r:
+        sources = []
+        for name, src in r.sources():
+            state = r.state(name)
+            latest = latest_of(r.versions(name))
+            sources.append({
+                "name": name,
+                "url": redact_url(src["url"]),
+                "latest": latest["id"] if latest else None,
+                "state": state.get("state", "idle"),
+                "consecutive_failures": state.get("consecutive_failures", 0),
+            })
+        last_control_error = r.meta_json("last_control_error")
+    return {
+        "version": __version__,
+        "cache": str(cache_dir),
+        "cache_size": cache_size,
+        "max_cache_size": max_cache_size,
+        "last_control_error": last_control_error,
+        "sources": sources,
+    }
