@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,7 @@ class BuffyFS(pyfuse3.Operations):
         self.shown_latest: dict[str, int] = {}  # source -> inode last given for `latest`
         self.counters = Counters()
         self.nowait_reads = True
+        self.started_ns = time.time_ns()
 
     # --- node resolution --------------------------------------------------------------
 
@@ -155,6 +157,7 @@ class BuffyFS(pyfuse3.Operations):
         a.st_blksize = 1 << 17
         a.entry_timeout = SHORT_TIMEOUT
         a.attr_timeout = SHORT_TIMEOUT
+        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = self.started_ns
         kind = node.kind
         if kind in ("root", "dir", "versions"):
             a.st_mode = stat.S_IFDIR | 0o555
@@ -433,10 +436,10 @@ class BuffyFS(pyfuse3.Operations):
     def _apply(self, cmd: control.Command, source: str | None) -> None:
         if cmd.word == "add":
             self.cache.add_source(cmd.args[0], cmd.args[1], cmd.options)
-            self.source_changed(cmd.args[0])
+            self.sync(cmd.args[0])
         elif cmd.word == "remove":
             self.cache.remove_source(cmd.args[0])
-            self.source_changed(cmd.args[0])
+            self.sync(cmd.args[0])
         elif cmd.word == "refresh":
             assert source is not None
             if self.scheduler is not None:
@@ -445,7 +448,7 @@ class BuffyFS(pyfuse3.Operations):
         elif cmd.word == "set":
             assert source is not None
             self.cache.set_options(source, cmd.options)
-            self.source_changed(source)
+            self.sync(source)
 
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -531,6 +534,12 @@ class BuffyFS(pyfuse3.Operations):
         return out
 
     # --- keeping the kernel's view current --------------------------------------------
+
+    def sync(self, name: str) -> None:
+        """Bring the scheduler and the kernel up to date after ``name`` changed."""
+        if self.scheduler is not None:
+            self.scheduler.sync(name)
+        self.source_changed(name)
 
     def source_changed(self, name: str) -> None:
         """Drop kernel entries that changed for ``name`` (call after any change)."""

@@ -105,7 +105,6 @@ async def _watch_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS) -> Non
         if not names:
             continue
         for name in names:
-            scheduler.sync(name)
-            fs.source_changed(name)
+            fs.sync(name)
         for name in cache.index.take_refresh_requests():
             scheduler.kick(name)

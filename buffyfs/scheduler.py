@@ -103,6 +103,9 @@ class Scheduler:
             if versions:
                 raise FetchError("every version is tagged failed")
             worker = self.workers.get(name)
+            if worker is None:  # added by another process a moment ago: start it now
+                self.sync(name)
+                worker = self.workers.get(name)
             if worker is None:
                 raise FetchError("no such source")
             if not worker.busy:

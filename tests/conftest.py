@@ -1,0 +1,153 @@
+"""Fixtures: a controllable origin, a cache directory, real mounts, the CLI.
+
+Every mount is a ``buffyfs mount --foreground`` subprocess; teardown unmounts it
+(``fusermount3 -u``, lazily if busy) and ends the process by its PID, so a failing
+test leaves no mount and no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.origin import Origin
+
+MOUNT_TIMEOUT = 15.0
+CLI_TIMEOUT = 60.0
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05,
+             what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    o = Origin().start()
+    yield o
+    o.stop()
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "cache"
+    d.mkdir()
+    return d
+
+
+def run_cli(*args: str, cache: Path | None = None, check: bool = False,
+            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "buffyfs", *args]
+    if cache is not None:
+        cmd += ["--cache", str(cache)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    if check and done.returncode != 0:
+        raise AssertionError(f"buffyfs {' '.join(args)} failed ({done.returncode}): "
+                             f"{done.stderr}")
+    return done
+
+
+@pytest.fixture
+def cli(cache_dir: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``cli("add", "x", url)`` runs buffyfs on the test's cache directory."""
+    def run(*args: str, check: bool = False, timeout: float = CLI_TIMEOUT):
+        return run_cli(*args, cache=cache_dir, check=check, timeout=timeout)
+    return run
+
+
+def unmount(path: Path) -> None:
+    if os.path.ismount(path):
+        if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True).returncode:
+            subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+class Mount:
+    """A running ``buffyfs mount --foreground`` on a fresh mount point."""
+
+    def __init__(self, mountpoint: Path, cache: Path, log: Path, extra: list[str]) -> None:
+        self.path = mountpoint
+        self.cache = cache
+        self.log = log
+        mountpoint.mkdir(exist_ok=True)
+        with open(log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "buffyfs", "mount", str(mountpoint), "--foreground",
+                 "--cache", str(cache), "--log-level", "debug", *extra],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            )
+        try:
+            wait_for(lambda: os.path.ismount(mountpoint) or self.proc.poll() is not None,
+                     MOUNT_TIMEOUT, what="the mount")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mount exited {self.proc.returncode}: {self.log_text()}")
+        except BaseException:
+            self.close()
+            raise
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def close(self) -> None:
+        unmount(self.path)
+        stop_process(self.proc)
+        unmount(self.path)
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path, cache_dir: Path) -> Iterator[Callable[..., Mount]]:
+    mounts: list[Mount] = []
+
+    def start(*extra: str, cache: Path | None = None) -> Mount:
+        m = Mount(tmp_path / f"mnt{len(mounts)}", cache or cache_dir,
+                  tmp_path / f"mount{len(mounts)}.log", list(extra))
+        mounts.append(m)
+        return m
+
+    yield start
+    for m in mounts:
+        m.close()
+
+
+@pytest.fixture
+def mnt(mount_factory: Callable[..., Mount]) -> Mount:
+    return mount_factory()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_mounts() -> Iterator[None]:
+    yield
+    leaked = [line for line in subprocess.run(["mount"], capture_output=True,
+                                              text=True).stdout.splitlines()
+              if "buffyfs" in line and "pytest" in line]
+    for line in leaked:  # clean up, then fail loudly
+        subprocess.run(["fusermount3", "-uz", line.split(" on ")[1].split(" type ")[0]])
+    assert not leaked, f"mounts leaked by the tests: {leaked}"

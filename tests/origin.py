@@ -1,0 +1,176 @@
+"""A test HTTP origin on 127.0.0.1 that tests control.
+
+Each path serves a ``Resource``; tests change its body and validators, queue
+failures (``fail``), and read back the requests the origin saw (``requests``).
+Runs in a thread of the test process, so it serves the mount daemon's requests
+while the test reads the mount.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Resource:
+    body: bytes = b""
+    etag: str | None = None
+    last_modified: str | None = None
+    content_type: str | None = "application/octet-stream"
+    # failures served before the real response, one per request:
+    #   an int: that HTTP status;  "reset": half the body, then a TCP reset;
+    #   "short": a Content-Length larger than the body sent;  ("stall", secs): half the
+    #   body, then silence for secs;  ("retry-after", status, value)
+    failures: deque = field(default_factory=deque)
+    # seconds between each twentieth of the body (a slow origin)
+    chunk_delay: float = 0.0
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Origin:
+    def __init__(self) -> None:
+        self.resources: dict[str, Resource] = {}
+        self.requests: list[Seen] = []
+        self.lock = threading.Lock()
+        origin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                origin._handle(self, "GET")
+
+            def do_POST(self) -> None:
+                origin._handle(self, "POST")
+
+            def do_HEAD(self) -> None:
+                origin._handle(self, "HEAD")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None  # resets are on purpose
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> Origin:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def set(self, path: str, body: bytes, etag: bool | str = False,
+            last_modified: bool | str = False, content_type: str | None = None) -> Resource:
+        """Serve ``body`` at ``path``; ``etag``/``last_modified`` True derive them."""
+        with self.lock:
+            res = self.resources.setdefault(path, Resource())
+            res.body = body
+            res.etag = ('"' + hashlib.sha256(body).hexdigest()[:16] + '"') if etag is True \
+                else (etag or None)
+            res.last_modified = formatdate(time.time(), usegmt=True) if last_modified is True \
+                else (last_modified or None)
+            if content_type:
+                res.content_type = content_type
+            return res
+
+    def fail(self, path: str, *failures: object) -> None:
+        with self.lock:
+            self.resources.setdefault(path, Resource()).failures.extend(failures)
+
+    def seen(self, path: str) -> list[Seen]:
+        with self.lock:
+            return [r for r in self.requests if r.path == path]
+
+    # --- serving ----------------------------------------------------------------------
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        body_in = h.rfile.read(length) if length else b""
+        path = h.path.split("?")[0]
+        with self.lock:
+            self.requests.append(Seen(method, h.path, dict(h.headers.items()), body_in))
+            res = self.resources.get(path)
+            failure = res.failures.popleft() if res and res.failures else None
+        if res is None:
+            return self._simple(h, 404, b"not found")
+        if isinstance(failure, int):
+            return self._simple(h, failure, b"failure")
+        if isinstance(failure, tuple) and failure[0] == "retry-after":
+            return self._simple(h, failure[1], b"later", {"Retry-After": str(failure[2])})
+        body = res.body
+        if res.etag and h.headers.get("If-None-Match") == res.etag:
+            return self._simple(h, 304, b"")
+        if res.last_modified and not res.etag and \
+                h.headers.get("If-Modified-Since") == res.last_modified:
+            return self._simple(h, 304, b"")
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        if res.content_type:
+            h.send_header("Content-Type", res.content_type)
+        if res.etag:
+            h.send_header("ETag", res.etag)
+        if res.last_modified:
+            h.send_header("Last-Modified", res.last_modified)
+        h.end_headers()
+        if method == "HEAD":
+            return
+        if failure == "reset":
+            h.wfile.write(body[: len(body) // 2])
+            h.wfile.flush()
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.close_connection = True
+            h.connection.close()
+            return
+        if failure == "short":
+            h.wfile.write(body[: len(body) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            return
+        if isinstance(failure, tuple) and failure[0] == "stall":
+            h.wfile.write(body[: len(body) // 2])
+            h.wfile.flush()
+            time.sleep(failure[1])
+            h.close_connection = True
+            return
+        if res.chunk_delay:
+            step = max(1, len(body) // 20)
+            for i in range(0, len(body), step):
+                h.wfile.write(body[i : i + step])
+                h.wfile.flush()
+                time.sleep(res.chunk_delay)
+            return
+        h.wfile.write(body)
+
+    def _simple(self, h: BaseHTTPRequestHandler, status: int, body: bytes,
+                headers: dict[str, str] | None = None) -> None:
+        h.send_response(status)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        if status != 304:
+            h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if status != 304:
+            h.wfile.write(body)
