@@ -227,10 +227,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_status(obj: dict[str, Any], cache: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     if "sources" in obj:
         mount = cache.running_mount()
         where = f"mounted on {mount['mountpoint']}" if mount else "not mounted"
@@ -251,6 +250,13 @@ def _print_status(obj: dict[str, Any], cache: Any) -> None:
     console.print(f"{'versions':>21}: {len(obj['versions'])}")
 
 
+def _console():  # type: ignore[no-untyped-def]
+    """A rich console that does not cut lines when the output is not a terminal."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=1000, soft_wrap=True)
+
+
 def _human(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -261,7 +267,6 @@ def _human(n: int) -> str:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from buffyfs.index import latest_of
@@ -277,7 +282,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     for v in versions:
         table.add_row(v["id"], _human(v["size"]), v["fetched_at"], ",".join(v.get("tags", [])),
                       "latest" if latest and v["id"] == latest["id"] else "")
-    Console().print(table)
+    _console().print(table)
     return 0
 
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install what buffyfs needs on a Debian machine: the FUSE packages, then a virtual
+# environment in .venv with buffyfs and its test tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(fuse3 libfuse3-dev pkg-config)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "installed: $(.venv/bin/buffyfs --version)"

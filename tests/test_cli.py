@@ -1,0 +1,166 @@
+"""The ``buffyfs`` command line, with and without a running mount."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from tests.conftest import run_cli, stop_process, unmount, wait_for
+
+
+def one_error_line(done) -> str:
+    """The error output: exactly one line (after an optional usage line), no traceback."""
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("usage:")
+             and not line.startswith("  ")]
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "@x", ".x", "n" * 200, "", "a b"])
+def test_bad_names_exit_2(cli, name):
+    done = cli("add", name, "http://127.0.0.1/")
+    assert done.returncode == 2
+    assert "invalid source name" in one_error_line(done)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.org/x", "http://",
+                                 "not a url", "127.0.0.1/x"])
+def test_bad_urls_exit_2(cli, url):
+    done = cli("add", "ok", url)
+    assert done.returncode == 2
+    assert "URL" in one_error_line(done)
+    assert cli("list", check=True).stdout == ""  # nothing was registered
+
+
+def test_bad_options_exit_2(cli):
+    done = cli("add", "ok", "http://127.0.0.1/", "--refresh", "often")
+    assert done.returncode == 2 and "refresh" in one_error_line(done)
+    done = cli("add", "ok", "http://127.0.0.1/", "--max-attempts", "0")
+    assert done.returncode == 2 and "max_attempts" in one_error_line(done)
+    done = cli("add", "ok", "http://127.0.0.1/", "--header", "NoColonHere")
+    assert done.returncode == 2
+    done = cli("add", "ok", "http://127.0.0.1/", "--no-such-option", "1")
+    assert done.returncode == 2
+    assert cli("list", check=True).stdout == ""
+
+
+@pytest.mark.parametrize("args", [("remove", "ghost"), ("versions", "ghost"),
+                                  ("status", "ghost"), ("fetch", "ghost"),
+                                  ("refresh", "ghost")])
+def test_unknown_source_exits_1(cli, args):
+    done = cli(*args)
+    assert done.returncode == 1
+    assert "no source named 'ghost'" in one_error_line(done)
+
+
+def test_duplicate_add_exits_2(cli):
+    cli("add", "dup", "http://127.0.0.1:9/", check=True)
+    done = cli("add", "dup", "http://127.0.0.1:9/")
+    assert done.returncode == 2 and "exists already" in one_error_line(done)
+
+
+def test_unusable_cache_dir_exits_1(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    done = run_cli("list", cache=blocker / "cache")
+    assert done.returncode == 1
+    assert "cache" in one_error_line(done)
+
+
+def test_add_list_fetch_status_versions_without_mount(origin, cli):
+    origin.set("/d", b"0123456789" * 1000, etag=True)
+    cli("add", "d", origin.url("/d"), "--refresh", "6h", "--max-attempts", "2",
+        "--header", "Authorization: Bearer topsecret-value", check=True)
+    assert cli("list", check=True).stdout.split() == ["d", origin.url("/d")]
+    fetched = cli("fetch", "d", check=True)
+    assert "new version" in fetched.stdout
+    assert origin.seen("/d")[0].headers["Authorization"] == "Bearer topsecret-value"
+    st = json.loads(cli("status", "d", "--json", check=True).stdout)
+    assert st["refresh"] == "6h" and st["latest"] and st["versions"][0]["size"] == 10000
+    root = json.loads(cli("status", "--json", check=True).stdout)
+    assert root["sources"][0]["latest"] == st["latest"]
+    assert root["cache_size"] == 10000
+    table = cli("versions", "d", check=True).stdout
+    assert st["latest"] in table and "latest" in table
+    human = cli("status", check=True).stdout
+    assert "d" in human and "not mounted" in human
+    again = cli("fetch", "d", check=True)  # 304 now
+    assert "up to date" in again.stdout
+    for out in (json.dumps(st), json.dumps(root), table, human, fetched.stdout):
+        assert "topsecret" not in out
+
+
+def test_fetch_failure_exits_1_with_reason(origin, cli):
+    origin.set("/e", b"e")
+    origin.fail("/e", 503, 503)
+    cli("add", "e", origin.url("/e"), "--max-attempts", "2", check=True)
+    done = cli("fetch", "e")
+    assert done.returncode == 1
+    assert "HTTP 503" in one_error_line(done)
+    st = json.loads(cli("status", "e", "--json", check=True).stdout)
+    assert st["consecutive_failures"] == 1 and "503" in st["last_error"]["message"]
+
+
+def test_cache_dir_from_environment(origin, tmp_path, monkeypatch):
+    env_cache = tmp_path / "envcache"
+    monkeypatch.setenv("BUFFYFS_CACHE", str(env_cache))
+    assert run_cli("add", "envsrc", "http://127.0.0.1:9/").returncode == 0
+    assert (env_cache / "index").is_dir()
+    assert "envsrc" in run_cli("list").stdout
+
+
+def test_detached_mount_and_umount(origin, cli, tmp_path, cache_dir):
+    origin.set("/det", b"detached")
+    cli("add", "det", origin.url("/det"), check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pid = None
+    try:
+        done = cli("mount", str(mnt), timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert os.path.ismount(mnt)  # live when the command returns
+        pid = json.loads((cache_dir / "mount.json").read_text())["pid"]
+        with open(mnt / "det/latest", "rb") as f:
+            assert f.read() == b"detached"
+        assert "mounted on" in cli("status", check=True).stdout
+        assert run_cli("umount", str(mnt)).returncode == 0
+        assert not os.path.ismount(mnt)
+        wait_for(lambda: not _alive(pid), 10, what="the daemon to exit")
+        assert "mounted on" in (cache_dir / "buffyfs.log").read_text()
+    finally:
+        unmount(mnt)
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_mount_errors(cli, tmp_path):
+    done = cli("mount", str(tmp_path / "missing"))
+    assert done.returncode == 2 and "not a directory" in one_error_line(done)
+    done = run_cli("umount", str(tmp_path))
+    assert done.returncode == 2 and "not mounted" in one_error_line(done)
+
+
+def test_sigterm_unmounts(mount_factory):
+    m = mount_factory()
+    m.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: m.proc.poll() is not None, 10, what="the daemon to exit")
+    assert m.proc.returncode == 0
+    assert not os.path.ismount(m.path)
+    stop_process(m.proc)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
