@@ -196,18 +196,21 @@ async def test_error_messages_hide_header_values_and_url_credentials(
     origin: Origin, client, partial: Path
 ) -> None:
     url = origin.url("/nope").replace("http://", f"http://alice:{SECRET}-pw@")
-    req = Request(url, headers={"Authorization": f"Bearer {SECRET}"})
+    req = Request(url, headers={"X-Api-Key": f"key-{SECRET}"})
     with pytest.raises(AttemptError) as e:
         await downloader.download(client, req, partial)
     assert SECRET not in str(e.value)
     # the credentials were used all the same
     [seen] = origin.seen("/nope")
-    assert header(seen.headers, "Authorization") == f"Bearer {SECRET}"
+    assert header(seen.headers, "X-Api-Key") == f"key-{SECRET}"
+    assert (header(seen.headers, "Authorization") or "").startswith("Basic ")
 
 
 async def test_invalid_header_value_error_hides_it(origin: Origin, client, partial) -> None:
     origin.set("/h", b"x")
-    req = Request(origin.url("/h"), headers={"Authorization": f"Bearer \x01{SECRET}"})
+    # h11 refuses trailing whitespace and its message shows the value as escaped bytes
+    # (b'Bearer sekrit-token-123\\t'), which scrub() does not recognise.
+    req = Request(origin.url("/h"), headers={"Authorization": f"Bearer {SECRET}\t"})
     with pytest.raises(AttemptError) as e:
         await downloader.download(client, req, partial)
     assert SECRET not in str(e.value)
@@ -437,6 +440,13 @@ async def test_refresh_post_with_body(origin: Origin, cache: Cache) -> None:
     assert seen.method == "POST" and seen.body == b'{"q": 1}'
 
 
+def buffyfs_log(caplog: pytest.LogCaptureFixture) -> str:
+    """What buffyfs itself logged (log.setup keeps httpx's own request lines quiet)."""
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("buffyfs")]
+    assert lines  # the refresh did log something
+    return "\n".join(lines)
+
+
 def _index_records_outside_sources(index: Index) -> list[bytes]:
     """Every key and value of the index except the sources' own records (which must
     hold the header values and URL to be able to make the request)."""
@@ -466,7 +476,7 @@ async def test_header_values_never_shown(
     assert all(header(s.headers, "Authorization") == f"Bearer {SECRET}" for s in seen)
     st = cache.state("s")
     assert st["last_error"] and SECRET not in repr(st)
-    assert SECRET not in caplog.text
+    assert SECRET not in buffyfs_log(caplog)
     records = _index_records_outside_sources(cache.index)
     assert records  # the scan did read the index
     assert not [r for r in records if SECRET.encode() in r]
@@ -493,6 +503,6 @@ async def test_url_credentials_never_shown(
     cache.add("u2", url.replace("/u", "/gone"), max_attempts=1)
     out = await cache.refresher.refresh("u2")
     assert out.error and SECRET not in out.error
-    assert SECRET not in caplog.text
+    assert SECRET not in buffyfs_log(caplog)
     records = _index_records_outside_sources(cache.index)
     assert not [r for r in records if SECRET.encode() in r]

@@ -331,3 +331,27 @@ def test_one_mount_per_cache(origin, mnt, tmp_path, cache_dir):
     assert "in use by another mount" in done.stderr
     assert "Traceback" not in done.stderr
     assert not os.path.ismount(other)
+
+
+def test_duration_policy_rechecks_by_itself(origin, mnt):
+    origin.set("/tick", b"tick")
+    write_control(mnt / "@control", f"add tick {origin.url('/tick')} refresh=1s")
+    assert read(mnt / "tick/latest") == b"tick"
+    origin.set("/tick", b"tock")
+    wait_for(lambda: read(mnt / "tick/latest") == b"tock", 10, what="the scheduled check")
+    assert len(status(mnt / "tick/@status")["versions"]) == 2
+
+
+def test_never_policy_downloads_once(origin, cli, mount_factory):
+    origin.set("/once", b"once")
+    cli("add", "once", origin.url("/once"), "--refresh", "never", check=True)
+    mnt = mount_factory()
+    assert read(mnt / "once/latest") == b"once"
+    st = status(mnt / "once/@status")
+    assert st["next_check"] is None
+    mnt.close()
+    mnt = mount_factory()  # a restart does not download again
+    assert read(mnt / "once/latest") == b"once"
+    assert len(origin.seen("/once")) == 1
+    write_control(mnt / "once/@control", "refresh")  # but an explicit refresh does
+    wait_for(lambda: len(origin.seen("/once")) == 2, 10, what="the refresh")
