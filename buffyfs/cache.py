@@ -23,8 +23,8 @@ import platformdirs
 from buffyfs import status
 from buffyfs.blobs import BlobStore
 from buffyfs.errors import BadInput, CacheError, NotFound
-from buffyfs.index import Index, latest_of
-from buffyfs.options import check_name, check_url, normalize_options
+from buffyfs.index import Index
+from buffyfs.options import check_name, check_tag, check_url, normalize_options
 
 
 def default_cache_dir() -> Path:
@@ -75,7 +75,31 @@ class Cache:
         raw = dict(raw_options)
         url = check_url(raw.pop("url")) if "url" in raw else src["url"]
         options = normalize_options(raw, base=src["options"])
+        pinned = options["pinned"]
+        options["pinned"] = src["options"].get("pinned", False)  # pin() moves it with the pin
         self.index.add_source(name, url, options, replace=True)
+        if pinned != options["pinned"]:
+            self.pin(name) if pinned else self.unpin(name)
+
+    def tag(self, name: str, ref: str, tag: str) -> dict[str, Any]:
+        check_tag(tag)
+        return self.index.change_tag(name, self.version(name, ref)["id"], add=tag)
+
+    def untag(self, name: str, ref: str, tag: str) -> dict[str, Any]:
+        check_tag(tag)
+        return self.index.change_tag(name, self.version(name, ref)["id"], remove=tag)
+
+    def pin(self, name: str, ref: str | None = None) -> str | None:
+        """Pin ``latest`` at a version (default: the current latest, or the first to come)."""
+        self.index.get_source(name)
+        with self.index.read() as r:
+            has_versions = bool(r.versions(name))
+        vid = self.version(name, ref or "latest")["id"] if (ref or has_versions) else None
+        self.index.set_pin(name, True, vid)
+        return vid
+
+    def unpin(self, name: str) -> None:
+        self.index.set_pin(name, False, None)
 
     def version(self, name: str, ref: str) -> dict[str, Any]:
         """A version of ``name`` by id, or ``latest``."""
@@ -83,7 +107,7 @@ class Cache:
             if r.source(name) is None:
                 raise NotFound(f"no source named {name!r}")
             if ref == "latest":
-                v = latest_of(r.versions(name))
+                v = r.latest(name)
                 if v is None:
                     raise NotFound(f"source {name!r} has no usable version")
                 return v

@@ -61,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--" + key.replace("_", "-"), dest="opt_" + key, help=help_text)
     a.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="extra request header (repeatable); its value is never shown")
+    a.add_argument("--validate", action="append", default=[], metavar="CHECK=VALUE",
+                   help="check new versions: min_size=N, sha256=HEX, content_type=T, "
+                   "cmd='COMMAND', timeout=60s (repeatable)")
+    a.add_argument("--pinned", action="store_true",
+                   help="hold latest at the first version; do not contact the origin after")
+
+    for word, help_text in (("tag", "tag a version"), ("untag", "remove a tag")):
+        t = sub.add_parser(word, parents=[common], help=help_text)
+        t.add_argument("name")
+        t.add_argument("version", help="a version id or 'latest'")
+        t.add_argument("tag")
+    pn = sub.add_parser("pin", parents=[common], help="hold latest at a version")
+    pn.add_argument("name")
+    pn.add_argument("version", nargs="?", help="a version id or 'latest' (default)")
+    up = sub.add_parser("unpin", parents=[common], help="follow the refresh policy again")
+    up.add_argument("name")
 
     r = sub.add_parser("remove", parents=[common], help="unregister a source")
     r.add_argument("name")
@@ -177,6 +193,16 @@ def _options_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 raise BadInput("invalid --header: use 'Name: value'")
             headers[key.strip()] = value.strip()
         raw["headers"] = headers
+    if args.validate:
+        checks = {}
+        for item in args.validate:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise BadInput("invalid --validate: use CHECK=VALUE, e.g. min_size=1000")
+            checks[key.strip()] = value
+        raw["validate"] = checks
+    if args.pinned:
+        raw["pinned"] = True
     return raw
 
 
@@ -269,7 +295,6 @@ def _human(n: int) -> str:
 def cmd_versions(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from buffyfs.index import latest_of
     from buffyfs.options import check_name
 
     check_name(args.name)
@@ -277,12 +302,44 @@ def cmd_versions(args: argparse.Namespace) -> int:
     cache.index.get_source(args.name)
     with cache.index.read() as r:
         versions = r.versions(args.name)
-    latest = latest_of(versions)
+        latest = r.latest(args.name)
     table = Table("version", "size", "fetched", "tags", "", box=None)
     for v in versions:
         table.add_row(v["id"], _human(v["size"]), v["fetched_at"], ",".join(v.get("tags", [])),
                       "latest" if latest and v["id"] == latest["id"] else "")
     _console().print(table)
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from buffyfs.options import check_name, check_tag
+
+    check_name(args.name)
+    check_tag(args.tag)
+    cache = _cache(args)
+    if args.command == "tag":
+        v = cache.tag(args.name, args.version, args.tag)
+    else:
+        v = cache.untag(args.name, args.version, args.tag)
+    print(f"{args.name}: {v['id']} tags: {','.join(v['tags']) or '-'}")
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    vid = _cache(args).pin(args.name, args.version)
+    print(f"{args.name}: pinned at {vid}" if vid else
+          f"{args.name}: pinned; the first version to arrive will hold")
+    return 0
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    _cache(args).unpin(args.name)
     return 0
 
 
@@ -320,6 +377,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
     check_name(args.name)
     cache = _cache(args)
+    if cache.index.get_source(args.name)["options"].get("pinned"):
+        raise BadInput(f"source {args.name!r} is pinned: unpin it first")
     if cache.running_mount():
         cache.index.request_refresh(args.name)
         print(f"{args.name}: refresh requested from the running mount")
@@ -347,5 +406,6 @@ def _run_refresh(cache: Any, name: str, on_progress: Any) -> Any:
 COMMANDS = {
     "mount": cmd_mount, "umount": cmd_umount, "add": cmd_add, "remove": cmd_remove,
     "list": cmd_list, "status": cmd_status, "versions": cmd_versions, "fetch": cmd_fetch,
-    "refresh": cmd_refresh,
+    "refresh": cmd_refresh, "tag": cmd_tag, "untag": cmd_tag, "pin": cmd_pin,
+    "unpin": cmd_unpin,
 }

@@ -7,12 +7,13 @@ bad line; nothing is applied before the whole write has parsed.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from buffyfs.errors import BadInput
-from buffyfs.options import check_name, check_url, normalize_options
+from buffyfs.options import check_name, check_tag, check_url, normalize_options
 
 Scope = Literal["root", "source"]
 
@@ -21,14 +22,22 @@ MAX_WRITE = 1 << 20
 # word -> (min positional args, max positional args, takes KEY=VALUE options)
 GRAMMAR: dict[Scope, dict[str, tuple[int, int, bool]]] = {
     "root": {"add": (2, 2, True), "remove": (1, 1, False)},
-    "source": {"refresh": (0, 0, False), "set": (0, 0, True)},
+    "source": {
+        "refresh": (0, 0, False), "set": (0, 0, True), "tag": (2, 2, False),
+        "untag": (2, 2, False), "pin": (0, 1, False), "unpin": (0, 0, False),
+    },
 }
+VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
 
 USAGE = {
     "add": "add NAME URL [KEY=VALUE ...]",
     "remove": "remove NAME",
     "refresh": "refresh",
     "set": "set KEY=VALUE ...",
+    "tag": "tag VERSION TAG",
+    "untag": "untag VERSION TAG",
+    "pin": "pin [VERSION]",
+    "unpin": "unpin",
 }
 
 
@@ -97,4 +106,15 @@ def _parse_line(line: str, scope: Scope) -> Command | None:
         if "url" in options:
             check_url(options["url"])
         normalize_options({k: v for k, v in options.items() if k != "url"})
+    elif word in ("tag", "untag"):
+        check_version_ref(positional[0])
+        check_tag(positional[1])
+    elif word == "pin" and positional:
+        check_version_ref(positional[0])
     return Command(word, positional, options)
+
+
+def check_version_ref(ref: str) -> str:
+    if ref != "latest" and not VERSION_RE.fullmatch(ref):
+        raise BadInput(f"invalid version {ref[:40]!r}: a version id or 'latest'")
+    return ref

@@ -8,6 +8,8 @@ Inode numbers (all stable, never reused):
     1, 2, 3            the root, its @status and @control
     index-allocated    per source a block (index.SourceInode: dir, @status,
                        @control, @versions, pending-latest), one per version
+    1<<48 and up       tag directories SOURCE/@TAG/, numbered in memory per
+                       (source block, tag) on first sight; stable for the mount's life
 
 Caching: a version inode never changes, so its attributes and entries are cached
 for long and its data stays in the page cache across opens (``keep_cache``). The
@@ -35,8 +37,8 @@ import trio
 from buffyfs import control
 from buffyfs.cache import Cache
 from buffyfs.errors import BadInput, BuffyError, FetchError
-from buffyfs.index import SourceInode, latest_of, parse_rfc3339
-from buffyfs.options import NAME_RE, normalize_options, redact_url
+from buffyfs.index import SourceInode, parse_rfc3339
+from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE, normalize_options, redact_url
 from buffyfs.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,16 @@ IMMUTABLE_TIMEOUT = 3600.0  # version inodes and their @versions entries
 SHORT_TIMEOUT = 1.0  # everything that can change
 
 SOURCE_FILES = {"@status": SourceInode.status, "@control": SourceInode.control}
+FIRST_TAGDIR_INO = 1 << 48
+INVALIDATE_TIMEOUT = 2.0
 
 
 @dataclass
 class Node:
-    kind: str  # root, root_status, root_control, or a SourceInode name, or "version"
+    kind: str  # root, root_status, root_control, a SourceInode name, version or tagdir
     source: str | None = None
     version: dict[str, Any] | None = None
+    tag: str | None = None
 
 
 @dataclass
@@ -108,6 +113,8 @@ class BuffyFS(pyfuse3.Operations):
         self.handles: dict[int, Any] = {}
         self.next_fh = 1
         self.shown_latest: dict[str, int] = {}  # source -> inode last given for `latest`
+        self.tagdir_inos: dict[tuple[int, str], int] = {}  # (source base, tag) -> inode
+        self.tagdirs: dict[int, tuple[str, int, str]] = {}  # inode -> (source, base, tag)
         self.counters = Counters()
         self.nowait_reads = True
         self.started_ns = time.time_ns()
@@ -121,6 +128,15 @@ class BuffyFS(pyfuse3.Operations):
             return Node("root_status")
         if ino == ROOT_CONTROL:
             return Node("root_control")
+        if ino >= FIRST_TAGDIR_INO:
+            if ino not in self.tagdirs:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            source, base, tag = self.tagdirs[ino]
+            with self.index.read() as r:
+                src = r.source(source)
+            if src is None or src["ino"] != base:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return Node("tagdir", source, tag=tag)
         with self.index.read() as r:
             ref = r.inode(ino)
             if ref is None:
@@ -141,10 +157,31 @@ class BuffyFS(pyfuse3.Operations):
 
     def _latest_ino(self, name: str, base: int) -> int:
         with self.index.read() as r:
-            v = latest_of(r.versions(name))
+            v = r.latest(name)
         ino = v["ino"] if v else base + SourceInode.pending
         self.shown_latest[name] = ino
         return ino
+
+    def _tagdir_ino(self, name: str, base: int, tag: str) -> int:
+        key = (base, tag)
+        if key not in self.tagdir_inos:
+            ino = FIRST_TAGDIR_INO + len(self.tagdir_inos)
+            self.tagdir_inos[key] = ino
+            self.tagdirs[ino] = (name, base, tag)
+        return self.tagdir_inos[key]
+
+    def _tags_in_use(self, name: str) -> list[str]:
+        with self.index.read() as r:
+            versions = r.versions(name)
+        tags = {"valid"}
+        for v in versions:
+            tags.update(v.get("tags", []))
+        return sorted(tags)
+
+    def _tagged(self, name: str, tag: str) -> list[dict[str, Any]]:
+        """Versions carrying ``tag``, newest first."""
+        with self.index.read() as r:
+            return [v for v in r.versions(name) if tag in v.get("tags", [])]
 
     # --- attributes -------------------------------------------------------------------
 
@@ -159,7 +196,7 @@ class BuffyFS(pyfuse3.Operations):
         a.attr_timeout = SHORT_TIMEOUT
         a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = self.started_ns
         kind = node.kind
-        if kind in ("root", "dir", "versions"):
+        if kind in ("root", "dir", "versions", "tagdir"):
             a.st_mode = stat.S_IFDIR | 0o555
             a.st_nlink = 2
         elif kind == "version":
@@ -193,8 +230,8 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         ino = self._child(parent_inode, text)
         attr = self._attr(ino)
-        if text == "latest":
-            attr.entry_timeout = SHORT_TIMEOUT
+        if text == "latest" or ino != parent_inode and parent_inode >= FIRST_TAGDIR_INO:
+            attr.entry_timeout = SHORT_TIMEOUT  # these names move
         return attr
 
     def _child(self, parent: int, name: str) -> int:
@@ -222,6 +259,21 @@ class BuffyFS(pyfuse3.Operations):
                 return base + SOURCE_FILES[name]
             if name == "@versions":
                 return base + SourceInode.versions
+            tag = name[1:]
+            if name.startswith("@") and TAG_RE.fullmatch(tag) and tag not in RESERVED_TAGS \
+                    and tag in self._tags_in_use(node.source):
+                return self._tagdir_ino(node.source, base, tag)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.kind == "tagdir":
+            assert node.source and node.tag
+            if name == "..":
+                return self._source_base(node.source)
+            tagged = self._tagged(node.source, node.tag)
+            if name == "latest" and tagged:
+                return tagged[0]["ino"]
+            for v in tagged:
+                if v["id"] == name:
+                    return v["ino"]
             raise pyfuse3.FUSEError(errno.ENOENT)
         if node.kind == "versions":
             assert node.source
@@ -236,7 +288,7 @@ class BuffyFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
-        if node.kind not in ("root", "dir", "versions"):
+        if node.kind not in ("root", "dir", "versions", "tagdir"):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return self._new_handle(DirHandle(inode))
 
@@ -253,6 +305,13 @@ class BuffyFS(pyfuse3.Operations):
             names = [("latest", self._latest_ino(node.source, base))]
             names += [(n, base + off) for n, off in SOURCE_FILES.items()]
             names.append(("@versions", base + SourceInode.versions))
+            names += [("@" + tag, self._tagdir_ino(node.source, base, tag))
+                      for tag in self._tags_in_use(node.source)]
+        elif node.kind == "tagdir":
+            assert node.source and node.tag
+            tagged = self._tagged(node.source, node.tag)
+            names = [("latest", tagged[0]["ino"])] if tagged else []
+            names += [(v["id"], v["ino"]) for v in tagged]
         elif node.kind == "versions":
             assert node.source
             with self.index.read() as r:
@@ -260,9 +319,12 @@ class BuffyFS(pyfuse3.Operations):
         out = []
         for name, child in names:
             try:
-                out.append((name.encode(), self._attr(child)))
+                attr = self._attr(child)
             except pyfuse3.FUSEError:
                 continue  # removed meanwhile
+            if name == "latest" or node.kind == "tagdir":
+                attr.entry_timeout = SHORT_TIMEOUT  # these names move
+            out.append((name.encode(), attr))
         return out
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -331,7 +393,7 @@ class BuffyFS(pyfuse3.Operations):
                 log.info("%s: open of latest fails: %s", name, e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
         with self.index.read() as r:
-            v = latest_of(r.versions(name))
+            v = r.latest(name)
         if v is None:
             raise pyfuse3.FUSEError(errno.EIO)
         return v
@@ -392,7 +454,7 @@ class BuffyFS(pyfuse3.Operations):
             commands = control.parse(buf, "root" if handle.source is None else "source")
             self._check_commands(commands, handle.source)
             for cmd in commands:
-                self._apply(cmd, handle.source)
+                await self._apply(cmd, handle.source)
         except BadInput as e:
             where = handle.source or "@control"
             log.warning("%s: control write refused: %s", where, e)
@@ -415,40 +477,62 @@ class BuffyFS(pyfuse3.Operations):
         """Check a whole write against the index before applying any of it."""
         with self.index.read() as r:
             exists = {n: True for n in r.source_names()}
-            if source is not None and source not in exists:
+            src = r.source(source) if source is not None else None
+            if source is not None and src is None:
                 raise BadInput(f"source {source!r} was removed")
             for number, cmd in enumerate(commands, 1):
+                where = f"command {number}: " if len(commands) > 1 else ""
                 if cmd.word == "add":
                     if exists.get(cmd.args[0]):
-                        raise BadInput(f"command {number}: source {cmd.args[0]!r} exists already")
+                        raise BadInput(f"{where}source {cmd.args[0]!r} exists already")
                     exists[cmd.args[0]] = True
                 elif cmd.word == "remove":
                     if not exists.get(cmd.args[0]):
-                        raise BadInput(f"command {number}: no source named {cmd.args[0]!r}")
+                        raise BadInput(f"{where}no source named {cmd.args[0]!r}")
                     exists[cmd.args[0]] = False
                 elif cmd.word == "set":
-                    assert source is not None
-                    src = r.source(source)
                     assert src is not None
                     opts = {k: v for k, v in cmd.options.items() if k != "url"}
                     normalize_options(opts, base=src["options"])
+                elif cmd.word == "refresh":
+                    assert src is not None
+                    if src["options"].get("pinned"):
+                        raise BadInput(f"{where}source {source!r} is pinned: unpin it first")
+                elif cmd.word in ("tag", "untag", "pin") and cmd.args:
+                    assert source is not None
+                    ref = cmd.args[0]
+                    if ref == "latest" and r.latest(source) is None:
+                        raise BadInput(f"{where}source {source!r} has no usable version")
+                    if ref != "latest" and r.version(source, ref) is None:
+                        raise BadInput(f"{where}source {source!r} has no version {ref!r}")
 
-    def _apply(self, cmd: control.Command, source: str | None) -> None:
+    async def _apply(self, cmd: control.Command, source: str | None) -> None:
         if cmd.word == "add":
             self.cache.add_source(cmd.args[0], cmd.args[1], cmd.options)
-            self.sync(cmd.args[0])
+            changed = cmd.args[0]
         elif cmd.word == "remove":
             self.cache.remove_source(cmd.args[0])
-            self.sync(cmd.args[0])
-        elif cmd.word == "refresh":
+            changed = cmd.args[0]
+        else:
             assert source is not None
-            if self.scheduler is not None:
-                self.scheduler.kick(source)
-                self.index.set_state(source, state="fetching")
-        elif cmd.word == "set":
-            assert source is not None
-            self.cache.set_options(source, cmd.options)
-            self.sync(source)
+            changed = source
+            if cmd.word == "refresh":
+                if self.scheduler is not None:
+                    self.scheduler.kick(source)
+                    self.index.set_state(source, state="fetching")
+            elif cmd.word == "set":
+                self.cache.set_options(source, cmd.options)
+            elif cmd.word == "tag":
+                self.cache.tag(source, cmd.args[0], cmd.args[1])
+            elif cmd.word == "untag":
+                self.cache.untag(source, cmd.args[0], cmd.args[1])
+            elif cmd.word == "pin":
+                self.cache.pin(source, cmd.args[0] if cmd.args else None)
+            elif cmd.word == "unpin":
+                self.cache.unpin(source)
+        if self.scheduler is not None:
+            self.scheduler.sync(changed)
+        await self.source_changed_now(changed)
 
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -542,23 +626,48 @@ class BuffyFS(pyfuse3.Operations):
         self.source_changed(name)
 
     def source_changed(self, name: str) -> None:
-        """Drop kernel entries that changed for ``name`` (call after any change)."""
+        """Drop kernel entries that changed for ``name`` (the kernel catches up soon)."""
+        for parent, entry in self._stale_entries(name):
+            try:
+                pyfuse3.invalidate_entry_async(parent, entry.encode(), ignore_enoent=True)
+            except Exception as e:  # not mounted (unit tests) or shutting down
+                log.debug("invalidate %s/%s: %s", parent, entry, e)
+
+    async def source_changed_now(self, name: str) -> None:
+        """Like ``source_changed``, but returns once the kernel has dropped the entries,
+        so that a control write has taken effect for every later open when it returns.
+
+        The notification may block until the kernel has finished requests on the same
+        directory, so it runs in a worker thread while the loop keeps serving them.
+        """
+        for parent, entry in self._stale_entries(name):
+            with trio.move_on_after(INVALIDATE_TIMEOUT):
+                try:
+                    await trio.to_thread.run_sync(
+                        pyfuse3.invalidate_entry, parent, entry.encode(), abandon_on_cancel=True
+                    )
+                except OSError:
+                    pass  # ENOENT: the kernel did not have it cached
+
+    def _stale_entries(self, name: str) -> list[tuple[int, str]]:
         with self.index.read() as r:
             src = r.source(name)
-            latest = latest_of(r.versions(name)) if src else None
+            latest = r.latest(name) if src else None
+            ids = [v["id"] for v in r.versions(name)] if src else []
         if src is None:
             self.shown_latest.pop(name, None)
-            _invalidate(ROOT, name)
-            return
+            return [(ROOT, name)]
+        out = []
         current = latest["ino"] if latest else src["ino"] + SourceInode.pending
         shown = self.shown_latest.get(name)
         if shown is not None and shown != current:
-            _invalidate(src["ino"], "latest")
+            out.append((src["ino"], "latest"))
             del self.shown_latest[name]
-
-
-def _invalidate(parent: int, name: str) -> None:
-    try:
-        pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
-    except Exception as e:  # not mounted (unit tests) or shutting down
-        log.debug("invalidate %s/%s: %s", parent, name, e)
+        in_use = set(self._tags_in_use(name))
+        for (base, tag), ino in self.tagdir_inos.items():
+            if base != src["ino"]:
+                continue
+            if tag not in in_use:
+                out.append((base, "@" + tag))
+            out += [(ino, "latest")] + [(ino, vid) for vid in ids]
+        return out

@@ -11,7 +11,9 @@ Named databases and their keys (all values JSON unless said otherwise):
     ``format``    b"1", the layout version (a later layout migrates from it)
     ``seq``       8-byte big-endian counter, bumped by every change in ``changes``
     ``next_ino``  8-byte big-endian, the next unused inode number (never reused)
-``sources``       NAME -> ``{"url", "options", "ino", "added_at"}``
+``sources``       NAME -> ``{"url", "options", "ino", "added_at", "pin"}``
+                  ``pin`` is the pinned version id (None: not pinned, or pinned
+                  with no version yet: the first version commits as the pin)
                   ``ino`` is the first of INODES_PER_SOURCE numbers owned by the
                   source (see ``SourceInode``); ``options`` is normalized
                   (options.normalize_options)
@@ -85,6 +87,27 @@ def latest_of(versions: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
+def resolve_latest(source: dict[str, Any], versions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What ``latest`` means for a source: its pinned version, else the newest not failed.
+
+    A pinned version tagged ``failed`` falls back like any other, but only to older
+    versions: a pin never moves ``latest`` forward in time.
+    """
+    pin = source.get("pin")
+    if pin and any(v["id"] == pin for v in versions):
+        return latest_of([v for v in versions if v["id"] <= pin])
+    return latest_of(versions)
+
+
+def tags_after(tags: list[str], add: str | None = None, remove: str | None = None) -> list[str]:
+    """Tags with one added or removed; ``valid`` and ``failed`` exclude each other."""
+    out = [t for t in tags if t != remove]
+    if add and add not in out:
+        other = {"valid": "failed", "failed": "valid"}.get(add)
+        out = [t for t in out if t != other] + [add]
+    return out
+
+
 def _u64(n: int) -> bytes:
     return struct.pack(">Q", n)
 
@@ -156,6 +179,10 @@ class Reader:
 
     def meta_json(self, key: str) -> Any:
         return self._get("meta", key.encode())
+
+    def latest(self, name: str) -> dict[str, Any] | None:
+        src = self.source(name)
+        return resolve_latest(src, self.versions(name)) if src else None
 
 
 class Writer(Reader):
@@ -248,7 +275,8 @@ class Index:
                 rec = {**old, "url": url, "options": options}
             else:
                 base = w.alloc_inodes(INODES_PER_SOURCE)
-                rec = {"url": url, "options": options, "ino": base, "added_at": rfc3339(now_utc())}
+                rec = {"url": url, "options": options, "ino": base,
+                       "added_at": rfc3339(now_utc()), "pin": None}
                 for kind in SourceInode:
                     w._put("inodes", _u64(base + kind), {"kind": kind.name, "source": name})
             w._put("sources", name.encode(), rec)
@@ -295,7 +323,8 @@ class Index:
         version's (then only the check is recorded) or the source is gone.
         """
         with self.write() as w:
-            if w.source(name) is None:
+            src = w.source(name)
+            if src is None:
                 return None
             versions = w.versions(name)
             stamp = rfc3339(fetched_at)
@@ -316,8 +345,39 @@ class Index:
                        "tags": list(record.get("tags", []))}
             w._put("versions", name.encode() + b"\0" + vid.encode(), version)
             w._put("inodes", _u64(ino), {"kind": "version", "source": name, "id": vid})
+            if src["options"].get("pinned") and not src.get("pin"):
+                src["pin"] = vid  # pinned before any version: the first one holds
+                w._put("sources", name.encode(), src)
             w.changed(name)
         return version
+
+    def newest_sha256(self, name: str) -> str | None:
+        with self.read() as r:
+            versions = r.versions(name)
+        return versions[0]["sha256"] if versions else None
+
+    def change_tag(self, name: str, vid: str, add: str | None = None,
+                   remove: str | None = None) -> dict[str, Any]:
+        """Add or remove one tag of a version, in one transaction."""
+        with self.write() as w:
+            key = name.encode() + b"\0" + vid.encode()
+            v = w.version(name, vid)
+            if v is None:
+                raise NotFound(f"source {name!r} has no version {vid!r}")
+            v["tags"] = tags_after(v.get("tags", []), add, remove)
+            w._put("versions", key, v)
+            w.changed(name)
+        return v
+
+    def set_pin(self, name: str, pinned: bool, vid: str | None) -> None:
+        with self.write() as w:
+            src = w.source(name)
+            if src is None:
+                raise NotFound(f"no source named {name!r}")
+            src["options"]["pinned"] = pinned
+            src["pin"] = vid if pinned else None
+            w._put("sources", name.encode(), src)
+            w.changed(name)
 
     def record_check(self, name: str, at: datetime, **fields: Any) -> None:
         with self.write() as w:

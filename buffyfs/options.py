@@ -31,15 +31,20 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "method": "GET",
     "body": None,
     "headers": {},
+    "pinned": False,
+    "validate": {},
 }
 
 # Options of SPEC that later work will bring; they are refused with a clear message
 # rather than silently accepted and ignored.
 NOT_YET = {
     "open_wait": "comes with the on-open refresh policy",
-    "pinned": "comes with pinning",
-    "validate": "comes with validation",
 }
+
+# validate = { min_size, sha256, content_type, cmd, timeout }; timeout (ours, not SPEC's)
+# bounds the cmd check.
+VALIDATE_KEYS = ("min_size", "sha256", "content_type", "cmd", "timeout")
+DEFAULT_VALIDATE_TIMEOUT = "60s"
 
 
 def check_name(name: str) -> str:
@@ -131,6 +136,47 @@ def _check_headers(value: Any) -> dict[str, str]:
     return out
 
 
+def _check_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise BadInput(f"invalid {key} {value!r}: true or false")
+
+
+def _check_validate(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadInput("invalid validate: must be a table of checks")
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if k not in VALIDATE_KEYS:
+            raise BadInput(f"unknown check validate.{k}: use " + ", ".join(VALIDATE_KEYS))
+        if k == "min_size":
+            out[k] = parse_size(v, "validate.min_size")
+        elif k == "sha256":
+            if not isinstance(v, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+                raise BadInput(f"invalid validate.sha256 {v!r}: 64 hex digits")
+            out[k] = v.lower()
+        elif k == "content_type":
+            if not isinstance(v, str) or not v.strip():
+                raise BadInput("invalid validate.content_type: a media type such as text/csv")
+            out[k] = v.strip()
+        elif k == "cmd":
+            import shlex
+
+            try:
+                words = shlex.split(v) if isinstance(v, str) else None
+            except ValueError:
+                words = None
+            if not words:
+                raise BadInput(f"invalid validate.cmd {v!r}: a command line")
+            out[k] = v
+        else:
+            parse_duration(v, "validate.timeout")
+            out[k] = v
+    return out
+
+
 def _check_option(key: str, value: Any) -> Any:
     if key == "refresh":
         return check_refresh(value)
@@ -151,6 +197,10 @@ def _check_option(key: str, value: Any) -> Any:
         return value
     if key == "headers":
         return _check_headers(value)
+    if key == "pinned":
+        return _check_bool(value, key)
+    if key == "validate":
+        return _check_validate(value)
     if key in NOT_YET:
         raise BadInput(f"option {key!r} is not supported yet ({NOT_YET[key]})")
     raise BadInput(f"unknown option {key!r}")
@@ -166,10 +216,13 @@ def normalize_options(raw: dict[str, Any], base: dict[str, Any] | None = None) -
         key = key.replace("-", "_")
         if "." in key:
             table, _, sub = key.partition(".")
-            if table != "headers":
+            if table == "headers":
+                out["headers"] = _check_headers({**out.get("headers", {}), sub: value})
+            elif table == "validate":
+                out["validate"] = _check_validate({**out.get("validate", {}), sub: value})
+            else:
                 _check_option(table, {})  # unknown / not-yet tables give their own error
                 raise BadInput(f"option {table!r} is not a table")
-            out["headers"] = _check_headers({**out.get("headers", {}), sub: value})
         else:
             out[key] = _check_option(key, value)
     return out

@@ -16,8 +16,11 @@ def next_check(
 
     A source that has never been checked is due now. ``never`` downloads once:
     after that (or after a first attempt that gave up) only ``refresh`` fetches.
-    A duration counts from the last check, successful or not.
+    A duration counts from the last check, successful or not. A pinned source with a
+    version is never checked.
     """
+    if options.get("pinned") and has_version:
+        return None  # pinned: the origin is not contacted
     last = state.get("last_check")
     if last is None:
         return now

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import trio
 
-from buffyfs import downloader
+from buffyfs import downloader, validate
 from buffyfs.blobs import BlobStore, SourceLock
 from buffyfs.errors import FetchError, NotFound
 from buffyfs.index import Index, now_utc, rfc3339
@@ -151,8 +151,14 @@ class Refresher:
             log.info("%s: not modified", name)
             return Outcome(checked=True)
         partial = self.blobs.partial_path(name)
+        if self.index.newest_sha256(name) == result.sha256:
+            partial.unlink(missing_ok=True)  # same bytes as the newest version: a check only
+            self.index.commit_version(name, {"sha256": result.sha256}, started)
+            self._set_state(name, "idle")
+            log.info("%s: checked, content unchanged", name)
+            return Outcome(checked=True)
         try:
-            await trio.to_thread.run_sync(self.blobs.commit_partial, partial, result.sha256)
+            blob = await trio.to_thread.run_sync(self.blobs.commit_partial, partial, result.sha256)
         except OSError as e:
             partial.unlink(missing_ok=True)
             message = f"cannot store the download: {e.strerror}"
@@ -164,7 +170,21 @@ class Refresher:
             "etag": result.etag, "last_modified": result.last_modified,
             "content_type": result.content_type, "tags": [],
         }
+        rules = source["options"].get("validate") or {}
+        if rules:
+            # Judged before the commit, so no reader ever sees an unjudged version.
+            why = await validate.failure(rules, blob, result.size, result.sha256,
+                                         result.content_type)
+            record["tags"] = ["failed" if why else "valid"]
+            if why:
+                record["validation"] = why
+                log.warning("%s: new version fails validation: %s", name, why)
         version = self.index.commit_version(name, record, started)
+        if version and record.get("validation"):
+            self.index.set_state(name, last_error={
+                "at": rfc3339(started),
+                "message": f"version {version['id']} failed validation: {record['validation']}",
+            })
         self._set_state(name, "idle")
         if version:
             log.info("%s: new version %s (%d bytes)", name, version["id"], version["size"])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from buffyfs.errors import FetchError
-from buffyfs.index import Index, latest_of, now_utc, rfc3339
+from buffyfs.index import Index, now_utc, rfc3339
 from buffyfs.policy import next_check
 from buffyfs.refresh import Refresher
 
@@ -98,7 +98,8 @@ class Scheduler:
             with self.index.read() as r:
                 versions = r.versions(name)
                 state = r.state(name)
-            if latest_of(versions) is not None:
+                latest = r.latest(name)
+            if latest is not None:
                 return
             if versions:
                 raise FetchError("every version is tagged failed")

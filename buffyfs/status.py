@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from buffyfs import __version__
-from buffyfs.index import Index, Reader, latest_of
+from buffyfs.index import Index, Reader, resolve_latest
 from buffyfs.options import redact_url
 
 
@@ -22,7 +22,10 @@ def source_status(
         raise KeyError(name)
     state = r.state(name)
     versions = r.versions(name)
-    latest = latest_of(versions)
+    latest = resolve_latest(src, versions)
+    if latest is None and versions:
+        state = {**state, "last_error": state.get("last_error") or {
+            "at": versions[0]["fetched_at"], "message": "every version is tagged failed"}}
     progress = state.get("progress")
     if live_progress and name in live_progress:
         done, total = live_progress[name]
@@ -32,7 +35,7 @@ def source_status(
         "name": name,
         "url": redact_url(src["url"]),
         "refresh": src["options"]["refresh"],
-        "pinned": None,
+        "pinned": src.get("pin") if src["options"].get("pinned") else None,
         "state": run_state,
         "latest": latest["id"] if latest else None,
         "progress": progress if run_state == "fetching" else None,
@@ -42,11 +45,16 @@ def source_status(
         "consecutive_failures": state.get("consecutive_failures", 0),
         "last_error": state.get("last_error"),
         "last_control_error": state.get("last_control_error"),
-        "versions": [
-            {k: v[k] for k in ("id", "size", "sha256", "fetched_at")} | {"tags": v.get("tags", [])}
-            for v in versions
-        ],
+        "versions": [_version_entry(v) for v in versions],
     }
+
+
+def _version_entry(v: dict[str, Any]) -> dict[str, Any]:
+    entry = {k: v[k] for k in ("id", "size", "sha256", "fetched_at")}
+    entry["tags"] = v.get("tags", [])
+    if v.get("validation"):
+        entry["validation"] = v["validation"]  # why it was tagged failed
+    return entry
 
 
 def root_status(
@@ -56,7 +64,7 @@ def root_status(
         sources = []
         for name, src in r.sources():
             state = r.state(name)
-            latest = latest_of(r.versions(name))
+            latest = resolve_latest(src, r.versions(name))
             sources.append({
                 "name": name,
                 "url": redact_url(src["url"]),

@@ -44,7 +44,7 @@ def test_layout_cat_and_inodes(origin, cli, mnt):
     cli("add", "demo", origin.url("/data.txt"), check=True)
     assert read(mnt / "demo/latest") == b"hello buffy\n"  # waits for the first download
     assert {"@status", "@control", "demo"} <= set(os.listdir(mnt.path))
-    assert sorted(os.listdir(mnt / "demo")) == ["@control", "@status", "@versions", "latest"]
+    assert sorted(os.listdir(mnt / "demo")) == ["@control", "@status", "@valid", "@versions", "latest"]
     (vid,) = os.listdir(mnt / "demo/@versions")
     latest, version = os.stat(mnt / "demo/latest"), os.stat(mnt / f"demo/@versions/{vid}")
     assert latest.st_ino == version.st_ino
@@ -80,7 +80,7 @@ def test_listing_never_waits_on_the_network(origin, mnt):
     write_control(mnt / "@control",
                   f"add stall {origin.url('/stall')} attempt_timeout=20s max_attempts=1\n")
     wait_for(lambda: status(mnt / "stall/@status")["state"] == "fetching", 5, what="fetching")
-    assert sorted(os.listdir(mnt / "stall")) == ["@control", "@status", "@versions", "latest"]
+    assert sorted(os.listdir(mnt / "stall")) == ["@control", "@status", "@valid", "@versions", "latest"]
     assert os.listdir(mnt / "stall/@versions") == []
     assert "stall" in os.listdir(mnt.path)
     # the download is still under way: listing did not wait for it
