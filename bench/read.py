@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import mmap
 import os
 import platform
 import re
@@ -174,6 +175,23 @@ def sha256_of(path: Path) -> str:
         while n := f.readinto(buf):
             h.update(memoryview(buf)[:n])
     return h.hexdigest()
+
+
+def prefault(n: int) -> None:
+    """Touch then free ``n`` bytes of fresh memory.
+
+    On a VM whose host backs guest memory lazily (and takes freed pages back), a read that
+    fills new page-cache pages pays for the host faulting them in: up to 4x slower reads
+    that have nothing to do with the filesystem. Freed just before the read, these pages
+    are the ones the page cache gets next.
+    """
+    m = mmap.mmap(-1, n)
+    try:
+        chunk = b"\1" * CHUNK
+        for off in range(0, n, CHUNK):
+            m[off : off + min(CHUNK, n - off)] = chunk[: min(CHUNK, n - off)]
+    finally:
+        m.close()
 
 
 def drop_caches() -> None:
@@ -358,10 +376,22 @@ def cli(cache: Path, *args: str) -> None:
                          f"{done.stderr.strip()}")
 
 
+STATUS_ENOENT: list[float] = []  # times @status was missing (reported: it should not be)
+
+
 def read_status(mnt: Path) -> dict[str, Any]:
-    text = bounded(lambda: (mnt / SOURCE / "@status").read_text(), STATUS_TIMEOUT,
-                   "reading @status")
-    return json.loads(text)
+    """The source's @status; a missing one is retried for STATUS_TIMEOUT, then fatal."""
+    path = mnt / SOURCE / "@status"
+    deadline = time.monotonic() + STATUS_TIMEOUT
+    while True:
+        try:
+            text = bounded(path.read_text, STATUS_TIMEOUT, "reading @status")
+            return json.loads(text)
+        except FileNotFoundError:
+            STATUS_ENOENT.append(time.monotonic())
+            if time.monotonic() > deadline:
+                raise BenchError(f"{path} missing for {STATUS_TIMEOUT:.0f}s") from None
+            time.sleep(0.05)
 
 
 def read_ahead_kb(mnt: Path) -> str:
@@ -423,20 +453,28 @@ def download(daemon: Daemon, origin: Origin, size: int) -> dict[str, Any]:
     }
 
 
-def read_round(mnt: Path, blob: Path, size: int, drop: bool) -> dict[str, float]:
+def read_round(mnt: Path, blob: Path, size: int, drop: bool, pre: bool) -> dict[str, float]:
     """One round on a fresh mount: seconds per figure."""
     latest = mnt / SOURCE / "latest"
+
+    def fresh_pages() -> None:  # before each read that fills new page-cache pages
+        if pre:
+            prefault(size)
+
     timeout = 60.0 + size / 5e6  # at least 5 MB/s
     out: dict[str, float] = {}
     timed_read(blob, size)  # the blob in the page cache, for the "first read" figure
     out["plain_warm"] = timed_read(blob, size)
+    fresh_pages()
     out["mount_first"] = bounded(lambda: timed_read(latest, size), timeout, "first read")
     out["mount_warm"] = bounded(lambda: timed_read(latest, size), timeout, "warm read")
     if drop:
         bounded(drop_caches, SYNC_TIMEOUT, "dropping caches")
+        fresh_pages()
         out["mount_dropped"] = bounded(lambda: timed_read(latest, size), timeout,
                                        "read after drop_caches")
         bounded(drop_caches, SYNC_TIMEOUT, "dropping caches")
+        fresh_pages()
         out["plain_dropped"] = timed_read(blob, size)
     return out
 
@@ -460,7 +498,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print(f"  random file written in {time.monotonic() - t0:.1f}s", flush=True)
 
     results: dict[str, Any] = {"size": size, "read_size": READ_SIZE, "rounds": ROUNDS,
-                               "drop_caches": drop}
+                               "drop_caches": drop, "prefault": args.prefault}
     origin = Origin(data).start()
     daemons: list[Daemon] = []
     try:
@@ -488,7 +526,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 daemon.wait_mounted()
                 if read_status(mnt).get("latest") != dl["version"]["id"]:
                     raise BenchError("after remounting, latest is not the downloaded version")
-            rounds.append(read_round(mnt, blob, size, drop))
+            rounds.append(read_round(mnt, blob, size, drop, args.prefault))
             daemon.check_alive()
             if i == 0:  # bytes check, once, untimed (from the page cache)
                 got = bounded(lambda: sha256_of(mnt / SOURCE / "latest"),
@@ -501,6 +539,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             print(f"  round {i + 1}/{ROUNDS}: " + ", ".join(
                 f"{k} {size / v / 1e6:.0f} MB/s" for k, v in rounds[-1].items()), flush=True)
         results["runs_seconds"] = rounds
+        results["status_enoent"] = len(STATUS_ENOENT)
         results["mb_s"] = {k: size / statistics.median(r[k] for r in rounds) / 1e6
                            for k in rounds[0]}
     finally:
@@ -554,6 +593,11 @@ def report(res: dict[str, Any]) -> list[dict[str, Any]]:
           f"({dl['rss_samples']} samples): peak {dl['peak_vmrss_kib'] / 1024:.1f} MiB "
           f"(RssAnon peak {dl['peak_rssanon_kib'] / 1024:.1f} MiB); VmHWM after the first "
           f"round of reads {res.get('vmhwm_kib', 0) / 1024:.1f} MiB.")
+    if res.get("status_enoent"):
+        print(f"warning: reading {SOURCE}/@status failed with ENOENT {res['status_enoent']} "
+              "time(s) (retried)")
+    if res["prefault"]:
+        print("--prefault: memory touched and freed before the first and drop_caches reads")
     print(f"mount read_ahead_kb: {res.get('read_ahead_kb', '?')}"
           + ("" if res["drop_caches"] else "; drop_caches figures skipped (not root)"))
     return rows
@@ -568,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", metavar="DIR",
                    help="work files go in a fresh directory under DIR (default /var/tmp), "
                         "removed at the end (DIR too, if this run created it)")
+    p.add_argument("--prefault", action="store_true",
+                   help="touch and free SIZE bytes of memory before each read that fills new "
+                        "page-cache pages (steadier figures on VMs that back memory lazily)")
     args = p.parse_args(argv)
     if args.smoke:
         args.size = parse_size("32M")

@@ -17,7 +17,7 @@ from buffyfs.options import check_name, check_tag, check_url, normalize_options
 
 Scope = Literal["root", "source"]
 
-MAX_WRITE = 1 << 20
+MAX_WRITE = 64 << 10  # below FUSE's max_write, so one write() arrives whole
 
 # word -> (min positional args, max positional args, takes KEY=VALUE options)
 GRAMMAR: dict[Scope, dict[str, tuple[int, int, bool]]] = {
@@ -72,9 +72,9 @@ def parse(data: bytes, scope: Scope) -> list[Command]:
 
 def _parse_line(line: str, scope: Scope) -> Command | None:
     try:
-        words = shlex.split(line, comments=True)
+        words = shlex.split(_strip_comment(line))
     except ValueError as e:
-        raise BadInput(f"cannot split {line[:80]!r}: {e}") from None
+        raise BadInput(f"cannot split the line: {e}") from None
     if not words:
         return None
     word, rest = words[0], words[1:]
@@ -118,3 +118,29 @@ def check_version_ref(ref: str) -> str:
     if ref != "latest" and not VERSION_RE.fullmatch(ref):
         raise BadInput(f"invalid version {ref[:40]!r}: a version id or 'latest'")
     return ref
+
+
+def _strip_comment(line: str) -> str:
+    """The line up to a '#' that starts a word outside quotes (as a POSIX shell)."""
+    quote = None
+    escaped = False
+    prev_blank = True
+    for i, c in enumerate(line):
+        blank = False
+        if escaped:
+            escaped = False
+        elif quote:
+            if c == quote:
+                quote = None
+            elif c == "\\" and quote == '"':
+                escaped = True
+        elif c == "\\":
+            escaped = True
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and prev_blank:
+            return line[:i]
+        else:
+            blank = c.isspace()
+        prev_blank = blank
+    return line

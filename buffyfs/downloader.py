@@ -12,10 +12,13 @@ and ranges (for resuming) refer to the same bytes.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -47,12 +50,27 @@ class Request:
 
 
 @dataclass
+class Resume:
+    """Where an interrupted body stopped, and the validators that guard continuing it."""
+
+    offset: int
+    etag: str | None
+    last_modified: str | None
+
+    def if_range(self) -> str | None:
+        if self.etag and not self.etag.startswith("W/"):  # If-Range needs a strong validator
+            return self.etag
+        return self.last_modified
+
+
+@dataclass
 class Downloaded:
     sha256: str
     size: int
     etag: str | None
     last_modified: str | None
     content_type: str | None
+    resumed_from: int = 0
 
 
 class NotModified:
@@ -60,29 +78,42 @@ class NotModified:
 
 
 class AttemptError(FetchError):
-    """A failed attempt; ``retryable`` says whether another attempt may succeed."""
+    """A failed attempt; ``retryable`` says whether another attempt may succeed,
+    ``retry_after`` is the origin's Retry-After in seconds, ``resume`` where a later
+    attempt may continue the body."""
 
-    def __init__(self, message: str, retryable: bool) -> None:
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None,
+                 resume: Resume | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after = retry_after
+        self.resume = resume
 
 
-def new_client() -> httpx.AsyncClient:
-    """The long-lived client; timeouts are set per request."""
+def new_client(proxy: str | None = None) -> httpx.AsyncClient:
+    """A long-lived client; timeouts are set per request. Without ``proxy``, the
+    standard HTTP(S)_PROXY / NO_PROXY environment applies."""
     return httpx.AsyncClient(
         follow_redirects=True,
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         headers={"User-Agent": "buffyfs", "Accept-Encoding": "identity"},
-        trust_env=True,
+        trust_env=proxy is None,
+        proxy=proxy,
     )
 
 
-def _request_headers(req: Request) -> dict[str, str]:
+def _request_headers(req: Request, resume: Resume | None) -> dict[str, str]:
     headers = dict(req.headers)
-    if req.etag:
-        headers["If-None-Match"] = req.etag
-    if req.last_modified:
-        headers["If-Modified-Since"] = req.last_modified
+    if resume is not None:
+        headers["Range"] = f"bytes={resume.offset}-"
+        guard = resume.if_range()
+        if guard:
+            headers["If-Range"] = guard
+    else:
+        if req.etag:
+            headers["If-None-Match"] = req.etag
+        if req.last_modified:
+            headers["If-Modified-Since"] = req.last_modified
     return headers
 
 
@@ -91,36 +122,110 @@ async def download(
     req: Request,
     partial: Path,
     on_progress: Callable[[int, int | None], None] | None = None,
+    resume: Resume | None = None,
 ) -> Downloaded | NotModified:
-    """Make one attempt. Raises AttemptError with a message a person understands."""
+    """Make one attempt, continuing ``partial`` from ``resume`` when the origin agrees.
+
+    Raises AttemptError with a message a person understands; after an interrupted
+    body its ``resume`` says where the next attempt may continue.
+    """
+    if resume is not None and (resume.offset <= 0 or not resume.if_range()):
+        resume = None
     timeout = httpx.Timeout(req.attempt_timeout)
+    body = Body(partial)
     try:
         async with client.stream(
-            req.method, req.url, headers=_request_headers(req),
+            req.method, req.url, headers=_request_headers(req, resume),
             content=req.body.encode() if req.body is not None else None, timeout=timeout,
         ) as response:
-            if response.status_code == 304:
+            if response.status_code == 304 and resume is None:
                 return NotModified()
-            if response.status_code != 200:
-                raise _status_error(response)
-            total = _content_length(response)
-            sha, size = await _stream_to_file(response, partial, total, on_progress)
+            start, total = _accept(response, resume)
+            await body.open(start)
+            try:
+                await body.receive(response, total, on_progress)
+            except (httpx.HTTPError, AttemptError) as e:
+                raise _interrupted(e, req, response, body) from None
+            size = body.size
             if total is not None and size != total:
                 raise AttemptError(
-                    f"body shorter than Content-Length: got {size} of {total} bytes", True
+                    f"body shorter than Content-Length: got {size} of {total} bytes", True,
+                    resume=_resume_point(response, body.size),
                 )
             return Downloaded(
-                sha256=sha, size=size,
+                sha256=body.hexdigest(), size=size,
                 etag=response.headers.get("ETag"),
                 last_modified=response.headers.get("Last-Modified"),
                 content_type=response.headers.get("Content-Type"),
+                resumed_from=start,
             )
     except AttemptError as e:
-        raise AttemptError(scrub(str(e), req.secrets()), e.retryable) from None
+        raise AttemptError(scrub(str(e), req.secrets()), e.retryable, e.retry_after,
+                           e.resume) from None
     except httpx.HTTPError as e:
         raise AttemptError(scrub(describe_http_error(e, req), req.secrets()), True) from None
     except OSError as e:
         raise AttemptError(f"cannot write the download: {e.strerror}", False) from None
+    finally:
+        body.close()
+
+
+def _accept(response: httpx.Response, resume: Resume | None) -> tuple[int, int | None]:
+    """Where the body starts in the file and the file's total size, or AttemptError."""
+    code = response.status_code
+    if code == 206 and resume is not None:
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)",
+                         response.headers.get("Content-Range", "").strip())
+        if not m or int(m.group(1)) != resume.offset:
+            raise AttemptError(
+                f"origin answered the resume at byte {resume.offset} with Content-Range "
+                f"{response.headers.get('Content-Range')!r}; starting over", True)
+        total = None if m.group(3) == "*" else int(m.group(3))
+        piece = _content_length(response)
+        if piece is not None and piece != int(m.group(2)) - int(m.group(1)) + 1:
+            raise AttemptError("Content-Length does not match Content-Range; starting over", True)
+        return resume.offset, total
+    if code == 416 and resume is not None:
+        raise AttemptError("origin refused the resume range (416); starting over", True)
+    if code != 200:
+        raise _status_error(response)
+    return 0, _content_length(response)  # a 200 to a resume: the origin sent it all again
+
+
+def _resume_point(response: httpx.Response, size: int) -> Resume | None:
+    """Where to continue, if the origin says it serves ranges and gave a validator."""
+    ranges = response.status_code == 206 or \
+        response.headers.get("Accept-Ranges", "").lower() == "bytes"
+    etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
+    if not ranges or size <= 0:
+        return None
+    point = Resume(size, etag, modified)
+    return point if point.if_range() else None
+
+
+def _interrupted(e: Exception, req: Request, response: httpx.Response, body: Body) -> AttemptError:
+    if isinstance(e, AttemptError):
+        message, retryable = str(e), e.retryable
+    else:
+        message, retryable = describe_http_error(e, req), True
+    return AttemptError(message, retryable, resume=_resume_point(response, body.size))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds, from either of its forms (seconds or an HTTP date)."""
+    raw = response.headers.get("Retry-After")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if raw.isdigit():
+        return float(raw)
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _content_length(response: httpx.Response) -> int | None:
@@ -134,7 +239,7 @@ def _status_error(response: httpx.Response) -> AttemptError:
     code = response.status_code
     reason = response.reason_phrase or ""
     retryable = code >= 500 or code in (408, 429)
-    return AttemptError(f"HTTP {code} {reason}".strip(), retryable)
+    return AttemptError(f"HTTP {code} {reason}".strip(), retryable, _retry_after(response))
 
 
 def describe_http_error(e: httpx.HTTPError, req: Request) -> str:
@@ -162,53 +267,98 @@ def describe_http_error(e: httpx.HTTPError, req: Request) -> str:
 def scrub(message: str, secrets: list[str]) -> str:
     for s in secrets:
         if len(s) >= 3:
-            message = message.replace(s, "<hidden>")
+            for form in (s, repr(s.encode("utf-8", "replace"))[2:-1], repr(s)[1:-1]):
+                message = message.replace(form, "<hidden>")
     return message
 
 
-async def _stream_to_file(
-    response: httpx.Response,
-    partial: Path,
-    total: int | None,
-    on_progress: Callable[[int, int | None], None] | None,
-) -> tuple[str, int]:
-    hasher = hashlib.sha256()
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    size = 0
-    try:
+class Body:
+    """The partial file being written, and the running hash of all its bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    async def open(self, start: int) -> None:
+        """Keep the first ``start`` bytes of the file (hashing them again), drop the rest."""
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if start:
+            await trio.to_thread.run_sync(_hash_prefix, self.fd, start, self.hasher)
+        os.ftruncate(self.fd, start)
+        os.lseek(self.fd, start, os.SEEK_SET)
+        self.size = start
+
+    async def receive(self, response: httpx.Response, total: int | None,
+                      on_progress: Callable[[int, int | None], None] | None) -> None:
+        """Append the body; a worker thread writes and hashes while the loop receives."""
+        fd = self.fd
+        assert fd is not None
         send, receive = trio.open_memory_channel[bytes](QUEUE)
 
         async def write_batches() -> None:
             async with receive:
                 async for batch in receive:
-                    await trio.to_thread.run_sync(_write_and_hash, fd, hasher, batch)
+                    await trio.to_thread.run_sync(_write_and_hash, fd, self.hasher, batch)
+                    self.size += len(batch)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write_batches)
-            async with send:
-                pending: list[bytes] = []
-                pending_len = 0
-                async for chunk in response.aiter_raw():
-                    pending.append(chunk)
-                    pending_len += len(chunk)
-                    size += len(chunk)
-                    if pending_len >= BATCH:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_batches)
+                async with send:
+                    pending: list[bytes] = []
+                    pending_len = 0
+                    received = self.size
+                    async for chunk in response.aiter_raw():
+                        pending.append(chunk)
+                        pending_len += len(chunk)
+                        received += len(chunk)
+                        if total is not None and received > total:
+                            raise AttemptError(
+                                f"body longer than Content-Length ({total} bytes)", True)
+                        if pending_len >= BATCH:
+                            await send.send(b"".join(pending))
+                            pending, pending_len = [], 0
+                            if on_progress:
+                                on_progress(received, total)
+                    if pending:
                         await send.send(b"".join(pending))
-                        pending, pending_len = [], 0
-                        if on_progress:
-                            on_progress(size, total)
-                    if total is not None and size > total:
-                        raise AttemptError(
-                            f"body longer than Content-Length ({total} bytes)", True
-                        )
-                if pending:
-                    await send.send(b"".join(pending))
+        except BaseExceptionGroup as group:  # trio wraps what the nursery raised
+            raise _single(group) from None
+        finally:
+            self.size = os.fstat(fd).st_size  # what is really in the file
         await trio.to_thread.run_sync(os.fsync, fd)
-    finally:
-        os.close(fd)
-    if on_progress:
-        on_progress(size, total)
-    return hasher.hexdigest(), size
+        if on_progress:
+            on_progress(self.size, total)
+
+    def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one meaningful exception of a nursery's group (the others are cancellations)."""
+    real = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    if len(real) == 1:
+        inner = real[0]
+        return _single(inner) if isinstance(inner, BaseExceptionGroup) else inner
+    return group
+
+
+def _hash_prefix(fd: int, length: int, hasher: hashlib._Hash) -> None:
+    done = 0
+    while done < length:
+        block = os.pread(fd, min(BATCH, length - done), done)
+        if not block:
+            raise AttemptError("the partial download is shorter than recorded; starting over",
+                               True)
+        hasher.update(block)
+        done += len(block)
 
 
 def _write_and_hash(fd: int, hasher: hashlib._Hash, data: bytes) -> None:

@@ -53,6 +53,7 @@ SHORT_TIMEOUT = 1.0  # everything that can change
 SOURCE_FILES = {"@status": SourceInode.status, "@control": SourceInode.control}
 FIRST_TAGDIR_INO = 1 << 48
 INVALIDATE_TIMEOUT = 2.0
+PARSE_INLINE = 4096  # control writes larger than this are parsed in a worker thread
 
 
 @dataclass
@@ -451,7 +452,11 @@ class BuffyFS(pyfuse3.Operations):
         if not isinstance(handle, ControlHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
-            commands = control.parse(buf, "root" if handle.source is None else "source")
+            scope = "root" if handle.source is None else "source"
+            if len(buf) > PARSE_INLINE:  # the tokenizer is slow on big writes: not on the loop
+                commands = await trio.to_thread.run_sync(control.parse, buf, scope)
+            else:
+                commands = control.parse(buf, scope)
             self._check_commands(commands, handle.source)
             for cmd in commands:
                 await self._apply(cmd, handle.source)

@@ -85,15 +85,18 @@ def check_url(url: str) -> str:
 
 def redact_url(url: str) -> str:
     """The URL without credentials (``user:pass@`` becomes nothing)."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@?#]*@", r"\1", url)
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1", url)
 
 
 def parse_duration(value: Any, key: str = "duration") -> int:
     """``2s``, ``30m``, ``6h``, ``1d`` -> seconds."""
     m = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
-    if not m or int(m.group(1)) == 0:
+    if not m or len(m.group(1)) > 9 or int(m.group(1)) == 0:
         raise BadInput(f"invalid {key} {value!r}: use a number and a unit s, m, h or d (e.g. 30m)")
-    return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    seconds = int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds > 3650 * 86400:
+        raise BadInput(f"invalid {key} {value!r}: at most 3650d")
+    return seconds
 
 
 def parse_size(value: Any, key: str = "size") -> int:
@@ -101,7 +104,7 @@ def parse_size(value: Any, key: str = "size") -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     m = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
-    if not m:
+    if not m or len(m.group(1)) > 18:
         raise BadInput(f"invalid {key} {value!r}: use a number with an optional K, M, G or T")
     return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
 
@@ -116,7 +119,7 @@ def check_refresh(value: Any) -> str:
 
 
 def _positive_int(value: Any, key: str, minimum: int) -> int:
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isdecimal() and len(value) <= 18:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise BadInput(f"invalid {key} {value!r}: must be an integer >= {minimum}")
@@ -130,7 +133,7 @@ def _check_headers(value: Any) -> dict[str, str]:
     for k, v in value.items():
         if not isinstance(k, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", k):
             raise BadInput(f"invalid header name {k!r}")
-        if not isinstance(v, str) or any(c in v for c in "\r\n\0"):
+        if not isinstance(v, str) or not v.isascii() or any(c in v for c in "\r\n\0"):
             raise BadInput(f"invalid value for header {k!r}")  # never echo the value
         out[k] = v
     return out
@@ -213,9 +216,11 @@ def normalize_options(raw: dict[str, Any], base: dict[str, Any] | None = None) -
     """
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (base or DEFAULT_OPTIONS).items()}
     for key, value in raw.items():
-        key = key.replace("-", "_")
         if "." in key:
             table, _, sub = key.partition(".")
+            table = table.replace("-", "_")
+            if table == "validate":
+                sub = sub.replace("-", "_")
             if table == "headers":
                 out["headers"] = _check_headers({**out.get("headers", {}), sub: value})
             elif table == "validate":
@@ -224,6 +229,7 @@ def normalize_options(raw: dict[str, Any], base: dict[str, Any] | None = None) -
                 _check_option(table, {})  # unknown / not-yet tables give their own error
                 raise BadInput(f"option {table!r} is not a table")
         else:
+            key = key.replace("-", "_")
             out[key] = _check_option(key, value)
     return out
 

@@ -143,11 +143,14 @@ def mnt(mount_factory: Callable[..., Mount]) -> Mount:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_leaked_mounts() -> Iterator[None]:
+def no_leaked_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the session, no mount of this session's may remain (others' are not ours)."""
     yield
-    leaked = [line for line in subprocess.run(["mount"], capture_output=True,
-                                              text=True).stdout.splitlines()
-              if "buffyfs" in line and "pytest" in line]
-    for line in leaked:  # clean up, then fail loudly
-        subprocess.run(["fusermount3", "-uz", line.split(" on ")[1].split(" type ")[0]])
+    base = str(tmp_path_factory.getbasetemp())
+    leaked = [point for line in subprocess.run(["mount"], capture_output=True,
+                                               text=True).stdout.splitlines()
+              if " on " in line and " type " in line
+              and (point := line.split(" on ")[1].split(" type ")[0]).startswith(base)]
+    for point in leaked:  # clean up, then fail loudly
+        subprocess.run(["fusermount3", "-uz", point])
     assert not leaked, f"mounts leaked by the tests: {leaked}"

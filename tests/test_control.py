@@ -127,6 +127,25 @@ def test_set_empty_body() -> None:
     assert cmd.options == {"body": ""}
 
 
+VID = "20240506T070809Z-0123abcd"
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (f"tag {VID} keep", Command("tag", [VID, "keep"], {})),
+        ("tag latest failed", Command("tag", ["latest", "failed"], {})),
+        (f"untag {VID} valid", Command("untag", [VID, "valid"], {})),
+        ("pin", Command("pin", [], {})),
+        ("pin latest", Command("pin", ["latest"], {})),
+        (f"pin {VID}", Command("pin", [VID], {})),
+        ("unpin", Command("unpin", [], {})),
+    ],
+)
+def test_tag_and_pin_commands(line: str, expected: Command) -> None:
+    assert parse(line.encode(), "source") == [expected]
+
+
 def test_source_multi_line() -> None:
     cmds = parse(b"set refresh=1h\nrefresh\n", "source")
     assert [c.word for c in cmds] == ["set", "refresh"]
@@ -163,8 +182,11 @@ BAD_ROOT = [
     b"add a http://h/ colour=red",
     b"add a http://h/ max_attempts=0",
     b"add a http://h/ refresh=sometimes",
-    b"add a http://h/ pinned=true",
-    b"add a http://h/ validate.min_size=10",
+    b"add a http://h/ pinned=maybe",
+    b"add a http://h/ validate.colour=red",
+    b"add a http://h/ open_wait=5s",
+    b"tag latest valid",
+    b"pin",
     b"add a 'http://h/",
     b"add a http://h/ body='abc",
     b'add a http://h/ body="abc',
@@ -194,6 +216,19 @@ BAD_SOURCE = [
     b"set headers.=x",
     b"set body='unbalanced",
     b"tagx latest valid",
+    b"tag",
+    b"tag latest",
+    b"tag latest valid extra",
+    b"tag 20240101T000000Z-abcdef01 Valid",
+    b"tag 20240101T000000Z-abcdef01 latest",
+    b"tag 20240101T000000Z-abcdef01 @valid",
+    b"tag nonsense valid",
+    b"tag ../20240101T000000Z-abcdef01 valid",
+    b"untag latest",
+    b"untag bogus keep",
+    b"pin a b",
+    b"pin nonsense",
+    b"unpin latest",
     b"",
 ]
 
@@ -336,3 +371,24 @@ def test_fuzz_random_text_lines(scope: str, data: bytes) -> None:
 @given(data=structured)
 def test_fuzz_command_shaped_lines(scope: str, data: bytes) -> None:
     _parse_or_bad_input(data, scope)
+
+
+REAL_KEYS = ["refresh", "max_attempts", "max-attempts", "keep_versions", "attempt_timeout",
+             "method", "body", "pinned", "headers.X-Token", "validate.min_size"]
+option_values = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["²", "³s", "9" * 5000, "9" * 5000 + "s", "9" * 5000 + "K", "1e3",
+                     "0x10", "-1", "1_000", "٣", " 1", "1d "]),
+)
+option_lines = st.builds(
+    lambda kvs: " ".join(f"{k}={v}" for k, v in kvs),
+    st.lists(st.tuples(st.sampled_from(REAL_KEYS), option_values), min_size=1, max_size=4),
+)
+
+
+@FUZZ
+@given(opts=option_lines)
+def test_fuzz_option_values(opts: str) -> None:
+    # Every value a control line can carry ends in BadInput or an accepted command.
+    _parse_or_bad_input(f"set {opts}".encode(), "source")
+    _parse_or_bad_input(f"add x http://h/ {opts}".encode(), "root")

@@ -47,6 +47,15 @@ def header(seen_headers: dict[str, str], name: str) -> str | None:
     return None
 
 
+def contents(path: Path) -> bytes:
+    """Small test files: reading them inline in an async test is fine."""
+    return path.read_bytes()
+
+
+def put(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,7 +75,7 @@ async def test_200_streams_body_to_partial(origin: Origin, client, partial: Path
     assert isinstance(got, Downloaded)
     assert got.size == len(body)
     assert got.sha256 == hashlib.sha256(body).hexdigest()
-    assert partial.read_bytes() == body
+    assert contents(partial) == body
     assert got.etag == '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
     assert got.last_modified and got.last_modified.endswith("GMT")
     assert got.content_type == "application/x-gz"
@@ -84,14 +93,14 @@ async def test_empty_body(origin: Origin, client, partial: Path) -> None:
     got = await downloader.download(client, Request(origin.url("/e")), partial)
     assert isinstance(got, Downloaded)
     assert got.size == 0 and got.sha256 == hashlib.sha256(b"").hexdigest()
-    assert partial.read_bytes() == b""
+    assert contents(partial) == b""
 
 
 async def test_partial_file_is_truncated_first(origin: Origin, client, partial: Path) -> None:
-    partial.write_bytes(b"stale leftovers from an earlier, longer download")
+    put(partial, b"stale leftovers from an earlier, longer download")
     origin.set("/s", b"new")
     got = await downloader.download(client, Request(origin.url("/s")), partial)
-    assert partial.read_bytes() == b"new"
+    assert contents(partial) == b"new"
     assert got.size == 3
 
 
@@ -132,7 +141,7 @@ async def test_stale_validator_gets_the_new_body(origin: Origin, client, partial
     origin.set("/n", b"new body", etag=True)
     got = await downloader.download(client, Request(origin.url("/n"), etag='"old"'), partial)
     assert isinstance(got, Downloaded)
-    assert partial.read_bytes() == b"new body"
+    assert contents(partial) == b"new body"
 
 
 async def test_short_body_is_retryable_error(origin: Origin, client, partial: Path) -> None:
@@ -282,7 +291,7 @@ async def test_refresh_first_version_then_unchanged_then_changed(
     blob = cache.blobs.path(v1["sha256"])
     assert blob.is_file()
     assert blob.parent.parent == cache.root / "blobs"
-    assert blob.read_bytes() == b"version one"
+    assert contents(blob) == b"version one"
     assert not cache.blobs.partial_path("d").exists()
     assert [v["id"] for v in cache.versions("d")] == [v1["id"]]
     st = cache.state("d")
@@ -299,10 +308,10 @@ async def test_refresh_first_version_then_unchanged_then_changed(
     third = await cache.refresher.refresh("d")
     assert third.version is not None
     assert third.version["id"] != v1["id"]
-    assert cache.blobs.path(third.version["sha256"]).read_bytes() == b"version two"
+    assert contents(cache.blobs.path(third.version["sha256"])) == b"version two"
     assert [v["id"] for v in cache.versions("d")] == [third.version["id"], v1["id"]]
     assert latest_of(cache.versions("d"))["id"] == third.version["id"]
-    assert blob.read_bytes() == b"version one"  # the old blob is untouched
+    assert contents(blob) == b"version one"  # the old blob is untouched
 
 
 async def test_refresh_uses_conditional_request(origin: Origin, cache: Cache) -> None:
@@ -329,7 +338,7 @@ async def test_refresh_same_content_as_other_source_shares_blob(
     va = (await cache.refresher.refresh("a")).version
     vb = (await cache.refresher.refresh("b")).version
     assert va and vb and va["sha256"] == vb["sha256"]
-    assert cache.blobs.path(va["sha256"]).read_bytes() == b"shared"
+    assert contents(cache.blobs.path(va["sha256"])) == b"shared"
     assert not cache.blobs.partial_path("b").exists()
 
 
@@ -343,7 +352,7 @@ async def test_refresh_retries_5xx_then_succeeds(
         out = await cache.refresher.refresh("r")
     assert out.error is None
     assert out.version is not None
-    assert cache.blobs.path(out.version["sha256"]).read_bytes() == b"finally"
+    assert contents(cache.blobs.path(out.version["sha256"])) == b"finally"
     assert len(origin.seen("/r")) == 3
     assert fast_backoff.calls == [(0.5, 1.0), (0.5, 1.0)]  # jitter between attempts
     assert ("r", "waiting") in cache.states
@@ -408,7 +417,7 @@ async def test_refresh_short_body_retried(
     cache.add("sb", origin.url("/sb"), max_attempts=2)
     out = await cache.refresher.refresh("sb")
     assert out.version is not None and out.version["size"] == 50_000
-    assert cache.blobs.path(out.version["sha256"]).read_bytes() == b"q" * 50_000
+    assert contents(cache.blobs.path(out.version["sha256"])) == b"q" * 50_000
 
 
 async def test_refresh_failure_keeps_the_cached_version(
@@ -422,7 +431,7 @@ async def test_refresh_failure_keeps_the_cached_version(
     out = await cache.refresher.refresh("k")
     assert out.error
     assert [x["id"] for x in cache.versions("k")] == [v["id"]]
-    assert cache.blobs.path(v["sha256"]).read_bytes() == b"good"
+    assert contents(cache.blobs.path(v["sha256"])) == b"good"
 
 
 async def test_refresh_removed_source(cache: Cache) -> None:
@@ -467,7 +476,7 @@ async def test_header_values_never_shown(
     caplog.set_level(logging.DEBUG)
     cache.add("s", origin.url("/secret"), max_attempts=2,
               headers={"Authorization": f"Bearer {SECRET}"})
-    origin.fail("/secret", 500)  # then 404: the path serves nothing
+    origin.fail("/secret", 500, 404)
     out = await cache.refresher.refresh("s")
     assert out.error and "404" in out.error
     assert SECRET not in out.error
@@ -481,7 +490,7 @@ async def test_header_values_never_shown(
     assert records  # the scan did read the index
     assert not [r for r in records if SECRET.encode() in r]
     # the source record is the one place that holds it (the data file, only there)
-    data = (cache.root / "index" / "data.mdb").read_bytes()
+    data = contents(cache.root / "index" / "data.mdb")
     assert SECRET.encode() in data
     assert SECRET not in repr(cache.versions("s"))
 
