@@ -20,10 +20,13 @@ UMOUNT_TIMEOUT = 10.0
 
 # SPEC options settable on the command line: key -> help
 SOURCE_OPTIONS = {
-    "refresh": "never, or a duration such as 30m, 6h, 1d (default 1d)",
+    "refresh": "never, on-open, cron:'M H DOM MON DOW' (UTC) or a duration such as 30m, "
+               "6h, 1d (default 1d)",
     "attempt_timeout": "connect/stall timeout of one attempt (default 30s)",
     "max_attempts": "attempts per refresh (default 5)",
     "keep_versions": "versions kept besides latest, newest valid and keep (default 5)",
+    "open_wait": "with --refresh on-open: how long an open waits for the check (default 5s)",
+    "proxy": "HTTP proxy URL for this source (default: the HTTP(S)_PROXY environment)",
     "method": "GET or POST (default GET)",
     "body": "request body (for POST)",
 }

@@ -123,11 +123,14 @@ async def download(
     partial: Path,
     on_progress: Callable[[int, int | None], None] | None = None,
     resume: Resume | None = None,
+    on_body: Callable[[Resume | None], None] | None = None,
 ) -> Downloaded | NotModified:
     """Make one attempt, continuing ``partial`` from ``resume`` when the origin agrees.
 
     Raises AttemptError with a message a person understands; after an interrupted
-    body its ``resume`` says where the next attempt may continue.
+    body its ``resume`` says where the next attempt may continue. ``on_body`` hears,
+    as the body starts, how it could be resumed (None: it could not), so that the
+    caller can record it before anything can interrupt it.
     """
     if resume is not None and (resume.offset <= 0 or not resume.if_range()):
         resume = None
@@ -141,6 +144,8 @@ async def download(
             if response.status_code == 304 and resume is None:
                 return NotModified()
             start, total = _accept(response, resume)
+            if on_body:
+                on_body(_resume_point(response, max(start, 1)))
             await body.open(start)
             try:
                 await body.receive(response, total, on_progress)

@@ -38,7 +38,14 @@ from buffyfs import control
 from buffyfs.cache import Cache
 from buffyfs.errors import BadInput, BuffyError, FetchError
 from buffyfs.index import SourceInode, parse_rfc3339
-from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE, normalize_options, redact_url
+from buffyfs.options import (
+    NAME_RE,
+    RESERVED_TAGS,
+    TAG_RE,
+    normalize_options,
+    parse_duration,
+    redact_url,
+)
 from buffyfs.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -229,11 +236,37 @@ class BuffyFS(pyfuse3.Operations):
             text = name.decode("utf-8")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
+        if text == "latest":
+            await self._check_on_open(parent_inode)
         ino = self._child(parent_inode, text)
         attr = self._attr(ino)
         if text == "latest" or ino != parent_inode and parent_inode >= FIRST_TAGDIR_INO:
-            attr.entry_timeout = SHORT_TIMEOUT  # these names move
+            attr.entry_timeout = self._latest_timeout(parent_inode)  # these names move
         return attr
+
+    def _on_open_options(self, parent: int) -> dict[str, Any] | None:
+        """The options of the source whose directory is ``parent``, if it is on-open."""
+        if parent >= FIRST_TAGDIR_INO or parent <= ROOT_CONTROL:
+            return None
+        with self.index.read() as r:
+            ref = r.inode(parent)
+            if not ref or ref["kind"] != "dir":
+                return None
+            src = r.source(ref["source"])
+        if not src or src["options"].get("refresh") != "on-open" or \
+                src["options"].get("pinned"):
+            return None
+        return {**src["options"], "name": ref["source"]}
+
+    def _latest_timeout(self, parent: int) -> float:
+        # on-open: every open must reach lookup, where the check starts
+        return 0.0 if self._on_open_options(parent) else SHORT_TIMEOUT
+
+    async def _check_on_open(self, parent: int) -> None:
+        options = self._on_open_options(parent)
+        if options is None or self.scheduler is None:
+            return
+        await self.scheduler.check_on_open(options["name"], parse_duration(options["open_wait"]))
 
     def _child(self, parent: int, name: str) -> int:
         node = self._node(parent)
@@ -324,7 +357,7 @@ class BuffyFS(pyfuse3.Operations):
             except pyfuse3.FUSEError:
                 continue  # removed meanwhile
             if name == "latest" or node.kind == "tagdir":
-                attr.entry_timeout = SHORT_TIMEOUT  # these names move
+                attr.entry_timeout = self._latest_timeout(ino)  # these names move
             out.append((name.encode(), attr))
         return out
 
@@ -566,9 +599,17 @@ class BuffyFS(pyfuse3.Operations):
             "tags": ",".join(v.get("tags", [])),
             "etag": v.get("etag"), "last_modified": v.get("last_modified"),
             "content_type": v.get("content_type"),
+            "stale": "1" if self._is_stale(node.source, v["id"]) else "0",
         }
         return {f"user.buffy.{k}".encode(): val.encode() for k, val in out.items()
                 if val is not None}
+
+    def _is_stale(self, source: str, vid: str) -> bool:
+        """Served as latest while the origin is failing."""
+        with self.index.read() as r:
+            latest = r.latest(source)
+            failures = r.state(source).get("consecutive_failures", 0)
+        return bool(failures) and latest is not None and latest["id"] == vid
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         value = self._xattrs(inode).get(name)

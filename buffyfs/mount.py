@@ -79,6 +79,8 @@ async def _serve(
         finally:
             nursery.cancel_scope.cancel()
             pyfuse3.close(unmount=True)
+            with trio.CancelScope(shield=True):
+                await refresher.aclose()
             log.info("unmounted %s", mountpoint)
 
 

@@ -33,12 +33,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "headers": {},
     "pinned": False,
     "validate": {},
-}
-
-# Options of SPEC that later work will bring; they are refused with a clear message
-# rather than silently accepted and ignored.
-NOT_YET = {
-    "open_wait": "comes with the on-open refresh policy",
+    "open_wait": "5s",
+    "proxy": None,
 }
 
 # validate = { min_size, sha256, content_type, cmd, timeout }; timeout (ours, not SPEC's)
@@ -110,12 +106,27 @@ def parse_size(value: Any, key: str = "size") -> int:
 
 
 def check_refresh(value: Any) -> str:
-    if value == "never":
+    if value in ("never", "on-open"):
         return value
-    if value in ("on-open",) or (isinstance(value, str) and value.startswith("cron:")):
-        raise BadInput(f"refresh policy {value!r} is not supported yet: use never or a duration")
+    if isinstance(value, str) and value.startswith("cron:"):
+        cron_fields(value)
+        return value
+    if not isinstance(value, str) or not _DURATION_RE.fullmatch(value):
+        raise BadInput(f"invalid refresh {value!r}: never, on-open, cron:EXPR or a duration "
+                       "such as 30m, 6h, 1d")
     parse_duration(value, "refresh")
     return value
+
+
+def cron_fields(value: str) -> str:
+    """The five-field cron expression of ``cron:EXPR`` (UTC), or BadInput."""
+    from croniter import croniter
+
+    expr = value.removeprefix("cron:").strip()
+    if len(expr.split()) != 5 or not croniter.is_valid(expr):
+        raise BadInput(f"invalid refresh {value!r}: cron: needs five fields, "
+                       "e.g. cron:30 2 * * *")
+    return expr
 
 
 def _positive_int(value: Any, key: str, minimum: int) -> int:
@@ -202,10 +213,16 @@ def _check_option(key: str, value: Any) -> Any:
         return _check_headers(value)
     if key == "pinned":
         return _check_bool(value, key)
+    if key == "open_wait":
+        parse_duration(value, key)
+        return value
+    if key == "proxy":
+        if value in (None, ""):
+            return None
+        check_url(value)
+        return value
     if key == "validate":
         return _check_validate(value)
-    if key in NOT_YET:
-        raise BadInput(f"option {key!r} is not supported yet ({NOT_YET[key]})")
     raise BadInput(f"unknown option {key!r}")
 
 
@@ -238,4 +255,6 @@ def public_options(options: dict[str, Any]) -> dict[str, Any]:
     """Options safe to show: header values hidden."""
     shown = dict(options)
     shown["headers"] = {k: "<hidden>" for k in options.get("headers", {})}
+    if shown.get("proxy"):
+        shown["proxy"] = redact_url(shown["proxy"])
     return shown

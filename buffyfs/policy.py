@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from buffyfs.index import parse_rfc3339
-from buffyfs.options import parse_duration
+from buffyfs.options import cron_fields, parse_duration
 
 
 def next_check(
@@ -16,15 +16,23 @@ def next_check(
 
     A source that has never been checked is due now. ``never`` downloads once:
     after that (or after a first attempt that gave up) only ``refresh`` fetches.
-    A duration counts from the last check, successful or not. A pinned source with a
-    version is never checked.
+    A duration counts from the last check, successful or not; ``cron:EXPR`` is the
+    next match (UTC) after it. ``on-open`` checks only when ``latest`` is opened. A
+    pinned source with a version is never checked.
     """
     if options.get("pinned") and has_version:
         return None  # pinned: the origin is not contacted
     last = state.get("last_check")
-    if last is None:
-        return now
+    if last is None or state.get("partial"):
+        return now  # never checked, or a download to finish (e.g. after a restart)
     policy = options.get("refresh", "1d")
-    if policy == "never":
+    if policy == "never" or policy == "on-open" and has_version:
         return None
+    if policy == "on-open":
+        return None if state.get("consecutive_failures") else now
+    if policy.startswith("cron:"):
+        from croniter import croniter
+
+        after = parse_rfc3339(last)
+        return max(now, croniter(cron_fields(policy), after).get_next(datetime))
     return max(now, parse_rfc3339(last) + timedelta(seconds=parse_duration(policy)))

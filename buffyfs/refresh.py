@@ -9,6 +9,8 @@ mount and the command line never download the same source at once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from collections.abc import Callable
@@ -28,6 +30,23 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 1.0  # seconds between progress writes to the index
 LOCK_POLL = 0.2
+BACKOFF_CAP = 60.0  # seconds: the longest wait of our own between attempts
+RETRY_AFTER_CAP = 600.0  # seconds: the longest Retry-After we honour
+
+
+def backoff(attempt: int, retry_after: float | None = None) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based): exponential
+    with jitter, at least the origin's Retry-After (capped)."""
+    delay = min(BACKOFF_CAP, 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
+    return delay
+
+
+def _request_key(req: downloader.Request) -> str:
+    """Identifies the request a partial body belongs to (secrets only as a hash)."""
+    raw = json.dumps([req.url, req.method, req.body, sorted(req.headers.items())])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -55,6 +74,7 @@ class Refresher:
         self.host_limits: dict[str, trio.CapacityLimiter] = {}
         self.on_state = on_state
         self.progress: dict[str, tuple[int, int | None]] = {}
+        self.proxy_clients: dict[str, httpx.AsyncClient] = {}
 
     def _set_state(self, name: str, state: str, **fields: Any) -> None:
         self.index.set_state(name, state=state, **fields)
@@ -98,6 +118,8 @@ class Refresher:
             attempt_timeout=float(parse_duration(options["attempt_timeout"])),
         )
         partial = self.blobs.partial_path(name)
+        key = _request_key(req)
+        resume = self._saved_resume(name, key)
         last_write = [0.0]
 
         def progress(done: int, total: int | None) -> None:
@@ -108,6 +130,12 @@ class Refresher:
                 last_write[0] = trio.current_time()
                 self.index.set_state(name, progress={"bytes": done, "total": total})
 
+        def body_starts(point: downloader.Resume | None) -> None:
+            # Recorded before any byte is written: a daemon killed mid-body resumes.
+            saved = None if point is None else \
+                {"key": key, "etag": point.etag, "last_modified": point.last_modified}
+            self.index.set_state(name, partial=saved)
+
         max_attempts = options["max_attempts"]
         error = "no attempt made"
         for attempt in range(1, max_attempts + 1):
@@ -115,25 +143,58 @@ class Refresher:
             started = now_utc()
             try:
                 async with self.global_limit, self._host_limit(req.url):
-                    result = await downloader.download(self.client, req, partial, progress)
+                    if resume is not None:
+                        log.info("%s: resuming at byte %d", name, resume.offset)
+                    result = await downloader.download(
+                        self.client_for(options), req, partial, progress, resume, body_starts
+                    )
             except downloader.AttemptError as e:
                 error = str(e)
+                resume = e.resume
+                if resume is None:
+                    self.index.set_state(name, partial=None)
                 log.warning(
                     "%s: attempt %d/%d failed: %s (%s)", name, attempt, max_attempts, error,
                     redact_url(req.url),
                 )
                 if not e.retryable or attempt == max_attempts:
                     break
-                delay = min(60.0, 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                delay = backoff(attempt, e.retry_after)
                 self._set_state(name, "waiting", progress=None)
                 await trio.sleep(delay)
                 continue
+            self.index.set_state(name, partial=None)
             return await self._commit(name, source, result, started)
-        partial.unlink(missing_ok=True)
+        if resume is None:
+            partial.unlink(missing_ok=True)
         failures = self.index.record_failure(name, now_utc(), error)
         self._set_state(name, "idle")
         log.error("%s: refresh gave up (%d in a row): %s", name, failures, error)
         return Outcome(error=error)
+
+    def _saved_resume(self, name: str, key: str) -> downloader.Resume | None:
+        """Where a download interrupted earlier (maybe by a restart) may continue."""
+        with self.index.read() as r:
+            saved = r.state(name).get("partial")
+        try:
+            size = self.blobs.partial_path(name).stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if not saved or saved.get("key") != key or size == 0:
+            return None
+        return downloader.Resume(size, saved.get("etag"), saved.get("last_modified"))
+
+    def client_for(self, options: dict[str, Any]) -> httpx.AsyncClient:
+        proxy = options.get("proxy")
+        if not proxy:
+            return self.client
+        if proxy not in self.proxy_clients:
+            self.proxy_clients[proxy] = downloader.new_client(proxy)
+        return self.proxy_clients[proxy]
+
+    async def aclose(self) -> None:
+        for client in self.proxy_clients.values():
+            await client.aclose()
 
     async def _commit(
         self,

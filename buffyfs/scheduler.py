@@ -65,6 +65,7 @@ class Scheduler:
         with self.index.read() as r:
             names = r.source_names()
         for name in names:
+            self.index.set_state(name, state="idle", progress=None)  # nothing runs yet
             self.sync(name)
 
     def sync(self, name: str) -> None:
@@ -87,6 +88,21 @@ class Scheduler:
         worker = self.workers.get(name)
         if worker is not None:
             worker.kick(force=True)
+
+    async def check_on_open(self, name: str, wait: float) -> None:
+        """An open of ``latest`` of an ``on-open`` source: start a check unless one runs
+        (concurrent opens share it) and wait for it at most ``wait`` seconds."""
+        worker = self.workers.get(name)
+        if worker is None:
+            self.sync(name)
+            worker = self.workers.get(name)
+        if worker is None:
+            return
+        if not worker.busy:
+            worker.kick(force=True)
+        done = worker.attempt_done
+        with trio.move_on_after(wait):
+            await done.wait()
 
     def is_fetching(self, name: str) -> bool:
         worker = self.workers.get(name)

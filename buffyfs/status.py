@@ -43,6 +43,7 @@ def source_status(
         "last_success": state.get("last_success"),
         "next_check": state.get("next_check"),
         "consecutive_failures": state.get("consecutive_failures", 0),
+        "stale": bool(latest) and state.get("consecutive_failures", 0) > 0,
         "last_error": state.get("last_error"),
         "last_control_error": state.get("last_control_error"),
         "versions": [_version_entry(v) for v in versions],

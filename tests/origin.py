@@ -32,6 +32,7 @@ class Resource:
     failures: deque = field(default_factory=deque)
     # seconds between each twentieth of the body (a slow origin)
     chunk_delay: float = 0.0
+    ranges: bool = True  # honour Range (guarded by If-Range); False: always send it all
 
 
 @dataclass
@@ -121,6 +122,17 @@ class Origin:
         if isinstance(failure, tuple) and failure[0] == "retry-after":
             return self._simple(h, failure[1], b"later", {"Retry-After": str(failure[2])})
         body = res.body
+        start = self._range_start(h, res)
+        if start is not None:
+            if start >= len(body):
+                return self._simple(h, 416, b"", {"Content-Range": f"bytes */{len(body)}"})
+            piece = body[start:]
+            h.send_response(206)
+            h.send_header("Content-Length", str(len(piece)))
+            h.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self._validators(h, res)
+            h.end_headers()
+            return self._send_body(h, res, piece, failure, method)
         if res.etag and h.headers.get("If-None-Match") == res.etag:
             return self._simple(h, 304, b"")
         if res.last_modified and not res.etag and \
@@ -128,13 +140,37 @@ class Origin:
             return self._simple(h, 304, b"")
         h.send_response(200)
         h.send_header("Content-Length", str(len(body)))
+        self._validators(h, res)
+        h.end_headers()
+        return self._send_body(h, res, body, failure, method)
+
+    @staticmethod
+    def _range_start(h: BaseHTTPRequestHandler, res: Resource) -> int | None:
+        """The start of a Range request we serve as 206, or None for a full 200."""
+        raw = h.headers.get("Range", "")
+        if not res.ranges or not raw.startswith("bytes=") or not raw.endswith("-"):
+            return None
+        guard = h.headers.get("If-Range")
+        if guard is not None and guard not in (res.etag, res.last_modified):
+            return None  # changed meanwhile: the whole new body
+        try:
+            return int(raw[len("bytes="):-1])
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _validators(h: BaseHTTPRequestHandler, res: Resource) -> None:
         if res.content_type:
             h.send_header("Content-Type", res.content_type)
         if res.etag:
             h.send_header("ETag", res.etag)
         if res.last_modified:
             h.send_header("Last-Modified", res.last_modified)
-        h.end_headers()
+        if res.ranges:
+            h.send_header("Accept-Ranges", "bytes")
+
+    def _send_body(self, h: BaseHTTPRequestHandler, res: Resource, body: bytes,
+                   failure: object, method: str) -> None:
         if method == "HEAD":
             return
         if failure == "reset":

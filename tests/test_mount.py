@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import run_cli, wait_for
 
+SOURCE_DIR = ["@control", "@status", "@valid", "@versions", "latest"]
+
 
 def status(path) -> dict:
     with open(path) as f:
@@ -44,7 +46,7 @@ def test_layout_cat_and_inodes(origin, cli, mnt):
     cli("add", "demo", origin.url("/data.txt"), check=True)
     assert read(mnt / "demo/latest") == b"hello buffy\n"  # waits for the first download
     assert {"@status", "@control", "demo"} <= set(os.listdir(mnt.path))
-    assert sorted(os.listdir(mnt / "demo")) == ["@control", "@status", "@valid", "@versions", "latest"]
+    assert sorted(os.listdir(mnt / "demo")) == SOURCE_DIR
     (vid,) = os.listdir(mnt / "demo/@versions")
     latest, version = os.stat(mnt / "demo/latest"), os.stat(mnt / f"demo/@versions/{vid}")
     assert latest.st_ino == version.st_ino
@@ -80,7 +82,7 @@ def test_listing_never_waits_on_the_network(origin, mnt):
     write_control(mnt / "@control",
                   f"add stall {origin.url('/stall')} attempt_timeout=20s max_attempts=1\n")
     wait_for(lambda: status(mnt / "stall/@status")["state"] == "fetching", 5, what="fetching")
-    assert sorted(os.listdir(mnt / "stall")) == ["@control", "@status", "@valid", "@versions", "latest"]
+    assert sorted(os.listdir(mnt / "stall")) == SOURCE_DIR
     assert os.listdir(mnt / "stall/@versions") == []
     assert "stall" in os.listdir(mnt.path)
     # the download is still under way: listing did not wait for it
@@ -289,7 +291,7 @@ def test_status_files(origin, mnt):
     src = status(mnt / "st/@status")
     assert set(src) == {"name", "url", "refresh", "pinned", "state", "latest", "progress",
                         "last_check", "last_success", "next_check", "consecutive_failures",
-                        "last_error", "last_control_error", "versions"}
+                        "last_error", "last_control_error", "versions", "stale"}
     assert src["refresh"] == "30m" and src["next_check"] > src["last_check"]
     assert set(src["versions"][0]) == {"id", "size", "sha256", "fetched_at", "tags"}
 

@@ -324,11 +324,24 @@ def test_normalize_rejects(raw: dict) -> None:
         normalize_options(raw)
 
 
-@pytest.mark.parametrize("raw", [{"open_wait": "5s"}, {"open-wait": "5s"}])
-def test_normalize_not_yet_options_are_refused(raw: dict) -> None:
-    with pytest.raises(BadInput) as e:
+@pytest.mark.parametrize("raw,key,value", [
+    ({"open_wait": "5s"}, "open_wait", "5s"),
+    ({"open-wait": "2s"}, "open_wait", "2s"),
+    ({"refresh": "on-open"}, "refresh", "on-open"),
+    ({"refresh": "cron:30 2 * * *"}, "refresh", "cron:30 2 * * *"),
+    ({"proxy": "http://squid:3128"}, "proxy", "http://squid:3128"),
+])
+def test_normalize_policy_and_proxy_options(raw: dict, key: str, value: str) -> None:
+    assert normalize_options(raw)[key] == value
+
+
+@pytest.mark.parametrize("raw", [
+    {"refresh": "cron:* * *"}, {"refresh": "cron:99 * * * *"}, {"refresh": "on-close"},
+    {"open_wait": "0s"}, {"proxy": "ftp://h/"},
+])
+def test_normalize_rejects_bad_policies(raw: dict) -> None:
+    with pytest.raises(BadInput):
         normalize_options(raw)
-    assert "not supported yet" in str(e.value)
 
 
 @pytest.mark.parametrize("value", ["²", "١٢", "9" * 5000])

@@ -42,7 +42,7 @@ def test_failed_tag_falls_back_at_once(origin, mnt):
     assert os.getxattr(mnt / f"t/@versions/{newer}", "user.buffy.tags") == b"failed"
     # valid and failed exclude each other; untagging brings latest back
     write_control(mnt / "t/@control", f"tag {newer} valid")
-    assert status(mnt / f"t/@status")["versions"][0]["tags"] == ["valid"]
+    assert status(mnt / "t/@status")["versions"][0]["tags"] == ["valid"]
     assert read(mnt / "t/latest") == b"new broken bytes"
 
 
