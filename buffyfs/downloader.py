@@ -90,6 +90,10 @@ class AttemptError(FetchError):
         self.resume = resume
 
 
+class TooLong(AttemptError):
+    """The body ran past its Content-Length."""
+
+
 def new_client(proxy: str | None = None) -> httpx.AsyncClient:
     """A long-lived client; timeouts are set per request. Without ``proxy``, the
     standard HTTP(S)_PROXY / NO_PROXY environment applies."""
@@ -209,6 +213,8 @@ def _resume_point(response: httpx.Response, size: int) -> Resume | None:
 
 
 def _interrupted(e: Exception, req: Request, response: httpx.Response, body: Body) -> AttemptError:
+    if isinstance(e, TooLong):
+        return e  # the origin is inconsistent: start over, never resume
     if isinstance(e, AttemptError):
         message, retryable = str(e), e.retryable
     else:
@@ -308,6 +314,7 @@ class Body:
                     await trio.to_thread.run_sync(_write_and_hash, fd, self.hasher, batch)
                     self.size += len(batch)
 
+        interrupted: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(write_batches)
@@ -315,18 +322,21 @@ class Body:
                     pending: list[bytes] = []
                     pending_len = 0
                     received = self.size
-                    async for chunk in response.aiter_raw():
-                        pending.append(chunk)
-                        pending_len += len(chunk)
-                        received += len(chunk)
-                        if total is not None and received > total:
-                            raise AttemptError(
-                                f"body longer than Content-Length ({total} bytes)", True)
-                        if pending_len >= BATCH:
-                            await send.send(b"".join(pending))
-                            pending, pending_len = [], 0
-                            if on_progress:
-                                on_progress(received, total)
+                    try:
+                        async for chunk in response.aiter_raw():
+                            if total is not None and received + len(chunk) > total:
+                                raise TooLong(
+                                    f"body longer than Content-Length ({total} bytes)", True)
+                            pending.append(chunk)
+                            pending_len += len(chunk)
+                            received += len(chunk)
+                            if pending_len >= BATCH:
+                                await send.send(b"".join(pending))
+                                pending, pending_len = [], 0
+                                if on_progress:
+                                    on_progress(received, total)
+                    except (httpx.HTTPError, AttemptError) as e:
+                        interrupted = e  # keep what arrived: a later attempt may resume
                     if pending:
                         await send.send(b"".join(pending))
         except BaseExceptionGroup as group:  # trio wraps what the nursery raised
@@ -334,6 +344,8 @@ class Body:
         finally:
             self.size = os.fstat(fd).st_size  # what is really in the file
         await trio.to_thread.run_sync(os.fsync, fd)
+        if interrupted is not None:
+            raise interrupted
         if on_progress:
             on_progress(self.size, total)
 

@@ -23,8 +23,8 @@ def next_check(
     if options.get("pinned") and has_version:
         return None  # pinned: the origin is not contacted
     last = state.get("last_check")
-    if last is None or state.get("partial"):
-        return now  # never checked, or a download to finish (e.g. after a restart)
+    if last is None:
+        return now
     policy = options.get("refresh", "1d")
     if policy == "never" or policy == "on-open" and has_version:
         return None

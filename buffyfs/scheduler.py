@@ -34,6 +34,7 @@ class Worker:
     attempt_done: trio.Event = field(default_factory=trio.Event)
     force: bool = False
     busy: bool = True  # deciding, or refreshing: an opener should wait
+    first_round: bool = True
 
     def kick(self, force: bool) -> None:
         self.force = self.force or force
@@ -140,7 +141,11 @@ class Scheduler:
                 if source is None:
                     return
                 now = now_utc()
-                due = now if worker.force else next_check(
+                # A download interrupted by a stop or crash is finished at once on start.
+                resume = worker.first_round and bool(state.get("partial")) and \
+                    not (source["options"].get("pinned") and has_version)
+                worker.first_round = False
+                due = now if worker.force or resume else next_check(
                     source["options"], state, has_version, now
                 )
                 stamp = rfc3339(due) if due else None

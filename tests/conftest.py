@@ -71,8 +71,15 @@ def cli(cache_dir: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     return run
 
 
+def is_mounted(path: Path) -> bool:
+    """From the mount table: os.path.ismount is False for a mount whose daemon died."""
+    target = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
 def unmount(path: Path) -> None:
-    if os.path.ismount(path):
+    if is_mounted(path):
         if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True).returncode:
             subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
 

@@ -41,6 +41,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0  # time.monotonic() when the request arrived
 
 
 class Origin:
@@ -48,6 +49,8 @@ class Origin:
         self.resources: dict[str, Resource] = {}
         self.requests: list[Seen] = []
         self.lock = threading.Lock()
+        self.inflight = 0
+        self.max_inflight = 0  # the most requests served at once
         origin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -108,11 +111,22 @@ class Origin:
     # --- serving ----------------------------------------------------------------------
 
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        with self.lock:
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            self._serve(h, method)
+        finally:
+            with self.lock:
+                self.inflight -= 1
+
+    def _serve(self, h: BaseHTTPRequestHandler, method: str) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body_in = h.rfile.read(length) if length else b""
         path = h.path.split("?")[0]
         with self.lock:
-            self.requests.append(Seen(method, h.path, dict(h.headers.items()), body_in))
+            self.requests.append(Seen(method, h.path, dict(h.headers.items()), body_in,
+                                      time.monotonic()))
             res = self.resources.get(path)
             failure = res.failures.popleft() if res and res.failures else None
         if res is None:
@@ -176,6 +190,7 @@ class Origin:
         if failure == "reset":
             h.wfile.write(body[: len(body) // 2])
             h.wfile.flush()
+            time.sleep(0.3)  # let the client read it: a reset drops unread data
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.close_connection = True
             h.connection.close()
