@@ -120,12 +120,31 @@ class Cache:
 
     def cache_size(self) -> int:
         """Bytes of the distinct blobs that versions refer to."""
-        sizes: dict[str, int] = {}
         with self.index.read() as r:
-            for name in r.source_names():
-                for v in r.versions(name):
-                    sizes[v["sha256"]] = v["size"]
-        return sum(sizes.values())
+            return r.blob_bytes()
+
+    def max_cache_size(self) -> int | None:
+        """The quota the last mount of this cache ran with (None: unlimited)."""
+        with self.index.read() as r:
+            return r.meta_json("max_cache_size")
+
+    def set_max_cache_size(self, value: int | None) -> None:
+        with self.index.write() as w:
+            w.put_meta_json("max_cache_size", value)
+
+    def request_gc(self, dry_run: bool) -> int:
+        """Ask the running mount to collect; returns the request id to wait for."""
+        with self.index.write() as w:
+            last = w.meta_json("gc_request") or {"id": 0}
+            rid = last["id"] + 1
+            w.put_meta_json("gc_request", {"id": rid, "dry_run": dry_run})
+            w.changed("")
+        return rid
+
+    def gc_result(self, rid: int) -> dict[str, Any] | None:
+        with self.index.read() as r:
+            result = r.meta_json("gc_result")
+        return result if result and result.get("id") == rid else None
 
     def source_status(
         self, name: str, live_progress: dict[str, Any] | None = None
@@ -136,8 +155,9 @@ class Cache:
             except KeyError:
                 raise NotFound(f"no source named {name!r}") from None
 
-    def root_status(self, max_cache_size: int | None = None) -> dict[str, Any]:
-        return status.root_status(self.index, self.root, self.cache_size(), max_cache_size)
+    def root_status(self) -> dict[str, Any]:
+        return status.root_status(self.index, self.root, self.cache_size(),
+                                  self.max_cache_size())
 
     def set_control_error(self, source: str | None, message: str | None) -> None:
         if source is None:

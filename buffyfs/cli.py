@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     m.add_argument("--allow-other", action="store_true", help="let other users read")
     m.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    m.add_argument("--max-cache-size", metavar="SIZE",
+                   help="hard quota on cached versions, e.g. 50G (K, M, G, T: 1024-based)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     u = sub.add_parser("umount", help="unmount")
@@ -93,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name")
     rf = sub.add_parser("refresh", parents=[common], help="check the origin now")
     rf.add_argument("name")
+    g = sub.add_parser("gc", parents=[common], help="collect garbage now")
+    g.add_argument("--dry-run", action="store_true", help="only print what would be freed")
+    c = sub.add_parser("check", parents=[common], help="verify the index against the blobs")
+    c.add_argument("--repair", action="store_true",
+                   help="drop broken versions and remove orphans")
     return p
 
 
@@ -123,16 +130,19 @@ def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_mount(args: argparse.Namespace) -> int:
     from buffyfs import log
     from buffyfs.cache import resolve_cache_dir
+    from buffyfs.options import parse_size
 
     cache_dir = resolve_cache_dir(args.cache)
     if not os.path.isdir(args.mountpoint):
         raise BadInput(f"mount point {args.mountpoint} is not a directory")
+    max_size = parse_size(args.max_cache_size, "--max-cache-size") \
+        if args.max_cache_size else None
     if args.foreground:
         from buffyfs import mount
 
         log.setup(args.log_level, None if args.ready_fd is None else cache_dir / "buffyfs.log")
-        mount.run(args.mountpoint, cache_dir, allow_other=args.allow_other,
-                  ready_fd=args.ready_fd)
+        mount.run(mount.Settings(args.mountpoint, cache_dir, allow_other=args.allow_other,
+                                 ready_fd=args.ready_fd, max_cache_size=max_size))
         return 0
     return _mount_detached(args, cache_dir)
 
@@ -145,6 +155,8 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
            "--cache", str(cache_dir), "--log-level", args.log_level, "--ready-fd", str(write_end)]
     if args.allow_other:
         cmd.append("--allow-other")
+    if args.max_cache_size:
+        cmd += ["--max-cache-size", args.max_cache_size]
     errors = cache_dir / "buffyfs.start-error"
     with open(errors, "w") as err:
         proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
@@ -401,14 +413,103 @@ def _run_refresh(cache: Any, name: str, on_progress: Any) -> Any:
 
     async def go() -> Any:
         async with downloader.new_client() as client:
-            return await Refresher(cache.index, cache.blobs, client).refresh(name, on_progress)
+            refresher = Refresher(cache.index, cache.blobs, client,
+                                  make_room=_room_maker(cache))
+            return await refresher.refresh(name, on_progress)
 
     return trio.run(go)
+
+
+# --- collection and checks -------------------------------------------------------------
+
+GC_WAIT = 60.0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    cache = _cache(args)
+    if cache.running_mount():  # the mount knows which versions are open: it collects
+        rid = cache.request_gc(args.dry_run)
+        deadline = time.monotonic() + GC_WAIT
+        while (result := cache.gc_result(rid)) is None:
+            if time.monotonic() > deadline:
+                raise CacheError("the running mount did not answer the gc request")
+            time.sleep(0.1)
+        if result["error"]:
+            raise CacheError(result["error"])
+        report = result["report"]
+    else:
+        from buffyfs import gc
+        from buffyfs.mount import report_json
+
+        found = gc.collect_now(cache.index, cache.blobs, set(), 0, cache.max_cache_size(),
+                               args.dry_run)
+        if not args.dry_run:
+            found.orphans = gc.sweep_orphans(cache.index, cache.blobs)
+        report = report_json(found)
+    verb = "would free" if args.dry_run else "freed"
+    per_source: dict[str, int] = {}
+    for v in report["versions"]:
+        per_source[v["source"]] = per_source.get(v["source"], 0) + 1
+    for source, count in sorted(per_source.items()):
+        print(f"{source}: {count} version(s), {verb} {_human(report['freed'].get(source, 0))}")
+    for path in report["orphans"]:
+        print(f"removed orphan {path}")
+    print(f"total: {verb} {_human(report['total'])}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from buffyfs import check
+
+    cache = _cache(args)
+    with Progress(TextColumn("checking"), BarColumn(), DownloadColumn(), transient=True,
+                  disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("check", total=None)
+        found = check.check(cache.index, cache.blobs,
+                            lambda done, total: bar.update(task, completed=done, total=total))
+    for source, vid in found.missing:
+        print(f"missing blob: {source} {vid}")
+    for source, vid in found.corrupt:
+        print(f"corrupt blob: {source} {vid}")
+    for path in found.orphans:
+        print(f"orphan: {path}")
+    for sha in found.bad_refs:
+        print(f"wrong reference count: {sha}")
+    if found.healthy:
+        print(f"healthy: {found.checked} blob(s) verified")
+        return 0
+    if args.repair:
+        check.repair(cache.index, cache.blobs, found)
+        print("repaired: broken versions dropped, orphans removed, counts rebuilt")
+    return 1
+
+
+def _room_maker(cache: Any) -> Any:
+    """The quota rule for downloads made by the command line."""
+    from buffyfs import gc
+
+    max_size = cache.max_cache_size()
+    if max_size is None:
+        return None
+    mounted = cache.running_mount() is not None
+
+    def make_room(need: int) -> None:
+        if mounted:  # only the mount knows what is open: do not evict, only check
+            with cache.index.read() as r:
+                if r.blob_bytes() + need > max_size:
+                    raise gc.CacheFull(f"cache full: {need} more bytes do not fit in "
+                                       f"max_cache_size {max_size}")
+            return
+        gc.collect_now(cache.index, cache.blobs, set(), need, max_size)
+
+    return make_room
 
 
 COMMANDS = {
     "mount": cmd_mount, "umount": cmd_umount, "add": cmd_add, "remove": cmd_remove,
     "list": cmd_list, "status": cmd_status, "versions": cmd_versions, "fetch": cmd_fetch,
     "refresh": cmd_refresh, "tag": cmd_tag, "untag": cmd_tag, "pin": cmd_pin,
-    "unpin": cmd_unpin,
+    "unpin": cmd_unpin, "gc": cmd_gc, "check": cmd_check,
 }

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from buffyfs import crash
 from buffyfs.errors import FetchError
 
 BATCH = 1 << 20
@@ -127,7 +128,7 @@ async def download(
     partial: Path,
     on_progress: Callable[[int, int | None], None] | None = None,
     resume: Resume | None = None,
-    on_body: Callable[[Resume | None], None] | None = None,
+    on_body: Callable[[Resume | None, int | None], None] | None = None,
 ) -> Downloaded | NotModified:
     """Make one attempt, continuing ``partial`` from ``resume`` when the origin agrees.
 
@@ -149,7 +150,8 @@ async def download(
                 return NotModified()
             start, total = _accept(response, resume)
             if on_body:
-                on_body(_resume_point(response, max(start, 1)))
+                on_body(_resume_point(response, max(start, 1)),
+                        None if total is None else total - start)
             await body.open(start)
             try:
                 await body.receive(response, total, on_progress)
@@ -333,6 +335,7 @@ class Body:
                             if pending_len >= BATCH:
                                 await send.send(b"".join(pending))
                                 pending, pending_len = [], 0
+                                crash.point("download-mid-body")
                                 if on_progress:
                                     on_progress(received, total)
                     except (httpx.HTTPError, AttemptError) as e:

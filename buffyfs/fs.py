@@ -21,6 +21,7 @@ is opened with ``direct_io`` since its size is not known in advance.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -75,6 +76,7 @@ class Node:
 class BlobHandle:
     fd: int
     size: int
+    ino: int
 
 
 @dataclass
@@ -124,6 +126,7 @@ class BuffyFS(pyfuse3.Operations):
         self.tagdir_inos: dict[tuple[int, str], int] = {}  # (source base, tag) -> inode
         self.tagdirs: dict[int, tuple[str, int, str]] = {}  # inode -> (source, base, tag)
         self.counters = Counters()
+        self.open_inos: collections.Counter[int] = collections.Counter()
         self.nowait_reads = True
         self.started_ns = time.time_ns()
 
@@ -150,10 +153,10 @@ class BuffyFS(pyfuse3.Operations):
             if ref is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if ref["kind"] == "version":
-                v = r.version(ref["source"], ref["id"])
-                if v is None:
+                found = r.version_by_inode(ino)  # also garbage a reader still holds
+                if found is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)
-                return Node("version", ref["source"], v)
+                return Node("version", found[0], found[1])
         return Node(ref["kind"], ref["source"])
 
     def _source_base(self, name: str) -> int:
@@ -393,7 +396,8 @@ class BuffyFS(pyfuse3.Operations):
             log.error("blob of version %s unreadable: %s", version["id"], e.strerror)
             raise pyfuse3.FUSEError(errno.EIO) from None
         self.counters.opens += 1
-        fh = self._new_handle(BlobHandle(fd, version["size"]))
+        self.open_inos[version["ino"]] += 1  # collection waits for the last close
+        fh = self._new_handle(BlobHandle(fd, version["size"], version["ino"]))
         return pyfuse3.FileInfo(fh=fh, **info)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -434,7 +438,7 @@ class BuffyFS(pyfuse3.Operations):
 
     def _render_status(self, source: str | None) -> bytes:
         if source is None:
-            obj = self.cache.root_status(self.max_cache_size)
+            obj = self.cache.root_status()
         else:
             try:
                 obj = self.cache.source_status(source, self.live_progress())
@@ -477,6 +481,9 @@ class BuffyFS(pyfuse3.Operations):
         handle = self.handles.pop(fh, None)
         if isinstance(handle, BlobHandle):
             os.close(handle.fd)
+            self.open_inos[handle.ino] -= 1
+            if self.open_inos[handle.ino] <= 0:
+                del self.open_inos[handle.ino]
 
     # --- control files ----------------------------------------------------------------
 
@@ -674,10 +681,7 @@ class BuffyFS(pyfuse3.Operations):
     def source_changed(self, name: str) -> None:
         """Drop kernel entries that changed for ``name`` (the kernel catches up soon)."""
         for parent, entry in self._stale_entries(name):
-            try:
-                pyfuse3.invalidate_entry_async(parent, entry.encode(), ignore_enoent=True)
-            except Exception as e:  # not mounted (unit tests) or shutting down
-                log.debug("invalidate %s/%s: %s", parent, entry, e)
+            _invalidate(parent, entry)
 
     async def source_changed_now(self, name: str) -> None:
         """Like ``source_changed``, but returns once the kernel has dropped the entries,
@@ -694,6 +698,16 @@ class BuffyFS(pyfuse3.Operations):
                     )
                 except OSError:
                     pass  # ENOENT: the kernel did not have it cached
+
+    def versions_removed(self, source: str, vids: list[str]) -> None:
+        """Drop kernel entries of collected versions (their entries were long-lived)."""
+        with self.index.read() as r:
+            src = r.source(source)
+        if src is None:
+            return
+        for vid in vids:
+            _invalidate(src["ino"] + SourceInode.versions, vid)
+        self.source_changed(source)
 
     def _stale_entries(self, name: str) -> list[tuple[int, str]]:
         with self.index.read() as r:
@@ -717,3 +731,10 @@ class BuffyFS(pyfuse3.Operations):
                 out.append((base, "@" + tag))
             out += [(ino, "latest")] + [(ino, vid) for vid in ids]
         return out
+
+
+def _invalidate(parent: int, name: str) -> None:
+    try:
+        pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
+    except Exception as e:  # not mounted (unit tests) or shutting down
+        log.debug("invalidate %s/%s: %s", parent, name, e)

@@ -11,6 +11,7 @@ Named databases and their keys (all values JSON unless said otherwise):
     ``format``    b"1", the layout version (a later layout migrates from it)
     ``seq``       8-byte big-endian counter, bumped by every change in ``changes``
     ``next_ino``  8-byte big-endian, the next unused inode number (never reused)
+    ``blob_bytes`` 8-byte big-endian, the total size of the blobs in ``blobs``
 ``sources``       NAME -> ``{"url", "options", "ino", "added_at", "pin"}``
                   ``pin`` is the pinned version id (None: not pinned, or pinned
                   with no version yet: the first version commits as the pin)
@@ -25,6 +26,11 @@ Named databases and their keys (all values JSON unless said otherwise):
                   "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``)
 ``inodes``        8-byte inode -> ``{"kind", "source"[, "id"]}``, kind one of
                   SourceInode's names or ``"version"``
+``blobs``         SHA256 -> ``{"size", "refs"}``: how many versions (in ``versions``
+                  and ``garbage``) use the blob; a blob file whose entry is gone is
+                  an orphan (gc.py removes it)
+``garbage``       8-byte inode -> a version record plus ``"source"``: versions of
+                  removed sources, kept until no reader holds them (gc.py)
 ``changes``       8-byte seq -> NAME (b"" for the root): which source changed in a
                   way the mount must see (sources, versions, requests). Trimmed to
                   the last CHANGES_KEPT entries.
@@ -184,6 +190,32 @@ class Reader:
         src = self.source(name)
         return resolve_latest(src, self.versions(name)) if src else None
 
+    def version_by_inode(self, ino: int) -> tuple[str, dict[str, Any]] | None:
+        """(source, version) of a version inode, including garbage not yet collected."""
+        ref = self.inode(ino)
+        if ref is None or ref["kind"] != "version":
+            return None
+        v = self.version(ref["source"], ref["id"])
+        if v is not None and v["ino"] == ino:
+            return ref["source"], v
+        g = self._get("garbage", _u64(ino))
+        return (g["source"], g) if g else None
+
+    def garbage(self) -> list[dict[str, Any]]:
+        with self.txn.cursor(db=self.dbs["garbage"]) as cur:
+            return [json.loads(v) for v in cur.iternext(keys=False, values=True)]
+
+    def blob_refs(self) -> dict[str, dict[str, Any]]:
+        with self.txn.cursor(db=self.dbs["blobs"]) as cur:
+            return {k.decode(): json.loads(v) for k, v in cur}
+
+    def blob_ref(self, sha256: str) -> dict[str, Any] | None:
+        return self._get("blobs", sha256.encode())
+
+    def blob_bytes(self) -> int:
+        raw = self.txn.get(b"blob_bytes", db=self.dbs["meta"])
+        return _from_u64(raw) if raw else 0
+
 
 class Writer(Reader):
     """Writes inside one write transaction; commits when the ``with`` block ends."""
@@ -214,17 +246,52 @@ class Writer(Reader):
     def put_meta_json(self, key: str, value: Any) -> None:
         self._put("meta", key.encode(), value)
 
+    def ref_blob(self, sha256: str, size: int) -> None:
+        entry = self._get("blobs", sha256.encode()) or {"size": size, "refs": 0}
+        if entry["refs"] == 0:
+            self._add_blob_bytes(size)
+        entry["refs"] += 1
+        self._put("blobs", sha256.encode(), entry)
+
+    def unref_blob(self, sha256: str) -> bool:
+        """Drop one reference; True when it was the last (the file may then go)."""
+        entry = self._get("blobs", sha256.encode())
+        if entry is None:
+            return False
+        entry["refs"] -= 1
+        if entry["refs"] > 0:
+            self._put("blobs", sha256.encode(), entry)
+            return False
+        self.txn.delete(sha256.encode(), db=self.dbs["blobs"])
+        self._add_blob_bytes(-entry["size"])
+        return True
+
+    def _add_blob_bytes(self, delta: int) -> None:
+        self.txn.put(b"blob_bytes", _u64(max(0, self.blob_bytes() + delta)), db=self.dbs["meta"])
+
+    def drop_version(self, source: str, version: dict[str, Any]) -> bool:
+        """Delete a version (live or garbage) for good; True if its blob lost its last user."""
+        key = source.encode() + b"\0" + version["id"].encode()
+        live = self.txn.get(key, db=self.dbs["versions"])
+        if live is not None and json.loads(live)["ino"] == version["ino"]:
+            self.txn.delete(key, db=self.dbs["versions"])
+            self.changed(source)
+        self.txn.delete(_u64(version["ino"]), db=self.dbs["garbage"])
+        self.txn.delete(_u64(version["ino"]), db=self.dbs["inodes"])
+        return self.unref_blob(version["sha256"])
+
 
 class Index:
     def __init__(self, path: Path) -> None:
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
-                str(path), map_size=MAP_SIZE, max_dbs=8, max_readers=256, subdir=True
+                str(path), map_size=MAP_SIZE, max_dbs=12, max_readers=256, subdir=True
             )
         except (OSError, lmdb.Error) as e:
             raise CacheError(f"cannot open the index in {path}: {e}") from None
-        names = ("meta", "sources", "versions", "state", "inodes", "changes", "requests")
+        names = ("meta", "sources", "versions", "state", "inodes", "changes", "requests",
+                 "blobs", "garbage")
         self.dbs = {n: self.env.open_db(n.encode()) for n in names}
         with self.write() as w:
             fmt = w.txn.get(b"format", db=self.dbs["meta"])
@@ -291,9 +358,9 @@ class Index:
             if src is None:
                 raise NotFound(f"no source named {name!r}")
             versions = w.versions(name)
-            for v in versions:
+            for v in versions:  # garbage now; collected when no reader holds them
                 w.txn.delete(name.encode() + b"\0" + v["id"].encode(), db=self.dbs["versions"])
-                w.txn.delete(_u64(v["ino"]), db=self.dbs["inodes"])
+                w._put("garbage", _u64(v["ino"]), {**v, "source": name})
             for kind in SourceInode:
                 w.txn.delete(_u64(src["ino"] + kind), db=self.dbs["inodes"])
             w.txn.delete(name.encode(), db=self.dbs["sources"])
@@ -345,6 +412,7 @@ class Index:
                        "tags": list(record.get("tags", []))}
             w._put("versions", name.encode() + b"\0" + vid.encode(), version)
             w._put("inodes", _u64(ino), {"kind": "version", "source": name, "id": vid})
+            w.ref_blob(version["sha256"], version["size"])
             if src["options"].get("pinned") and not src.get("pin"):
                 src["pin"] = vid  # pinned before any version: the first one holds
                 w._put("sources", name.encode(), src)

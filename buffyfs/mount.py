@@ -1,18 +1,21 @@
-"""The mount daemon: cache, downloader, scheduler and filesystem in one trio nursery."""
+"""The mount daemon: cache, downloader, scheduler, collector and filesystem in one
+trio nursery."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from buffyfs import __version__, downloader
+from buffyfs import __version__, downloader, gc
 from buffyfs.cache import Cache
-from buffyfs.errors import CacheError
+from buffyfs.errors import BuffyError, CacheError
 from buffyfs.fs import BuffyFS
 from buffyfs.refresh import Refresher
 from buffyfs.scheduler import Scheduler
@@ -20,68 +23,158 @@ from buffyfs.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5  # how often the mount looks for changes made by other processes
+GC_INTERVAL = 600.0  # periodic collection, besides the one after each new version
 
 
-def run(
-    mountpoint: str,
-    cache_dir: Path,
-    allow_other: bool = False,
-    ready_fd: int | None = None,
-    max_downloads: int = 4,
-    max_downloads_per_host: int = 2,
-) -> None:
+@dataclass
+class Settings:
+    mountpoint: str
+    cache_dir: Path
+    allow_other: bool = False
+    ready_fd: int | None = None
+    max_downloads: int = 4
+    max_downloads_per_host: int = 2
+    max_cache_size: int | None = None
+
+
+def run(settings: Settings) -> None:
     """Mount and serve until unmounted or signalled. Raises BuffyError on bad setup."""
-    if not os.path.isdir(mountpoint):
-        raise CacheError(f"mount point {mountpoint} is not a directory")
-    cache = Cache(cache_dir)
-    lock_fd = cache.claim_mount(os.path.abspath(mountpoint))
+    if not os.path.isdir(settings.mountpoint):
+        raise CacheError(f"mount point {settings.mountpoint} is not a directory")
+    cache = Cache(settings.cache_dir)
+    lock_fd = cache.claim_mount(os.path.abspath(settings.mountpoint))
     try:
-        trio.run(_serve, cache, mountpoint, allow_other, ready_fd,
-                 max_downloads, max_downloads_per_host)
+        cache.set_max_cache_size(settings.max_cache_size)
+        trio.run(_serve, cache, settings)
     finally:
         os.close(lock_fd)
         cache.close()
 
 
-async def _serve(
-    cache: Cache,
-    mountpoint: str,
-    allow_other: bool,
-    ready_fd: int | None,
-    max_downloads: int,
-    max_downloads_per_host: int,
-) -> None:
+class Collector:
+    """Garbage collection inside the mount: after each new version, periodically, and
+    when ``buffyfs gc`` asks. Runs on the event loop between awaits, so the set of
+    open versions cannot change while a collection decides."""
+
+    def __init__(self, cache: Cache, fs: BuffyFS, max_size: int | None,
+                 nursery: trio.Nursery) -> None:
+        self.cache = cache
+        self.fs = fs
+        self.max_size = max_size
+        self.nursery = nursery
+        self.wake = trio.Event()
+
+    def kick(self, name: str = "") -> None:
+        self.wake.set()
+
+    def make_room(self, need: int) -> None:
+        """Evict so that ``need`` more bytes fit under the quota (CacheFull if not)."""
+        if self.max_size is not None:
+            self.collect(need)
+
+    def collect(self, need: int = 0, dry_run: bool = False) -> gc.Report:
+        report = gc.collect(self.cache.index, self.cache.blobs, set(self.fs.open_inos), need,
+                            self.max_size, dry_run)
+        if not dry_run:
+            self.nursery.start_soon(trio.to_thread.run_sync, gc.unlink_blobs,
+                                    self.cache.index, self.cache.blobs, report.unlink)
+            removed: dict[str, list[str]] = {}
+            for d in report.doomed:
+                removed.setdefault(d.source, []).append(d.version["id"])
+            for source, vids in removed.items():
+                self.fs.versions_removed(source, vids)
+        return report
+
+    async def run(self) -> None:
+        await trio.to_thread.run_sync(gc.sweep_orphans, self.cache.index, self.cache.blobs)
+        while True:
+            with trio.move_on_after(GC_INTERVAL):
+                await self.wake.wait()
+            self.wake = trio.Event()
+            try:
+                self.collect()
+            except BuffyError as e:
+                log.error("collection failed: %s", e)
+
+    def answer_request(self) -> None:
+        """Run a collection ``buffyfs gc`` asked for, and leave the report for it."""
+        with self.cache.index.read() as r:
+            request = r.meta_json("gc_request")
+            done = r.meta_json("gc_result") or {}
+        if not request or done.get("id") == request["id"]:
+            return
+        try:
+            report = self.collect(dry_run=request["dry_run"])
+            result = {"id": request["id"], "report": report_json(report), "error": None}
+        except BuffyError as e:
+            result = {"id": request["id"], "report": None, "error": str(e)}
+        with self.cache.index.write() as w:
+            w.put_meta_json("gc_result", result)
+
+
+def report_json(report: gc.Report) -> dict:
+    return {
+        "versions": [{"source": d.source, "id": d.version["id"], "reason": d.reason}
+                     for d in report.doomed],
+        "freed": report.freed,
+        "total": report.total,
+        "orphans": report.orphans,
+    }
+
+
+async def _serve(cache: Cache, settings: Settings) -> None:
     async with downloader.new_client() as client, trio.open_nursery() as nursery:
-        refresher = Refresher(cache.index, cache.blobs, client, max_downloads,
-                              max_downloads_per_host)
+        refresher = Refresher(cache.index, cache.blobs, client, settings.max_downloads,
+                              settings.max_downloads_per_host)
         fs = BuffyFS(cache, None, progress=lambda: dict(refresher.progress))
+        collector = Collector(cache, fs, settings.max_cache_size, nursery)
+        refresher.make_room = collector.make_room
+        refresher.on_version = collector.kick
         scheduler = Scheduler(cache.index, refresher, nursery, on_changed=fs.source_changed)
         fs.scheduler = scheduler
         options = set(pyfuse3.default_options) | {"fsname=buffyfs", "subtype=buffyfs"}
-        if allow_other:
+        if settings.allow_other:
             options.add("allow_other")
         try:
-            pyfuse3.init(fs, mountpoint, options)
+            pyfuse3.init(fs, settings.mountpoint, options)
         except RuntimeError as e:
-            raise CacheError(f"cannot mount on {mountpoint}: {e}") from None
+            raise CacheError(f"cannot mount on {settings.mountpoint}: {e}") from None
         try:
             nursery.start_soon(_watch_signals)
-            nursery.start_soon(_watch_changes, cache, scheduler, fs)
+            nursery.start_soon(_watch_changes, cache, scheduler, fs, collector)
+            nursery.start_soon(collector.run)
             scheduler.start_all()
             with cache.index.read() as r:
                 names = r.source_names()
-            log.info("buffyfs %s mounted on %s, cache %s, %d sources",
-                     __version__, mountpoint, cache.root, len(names))
-            if ready_fd is not None:
-                os.write(ready_fd, b"ready\n")
-                os.close(ready_fd)
+                versions = sum(len(r.versions(n)) for n in names)
+            log.info("buffyfs %s mounted on %s, cache %s, %d sources, %d versions",
+                     __version__, settings.mountpoint, cache.root, len(names), versions)
+            if settings.ready_fd is not None:
+                os.write(settings.ready_fd, b"ready\n")
+                os.close(settings.ready_fd)
+            notify_systemd(b"READY=1")
             await pyfuse3.main()
         finally:
+            notify_systemd(b"STOPPING=1")
             nursery.cancel_scope.cancel()
             pyfuse3.close(unmount=True)
             with trio.CancelScope(shield=True):
                 await refresher.aclose()
-            log.info("unmounted %s", mountpoint)
+            log.info("unmounted %s", settings.mountpoint)
+
+
+def notify_systemd(message: bytes) -> None:
+    """sd_notify: tell systemd (Type=notify) that the mount is live or stopping."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message, address)
+    except OSError as e:
+        log.warning("cannot notify systemd: %s", e)
 
 
 async def _watch_signals() -> None:
@@ -94,16 +187,19 @@ async def _watch_signals() -> None:
             return
 
 
-async def _watch_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS) -> None:
-    """Apply changes other processes made to the index (CLI add, tag, refresh...)."""
+async def _watch_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,
+                         collector: Collector) -> None:
+    """Apply changes other processes made to the index (CLI add, tag, refresh, gc...)."""
     seq, _ = cache.index.changes_since(0)
     while True:
         await trio.sleep(POLL_INTERVAL)
         seq, names = cache.index.changes_since(seq)
         if names is None:  # too far behind to tell: look at everything
             with cache.index.read() as r:
-                names = set(r.source_names()) | set(scheduler.workers)
-        names.discard("")
+                names = set(r.source_names()) | set(scheduler.workers) | {""}
+        if "" in names:
+            names.discard("")
+            collector.answer_request()
         if not names:
             continue
         for name in names:

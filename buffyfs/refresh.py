@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 import trio
 
-from buffyfs import downloader, validate
+from buffyfs import crash, downloader, validate
 from buffyfs.blobs import BlobStore, SourceLock
 from buffyfs.errors import FetchError, NotFound
+from buffyfs.gc import CacheFull, CommitLock
 from buffyfs.index import Index, now_utc, rfc3339
 from buffyfs.options import parse_duration, redact_url
 
@@ -65,6 +66,8 @@ class Refresher:
         max_downloads: int = 4,
         max_downloads_per_host: int = 2,
         on_state: Callable[[str, str], None] | None = None,
+        make_room: Callable[[int], None] | None = None,
+        on_version: Callable[[str], None] | None = None,
     ) -> None:
         self.index = index
         self.blobs = blobs
@@ -73,6 +76,8 @@ class Refresher:
         self.per_host = max_downloads_per_host
         self.host_limits: dict[str, trio.CapacityLimiter] = {}
         self.on_state = on_state
+        self.make_room = make_room  # evicts so that N more bytes fit, or raises CacheFull
+        self.on_version = on_version  # told after each new version
         self.progress: dict[str, tuple[int, int | None]] = {}
         self.proxy_clients: dict[str, httpx.AsyncClient] = {}
 
@@ -130,7 +135,9 @@ class Refresher:
                 last_write[0] = trio.current_time()
                 self.index.set_state(name, progress={"bytes": done, "total": total})
 
-        def body_starts(point: downloader.Resume | None) -> None:
+        def body_starts(point: downloader.Resume | None, remaining: int | None) -> None:
+            if remaining is not None:
+                self._reserve(remaining)
             # Recorded before any byte is written: a daemon killed mid-body resumes.
             saved = None if point is None else \
                 {"key": key, "etag": point.etag, "last_modified": point.last_modified}
@@ -171,6 +178,15 @@ class Refresher:
         self._set_state(name, "idle")
         log.error("%s: refresh gave up (%d in a row): %s", name, failures, error)
         return Outcome(error=error)
+
+    def _reserve(self, need: int) -> None:
+        """Make room for ``need`` more bytes under the quota, or fail the attempt."""
+        if self.make_room is None:
+            return
+        try:
+            self.make_room(need)
+        except CacheFull as e:
+            raise downloader.AttemptError(str(e), retryable=False) from None
 
     def _saved_resume(self, name: str, key: str) -> downloader.Resume | None:
         """Where a download interrupted earlier (maybe by a restart) may continue."""
@@ -218,6 +234,27 @@ class Refresher:
             self._set_state(name, "idle")
             log.info("%s: checked, content unchanged", name)
             return Outcome(checked=True)
+        if not self.blobs.exists(result.sha256):
+            try:
+                self._reserve(result.size)
+            except downloader.AttemptError as e:
+                partial.unlink(missing_ok=True)
+                self.index.record_failure(name, now_utc(), str(e))
+                self._set_state(name, "idle")
+                log.error("%s: %s", name, e)
+                return Outcome(error=str(e))
+        # From blob to index commit, hold the commit lock shared: a collection never
+        # takes this blob for an orphan.
+        lock = CommitLock(self.blobs)
+        await trio.to_thread.run_sync(lock.acquire, False)
+        try:
+            return await self._commit_blob(name, source, result, started, partial)
+        finally:
+            lock.release()
+
+    async def _commit_blob(self, name: str, source: dict[str, Any],
+                           result: downloader.Downloaded, started: Any,
+                           partial: Any) -> Outcome:
         try:
             blob = await trio.to_thread.run_sync(self.blobs.commit_partial, partial, result.sha256)
         except OSError as e:
@@ -226,6 +263,7 @@ class Refresher:
             self.index.record_failure(name, now_utc(), message)
             self._set_state(name, "idle")
             raise FetchError(message) from None
+        crash.point("after-blob-rename")
         record = {
             "sha256": result.sha256, "size": result.size, "url": redact_url(source["url"]),
             "etag": result.etag, "last_modified": result.last_modified,
@@ -241,6 +279,9 @@ class Refresher:
                 record["validation"] = why
                 log.warning("%s: new version fails validation: %s", name, why)
         version = self.index.commit_version(name, record, started)
+        crash.point("after-version-commit")
+        if version and self.on_version:
+            self.on_version(name)
         if version and record.get("validation"):
             self.index.set_state(name, last_error={
                 "at": rfc3339(started),

@@ -1,0 +1,267 @@
+"""The TOML config file: load and validate (pure: no index, no mount).
+
+    [daemon]                      # all optional
+    cache = "/var/cache/buffyfs"
+    max_cache_size = "50G"
+    max_downloads = 4
+    max_downloads_per_host = 2
+    log_level = "info"
+
+    [defaults]                    # any source option (not url), for every source
+    refresh = "1d"
+
+    [sources.NAME]                # a name with dots is quoted: [sources."a.b"]
+    url = "https://example.org/file.gz"
+    validate = { min_size = 1000000, cmd = "gzip -t" }
+
+Every problem is one ``BadInput`` line naming the file, the table and the key:
+
+    FILE: cannot read: No such file or directory
+    FILE: not valid TOML: Invalid value (at line 3, column 7)
+    FILE: unknown table [deamon]: use [daemon], [defaults] and [sources.NAME]
+    FILE: [daemon] unknown key 'max_download' (did you mean 'max_downloads'?)
+    FILE: [daemon] max_downloads: invalid max_downloads 'four': must be an integer >= 1
+    FILE: [sources.pubtator] refresh: invalid refresh 'often': never, on-open, ...
+    FILE: [sources.pubtator] url: missing: every source needs url = "https://..."
+
+Source options come out exactly as ``options.normalize_options(raw, base=defaults)``
+makes them, ``defaults`` being the ``[defaults]`` table normalized over
+``options.DEFAULT_OPTIONS``. Header values are never echoed; URLs are shown without
+credentials.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from buffyfs import options
+from buffyfs.errors import BadInput
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TOP_LEVEL_TABLES = ("daemon", "defaults", "sources")
+DAEMON_KEYS = ("cache", "max_cache_size", "max_downloads", "max_downloads_per_host", "log_level")
+TABLE_OPTIONS = ("headers", "validate")
+
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass
+class DaemonConfig:
+    cache: str | None = None
+    max_cache_size: int | None = None  # bytes; from "50G" etc via options.parse_size (1024-based)
+    max_downloads: int = 4
+    max_downloads_per_host: int = 2
+    log_level: str = "info"  # debug, info, warning, error
+
+
+@dataclass
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    # the [defaults] table, validated (normalize_options over options.DEFAULT_OPTIONS)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # name -> (url, normalized options with defaults applied)
+    sources: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+
+
+def load_config(path: Path) -> Config:
+    """Read, parse and validate the config file at ``path``; BadInput on any problem."""
+    path = Path(path)
+    data = _parse(path)
+    where = _Where(path)
+    for key, value in data.items():
+        if key not in TOP_LEVEL_TABLES:
+            what = f"table [{_key(key)}]" if isinstance(value, dict) else \
+                f"key {key!r} outside any table"
+            where.fail(None, None, f"unknown {what}" + _hint(key, TOP_LEVEL_TABLES)
+                       + ": use [daemon], [defaults] and [sources.NAME]")
+        if not isinstance(value, dict):
+            where.fail(None, None, f"{_key(key)} must be a table: [{key}]"
+                       + (" with [sources.NAME] tables" if key == "sources" else ""))
+    daemon = _load_daemon(where, data.get("daemon", {}))
+    defaults = _load_defaults(where, data.get("defaults", {}))
+    sources: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, table in data.get("sources", {}).items():
+        sources[name] = _load_source(where, name, table, defaults)
+    return Config(path=path, daemon=daemon, defaults=defaults, sources=sources)
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def _parse(path: Path) -> dict[str, Any]:
+    where = _Where(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        where.fail(None, None, f"cannot read: {e.strerror or e}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where.fail(None, None, f"not valid TOML: not UTF-8 text (byte {e.start})")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        where.fail(None, None, f"not valid TOML: {e}")
+    except RecursionError:
+        where.fail(None, None, "not valid TOML: nested too deeply")
+    except ValueError as e:  # e.g. an integer with too many digits
+        where.fail(None, None, f"not valid TOML: {e}")
+
+
+class _Where:
+    """Builds the one-line messages: ``FILE: [TABLE] KEY: message``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, table: str | None, key: str | None, message: str) -> NoReturn:
+        text = f"{self.path}: "
+        if table is not None:
+            text += f"[{table}] "
+        if key is not None:
+            text += f"{key}: "
+        text += message
+        # one line, whatever the file, key or value held
+        raise BadInput(text.replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def _key(key: str) -> str:
+    """A key as TOML would spell it: bare when it can be, else quoted."""
+    return key if _BARE_KEY_RE.fullmatch(key) else json.dumps(key)
+
+
+def _hint(key: str, known: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _normal_keys(where: _Where, table: str, raw: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """{normal key: (key as written, value)}: ``max-attempts`` is ``max_attempts``; not both."""
+    out: dict[str, tuple[str, Any]] = {}
+    for key, value in raw.items():
+        head, dot, rest = key.partition(".")
+        normal = head.replace("-", "_") + dot + rest
+        if normal in out:
+            where.fail(table, _key(key), f"given twice (also as {_key(out[normal][0])})")
+        out[normal] = (key, value)
+    return out
+
+
+# --- [daemon] ---------------------------------------------------------------------------
+
+
+def _load_daemon(where: _Where, raw: dict[str, Any]) -> DaemonConfig:
+    daemon = DaemonConfig()
+    for normal, (key, value) in _normal_keys(where, "daemon", raw).items():
+        shown = _key(key)
+        if normal not in DAEMON_KEYS:
+            where.fail("daemon", None, f"unknown key {key!r}" + _hint(normal, DAEMON_KEYS)
+                       + ": use " + ", ".join(DAEMON_KEYS))
+        if normal == "cache":
+            daemon.cache = _cache_dir(where, shown, value)
+        elif normal == "max_cache_size":
+            try:
+                size = options.parse_size(value, normal)
+            except BadInput as e:
+                where.fail("daemon", shown, str(e))
+            if size == 0:
+                where.fail("daemon", shown, f"invalid {normal} {value!r}: must be more than 0 "
+                           "(leave it out for no limit)")
+            daemon.max_cache_size = size
+        elif normal in ("max_downloads", "max_downloads_per_host"):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                where.fail("daemon", shown, f"invalid {normal} {value!r}: "
+                           "must be an integer >= 1")
+            setattr(daemon, normal, value)
+        else:  # log_level
+            level = value.lower() if isinstance(value, str) else None
+            if level not in LOG_LEVELS:
+                where.fail("daemon", shown, f"invalid log_level {value!r}: use "
+                           + ", ".join(LOG_LEVELS))
+            daemon.log_level = level
+    return daemon
+
+
+def _cache_dir(where: _Where, shown: str, value: Any) -> str:
+    """``~`` is expanded; a relative directory is relative to the config file's."""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        where.fail("daemon", shown, f"invalid cache {value!r}: must be a directory path")
+    expanded = os.path.expanduser(value)
+    if expanded.startswith("~"):
+        where.fail("daemon", shown, f"invalid cache {value!r}: cannot expand '~'")
+    return os.path.normpath(os.path.join(os.path.abspath(where.path.parent), expanded))
+
+
+# --- [defaults] and [sources.NAME] ------------------------------------------------------
+
+
+def _load_defaults(where: _Where, raw: dict[str, Any]) -> dict[str, Any]:
+    return _options(where, "defaults", raw, options.DEFAULT_OPTIONS)
+
+
+def _load_source(where: _Where, name: str, table: Any,
+                 defaults: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    shown = f"sources.{_key(name)}"
+    try:
+        options.check_name(name)
+    except BadInput as e:
+        where.fail(shown, None, str(e))
+    if not isinstance(table, dict):
+        where.fail("sources", _key(name), f"must be a table: [{shown}] with url = \"https://...\"")
+    raw = dict(table)
+    for key, value in raw.items():
+        if isinstance(value, dict) and "url" in value and key not in options.DEFAULT_OPTIONS:
+            dotted = json.dumps(f"{name}.{key}")
+            where.fail(shown, _key(key), "a table here is not an option; a source name with "
+                       f"dots is quoted: [sources.{dotted}]")
+    if "url" not in raw:
+        where.fail(shown, "url", "missing: every source needs url = \"https://...\"")
+    url = raw.pop("url")
+    try:
+        options.check_url(url)
+    except BadInput as e:
+        where.fail(shown, "url", str(e))
+    return url, _options(where, shown, raw, defaults)
+
+
+def _options(where: _Where, table: str, raw: dict[str, Any],
+             base: dict[str, Any]) -> dict[str, Any]:
+    """``options.normalize_options(raw, base=base)``, one key at a time to name the culprit."""
+    known = [*([] if table == "defaults" else ["url"]), *options.DEFAULT_OPTIONS]
+    out = options.normalize_options({}, base=base)
+    for normal, (key, value) in _normal_keys(where, table, raw).items():
+        shown = _key(key)
+        head = normal.partition(".")[0]
+        if head == "url":  # a source's own url was taken out before
+            where.fail(table, shown, "not allowed in [defaults]: each source has its own url"
+                       if table == "defaults" else "url is not a table")
+        if head not in options.DEFAULT_OPTIONS:
+            where.fail(table, None, f"unknown key {key!r}" + _hint(head, known)
+                       + ": use " + ", ".join(known))
+        if "." in normal and head not in TABLE_OPTIONS:
+            where.fail(table, shown, f"option {head!r} is not a table: only "
+                       + " and ".join(TABLE_OPTIONS) + " have entries")
+        try:
+            out = options.normalize_options({key: value}, base=out)
+        except BadInput as e:
+            if head in TABLE_OPTIONS and "." not in normal and isinstance(value, dict):
+                _locate_table_error(where, table, key, value)
+            where.fail(table, shown, str(e))
+    return out
+
+
+def _locate_table_error(where: _Where, table: str, key: str, value: dict[str, Any]) -> None:
+    """Name the entry of a headers/validate table that is wrong, as ``validate.min_size``."""
+    for sub, subvalue in value.items():
+        try:
+            options.normalize_options({f"{key}.{sub}": subvalue})
+        except BadInput as e:
+            where.fail(table, f"{_key(key)}.{_key(sub)}", str(e))

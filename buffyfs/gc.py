@@ -1,0 +1,264 @@
+"""Garbage collection: the retention rules, the hard quota, and orphan sweeping.
+
+Retention, per source: keep ``latest``, the newest ``valid`` version, every
+``keep``-tagged version and the ``keep_versions`` newest others. Everything else is
+garbage, and so is every version of a removed source (the ``garbage`` table).
+The quota (``max_cache_size``) may also evict the ``keep_versions`` extras, oldest
+first; it never evicts ``latest``, the newest ``valid``, a ``keep`` version, or a
+version some reader has open.
+
+Order of work, so that a crash at any point loses nothing committed:
+  1. one index transaction drops the doomed versions and their blob references;
+  2. then the blob files that lost their last reference are unlinked (in a worker
+     thread: it may wait for the commit lock).
+A crash between 1 and 2 leaves orphan blob files, which ``sweep_orphans`` removes.
+Blob files are only unlinked under the exclusive commit lock (``CommitLock``), which
+a download holds shared from the moment its blob is in place until its version is
+committed, so a blob being committed is never mistaken for an orphan.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from buffyfs import crash
+from buffyfs.blobs import BlobStore, SourceLock
+from buffyfs.errors import BuffyError
+from buffyfs.index import Index, Reader, Writer, resolve_latest
+
+log = logging.getLogger(__name__)
+
+
+class CacheFull(BuffyError):
+    pass
+
+
+@dataclass
+class Doomed:
+    source: str
+    version: dict[str, Any]
+    reason: str  # "retention", "source removed" or "quota"
+
+
+@dataclass
+class Report:
+    doomed: list[Doomed] = field(default_factory=list)
+    freed: dict[str, int] = field(default_factory=dict)  # source -> bytes of blobs freed
+    orphans: list[str] = field(default_factory=list)  # orphan blob files and partials removed
+    unlink: list[str] = field(default_factory=list)  # blobs whose last user went
+
+    @property
+    def total(self) -> int:
+        return sum(self.freed.values())
+
+
+def protected_ids(source: dict[str, Any], versions: list[dict[str, Any]]) -> set[str]:
+    """Ids no rule may collect: latest, the newest valid version, the keep-tagged ones."""
+    keep = {v["id"] for v in versions if "keep" in v.get("tags", ())}
+    latest = resolve_latest(source, versions)
+    if latest:
+        keep.add(latest["id"])
+    newest_valid = next((v for v in versions if "valid" in v.get("tags", ())), None)
+    if newest_valid:
+        keep.add(newest_valid["id"])
+    return keep
+
+
+def retention_garbage(r: Reader, open_inos: set[int]) -> tuple[list[Doomed], list[Doomed]]:
+    """(garbage by the retention rules, quota candidates oldest first)."""
+    doomed: list[Doomed] = []
+    extras: list[Doomed] = []
+    for name, src in r.sources():
+        versions = r.versions(name)
+        keep = protected_ids(src, versions)
+        others = [v for v in versions if v["id"] not in keep]
+        limit = src["options"].get("keep_versions", 5)
+        for i, v in enumerate(others):
+            if v["ino"] in open_inos:
+                continue
+            (extras if i < limit else doomed).append(
+                Doomed(name, v, "quota" if i < limit else "retention"))
+    for g in r.garbage():
+        if g["ino"] not in open_inos:
+            doomed.append(Doomed(g["source"], g, "source removed"))
+    extras.sort(key=lambda d: d.version["fetched_at"])
+    return doomed, extras
+
+
+def _freed_by(r: Reader, doomed: Iterable[Doomed]) -> dict[str, int]:
+    """Bytes freed per source if ``doomed`` go (a blob counts when its last user goes)."""
+    refs = {sha: dict(e) for sha, e in r.blob_refs().items()}
+    freed: dict[str, int] = {}
+    for d in doomed:
+        entry = refs.get(d.version["sha256"])
+        freed.setdefault(d.source, 0)
+        if entry is None:
+            continue
+        entry["refs"] -= 1
+        if entry["refs"] == 0:
+            freed[d.source] += entry["size"]
+    return freed
+
+
+def plan(r: Reader, open_inos: set[int], need: int = 0,
+         max_size: int | None = None) -> Report:
+    """What a collection would drop so that ``need`` more bytes fit under ``max_size``.
+
+    Raises CacheFull when even evicting every unprotected version is not enough.
+    """
+    doomed, extras = retention_garbage(r, open_inos)
+    freed = _freed_by(r, doomed)
+    if max_size is not None:
+        used = r.blob_bytes() - sum(freed.values())
+        while used + need > max_size and extras:
+            doomed.append(extras.pop(0))
+            freed = _freed_by(r, doomed)
+            used = r.blob_bytes() - sum(freed.values())
+        if used + need > max_size:
+            raise CacheFull(
+                f"cache full: {need} more bytes do not fit in max_cache_size {max_size} "
+                f"({used} bytes in use by versions no rule lets us evict)")
+    return Report(doomed=doomed, freed=freed)
+
+
+class CommitLock:
+    """flock on ``partial/commit.lock``: shared while a blob waits for its index
+    commit, exclusive while blob files are unlinked."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.path = blobs.partial_dir / "commit.lock"
+        self.fd: int | None = None
+
+    def acquire(self, exclusive: bool, blocking: bool = True) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | \
+            (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, flags)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def collect(index: Index, blobs: BlobStore, open_inos: set[int], need: int = 0,
+            max_size: int | None = None, dry_run: bool = False) -> Report:
+    """Decide and commit a collection (and room for ``need`` bytes under ``max_size``).
+
+    Never blocks on a lock: the plan and the index commit are one write transaction,
+    so no version can be protected (tagged, opened through the index) meanwhile.
+    The blob files that lost their last user are in ``report.unlink``: pass them to
+    ``unlink_blobs`` (which may wait for a download's commit, so not on an event loop).
+    """
+    if dry_run:
+        with index.read() as r:
+            return plan(r, open_inos, need, max_size)
+    with index.write() as w:
+        report = plan(w, open_inos, need, max_size)
+        report.unlink = _drop(w, report.doomed)
+    for d in report.doomed:
+        log.info("%s: collected version %s (%s)", d.source, d.version["id"], d.reason)
+    crash.point("gc-after-commit")  # orphans left here are swept on the next start
+    return report
+
+
+def unlink_blobs(index: Index, blobs: BlobStore, shas: list[str]) -> None:
+    """Delete blob files that have no user, under the exclusive commit lock.
+
+    A download may have committed a version of the same bytes since the collection
+    decided (its blob rename found the file still there): such blobs are kept.
+    """
+    if not shas:
+        return
+    lock = CommitLock(blobs)
+    lock.acquire(exclusive=True)
+    try:
+        with index.read() as r:
+            still_unused = [sha for sha in shas if r.blob_ref(sha) is None]
+        for sha in still_unused:
+            blobs.path(sha).unlink(missing_ok=True)
+    finally:
+        lock.release()
+
+
+def collect_now(index: Index, blobs: BlobStore, open_inos: set[int], need: int = 0,
+                max_size: int | None = None, dry_run: bool = False) -> Report:
+    """``collect`` and ``unlink_blobs`` in one go, for the command line (blocking)."""
+    report = collect(index, blobs, open_inos, need, max_size, dry_run)
+    unlink_blobs(index, blobs, report.unlink)
+    return report
+
+
+def _drop(w: Writer, doomed: list[Doomed]) -> list[str]:
+    gone = []
+    for d in doomed:
+        if w.drop_version(d.source, d.version):
+            gone.append(d.version["sha256"])
+    return gone
+
+
+def sweep_orphans(index: Index, blobs: BlobStore) -> list[str]:
+    """Remove blob files no version uses and partial files no download will resume.
+
+    Skipped (returns []) while some download is between blob and commit.
+    """
+    lock = CommitLock(blobs)
+    if not lock.acquire(exclusive=True, blocking=False):
+        return []
+    removed: list[str] = []
+    try:
+        with index.read() as r:
+            refs = set(r.blob_refs())
+            names = set(r.source_names())
+            partials = {n: r.state(n).get("partial") for n in names}
+        for sub in sorted(blobs.blob_dir.iterdir()):
+            for f in sorted(sub.iterdir()) if sub.is_dir() else []:
+                if f.name not in refs:
+                    f.unlink(missing_ok=True)
+                    removed.append(str(f.relative_to(blobs.root)))
+        removed += _sweep_partials(blobs, names, partials)
+    finally:
+        lock.release()
+    for path in removed:
+        log.info("removed orphan %s", path)
+    return removed
+
+
+def _sweep_partials(blobs: BlobStore, names: set[str],
+                    partials: dict[str, Any]) -> list[str]:
+    removed = []
+    for f in sorted(blobs.partial_dir.glob("*.part")):
+        name = f.name[: -len(".part")]
+        source_lock = SourceLock(blobs.lock_path(name))
+        if not source_lock.try_acquire():
+            continue  # being downloaded right now
+        try:
+            if name not in names or not partials.get(name):
+                f.unlink(missing_ok=True)
+                removed.append(str(f.relative_to(blobs.root)))
+        finally:
+            source_lock.release()
+        if name not in names:
+            blobs.lock_path(name).unlink(missing_ok=True)
+    return removed
+
+
+def partial_bytes(blobs: BlobStore) -> int:
+    total = 0
+    for f in blobs.partial_dir.glob("*.part"):
+        try:
+            total += f.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
