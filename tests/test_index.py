@@ -163,8 +163,16 @@ def test_remove_source_returns_versions_and_forgets_everything(idx: Index) -> No
     assert state(idx, "a")["consecutive_failures"] == 0
     assert idx.take_refresh_requests() == []
     with idx.read() as r:
-        assert r.inode(v["ino"]) is None
         assert r.source_names() == []
+        # the version waits as garbage (a reader may hold it) until collected
+        assert r.version_by_inode(v["ino"]) == ("a", {**v, "source": "a"})
+        assert [g["id"] for g in r.garbage()] == [v["id"]]
+        assert r.blob_ref(v["sha256"])["refs"] == 1
+    with idx.write() as w:
+        assert w.drop_version("a", {**v, "source": "a"}) is True  # its last user
+    with idx.read() as r:
+        assert r.inode(v["ino"]) is None and r.garbage() == []
+        assert r.blob_ref(v["sha256"]) is None and r.blob_bytes() == 0
 
 
 def test_inode_blocks_distinct(idx: Index) -> None:

@@ -1,0 +1,208 @@
+"""Garbage collection, the quota, ``buffyfs gc`` and ``buffyfs check``, through the
+mount and the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import run_cli, wait_for
+from tests.test_mount import read, status, write_control
+
+
+def blob_files(cache) -> set[str]:
+    return {f.name for sub in (cache / "blobs").iterdir() for f in sub.iterdir()}
+
+
+def make_versions(origin, mnt, name, bodies, options=""):
+    """A source whose versions have ``bodies`` in order; returns their ids, oldest first."""
+    origin.set(f"/{name}", bodies[0])
+    write_control(mnt / "@control", f"add {name} {origin.url('/' + name)} {options}")
+    assert read(mnt / f"{name}/latest") == bodies[0]
+    ids = [status(mnt / f"{name}/@status")["latest"]]
+    for body in bodies[1:]:
+        origin.set(f"/{name}", body)
+        write_control(mnt / f"{name}/@control", "refresh")
+        wait_for(lambda: status(mnt / f"{name}/@status")["latest"] not in ids, 10,
+                 what="a new version")
+        ids.append(status(mnt / f"{name}/@status")["latest"])
+    return ids
+
+
+def test_retention_keeps_latest_valid_keep_and_the_newest_others(origin, mnt):
+    a, b, c = make_versions(origin, mnt, "r", [b"A" * 1000, b"B" * 1000, b"C" * 1000])
+    write_control(mnt / "r/@control", f"tag {a} keep\ntag {b} valid\nset keep_versions=1")
+    # three more versions: only latest, the newest valid, keep, and 1 other may stay
+    for body in (b"D" * 1000, b"E" * 1000, b"F" * 1000):
+        origin.set("/r", body)
+        before = status(mnt / "r/@status")["latest"]
+        write_control(mnt / "r/@control", "refresh")
+        wait_for(lambda old=before: status(mnt / "r/@status")["latest"] != old, 10,
+                 what="version")
+    wait_for(lambda: len(status(mnt / "r/@status")["versions"]) == 4, 10, what="collection")
+    st = status(mnt / "r/@status")
+    kept = [v["id"] for v in st["versions"]]
+    assert a in kept and b in kept and c not in kept  # keep, valid stay; C, D collected
+    assert kept[0] == st["latest"]  # F
+    assert sorted(os.listdir(mnt / "r/@versions")) == sorted(kept)
+    assert hashlib.sha256(b"C" * 1000).hexdigest() not in blob_files(mnt.cache)
+    assert read(mnt / f"r/@versions/{a}") == b"A" * 1000
+
+
+def test_open_version_is_not_collected_under_its_reader(origin, mnt):
+    ids = make_versions(origin, mnt, "o", [b"old bytes"], "keep_versions=0")
+    f = open(mnt / "o/latest", "rb")  # noqa: SIM115 (closed below)
+    try:
+        origin.set("/o", b"new bytes")
+        write_control(mnt / "o/@control", "refresh")
+        wait_for(lambda: status(mnt / "o/@status")["latest"] != ids[0], 10, what="version")
+        assert run_cli("gc", cache=mnt.cache).returncode == 0
+        assert ids[0] in [v["id"] for v in status(mnt / "o/@status")["versions"]]
+        assert f.read() == b"old bytes"
+        assert os.fstat(f.fileno()).st_size == len(b"old bytes")
+    finally:
+        f.close()
+    done = run_cli("gc", cache=mnt.cache)
+    assert "o: 1 version(s), freed" in done.stdout
+    remaining = [v["id"] for v in status(mnt / "o/@status")["versions"]]
+    assert len(remaining) == 1 and ids[0] not in remaining
+    assert not os.path.exists(mnt / f"o/@versions/{ids[0]}")
+
+
+def test_shared_blobs_go_with_their_last_user(origin, mnt, cli):
+    origin.set("/same", b"shared content")
+    write_control(mnt / "@control",
+                  f"add s1 {origin.url('/same')}\nadd s2 {origin.url('/same')}")
+    assert read(mnt / "s1/latest") == read(mnt / "s2/latest") == b"shared content"
+    sha = hashlib.sha256(b"shared content").hexdigest()
+    assert blob_files(mnt.cache) == {sha}  # stored once
+    assert status(mnt / "@status")["cache_size"] == len(b"shared content")
+    write_control(mnt / "@control", "remove s1")
+    cli("gc", check=True)
+    assert blob_files(mnt.cache) == {sha}  # s2 still uses it
+    assert read(mnt / "s2/latest") == b"shared content"
+    write_control(mnt / "@control", "remove s2")
+    out = cli("gc", check=True).stdout
+    assert "s2: 1 version(s)" in out
+    assert blob_files(mnt.cache) == set()
+    assert status(mnt / "@status")["cache_size"] == 0
+
+
+def test_gc_dry_run_changes_nothing(origin, cli, mount_factory):
+    origin.set("/d", b"one")
+    cli("add", "d", origin.url("/d"), "--keep-versions", "0", check=True)
+    cli("fetch", "d", check=True)
+    origin.set("/d", b"two")
+    cli("fetch", "d", check=True)  # no mount runs: the command line collects nothing yet
+    before = version_count(cli)
+    out = cli("gc", "--dry-run", check=True).stdout
+    assert "d: 1 version(s), would free 3 B" in out and "total: would free 3 B" in out
+    assert version_count(cli) == before == 2
+    out = cli("gc", check=True).stdout
+    assert "total: freed 3 B" in out
+    assert len(json.loads(cli("status", "d", "--json", check=True).stdout)["versions"]) == 1
+    mnt = mount_factory()
+    assert read(mnt / "d/latest") == b"two"
+
+
+def version_count(cli) -> int:
+    return len(json.loads(cli("status", "d", "--json", check=True).stdout)["versions"])
+
+
+def test_quota_evicts_oldest_and_refuses_what_cannot_fit(origin, mount_factory):
+    mnt = mount_factory("--max-cache-size", "350K")
+    make_versions(origin, mnt, "q", [os.urandom(100_000) for _ in range(3)], "keep_versions=5")
+    assert status(mnt / "@status")["max_cache_size"] == 350 * 1024
+    before = [v["id"] for v in status(mnt / "q/@status")["versions"]]
+    make_versions(origin, mnt, "q2", [os.urandom(100_000)])  # needs room: q's oldest goes
+    after = [v["id"] for v in status(mnt / "q/@status")["versions"]]
+    assert after == before[:-1]
+    assert status(mnt / "@status")["cache_size"] <= 350 * 1024
+    origin.set("/huge", os.urandom(400_000))
+    write_control(mnt / "@control", f"add huge {origin.url('/huge')}")
+    with pytest.raises(OSError):
+        read(mnt / "huge/latest")
+    assert "cache full" in status(mnt / "huge/@status")["last_error"]["message"]
+    # nothing protected was evicted for it: every latest still reads
+    assert len(read(mnt / "q/latest")) == 100_000 and len(read(mnt / "q2/latest")) == 100_000
+    assert status(mnt / "@status")["cache_size"] <= 350 * 1024
+
+
+def test_disk_full_fails_the_download_cleanly(origin, tmp_path, cli, mount_factory):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        cache = small / "cache"
+        origin.set("/fits", b"f" * 10_000)
+        origin.set("/toobig", os.urandom(3 << 20))
+        mnt = mount_factory(cache=cache)
+        write_control(mnt / "@control", f"add fits {origin.url('/fits')}")
+        assert read(mnt / "fits/latest") == b"f" * 10_000
+        write_control(mnt / "@control", f"add toobig {origin.url('/toobig')} max_attempts=1")
+        with pytest.raises(OSError):
+            read(mnt / "toobig/latest")
+        assert "No space left" in status(mnt / "toobig/@status")["last_error"]["message"]
+        assert read(mnt / "fits/latest") == b"f" * 10_000  # nothing else harmed
+        assert not (cache / "partial" / "toobig.part").exists()  # space given back
+        mnt.close()
+    finally:
+        subprocess.run(["umount", "-l", str(small)])
+
+
+def test_check_finds_and_repairs(origin, cli, cache_dir):
+    origin.set("/c", b"first body")
+    cli("add", "c", origin.url("/c"), check=True)
+    cli("fetch", "c", check=True)
+    origin.set("/c", b"second body")
+    cli("fetch", "c", check=True)
+    assert cli("check").returncode == 0
+    st = json.loads(cli("status", "c", "--json", check=True).stdout)
+    newest = st["versions"][0]
+    path = cache_dir / "blobs" / newest["sha256"][:2] / newest["sha256"]
+    os.chmod(path, 0o644)
+    path.write_bytes(b"rotten bits")  # corrupt the newest version
+    orphan = cache_dir / "blobs" / "ab" / ("ab" + "0" * 62)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"nobody's")
+    done = cli("check")
+    assert done.returncode == 1
+    assert f"corrupt blob: c {newest['id']}" in done.stdout
+    assert "orphan: blobs/ab/" in done.stdout
+    done = cli("check", "--repair")
+    assert done.returncode == 1 and "repaired" in done.stdout
+    assert cli("check").returncode == 0
+    st = json.loads(cli("status", "c", "--json", check=True).stdout)
+    assert [v["id"] for v in st["versions"]] == [st["latest"]] and st["latest"] != newest["id"]
+    assert not orphan.exists() and not path.exists()
+
+
+def test_check_reports_missing_blob(origin, cli, cache_dir):
+    origin.set("/m", b"soon missing")
+    cli("add", "m", origin.url("/m"), check=True)
+    cli("fetch", "m", check=True)
+    sha = hashlib.sha256(b"soon missing").hexdigest()
+    (cache_dir / "blobs" / sha[:2] / sha).unlink()
+    done = cli("check")
+    assert done.returncode == 1 and "missing blob: m" in done.stdout
+    assert cli("check", "--repair").returncode == 1
+    assert json.loads(cli("status", "m", "--json", check=True).stdout)["versions"] == []
+    assert cli("check").returncode == 0
+
+
+def test_offline_start_serves_everything_at_once(origin, cli, mount_factory):
+    origin.set("/a", b"cached a")
+    cli("add", "a", origin.url("/a"), "--refresh", "1s", check=True)
+    cli("fetch", "a", check=True)
+    cli("add", "dns", "http://no-such-host.invalid/file", "--refresh", "1s", check=True)
+    origin.stop()
+    mnt = mount_factory()
+    assert read(mnt / "a/latest") == b"cached a"
+    assert sorted(os.listdir(mnt.path)) == ["@control", "@status", "a", "dns"]
+    with pytest.raises(OSError):
+        read(mnt / "dns/latest")
+    assert "resolve" in status(mnt / "dns/@status")["last_error"]["message"]
