@@ -65,6 +65,30 @@ class Cache:
         check_url(url)
         return self.index.add_source(name, url, normalize_options(raw_options), replace=replace)
 
+    def sync_sources(self, declared: dict[str, tuple[str, dict[str, Any]]],
+                     prune: bool = False) -> tuple[list[str], list[str], list[str]]:
+        """Write a config's sources into the index: (added, changed, removed).
+
+        Declared options replace the stored ones; a pin made with ``pin`` survives a
+        config that does not mention ``pinned``. With ``prune``, sources the config does
+        not declare are removed.
+        """
+        added, changed, removed = [], [], []
+        with self.index.read() as r:
+            existing = {n: src for n, src in r.sources()}
+        for name, (url, options) in declared.items():
+            old = existing.get(name)
+            if old is not None and old["options"].get("pinned") and not options["pinned"]:
+                options = {**options, "pinned": True}  # pinned at run time: keep the pin
+            if self.index.add_source(name, url, options, replace=True):
+                (changed if old is not None else added).append(name)
+        if prune:
+            for name in existing:
+                if name not in declared:
+                    self.index.remove_source(name)
+                    removed.append(name)
+        return added, changed, removed
+
     def remove_source(self, name: str) -> None:
         check_name(name)
         self.index.remove_source(name)

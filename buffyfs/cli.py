@@ -45,13 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"buffyfs {__version__}")
     common = _Parser(add_help=False)
     common.add_argument("--cache", metavar="DIR", help="cache directory")
+    common.add_argument("--config", metavar="FILE",
+                        help="TOML config: daemon settings (its cache directory) and sources")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     m = sub.add_parser("mount", parents=[common], help="mount the cache")
     m.add_argument("mountpoint")
     m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     m.add_argument("--allow-other", action="store_true", help="let other users read")
-    m.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    m.add_argument("--prune", action="store_true",
+                   help="remove sources the config file does not declare")
+    m.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="default: the config's log_level, else info")
     m.add_argument("--max-cache-size", metavar="SIZE",
                    help="hard quota on cached versions, e.g. 50G (K, M, G, T: 1024-based)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -95,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name")
     rf = sub.add_parser("refresh", parents=[common], help="check the origin now")
     rf.add_argument("name")
+    comp = sub.add_parser("completion", help="print a shell completion script")
+    comp.add_argument("shell", choices=("bash", "zsh", "tcsh"))
     g = sub.add_parser("gc", parents=[common], help="collect garbage now")
     g.add_argument("--dry-run", action="store_true", help="only print what would be freed")
     c = sub.add_parser("check", parents=[common], help="verify the index against the blobs")
@@ -104,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = fstab_args(argv)
     args = build_parser().parse_args(argv)
     if args.command != "mount":  # commands report their own errors, one line each
         logging.getLogger().addHandler(logging.NullHandler())
@@ -118,10 +128,50 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# mount -o options that map to ours; the generic ones (rw, dev, suid, _netdev, ...) are
+# for mount(8) and fusermount3, not for us.
+FSTAB_FLAGS = {"allow_other": "--allow-other", "prune": "--prune", "foreground": "--foreground"}
+FSTAB_VALUES = {"cache": "--cache", "max_cache_size": "--max-cache-size",
+                "log_level": "--log-level"}
+
+
+def fstab_args(argv: list[str]) -> list[str]:
+    """``buffyfs SOURCE MOUNTPOINT -o OPTS``, as mount.fuse3 runs it for an fstab line
+    (``/etc/buffyfs/config.toml /mnt/buffy fuse.buffyfs allow_other,_netdev 0 0``),
+    turned into ``buffyfs mount``. SOURCE is a config file, or ``none``."""
+    source, mountpoint, rest = argv[0], argv[1], argv[2:]
+    out = ["mount", mountpoint]
+    if source not in ("none", "buffyfs"):
+        out += ["--config", source]
+    opts: list[str] = []
+    while rest:
+        word = rest.pop(0)
+        if word == "-o" and rest:
+            opts += rest.pop(0).split(",")
+        elif word.startswith("-o"):
+            opts += word[2:].split(",")
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if key in FSTAB_FLAGS and not sep:
+            out.append(FSTAB_FLAGS[key])
+        elif key in FSTAB_VALUES and sep:
+            out += [FSTAB_VALUES[key], value]
+    return out
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from buffyfs.cache import Cache, resolve_cache_dir
+    from buffyfs.config import load_config
 
-    return Cache(resolve_cache_dir(args.cache))
+    configured = load_config(Path(args.config)).daemon.cache if args.config else None
+    return Cache(resolve_cache_dir(args.cache, configured))
 
 
 # --- mount ------------------------------------------------------------------------------
@@ -130,19 +180,26 @@ def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_mount(args: argparse.Namespace) -> int:
     from buffyfs import log
     from buffyfs.cache import resolve_cache_dir
+    from buffyfs.config import DaemonConfig, load_config
     from buffyfs.options import parse_size
 
-    cache_dir = resolve_cache_dir(args.cache)
+    config_path = Path(args.config).absolute() if args.config else None
+    daemon = load_config(config_path).daemon if config_path else DaemonConfig()
+    cache_dir = resolve_cache_dir(args.cache, daemon.cache)
     if not os.path.isdir(args.mountpoint):
         raise BadInput(f"mount point {args.mountpoint} is not a directory")
     max_size = parse_size(args.max_cache_size, "--max-cache-size") \
-        if args.max_cache_size else None
+        if args.max_cache_size else daemon.max_cache_size
+    args.log_level = args.log_level or daemon.log_level
     if args.foreground:
         from buffyfs import mount
 
         log.setup(args.log_level, None if args.ready_fd is None else cache_dir / "buffyfs.log")
-        mount.run(mount.Settings(args.mountpoint, cache_dir, allow_other=args.allow_other,
-                                 ready_fd=args.ready_fd, max_cache_size=max_size))
+        mount.run(mount.Settings(
+            args.mountpoint, cache_dir, allow_other=args.allow_other, ready_fd=args.ready_fd,
+            max_downloads=daemon.max_downloads,
+            max_downloads_per_host=daemon.max_downloads_per_host,
+            max_cache_size=max_size, config_path=config_path, prune=args.prune))
         return 0
     return _mount_detached(args, cache_dir)
 
@@ -157,6 +214,10 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
         cmd.append("--allow-other")
     if args.max_cache_size:
         cmd += ["--max-cache-size", args.max_cache_size]
+    if args.config:
+        cmd += ["--config", str(Path(args.config).absolute())]
+    if args.prune:
+        cmd.append("--prune")
     errors = cache_dir / "buffyfs.start-error"
     with open(errors, "w") as err:
         proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
@@ -511,5 +572,5 @@ COMMANDS = {
     "mount": cmd_mount, "umount": cmd_umount, "add": cmd_add, "remove": cmd_remove,
     "list": cmd_list, "status": cmd_status, "versions": cmd_versions, "fetch": cmd_fetch,
     "refresh": cmd_refresh, "tag": cmd_tag, "untag": cmd_tag, "pin": cmd_pin,
-    "unpin": cmd_unpin, "gc": cmd_gc, "check": cmd_check,
+    "unpin": cmd_unpin, "gc": cmd_gc, "check": cmd_check, "completion": cmd_completion,
 }

@@ -5,7 +5,7 @@ Handlers stay thin: they read the index, open blobs, and turn domain errors into
 
 Inode numbers (all stable, never reused):
 
-    1, 2, 3            the root, its @status and @control
+    1, 2, 3, 4         the root, its @status, @control and @metrics
     index-allocated    per source a block (index.SourceInode: dir, @status,
                        @control, @versions, pending-latest), one per version
     1<<48 and up       tag directories SOURCE/@TAG/, numbered in memory per
@@ -29,7 +29,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
@@ -39,6 +39,7 @@ from buffyfs import control
 from buffyfs.cache import Cache
 from buffyfs.errors import BadInput, BuffyError, FetchError
 from buffyfs.index import SourceInode, parse_rfc3339
+from buffyfs.metrics import Metrics
 from buffyfs.options import (
     NAME_RE,
     RESERVED_TAGS,
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 ROOT_STATUS = 2
 ROOT_CONTROL = 3
+ROOT_METRICS = 4
 
 IMMUTABLE_TIMEOUT = 3600.0  # version inodes and their @versions entries
 SHORT_TIMEOUT = 1.0  # everything that can change
@@ -95,13 +97,6 @@ class DirHandle:
     entries: list[tuple[bytes, pyfuse3.EntryAttributes]] | None = None
 
 
-@dataclass
-class Counters:
-    opens: int = 0
-    bytes_served: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-
-
 class BuffyFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
@@ -125,7 +120,7 @@ class BuffyFS(pyfuse3.Operations):
         self.shown_latest: dict[str, int] = {}  # source -> inode last given for `latest`
         self.tagdir_inos: dict[tuple[int, str], int] = {}  # (source base, tag) -> inode
         self.tagdirs: dict[int, tuple[str, int, str]] = {}  # inode -> (source, base, tag)
-        self.counters = Counters()
+        self.metrics = Metrics()
         self.open_inos: collections.Counter[int] = collections.Counter()
         self.nowait_reads = True
         self.started_ns = time.time_ns()
@@ -139,6 +134,8 @@ class BuffyFS(pyfuse3.Operations):
             return Node("root_status")
         if ino == ROOT_CONTROL:
             return Node("root_control")
+        if ino == ROOT_METRICS:
+            return Node("root_metrics")
         if ino >= FIRST_TAGDIR_INO:
             if ino not in self.tagdirs:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -249,7 +246,7 @@ class BuffyFS(pyfuse3.Operations):
 
     def _on_open_options(self, parent: int) -> dict[str, Any] | None:
         """The options of the source whose directory is ``parent``, if it is on-open."""
-        if parent >= FIRST_TAGDIR_INO or parent <= ROOT_CONTROL:
+        if parent >= FIRST_TAGDIR_INO or parent <= ROOT_METRICS:
             return None
         with self.index.read() as r:
             ref = r.inode(parent)
@@ -282,6 +279,8 @@ class BuffyFS(pyfuse3.Operations):
                 return ROOT_STATUS
             if name == "@control":
                 return ROOT_CONTROL
+            if name == "@metrics":
+                return ROOT_METRICS
             if not NAME_RE.fullmatch(name) or name[0] in ".@":
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._source_base(name)
@@ -333,7 +332,8 @@ class BuffyFS(pyfuse3.Operations):
         node = self._node(ino)
         names: list[tuple[str, int]] = []
         if node.kind == "root":
-            names = [("@status", ROOT_STATUS), ("@control", ROOT_CONTROL)]
+            names = [("@status", ROOT_STATUS), ("@control", ROOT_CONTROL),
+                     ("@metrics", ROOT_METRICS)]
             with self.index.read() as r:
                 names += [(n, src["ino"]) for n, src in r.sources()]
         elif node.kind == "dir":
@@ -395,7 +395,7 @@ class BuffyFS(pyfuse3.Operations):
         except OSError as e:
             log.error("blob of version %s unreadable: %s", version["id"], e.strerror)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        self.counters.opens += 1
+        self.metrics.opens.inc()
         self.open_inos[version["ino"]] += 1  # collection waits for the last close
         fh = self._new_handle(BlobHandle(fd, version["size"], version["ino"]))
         return pyfuse3.FileInfo(fh=fh, **info)
@@ -417,8 +417,9 @@ class BuffyFS(pyfuse3.Operations):
             assert node.source
             version = await self._wait_latest(node.source)
             return self._open_version(version, direct_io=True, keep_cache=False)
-        if node.kind in ("root_status", "status"):
-            data = self._render_status(node.source)
+        if node.kind in ("root_status", "status", "root_metrics"):
+            data = self.metrics.render(self.index) if node.kind == "root_metrics" \
+                else self._render_status(node.source)
             return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(data)),
                                     direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR)
@@ -458,7 +459,7 @@ class BuffyFS(pyfuse3.Operations):
         data = self._read_cached(handle.fd, off, size)
         if data is None:  # not in the page cache: read from disk off the event loop
             data = await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
-        self.counters.bytes_served += len(data)
+        self.metrics.bytes_served.inc(len(data))
         return data
 
     def _read_cached(self, fd: int, off: int, size: int) -> memoryview | None:

@@ -35,6 +35,20 @@ class Settings:
     max_downloads: int = 4
     max_downloads_per_host: int = 2
     max_cache_size: int | None = None
+    config_path: Path | None = None  # reloaded on SIGHUP
+    prune: bool = False  # remove sources the config does not declare
+
+
+def sync_config(cache: Cache, settings: Settings) -> None:
+    """Read the config file and write its sources into the index (BadInput if bad)."""
+    if settings.config_path is None:
+        return
+    from buffyfs.config import load_config
+
+    config = load_config(settings.config_path)
+    added, changed, removed = cache.sync_sources(config.sources, settings.prune)
+    log.info("config %s: %d sources (%d added, %d changed, %d removed)",
+             settings.config_path, len(config.sources), len(added), len(changed), len(removed))
 
 
 def run(settings: Settings) -> None:
@@ -44,6 +58,7 @@ def run(settings: Settings) -> None:
     cache = Cache(settings.cache_dir)
     lock_fd = cache.claim_mount(os.path.abspath(settings.mountpoint))
     try:
+        sync_config(cache, settings)
         cache.set_max_cache_size(settings.max_cache_size)
         trio.run(_serve, cache, settings)
     finally:
@@ -127,6 +142,7 @@ async def _serve(cache: Cache, settings: Settings) -> None:
         refresher = Refresher(cache.index, cache.blobs, client, settings.max_downloads,
                               settings.max_downloads_per_host)
         fs = BuffyFS(cache, None, progress=lambda: dict(refresher.progress))
+        refresher.metrics = fs.metrics
         collector = Collector(cache, fs, settings.max_cache_size, nursery)
         refresher.make_room = collector.make_room
         refresher.on_version = collector.kick
@@ -140,7 +156,7 @@ async def _serve(cache: Cache, settings: Settings) -> None:
         except RuntimeError as e:
             raise CacheError(f"cannot mount on {settings.mountpoint}: {e}") from None
         try:
-            nursery.start_soon(_watch_signals)
+            nursery.start_soon(_watch_signals, cache, settings, collector, fs)
             nursery.start_soon(_watch_changes, cache, scheduler, fs, collector)
             nursery.start_soon(collector.run)
             scheduler.start_all()
@@ -177,14 +193,38 @@ def notify_systemd(message: bytes) -> None:
         log.warning("cannot notify systemd: %s", e)
 
 
-async def _watch_signals() -> None:
+async def _watch_signals(cache: Cache, settings: Settings, collector: Collector,
+                         fs: BuffyFS) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                continue  # reloading the config comes with the operations work
+                reload_config(cache, settings, collector, fs)
+                continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
+
+
+def reload_config(cache: Cache, settings: Settings, collector: Collector, fs: BuffyFS) -> None:
+    """SIGHUP: apply the config file again; a bad one leaves the running config as it is."""
+    if settings.config_path is None:
+        log.info("SIGHUP: no config file to reload")
+        return
+    from buffyfs.config import load_config
+
+    try:
+        config = load_config(settings.config_path)
+    except BuffyError as e:
+        log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
+        return
+    added, changed, removed = cache.sync_sources(config.sources, settings.prune)
+    for name in added + changed + removed:
+        fs.sync(name)
+    collector.max_size = config.daemon.max_cache_size
+    cache.set_max_cache_size(config.daemon.max_cache_size)
+    logging.getLogger().setLevel(config.daemon.log_level.upper())
+    log.info("SIGHUP: config %s reloaded (%d added, %d changed, %d removed)",
+             settings.config_path, len(added), len(changed), len(removed))
 
 
 async def _watch_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,

@@ -25,6 +25,7 @@ from buffyfs.blobs import BlobStore, SourceLock
 from buffyfs.errors import FetchError, NotFound
 from buffyfs.gc import CacheFull, CommitLock
 from buffyfs.index import Index, now_utc, rfc3339
+from buffyfs.metrics import Metrics
 from buffyfs.options import parse_duration, redact_url
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Refresher:
         self.make_room = make_room  # evicts so that N more bytes fit, or raises CacheFull
         self.on_version = on_version  # told after each new version
         self.progress: dict[str, tuple[int, int | None]] = {}
+        self.metrics: Metrics | None = None
         self.proxy_clients: dict[str, httpx.AsyncClient] = {}
 
     def _set_state(self, name: str, state: str, **fields: Any) -> None:
@@ -128,6 +130,9 @@ class Refresher:
         last_write = [0.0]
 
         def progress(done: int, total: int | None) -> None:
+            if self.metrics:
+                before = self.progress.get(name, (0, None))[0]
+                self.metrics.bytes_downloaded.inc(max(0, done - before))
             self.progress[name] = (done, total)
             if on_progress:
                 on_progress(done, total)
@@ -146,6 +151,9 @@ class Refresher:
         max_attempts = options["max_attempts"]
         error = "no attempt made"
         for attempt in range(1, max_attempts + 1):
+            if attempt > 1 and self.metrics:
+                self.metrics.retries.inc()
+            self.progress.pop(name, None)
             self._set_state(name, "fetching", progress={"bytes": 0, "total": None})
             started = now_utc()
             try:
@@ -176,8 +184,13 @@ class Refresher:
             partial.unlink(missing_ok=True)
         failures = self.index.record_failure(name, now_utc(), error)
         self._set_state(name, "idle")
+        self._count("failed")
         log.error("%s: refresh gave up (%d in a row): %s", name, failures, error)
         return Outcome(error=error)
+
+    def _count(self, result: str) -> None:
+        if self.metrics:
+            self.metrics.downloads.labels(result=result).inc()
 
     def _reserve(self, need: int) -> None:
         """Make room for ``need`` more bytes under the quota, or fail the attempt."""
@@ -225,6 +238,7 @@ class Refresher:
                 last_error=None, progress=None,
             )
             self._set_state(name, "idle")
+            self._count("not_modified")
             log.info("%s: not modified", name)
             return Outcome(checked=True)
         partial = self.blobs.partial_path(name)
@@ -232,6 +246,7 @@ class Refresher:
             partial.unlink(missing_ok=True)  # same bytes as the newest version: a check only
             self.index.commit_version(name, {"sha256": result.sha256}, started)
             self._set_state(name, "idle")
+            self._count("unchanged")
             log.info("%s: checked, content unchanged", name)
             return Outcome(checked=True)
         if not self.blobs.exists(result.sha256):
@@ -288,6 +303,7 @@ class Refresher:
                 "message": f"version {version['id']} failed validation: {record['validation']}",
             })
         self._set_state(name, "idle")
+        self._count("new_version" if version else "unchanged")
         if version:
             log.info("%s: new version %s (%d bytes)", name, version["id"], version["size"])
         else:

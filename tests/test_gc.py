@@ -202,7 +202,7 @@ def test_offline_start_serves_everything_at_once(origin, cli, mount_factory):
     origin.stop()
     mnt = mount_factory()
     assert read(mnt / "a/latest") == b"cached a"
-    assert sorted(os.listdir(mnt.path)) == ["@control", "@status", "a", "dns"]
+    assert sorted(os.listdir(mnt.path)) == ["@control", "@metrics", "@status", "a", "dns"]
     with pytest.raises(OSError):
         read(mnt / "dns/latest")
     assert "resolve" in status(mnt / "dns/@status")["last_error"]["message"]

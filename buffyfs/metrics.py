@@ -1,0 +1,50 @@
+"""``MOUNT/@metrics``: counters and gauges in the Prometheus text format.
+
+Counters live in the mount process (they restart from zero with it, which Prometheus
+handles); gauges are read from the index when ``@metrics`` is opened.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from buffyfs.index import Index
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.bytes_served = Counter("buffyfs_bytes_served", "Bytes read by programs from "
+                                    "version files (page-cache hits are not seen)",
+                                    registry=r)
+        self.opens = Counter("buffyfs_opens", "Opens of version files", registry=r)
+        self.downloads = Counter("buffyfs_downloads", "Finished refreshes by result",
+                                 ["result"], registry=r)
+        self.bytes_downloaded = Counter("buffyfs_bytes_downloaded", "Body bytes received",
+                                        registry=r)
+        self.retries = Counter("buffyfs_retries", "Attempts made after a failed attempt",
+                               registry=r)
+        self.cache_size = Gauge("buffyfs_cache_size_bytes", "Bytes of cached versions",
+                                registry=r)
+        self.max_cache_size = Gauge("buffyfs_max_cache_size_bytes",
+                                    "The quota (0: unlimited)", registry=r)
+        self.sources = Gauge("buffyfs_sources", "Registered sources", registry=r)
+        self.versions = Gauge("buffyfs_versions", "Kept versions", registry=r)
+        self.stale = Gauge("buffyfs_stale_sources", "Sources served while their origin "
+                           "is failing", registry=r)
+        self.fetching = Gauge("buffyfs_fetching_sources", "Sources downloading now",
+                              registry=r)
+
+    def render(self, index: Index) -> bytes:
+        with index.read() as r:
+            names = r.source_names()
+            states = [r.state(n) for n in names]
+            self.cache_size.set(r.blob_bytes())
+            self.max_cache_size.set(r.meta_json("max_cache_size") or 0)
+            self.versions.set(sum(len(r.versions(n)) for n in names))
+            self.stale.set(sum(1 for n, st in zip(names, states, strict=True)
+                               if st.get("consecutive_failures") and r.latest(n)))
+        self.sources.set(len(names))
+        self.fetching.set(sum(1 for st in states if st.get("state") == "fetching"))
+        return generate_latest(self.registry)
