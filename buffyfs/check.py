@@ -95,4 +95,9 @@ def repair(index: Index, blobs: BlobStore, found: Findings) -> None:
         for sha, users in uses.items():
             if any(s == source and v["id"] == vid for s, v in users):
                 blobs.path(sha).unlink(missing_ok=True)
-    gc.sweep_orphans(index, blobs)
+    if gc.sweep_orphans(index, blobs) is None:
+        for path in found.orphans:  # a download is committing: remove only what we saw
+            sha = path.rsplit("/", 1)[-1]
+            with index.read() as r:
+                if r.blob_ref(sha) is None:
+                    (blobs.root / path).unlink(missing_ok=True)

@@ -505,7 +505,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         found = gc.collect_now(cache.index, cache.blobs, set(), 0, cache.max_cache_size(),
                                args.dry_run)
         if not args.dry_run:
-            found.orphans = gc.sweep_orphans(cache.index, cache.blobs)
+            found.orphans = gc.sweep_orphans(cache.index, cache.blobs) or []
         report = report_json(found)
     verb = "would free" if args.dry_run else "freed"
     per_source: dict[str, int] = {}

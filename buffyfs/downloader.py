@@ -315,6 +315,7 @@ class Body:
                 async for batch in receive:
                     await trio.to_thread.run_sync(_write_and_hash, fd, self.hasher, batch)
                     self.size += len(batch)
+                    crash.point("download-mid-body")  # a batch is in the file
 
         interrupted: Exception | None = None
         try:
@@ -335,7 +336,6 @@ class Body:
                             if pending_len >= BATCH:
                                 await send.send(b"".join(pending))
                                 pending, pending_len = [], 0
-                                crash.point("download-mid-body")
                                 if on_progress:
                                     on_progress(received, total)
                     except (httpx.HTTPError, AttemptError) as e:

@@ -208,14 +208,15 @@ def _drop(w: Writer, doomed: list[Doomed]) -> list[str]:
     return gone
 
 
-def sweep_orphans(index: Index, blobs: BlobStore) -> list[str]:
+def sweep_orphans(index: Index, blobs: BlobStore) -> list[str] | None:
     """Remove blob files no version uses and partial files no download will resume.
 
-    Skipped (returns []) while some download is between blob and commit.
+    Returns what it removed, or None when it had to skip: some download is between
+    blob and commit right now (the caller tries again later).
     """
     lock = CommitLock(blobs)
     if not lock.acquire(exclusive=True, blocking=False):
-        return []
+        return None
     removed: list[str] = []
     try:
         with index.read() as r:

@@ -162,6 +162,11 @@ class Reader:
         out.reverse()
         return out
 
+    def has_versions(self, name: str) -> bool:
+        prefix = name.encode() + b"\0"
+        with self.txn.cursor(db=self.dbs["versions"]) as cur:
+            return cur.set_range(prefix) and cur.key().startswith(prefix)
+
     def version(self, name: str, vid: str) -> dict[str, Any] | None:
         return self._get("versions", name.encode() + b"\0" + vid.encode())
 
@@ -208,6 +213,9 @@ class Reader:
     def blob_refs(self) -> dict[str, dict[str, Any]]:
         with self.txn.cursor(db=self.dbs["blobs"]) as cur:
             return {k.decode(): json.loads(v) for k, v in cur}
+
+    def version_count(self) -> int:
+        return self.txn.stat(self.dbs["versions"])["entries"]
 
     def blob_ref(self, sha256: str) -> dict[str, Any] | None:
         return self._get("blobs", sha256.encode())

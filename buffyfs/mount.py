@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5  # how often the mount looks for changes made by other processes
 GC_INTERVAL = 600.0  # periodic collection, besides the one after each new version
+SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
 
 
 @dataclass
@@ -101,7 +102,9 @@ class Collector:
         return report
 
     async def run(self) -> None:
-        await trio.to_thread.run_sync(gc.sweep_orphans, self.cache.index, self.cache.blobs)
+        # Orphans a crash left are swept at start, retried while a commit is under way.
+        while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110 (a flock)
+            await trio.sleep(SWEEP_RETRY)
         while True:
             with trio.move_on_after(GC_INTERVAL):
                 await self.wake.wait()
@@ -110,6 +113,9 @@ class Collector:
                 self.collect()
             except BuffyError as e:
                 log.error("collection failed: %s", e)
+
+    def sweep(self) -> list[str] | None:
+        return gc.sweep_orphans(self.cache.index, self.cache.blobs)
 
     def answer_request(self) -> None:
         """Run a collection ``buffyfs gc`` asked for, and leave the report for it."""
@@ -162,7 +168,7 @@ async def _serve(cache: Cache, settings: Settings) -> None:
             scheduler.start_all()
             with cache.index.read() as r:
                 names = r.source_names()
-                versions = sum(len(r.versions(n)) for n in names)
+                versions = r.version_count()
             log.info("buffyfs %s mounted on %s, cache %s, %d sources, %d versions",
                      __version__, settings.mountpoint, cache.root, len(names), versions)
             if settings.ready_fd is not None:

@@ -63,10 +63,12 @@ class Scheduler:
         self.workers: dict[str, Worker] = {}
 
     def start_all(self) -> None:
-        with self.index.read() as r:
-            names = r.source_names()
+        with self.index.write() as w:  # one transaction, however many sources
+            names = w.source_names()
+            for name in names:
+                if w.state(name).get("state", "idle") != "idle":
+                    w.put_state(name, state="idle", progress=None)  # nothing runs yet
         for name in names:
-            self.index.set_state(name, state="idle", progress=None)  # nothing runs yet
             self.sync(name)
 
     def sync(self, name: str) -> None:
@@ -137,7 +139,7 @@ class Scheduler:
                 with self.index.read() as r:
                     source = r.source(worker.name)
                     state = r.state(worker.name)
-                    has_version = bool(r.versions(worker.name))
+                    has_version = r.has_versions(worker.name)
                 if source is None:
                     return
                 now = now_utc()
