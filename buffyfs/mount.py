@@ -162,6 +162,7 @@ async def _serve(cache: Cache, settings: Settings) -> None:
         except RuntimeError as e:
             raise CacheError(f"cannot mount on {settings.mountpoint}: {e}") from None
         try:
+            nursery.start_soon(raise_readahead, settings.mountpoint)
             nursery.start_soon(_watch_signals, cache, settings, collector, fs)
             nursery.start_soon(_watch_changes, cache, scheduler, fs, collector)
             nursery.start_soon(collector.run)
@@ -183,6 +184,34 @@ async def _serve(cache: Cache, settings: Settings) -> None:
             with trio.CancelScope(shield=True):
                 await refresher.aclose()
             log.info("unmounted %s", settings.mountpoint)
+
+
+READAHEAD_KB = 4096
+READAHEAD_DELAY = 0.5
+
+
+async def raise_readahead(mountpoint: str) -> None:
+    """Let the kernel send 1 MiB reads instead of 128 KiB ones (NOTES.md: a first read
+    ~40 % faster). Needs root; without it the default stays. The kernel sets the
+    device's read-ahead when it has our answer to its INIT request: so, a bit later."""
+    await trio.sleep(READAHEAD_DELAY)
+    await trio.to_thread.run_sync(_set_readahead, mountpoint)
+
+
+def _set_readahead(mountpoint: str) -> None:
+    # The device comes from the mount table: a stat() of our own mount point would
+    # wait for this very thread to answer it.
+    target = os.path.abspath(mountpoint)  # realpath would stat the mount point too
+    with open("/proc/self/mountinfo") as f:
+        devs = [line.split()[2] for line in f if line.split()[4] == target]
+    if not devs:
+        return
+    path = f"/sys/class/bdi/{devs[-1]}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READAHEAD_KB))
+    except OSError as e:
+        log.debug("read-ahead left as it is (%s): %s", path, e.strerror)
 
 
 def notify_systemd(message: bytes) -> None:
