@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import json
 import logging
 import os
@@ -165,8 +166,7 @@ class BuffyFS(pyfuse3.Operations):
 
     def _latest_ino(self, name: str, base: int) -> int:
         with self.index.read() as r:
-            v = r.latest(name)
-        ino = v["ino"] if v else base + SourceInode.pending
+            ino = _latest_target(r.source(name), r.latest(name))
         self.shown_latest[name] = ino
         return ino
 
@@ -219,6 +219,17 @@ class BuffyFS(pyfuse3.Operations):
         elif kind in ("root_control", "control"):
             a.st_mode = stat.S_IFREG | 0o200
             a.st_nlink = 1
+        elif kind == "onopen":  # shows the cached latest; served direct_io, never cached
+            assert node.source
+            with self.index.read() as r:
+                v = r.latest(node.source)
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.attr_timeout = 0
+            if v:
+                a.st_size = v["size"]
+                stamp = int(parse_rfc3339(v["fetched_at"]).timestamp() * 1e9)
+                a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
         else:  # @status files, pending latest: contents not known ahead, served direct_io
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
@@ -236,37 +247,20 @@ class BuffyFS(pyfuse3.Operations):
             text = name.decode("utf-8")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
-        if text == "latest":
-            await self._check_on_open(parent_inode)
         ino = self._child(parent_inode, text)
         attr = self._attr(ino)
         if text == "latest" or ino != parent_inode and parent_inode >= FIRST_TAGDIR_INO:
-            attr.entry_timeout = self._latest_timeout(parent_inode)  # these names move
+            attr.entry_timeout = SHORT_TIMEOUT  # these names move
         return attr
 
-    def _on_open_options(self, parent: int) -> dict[str, Any] | None:
-        """The options of the source whose directory is ``parent``, if it is on-open."""
-        if parent >= FIRST_TAGDIR_INO or parent <= ROOT_METRICS:
-            return None
+    async def _check_on_open(self, name: str) -> None:
+        """An open of `latest` of an on-open source: check the origin, wait open_wait."""
         with self.index.read() as r:
-            ref = r.inode(parent)
-            if not ref or ref["kind"] != "dir":
-                return None
-            src = r.source(ref["source"])
-        if not src or src["options"].get("refresh") != "on-open" or \
-                src["options"].get("pinned"):
-            return None
-        return {**src["options"], "name": ref["source"]}
-
-    def _latest_timeout(self, parent: int) -> float:
-        # on-open: every open must reach lookup, where the check starts
-        return 0.0 if self._on_open_options(parent) else SHORT_TIMEOUT
-
-    async def _check_on_open(self, parent: int) -> None:
-        options = self._on_open_options(parent)
-        if options is None or self.scheduler is None:
+            src = r.source(name)
+        if src is None or self.scheduler is None:
             return
-        await self.scheduler.check_on_open(options["name"], parse_duration(options["open_wait"]))
+        wait = parse_duration(src["options"].get("open_wait", "5s"))
+        await self.scheduler.check_on_open(name, wait)
 
     def _child(self, parent: int, name: str) -> int:
         node = self._node(parent)
@@ -360,7 +354,7 @@ class BuffyFS(pyfuse3.Operations):
             except pyfuse3.FUSEError:
                 continue  # removed meanwhile
             if name == "latest" or node.kind == "tagdir":
-                attr.entry_timeout = self._latest_timeout(ino)  # these names move
+                attr.entry_timeout = SHORT_TIMEOUT  # these names move
             out.append((name.encode(), attr))
         return out
 
@@ -415,6 +409,11 @@ class BuffyFS(pyfuse3.Operations):
             return self._open_version(node.version, keep_cache=True)
         if node.kind == "pending":
             assert node.source
+            version = await self._wait_latest(node.source)
+            return self._open_version(version, direct_io=True, keep_cache=False)
+        if node.kind == "onopen":
+            assert node.source
+            await self._check_on_open(node.source)
             version = await self._wait_latest(node.source)
             return self._open_version(version, direct_io=True, keep_cache=False)
         if node.kind in ("root_status", "status", "root_metrics"):
@@ -597,6 +596,13 @@ class BuffyFS(pyfuse3.Operations):
 
     def _xattrs(self, inode: int) -> dict[bytes, bytes]:
         node = self._node(inode)
+        if node.kind == "onopen":  # the version an open would serve now
+            assert node.source
+            with self.index.read() as r:
+                current = r.latest(node.source)
+            if current is None:
+                return {}
+            node = Node("version", node.source, current)
         if node.kind != "version":
             return {}
         v = node.version
@@ -719,7 +725,7 @@ class BuffyFS(pyfuse3.Operations):
             self.shown_latest.pop(name, None)
             return [(ROOT, name)]
         out = []
-        current = latest["ino"] if latest else src["ino"] + SourceInode.pending
+        current = _latest_target(src, latest)
         shown = self.shown_latest.get(name)
         if shown is not None and shown != current:
             out.append((src["ino"], "latest"))
@@ -732,6 +738,40 @@ class BuffyFS(pyfuse3.Operations):
                 out.append((base, "@" + tag))
             out += [(ino, "latest")] + [(ino, vid) for vid in ids]
         return out
+
+
+def _latest_target(source: dict[str, Any] | None, latest: dict[str, Any] | None) -> int:
+    """The inode the name `latest` of a source stands for."""
+    assert source is not None
+    options = source["options"]
+    if options.get("refresh") == "on-open" and not options.get("pinned"):
+        return source["ino"] + SourceInode.onopen
+    return latest["ino"] if latest else source["ino"] + SourceInode.pending
+
+
+def _guard(handler: Any) -> Any:
+    """Only FUSEError may leave a handler (anything else would end the mount): an
+    unexpected error is logged and answered with EIO."""
+
+    @functools.wraps(handler)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except BuffyError as e:
+            log.error("%s: %s", handler.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+for _name in ("lookup", "getattr", "opendir", "readdir", "releasedir", "open", "read",
+              "release", "write", "setattr", "getxattr", "listxattr", "statfs"):
+    setattr(BuffyFS, _name, _guard(getattr(BuffyFS, _name)))
 
 
 def _invalidate(parent: int, name: str) -> None:

@@ -67,6 +67,7 @@ class SourceInode(enum.IntEnum):
     control = 2
     versions = 3
     pending = 4  # `latest` while the source has no servable version
+    onopen = 5  # `latest` of an on-open source: its open checks the origin first
 
 
 def now_utc() -> datetime:
@@ -294,7 +295,7 @@ class Index:
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
-                str(path), map_size=MAP_SIZE, max_dbs=12, max_readers=256, subdir=True
+                str(path), map_size=MAP_SIZE, max_dbs=12, max_readers=1024, subdir=True
             )
         except (OSError, lmdb.Error) as e:
             raise CacheError(f"cannot open the index in {path}: {e}") from None
@@ -317,13 +318,23 @@ class Index:
     @contextmanager
     def read(self) -> Iterator[Reader]:
         with self.env.begin(write=False) as txn:
-            yield Reader(txn, self.dbs)
+            reader = Reader(txn, self.dbs)
+            try:
+                yield reader
+            finally:
+                # A Reader left bound to a variable (say in a suspended coroutine) must
+                # not keep the transaction, and so an LMDB reader slot, alive.
+                reader.txn = None  # type: ignore[assignment]
 
     @contextmanager
     def write(self) -> Iterator[Writer]:
         try:
             with self.env.begin(write=True) as txn:
-                yield Writer(txn, self.dbs)
+                writer = Writer(txn, self.dbs)
+                try:
+                    yield writer
+                finally:
+                    writer.txn = None  # type: ignore[assignment]
         except lmdb.Error as e:
             raise CacheError(f"index write failed: {e}") from None
 

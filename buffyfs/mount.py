@@ -268,16 +268,25 @@ async def _watch_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,
     seq, _ = cache.index.changes_since(0)
     while True:
         await trio.sleep(POLL_INTERVAL)
-        seq, names = cache.index.changes_since(seq)
-        if names is None:  # too far behind to tell: look at everything
-            with cache.index.read() as r:
-                names = set(r.source_names()) | set(scheduler.workers) | {""}
-        if "" in names:
-            names.discard("")
-            collector.answer_request()
-        if not names:
-            continue
-        for name in names:
-            fs.sync(name)
+        try:
+            seq = _apply_changes(cache, scheduler, fs, collector, seq)
+        except Exception:  # keep serving: the next round looks again
+            log.exception("applying index changes failed")
+
+
+def _apply_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS, collector: Collector,
+                   seq: int) -> int:
+    """One round of the change watcher; returns the new change counter."""
+    seq, names = cache.index.changes_since(seq)
+    if names is None:  # too far behind to tell: look at everything
+        with cache.index.read() as r:
+            names = set(r.source_names()) | set(scheduler.workers) | {""}
+    if "" in names:
+        names.discard("")
+        collector.answer_request()
+    for name in names:
+        fs.sync(name)
+    if names:
         for name in cache.index.take_refresh_requests():
             scheduler.kick(name)
+    return seq

@@ -160,6 +160,19 @@ def test_on_open_serves_cached_version_after_open_wait(origin, mnt):
     assert status(mnt / "oo/@status")["state"] == "fetching"
 
 
+def test_on_open_stat_and_listing_do_not_check(origin, mnt):
+    origin.set("/os", b"cached", etag=True)
+    add(mnt, "os", origin.url("/os"), "refresh=on-open open_wait=3s")
+    assert read(mnt / "os/latest") == b"cached"
+    n = len(origin.seen("/os"))
+    origin.fail("/os", ("stall", 5))
+    for _ in range(3):
+        assert os.stat(mnt / "os/latest").st_size == len(b"cached")
+        assert "latest" in os.listdir(mnt / "os")
+        os.getxattr(mnt / "os/latest", "user.buffy.version")
+    assert len(origin.seen("/os")) == n  # only an open checks the origin
+
+
 def test_on_open_picks_up_a_new_version(origin, mnt):
     origin.set("/o2", b"one", etag=True)
     add(mnt, "o2", origin.url("/o2"), "refresh=on-open")
