@@ -474,10 +474,11 @@ class NginxOrigin:
         return out
 
 
-def start_origin(root: Path, prefix: Path, files: dict[str, Path]) -> Origin | NginxOrigin:
+def start_origin(root: Path, prefix: Path, files: dict[str, Path],
+                 nginx: bool = True) -> Origin | NginxOrigin:
     """nginx when installed (it keeps up with curl), else the Python sendfile origin.
     Files must be in ``root`` for nginx; ``files`` maps URL names to paths."""
-    if nginx_path() is not None:
+    if nginx and nginx_path() is not None:
         try:
             return NginxOrigin(root, prefix).start()
         except BenchError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.CRITICAL)
     try:
         return COMMANDS[args.command](args) or 0
+    except BrokenPipeError:  # `buffyfs list | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except BuffyError as e:
         print(f"buffyfs: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -133,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 FSTAB_FLAGS = {"allow_other": "--allow-other", "prune": "--prune", "foreground": "--foreground"}
 FSTAB_VALUES = {"cache": "--cache", "max_cache_size": "--max-cache-size",
                 "log_level": "--log-level"}
+MOUNT_GENERIC = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
+                 "user", "users", "nouser", "_netdev", "nofail", "defaults", "async",
+                 "atime", "noatime", "relatime", "comment"}
 
 
 def fstab_args(argv: list[str]) -> list[str]:
@@ -156,6 +163,9 @@ def fstab_args(argv: list[str]) -> list[str]:
             out.append(FSTAB_FLAGS[key])
         elif key in FSTAB_VALUES and sep:
             out += [FSTAB_VALUES[key], value]
+        elif key not in MOUNT_GENERIC and not key.startswith("x-"):
+            raise BadInput(f"unknown mount option {opt!r}: buffyfs takes "
+                           + ", ".join([*FSTAB_FLAGS, *(k + "=" for k in FSTAB_VALUES)]))
     return out
 
 
@@ -166,12 +176,19 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
+READ_ONLY = ("list", "status", "versions", "gc", "check")
+
+
 def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from buffyfs.cache import Cache, resolve_cache_dir
     from buffyfs.config import load_config
 
     configured = load_config(Path(args.config)).daemon.cache if args.config else None
-    return Cache(resolve_cache_dir(args.cache, configured))
+    root = resolve_cache_dir(args.cache, configured)
+    if args.command in READ_ONLY and (args.cache or configured) and not root.is_dir():
+        # a mistyped --cache would otherwise show an empty cache, and create it
+        raise CacheError(f"no buffyfs cache in {root}: the directory does not exist")
+    return Cache(root)
 
 
 # --- mount ------------------------------------------------------------------------------
@@ -186,8 +203,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     config_path = Path(args.config).absolute() if args.config else None
     daemon = load_config(config_path).daemon if config_path else DaemonConfig()
     cache_dir = resolve_cache_dir(args.cache, daemon.cache)
-    if not os.path.isdir(args.mountpoint):
-        raise BadInput(f"mount point {args.mountpoint} is not a directory")
+    check_mountpoint(args.mountpoint)
     max_size = parse_size(args.max_cache_size, "--max-cache-size") \
         if args.max_cache_size else daemon.max_cache_size
     args.log_level = args.log_level or daemon.log_level
@@ -206,7 +222,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
     """Start the daemon in its own session and return once the mount is live."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    from buffyfs.cache import Cache
+
+    Cache(cache_dir).close()  # a cache directory we cannot use is one clear error, here
     read_end, write_end = os.pipe()
     cmd = [sys.executable, "-m", "buffyfs", "mount", args.mountpoint, "--foreground",
            "--cache", str(cache_dir), "--log-level", args.log_level, "--ready-fd", str(write_end)]
@@ -241,16 +259,53 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
                      else f"the mount daemon exited with status {code}")
 
 
+def is_mounted(path: str) -> bool:
+    """From the mount table (os.path.ismount is False for a mount whose daemon died)."""
+    target = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def _fusermount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:
+    flags = "-uz" if lazy else "-u"
+    return subprocess.run(["fusermount3", flags, mountpoint], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+
+
+def check_mountpoint(path: str) -> None:
+    """A directory to mount on; a dead mount left by a crashed daemon is cleared."""
+    if is_mounted(path):
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise
+            _fusermount(os.path.abspath(path), lazy=True)  # a crashed daemon's mount
+        else:
+            raise BadInput(f"{path} is already a mount point; unmount it first")
+    if not os.path.exists(path):
+        raise BadInput(f"mount point {path} does not exist")
+    if not os.path.isdir(path):
+        raise BadInput(f"mount point {path} is not a directory")
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
-    if not os.path.ismount(mountpoint):
+    if not is_mounted(mountpoint):
         raise BadInput(f"{args.mountpoint} is not mounted")
-    done = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    done = _fusermount(mountpoint)
     if done.returncode != 0:
-        raise CacheError(f"cannot unmount {args.mountpoint}: "
-                         + (done.stderr.strip().splitlines() or ["fusermount3 failed"])[-1])
+        try:
+            os.stat(mountpoint)
+            alive = True
+        except OSError:
+            alive = False
+        if alive:
+            raise CacheError(f"cannot unmount {args.mountpoint}: "
+                             + (done.stderr.strip().splitlines() or ["fusermount3 failed"])[-1])
+        _fusermount(mountpoint, lazy=True)  # its daemon is gone: clear the dead mount
     deadline = time.monotonic() + UMOUNT_TIMEOUT
-    while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+    while is_mounted(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.05)
     return 0
 
@@ -429,7 +484,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     check_name(args.name)
     cache = _cache(args)
+    with cache.index.read() as r:
+        pinned_with_version = (r.source(args.name) or {}).get("pin")
     cache.index.get_source(args.name)
+    if pinned_with_version:
+        raise BadInput(f"source {args.name!r} is pinned: unpin it first")
     with Progress(TextColumn(args.name), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   transient=True) as bar:
         task = bar.add_task("fetch", total=None)
@@ -463,6 +522,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     outcome = _run_refresh(cache, args.name, None)
     if outcome.error:
         raise FetchError(f"{args.name}: {outcome.error}")
+    v = outcome.version
+    print(f"{args.name}: new version {v['id']}" if v else f"{args.name}: up to date")
     return 0
 
 

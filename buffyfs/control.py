@@ -65,9 +65,7 @@ def parse(data: bytes, scope: Scope) -> list[Command]:
             raise BadInput(f"line {number}: {e}") from None
         if cmd is not None:
             commands.append(cmd)
-    if not commands:
-        raise BadInput("no command given")
-    return commands
+    return commands  # empty: a blank or comment-only write does nothing
 
 
 def _parse_line(line: str, scope: Scope) -> Command | None:

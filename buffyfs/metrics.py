@@ -6,9 +6,17 @@ handles); gauges are read from the index when ``@metrics`` is opened.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from buffyfs.index import Index
+
+disable_created_metrics()  # no *_created series beside every counter
 
 
 class Metrics:

@@ -154,7 +154,9 @@ async def _serve(cache: Cache, settings: Settings) -> None:
         refresher.on_version = collector.kick
         scheduler = Scheduler(cache.index, refresher, nursery, on_changed=fs.source_changed)
         fs.scheduler = scheduler
-        options = set(pyfuse3.default_options) | {"fsname=buffyfs", "subtype=buffyfs"}
+        # fsname names the cache (a bare "buffyfs" would be read as a path by mount(8))
+        options = set(pyfuse3.default_options) | {f"fsname=buffyfs:{cache.root}",
+                                                  "subtype=buffyfs"}
         if settings.allow_other:
             options.add("allow_other")
         try:

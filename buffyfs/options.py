@@ -123,9 +123,12 @@ def cron_fields(value: str) -> str:
     from croniter import croniter
 
     expr = value.removeprefix("cron:").strip()
-    if len(expr.split()) != 5 or not croniter.is_valid(expr):
-        raise BadInput(f"invalid refresh {value!r}: cron: needs five fields, "
-                       "e.g. cron:30 2 * * *")
+    if len(expr.split()) != 5:
+        raise BadInput(f"invalid refresh {value!r}: cron: needs five fields "
+                       "(minute hour day month weekday), e.g. 'cron:30 2 * * *'")
+    if not croniter.is_valid(expr):
+        raise BadInput(f"invalid refresh {value!r}: not a valid cron expression "
+                       "(a field is out of range?)")
     return expr
 
 

@@ -117,8 +117,11 @@ class Refresher:
         with self.index.read() as r:
             versions = r.versions(name)
         newest = versions[0] if versions else None
+        url = source["url"]
+        if any(k.lower() == "authorization" for k in options["headers"]):
+            url = str(httpx.URL(url).copy_with(username=None, password=None))  # header wins
         req = downloader.Request(
-            url=source["url"], method=options["method"], body=options["body"],
+            url=url, method=options["method"], body=options["body"],
             headers=options["headers"],
             etag=newest.get("etag") if newest else None,
             last_modified=newest.get("last_modified") if newest else None,
@@ -305,7 +308,9 @@ class Refresher:
         self._set_state(name, "idle")
         self._count("new_version" if version else "unchanged")
         if version:
-            log.info("%s: new version %s (%d bytes)", name, version["id"], version["size"])
+            tags = f", tagged {','.join(version['tags'])}" if version["tags"] else ""
+            log.info("%s: new version %s (%d bytes%s)", name, version["id"], version["size"],
+                     tags)
         else:
             log.info("%s: checked, content unchanged", name)
         return Outcome(version=version, checked=True)

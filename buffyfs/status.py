@@ -11,7 +11,7 @@ from typing import Any
 
 from buffyfs import __version__
 from buffyfs.index import Index, Reader, resolve_latest
-from buffyfs.options import redact_url
+from buffyfs.options import public_options, redact_url
 
 
 def source_status(
@@ -47,6 +47,7 @@ def source_status(
         "last_error": state.get("last_error"),
         "last_control_error": state.get("last_control_error"),
         "versions": [_version_entry(v) for v in versions],
+        "options": public_options(src["options"]),  # ours: header values hidden
     }
 
 

@@ -139,7 +139,7 @@ def test_detached_mount_and_umount(origin, cli, tmp_path, cache_dir):
 
 def test_mount_errors(cli, tmp_path):
     done = cli("mount", str(tmp_path / "missing"))
-    assert done.returncode == 2 and "not a directory" in one_error_line(done)
+    assert done.returncode == 2 and "does not exist" in one_error_line(done)
     done = run_cli("umount", str(tmp_path))
     assert done.returncode == 2 and "not mounted" in one_error_line(done)
 
