@@ -446,6 +446,7 @@ def mount_download(s: Suite, size: int, path: Path, url: str) -> dict[str, Any]:
     try:
         with s.mounted(cache) as d:
             t0 = time.monotonic()
+            started = d.started
             cpu0 = cpu_seconds(d.pid)
             got = sample_until(d, done, DOWNLOAD_TIMEOUT, "the mount's first download",
                                interval=0.02, poll=0.02)
@@ -456,7 +457,7 @@ def mount_download(s: Suite, size: int, path: Path, url: str) -> dict[str, Any]:
     v = got["value"]
     if v["size"] != size:
         raise BenchError(f"the mount downloaded {v['size']} bytes, expected {size}")
-    served = _served(s._origin, t0)
+    served = _served(s._origin, started)  # the GET may start before we see the mount
     shutil.rmtree(cache, ignore_errors=True)
     return {"seconds": got["done_at"] - t0, "peak_vmrss_kib": got["peak_vmrss_kib"],
             "peak_rssanon_kib": got["peak_rssanon_kib"], "vmhwm_kib": hwm, "cpu": cpu,
@@ -820,6 +821,13 @@ FIGURES: dict[str, Callable[[Suite], list[Row]]] = {
 # --- the command ------------------------------------------------------------------------
 
 
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def machine() -> dict[str, Any]:
     def git(*args: str) -> str:
         try:
@@ -828,7 +836,7 @@ def machine() -> dict[str, Any]:
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
-    return {"nproc": os.cpu_count(), "kernel": platform.release(),
+    return {"nproc": os.cpu_count(), "kernel": platform.release(), "loadavg": loadavg(),
             "python": platform.python_version(),
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": git("rev-parse", "--short", "HEAD"),
@@ -893,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"buffyfs benchmarks{' (smoke)' if args.smoke else ''}: {m['nproc']} CPUs, kernel "
         f"{m['kernel']}, Python {m['python']}, {m['date']}, commit {m['commit']}"
         f"{' (buffyfs/ modified)' if m['dirty'] else ''}; {args.runs} runs per figure; "
-        f"work dir {work}")
+        f"load average {m['loadavg']}; work dir {work}")
     need = 6 * sz.size + 2 * PARALLEL * sz.parallel + 512 * MiB
     free = shutil.disk_usage(work).free
     rows: list[Row] = []
@@ -936,7 +944,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"\nSummary ({m['nproc']} CPUs, kernel {m['kernel']}, {m['date']}, commit "
         f"{m['commit']}; median of {args.runs} runs; ratio = median / limit measured in the "
         f"same runs; MB = 10^6 bytes; origin: {suite.info.get('origin', '-')}; mount "
-        f"read_ahead_kb: {suite.info.get('read_ahead_kb', '-')})")
+        f"read_ahead_kb: {suite.info.get('read_ahead_kb', '-')}; load average at the start "
+        f"{m['loadavg']}, at the end {loadavg()})")
     print_rows(rows)
     counts = {k: sum(r.result == k for r in rows) for k in ("PASS", "MISS", "SKIP", "ERROR")}
     say(", ".join(f"{v} {k}" for k, v in counts.items()))
