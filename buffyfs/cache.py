@@ -45,7 +45,8 @@ class Cache:
     def __init__(self, root: Path) -> None:
         self.root = root
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            # header values live in the index: the cache is private to its owner
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
             raise CacheError(f"cannot create cache directory {root}: {e.strerror}") from None
         if not os.access(root, os.W_OK | os.X_OK):
@@ -80,8 +81,13 @@ class Cache:
             old = existing.get(name)
             if old is not None and old["options"].get("pinned") and not options["pinned"]:
                 options = {**options, "pinned": True}  # pinned at run time: keep the pin
+            newly_pinned = options["pinned"] and not (old or {}).get("options", {}).get("pinned")
             if self.index.add_source(name, url, options, replace=True):
                 (changed if old is not None else added).append(name)
+            if newly_pinned and old is not None:
+                with self.index.read() as r:
+                    current = r.latest(name)
+                self.index.set_pin(name, True, current["id"] if current else None)
         if prune:
             for name in existing:
                 if name not in declared:

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-") and \
+            (argv[0] == "none" or os.path.isfile(argv[0])) and os.path.isdir(argv[1]):
         argv = fstab_args(argv)
     args = build_parser().parse_args(argv)
     if args.command != "mount":  # commands report their own errors, one line each
@@ -443,10 +444,12 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
+    from buffyfs.control import check_version_ref
     from buffyfs.options import check_name, check_tag
 
     check_name(args.name)
     check_tag(args.tag)
+    check_version_ref(args.version)
     cache = _cache(args)
     if args.command == "tag":
         v = cache.tag(args.name, args.version, args.tag)
@@ -489,8 +492,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     cache.index.get_source(args.name)
     if pinned_with_version:
         raise BadInput(f"source {args.name!r} is pinned: unpin it first")
-    with Progress(TextColumn(args.name), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  transient=True) as bar:
+    from rich.console import Console
+
+    # the bar goes to stderr, and only to a terminal: stdout stays one line per result
+    with Progress(TextColumn(args.name), BarColumn(), DownloadColumn(binary_units=True),
+                  TransferSpeedColumn(), transient=True, console=Console(stderr=True),
+                  disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("fetch", total=None)
 
         def on_progress(done: int, total: int | None) -> None:

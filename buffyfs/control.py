@@ -58,7 +58,8 @@ def parse(data: bytes, scope: Scope) -> list[Command]:
     if "\0" in text:
         raise BadInput("control write contains a NUL byte")
     commands = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         try:
             cmd = _parse_line(line, scope)
         except BadInput as e:

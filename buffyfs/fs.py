@@ -329,7 +329,10 @@ class BuffyFS(pyfuse3.Operations):
             names = [("@status", ROOT_STATUS), ("@control", ROOT_CONTROL),
                      ("@metrics", ROOT_METRICS)]
             with self.index.read() as r:
-                names += [(n, src["ino"]) for n, src in r.sources()]
+                bases = [(n, src["ino"]) for n, src in r.sources()]
+            out = [(n.encode(), self._attr(ino)) for n, ino in names]
+            # source directories all look alike: no index read per entry
+            return out + [(n.encode(), self._attr(ino, Node("dir", n))) for n, ino in bases]
         elif node.kind == "dir":
             assert node.source
             base = self._source_base(node.source)
@@ -525,6 +528,7 @@ class BuffyFS(pyfuse3.Operations):
             src = r.source(source) if source is not None else None
             if source is not None and src is None:
                 raise BadInput(f"source {source!r} was removed")
+            pinned = bool(src and src["options"].get("pinned"))
             for number, cmd in enumerate(commands, 1):
                 where = f"command {number}: " if len(commands) > 1 else ""
                 if cmd.word == "add":
@@ -538,12 +542,16 @@ class BuffyFS(pyfuse3.Operations):
                 elif cmd.word == "set":
                     assert src is not None
                     opts = {k: v for k, v in cmd.options.items() if k != "url"}
-                    normalize_options(opts, base=src["options"])
-                elif cmd.word == "refresh":
-                    assert src is not None
-                    if src["options"].get("pinned"):
-                        raise BadInput(f"{where}source {source!r} is pinned: unpin it first")
-                elif cmd.word in ("tag", "untag", "pin") and cmd.args:
+                    pinned = normalize_options(opts, base={**src["options"],
+                                                           "pinned": pinned})["pinned"]
+                if cmd.word in ("pin", "unpin"):
+                    pinned = cmd.word == "pin"
+                    if cmd.word == "pin" and not cmd.args and r.latest(source) is None \
+                            and r.has_versions(source):
+                        raise BadInput(f"{where}source {source!r} has no usable version")
+                elif cmd.word == "refresh" and pinned:
+                    raise BadInput(f"{where}source {source!r} is pinned: unpin it first")
+                if cmd.word in ("tag", "untag", "pin") and cmd.args:
                     assert source is not None
                     ref = cmd.args[0]
                     if ref == "latest" and r.latest(source) is None:
@@ -626,6 +634,8 @@ class BuffyFS(pyfuse3.Operations):
         return bool(failures) and latest is not None and latest["id"] == vid
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(b"user.buffy."):  # ls -l asks for ACLs, SELinux labels...
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

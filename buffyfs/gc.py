@@ -58,8 +58,11 @@ class Report:
 
 
 def protected_ids(source: dict[str, Any], versions: list[dict[str, Any]]) -> set[str]:
-    """Ids no rule may collect: latest, the newest valid version, the keep-tagged ones."""
+    """Ids no rule may collect: latest, the newest valid version, the keep-tagged ones,
+    and the pinned one."""
     keep = {v["id"] for v in versions if "keep" in v.get("tags", ())}
+    if source.get("pin"):
+        keep.add(source["pin"])
     latest = resolve_latest(source, versions)
     if latest:
         keep.add(latest["id"])
@@ -119,19 +122,22 @@ def plan(r: Reader, open_inos: set[int], need: int = 0,
             doomed.append(extras.pop(0))
             freed = _freed_by(r, doomed)
             used = r.blob_bytes() - sum(freed.values())
-        if used + need > max_size:
+        if used + need > max_size and need > 0:
             raise CacheFull(
                 f"cache full: {need} more bytes do not fit in max_cache_size {max_size} "
                 f"({used} bytes in use by versions no rule lets us evict)")
+        if used > max_size:
+            log.warning("cache over max_cache_size by %d bytes of protected versions",
+                        used - max_size)
     return Report(doomed=doomed, freed=freed)
 
 
 class CommitLock:
-    """flock on ``partial/commit.lock``: shared while a blob waits for its index
+    """flock on ``partial/.commit.lock``: shared while a blob waits for its index
     commit, exclusive while blob files are unlinked."""
 
     def __init__(self, blobs: BlobStore) -> None:
-        self.path = blobs.partial_dir / "commit.lock"
+        self.path = blobs.partial_dir / ".commit.lock"  # no source name starts with "."
         self.fd: int | None = None
 
     def acquire(self, exclusive: bool, blocking: bool = True) -> bool:

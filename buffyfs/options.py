@@ -64,24 +64,35 @@ def check_tag(tag: str) -> str:
 def check_url(url: str) -> str:
     """Return the URL unchanged if it is a usable http(s) URL."""
     if not isinstance(url, str) or not url or any(c.isspace() or ord(c) < 32 for c in url):
-        raise BadInput(f"invalid URL {redact_url(str(url))!r}")
+        raise BadInput(f"invalid URL {_shown(str(url))!r}")
     try:
         parsed = httpx.URL(url)
     except Exception:  # httpx raises several types for malformed URLs
-        raise BadInput(f"invalid URL {redact_url(url)!r}") from None
+        raise BadInput(f"invalid URL {_shown(url)!r}") from None
     if parsed.scheme not in ("http", "https"):
         raise BadInput(
-            f"unsupported URL scheme {parsed.scheme or '(none)'!r} in {redact_url(url)!r}: "
+            f"unsupported URL scheme {parsed.scheme or '(none)'!r} in {_shown(url)!r}: "
             "only http and https"
         )
     if not parsed.host:
-        raise BadInput(f"invalid URL {redact_url(url)!r}: no host")
+        raise BadInput(f"invalid URL {_shown(url)!r}: no host")
     return url
 
 
 def redact_url(url: str) -> str:
     """The URL without credentials (``user:pass@`` becomes nothing)."""
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1", url)
+
+
+def _shown(url: str) -> str:
+    """A URL we refuse, for the error message: malformed, so whatever precedes an '@'
+    (before any '?' or '#') may be a password, and is dropped."""
+    clean = redact_url(url)
+    if "@" in clean.split("?")[0].split("#")[0]:
+        scheme = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/*", clean)
+        head = scheme.group(0) if scheme else ""
+        clean = head + re.sub(r"^[^?#]*@", "", clean[len(head):])
+    return clean
 
 
 def parse_duration(value: Any, key: str = "duration") -> int:

@@ -105,6 +105,10 @@ class Refresher:
         finally:
             lock.release()
             self.progress.pop(name, None)
+            with self.index.read() as r:  # no await here: runs even when cancelled
+                stuck = r.state(name).get("state") != "idle" and r.source(name)
+            if stuck:  # interrupted (cancelled, killed by a signal...): not fetching
+                self.index.set_state(name, state="idle", progress=None)
 
     async def _refresh_locked(
         self, name: str, on_progress: Callable[[int, int | None], None] | None
@@ -117,6 +121,8 @@ class Refresher:
         with self.index.read() as r:
             versions = r.versions(name)
         newest = versions[0] if versions else None
+        if newest and newest.get("url") != redact_url(source["url"]):
+            newest = None  # validators of another URL say nothing about this one
         url = source["url"]
         if any(k.lower() == "authorization" for k in options["headers"]):
             url = str(httpx.URL(url).copy_with(username=None, password=None))  # header wins

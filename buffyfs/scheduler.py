@@ -23,6 +23,7 @@ from buffyfs.refresh import Refresher
 
 log = logging.getLogger(__name__)
 
+ERROR_BACKOFF = 60.0  # after an unexpected error, before the worker looks again
 MAX_SLEEP = 3600.0  # re-evaluate at least this often (clock changes, lost kicks)
 
 
@@ -153,6 +154,7 @@ class Scheduler:
                 stamp = rfc3339(due) if due else None
                 if state.get("next_check") != stamp:
                     self.index.set_state(worker.name, next_check=stamp)
+                del source, state  # nothing decoded stays alive while the worker sleeps
                 if due is None or due > now:
                     worker.finish_round()
                     delay = MAX_SLEEP if due is None else (due - now).total_seconds()
@@ -167,8 +169,12 @@ class Scheduler:
                     await self.refresher.refresh(worker.name)
                 except FetchError as e:
                     log.error("%s: %s", worker.name, e)
-                except Exception:  # a bug must not stop the other sources
+                except Exception as e:  # a bug must not stop the others, nor spin
                     log.exception("%s: refresh failed unexpectedly", worker.name)
+                    self.index.record_failure(worker.name, now_utc(), f"internal error: {e}")
+                    self.index.set_state(worker.name, state="idle", progress=None)
+                    with trio.move_on_after(ERROR_BACKOFF):
+                        await worker.wake.wait()
                 finally:
                     self.on_changed(worker.name)
                 worker.finish_round()

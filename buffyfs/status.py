@@ -24,8 +24,11 @@ def source_status(
     versions = r.versions(name)
     latest = resolve_latest(src, versions)
     if latest is None and versions:
-        state = {**state, "last_error": state.get("last_error") or {
-            "at": versions[0]["fetched_at"], "message": "every version is tagged failed"}}
+        earlier = (state.get("last_error") or {}).get("message")
+        state = {**state, "last_error": {
+            "at": versions[0]["fetched_at"],
+            "message": "every version is tagged failed; latest cannot be opened"
+                       + (f" (last error: {earlier})" if earlier else "")}}
     progress = state.get("progress")
     if live_progress and name in live_progress:
         done, total = live_progress[name]

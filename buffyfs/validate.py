@@ -48,6 +48,8 @@ def _run_cmd(cmd: str, path: Path, timeout: int) -> str | None:
         return f"validation command not found: {argv[0]}"
     except PermissionError:
         return f"validation command not executable: {argv[0]}"
+    except OSError as e:  # e.g. a script without a #! line
+        return f"validation command {argv[0]} cannot run: {e.strerror}"
     except subprocess.TimeoutExpired:
         return f"validation command {argv[0]} timed out after {timeout}s"
     if done.returncode != 0:

@@ -206,3 +206,31 @@ def test_offline_start_serves_everything_at_once(origin, cli, mount_factory):
     with pytest.raises(OSError):
         read(mnt / "dns/latest")
     assert "resolve" in status(mnt / "dns/@status")["last_error"]["message"]
+
+
+def test_over_quota_still_collects_garbage(tmp_path):
+    """A quota lowered below what protected versions take must not stop collection."""
+    from buffyfs import gc
+    from buffyfs.cache import Cache
+    from buffyfs.index import now_utc
+
+    cache = Cache(tmp_path / "c")
+    cache.add_source("q", "http://127.0.0.1:9/", {"keep_versions": 0})
+    for i in range(3):
+        sha = hashlib.sha256(bytes([i])).hexdigest()
+        cache.index.commit_version("q", {"sha256": sha, "size": 1000, "tags": []},
+                                   now_utc())
+    report = gc.collect_now(cache.index, cache.blobs, set(), 0, max_size=500)
+    assert len(report.doomed) == 2  # retention garbage went, latest stays
+    with pytest.raises(gc.CacheFull):
+        gc.collect_now(cache.index, cache.blobs, set(), 10, max_size=500)
+
+
+def test_cache_is_private_and_a_source_may_be_called_commit(origin, cli, cache_dir):
+    origin.set("/c", b"commit me")
+    cli("add", "commit", origin.url("/c"), "--header", "X-Token: abc", check=True)
+    assert cli("fetch", "commit", check=True).stdout.startswith("commit: new version")
+    assert (cache_dir / "index" / "data.mdb").stat().st_mode & 0o077 == 0
+    fresh = cache_dir / "fresh"
+    cli_fresh = run_cli("add", "x", "http://127.0.0.1:9/", cache=fresh)
+    assert cli_fresh.returncode == 0 and fresh.stat().st_mode & 0o077 == 0

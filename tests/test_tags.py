@@ -201,3 +201,41 @@ def test_command_line_tags_and_pins(origin, cli, mnt):
     assert bad.returncode == 2 and "invalid tag" in bad.stderr
     unknown = cli("tag", "t", "20990101T000000Z-00000000", "keep")
     assert unknown.returncode == 1 and "no version" in unknown.stderr
+
+
+def test_pin_then_refresh_in_one_write_is_refused(origin, mnt):
+    origin.set("/pr", b"pr")
+    write_control(mnt / "@control", f"add pr {origin.url('/pr')}")
+    read(mnt / "pr/latest")
+    seen = len(origin.seen("/pr"))
+    assert control_error(mnt / "pr/@control", "pin\nrefresh\n") == errno.EINVAL
+    assert status(mnt / "pr/@status")["pinned"] is None  # nothing applied
+    write_control(mnt / "pr/@control", "pin\nunpin\nrefresh\n")  # the order counts
+    wait_for(lambda: len(origin.seen("/pr")) > seen, 10, what="the refresh")
+
+
+def test_validation_command_that_cannot_run(origin, mnt, tmp_path):
+    script = tmp_path / "noshebang"
+    script.write_text("exit 0\n")
+    script.chmod(0o755)
+    origin.set("/ns", b"body")
+    write_control(mnt / "@control", f"add ns {origin.url('/ns')} validate.cmd={script}")
+    with pytest.raises(OSError):
+        read(mnt / "ns/latest")
+    st = status(mnt / "ns/@status")
+    assert st["versions"][0]["tags"] == ["failed"]
+    assert "cannot run" in st["versions"][0]["validation"]
+    assert len(origin.seen("/ns")) == 1  # one download, no loop
+
+
+def test_pinned_version_is_never_collected(origin, mnt):
+    from tests.test_gc import make_versions
+
+    a, b = make_versions(origin, mnt, "pc", [b"pinned one", b"newer"])
+    write_control(mnt / "pc/@control", f"pin {a}\ntag {a} failed")
+    write_control(mnt / "pc/@control", "set keep_versions=0")
+    from tests.conftest import run_cli
+
+    assert run_cli("gc", cache=mnt.cache).returncode == 0
+    ids = [v["id"] for v in status(mnt / "pc/@status")["versions"]]
+    assert a in ids and status(mnt / "pc/@status")["pinned"] == a
