@@ -82,6 +82,12 @@ class Refresher:
         self.progress: dict[str, tuple[int, int | None]] = {}
         self.metrics: Metrics | None = None
         self.proxy_clients: dict[str, httpx.AsyncClient] = {}
+        self.wakes: dict[str, trio.Event] = {}  # sources waiting out a backoff
+
+    def wake(self, name: str) -> None:
+        """Cut short the backoff of ``name``, if it is waiting to retry."""
+        if name in self.wakes:
+            self.wakes[name].set()
 
     def _set_state(self, name: str, state: str, **fields: Any) -> None:
         self.index.set_state(name, state=state, **fields)
@@ -185,7 +191,10 @@ class Refresher:
                     break
                 delay = backoff(attempt, e.retry_after)
                 self._set_state(name, "waiting", progress=None)
-                await trio.sleep(delay)
+                self.wakes[name] = wake = trio.Event()
+                with trio.move_on_after(delay):
+                    await wake.wait()  # or until asked to try now (`refresh`)
+                del self.wakes[name]
                 continue
             self.index.set_state(name, partial=None)
             return await self._commit(name, source, result, started)

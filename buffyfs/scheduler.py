@@ -92,6 +92,7 @@ class Scheduler:
         worker = self.workers.get(name)
         if worker is not None:
             worker.kick(force=True)
+            self.refresher.wake(name)  # a retry waiting out its backoff goes now
 
     async def check_on_open(self, name: str, wait: float) -> None:
         """An open of ``latest`` of an ``on-open`` source: start a check unless one runs

@@ -284,3 +284,13 @@ def test_secrets_never_shown(origin, cli, mount_factory):
     for text in outputs:
         assert "very-secret-token" not in text
         assert password not in text
+
+
+def test_refresh_cuts_a_backoff_short(origin, mnt):
+    origin.set("/bo", b"after the wait")
+    origin.fail("/bo", ("retry-after", 503, 60))
+    add(mnt, "bo", origin.url("/bo"), "max_attempts=2")
+    wait_for(lambda: status(mnt / "bo/@status")["state"] == "waiting", 10, what="backoff")
+    write_control(mnt / "bo/@control", "refresh")
+    wait_for(lambda: status(mnt / "bo/@status")["latest"], 10, what="the retry")
+    assert read(mnt / "bo/latest") == b"after the wait"
