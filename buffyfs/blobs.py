@@ -75,18 +75,21 @@ class BlobStore:
         return total
 
 
-class SourceLock:
-    """An exclusive flock on ``partial/NAME.lock``: one download per source,
-    across the mount and command-line processes."""
+class FileLock:
+    """An flock on a file (created if needed); held until ``release``. Works across
+    processes: the mount and the command line."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd: int | None = None
 
-    def try_acquire(self) -> bool:
+    def acquire(self, exclusive: bool = True, blocking: bool = True) -> bool:
+        """Take the lock; False if ``blocking`` is off and someone else holds it."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | \
+            (0 if blocking else fcntl.LOCK_NB)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, flags)
         except BlockingIOError:
             os.close(fd)
             return False
@@ -97,6 +100,13 @@ class SourceLock:
         if self.fd is not None:
             os.close(self.fd)  # closing drops the flock
             self.fd = None
+
+
+class SourceLock(FileLock):
+    """An exclusive flock on ``partial/NAME.lock``: one download per source."""
+
+    def try_acquire(self) -> bool:
+        return self.acquire(exclusive=True, blocking=False)
 
 
 def hash_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -19,15 +19,13 @@ committed, so a blob being committed is never mistaken for an orphan.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from buffyfs import crash
-from buffyfs.blobs import BlobStore, SourceLock
+from buffyfs.blobs import BlobStore, FileLock, SourceLock
 from buffyfs.errors import BuffyError
 from buffyfs.index import Index, Reader, Writer, resolve_latest
 
@@ -132,30 +130,12 @@ def plan(r: Reader, open_inos: set[int], need: int = 0,
     return Report(doomed=doomed, freed=freed)
 
 
-class CommitLock:
+class CommitLock(FileLock):
     """flock on ``partial/.commit.lock``: shared while a blob waits for its index
     commit, exclusive while blob files are unlinked."""
 
     def __init__(self, blobs: BlobStore) -> None:
-        self.path = blobs.partial_dir / ".commit.lock"  # no source name starts with "."
-        self.fd: int | None = None
-
-    def acquire(self, exclusive: bool, blocking: bool = True) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | \
-            (0 if blocking else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(fd, flags)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        super().__init__(blobs.partial_dir / ".commit.lock")  # no source name starts with "."
 
 
 def collect(index: Index, blobs: BlobStore, open_inos: set[int], need: int = 0,
