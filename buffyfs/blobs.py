@@ -63,16 +63,6 @@ class BlobStore:
         """An O_RDONLY file descriptor of the blob (the caller closes it)."""
         return os.open(self.path(sha256), os.O_RDONLY | os.O_CLOEXEC)
 
-    def size_on_disk(self) -> int:
-        total = 0
-        for sub in self.blob_dir.iterdir():
-            if sub.is_dir():
-                for f in sub.iterdir():
-                    try:
-                        total += f.stat().st_size
-                    except FileNotFoundError:
-                        pass
-        return total
 
 
 class FileLock:

@@ -22,7 +22,7 @@ import platformdirs
 
 from buffyfs import status
 from buffyfs.blobs import BlobStore
-from buffyfs.errors import BadInput, CacheError, NotFound
+from buffyfs.errors import CacheError, NotFound
 from buffyfs.index import Index
 from buffyfs.options import check_name, check_tag, check_url, normalize_options
 
@@ -231,9 +231,3 @@ class Cache:
         (self.root / "mount.json").write_text(json.dumps(info))
         return fd
 
-
-def check_option_keys(raw: dict[str, Any]) -> None:
-    """Fail early on keys that are not options (for the command line)."""
-    normalize_options({k: v for k, v in raw.items() if k != "url"})
-    if "url" in raw:
-        raise BadInput("give the URL as an argument, not as an option")

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -263,8 +264,9 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
 def is_mounted(path: str) -> bool:
     """From the mount table (os.path.ismount is False for a mount whose daemon died)."""
     target = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    with open("/proc/self/mountinfo") as f:  # spaces and such are written \040...
+        return any(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
+                          line.split()[4]) == target for line in f)
 
 
 def _fusermount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:

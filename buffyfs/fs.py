@@ -39,7 +39,7 @@ import trio
 from buffyfs import control
 from buffyfs.cache import Cache
 from buffyfs.errors import BadInput, BuffyError, FetchError
-from buffyfs.index import SourceInode, parse_rfc3339
+from buffyfs.index import SourceInode, parse_rfc3339, resolve_latest
 from buffyfs.metrics import Metrics
 from buffyfs.options import (
     NAME_RE,
@@ -105,14 +105,12 @@ class BuffyFS(pyfuse3.Operations):
         self,
         cache: Cache,
         scheduler: Scheduler | None,
-        max_cache_size: int | None = None,
         progress: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         super().__init__()
         self.cache = cache
         self.index = cache.index
         self.scheduler = scheduler
-        self.max_cache_size = max_cache_size
         self.live_progress = progress
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -180,11 +178,7 @@ class BuffyFS(pyfuse3.Operations):
 
     def _tags_in_use(self, name: str) -> list[str]:
         with self.index.read() as r:
-            versions = r.versions(name)
-        tags = {"valid"}
-        for v in versions:
-            tags.update(v.get("tags", []))
-        return sorted(tags)
+            return _tags_of(r.versions(name))
 
     def _tagged(self, name: str, tag: str) -> list[dict[str, Any]]:
         """Versions carrying ``tag``, newest first."""
@@ -280,7 +274,7 @@ class BuffyFS(pyfuse3.Operations):
             return self._source_base(name)
         if node.kind == "dir":
             assert node.source
-            base = self._source_base(node.source)
+            base = parent  # a source's directory is the first inode of its block
             if name == "..":
                 return ROOT
             if name == "latest":
@@ -297,7 +291,7 @@ class BuffyFS(pyfuse3.Operations):
         if node.kind == "tagdir":
             assert node.source and node.tag
             if name == "..":
-                return self._source_base(node.source)
+                return self.tagdirs[parent][1]
             tagged = self._tagged(node.source, node.tag)
             if name == "latest" and tagged:
                 return tagged[0]["ino"]
@@ -308,7 +302,7 @@ class BuffyFS(pyfuse3.Operations):
         if node.kind == "versions":
             assert node.source
             if name == "..":
-                return self._source_base(node.source)
+                return parent - SourceInode.versions
             with self.index.read() as r:
                 v = r.version(node.source, name) if "\0" not in name else None
             if v is None:
@@ -335,7 +329,7 @@ class BuffyFS(pyfuse3.Operations):
             return out + [(n.encode(), self._attr(ino, Node("dir", n))) for n, ino in bases]
         elif node.kind == "dir":
             assert node.source
-            base = self._source_base(node.source)
+            base = ino
             names = [("latest", self._latest_ino(node.source, base))]
             names += [(n, base + off) for n, off in SOURCE_FILES.items()]
             names.append(("@versions", base + SourceInode.versions))
@@ -729,18 +723,18 @@ class BuffyFS(pyfuse3.Operations):
     def _stale_entries(self, name: str) -> list[tuple[int, str]]:
         with self.index.read() as r:
             src = r.source(name)
-            latest = r.latest(name) if src else None
-            ids = [v["id"] for v in r.versions(name)] if src else []
+            versions = r.versions(name) if src else []
         if src is None:
             self.shown_latest.pop(name, None)
             return [(ROOT, name)]
         out = []
-        current = _latest_target(src, latest)
+        current = _latest_target(src, resolve_latest(src, versions))
         shown = self.shown_latest.get(name)
         if shown is not None and shown != current:
             out.append((src["ino"], "latest"))
             del self.shown_latest[name]
-        in_use = set(self._tags_in_use(name))
+        in_use = set(_tags_of(versions))
+        ids = [v["id"] for v in versions]
         for (base, tag), ino in self.tagdir_inos.items():
             if base != src["ino"]:
                 continue
@@ -748,6 +742,14 @@ class BuffyFS(pyfuse3.Operations):
                 out.append((base, "@" + tag))
             out += [(ino, "latest")] + [(ino, vid) for vid in ids]
         return out
+
+
+def _tags_of(versions: list[dict[str, Any]]) -> list[str]:
+    """The tags in use among ``versions``; ``valid`` always."""
+    tags = {"valid"}
+    for v in versions:
+        tags.update(v.get("tags", []))
+    return sorted(tags)
 
 
 def _latest_target(source: dict[str, Any] | None, latest: dict[str, Any] | None) -> int:

@@ -240,12 +240,3 @@ def _sweep_partials(blobs: BlobStore, names: set[str],
             blobs.lock_path(name).unlink(missing_ok=True)
     return removed
 
-
-def partial_bytes(blobs: BlobStore) -> int:
-    total = 0
-    for f in blobs.partial_dir.glob("*.part"):
-        try:
-            total += f.stat().st_size
-        except FileNotFoundError:
-            pass
-    return total

@@ -109,10 +109,6 @@ class Scheduler:
         with trio.move_on_after(wait):
             await done.wait()
 
-    def is_fetching(self, name: str) -> bool:
-        worker = self.workers.get(name)
-        return worker is not None and worker.busy
-
     async def wait_first_version(self, name: str) -> None:
         """Wait until ``name`` has a servable version; FetchError if none is coming."""
         while True:

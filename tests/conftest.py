@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from buffyfs.cli import is_mounted  # noqa: F401 (tests import it from here)
 from tests.origin import Origin
 
 MOUNT_TIMEOUT = 15.0
@@ -69,13 +70,6 @@ def cli(cache_dir: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     def run(*args: str, check: bool = False, timeout: float = CLI_TIMEOUT):
         return run_cli(*args, cache=cache_dir, check=check, timeout=timeout)
     return run
-
-
-def is_mounted(path: Path) -> bool:
-    """From the mount table: os.path.ismount is False for a mount whose daemon died."""
-    target = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
 
 
 def unmount(path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,13 +20,6 @@ from buffyfs.options import normalize_options
 from tests.origin import Origin
 
 SECRET = "sekrit-token-123"
-
-
-@pytest.fixture
-def origin() -> Iterator[Origin]:
-    o = Origin().start()
-    yield o
-    o.stop()
 
 
 @pytest.fixture
