@@ -169,6 +169,7 @@ async def _serve(cache: Cache, settings: Settings) -> None:
             nursery.start_soon(_watch_changes, cache, scheduler, fs, collector)
             nursery.start_soon(collector.run)
             scheduler.start_all()
+            nursery.start_soon(scheduler.run)
             with cache.index.read() as r:
                 names = r.source_names()
                 versions = r.version_count()
@@ -282,7 +283,7 @@ def _apply_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS, collector: C
     seq, names = cache.index.changes_since(seq)
     if names is None:  # too far behind to tell: look at everything
         with cache.index.read() as r:
-            names = set(r.source_names()) | set(scheduler.workers) | {""}
+            names = set(r.source_names()) | scheduler.known | {""}
     if "" in names:
         names.discard("")
         collector.answer_request()

@@ -1,18 +1,24 @@
-"""The mount's refresh scheduler: one trio task per source.
+"""The mount's refresh scheduler: one trio task over a heap of due times.
 
-Each worker sleeps until its source is due (policy.next_check) or is kicked
-(``refresh`` control command, ``buffyfs refresh``, an option change), then runs one
-refresh. Workers start and stop as sources come and go (``sync``).
+A source is *evaluated* (its ``refresh`` policy and state read from the index, its
+next check computed by ``policy.next_check``) at start, after each of its refreshes,
+and when it changes (``sync``). Its due time goes into a heap; the one scheduling task
+sleeps until the earliest is due or it is woken, then starts a refresh task for each
+source that is due. Only running refreshes have a task of their own, so an idle mount
+with 10,000 sources holds 10,000 heap entries, not 10,000 sleeping tasks.
 
-Openers of a source that has no version yet wait in ``wait_first_version`` for the
-worker to finish its attempt; they never wait on a worker that has nothing planned.
+A ``refresh`` (control command, ``buffyfs refresh``) or an ``on-open`` check *forces*
+a source: due now, whatever its policy. Openers of a source that has no version yet
+wait in ``wait_first_version`` for its round to end (the evaluation, and the refresh if
+one was due); they never wait on a source that has nothing planned.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import trio
 
@@ -23,30 +29,9 @@ from buffyfs.refresh import Refresher
 
 log = logging.getLogger(__name__)
 
-ERROR_BACKOFF = 60.0  # after an unexpected error, before the worker looks again
-MAX_SLEEP = 3600.0  # re-evaluate at least this often (clock changes, lost kicks)
-
-
-@dataclass
-class Worker:
-    name: str
-    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    wake: trio.Event = field(default_factory=trio.Event)
-    attempt_done: trio.Event = field(default_factory=trio.Event)
-    force: bool = False
-    busy: bool = True  # deciding, or refreshing: an opener should wait
-    first_round: bool = True
-
-    def kick(self, force: bool) -> None:
-        self.force = self.force or force
-        if force:
-            self.busy = True
-        self.wake.set()
-
-    def finish_round(self) -> None:
-        self.busy = False
-        self.attempt_done.set()
-        self.attempt_done = trio.Event()
+ERROR_BACKOFF = 60.0  # after an unexpected error, before the source is looked at again
+MAX_SLEEP = 3600.0  # look at the heap at least this often (clock changes)
+BATCH = 256  # sources evaluated per index transaction before other tasks get a turn
 
 
 class Scheduler:
@@ -61,53 +46,68 @@ class Scheduler:
         self.refresher = refresher
         self.nursery = nursery
         self.on_changed = on_changed
-        self.workers: dict[str, Worker] = {}
+        self.known: set[str] = set()  # sources the scheduler looks after
+        self.pending: dict[str, None] = {}  # to evaluate, in order of arrival
+        self.forced: set[str] = set()  # due now whatever the policy
+        self.unstarted: set[str] = set()  # not evaluated since start: resume a partial
+        self.due: dict[str, float] = {}  # name -> time.time() of its next check
+        self.heap: list[tuple[float, str]] = []  # (due, name); stale entries skipped
+        self.running: dict[str, trio.CancelScope] = {}  # refreshes under way
+        self.round_done: dict[str, trio.Event] = {}  # made when someone waits
+        self.wake = trio.Event()
+
+    # -- what the filesystem and the change watcher call -------------------------------
 
     def start_all(self) -> None:
-        with self.index.write() as w:  # one transaction, however many sources
-            names = w.source_names()
-            for name in names:
-                if w.state(name).get("state", "idle") != "idle":
-                    w.put_state(name, state="idle", progress=None)  # nothing runs yet
-        for name in names:
-            self.sync(name)
+        """Plan every source of the index; the scheduling task evaluates them."""
+        with self.index.read() as r:
+            names = r.source_names()
+        self.known.update(names)
+        self.unstarted.update(names)
+        self.pending.update(dict.fromkeys(names))
+        self.wake.set()
 
     def sync(self, name: str) -> None:
-        """Match the worker of ``name`` to the index: start, stop or re-evaluate it."""
+        """Match ``name`` to the index: plan it, forget it, or evaluate it again."""
         with self.index.read() as r:
             exists = r.source(name) is not None
-        worker = self.workers.get(name)
-        if exists and worker is None:
-            worker = self.workers[name] = Worker(name)
-            self.nursery.start_soon(self._run, worker, name=f"refresh {name}")
-        elif not exists and worker is not None:
-            worker.cancel_scope.cancel()
-            worker.finish_round()
-            del self.workers[name]
-        elif worker is not None:
-            worker.kick(force=False)
+        if not exists:
+            if name in self.known:
+                self._forget(name)
+            return
+        self.known.add(name)
+        if name not in self.running:  # a running refresh is followed by an evaluation
+            self.pending[name] = None
+            self.wake.set()
 
     def kick(self, name: str) -> None:
         """Check the origin of ``name`` now."""
-        worker = self.workers.get(name)
-        if worker is not None:
-            worker.kick(force=True)
-            self.refresher.wake(name)  # a retry waiting out its backoff goes now
+        if name not in self.known:
+            return
+        self.forced.add(name)
+        self.refresher.wake(name)  # a retry waiting out its backoff goes now
+        if name not in self.running:
+            self.pending[name] = None
+            self.wake.set()
+
+    def busy(self, name: str) -> bool:
+        """Is a round of ``name`` under way (being evaluated, due or refreshing)?"""
+        if name in self.pending or name in self.forced or name in self.running:
+            return True
+        due = self.due.get(name)
+        return due is not None and due <= time.time()
 
     async def check_on_open(self, name: str, wait: float) -> None:
         """An open of ``latest`` of an ``on-open`` source: start a check unless one runs
         (concurrent opens share it) and wait for it at most ``wait`` seconds."""
-        worker = self.workers.get(name)
-        if worker is None:
+        if name not in self.known:
             self.sync(name)
-            worker = self.workers.get(name)
-        if worker is None:
+        if name not in self.known:
             return
-        if not worker.busy:
-            worker.kick(force=True)
-        done = worker.attempt_done
+        if not self.busy(name):
+            self.kick(name)
         with trio.move_on_after(wait):
-            await done.wait()
+            await self._round(name).wait()
 
     async def wait_first_version(self, name: str) -> None:
         """Wait until ``name`` has a servable version; FetchError if none is coming."""
@@ -120,58 +120,135 @@ class Scheduler:
                 return
             if versions:
                 raise FetchError("every version is tagged failed")
-            worker = self.workers.get(name)
-            if worker is None:  # added by another process a moment ago: start it now
+            if name not in self.known:  # added by another process a moment ago
                 self.sync(name)
-                worker = self.workers.get(name)
-            if worker is None:
+            if name not in self.known:
                 raise FetchError("no such source")
-            if not worker.busy:
+            if not self.busy(name):
                 error = state.get("last_error") or {}
                 raise FetchError(error.get("message") or "no version downloaded yet")
-            await worker.attempt_done.wait()
+            await self._round(name).wait()
 
-    async def _run(self, worker: Worker) -> None:
-        with worker.cancel_scope:
-            while True:
-                with self.index.read() as r:
-                    source = r.source(worker.name)
-                    state = r.state(worker.name)
-                    has_version = r.has_versions(worker.name)
+    # -- the scheduling task -----------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            while self.pending:
+                batch = list(self.pending)[:BATCH]
+                for name in batch:
+                    del self.pending[name]
+                self._evaluate(batch)
+                await trio.sleep(0)  # let FUSE requests through a long start
+            now = time.time()
+            while self.heap and self.heap[0][0] <= now:
+                due, name = heapq.heappop(self.heap)
+                if self.due.get(name) == due and name not in self.running:
+                    del self.due[name]
+                    self._start(name)
+            if self.pending:
+                continue
+            delay = self.heap[0][0] - now if self.heap else MAX_SLEEP
+            with trio.move_on_after(min(MAX_SLEEP, max(0.0, delay))):
+                await self.wake.wait()
+            self.wake = trio.Event()
+
+    def _evaluate(self, names: list[str]) -> None:
+        """Compute the next check of ``names`` and record it in their state."""
+        now = now_utc()
+        updates: dict[str, dict[str, object]] = {}
+        with self.index.read() as r:
+            for name in names:
+                if name in self.running:
+                    continue
+                source = r.source(name)
                 if source is None:
-                    return
-                now = now_utc()
+                    self._forget(name)
+                    continue
+                state = r.state(name)
+                has_version = r.has_versions(name)
+                first = name in self.unstarted
+                self.unstarted.discard(name)
                 # A download interrupted by a stop or crash is finished at once on start.
-                resume = worker.first_round and bool(state.get("partial")) and \
+                resume = first and bool(state.get("partial")) and \
                     not (source["options"].get("pinned") and has_version)
-                worker.first_round = False
-                due = now if worker.force or resume else next_check(
+                due = now if name in self.forced or resume else next_check(
                     source["options"], state, has_version, now
                 )
+                fields: dict[str, object] = {}
                 stamp = rfc3339(due) if due else None
                 if state.get("next_check") != stamp:
-                    self.index.set_state(worker.name, next_check=stamp)
-                del source, state  # nothing decoded stays alive while the worker sleeps
-                if due is None or due > now:
-                    worker.finish_round()
-                    delay = MAX_SLEEP if due is None else (due - now).total_seconds()
-                    with trio.move_on_after(min(MAX_SLEEP, max(0.0, delay))):
-                        await worker.wake.wait()
-                    worker.wake = trio.Event()
-                    continue
-                worker.force = False
-                worker.busy = True
-                worker.wake = trio.Event()
-                try:
-                    await self.refresher.refresh(worker.name)
-                except FetchError as e:
-                    log.error("%s: %s", worker.name, e)
-                except Exception as e:  # a bug must not stop the others, nor spin
-                    log.exception("%s: refresh failed unexpectedly", worker.name)
-                    self.index.record_failure(worker.name, now_utc(), f"internal error: {e}")
-                    self.index.set_state(worker.name, state="idle", progress=None)
-                    with trio.move_on_after(ERROR_BACKOFF):
-                        await worker.wake.wait()
-                finally:
-                    self.on_changed(worker.name)
-                worker.finish_round()
+                    fields["next_check"] = stamp
+                if first and state.get("state", "idle") != "idle":
+                    fields.update(state="idle", progress=None)  # left so by a crash
+                if fields:
+                    updates[name] = fields
+                self._plan(name, None if due is None else due.timestamp())
+        if updates:
+            with self.index.write() as w:  # one transaction for the whole batch
+                for name, fields in updates.items():
+                    if w.source(name) is not None:
+                        w.put_state(name, **fields)
+
+    def _plan(self, name: str, due: float | None) -> None:
+        if due is None:
+            self.due.pop(name, None)
+            self._end_round(name)  # nothing planned: openers stop waiting
+            return
+        self.due[name] = due
+        heapq.heappush(self.heap, (due, name))
+        if len(self.heap) > 2 * len(self.due) + BATCH:  # drop the stale entries
+            self.heap = [(d, n) for n, d in self.due.items()]
+            heapq.heapify(self.heap)
+        if due > time.time():
+            self._end_round(name)
+
+    def _start(self, name: str) -> None:
+        scope = self.running[name] = trio.CancelScope()
+        self.forced.discard(name)
+        self.nursery.start_soon(self._refresh, name, scope, name=f"refresh {name}")
+
+    async def _refresh(self, name: str, scope: trio.CancelScope) -> None:
+        backoff = False
+        with scope:
+            try:
+                await self.refresher.refresh(name)
+            except FetchError as e:
+                log.error("%s: %s", name, e)
+            except Exception as e:  # a bug must not stop the others, nor spin
+                log.exception("%s: refresh failed unexpectedly", name)
+                self.index.record_failure(name, now_utc(), f"internal error: {e}")
+                self.index.set_state(name, state="idle", progress=None)
+                backoff = True
+            finally:
+                if self.running.get(name) is scope:
+                    del self.running[name]
+                self.on_changed(name)
+        if name not in self.known:
+            return
+        if backoff and name not in self.forced:
+            self._plan(name, time.time() + ERROR_BACKOFF)
+        else:
+            self.pending[name] = None
+        self.wake.set()
+
+    def _forget(self, name: str) -> None:
+        """``name`` left the index: stop its refresh and let its openers go."""
+        self.known.discard(name)
+        self.pending.pop(name, None)
+        self.forced.discard(name)
+        self.unstarted.discard(name)
+        self.due.pop(name, None)
+        scope = self.running.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        self._end_round(name)
+
+    def _round(self, name: str) -> trio.Event:
+        if name not in self.round_done:
+            self.round_done[name] = trio.Event()
+        return self.round_done[name]
+
+    def _end_round(self, name: str) -> None:
+        event = self.round_done.pop(name, None)
+        if event is not None:
+            event.set()
