@@ -165,12 +165,14 @@ class Scheduler:
                     self._forget(name)
                     continue
                 state = r.state(name)
-                has_version = r.has_versions(name)
+                def has_version(r=r, name=name) -> bool:  # read only when it matters
+                    return r.has_versions(name)
+
                 first = name in self.unstarted
                 self.unstarted.discard(name)
                 # A download interrupted by a stop or crash is finished at once on start.
                 resume = first and bool(state.get("partial")) and \
-                    not (source["options"].get("pinned") and has_version)
+                    not (source["options"].get("pinned") and has_version())
                 due = now if name in self.forced or resume else next_check(
                     source["options"], state, has_version, now
                 )

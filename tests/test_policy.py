@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from buffyfs.index import rfc3339
 from buffyfs.options import normalize_options
 from buffyfs.policy import next_check
 
@@ -50,3 +51,19 @@ def test_pinned_with_a_version_is_never_checked():
     options = opts(refresh="1s", pinned="true")
     assert next_check(options, state("2026-11-27T11:00:00Z"), True, NOW) is None
     assert next_check(options, state(), False, NOW) == NOW  # the first download still happens
+
+
+def test_has_version_is_asked_only_when_it_matters():
+    asked = []
+
+    def has_version() -> bool:
+        asked.append(1)
+        return True
+
+    last = rfc3339(NOW - timedelta(hours=1))
+    assert next_check(opts(refresh="never"), state(last), has_version, NOW) is None
+    assert next_check(opts(refresh="1h"), state(last), has_version, NOW) == NOW
+    assert asked == []
+    assert next_check(opts(refresh="on-open"), state(last), has_version, NOW) is None
+    assert next_check(opts(refresh="1h", pinned=True), state(last), has_version, NOW) is None
+    assert len(asked) == 2
