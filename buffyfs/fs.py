@@ -628,8 +628,11 @@ class BuffyFS(pyfuse3.Operations):
         return bool(failures) and latest is not None and latest["id"] == vid
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if not name.startswith(b"user.buffy."):  # ls -l asks for ACLs, SELinux labels...
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if not name.startswith(b"user."):
+            # No ACLs, no security labels: "not supported" (not "no such attribute")
+            # lets ls -l remember it for the whole mount instead of asking three times
+            # per file (coreutils caches ENOTSUP per device).
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import subprocess
 import threading
 
 import pytest
@@ -151,6 +152,25 @@ def test_extended_attributes(origin, mnt):
     assert attrs["user.buffy.tags"] == ""
     assert "s3cret" not in json.dumps(st) and "s3cret" not in json.dumps(status(mnt / "@status"))
     assert origin.seen("/x.json")[0].headers.get("Authorization", "").startswith("Basic ")
+    with pytest.raises(OSError) as missing:
+        os.getxattr(path, "user.buffy.nothing")
+    assert missing.value.errno == errno.ENODATA
+    for name in ("system.posix_acl_access", "security.selinux", "trusted.x"):
+        with pytest.raises(OSError) as unsupported:  # no ACLs, no labels: the whole mount
+            os.getxattr(path, name)
+        assert unsupported.value.errno == errno.EOPNOTSUPP, name
+
+
+def test_ls_l_asks_for_acls_and_labels_once_per_mount(origin, mnt):
+    """ls -l caches "not supported" per device: one ACL and one label request in all,
+    instead of three requests per file (the cost of ls -l on 10,000 sources)."""
+    for i in range(5):
+        write_control(mnt / "@control", f"add ls{i} {origin.url('/ls')} refresh=never")
+    trace = subprocess.run(["strace", "-f", "-e", "trace=getxattr,lgetxattr", "ls", "-l",
+                            str(mnt.path)], capture_output=True, text=True, timeout=30)
+    assert trace.returncode == 0, trace.stderr
+    calls = [line for line in trace.stderr.splitlines() if "getxattr(" in line]
+    assert len(calls) <= 3, calls
 
 
 def test_everything_but_control_is_read_only(origin, mnt):
