@@ -508,3 +508,24 @@ async def test_url_credentials_never_shown(
     assert SECRET not in buffyfs_log(caplog)
     records = _index_records_outside_sources(cache.index)
     assert not [r for r in records if SECRET.encode() in r]
+
+
+def test_batches_are_written_in_order_and_hashed(tmp_path):
+    """A batch is a list of received chunks (no joining copy): written with writev,
+    hashed chunk by chunk, its writeback started."""
+    import os
+
+    path = tmp_path / "partial"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    hasher = hashlib.sha256()
+    batches = [[b"abc", b"", b"d" * 100_000], [b"e" * 3, b"f" * (1 << 20)]]
+    offset = 0
+    try:
+        for batch in batches:
+            downloader._write_and_hash(fd, hasher, batch, offset)
+            offset += sum(map(len, batch))
+    finally:
+        os.close(fd)
+    expected = b"".join(b"".join(b) for b in batches)
+    assert path.read_bytes() == expected
+    assert hasher.hexdigest() == hashlib.sha256(expected).hexdigest()
