@@ -138,7 +138,7 @@ class Scheduler:
                 for name in batch:
                     del self.pending[name]
                 self._evaluate(batch)
-                await trio.sleep(0)  # let FUSE requests through a long start
+                await trio.lowlevel.checkpoint()  # let FUSE requests through a long start
             now = time.time()
             while self.heap and self.heap[0][0] <= now:
                 due, name = heapq.heappop(self.heap)
