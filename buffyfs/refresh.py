@@ -83,6 +83,7 @@ class Refresher:
         self.metrics: Metrics | None = None
         self.proxy_clients: dict[str, httpx.AsyncClient] = {}
         self.wakes: dict[str, trio.Event] = {}  # sources waiting out a backoff
+        self.reserved: dict[str, int] = {}  # quota held by bodies being received
 
     def wake(self, name: str) -> None:
         """Cut short the backoff of ``name``, if it is waiting to retry."""
@@ -111,6 +112,7 @@ class Refresher:
         finally:
             lock.release()
             self.progress.pop(name, None)
+            self.reserved.pop(name, None)  # committed bytes count as blobs from now on
             with self.index.read() as r:  # no await here: runs even when cancelled
                 stuck = r.state(name).get("state") != "idle" and r.source(name)
             if stuck:  # interrupted (cancelled, killed by a signal...): not fetching
@@ -157,7 +159,7 @@ class Refresher:
 
         def body_starts(point: downloader.Resume | None, remaining: int | None) -> None:
             if remaining is not None:
-                self._reserve(remaining)
+                self._reserve(name, remaining)
             # Recorded before any byte is written: a daemon killed mid-body resumes.
             saved = None if point is None else \
                 {"key": key, "etag": point.etag, "last_modified": point.last_modified}
@@ -179,6 +181,7 @@ class Refresher:
                         self.client_for(options), req, partial, progress, resume, body_starts
                     )
             except downloader.AttemptError as e:
+                self.reserved.pop(name, None)  # no quota held while waiting to retry
                 error = str(e)
                 resume = e.resume
                 if resume is None:
@@ -210,14 +213,18 @@ class Refresher:
         if self.metrics:
             self.metrics.downloads.labels(result=result).inc()
 
-    def _reserve(self, need: int) -> None:
-        """Make room for ``need`` more bytes under the quota, or fail the attempt."""
+    def _reserve(self, name: str, need: int) -> None:
+        """Make room under the quota for ``need`` more bytes of ``name`` besides what the
+        other downloads under way hold, and hold it; or fail the attempt."""
         if self.make_room is None:
             return
+        others = sum(n for source, n in self.reserved.items() if source != name)
         try:
-            self.make_room(need)
+            self.make_room(need + others)
         except CacheFull as e:
-            raise downloader.AttemptError(str(e), retryable=False) from None
+            held = f" ({others} bytes of it held by other downloads under way)" if others else ""
+            raise downloader.AttemptError(f"{e}{held}", retryable=False) from None
+        self.reserved[name] = need
 
     def _saved_resume(self, name: str, key: str) -> downloader.Resume | None:
         """Where a download interrupted earlier (maybe by a restart) may continue."""
@@ -269,7 +276,7 @@ class Refresher:
             return Outcome(checked=True)
         if not self.blobs.exists(result.sha256):
             try:
-                self._reserve(result.size)
+                self._reserve(name, result.size)
             except downloader.AttemptError as e:
                 partial.unlink(missing_ok=True)
                 self.index.record_failure(name, now_utc(), str(e))

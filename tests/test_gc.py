@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import threading
 
 import pytest
 
@@ -234,3 +235,33 @@ def test_cache_is_private_and_a_source_may_be_called_commit(origin, cli, cache_d
     fresh = cache_dir / "fresh"
     cli_fresh = run_cli("add", "x", "http://127.0.0.1:9/", cache=fresh)
     assert cli_fresh.returncode == 0 and fresh.stat().st_mode & 0o077 == 0
+
+
+def test_quota_is_shared_by_downloads_under_way(origin, mount_factory):
+    """Two bodies received at the same time cannot both take the same free space: the
+    second is refused at its start, before the first is committed."""
+    mnt = mount_factory("--max-cache-size", "300K")
+    for name in ("slow1", "slow2"):
+        origin.set(f"/{name}", os.urandom(200_000)).chunk_delay = 0.1  # ~2 s per body
+    write_control(mnt / "@control", f"add slow1 {origin.url('/slow1')} max_attempts=1\n"
+                                    f"add slow2 {origin.url('/slow2')} max_attempts=1")
+    results = {}
+
+    def fetch(name: str) -> None:
+        try:
+            results[name] = len(read(mnt / f"{name}/latest"))
+        except OSError as e:
+            results[name] = e
+
+    threads = [threading.Thread(target=fetch, args=(n,)) for n in ("slow1", "slow2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    served = [n for n, r in results.items() if r == 200_000]
+    refused = [n for n, r in results.items() if isinstance(r, OSError)]
+    assert len(served) == 1 and len(refused) == 1, results
+    message = status(mnt / f"{refused[0]}/@status")["last_error"]["message"]
+    assert "cache full" in message and "held by other downloads under way" in message
+    assert status(mnt / "@status")["cache_size"] <= 300 * 1024
