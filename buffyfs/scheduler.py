@@ -19,6 +19,7 @@ import heapq
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import trio
 
@@ -54,14 +55,18 @@ class Scheduler:
         self.heap: list[tuple[float, str]] = []  # (due, name); stale entries skipped
         self.running: dict[str, trio.CancelScope] = {}  # refreshes under way
         self.round_done: dict[str, trio.Event] = {}  # made when someone waits
+        self.hold: dict[str, float] = {}  # no check before this time (after a bug)
         self.wake = trio.Event()
 
     # -- what the filesystem and the change watcher call -------------------------------
 
     def start_all(self) -> None:
         """Plan every source of the index; the scheduling task evaluates them."""
-        with self.index.read() as r:
-            names = r.source_names()
+        with self.index.write() as w:  # one transaction, however many sources
+            names = w.source_names()
+            for name in names:
+                if w.state(name).get("state", "idle") != "idle":
+                    w.put_state(name, state="idle", progress=None)  # a crash left it so
         self.known.update(names)
         self.unstarted.update(names)
         self.pending.update(dict.fromkeys(names))
@@ -95,7 +100,10 @@ class Scheduler:
         if name in self.pending or name in self.forced or name in self.running:
             return True
         due = self.due.get(name)
-        return due is not None and due <= time.time()
+        if due is not None and due <= time.time():
+            self.wake.set()  # overdue (the wall clock jumped?): let the task look now
+            return True
+        return False
 
     async def check_on_open(self, name: str, wait: float) -> None:
         """An open of ``latest`` of an ``on-open`` source: start a check unless one runs
@@ -104,8 +112,8 @@ class Scheduler:
             self.sync(name)
         if name not in self.known:
             return
-        if not self.busy(name):
-            self.kick(name)
+        if name not in self.running and name not in self.forced:
+            self.kick(name)  # a check already under way is shared, any other plan is not
         with trio.move_on_after(wait):
             await self._round(name).wait()
 
@@ -155,7 +163,7 @@ class Scheduler:
     def _evaluate(self, names: list[str]) -> None:
         """Compute the next check of ``names`` and record it in their state."""
         now = now_utc()
-        updates: dict[str, dict[str, object]] = {}
+        updates: dict[str, str | None] = {}
         with self.index.read() as r:
             for name in names:
                 if name in self.running:
@@ -165,6 +173,7 @@ class Scheduler:
                     self._forget(name)
                     continue
                 state = r.state(name)
+
                 def has_version(r=r, name=name) -> bool:  # read only when it matters
                     return r.has_versions(name)
 
@@ -176,20 +185,22 @@ class Scheduler:
                 due = now if name in self.forced or resume else next_check(
                     source["options"], state, has_version, now
                 )
-                fields: dict[str, object] = {}
-                stamp = rfc3339(due) if due else None
+                planned = None if due is None else due.timestamp()
+                hold = self.hold.get(name)  # after an unexpected error
+                if hold is not None and (name in self.forced or hold <= time.time()):
+                    del self.hold[name]
+                elif hold is not None and planned is not None:
+                    planned = max(planned, hold)
+                stamp = None if planned is None else rfc3339(
+                    datetime.fromtimestamp(planned, UTC))
                 if state.get("next_check") != stamp:
-                    fields["next_check"] = stamp
-                if first and state.get("state", "idle") != "idle":
-                    fields.update(state="idle", progress=None)  # left so by a crash
-                if fields:
-                    updates[name] = fields
-                self._plan(name, None if due is None else due.timestamp())
+                    updates[name] = stamp
+                self._plan(name, planned)
         if updates:
             with self.index.write() as w:  # one transaction for the whole batch
-                for name, fields in updates.items():
+                for name, stamp in updates.items():
                     if w.source(name) is not None:
-                        w.put_state(name, **fields)
+                        w.put_state(name, next_check=stamp)
 
     def _plan(self, name: str, due: float | None) -> None:
         if due is None:
@@ -227,10 +238,9 @@ class Scheduler:
                 self.on_changed(name)
         if name not in self.known:
             return
-        if backoff and name not in self.forced:
-            self._plan(name, time.time() + ERROR_BACKOFF)
-        else:
-            self.pending[name] = None
+        if backoff:  # looked at again, by its policy, no sooner than ERROR_BACKOFF
+            self.hold[name] = time.time() + ERROR_BACKOFF
+        self.pending[name] = None
         self.wake.set()
 
     def _forget(self, name: str) -> None:
@@ -240,6 +250,7 @@ class Scheduler:
         self.forced.discard(name)
         self.unstarted.discard(name)
         self.due.pop(name, None)
+        self.hold.pop(name, None)
         scope = self.running.pop(name, None)
         if scope is not None:
             scope.cancel()

@@ -3,6 +3,7 @@ refresher (the mount tests cover it with real downloads)."""
 
 from __future__ import annotations
 
+import time as real_time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
+import buffyfs.scheduler as scheduler_module
+from buffyfs.errors import FetchError
 from buffyfs.index import Index, now_utc, rfc3339
 from buffyfs.options import normalize_options
 from buffyfs.scheduler import Scheduler
@@ -31,7 +34,8 @@ class FakeRefresher:
         self.most_running = max(self.most_running, self.running)
         try:
             await trio.sleep(self.hold)
-            self.index.set_state(name, last_check=rfc3339(now_utc()))
+            # the scheduler's clock (a test may move it)
+            self.index.set_state(name, last_check=rfc3339(scheduler_module.now_utc()))
         finally:
             self.running -= 1
 
@@ -133,4 +137,88 @@ async def test_heap_stays_bounded_under_many_changes(idx):
             await trio.lowlevel.checkpoint()
         await trio.sleep(0.05)
         assert len(scheduler.heap) <= 2 * len(scheduler.due) + 256 + 1
+        nursery.cancel_scope.cancel()
+
+
+def give_version(idx, name):
+    idx.commit_version(name, {"sha256": "ab" * 32, "size": 1, "tags": []},
+                       now_utc() - timedelta(minutes=1))
+
+
+async def test_on_open_check_not_skipped_when_a_sync_is_pending(idx):
+    """An open of an on-open source must check the origin even if an unrelated change
+    (tag, set, the change watcher) left the source waiting for re-evaluation."""
+    add(idx, "o", None, refresh="on-open")
+    give_version(idx, "o")
+    refresher = FakeRefresher(idx)
+    async with trio.open_nursery() as nursery:
+        s = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
+        s.start_all()
+        nursery.start_soon(s.run)
+        await settle(refresher, s)
+        assert refresher.calls == []
+        s.sync("o")  # e.g. `tag`, `set`, or the change watcher
+        await s.check_on_open("o", 1)
+        await settle(refresher, s)
+        assert refresher.calls == ["o"], "the open was served without a check"
+        nursery.cancel_scope.cancel()
+
+
+class Boom(FakeRefresher):
+    async def refresh(self, name):
+        self.calls.append(name)
+        raise RuntimeError("bug")
+
+
+async def test_error_backoff_follows_policy(idx, monkeypatch):
+    """After an unexpected error the source is *looked at again* after ERROR_BACKOFF,
+    not refreshed regardless of its policy (here `never` with a version)."""
+    monkeypatch.setattr(scheduler_module, "ERROR_BACKOFF", 0.2)
+    add(idx, "n", timedelta(minutes=1), refresh="never")
+    give_version(idx, "n")
+    refresher = Boom(idx)
+    async with trio.open_nursery() as nursery:
+        s = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
+        s.start_all()
+        nursery.start_soon(s.run)
+        await settle(refresher, s)
+        s.kick("n")  # `buffyfs refresh n`
+        await trio.sleep(1.5)
+        assert refresher.calls == ["n"], f"refreshed {len(refresher.calls)} times"
+        nursery.cancel_scope.cancel()
+
+
+class Jumped:
+    """A wall clock that can jump (both of the scheduler's views of it)."""
+
+    offset = 0.0
+
+    def time(self):
+        return real_time.time() + self.offset
+
+    def now_utc(self):
+        return now_utc() + timedelta(seconds=self.offset)
+
+
+async def test_opener_not_held_after_wall_clock_jump(idx, monkeypatch):
+    """A source with no version whose first download gave up (next check in 1 h): after
+    the wall clock jumps 2 h forward, an open must not hang until the scheduler's
+    monotonic sleep (up to MAX_SLEEP) ends."""
+    clock = Jumped()
+    monkeypatch.setattr(scheduler_module, "time", clock)
+    monkeypatch.setattr(scheduler_module, "now_utc", clock.now_utc)
+    add(idx, "f", None, refresh="1h")
+    idx.record_failure("f", now_utc(), "gave up")
+    refresher = FakeRefresher(idx)
+    async with trio.open_nursery() as nursery:
+        s = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
+        s.start_all()
+        nursery.start_soon(s.run)
+        await settle(refresher, s)
+        clock.offset = 7200.0
+        with trio.fail_after(3):
+            try:
+                await s.wait_first_version("f")
+            except FetchError:
+                pass
         nursery.cancel_scope.cancel()
