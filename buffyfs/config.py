@@ -262,6 +262,6 @@ def _locate_table_error(where: _Where, table: str, key: str, value: dict[str, An
     """Name the entry of a headers/validate table that is wrong, as ``validate.min_size``."""
     for sub, subvalue in value.items():
         try:
-            options.normalize_options({f"{key}.{sub}": subvalue})
+            options.normalize_options({key: {sub: subvalue}})
         except BadInput as e:
             where.fail(table, f"{_key(key)}.{_key(sub)}", str(e))

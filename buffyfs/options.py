@@ -151,13 +151,21 @@ def _positive_int(value: Any, key: str, minimum: int) -> int:
     return value
 
 
+def _check_entry_name(table: str, name: Any) -> None:
+    """A header name, or the name of a validate check (BadInput if not)."""
+    if table == "headers":
+        if not isinstance(name, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise BadInput(f"invalid header name {name!r}")
+    elif name not in VALIDATE_KEYS:
+        raise BadInput(f"unknown check validate.{name}: use " + ", ".join(VALIDATE_KEYS))
+
+
 def _check_headers(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise BadInput("invalid headers: must be a table of name = value")
     out: dict[str, str] = {}
     for k, v in value.items():
-        if not isinstance(k, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", k):
-            raise BadInput(f"invalid header name {k!r}")
+        _check_entry_name("headers", k)
         if not isinstance(v, str) or not v.isascii() or any(c in v for c in "\r\n\0"):
             raise BadInput(f"invalid value for header {k!r}")  # never echo the value
         out[k] = v
@@ -177,8 +185,7 @@ def _check_validate(value: Any) -> dict[str, Any]:
         raise BadInput("invalid validate: must be a table of checks")
     out: dict[str, Any] = {}
     for k, v in value.items():
-        if k not in VALIDATE_KEYS:
-            raise BadInput(f"unknown check validate.{k}: use " + ", ".join(VALIDATE_KEYS))
+        _check_entry_name("validate", k)
         if k == "min_size":
             out[k] = parse_size(v, "validate.min_size")
         elif k == "sha256":
@@ -222,7 +229,7 @@ def _check_option(key: str, value: Any) -> Any:
     if key == "body":
         if value is not None and not isinstance(value, str):
             raise BadInput("invalid body: must be a string")
-        return value
+        return value or None  # body= removes it
     if key == "headers":
         return _check_headers(value)
     if key == "pinned":
@@ -243,7 +250,9 @@ def _check_option(key: str, value: Any) -> Any:
 def normalize_options(raw: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate ``raw`` over ``base`` (default: DEFAULT_OPTIONS); return the merged dict.
 
-    Dotted keys (``headers.Authorization``) set one entry of a table option.
+    Dotted keys (``headers.Authorization``) set one entry of a table option; an empty
+    value removes the entry (``set headers.Authorization=``), as ``body=`` and
+    ``proxy=`` remove the body and the proxy.
     """
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (base or DEFAULT_OPTIONS).items()}
     for key, value in raw.items():
@@ -252,7 +261,10 @@ def normalize_options(raw: dict[str, Any], base: dict[str, Any] | None = None) -
             table = table.replace("-", "_")
             if table == "validate":
                 sub = sub.replace("-", "_")
-            if table == "headers":
+            if table in ("headers", "validate") and value == "":
+                _check_entry_name(table, sub)  # a typo is an error, not a silent no-op
+                out[table] = {k: v for k, v in out.get(table, {}).items() if k != sub}
+            elif table == "headers":
                 out["headers"] = _check_headers({**out.get("headers", {}), sub: value})
             elif table == "validate":
                 out["validate"] = _check_validate({**out.get("validate", {}), sub: value})

@@ -217,6 +217,22 @@ def test_post_source_with_body(origin, mnt):
     assert seen.headers["Content-Type"] == "application/json"
 
 
+def test_set_with_an_empty_value_removes_a_header_and_the_body(origin, mnt):
+    origin.set("/unset", b"same")
+    write_control(mnt / "@control", f"add un {origin.url('/unset')} refresh=never "
+                                    "method=POST body=q headers.X-Token=t0ken headers.X-Keep=1")
+    read(mnt / "un/latest")
+    first = origin.seen("/unset")[-1]
+    assert first.headers.get("X-Token") == "t0ken" and first.body == b"q"
+    write_control(mnt / "un/@control", "set headers.X-Token= body=\nrefresh")
+    wait_for(lambda: len(origin.seen("/unset")) == 2, 10, what="the second request")
+    second = origin.seen("/unset")[-1]
+    assert "X-Token" not in second.headers and second.headers.get("X-Keep") == "1"
+    assert second.body == b""
+    options = status(mnt / "un/@status")["options"]
+    assert set(options["headers"]) == {"X-Keep"} and options["body"] is None
+
+
 def test_stale_is_visible(origin, mnt):
     origin.set("/sv", b"good")
     add(mnt, "sv", origin.url("/sv"), "max_attempts=1")

@@ -234,7 +234,7 @@ def test_normalize_validate_typed_and_dotted() -> None:
     dotted = normalize_options({"validate.min_size": "1K", "validate.cmd": "gzip -t"})
     assert dotted["validate"] == {"min_size": 1024, "cmd": "gzip -t"}
     for bad in ({"validate.colour": "red"}, {"validate.min_size": "big"},
-                {"validate.sha256": "abc"}, {"validate.cmd": ""}, {"validate": "gzip -t"}):
+                {"validate.sha256": "abc"}, {"validate": {"cmd": ""}}, {"validate": "gzip -t"}):
         with pytest.raises(BadInput):
             normalize_options(bad)
 
@@ -390,3 +390,19 @@ def test_public_options_hides_header_values() -> None:
     assert "sekrit" not in repr(shown)
     assert shown["headers"] == {"Authorization": "<hidden>"}
     assert opts["headers"] == {"Authorization": "Bearer sekrit"}
+
+
+def test_an_empty_value_removes_a_header_a_check_or_the_body() -> None:
+    base = normalize_options({"headers": {"Authorization": "Bearer x", "Accept": "a/b"},
+                              "validate": {"min_size": 10, "cmd": "gzip -t"},
+                              "method": "POST", "body": "q=1"})
+    out = normalize_options({"headers.Authorization": "", "validate.cmd": "", "body": ""},
+                            base=base)
+    assert out["headers"] == {"Accept": "a/b"}
+    assert out["validate"] == {"min_size": 10}
+    assert out["body"] is None
+    # removing what is not there is fine; a misspelt name is still an error
+    assert normalize_options({"headers.X-Absent": ""}, base=base)["headers"] == base["headers"]
+    for bad in ({"validate.colour": ""}, {"headers.bad name": ""}):
+        with pytest.raises(BadInput):
+            normalize_options(bad, base=base)
