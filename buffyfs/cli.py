@@ -32,6 +32,9 @@ SOURCE_OPTIONS = {
     "method": "GET or POST (default GET)",
     "body": "request body (for POST)",
 }
+OPTION_METAVARS = {"refresh": "POLICY", "attempt_timeout": "DURATION", "open_wait": "DURATION",
+                   "max_attempts": "N", "keep_versions": "N", "proxy": "URL",
+                   "method": "METHOD", "body": "TEXT"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("url")
     for key, help_text in SOURCE_OPTIONS.items():
-        a.add_argument("--" + key.replace("_", "-"), dest="opt_" + key, help=help_text)
+        a.add_argument("--" + key.replace("_", "-"), dest="opt_" + key, help=help_text,
+                       metavar=OPTION_METAVARS.get(key, "VALUE"))
     a.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="extra request header (repeatable); its value is never shown")
     a.add_argument("--validate", action="append", default=[], metavar="CHECK=VALUE",
@@ -401,9 +405,12 @@ def _print_status(obj: dict[str, Any], cache: Any) -> None:
                           str(s["consecutive_failures"]))
         console.print(table)
         return
-    for key in ("name", "url", "refresh", "state", "latest", "last_check", "last_success",
-                "next_check", "consecutive_failures"):
-        console.print(f"{key:>21}: {obj[key] if obj[key] is not None else '-'}", highlight=False)
+    for key in ("name", "url", "refresh", "pinned", "stale", "state", "latest", "last_check",
+                "last_success", "next_check", "consecutive_failures"):
+        value = obj.get(key)
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        console.print(f"{key:>21}: {value if value is not None else '-'}", highlight=False)
     if obj["last_error"]:
         console.print(f"{'last_error':>21}: {obj['last_error']['at']} "
                       f"{obj['last_error']['message']}", highlight=False)
@@ -437,7 +444,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     with cache.index.read() as r:
         versions = r.versions(args.name)
         latest = r.latest(args.name)
-    table = Table("version", "size", "fetched", "tags", "", box=None)
+    table = Table("version", "size", "fetched", "tags", "note", box=None)
     for v in versions:
         table.add_row(v["id"], _human(v["size"]), v["fetched_at"], ",".join(v.get("tags", [])),
                       "latest" if latest and v["id"] == latest["id"] else "")
@@ -462,9 +469,12 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
+    from buffyfs.control import check_version_ref
     from buffyfs.options import check_name
 
     check_name(args.name)
+    if args.version is not None:
+        check_version_ref(args.version)  # a malformed id is bad input, like for tag
     vid = _cache(args).pin(args.name, args.version)
     print(f"{args.name}: pinned at {vid}" if vid else
           f"{args.name}: pinned; the first version to arrive will hold")

@@ -123,7 +123,8 @@ def plan(r: Reader, open_inos: set[int], need: int = 0,
         if used + need > max_size and need > 0:
             raise CacheFull(
                 f"cache full: {need} more bytes do not fit in max_cache_size {max_size} "
-                f"({used} bytes in use by versions no rule lets us evict)")
+                f"({used} bytes held by versions that may not be evicted: latest, the "
+                "newest valid, keep-tagged, pinned or open ones)")
         if used > max_size:
             log.warning("cache over max_cache_size by %d bytes of protected versions",
                         used - max_size)

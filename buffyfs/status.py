@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from buffyfs import __version__
-from buffyfs.index import Index, Reader, resolve_latest
+from buffyfs.index import Index, Reader, now_utc, resolve_latest, rfc3339
 from buffyfs.options import public_options, redact_url
 
 
@@ -26,7 +26,7 @@ def source_status(
     if latest is None and versions:
         earlier = (state.get("last_error") or {}).get("message")
         state = {**state, "last_error": {
-            "at": versions[0]["fetched_at"],
+            "at": rfc3339(now_utc()),  # a state of now: tags record no time
             "message": "every version is tagged failed; latest cannot be opened"
                        + (f" (last error: {earlier})" if earlier else "")}}
     progress = state.get("progress")

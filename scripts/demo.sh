@@ -41,5 +41,5 @@ Try:
   echo 'add other http://127.0.0.1:$port/hello.txt' > $demo/mnt/@control
   cat $demo/mnt/hello/@status
   buffyfs versions hello
-Stop it with: $B umount $demo/mnt; kill \$(cat $demo/origin.pid)
+Stop it with: $PWD/$B umount $demo/mnt; kill \$(cat $demo/origin.pid)
 MSG

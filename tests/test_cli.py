@@ -85,9 +85,20 @@ def test_add_list_fetch_status_versions_without_mount(origin, cli):
     assert root["sources"][0]["latest"] == st["latest"]
     assert root["cache_size"] == 10000
     table = cli("versions", "d", check=True).stdout
-    assert st["latest"] in table and "latest" in table
+    header, row = table.splitlines()[:2]
+    assert header.split() == ["version", "size", "fetched", "tags", "note"]
+    assert row.split()[0] == st["latest"] and row.split()[-1] == "latest"
     human = cli("status", check=True).stdout
     assert "d" in human and "not mounted" in human
+    one = cli("status", "d", check=True).stdout
+    assert "pinned: -" in one and "stale: no" in one
+    cli("pin", "d", check=True)
+    assert f"pinned: {st['latest']}" in cli("status", "d", check=True).stdout
+    cli("unpin", "d", check=True)
+    malformed = cli("pin", "d", "2026")
+    assert malformed.returncode == 2 and "invalid version" in one_error_line(malformed)
+    unknown = cli("pin", "d", "20260101T000000Z-00000000")
+    assert unknown.returncode == 1 and "has no version" in one_error_line(unknown)
     again = cli("fetch", "d", check=True)  # 304 now
     assert "up to date" in again.stdout
     for out in (json.dumps(st), json.dumps(root), table, human, fetched.stdout):
