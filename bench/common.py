@@ -250,6 +250,17 @@ def can_drop_caches() -> bool:
     return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
 
 
+def end_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate ``proc`` (by its PID), then kill it if it does not go; bounded waits."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=STOP_TIMEOUT)
+
+
 def run_quiet(cmd: list[str], timeout: float = STOP_TIMEOUT) -> None:
     try:
         subprocess.run(cmd, capture_output=True, timeout=timeout)
@@ -447,13 +458,7 @@ class NginxOrigin:
         return " / ".join(o for o in out if o)[-2000:] or "(no log)"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=STOP_TIMEOUT)
+        end_process(self.proc)
         self.log.close()
 
     def served(self) -> list[dict[str, Any]]:
@@ -553,14 +558,9 @@ class Daemon:
             run_quiet(["fusermount3", "-uz", str(self.mnt)])
         if self.proc.poll() is None:
             try:
-                self.proc.wait(timeout=STOP_TIMEOUT)
+                self.proc.wait(timeout=STOP_TIMEOUT)  # unmounted: it exits by itself
             except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=STOP_TIMEOUT)
+                end_process(self.proc)
         if is_mounted(self.mnt):  # the daemon died without unmounting
             run_quiet(["fusermount3", "-uz", str(self.mnt)])
 

@@ -296,7 +296,7 @@ class Index:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.env = lmdb.open(
                 str(path), map_size=MAP_SIZE, max_dbs=12, max_readers=1024, subdir=True,
-                mode=0o600, readahead=False
+                mode=0o600
             )
         except (OSError, lmdb.Error) as e:
             raise CacheError(f"cannot open the index in {path}: {e}") from None

@@ -4,7 +4,8 @@ refresher (the mount tests cover it with real downloads)."""
 from __future__ import annotations
 
 import time as real_time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -56,6 +57,18 @@ def add(idx: Index, name: str, checked_ago: timedelta | None, **options: object)
         idx.set_state(name, last_check=rfc3339(now_utc() - checked_ago))
 
 
+@asynccontextmanager
+async def running(idx: Index, refresher: FakeRefresher) -> AsyncIterator[Scheduler]:
+    """A scheduler with every source of ``idx`` planned and its task running; cancelled
+    (with any refresh under way) on leaving."""
+    async with trio.open_nursery() as nursery:
+        scheduler = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
+        scheduler.start_all()
+        nursery.start_soon(scheduler.run)
+        yield scheduler
+        nursery.cancel_scope.cancel()
+
+
 async def until(predicate, limit: float = 10) -> None:
     with trio.fail_after(limit):
         while not predicate():  # noqa: ASYNC110 (polling state that has no event)
@@ -75,28 +88,21 @@ async def test_due_sources_refresh_once_and_idle_ones_take_no_task(idx):
     add(idx, "overdue", timedelta(days=2), refresh="1d")
     add(idx, "never", timedelta(days=2), refresh="never")
     refresher = FakeRefresher(idx)
-    async with trio.open_nursery() as nursery:
-        scheduler = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
-        scheduler.start_all()
-        nursery.start_soon(scheduler.run)
+    async with running(idx, refresher) as scheduler:
         await settle(refresher, scheduler)
         assert sorted(refresher.calls) == ["new", "overdue"]
         # 303 sources, one scheduling task: no task sleeps on behalf of a source
-        assert len(nursery.child_tasks) == 1
+        assert len(scheduler.nursery.child_tasks) == 1
         assert len(scheduler.known) == 303
         with idx.read() as r:  # the next check of every source is recorded
             assert r.state("idle7")["next_check"] is not None
             assert r.state("never")["next_check"] is None
-        nursery.cancel_scope.cancel()
 
 
 async def test_kick_forces_a_check_and_a_kick_while_running_runs_once_more(idx):
     add(idx, "a", timedelta(minutes=1), refresh="1d")
     refresher = FakeRefresher(idx, hold=0.2)
-    async with trio.open_nursery() as nursery:
-        scheduler = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
-        scheduler.start_all()
-        nursery.start_soon(scheduler.run)
+    async with running(idx, refresher) as scheduler:
         await settle(refresher, scheduler)
         assert refresher.calls == []
         scheduler.kick("a")
@@ -108,36 +114,27 @@ async def test_kick_forces_a_check_and_a_kick_while_running_runs_once_more(idx):
         assert refresher.calls == ["a", "a"]
         assert refresher.most_running == 1  # never two refreshes of one source at once
         assert not scheduler.busy("a")
-        nursery.cancel_scope.cancel()
 
 
 async def test_removed_source_is_forgotten_and_its_refresh_cancelled(idx):
     add(idx, "gone", None, refresh="1d")
     refresher = FakeRefresher(idx, hold=30)
-    async with trio.open_nursery() as nursery:
-        scheduler = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
-        scheduler.start_all()
-        nursery.start_soon(scheduler.run)
+    async with running(idx, refresher) as scheduler:
         await until(lambda: refresher.running)
         idx.remove_source("gone")
         scheduler.sync("gone")
         await until(lambda: not refresher.running, 5)  # cancelled, not waited out
         assert "gone" not in scheduler.known and not scheduler.busy("gone")
-        nursery.cancel_scope.cancel()
 
 
 async def test_heap_stays_bounded_under_many_changes(idx):
     add(idx, "a", timedelta(minutes=1), refresh="1d")
-    async with trio.open_nursery() as nursery:
-        scheduler = Scheduler(idx, FakeRefresher(idx), nursery)  # type: ignore[arg-type]
-        scheduler.start_all()
-        nursery.start_soon(scheduler.run)
+    async with running(idx, FakeRefresher(idx)) as scheduler:
         for _ in range(2000):  # each change re-evaluates the source
             scheduler.sync("a")
             await trio.lowlevel.checkpoint()
         await trio.sleep(0.05)
         assert len(scheduler.heap) <= 2 * len(scheduler.due) + 256 + 1
-        nursery.cancel_scope.cancel()
 
 
 def give_version(idx, name):
@@ -151,17 +148,13 @@ async def test_on_open_check_not_skipped_when_a_sync_is_pending(idx):
     add(idx, "o", None, refresh="on-open")
     give_version(idx, "o")
     refresher = FakeRefresher(idx)
-    async with trio.open_nursery() as nursery:
-        s = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
-        s.start_all()
-        nursery.start_soon(s.run)
+    async with running(idx, refresher) as s:
         await settle(refresher, s)
         assert refresher.calls == []
         s.sync("o")  # e.g. `tag`, `set`, or the change watcher
         await s.check_on_open("o", 1)
         await settle(refresher, s)
         assert refresher.calls == ["o"], "the open was served without a check"
-        nursery.cancel_scope.cancel()
 
 
 class Boom(FakeRefresher):
@@ -177,15 +170,11 @@ async def test_error_backoff_follows_policy(idx, monkeypatch):
     add(idx, "n", timedelta(minutes=1), refresh="never")
     give_version(idx, "n")
     refresher = Boom(idx)
-    async with trio.open_nursery() as nursery:
-        s = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
-        s.start_all()
-        nursery.start_soon(s.run)
+    async with running(idx, refresher) as s:
         await settle(refresher, s)
         s.kick("n")  # `buffyfs refresh n`
         await trio.sleep(1.5)
         assert refresher.calls == ["n"], f"refreshed {len(refresher.calls)} times"
-        nursery.cancel_scope.cancel()
 
 
 class Jumped:
@@ -210,10 +199,7 @@ async def test_opener_not_held_after_wall_clock_jump(idx, monkeypatch):
     add(idx, "f", None, refresh="1h")
     idx.record_failure("f", now_utc(), "gave up")
     refresher = FakeRefresher(idx)
-    async with trio.open_nursery() as nursery:
-        s = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
-        s.start_all()
-        nursery.start_soon(s.run)
+    async with running(idx, refresher) as s:
         await settle(refresher, s)
         clock.offset = 7200.0
         with trio.fail_after(3):
@@ -221,4 +207,3 @@ async def test_opener_not_held_after_wall_clock_jump(idx, monkeypatch):
                 await s.wait_first_version("f")
             except FetchError:
                 pass
-        nursery.cancel_scope.cancel()
