@@ -232,7 +232,7 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
 
     Cache(cache_dir).close()  # a cache directory we cannot use is one clear error, here
     read_end, write_end = os.pipe()
-    cmd = [sys.executable, "-m", "buffyfs", "mount", args.mountpoint, "--foreground",
+    cmd = [*daemon_command(), "mount", os.path.abspath(args.mountpoint), "--foreground",
            "--cache", str(cache_dir), "--log-level", args.log_level, "--ready-fd", str(write_end)]
     if args.allow_other:
         cmd.append("--allow-other")
@@ -245,7 +245,8 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
     errors = cache_dir / "buffyfs.start-error"
     with open(errors, "w") as err:
         proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                cwd="/")
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
         import select
@@ -263,6 +264,19 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
     message = errors.read_text().strip().splitlines()
     raise CacheError(message[-1].removeprefix("buffyfs: error: ") if message
                      else f"the mount daemon exited with status {code}")
+
+
+def daemon_command() -> list[str]:
+    """How the detached daemon is started: this interpreter, on the installed package.
+
+    ``-P`` (Python 3.11+) keeps the working directory off ``sys.path``: with a plain
+    ``python -m buffyfs``, a ``buffyfs/`` in the directory the user ran ``buffyfs mount``
+    from would be imported instead, and run with the user's rights (root, for a system
+    mount). ``-I`` would do that too but also drop ``PYTHONPATH`` and the user's
+    site-packages, where ``pip install --user`` puts buffyfs and its dependencies. The
+    daemon also runs in ``/``, so it keeps no directory busy and finds nothing relative.
+    """
+    return [sys.executable, "-P", "-m", "buffyfs"]
 
 
 def is_mounted(path: str) -> bool:

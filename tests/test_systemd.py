@@ -186,3 +186,12 @@ def test_user_unit_lets_fusermount3_gain_privileges() -> None:
     keys = {k for s, k, _ in parse_unit(USER_UNIT) if s == "Service"}
     assert not keys & IMPLY_NO_NEW_PRIVILEGES, keys & IMPLY_NO_NEW_PRIVILEGES
     assert "--allow-other" not in " ".join(values(USER_UNIT, "ExecStart"))
+
+
+@pytest.mark.parametrize("unit", [SYSTEM_UNIT, USER_UNIT], ids=["system", "user"])
+def test_units_run_the_installed_script(unit: Path) -> None:
+    # `python -m buffyfs` would import a buffyfs/ from the working directory first
+    for key in ("ExecStart", "ExecStop"):
+        for command in values(unit, key):
+            assert command.split()[0] == BINARY, command
+            assert " -m " not in command and "python" not in command, command
