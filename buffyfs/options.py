@@ -7,6 +7,7 @@ which is what the index stores.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -62,21 +63,75 @@ def check_tag(tag: str) -> str:
 
 
 def check_url(url: str) -> str:
-    """Return the URL unchanged if it is a usable http(s) URL."""
-    if not isinstance(url, str) or not url or any(c.isspace() or ord(c) < 32 for c in url):
+    """Return the URL unchanged if it is a usable http(s) URL.
+
+    httpx parses leniently (port ``99999``, ``+80``, an empty or ``exa<mple`` host all
+    pass), so the authority is checked here: a host name of letters, digits, ``-``, ``_``
+    and dots (IDNA names in their ASCII form), an IP literal, and a port of digits in
+    1-65535. What passes may still fail to resolve or connect: that is a download error.
+    """
+    if not isinstance(url, str) or not url:
         raise BadInput(f"invalid URL {_shown(str(url))!r}")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise BadInput(f"invalid URL {_shown(url)!r}: it holds a space or a control character")
     try:
         parsed = httpx.URL(url)
     except Exception:  # httpx raises several types for malformed URLs
-        raise BadInput(f"invalid URL {_shown(url)!r}") from None
-    if parsed.scheme not in ("http", "https"):
+        parsed = None
+    if parsed is not None:
+        scheme = parsed.scheme
+    else:
+        m = _AUTHORITY_RE.match(url)
+        scheme = m.group(1).lower() if m else ""
+    if scheme not in ("http", "https"):
         raise BadInput(
-            f"unsupported URL scheme {parsed.scheme or '(none)'!r} in {_shown(url)!r}: "
+            f"unsupported URL scheme {scheme or '(none)'!r} in {_shown(url)!r}: "
             "only http and https"
         )
-    if not parsed.host:
-        raise BadInput(f"invalid URL {_shown(url)!r}: no host")
+    problem = _authority_problem(url)
+    if problem or parsed is None:
+        raise BadInput(f"invalid URL {_shown(url)!r}" + (f": {problem}" if problem else ""))
     return url
+
+
+_AUTHORITY_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")  # scheme, authority
+_LABEL_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
+def _authority_problem(url: str) -> str | None:
+    """What makes the ``[user@]host[:port]`` part of an http(s) URL unusable, if anything."""
+    m = _AUTHORITY_RE.match(url)
+    if not m:
+        return "no host"
+    hostport = m.group(2).rpartition("@")[2]  # whatever precedes '@' is credentials
+    if hostport.startswith("["):
+        literal, bracket, port = hostport[1:].partition("]")
+        if not bracket:
+            return "unclosed '[' in the host"
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return f"invalid IPv6 address [{literal}]"
+        if port and not port.startswith(":"):
+            return f"unexpected {port!r} after the host"
+        port = port[1:]
+    else:
+        host, _, port = hostport.partition(":")
+        if not host:
+            return "no host"
+        try:
+            ascii_host = host.encode("idna").decode("ascii") if not host.isascii() else host
+        except UnicodeError:
+            return f"invalid host name {host!r}"
+        labels = ascii_host.removesuffix(".").split(".")
+        if len(ascii_host) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
+            return (f"invalid host name {host!r}: use letters, digits, '-', '_' and dots "
+                    "between non-empty labels")
+    if port and not (port.isascii() and port.isdigit()):
+        return f"invalid port {port!r}: use a number from 1 to 65535"
+    if port and not 1 <= int(port) <= 65535:
+        return f"port {int(port)} is outside 1-65535"
+    return None
 
 
 def redact_url(url: str) -> str:

@@ -27,13 +27,64 @@ def test_bad_names_exit_2(cli, name):
     assert "invalid source name" in one_error_line(done)
 
 
+# URLs no request can be made to: each is bad input wherever a URL is given.
+IMPOSSIBLE_URLS = {
+    "http://127.0.0.1:99999/x": "port 99999 is outside 1-65535",
+    "http://127.0.0.1:0/x": "port 0 is outside 1-65535",
+    "http://[::1]:65536/x": "outside 1-65535",
+    "http://127.0.0.1:8o/x": "invalid port '8o'",
+    "http://127.0.0.1:+80/x": "invalid port '+80'",
+    "http://127.0.0.1:-1/x": "invalid port '-1'",
+    "http://:8080/x": "no host",
+    "http://user:pw@/x": "no host",
+    "http://exa<mple.org/": "invalid host name",
+    "http://a..b/": "invalid host name",
+    "http://exa%20mple.org/": "invalid host name",
+    "http://[::1/": "unclosed '['",
+    "http://exa mple.org/": "space or a control character",
+}
+
+
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.org/x", "http://",
-                                 "not a url", "127.0.0.1/x"])
+                                 "not a url", "127.0.0.1/x", *IMPOSSIBLE_URLS])
 def test_bad_urls_exit_2(cli, url):
     done = cli("add", "ok", url)
     assert done.returncode == 2
-    assert "URL" in one_error_line(done)
+    line = one_error_line(done)
+    assert "URL" in line and IMPOSSIBLE_URLS.get(url, "") in line
+    assert "pw" not in line  # credentials stay hidden in the error too
     assert cli("list", check=True).stdout == ""  # nothing was registered
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:65535/x", "http://127.0.0.1:1/x",
+                                 "http://[::1]:8080/x", "http://127.0.0.1:/x",
+                                 "https://u:p@example.org:443/x?a=b", "http://xn--bcher-kva.example/",
+                                 "http://b\u00fccher.example/", "http://my_host.local./x"])
+def test_unusual_but_possible_urls_are_accepted(cli, url):
+    assert cli("add", "ok", url).returncode == 0, url
+
+
+def test_impossible_urls_refused_by_the_control_file_and_the_config(cli, mnt, tmp_path):
+    import errno
+
+    for url, reason in IMPOSSIBLE_URLS.items():
+        with pytest.raises(OSError) as e:
+            fd = os.open(mnt / "@control", os.O_WRONLY)
+            try:
+                os.write(fd, f"add bad '{url}'\n".encode())
+            finally:
+                os.close(fd)
+        assert e.value.errno == errno.EINVAL, url
+        status = json.loads((mnt / "@status").read_text())
+        assert reason in status["last_control_error"], status["last_control_error"]
+    assert "bad" not in os.listdir(mnt.path)
+    assert cli("list", check=True).stdout == ""
+    config = tmp_path / "bad-url.toml"
+    config.write_text('[sources.bad]\nurl = "http://127.0.0.1:99999/x"\n')
+    done = cli("mount", str(tmp_path), "--config", str(config))
+    assert done.returncode == 2
+    line = one_error_line(done)
+    assert str(config) in line and "port 99999 is outside 1-65535" in line
 
 
 def test_bad_options_exit_2(cli):
