@@ -281,10 +281,53 @@ def daemon_command() -> list[str]:
 
 def is_mounted(path: str) -> bool:
     """From the mount table (os.path.ismount is False for a mount whose daemon died)."""
+    return _mount_type(path) is not None
+
+
+def _mount_type(path: str) -> str | None:
+    """The file-system type of the topmost mount on ``path``, None when nothing is."""
     target = os.path.abspath(path)
+    found = None
     with open("/proc/self/mountinfo") as f:  # spaces and such are written \040...
-        return any(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
-                          line.split()[4]) == target for line in f)
+        for line in f:
+            fields = line.split()
+            if re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]) == target:
+                found = fields[fields.index("-", 6) + 1]
+    return found
+
+
+# How long a mount point may take to answer the probe below. A live buffyfs answers in
+# milliseconds; a daemon that is being killed answers ECONNABORTED as soon as the kernel
+# has closed its /dev/fuse (milliseconds too); one that is stopped or stuck never does.
+PROBE_TIMEOUT = 5.0
+DEAD_CONNECTION = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def probe_mount(path: str, timeout: float = PROBE_TIMEOUT) -> int | None:
+    """statfs() the mount on ``path``: 0 when it answered, the errno when it failed, None
+    when it did not answer within ``timeout``.
+
+    statfs, not stat: the kernel answers stat of a FUSE root from its attribute cache
+    (attr_timeout, 1 s for buffyfs) even after the daemon died, but always sends statfs
+    to the daemon, so a dead connection shows at once: ENOTCONN, or ECONNABORTED for a
+    request made while the daemon was being killed. The call runs in a daemon thread: a
+    FUSE request nobody answers waits, killably, until the process exits.
+    """
+    import threading
+
+    outcome: list[int] = []
+
+    def statfs() -> None:
+        try:
+            os.statvfs(path)
+            outcome.append(0)
+        except OSError as e:
+            outcome.append(e.errno or errno.EIO)
+
+    probe = threading.Thread(target=statfs, name="probe-mount", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return outcome[0] if outcome else None
 
 
 def _fusermount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:
@@ -293,15 +336,28 @@ def _fusermount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProc
                           stdin=subprocess.DEVNULL)
 
 
+def clear_dead_mount(path: str) -> None:
+    """Detach the mount a dead daemon left on ``path`` (lazily: a process may still have
+    a file open there), and say so."""
+    done = _fusermount(os.path.abspath(path), lazy=True)
+    if done.returncode != 0:
+        raise CacheError(f"cannot clear the dead mount on {path}: "
+                         + (done.stderr.strip().splitlines() or ["fusermount3 failed"])[-1])
+    print(f"buffyfs: cleared the dead mount on {path} (its daemon is gone)", file=sys.stderr)
+
+
 def check_mountpoint(path: str) -> None:
     """A directory to mount on; a dead mount left by a crashed daemon is cleared."""
-    if is_mounted(path):
-        try:
-            os.stat(path)
-        except OSError as e:
-            if e.errno != errno.ENOTCONN:
-                raise
-            _fusermount(os.path.abspath(path), lazy=True)  # a crashed daemon's mount
+    for _ in range(8):  # one dead mount per round: they may be stacked
+        fstype = _mount_type(path)
+        if fstype is None:
+            break
+        answer = probe_mount(path)
+        if answer in DEAD_CONNECTION and fstype.startswith("fuse"):
+            clear_dead_mount(path)
+        elif answer is None:
+            raise BadInput(f"{path} is a mount point that does not answer (a stopped or stuck "
+                           f"daemon?): unmount it first, e.g. fusermount3 -uz {path}")
         else:
             raise BadInput(f"{path} is already a mount point; unmount it first")
     if not os.path.exists(path):
@@ -316,15 +372,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise BadInput(f"{args.mountpoint} is not mounted")
     done = _fusermount(mountpoint)
     if done.returncode != 0:
-        try:
-            os.stat(mountpoint)
-            alive = True
-        except OSError:
-            alive = False
-        if alive:
+        if probe_mount(mountpoint) not in DEAD_CONNECTION:
             raise CacheError(f"cannot unmount {args.mountpoint}: "
                              + (done.stderr.strip().splitlines() or ["fusermount3 failed"])[-1])
-        _fusermount(mountpoint, lazy=True)  # its daemon is gone: clear the dead mount
+        clear_dead_mount(args.mountpoint)  # its daemon is gone, a file is still open there
     deadline = time.monotonic() + UMOUNT_TIMEOUT
     while is_mounted(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.05)

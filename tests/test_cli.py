@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from tests.conftest import run_cli, stop_process, unmount, wait_for
+from tests.conftest import is_mounted, run_cli, stop_process, unmount, wait_for
 
 
 def one_error_line(done) -> str:
@@ -226,3 +229,78 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# --- a mount point whose daemon died or hangs ---------------------------------------------
+
+# `buffyfs mount` with its modules already imported, started on a line on stdin: the race
+# with the kernel's attribute cache (1 s) must not depend on how fast Python starts.
+WARM_CLI = """\
+import sys
+import buffyfs.cache, buffyfs.config, buffyfs.log, buffyfs.options
+from buffyfs.cli import main
+print("ready", flush=True)
+sys.stdin.readline()
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["dead", "dying"])
+def test_mount_right_after_kill_9_clears_the_dead_mount(mount_factory, cache_dir, reaped):
+    m = mount_factory()
+    warm = subprocess.Popen([sys.executable, "-c", WARM_CLI, "mount", str(m.path),
+                             "--cache", str(cache_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        assert warm.stdout.readline() == "ready\n"
+        os.stat(m.path)  # the kernel now answers stat of the root from its cache for 1 s
+        m.proc.kill()
+        if reaped:  # else: the mount is probed while the kernel still tears the daemon down
+            m.proc.wait(timeout=10)
+        out, err = warm.communicate("go\n", timeout=60)
+        assert warm.returncode == 0, err
+        assert err.strip() == f"buffyfs: cleared the dead mount on {m.path} (its daemon is gone)"
+        assert "mounted on" in out
+        pid = json.loads((cache_dir / "mount.json").read_text())["pid"]
+        assert json.loads((m.path / "@status").read_text())["sources"] == []
+        assert run_cli("umount", str(m.path)).returncode == 0
+        assert not is_mounted(m.path)
+    finally:
+        if warm.poll() is None:
+            warm.kill()
+            warm.wait()
+        unmount(m.path)
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_mount_on_a_stopped_daemon_fails_in_bounded_time(mount_factory, cli):
+    m = mount_factory()
+    m.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.2)  # past the root's attribute cache: a stat would now wait forever
+        started = time.monotonic()
+        done = cli("mount", str(m.path), timeout=30)  # the probe gives up after 5 s
+        assert time.monotonic() - started < 20
+        assert done.returncode == 2
+        assert "does not answer" in one_error_line(done)
+        assert is_mounted(m.path)  # a live daemon's mount is not touched
+    finally:
+        m.proc.send_signal(signal.SIGCONT)
+    assert json.loads((m.path / "@status").read_text())["sources"] == []  # alive again
+
+
+def test_umount_of_a_dead_mount_in_use(mount_factory, cli):
+    m = mount_factory()
+    holder = subprocess.Popen(["sleep", "60"], cwd=m.path)  # keeps the mount busy
+    try:
+        m.proc.kill()
+        m.proc.wait(timeout=10)
+        done = run_cli("umount", str(m.path))
+        assert done.returncode == 0, done.stderr
+        assert "cleared the dead mount" in done.stderr
+        assert not is_mounted(m.path)
+    finally:
+        holder.kill()
+        holder.wait()
