@@ -275,8 +275,12 @@ def daemon_command() -> list[str]:
     mount). ``-I`` would do that too but also drop ``PYTHONPATH`` and the user's
     site-packages, where ``pip install --user`` puts buffyfs and its dependencies. The
     daemon also runs in ``/``, so it keeps no directory busy and finds nothing relative.
+    The flags this command runs with (a script's ``#!python3 -s``) are passed on.
     """
-    return [sys.executable, "-P", "-m", "buffyfs"]
+    inherited = [flag for flag, on in (("-I", sys.flags.isolated),
+                                       ("-E", sys.flags.ignore_environment),
+                                       ("-s", sys.flags.no_user_site)) if on]
+    return [sys.executable, "-P", *inherited, "-m", "buffyfs"]
 
 
 def is_mounted(path: str) -> bool:
