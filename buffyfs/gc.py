@@ -206,6 +206,7 @@ def sweep_orphans(index: Index, blobs: BlobStore) -> list[str] | None:
         return None
     removed: list[str] = []
     try:
+        sweep_strays(blobs)
         with index.read() as r:
             refs = set(r.blob_refs())
             names = set(r.source_names())
@@ -220,6 +221,24 @@ def sweep_orphans(index: Index, blobs: BlobStore) -> list[str] | None:
         lock.release()
     for path in removed:
         log.info("removed orphan %s", path)
+    return removed
+
+
+def sweep_strays(blobs: BlobStore) -> list[str]:
+    """Remove what is neither a regular file nor a blob directory from ``partial/``
+    and ``blobs/`` (symlinks, fifos, devices...): buffyfs never makes such entries, so
+    someone planted them; a version whose blob was one is then missing its blob."""
+    removed = []
+    for path, kind in blobs.stray_entries():
+        name = str(path.relative_to(blobs.root))
+        try:
+            path.unlink(missing_ok=True)  # the entry itself, never what a link points to
+        except OSError as e:  # a directory: not ours to empty
+            log.warning("%s in the cache is a %s, not a regular file: left alone (%s)",
+                        name, kind, e.strerror)
+            continue
+        removed.append(name)
+        log.warning("removed %s from the cache: a %s, not a regular file", name, kind)
     return removed
 
 
