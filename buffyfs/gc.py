@@ -212,7 +212,7 @@ def sweep_orphans(index: Index, blobs: BlobStore) -> list[str] | None:
             names = set(r.source_names())
             partials = {n: r.state(n).get("partial") for n in names}
         for sub in sorted(blobs.blob_dir.iterdir()):
-            for f in sorted(sub.iterdir()) if sub.is_dir() else []:
+            for f in sorted(sub.iterdir()) if sub.is_dir() and not sub.is_symlink() else []:
                 if f.name not in refs:
                     f.unlink(missing_ok=True)
                     removed.append(str(f.relative_to(blobs.root)))

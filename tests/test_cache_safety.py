@@ -211,3 +211,18 @@ def test_detached_mount_never_writes_through_planted_links(origin, cli, cache_di
         unmount(mnt)
         if pid and _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_commit_never_renames_a_link_into_the_store(tmp_path):
+    from buffyfs.blobs import BlobStore
+    from buffyfs.safeio import NotRegularFile
+
+    store = BlobStore(tmp_path / "cache")
+    target = victim(tmp_path)
+    link = store.partial_path("x")
+    link.symlink_to(target)
+    sha = hashlib.sha256(target.read_bytes()).hexdigest()
+    with pytest.raises(NotRegularFile):
+        store.commit_partial(link, sha)
+    assert not os.path.lexists(store.path(sha)) and not store.exists(sha)
+    assert unchanged(target)
