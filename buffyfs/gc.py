@@ -20,6 +20,7 @@ committed, so a blob being committed is never mistaken for an orphan.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,10 +233,12 @@ def sweep_strays(blobs: BlobStore) -> list[str]:
     for path, kind in blobs.stray_entries():
         name = str(path.relative_to(blobs.root))
         try:
-            path.unlink(missing_ok=True)  # the entry itself, never what a link points to
-        except OSError as e:  # a directory: not ours to empty
-            log.warning("%s in the cache is a %s, not a regular file: left alone (%s)",
-                        name, kind, e.strerror)
+            if kind == "directory":  # rmtree never follows the links inside
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)  # the entry itself, not what a link points to
+        except OSError as e:
+            log.warning("cannot remove %s from the cache (a %s): %s", name, kind, e.strerror)
             continue
         removed.append(name)
         log.warning("removed %s from the cache: a %s, not a regular file", name, kind)

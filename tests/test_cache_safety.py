@@ -66,6 +66,8 @@ def test_mount_start_sweeps_what_was_planted(origin, cli, cache_dir, tmp_path,
     (partial / "p.part").symlink_to(target)
     os.mkfifo(partial / "q.part")
     (partial / "r.lock").symlink_to(tmp_path / "nothing-here")
+    (partial / "d.part").mkdir()
+    (partial / "d.part" / "inner").symlink_to(target)
     stray = cache_dir / "blobs" / "ab" / ("ab" + "1" * 62)
     stray.parent.mkdir(mode=0o700, exist_ok=True)
     stray.symlink_to(target)
@@ -75,10 +77,10 @@ def test_mount_start_sweeps_what_was_planted(origin, cli, cache_dir, tmp_path,
                              (partial / "p.part", partial / "q.part", stray)),
              10, what="the start-up sweep")
     log = m.log_text()
-    for name in ("partial/p.part", "partial/q.part", "partial/r.lock", str(stray.relative_to(
-            cache_dir))):
+    for name in ("partial/p.part", "partial/q.part", "partial/r.lock", "partial/d.part",
+                 str(stray.relative_to(cache_dir))):
         assert f"removed {name} from the cache" in log, log
-    assert "a fifo" in log and "a symlink" in log
+    assert "a fifo" in log and "a symlink" in log and "a directory" in log
     assert read(m / "kept/latest") == b"kept body"
     (m / "@control").write_text(f"add p {origin.url('/p')}\n")
     assert read(m / "p/latest") == b"through the mount"
@@ -149,7 +151,9 @@ def test_unsafe_cache_directory_is_refused(kind, origin, cli, cache_dir, tmp_pat
             os.kill(pid["pid"], signal.SIGKILL)
 
 
-def test_check_reports_a_blob_that_is_not_a_regular_file(origin, cli, cache_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_check_reports_a_blob_that_is_not_a_regular_file(kind, origin, cli, cache_dir,
+                                                         tmp_path):
     body = b"linked away"
     origin.set("/l", body)
     cli("add", "l", origin.url("/l"), check=True)
@@ -158,10 +162,16 @@ def test_check_reports_a_blob_that_is_not_a_regular_file(origin, cli, cache_dir,
     blob = blob_of(cache_dir, body)
     copy = victim(tmp_path, "copy", body, 0o444)  # same bytes: hashing alone says healthy
     blob.unlink()
-    blob.symlink_to(copy)
-    done = cli("check")
+    if kind == "symlink":
+        blob.symlink_to(copy)
+    elif kind == "fifo":
+        os.mkfifo(blob)
+    else:
+        blob.mkdir()
+        (blob / "inside").symlink_to(copy)
+    done = cli("check", timeout=20)
     assert done.returncode == 1, done.stdout
-    assert f"blob is a symlink, not a regular file: l {vid}" in done.stdout
+    assert f"blob is a {kind}, not a regular file: l {vid}" in done.stdout
     assert "healthy" not in done.stdout
     done = cli("check", "--repair")
     assert done.returncode == 1 and "repaired" in done.stdout
