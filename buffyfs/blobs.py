@@ -8,6 +8,10 @@ Layout under the cache directory::
 
 A blob appears under ``blobs/`` only complete: the partial file is fsynced and then
 renamed into place, and the directory fsynced. Identical content is stored once.
+
+Every file here is opened without following symlinks and must be a regular file, and
+every directory must be private to the user running buffyfs (safeio.py): what buffyfs
+finds planted in the store is refused, replaced, or swept (``stray_entries``).
 """
 
 from __future__ import annotations
@@ -15,27 +19,45 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import stat
 from pathlib import Path
 
-from buffyfs.errors import CacheError
+from buffyfs.safeio import NotRegularFile, entry_kind, is_regular, make_dir, open_file
 
 
 class BlobStore:
     def __init__(self, root: Path) -> None:
+        """CacheError if the cache, ``blobs/``, ``partial/`` or a ``blobs/xx/`` is a
+        symlink, not owned by this user, or writable by others."""
         self.root = root
         self.blob_dir = root / "blobs"
         self.partial_dir = root / "partial"
-        try:
-            self.blob_dir.mkdir(parents=True, exist_ok=True)
-            self.partial_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CacheError(f"cannot use cache directory {root}: {e.strerror}") from None
+        make_dir(root)
+        make_dir(self.blob_dir, root)
+        make_dir(self.partial_dir, root)
+        for entry in os.scandir(self.blob_dir):
+            if entry.is_dir(follow_symlinks=False) or entry.is_symlink():
+                make_dir(Path(entry.path), root)
 
     def path(self, sha256: str) -> Path:
         return self.blob_dir / sha256[:2] / sha256
 
     def exists(self, sha256: str) -> bool:
-        return self.path(sha256).exists()
+        """The blob is in the store (a regular file; anything else is no blob)."""
+        return is_regular(self.path(sha256))
+
+    def stray_entries(self) -> list[tuple[Path, str]]:
+        """(path, kind) of the entries of ``partial/`` and ``blobs/`` that are neither
+        regular files nor (in ``blobs/``) directories: buffyfs never makes them."""
+        strays = []
+        for directory in (self.partial_dir, self.blob_dir):
+            for entry in os.scandir(directory):
+                if entry.is_dir(follow_symlinks=False) and directory == self.blob_dir:
+                    strays += [(Path(e.path), kind) for e in os.scandir(entry.path)
+                               if (kind := entry_kind(e.path)) not in ("regular file", None)]
+                elif (kind := entry_kind(entry.path)) not in ("regular file", None):
+                    strays.append((Path(entry.path), kind))
+        return strays
 
     def partial_path(self, source: str) -> Path:
         return self.partial_dir / f"{source}.part"
@@ -46,22 +68,41 @@ class BlobStore:
     def commit_partial(self, partial: Path, sha256: str) -> Path:
         """Move a complete, fsynced partial file into the store under its hash.
 
-        If the content is already stored, the partial file is dropped instead.
-        Blocking: call from a worker thread.
+        If the content is already stored, the partial file is dropped instead. Only a
+        regular file is ever renamed into the store (else NotRegularFile), and it
+        replaces whatever else sits at the blob's name. Blocking: call from a worker
+        thread.
         """
         target = self.path(sha256)
-        if target.exists():
-            partial.unlink(missing_ok=True)
-            return target
-        target.parent.mkdir(exist_ok=True)
-        os.chmod(partial, 0o444)
-        os.rename(partial, target)
+        fd = open_file(partial, os.O_RDONLY)
+        try:
+            if is_regular(target):
+                partial.unlink(missing_ok=True)
+                return target
+            make_dir(target.parent, self.root)
+            os.fchmod(fd, 0o444)
+            st = os.fstat(fd)
+            now = os.lstat(partial)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):  # swapped meanwhile
+                raise NotRegularFile(partial, entry_kind(partial) or "vanished file")
+            os.rename(partial, target)
+        finally:
+            os.close(fd)
         _fsync_dir(target.parent)
         return target
 
     def open_blob(self, sha256: str) -> int:
-        """An O_RDONLY file descriptor of the blob (the caller closes it)."""
-        return os.open(self.path(sha256), os.O_RDONLY | os.O_CLOEXEC)
+        """An O_RDONLY file descriptor of the blob (the caller closes it); never
+        through a symlink (NotRegularFile, an OSError)."""
+        return open_file(self.path(sha256), os.O_RDONLY)
+
+    def partial_size(self, source: str) -> int:
+        """Bytes of the source's partial file (0: none, or not a regular file)."""
+        try:
+            st = os.lstat(self.partial_path(source))
+        except FileNotFoundError:
+            return 0
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 
@@ -75,7 +116,7 @@ class FileLock:
 
     def acquire(self, exclusive: bool = True, blocking: bool = True) -> bool:
         """Take the lock; False if ``blocking`` is off and someone else holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_file(self.path, os.O_RDWR | os.O_CREAT, 0o600, replace=True)
         flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | \
             (0 if blocking else fcntl.LOCK_NB)
         try:
@@ -100,15 +141,16 @@ class SourceLock(FileLock):
 
 
 def hash_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a regular file (NotRegularFile if it is a symlink or the like)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(open_file(path, os.O_RDONLY), "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

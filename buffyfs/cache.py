@@ -25,6 +25,7 @@ from buffyfs.blobs import BlobStore
 from buffyfs.errors import CacheError, NotFound
 from buffyfs.index import Index
 from buffyfs.options import check_name, check_tag, check_url, normalize_options
+from buffyfs.safeio import entry_kind, make_dir, open_file, opener, read_text
 
 
 def default_cache_dir() -> Path:
@@ -45,13 +46,22 @@ class Cache:
     def __init__(self, root: Path) -> None:
         self.root = root
         try:
-            # header values live in the index: the cache is private to its owner
-            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            root.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CacheError(f"cannot create cache directory {root}: {e.strerror}") from None
+        # Header values live in the index: the cache is private to its owner. Nothing
+        # in it is followed through a symlink, and no one else may write to its
+        # directories (safeio.py): else one clear error, here.
+        make_dir(root)
         if not os.access(root, os.W_OK | os.X_OK):
             raise CacheError(f"cache directory {root} is not writable")
         self.blobs = BlobStore(root)
+        make_dir(root / "index", root)
+        for name in ("data.mdb", "lock.mdb"):  # LMDB opens them without O_NOFOLLOW
+            what = entry_kind(root / "index" / name)
+            if what not in (None, "regular file"):
+                raise CacheError(f"index file {root / 'index' / name} is a {what}, "
+                                 "not a regular file: refusing to use it")
         self.index = Index(root / "index")
 
     def close(self) -> None:
@@ -200,15 +210,15 @@ class Cache:
 
     def running_mount(self) -> dict[str, Any] | None:
         """``{"pid", "mountpoint"}`` of the mount using this cache, or None."""
-        lock = self.root / "mount.lock"
-        if not lock.exists():
+        try:
+            fd = open_file(self.root / "mount.lock", os.O_RDONLY)
+        except OSError:  # none, or not a file any mount could hold
             return None
-        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                return json.loads((self.root / "mount.json").read_text())
+                return json.loads(read_text(self.root / "mount.json"))
             except (OSError, ValueError):
                 return {"pid": None, "mountpoint": None}
         finally:
@@ -217,7 +227,7 @@ class Cache:
 
     def claim_mount(self, mountpoint: str) -> int:
         """Take the mount lock; returns its fd (held for the mount's life)."""
-        fd = os.open(self.root / "mount.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_file(self.root / "mount.lock", os.O_RDWR | os.O_CREAT, 0o600, replace=True)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -228,6 +238,7 @@ class Cache:
                 + (f" at {other['mountpoint']} (pid {other['pid']})" if other.get("pid") else "")
             ) from None
         info = {"pid": os.getpid(), "mountpoint": mountpoint}
-        (self.root / "mount.json").write_text(json.dumps(info))
+        with open(self.root / "mount.json", "w", opener=opener) as f:
+            f.write(json.dumps(info))
         return fd
 

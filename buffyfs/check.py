@@ -1,34 +1,43 @@
 """``buffyfs check``: verify the index against the blobs, and repair on request.
 
-Finds: versions whose blob is missing or whose bytes no longer hash to their name
-(corrupt), blob files no version uses (orphans), partial files no download will
-resume, and blob reference counts that disagree with the versions. ``repair``
-drops broken versions (``latest`` then resolves anew), deletes corrupt and orphan
-files, and rewrites the reference counts.
+Finds: versions whose blob is missing, is not a regular file (a symlink...), or
+whose bytes no longer hash to their name (corrupt), blob files no version uses
+(orphans), partial files no download will resume, and blob reference counts that
+disagree with the versions. ``repair`` drops broken versions (``latest`` then
+resolves anew), deletes corrupt, orphan and non-regular entries, and rewrites the
+reference counts.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from buffyfs import gc
 from buffyfs.blobs import BlobStore, hash_file
+from buffyfs.errors import CacheError
 from buffyfs.index import Index
+from buffyfs.safeio import NotRegularFile, describe, entry_kind
+
+ORPHAN_LOCK_WAIT = 2.0  # seconds to wait for downloads' commits before judging orphans
 
 
 @dataclass
 class Findings:
     missing: list[tuple[str, str]] = field(default_factory=list)  # (source, version id)
     corrupt: list[tuple[str, str]] = field(default_factory=list)
+    not_regular: list[tuple[str, str, str]] = field(default_factory=list)  # (.., kind)
     orphans: list[str] = field(default_factory=list)  # paths under the cache
     bad_refs: list[str] = field(default_factory=list)  # sha256 with a wrong count
     checked: int = 0
 
     @property
     def healthy(self) -> bool:
-        return not (self.missing or self.corrupt or self.orphans or self.bad_refs)
+        return not (self.missing or self.corrupt or self.not_regular or self.orphans
+                    or self.bad_refs)
 
 
 def _uses(index: Index) -> tuple[dict[str, list[tuple[str, dict[str, Any]]]], dict]:
@@ -44,22 +53,62 @@ def _uses(index: Index) -> tuple[dict[str, list[tuple[str, dict[str, Any]]]], di
     return uses, refs
 
 
+def _blob_entries(blobs: BlobStore) -> dict[str, tuple[str, int]]:
+    """sha256 -> (kind, size) of every entry under ``blobs/xx/``, links not followed."""
+    entries = {}
+    try:
+        for sub in os.scandir(blobs.blob_dir):
+            if sub.is_dir(follow_symlinks=False):
+                for e in os.scandir(sub.path):
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # collected meanwhile
+                        continue
+                    entries[e.name] = (describe(st.st_mode), st.st_size)
+    except OSError as e:
+        raise CacheError(f"cannot list the blobs in {blobs.blob_dir}: {e.strerror}") from None
+    return entries
+
+
+def _still_used(index: Index, sha: str, users: list[tuple[str, dict[str, Any]]]
+                ) -> list[tuple[str, str]]:
+    """Which of ``users`` the index still holds: a blob that vanished because its
+    versions were collected while we checked is no damage."""
+    now = {(s, v["id"]) for s, v in _uses(index)[0].get(sha, [])}
+    return [(s, v["id"]) for s, v in users if (s, v["id"]) in now]
+
+
 def check(index: Index, blobs: BlobStore,
           progress: Callable[[int, int], None] | None = None) -> Findings:
-    """Re-hash every blob and compare with the index. Blocking."""
+    """Re-hash every blob and compare with the index. Blocking.
+
+    Safe against a running mount: whatever looks missing (or orphaned) is read
+    again from the index before it is reported, since a collection (or a download)
+    may have changed both meanwhile.
+    """
     found = Findings()
     uses, refs = _uses(index)
-    files = {f.name: f for sub in blobs.blob_dir.iterdir() if sub.is_dir()
-             for f in sub.iterdir()}
-    total = sum(f.stat().st_size for f in files.values())
+    entries = _blob_entries(blobs)
+    total = sum(size for kind, size in entries.values() if kind == "regular file")
     done = 0
     for sha, users in sorted(uses.items()):
-        path = files.get(sha)
-        if path is None:
-            found.missing += [(s, v["id"]) for s, v in users]
+        kind, size = entries.get(sha, (None, 0))
+        if kind == "regular file":
+            try:
+                intact = hash_file(blobs.path(sha)) == sha
+            except FileNotFoundError:
+                kind = None
+            except NotRegularFile as e:  # replaced meanwhile
+                kind = e.what
+            except OSError:  # unreadable bytes are damaged bytes
+                intact = False
+        if kind is None:
+            found.missing += _still_used(index, sha, users)
             continue
-        size = path.stat().st_size
-        if hash_file(path) != sha:
+        if kind != "regular file":
+            found.not_regular += [(s, vid, kind) for s, vid in _still_used(index, sha, users)]
+            continue
+        if not intact:
             found.corrupt += [(s, v["id"]) for s, v in users]
         done += size
         found.checked += 1
@@ -69,13 +118,34 @@ def check(index: Index, blobs: BlobStore,
         if entry is None or entry["refs"] != len(users):
             found.bad_refs.append(sha)
     found.bad_refs += [sha for sha in refs if sha not in uses]
-    found.orphans = [str(f.relative_to(blobs.root)) for name, f in sorted(files.items())
-                     if name not in uses]
+    found.orphans = _confirmed_orphans(index, blobs,
+                                       sorted(sha for sha in entries if sha not in uses))
     return found
 
 
+def _confirmed_orphans(index: Index, blobs: BlobStore, candidates: list[str]) -> list[str]:
+    """The candidates that are still there and still unused, looked at under the commit
+    lock when it can be had soon (a download holds it from blob to index commit)."""
+    if not candidates:
+        return []
+    lock = gc.CommitLock(blobs)
+    deadline = time.monotonic() + ORPHAN_LOCK_WAIT
+    while not (locked := lock.acquire(exclusive=True, blocking=False)) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        with index.read() as r:
+            unused = [sha for sha in candidates if r.blob_ref(sha) is None]
+        return [str(blobs.path(sha).relative_to(blobs.root)) for sha in unused
+                if entry_kind(blobs.path(sha)) is not None]
+    finally:
+        if locked:
+            lock.release()
+
+
 def repair(index: Index, blobs: BlobStore, found: Findings) -> None:
-    broken = set(found.missing) | set(found.corrupt)
+    broken = set(found.missing) | set(found.corrupt) | \
+        {(source, vid) for source, vid, _ in found.not_regular}
     uses, _ = _uses(index)
     with index.write() as w:
         for users in uses.values():
@@ -95,6 +165,7 @@ def repair(index: Index, blobs: BlobStore, found: Findings) -> None:
         for sha, users in uses.items():
             if any(s == source and v["id"] == vid for s, v in users):
                 blobs.path(sha).unlink(missing_ok=True)
+    gc.sweep_strays(blobs)  # blobs that were not regular files (the versions are gone)
     if gc.sweep_orphans(index, blobs) is None:
         for path in found.orphans:  # a download is committing: remove only what we saw
             sha = path.rsplit("/", 1)[-1]

@@ -228,6 +228,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
     """Start the daemon in its own session and return once the mount is live."""
+    from buffyfs import safeio
     from buffyfs.cache import Cache
 
     Cache(cache_dir).close()  # a cache directory we cannot use is one clear error, here
@@ -243,7 +244,7 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
     if args.prune:
         cmd.append("--prune")
     errors = cache_dir / "buffyfs.start-error"
-    with open(errors, "w") as err:
+    with open(errors, "w", opener=safeio.opener) as err:  # never through a planted link
         proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
                                 cwd="/")
@@ -261,7 +262,7 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         code = proc.wait()
-    message = errors.read_text().strip().splitlines()
+    message = safeio.read_text(errors).strip().splitlines()
     raise CacheError(message[-1].removeprefix("buffyfs: error: ") if message
                      else f"the mount daemon exited with status {code}")
 
@@ -683,6 +684,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"missing blob: {source} {vid}")
     for source, vid in found.corrupt:
         print(f"corrupt blob: {source} {vid}")
+    for source, vid, kind in found.not_regular:
+        print(f"blob is a {kind}, not a regular file: {source} {vid}")
     for path in found.orphans:
         print(f"orphan: {path}")
     for sha in found.bad_refs:

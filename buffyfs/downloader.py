@@ -28,6 +28,7 @@ import trio
 
 from buffyfs import crash
 from buffyfs.errors import FetchError
+from buffyfs.safeio import open_file
 
 BATCH = 1 << 20
 QUEUE = 4
@@ -298,7 +299,8 @@ class Body:
 
     async def open(self, start: int) -> None:
         """Keep the first ``start`` bytes of the file (hashing them again), drop the rest."""
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # never through a symlink planted in partial/: such an entry is replaced
+        self.fd = open_file(self.path, os.O_RDWR | os.O_CREAT, 0o600, replace=True)
         if start:
             await trio.to_thread.run_sync(_hash_prefix, self.fd, start, self.hasher)
         os.ftruncate(self.fd, start)

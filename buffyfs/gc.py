@@ -20,6 +20,7 @@ committed, so a blob being committed is never mistaken for an orphan.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,12 +207,13 @@ def sweep_orphans(index: Index, blobs: BlobStore) -> list[str] | None:
         return None
     removed: list[str] = []
     try:
+        sweep_strays(blobs)
         with index.read() as r:
             refs = set(r.blob_refs())
             names = set(r.source_names())
             partials = {n: r.state(n).get("partial") for n in names}
         for sub in sorted(blobs.blob_dir.iterdir()):
-            for f in sorted(sub.iterdir()) if sub.is_dir() else []:
+            for f in sorted(sub.iterdir()) if sub.is_dir() and not sub.is_symlink() else []:
                 if f.name not in refs:
                     f.unlink(missing_ok=True)
                     removed.append(str(f.relative_to(blobs.root)))
@@ -220,6 +222,26 @@ def sweep_orphans(index: Index, blobs: BlobStore) -> list[str] | None:
         lock.release()
     for path in removed:
         log.info("removed orphan %s", path)
+    return removed
+
+
+def sweep_strays(blobs: BlobStore) -> list[str]:
+    """Remove what is neither a regular file nor a blob directory from ``partial/``
+    and ``blobs/`` (symlinks, fifos, devices...): buffyfs never makes such entries, so
+    someone planted them; a version whose blob was one is then missing its blob."""
+    removed = []
+    for path, kind in blobs.stray_entries():
+        name = str(path.relative_to(blobs.root))
+        try:
+            if kind == "directory":  # rmtree never follows the links inside
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)  # the entry itself, not what a link points to
+        except OSError as e:
+            log.warning("cannot remove %s from the cache (a %s): %s", name, kind, e.strerror)
+            continue
+        removed.append(name)
+        log.warning("removed %s from the cache: a %s, not a regular file", name, kind)
     return removed
 
 

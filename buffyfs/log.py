@@ -6,6 +6,8 @@ import logging
 import time
 from pathlib import Path
 
+from buffyfs import safeio
+
 LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -21,8 +23,9 @@ class _Formatter(logging.Formatter):
 
 
 def setup(level: str = "info", file: Path | None = None) -> None:
-    handler: logging.Handler = (
-        logging.FileHandler(file, encoding="utf-8") if file else logging.StreamHandler()
+    handler: logging.Handler = logging.StreamHandler(
+        # the log of a detached mount lives in the cache: never written through a link
+        open(file, "a", encoding="utf-8", opener=safeio.opener) if file else None
     )
     handler.setFormatter(_Formatter())
     root = logging.getLogger()

@@ -230,10 +230,7 @@ class Refresher:
         """Where a download interrupted earlier (maybe by a restart) may continue."""
         with self.index.read() as r:
             saved = r.state(name).get("partial")
-        try:
-            size = self.blobs.partial_path(name).stat().st_size
-        except FileNotFoundError:
-            size = 0
+        size = self.blobs.partial_size(name)
         if not saved or saved.get("key") != key or size == 0:
             return None
         return downloader.Resume(size, saved.get("etag"), saved.get("last_modified"))

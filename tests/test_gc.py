@@ -265,3 +265,74 @@ def test_quota_is_shared_by_downloads_under_way(origin, mount_factory):
     message = status(mnt / f"{refused[0]}/@status")["last_error"]["message"]
     assert "cache full" in message and "held by other downloads under way" in message
     assert status(mnt / "@status")["cache_size"] <= 300 * 1024
+
+
+def test_check_ignores_blobs_collected_while_it_runs(tmp_path):
+    """Deterministic: the versions (and blobs) of all but ``latest`` are collected
+    right after the first blob is hashed; what vanished is no damage."""
+    from buffyfs import check, gc
+    from buffyfs.cache import Cache
+    from buffyfs.index import now_utc
+
+    cache = Cache(tmp_path / "c")
+    cache.add_source("q", "http://127.0.0.1:9/", {"keep_versions": 10})
+    for i in range(6):
+        body = bytes([i]) * 1000
+        sha = hashlib.sha256(body).hexdigest()
+        cache.blobs.path(sha).parent.mkdir(mode=0o700, exist_ok=True)
+        cache.blobs.path(sha).write_bytes(body)
+        cache.index.commit_version("q", {"sha256": sha, "size": len(body), "tags": []},
+                                   now_utc())
+    cache.set_options("q", {"keep_versions": 0})
+    collected = []
+
+    def collect_once(done: int, total: int) -> None:
+        if not collected:
+            collected.append(gc.collect_now(cache.index, cache.blobs, set()))
+
+    found = check.check(cache.index, cache.blobs, collect_once)
+    assert len(collected[0].doomed) == 5
+    assert found.healthy, found
+    assert not (found.missing or found.not_regular)
+    assert check.check(cache.index, cache.blobs).checked == 1
+    cache.close()
+
+
+def test_check_racing_collection_never_fails_or_tracebacks(origin, cli, mount_factory):
+    """``buffyfs check`` in a loop while new versions arrive and every old one is
+    collected (keep_versions=0). Bounded: a fixed count of runs and of versions."""
+    m = mount_factory()
+    names = [f"race{i}" for i in range(4)]
+    for name in names:
+        origin.set(f"/{name}", os.urandom(4 << 20))
+        write_control(m / "@control", f"add {name} {origin.url('/' + name)} keep_versions=0")
+    for name in names:
+        wait_for(lambda n=name: status(m / f"{n}/@status")["latest"], 20, what="a version")
+    stop = threading.Event()
+
+    def new_versions() -> None:
+        for _ in range(200):
+            for name in names:
+                if stop.is_set():
+                    return
+                origin.set(f"/{name}", os.urandom(4 << 20))
+                write_control(m / f"{name}/@control", "refresh")
+            stop.wait(0.05)
+
+    writer = threading.Thread(target=new_versions)
+    writer.start()
+    try:
+        runs = [cli("check", timeout=30) for _ in range(25)]
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    assert m.log_text().count("(retention)") >= 10  # versions came and went meanwhile
+    for done in runs:
+        assert "Traceback" not in done.stderr and not done.stderr, done.stderr
+        assert "missing blob" not in done.stdout and "corrupt blob" not in done.stdout, \
+            done.stdout
+        assert done.returncode == 0 or "orphan" in done.stdout, done.stdout
+    wait_for(lambda: all(status(m / f"{n}/@status")["state"] == "idle" for n in names), 30,
+             what="the downloads to end")
+    done = cli("check")
+    assert done.returncode == 0, done.stdout
