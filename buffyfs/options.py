@@ -7,6 +7,7 @@ which is what the index stores.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -82,6 +83,13 @@ def check_url(url: str) -> str:
 def redact_url(url: str) -> str:
     """The URL without credentials (``user:pass@`` becomes nothing)."""
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1", url)
+
+
+def describe_body(body: str) -> str:
+    """A request body as it may be shown: its size and a hash prefix, never its text
+    (e.g. ``<120 bytes, sha256 3f2a9c1b…>``); enough to tell two bodies apart."""
+    raw = body.encode()
+    return f"<{len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()[:8]}…>"
 
 
 def _shown(url: str) -> str:
@@ -278,9 +286,12 @@ def normalize_options(raw: dict[str, Any], base: dict[str, Any] | None = None) -
 
 
 def public_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Options safe to show: header values hidden."""
+    """Options safe to show: header values hidden, the body only as its size and hash
+    (API bodies carry keys as often as headers do)."""
     shown = dict(options)
     shown["headers"] = {k: "<hidden>" for k in options.get("headers", {})}
+    if shown.get("body") is not None:
+        shown["body"] = describe_body(shown["body"])
     if shown.get("proxy"):
         shown["proxy"] = redact_url(shown["proxy"])
     return shown
