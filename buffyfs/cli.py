@@ -28,11 +28,15 @@ SOURCE_OPTIONS = {
     "max_attempts": "attempts per refresh (default 5)",
     "keep_versions": "versions kept besides latest, newest valid and keep (default 5)",
     "open_wait": "with --refresh on-open: how long an open waits for the check (default 5s)",
+    "retry_backoff": "first wait before retrying a failed refresh, doubled per failure in a "
+                     "row up to the refresh interval; halved for a source with no version "
+                     "yet (default 1m)",
     "proxy": "HTTP proxy URL for this source (default: the HTTP(S)_PROXY environment)",
     "method": "GET or POST (default GET)",
     "body": "request body (for POST)",
 }
 OPTION_METAVARS = {"refresh": "POLICY", "attempt_timeout": "DURATION", "open_wait": "DURATION",
+                   "retry_backoff": "DURATION",
                    "max_attempts": "N", "keep_versions": "N", "proxy": "URL",
                    "method": "METHOD", "body": "TEXT"}
 

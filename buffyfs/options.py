@@ -36,6 +36,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "validate": {},
     "open_wait": "5s",
     "proxy": None,
+    "retry_backoff": "1m",  # ours: the first wait after a failed refresh (policy.py)
 }
 
 # validate = { min_size, sha256, content_type, cmd, timeout }; timeout (ours, not SPEC's)
@@ -242,7 +243,7 @@ def _check_option(key: str, value: Any) -> Any:
         return _check_headers(value)
     if key == "pinned":
         return _check_bool(value, key)
-    if key == "open_wait":
+    if key in ("open_wait", "retry_backoff"):
         parse_duration(value, key)
         return value
     if key == "proxy":
