@@ -43,14 +43,15 @@ class BlobStore:
     def lock_path(self, source: str) -> Path:
         return self.partial_dir / f"{source}.lock"
 
-    def commit_partial(self, partial: Path, sha256: str) -> Path:
+    def commit_partial(self, partial: Path, sha256: str, replace: bool = False) -> Path:
         """Move a complete, fsynced partial file into the store under its hash.
 
-        If the content is already stored, the partial file is dropped instead.
+        If the content is already stored, the partial file is dropped instead, unless
+        ``replace``: the stored file is damaged and the fresh bytes take its place.
         Blocking: call from a worker thread.
         """
         target = self.path(sha256)
-        if target.exists():
+        if target.exists() and not replace:
             partial.unlink(missing_ok=True)
             return target
         target.parent.mkdir(exist_ok=True)
