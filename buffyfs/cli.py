@@ -471,8 +471,10 @@ def cmd_versions(args: argparse.Namespace) -> int:
         latest = r.latest(args.name)
     table = Table("version", "size", "fetched", "tags", "note", box=None)
     for v in versions:
+        note = "latest" if latest and v["id"] == latest["id"] else \
+            ("damaged: " + v["damaged"]["reason"]) if v.get("damaged") else ""
         table.add_row(v["id"], _human(v["size"]), v["fetched_at"], ",".join(v.get("tags", [])),
-                      "latest" if latest and v["id"] == latest["id"] else "")
+                      note)
     _console().print(table)
     return 0
 

@@ -127,7 +127,7 @@ def test_a_deleted_blob_gives_eio_shows_in_status_and_is_downloaded_again(
     assert len(origin.seen("/d")) == 3  # first download, the failed retry, the repair
 
 
-def test_a_truncated_blob_is_caught_at_open_by_its_size(origin, mount_factory):
+def test_a_truncated_blob_is_caught_at_open_by_its_size(origin, cli, mount_factory):
     mnt = mount_factory("--scrub-interval", "never")
     body = os.urandom(300_000)
     origin.set("/t", body)
@@ -140,14 +140,15 @@ def test_a_truncated_blob_is_caught_at_open_by_its_size(origin, mount_factory):
     [v] = status(mnt / "t/@status")["versions"]
     [v2] = status(mnt / "t2/@status")["versions"]
     assert v["sha256"] == v2["sha256"]
-    origin.fail("/t", 503, 503)
-    origin.fail("/t2", 503, 503)
+    origin.fail("/t", 503, 503, 503)  # (long enough to look at the marks)
+    origin.fail("/t2", 503, 503, 503)
     os.truncate(blob_file(mnt.cache, v["sha256"]), 1000)
 
     assert open_errno(mnt / "t/@versions" / v["id"]) == errno.EIO  # not 1000 bytes
     st2 = status(mnt / "t2/@status")  # the other source's version shares the blob
     assert st2["versions"][0]["damaged"]["reason"] == "blob file has 1000 bytes, 300000 expected"
     assert open_errno(mnt / "t2/@versions" / v2["id"]) == errno.EIO
+    assert "damaged: blob file has 1000 bytes" in cli("versions", "t2").stdout
     for name, version in (("t", v), ("t2", v2)):
         wait_for(lambda n=name, ver=version: status(mnt / f"{n}/@status")["latest"] == ver["id"],
                  20, what=f"{name} repaired")
