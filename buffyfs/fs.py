@@ -80,6 +80,7 @@ class BlobHandle:
     fd: int
     size: int
     ino: int
+    sha256: str
 
 
 @dataclass
@@ -416,7 +417,7 @@ class BuffyFS(pyfuse3.Operations):
             info["keep_cache"] = False  # an open without keep_cache drops them
         self.metrics.opens.inc()
         self.open_inos[version["ino"]] += 1  # collection waits for the last close
-        fh = self._new_handle(BlobHandle(fd, version["size"], version["ino"]))
+        fh = self._new_handle(BlobHandle(fd, version["size"], version["ino"], sha))
         return pyfuse3.FileInfo(fh=fh, **info)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -461,7 +462,7 @@ class BuffyFS(pyfuse3.Operations):
         raise AssertionError("unreachable")
 
     def report_damage(self, sha256: str, reason: str, check: str) -> None:
-        """A blob failed a check (``check``: open or scrub): mark it and its versions
+        """A blob failed a check (``check``: open, read or scrub): mark it and its versions
         damaged, stop serving them (``latest`` falls back), and download their sources
         again. Blobs are shared: every version with that sha256, of any source, is hit."""
         marked = self.index.mark_damaged(sha256, reason)
@@ -513,6 +514,10 @@ class BuffyFS(pyfuse3.Operations):
         data = self._read_cached(handle.fd, off, size)
         if data is None:  # not in the page cache: read from disk off the event loop
             data = await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
+            if len(data) < size:  # the blob shrank under an open handle: no short file
+                self.report_damage(handle.sha256, f"blob file ends before byte {off + size} "
+                                   f"of {handle.size}", "read")
+                raise pyfuse3.FUSEError(errno.EIO)
         self.metrics.bytes_served.inc(len(data))
         return data
 

@@ -45,8 +45,8 @@ class Metrics:
                               registry=r)
         self.damage_found = Counter("buffyfs_damaged_blobs_found", "Blob files found "
                                     "missing, truncated or corrupt, by the check that "
-                                    "found them (open, scrub)", ["check"], registry=r)
-        for check in ("open", "scrub"):
+                                    "found them (open, read, scrub)", ["check"], registry=r)
+        for check in ("open", "read", "scrub"):
             self.damage_found.labels(check=check)  # shown as 0 before the first
         self.scrubbed_bytes = Counter("buffyfs_scrubbed_bytes", "Bytes re-hashed by the "
                                       "background scrub", registry=r)

@@ -10,6 +10,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 import trio
 
 from buffyfs.blobs import BlobStore
@@ -154,6 +155,26 @@ def test_a_truncated_blob_is_caught_at_open_by_its_size(origin, cli, mount_facto
                  20, what=f"{name} repaired")
         assert read(mnt / f"{name}/latest") == body
     assert os.path.getsize(blob_file(mnt.cache, v["sha256"])) == len(body)
+
+
+def test_a_blob_truncated_under_an_open_handle_gives_eio_not_a_short_file(
+        origin, mount_factory):
+    mnt = mount_factory("--scrub-interval", "never")
+    body = os.urandom(1 << 20)
+    origin.set("/h", body)
+    write_control(mnt / "@control", f"add h {origin.url('/h')} max_attempts=1")
+    v = wait_for(lambda: (status(mnt / "h/@status")["versions"] or [None])[0], 10,
+                 what="the version")
+    fd = os.open(mnt / "h/@versions" / v["id"], os.O_RDONLY)  # not read yet: nothing cached
+    try:
+        os.truncate(blob_file(mnt.cache, v["sha256"]), 1000)
+        with pytest.raises(OSError) as e:
+            os.pread(fd, len(body), 0)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert metric(mnt, 'buffyfs_damaged_blobs_found_total{check="read"}') == 1
+    wait_for(lambda: read(mnt / "h/latest") == body, 20, what="the download again")
 
 
 def test_scrub_settings_are_checked(cli, tmp_path):
