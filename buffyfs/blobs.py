@@ -65,18 +65,19 @@ class BlobStore:
     def lock_path(self, source: str) -> Path:
         return self.partial_dir / f"{source}.lock"
 
-    def commit_partial(self, partial: Path, sha256: str) -> Path:
+    def commit_partial(self, partial: Path, sha256: str, replace: bool = False) -> Path:
         """Move a complete, fsynced partial file into the store under its hash.
 
-        If the content is already stored, the partial file is dropped instead. Only a
-        regular file is ever renamed into the store (else NotRegularFile), and it
+        If the content is already stored, the partial file is dropped instead, unless
+        ``replace``: the stored file is damaged and the fresh bytes take its place. Only
+        a regular file is ever renamed into the store (else NotRegularFile), and it
         replaces whatever else sits at the blob's name. Blocking: call from a worker
         thread.
         """
         target = self.path(sha256)
         fd = open_file(partial, os.O_RDONLY)
         try:
-            if is_regular(target):
+            if is_regular(target) and not replace:
                 partial.unlink(missing_ok=True)
                 return target
             make_dir(target.parent, self.root)

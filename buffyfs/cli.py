@@ -28,11 +28,15 @@ SOURCE_OPTIONS = {
     "max_attempts": "attempts per refresh (default 5)",
     "keep_versions": "versions kept besides latest, newest valid and keep (default 5)",
     "open_wait": "with --refresh on-open: how long an open waits for the check (default 5s)",
+    "retry_backoff": "first wait before retrying a failed refresh, doubled per failure in a "
+                     "row up to the refresh interval; halved for a source with no version "
+                     "yet (default 1m)",
     "proxy": "HTTP proxy URL for this source (default: the HTTP(S)_PROXY environment)",
     "method": "GET or POST (default GET)",
     "body": "request body (for POST)",
 }
 OPTION_METAVARS = {"refresh": "POLICY", "attempt_timeout": "DURATION", "open_wait": "DURATION",
+                   "retry_backoff": "DURATION",
                    "max_attempts": "N", "keep_versions": "N", "proxy": "URL",
                    "method": "METHOD", "body": "TEXT"}
 
@@ -64,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the config's log_level, else info")
     m.add_argument("--max-cache-size", metavar="SIZE",
                    help="hard quota on cached versions, e.g. 50G (K, M, G, T: 1024-based)")
+    m.add_argument("--scrub-interval", metavar="DURATION",
+                   help="re-hash every cached blob this often, e.g. 7d, or 'never' "
+                        "(default: the config's scrub_interval, else 7d)")
+    m.add_argument("--scrub-rate", metavar="SIZE",
+                   help="bytes per second the scrub reads at most, e.g. 20M "
+                        "(default: the config's scrub_rate, else 20M)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     u = sub.add_parser("umount", help="unmount")
@@ -142,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 # for mount(8) and fusermount3, not for us.
 FSTAB_FLAGS = {"allow_other": "--allow-other", "prune": "--prune", "foreground": "--foreground"}
 FSTAB_VALUES = {"cache": "--cache", "max_cache_size": "--max-cache-size",
-                "log_level": "--log-level"}
+                "log_level": "--log-level", "scrub_interval": "--scrub-interval",
+                "scrub_rate": "--scrub-rate"}
 MOUNT_GENERIC = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
                  "user", "users", "nouser", "_netdev", "nofail", "defaults", "async",
                  "atime", "noatime", "relatime", "comment"}
@@ -203,8 +214,13 @@ def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_mount(args: argparse.Namespace) -> int:
     from buffyfs import log
     from buffyfs.cache import resolve_cache_dir
-    from buffyfs.config import DaemonConfig, load_config
-    from buffyfs.options import parse_size
+    from buffyfs.config import (
+        DaemonConfig,
+        check_scrub_interval,
+        check_scrub_rate,
+        load_config,
+    )
+    from buffyfs.options import parse_duration, parse_size
 
     config_path = Path(args.config).absolute() if args.config else None
     daemon = load_config(config_path).daemon if config_path else DaemonConfig()
@@ -213,6 +229,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     max_size = parse_size(args.max_cache_size, "--max-cache-size") \
         if args.max_cache_size else daemon.max_cache_size
     args.log_level = args.log_level or daemon.log_level
+    scrub_interval = check_scrub_interval(args.scrub_interval or daemon.scrub_interval)
+    scrub_rate = check_scrub_rate(args.scrub_rate) if args.scrub_rate else daemon.scrub_rate
     if args.foreground:
         from buffyfs import mount
 
@@ -221,7 +239,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
             args.mountpoint, cache_dir, allow_other=args.allow_other, ready_fd=args.ready_fd,
             max_downloads=daemon.max_downloads,
             max_downloads_per_host=daemon.max_downloads_per_host,
-            max_cache_size=max_size, config_path=config_path, prune=args.prune))
+            max_cache_size=max_size, config_path=config_path, prune=args.prune,
+            scrub_interval=None if scrub_interval == "never" else
+            float(parse_duration(scrub_interval, "scrub_interval")),
+            scrub_rate=scrub_rate))
         return 0
     return _mount_detached(args, cache_dir)
 
@@ -239,6 +260,10 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
         cmd.append("--allow-other")
     if args.max_cache_size:
         cmd += ["--max-cache-size", args.max_cache_size]
+    for flag, value in (("--scrub-interval", args.scrub_interval),
+                        ("--scrub-rate", args.scrub_rate)):
+        if value:
+            cmd += [flag, value]
     if args.config:
         cmd += ["--config", str(Path(args.config).absolute())]
     if args.prune:
@@ -516,8 +541,10 @@ def cmd_versions(args: argparse.Namespace) -> int:
         latest = r.latest(args.name)
     table = Table("version", "size", "fetched", "tags", "note", box=None)
     for v in versions:
+        note = "latest" if latest and v["id"] == latest["id"] else \
+            ("damaged: " + v["damaged"]["reason"]) if v.get("damaged") else ""
         table.add_row(v["id"], _human(v["size"]), v["fetched_at"], ",".join(v.get("tags", [])),
-                      "latest" if latest and v["id"] == latest["id"] else "")
+                      note)
     _console().print(table)
     return 0
 

@@ -6,6 +6,8 @@
     max_downloads = 4
     max_downloads_per_host = 2
     log_level = "info"
+    scrub_interval = "7d"         # ours: re-hash every blob this often ("never": off)
+    scrub_rate = "20M"            # ours: bytes per second the scrub reads at most
 
     [defaults]                    # any source option (not url), for every source
     refresh = "1d"
@@ -46,7 +48,10 @@ from buffyfs.errors import BadInput
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TOP_LEVEL_TABLES = ("daemon", "defaults", "sources")
-DAEMON_KEYS = ("cache", "max_cache_size", "max_downloads", "max_downloads_per_host", "log_level")
+DAEMON_KEYS = ("cache", "max_cache_size", "max_downloads", "max_downloads_per_host", "log_level",
+               "scrub_interval", "scrub_rate")
+DEFAULT_SCRUB_INTERVAL = "7d"
+DEFAULT_SCRUB_RATE = 20 << 20  # bytes/s: 1 TiB in about 15 hours
 TABLE_OPTIONS = ("headers", "validate")
 
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -59,6 +64,8 @@ class DaemonConfig:
     max_downloads: int = 4
     max_downloads_per_host: int = 2
     log_level: str = "info"  # debug, info, warning, error
+    scrub_interval: str = DEFAULT_SCRUB_INTERVAL  # a duration, or "never" (scrub.py)
+    scrub_rate: int = DEFAULT_SCRUB_RATE  # bytes per second
 
 
 @dataclass
@@ -181,6 +188,16 @@ def _load_daemon(where: _Where, raw: dict[str, Any]) -> DaemonConfig:
                 where.fail("daemon", shown, f"invalid {normal} {value!r}: "
                            "must be an integer >= 1")
             setattr(daemon, normal, value)
+        elif normal == "scrub_interval":
+            try:
+                daemon.scrub_interval = check_scrub_interval(value)
+            except BadInput as e:
+                where.fail("daemon", shown, str(e))
+        elif normal == "scrub_rate":
+            try:
+                daemon.scrub_rate = check_scrub_rate(value)
+            except BadInput as e:
+                where.fail("daemon", shown, str(e))
         else:  # log_level
             level = value.lower() if isinstance(value, str) else None
             if level not in LOG_LEVELS:
@@ -188,6 +205,21 @@ def _load_daemon(where: _Where, raw: dict[str, Any]) -> DaemonConfig:
                            + ", ".join(LOG_LEVELS))
             daemon.log_level = level
     return daemon
+
+
+def check_scrub_interval(value: Any) -> str:
+    """A duration such as ``7d``, or ``never`` (no background scrub)."""
+    if value != "never":
+        options.parse_duration(value, "scrub_interval")
+    return value
+
+
+def check_scrub_rate(value: Any) -> int:
+    """Bytes per second (``20M``: 1024-based units), more than 0."""
+    rate = options.parse_size(value, "scrub_rate")
+    if rate == 0:
+        raise BadInput(f"invalid scrub_rate {value!r}: must be more than 0 bytes per second")
+    return rate
 
 
 def _cache_dir(where: _Where, shown: str, value: Any) -> str:

@@ -80,6 +80,7 @@ class BlobHandle:
     fd: int
     size: int
     ino: int
+    sha256: str
 
 
 @dataclass
@@ -121,6 +122,9 @@ class BuffyFS(pyfuse3.Operations):
         self.tagdirs: dict[int, tuple[str, int, str]] = {}  # inode -> (source, base, tag)
         self.metrics = Metrics()
         self.open_inos: collections.Counter[int] = collections.Counter()
+        # versions found damaged by this mount: their first open once repaired drops
+        # whatever the kernel cached of them
+        self.repaired_inos: set[int] = set()
         self.nowait_reads = True
         self.started_ns = time.time_ns()
 
@@ -184,6 +188,10 @@ class BuffyFS(pyfuse3.Operations):
         """Versions carrying ``tag``, newest first."""
         with self.index.read() as r:
             return [v for v in r.versions(name) if tag in v.get("tags", [])]
+
+    def _tag_latest(self, tagged: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """``@TAG/latest``: the newest of ``tagged`` that is not damaged."""
+        return next((v for v in tagged if not v.get("damaged")), None)
 
     # --- attributes -------------------------------------------------------------------
 
@@ -293,8 +301,9 @@ class BuffyFS(pyfuse3.Operations):
             if name == "..":
                 return self.tagdirs[parent][1]
             tagged = self._tagged(node.source, node.tag)
-            if name == "latest" and tagged:
-                return tagged[0]["ino"]
+            newest = self._tag_latest(tagged)
+            if name == "latest" and newest:
+                return newest["ino"]
             for v in tagged:
                 if v["id"] == name:
                     return v["ino"]
@@ -338,7 +347,8 @@ class BuffyFS(pyfuse3.Operations):
         elif node.kind == "tagdir":
             assert node.source and node.tag
             tagged = self._tagged(node.source, node.tag)
-            names = [("latest", tagged[0]["ino"])] if tagged else []
+            newest = self._tag_latest(tagged)
+            names = [("latest", newest["ino"])] if newest else []
             names += [(v["id"], v["ino"]) for v in tagged]
         elif node.kind == "versions":
             assert node.source
@@ -381,14 +391,33 @@ class BuffyFS(pyfuse3.Operations):
         return fh
 
     def _open_version(self, version: dict[str, Any], **info: Any) -> pyfuse3.FileInfo:
+        """Open a version's blob, after a cheap check (exists, right size): a damaged
+        version fails with EIO, never serves wrong bytes (the scrub checks the hash)."""
+        if version.get("damaged"):
+            log.warning("version %s is damaged (%s): not served", version["id"],
+                        version["damaged"]["reason"])
+            raise pyfuse3.FUSEError(errno.EIO)
+        sha = version["sha256"]
         try:
-            fd = self.cache.blobs.open_blob(version["sha256"])
+            fd = self.cache.blobs.open_blob(sha)
+        except FileNotFoundError:
+            self.report_damage(sha, "blob file missing", "open")
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as e:
             log.error("blob of version %s unreadable: %s", version["id"], e.strerror)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        size = os.fstat(fd).st_size
+        if size != version["size"]:
+            os.close(fd)
+            self.report_damage(sha, f"blob file has {size} bytes, {version['size']} expected",
+                               "open")
+            raise pyfuse3.FUSEError(errno.EIO)
+        if version["ino"] in self.repaired_inos:  # the kernel may hold pages of the bad file
+            self.repaired_inos.discard(version["ino"])
+            info["keep_cache"] = False  # an open without keep_cache drops them
         self.metrics.opens.inc()
         self.open_inos[version["ino"]] += 1  # collection waits for the last close
-        fh = self._new_handle(BlobHandle(fd, version["size"], version["ino"]))
+        fh = self._new_handle(BlobHandle(fd, version["size"], version["ino"], sha))
         return pyfuse3.FileInfo(fh=fh, **info)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -406,19 +435,49 @@ class BuffyFS(pyfuse3.Operations):
             return self._open_version(node.version, keep_cache=True)
         if node.kind == "pending":
             assert node.source
-            version = await self._wait_latest(node.source)
-            return self._open_version(version, direct_io=True, keep_cache=False)
+            return await self._open_latest(node.source)
         if node.kind == "onopen":
             assert node.source
             await self._check_on_open(node.source)
-            version = await self._wait_latest(node.source)
-            return self._open_version(version, direct_io=True, keep_cache=False)
+            return await self._open_latest(node.source)
         if node.kind in ("root_status", "status", "root_metrics"):
             data = self.metrics.render(self.index) if node.kind == "root_metrics" \
                 else self._render_status(node.source)
             return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(data)),
                                     direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR)
+
+    async def _open_latest(self, name: str) -> pyfuse3.FileInfo:
+        """Open what `latest` resolves to now; if its blob turns out damaged at open,
+        once more what it resolves to then (an older version, or the download again)."""
+        for tries_left in (1, 0):
+            version = await self._wait_latest(name)
+            try:
+                return self._open_version(version, direct_io=True, keep_cache=False)
+            except pyfuse3.FUSEError:
+                with self.index.read() as r:
+                    now = r.version(name, version["id"])
+                if not tries_left or not (now and now.get("damaged")):
+                    raise
+        raise AssertionError("unreachable")
+
+    def report_damage(self, sha256: str, reason: str, check: str) -> None:
+        """A blob failed a check (``check``: open, read or scrub): mark it and its versions
+        damaged, stop serving them (``latest`` falls back), and download their sources
+        again. Blobs are shared: every version with that sha256, of any source, is hit."""
+        marked = self.index.mark_damaged(sha256, reason)
+        if marked is None:
+            return  # marked already, or no version uses the blob any more
+        self.metrics.damage_found.labels(check=check).inc()
+        log.error("blob %s is damaged (%s, found at %s): versions %s not served; "
+                  "downloading again", sha256, reason, check,
+                  ", ".join(f"{s}/{v['id']}" for s, v in marked) or "(removed sources only)")
+        for _source, v in marked:
+            self.repaired_inos.add(v["ino"])
+        for source in dict.fromkeys(s for s, _ in marked):
+            if self.scheduler is not None:
+                self.scheduler.kick(source)
+            self.source_changed(source)
 
     async def _wait_latest(self, name: str) -> dict[str, Any]:
         if self.scheduler is not None:
@@ -455,6 +514,10 @@ class BuffyFS(pyfuse3.Operations):
         data = self._read_cached(handle.fd, off, size)
         if data is None:  # not in the page cache: read from disk off the event loop
             data = await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
+            if len(data) < size:  # the blob shrank under an open handle: no short file
+                self.report_damage(handle.sha256, f"blob file ends before byte {off + size} "
+                                   f"of {handle.size}", "read")
+                raise pyfuse3.FUSEError(errno.EIO)
         self.metrics.bytes_served.inc(len(data))
         return data
 

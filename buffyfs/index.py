@@ -9,6 +9,8 @@ Named databases and their keys (all values JSON unless said otherwise):
 
 ``meta``
     ``format``    b"1", the layout version (a later layout migrates from it)
+    ``scrub``     JSON ``{"started", "finished", "blobs", "bytes", "damaged"}``: the
+                  last background scrub (scrub.py)
     ``seq``       8-byte big-endian counter, bumped by every change in ``changes``
     ``next_ino``  8-byte big-endian, the next unused inode number (never reused)
     ``blob_bytes`` 8-byte big-endian, the total size of the blobs in ``blobs``
@@ -19,16 +21,22 @@ Named databases and their keys (all values JSON unless said otherwise):
                   source (see ``SourceInode``); ``options`` is normalized
                   (options.normalize_options)
 ``versions``      NAME b"\\0" VERSION_ID -> ``{"id", "sha256", "size", "fetched_at",
-                  "url", "etag", "last_modified", "content_type", "ino", "tags"}``;
-                  ids sort by fetch time, so a reverse prefix scan is newest first
+                  "url", "etag", "last_modified", "content_type", "ino", "tags"
+                  [, "damaged"]}``; ids sort by fetch time, so a reverse prefix scan
+                  is newest first. ``damaged`` (``{"at", "reason"}``) is set on every
+                  version whose blob failed a check (see ``blobs``); ``latest`` skips it
 ``state``         NAME -> ``{"last_check", "last_success", "next_check",
                   "consecutive_failures", "last_error", "last_control_error",
                   "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``)
 ``inodes``        8-byte inode -> ``{"kind", "source"[, "id"]}``, kind one of
                   SourceInode's names or ``"version"``
-``blobs``         SHA256 -> ``{"size", "refs"}``: how many versions (in ``versions``
-                  and ``garbage``) use the blob; a blob file whose entry is gone is
-                  an orphan (gc.py removes it)
+``blobs``         SHA256 -> ``{"size", "refs"[, "damaged"]}``: how many versions (in
+                  ``versions`` and ``garbage``) use the blob; a blob file whose entry
+                  is gone is an orphan (gc.py removes it). ``damaged`` (``{"at",
+                  "reason"}``): the file is missing, has the wrong size or the wrong
+                  hash (fs.py's open, scrub.py); the same mark is on every version
+                  that uses the blob, and both go when fresh bytes replace the file
+                  (``clear_damage``)
 ``garbage``       8-byte inode -> a version record plus ``"source"``: versions of
                   removed sources, kept until no reader holds them (gc.py)
 ``changes``       8-byte seq -> NAME (b"" for the root): which source changed in a
@@ -86,19 +94,25 @@ def version_id(fetched_at: datetime, sha256: str) -> str:
     return fetched_at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + sha256[:8]
 
 
+def servable(version: dict[str, Any]) -> bool:
+    """May the version be served as a ``latest``: not tagged ``failed``, not damaged."""
+    return "failed" not in version.get("tags", ()) and not version.get("damaged")
+
+
 def latest_of(versions: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The newest version not tagged ``failed`` (``versions`` newest first)."""
+    """The newest servable version (``versions`` newest first)."""
     for v in versions:
-        if "failed" not in v.get("tags", ()):
+        if servable(v):
             return v
     return None
 
 
 def resolve_latest(source: dict[str, Any], versions: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """What ``latest`` means for a source: its pinned version, else the newest not failed.
+    """What ``latest`` means for a source: its pinned version, else the newest servable
+    one (not tagged ``failed``, not damaged).
 
-    A pinned version tagged ``failed`` falls back like any other, but only to older
-    versions: a pin never moves ``latest`` forward in time.
+    A pinned version tagged ``failed`` (or damaged) falls back like any other, but only
+    to older versions: a pin never moves ``latest`` forward in time.
     """
     pin = source.get("pin")
     if pin and any(v["id"] == pin for v in versions):
@@ -224,6 +238,19 @@ class Reader:
     def blob_bytes(self) -> int:
         raw = self.txn.get(b"blob_bytes", db=self.dbs["meta"])
         return _from_u64(raw) if raw else 0
+
+    def users_of_blob(self, sha256: str) -> list[tuple[str, dict[str, Any], bool]]:
+        """(source, version, live) of every version using the blob, garbage included.
+        A scan of every version: for rare events (damage found), not for serving."""
+        out = []
+        with self.txn.cursor(db=self.dbs["versions"]) as cur:
+            for key, raw in cur:
+                if sha256.encode() in raw:  # cheap filter before the JSON parse
+                    v = json.loads(raw)
+                    if v["sha256"] == sha256:
+                        out.append((key.split(b"\0", 1)[0].decode(), v, True))
+        out += [(g["source"], g, False) for g in self.garbage() if g["sha256"] == sha256]
+        return out
 
 
 class Writer(Reader):
@@ -430,6 +457,9 @@ class Index:
             ino = w.alloc_inodes(1)
             version = {**record, "id": vid, "fetched_at": rfc3339(when), "ino": ino,
                        "tags": list(record.get("tags", []))}
+            blob = w.blob_ref(version["sha256"])
+            if blob and blob.get("damaged"):  # every user of a damaged blob is damaged
+                version["damaged"] = blob["damaged"]
             w._put("versions", name.encode() + b"\0" + vid.encode(), version)
             w._put("inodes", _u64(ino), {"kind": "version", "source": name, "id": vid})
             w.ref_blob(version["sha256"], version["size"])
@@ -438,6 +468,61 @@ class Index:
                 w._put("sources", name.encode(), src)
             w.changed(name)
         return version
+
+    def blob_damaged(self, sha256: str) -> bool:
+        with self.read() as r:
+            entry = r.blob_ref(sha256)
+        return bool(entry and entry.get("damaged"))
+
+    def mark_damaged(self, sha256: str, reason: str, at: datetime | None = None
+                     ) -> list[tuple[str, dict[str, Any]]] | None:
+        """Mark a blob and every version using it (of any source) damaged, in one
+        transaction, and name it in each source's ``last_error``.
+
+        Returns the live (source, version) pairs marked: their sources should download
+        again. None when nothing was marked: the blob is marked already, or no version
+        uses it any more (collected meanwhile: a missing file is then no damage).
+        """
+        mark = {"at": rfc3339(at or now_utc()), "reason": reason}
+        marked = []
+        with self.write() as w:
+            entry = w.blob_ref(sha256)
+            if entry is None or entry.get("damaged"):
+                return None
+            w._put("blobs", sha256.encode(), {**entry, "damaged": mark})
+            for source, v, live in w.users_of_blob(sha256):
+                v["damaged"] = mark
+                if not live:
+                    w._put("garbage", _u64(v["ino"]), v)
+                    continue
+                w._put("versions", source.encode() + b"\0" + v["id"].encode(), v)
+                w.put_state(source, last_error={
+                    "at": mark["at"],
+                    "message": f"version {v['id']} is damaged in the cache ({reason}); "
+                               "it is not served and is being downloaded again"})
+                w.changed(source)
+                marked.append((source, v))
+        return marked
+
+    def clear_damage(self, sha256: str) -> list[str]:
+        """Fresh bytes replaced the blob file: drop the marks (blob and versions).
+        Returns the live sources whose versions were marked."""
+        sources = []
+        with self.write() as w:
+            entry = w.blob_ref(sha256)
+            if entry is None or not entry.get("damaged"):
+                return []
+            del entry["damaged"]
+            w._put("blobs", sha256.encode(), entry)
+            for source, v, live in w.users_of_blob(sha256):
+                v.pop("damaged", None)
+                if not live:
+                    w._put("garbage", _u64(v["ino"]), v)
+                    continue
+                w._put("versions", source.encode() + b"\0" + v["id"].encode(), v)
+                w.changed(source)
+                sources.append(source)
+        return sources
 
     def newest_sha256(self, name: str) -> str | None:
         with self.read() as r:

@@ -43,6 +43,15 @@ class Metrics:
                            "is failing", registry=r)
         self.fetching = Gauge("buffyfs_fetching_sources", "Sources downloading now",
                               registry=r)
+        self.damage_found = Counter("buffyfs_damaged_blobs_found", "Blob files found "
+                                    "missing, truncated or corrupt, by the check that "
+                                    "found them (open, read, scrub)", ["check"], registry=r)
+        for check in ("open", "read", "scrub"):
+            self.damage_found.labels(check=check)  # shown as 0 before the first
+        self.scrubbed_bytes = Counter("buffyfs_scrubbed_bytes", "Bytes re-hashed by the "
+                                      "background scrub", registry=r)
+        self.damaged = Gauge("buffyfs_damaged_versions", "Versions whose blob is damaged "
+                             "(not served; their sources download again)", registry=r)
 
     def render(self, index: Index) -> bytes:
         with index.read() as r:
@@ -50,7 +59,9 @@ class Metrics:
             states = [r.state(n) for n in names]
             self.cache_size.set(r.blob_bytes())
             self.max_cache_size.set(r.meta_json("max_cache_size") or 0)
-            self.versions.set(sum(len(r.versions(n)) for n in names))
+            versions = [v for n in names for v in r.versions(n)]
+            self.versions.set(len(versions))
+            self.damaged.set(sum(1 for v in versions if v.get("damaged")))
             self.stale.set(sum(1 for n, st in zip(names, states, strict=True)
                                if st.get("consecutive_failures") and r.latest(n)))
         self.sources.set(len(names))

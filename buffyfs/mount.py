@@ -1,5 +1,5 @@
-"""The mount daemon: cache, downloader, scheduler, collector and filesystem in one
-trio nursery."""
+"""The mount daemon: cache, downloader, scheduler, collector, scrubber and filesystem
+in one trio nursery."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from buffyfs.errors import BuffyError, CacheError
 from buffyfs.fs import BuffyFS
 from buffyfs.refresh import Refresher
 from buffyfs.scheduler import Scheduler
+from buffyfs.scrub import Scrubber
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class Settings:
     max_cache_size: int | None = None
     config_path: Path | None = None  # reloaded on SIGHUP
     prune: bool = False  # remove sources the config does not declare
+    scrub_interval: float | None = 7 * 86400.0  # seconds between scrubs; None: no scrub
+    scrub_rate: int = 20 << 20  # bytes per second the scrub reads at most
 
 
 def sync_config(cache: Cache, settings: Settings) -> None:
@@ -168,6 +171,9 @@ async def _serve(cache: Cache, settings: Settings) -> None:
             nursery.start_soon(_watch_signals, cache, settings, collector, fs)
             nursery.start_soon(_watch_changes, cache, scheduler, fs, collector)
             nursery.start_soon(collector.run)
+            nursery.start_soon(Scrubber(cache.index, cache.blobs, settings.scrub_interval,
+                                        settings.scrub_rate, fs.report_damage,
+                                        fs.metrics).run)
             scheduler.start_all()
             nursery.start_soon(scheduler.run)
             with cache.index.read() as r:

@@ -7,6 +7,7 @@ which is what the index stores.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from typing import Any
@@ -36,6 +37,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "validate": {},
     "open_wait": "5s",
     "proxy": None,
+    "retry_backoff": "1m",  # ours: the first wait after a failed refresh (policy.py)
 }
 
 # validate = { min_size, sha256, content_type, cmd, timeout }; timeout (ours, not SPEC's)
@@ -137,6 +139,13 @@ def _authority_problem(url: str) -> str | None:
 def redact_url(url: str) -> str:
     """The URL without credentials (``user:pass@`` becomes nothing)."""
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1", url)
+
+
+def describe_body(body: str) -> str:
+    """A request body as it may be shown: its size and a hash prefix, never its text
+    (e.g. ``<120 bytes, sha256 3f2a9c1b…>``); enough to tell two bodies apart."""
+    raw = body.encode()
+    return f"<{len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()[:8]}…>"
 
 
 def _shown(url: str) -> str:
@@ -289,7 +298,7 @@ def _check_option(key: str, value: Any) -> Any:
         return _check_headers(value)
     if key == "pinned":
         return _check_bool(value, key)
-    if key == "open_wait":
+    if key in ("open_wait", "retry_backoff"):
         parse_duration(value, key)
         return value
     if key == "proxy":
@@ -333,9 +342,12 @@ def normalize_options(raw: dict[str, Any], base: dict[str, Any] | None = None) -
 
 
 def public_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Options safe to show: header values hidden."""
+    """Options safe to show: header values hidden, the body only as its size and hash
+    (API bodies carry keys as often as headers do)."""
     shown = dict(options)
     shown["headers"] = {k: "<hidden>" for k in options.get("headers", {})}
+    if shown.get("body") is not None:
+        shown["body"] = describe_body(shown["body"])
     if shown.get("proxy"):
         shown["proxy"] = redact_url(shown["proxy"])
     return shown

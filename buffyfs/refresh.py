@@ -131,6 +131,8 @@ class Refresher:
         newest = versions[0] if versions else None
         if newest and newest.get("url") != redact_url(source["url"]):
             newest = None  # validators of another URL say nothing about this one
+        if newest and newest.get("damaged"):
+            newest = None  # its blob is damaged (scrub.py): a 304 would not repair it
         url = source["url"]
         if any(k.lower() == "authorization" for k in options["headers"]):
             url = str(httpx.URL(url).copy_with(username=None, password=None))  # header wins
@@ -264,7 +266,8 @@ class Refresher:
             log.info("%s: not modified", name)
             return Outcome(checked=True)
         partial = self.blobs.partial_path(name)
-        if self.index.newest_sha256(name) == result.sha256:
+        damaged = self.index.blob_damaged(result.sha256)  # fresh bytes must replace it
+        if self.index.newest_sha256(name) == result.sha256 and not damaged:
             partial.unlink(missing_ok=True)  # same bytes as the newest version: a check only
             self.index.commit_version(name, {"sha256": result.sha256}, started)
             self._set_state(name, "idle")
@@ -292,8 +295,12 @@ class Refresher:
     async def _commit_blob(self, name: str, source: dict[str, Any],
                            result: downloader.Downloaded, started: Any,
                            partial: Any) -> Outcome:
+        damaged = self.index.blob_damaged(result.sha256)
         try:
-            blob = await trio.to_thread.run_sync(self.blobs.commit_partial, partial, result.sha256)
+            blob = await trio.to_thread.run_sync(self.blobs.commit_partial, partial,
+                                                 result.sha256, damaged)
+            if damaged:  # the fresh bytes replaced the damaged file
+                self.index.clear_damage(result.sha256)
         except OSError as e:
             partial.unlink(missing_ok=True)
             message = f"cannot store the download: {e.strerror}"

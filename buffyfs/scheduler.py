@@ -126,8 +126,9 @@ class Scheduler:
                 latest = r.latest(name)
             if latest is not None:
                 return
-            if versions:
-                raise FetchError("every version is tagged failed")
+            if versions and not any(v.get("damaged") for v in versions):
+                raise FetchError("every version is tagged failed")  # (a damaged one is
+                # being downloaded again: wait for that like for a first version)
             if name not in self.known:  # added by another process a moment ago
                 self.sync(name)
             if name not in self.known:

@@ -23,12 +23,13 @@ def source_status(
     state = r.state(name)
     versions = r.versions(name)
     latest = resolve_latest(src, versions)
-    if latest is None and versions:
+    if latest is None and versions and not any(v.get("damaged") for v in versions):
         earlier = (state.get("last_error") or {}).get("message")
         state = {**state, "last_error": {
             "at": rfc3339(now_utc()),  # a state of now: tags record no time
             "message": "every version is tagged failed; latest cannot be opened"
                        + (f" (last error: {earlier})" if earlier else "")}}
+    # (a damaged version names itself in last_error when found: index.mark_damaged)
     progress = state.get("progress")
     if live_progress and name in live_progress:
         done, total = live_progress[name]
@@ -59,6 +60,8 @@ def _version_entry(v: dict[str, Any]) -> dict[str, Any]:
     entry["tags"] = v.get("tags", [])
     if v.get("validation"):
         entry["validation"] = v["validation"]  # why it was tagged failed
+    if v.get("damaged"):
+        entry["damaged"] = v["damaged"]  # {"at", "reason"}: not served, downloading again
     return entry
 
 
@@ -78,11 +81,13 @@ def root_status(
                 "consecutive_failures": state.get("consecutive_failures", 0),
             })
         last_control_error = r.meta_json("last_control_error")
+        scrub = r.meta_json("scrub")
     return {
         "version": __version__,
         "cache": str(cache_dir),
         "cache_size": cache_size,
         "max_cache_size": max_cache_size,
         "last_control_error": last_control_error,
+        "scrub": scrub,  # ours: the last background scrub (scrub.py), null before the first
         "sources": sources,
     }

@@ -1,0 +1,158 @@
+"""The background scrub: re-hash every blob at a bounded rate, like a filesystem scrub.
+
+Once per ``scrub_interval`` (counted from the end of the last pass, which the index
+remembers across restarts: ``meta/scrub``), the mount reads every blob that versions
+use and compares its size and sha256 with its name. A blob that is missing, has the
+wrong size or the wrong hash is reported to ``on_damage`` (the filesystem marks it and
+its versions damaged and has their sources download again: fs.BuffyFS.report_damage).
+
+Reads are paced to at most ``rate`` bytes per second over the pass, one chunk at a
+time in a worker thread, so the scrub neither blocks the event loop nor starves
+readers of the disk. Blobs already marked damaged are skipped (they wait for fresh
+bytes, not for another look).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import IO
+
+import trio
+
+from buffyfs.blobs import BlobStore
+from buffyfs.index import Index, now_utc, parse_rfc3339, rfc3339
+from buffyfs.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes read and hashed per worker-thread call
+
+
+@dataclass
+class Pass:
+    """What one scrub pass saw."""
+
+    blobs: int = 0
+    bytes: int = 0
+    damaged: int = 0
+
+
+class Scrubber:
+    def __init__(self, index: Index, blobs: BlobStore, interval: float | None, rate: int,
+                 on_damage: Callable[[str, str, str], None],
+                 metrics: Metrics | None = None) -> None:
+        self.index = index
+        self.blobs = blobs
+        self.interval = interval  # seconds between passes; None: no scrub
+        self.rate = rate  # bytes per second, at most
+        self.on_damage = on_damage  # (sha256, reason, check)
+        self.metrics = metrics
+
+    async def run(self) -> None:
+        if self.interval is None:
+            return
+        while True:
+            await trio.sleep(self.seconds_until_due())
+            try:
+                await self.scrub()
+            except Exception:  # a scrub that cannot run must not end the mount
+                log.exception("scrub failed; trying again in %ds", self.interval)
+                await trio.sleep(self.interval)
+
+    def seconds_until_due(self) -> float:
+        assert self.interval is not None
+        with self.index.read() as r:
+            last = r.meta_json("scrub")
+        if not last or not last.get("finished"):
+            return 0.0
+        due = parse_rfc3339(last["finished"]) + timedelta(seconds=self.interval)
+        return max(0.0, (due - now_utc()).total_seconds())
+
+    async def scrub(self) -> Pass:
+        """One pass over every blob in use."""
+        started = now_utc()
+        with self.index.read() as r:
+            blobs = sorted((sha, entry["size"]) for sha, entry in r.blob_refs().items()
+                           if not entry.get("damaged"))
+        seen = Pass()
+        pace = _Pace(self.rate)
+        for sha, size in blobs:
+            reason = await self._check(sha, size, pace)
+            seen.blobs += 1
+            if reason is None:
+                continue
+            with self.index.read() as r:
+                entry = r.blob_ref(sha)
+            if entry is None:
+                continue  # collected while we looked: no damage
+            seen.damaged += 1
+            self.on_damage(sha, reason, "scrub")
+        seen.bytes = pace.done
+        finished = now_utc()
+        with self.index.write() as w:
+            w.put_meta_json("scrub", {"started": rfc3339(started), "finished": rfc3339(finished),
+                                      "blobs": seen.blobs, "bytes": seen.bytes,
+                                      "damaged": seen.damaged})
+        if seen.blobs:
+            log.log(logging.WARNING if seen.damaged else logging.INFO,
+                    "scrub: %d blobs, %d bytes checked in %ds, %d damaged", seen.blobs,
+                    seen.bytes, (finished - started).total_seconds(), seen.damaged)
+        return seen
+
+    async def _check(self, sha: str, size: int, pace: _Pace) -> str | None:
+        """Why the blob is damaged, or None if its bytes hash to its name."""
+        try:
+            f = os.fdopen(self.blobs.open_blob(sha), "rb", buffering=0)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return "blob file missing"
+            return f"blob file unreadable: {e.strerror}"
+        with f:
+            # read once, not to be kept: spare the page cache readers rely on (Linux 6.3+)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_NOREUSE)
+            actual = os.fstat(f.fileno()).st_size
+            if actual != size:
+                return f"blob file has {actual} bytes, {size} expected"
+            h = hashlib.sha256()
+            while True:
+                try:
+                    n = await trio.to_thread.run_sync(_hash_chunk, f, h)
+                except OSError as e:
+                    return f"blob file unreadable: {e.strerror}"
+                if n == 0:
+                    break
+                if self.metrics:
+                    self.metrics.scrubbed_bytes.inc(n)
+                await pace.wait(n)
+        if h.hexdigest() != sha:
+            return "blob content does not match its sha256"
+        return None
+
+
+def _hash_chunk(f: IO[bytes], h: hashlib._Hash) -> int:
+    data = f.read(CHUNK)
+    h.update(data)
+    return len(data)
+
+
+class _Pace:
+    """Sleeps so that the bytes read over a pass stay under ``rate`` per second."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.start = trio.current_time()
+        self.done = 0
+
+    async def wait(self, n: int) -> None:
+        self.done += n
+        ahead = self.done / self.rate - (trio.current_time() - self.start)
+        if ahead > 0:
+            await trio.sleep(ahead)
