@@ -522,9 +522,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         def on_progress(done: int, total: int | None) -> None:
             bar.update(task, completed=done, total=total)
 
-        def on_note(text: str) -> None:  # retries, resumes, restarts: above the bar
-            bar.console.print(f"{args.name}: {text}", markup=False, highlight=False,
-                              soft_wrap=True)
+        def on_note(text: str) -> None:
+            # Retries, resumes, a restart from byte 0: above the bar, for the person
+            # watching it (so it never jumps back silently); a script gets one error line.
+            if not bar.disable:
+                bar.console.print(f"{args.name}: {text}", markup=False, highlight=False,
+                                  soft_wrap=True)
 
         outcome = _run_refresh(cache, args.name, on_progress, on_note)
     if outcome.error:

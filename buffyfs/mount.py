@@ -119,7 +119,11 @@ class Collector:
         return gc.sweep_orphans(self.cache.index, self.cache.blobs)
 
     def sweep_partials(self) -> list[str]:
-        return gc.sweep_partials(self.cache.index, self.cache.blobs, partial_key)
+        try:
+            return gc.sweep_partials(self.cache.index, self.cache.blobs, partial_key)
+        except OSError as e:
+            log.error("sweeping partial files failed: %s", e)
+            return []
 
     def answer_request(self) -> None:
         """Run a collection ``buffyfs gc`` asked for, and leave the report for it."""

@@ -64,7 +64,7 @@ def backoff(attempt: int, retry_after: float | None = None) -> float:
 def _retry_wording(delay: float, retry_after: float | None) -> str:
     """When the next attempt comes, as the error message ends."""
     if retry_after is None or delay > retry_after + 1:
-        return f"retrying in {delay:.0f} s"
+        return f"retrying in {delay:.1f} s" if delay < 10 else f"retrying in {delay:.0f} s"
     capped = f", capped at {RETRY_AFTER_CAP:.0f} s" if retry_after > RETRY_AFTER_CAP else ""
     return f"retrying after Retry-After: {retry_after:.0f} s{capped}"
 
@@ -166,9 +166,12 @@ class Refresher:
             self.reserved.pop(name, None)  # committed bytes count as blobs from now on
             with self.index.read() as r:  # no await here: runs even when cancelled
                 exists = r.source(name) is not None
-                stuck = exists and r.state(name).get("state") != "idle"
-            if stuck:  # interrupted (cancelled, killed by a signal...): not fetching
-                self.index.set_state(name, state="idle", progress=None)
+                state = r.state(name) if exists else {}
+            done = {k: None for k in ("attempt", "queued") if state.get(k) is not None}
+            if exists and state.get("state") != "idle":  # interrupted (cancelled, killed
+                done.update(state="idle", progress=None)  # by a signal...): not fetching
+            if done:
+                self.index.set_state(name, **done)
             if not exists:  # removed meanwhile (the mount cancelled us): drop its partial
                 self.blobs.partial_path(name).unlink(missing_ok=True)
             lock.release()
@@ -216,7 +219,7 @@ class Refresher:
             if start < reached[0]:  # the bar goes back: say why
                 why = "the origin answered the resume with the whole body (it changed, " \
                     "or ignores ranges)" if asked[0] is not None else \
-                    "the interrupted body could not be resumed"
+                    "the origin cannot resume it (no Accept-Ranges, or no validator to guard a range)"
                 say(logging.WARNING, f"starting over from byte {start} ({reached[0]} bytes "
                     f"were in hand): {why}")
                 reached[0] = start
@@ -281,8 +284,9 @@ class Refresher:
             return await self._commit(name, source, result, started)
         if resume is None:
             partial.unlink(missing_ok=True)
-        elif on_note:
-            on_note(f"keeping the {resume.offset} bytes in hand: the next refresh resumes")
+        else:
+            say(logging.INFO, f"keeping the {resume.offset} bytes in hand: the next refresh "
+                "resumes there")
         failures = self.index.record_failure(name, now_utc(), error)
         self._set_state(name, "idle", queued=None)
         self._count("failed")
@@ -325,15 +329,17 @@ class Refresher:
         take, and hold it; or fail the attempt (not retryable, the partial dropped)."""
         if self.make_room is None:
             return
-        others = sum(n for source, n in self.reserved.items() if source != name)
-        others += self._other_partials(name)
+        running = sum(n for source, n in self.reserved.items() if source != name)
+        kept = self._other_partials(name)
         try:
-            self.make_room(need + others)
+            self.make_room(need + running + kept)
         except CacheFull as e:
-            held = f" ({others} bytes of it held by other downloads and partial files)" \
-                if others else ""
-            raise downloader.AttemptError(f"{e}{held}", retryable=False, restart=True) \
-                from None
+            held = [f"{running} bytes of it held by other downloads under way"] if running \
+                else []
+            held += [f"{kept} bytes by partial files kept to be resumed"] if kept else []
+            raise downloader.AttemptError(
+                f"{e} ({', '.join(held)})" if held else str(e), retryable=False, restart=True
+            ) from None
         self.reserved[name] = need
 
     def _grow(self, name: str, size: int) -> int:
