@@ -27,8 +27,8 @@ import contextlib
 import ctypes
 import email.utils
 import hashlib
-import os
 import math
+import os
 import re
 from collections import deque
 from collections.abc import Callable

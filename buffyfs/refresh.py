@@ -218,8 +218,9 @@ class Refresher:
         def body_starts(start: int, total: int | None, point: downloader.Resume | None) -> None:
             if start < reached[0]:  # the bar goes back: say why
                 why = "the origin answered the resume with the whole body (it changed, " \
-                    "or ignores ranges)" if asked[0] is not None else \
-                    "the origin cannot resume it (no Accept-Ranges, or no validator to guard a range)"
+                    "or ignores ranges)" if asked[0] is not None else "the last attempt " \
+                    "left nothing to resume (the origin gives no Accept-Ranges or no " \
+                    "validator, or refused the range)"
                 say(logging.WARNING, f"starting over from byte {start} ({reached[0]} bytes "
                     f"were in hand): {why}")
                 reached[0] = start
