@@ -104,6 +104,7 @@ class Cache:
         if lock.try_acquire():
             try:
                 self.blobs.partial_path(name).unlink(missing_ok=True)
+                self.blobs.lock_path(name).unlink(missing_ok=True)  # a new one comes if needed
             finally:
                 lock.release()
 

@@ -194,6 +194,30 @@ def test_gc_sweeps_partials_no_download_owns(origin, cli, mnt):
     assert "partial/ghost.part" in done.stdout
 
 
+def test_sweep_partials_keeps_only_what_a_source_will_resume(tmp_path):
+    from buffyfs import gc
+    from buffyfs.cache import Cache
+    from buffyfs.refresh import partial_key
+
+    cache = Cache(tmp_path / "c")
+    try:
+        for name in ("keep", "moved"):
+            cache.add_source(name, f"http://127.0.0.1:9/{name}", {})
+            source = cache.index.get_source(name)
+            cache.index.set_state(name, partial={"key": partial_key(source), "etag": '"e"',
+                                                 "last_modified": None})
+        for name in ("keep", "moved", "gone"):
+            cache.blobs.partial_path(name).write_bytes(b"p")
+        cache.blobs.lock_path("gone").write_bytes(b"")
+        cache.set_options("moved", {"url": "http://127.0.0.1:9/elsewhere"})
+        removed = gc.sweep_partials(cache.index, cache.blobs, partial_key)
+        assert sorted(removed) == ["partial/gone.part", "partial/moved.part"]
+        assert cache.blobs.partial_path("keep").exists()
+        assert not cache.blobs.lock_path("gone").exists()
+    finally:
+        cache.close()
+
+
 # --- item 6: slow origins lose their slot ------------------------------------------------
 
 
