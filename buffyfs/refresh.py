@@ -224,6 +224,7 @@ class Refresher:
                 say(logging.WARNING, f"starting over from byte {start} ({reached[0]} bytes "
                     f"were in hand): {why}")
                 reached[0] = start
+            self.progress[name] = (start, total)  # bytes counted from here on
             # The whole file counts against the quota, the bytes kept from before too.
             if total is not None:
                 self._reserve(name, total)
