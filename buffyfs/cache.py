@@ -21,7 +21,7 @@ from typing import Any
 import platformdirs
 
 from buffyfs import status
-from buffyfs.blobs import BlobStore
+from buffyfs.blobs import BlobStore, SourceLock
 from buffyfs.errors import CacheError, NotFound
 from buffyfs.index import Index
 from buffyfs.options import check_name, check_tag, check_url, normalize_options
@@ -106,8 +106,17 @@ class Cache:
         return added, changed, removed
 
     def remove_source(self, name: str) -> None:
+        """Unregister ``name`` and drop its partial download; one under way (its lock
+        held) is cancelled by the mount, which drops the partial as it stops."""
         check_name(name)
         self.index.remove_source(name)
+        lock = SourceLock(self.blobs.lock_path(name))
+        if lock.try_acquire():
+            try:
+                self.blobs.partial_path(name).unlink(missing_ok=True)
+                self.blobs.lock_path(name).unlink(missing_ok=True)  # a new one comes if needed
+            finally:
+                lock.release()
 
     def set_options(self, name: str, raw_options: dict[str, Any]) -> None:
         """Change options (``url`` included) of an existing source."""

@@ -26,6 +26,11 @@ SOURCE_OPTIONS = {
                "6h, 1d (default 1d)",
     "attempt_timeout": "connect/stall timeout of one attempt (default 30s)",
     "max_attempts": "attempts per refresh (default 5)",
+    "min_speed": "an attempt whose body moves fewer bytes a second than this (K, M: "
+                 "1024-based; 0: no limit) for --min-speed-time fails and is retried "
+                 "(default 1K)",
+    "min_speed_time": "how long a body may stay below --min-speed (default 60s)",
+    "attempt_max_time": "the longest one attempt may take in all (default 6h)",
     "keep_versions": "versions kept besides latest, newest valid and keep (default 5)",
     "open_wait": "with --refresh on-open: how long an open waits for the check (default 5s)",
     "retry_backoff": "first wait before retrying a failed refresh, doubled per failure in a "
@@ -37,6 +42,8 @@ SOURCE_OPTIONS = {
 }
 OPTION_METAVARS = {"refresh": "POLICY", "attempt_timeout": "DURATION", "open_wait": "DURATION",
                    "retry_backoff": "DURATION",
+                   "min_speed": "SIZE", "min_speed_time": "DURATION",
+                   "attempt_max_time": "DURATION",
                    "max_attempts": "N", "keep_versions": "N", "proxy": "URL",
                    "method": "METHOD", "body": "TEXT"}
 
@@ -612,7 +619,14 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         def on_progress(done: int, total: int | None) -> None:
             bar.update(task, completed=done, total=total)
 
-        outcome = _run_refresh(cache, args.name, on_progress)
+        def on_note(text: str) -> None:
+            # Retries, resumes, a restart from byte 0: above the bar, for the person
+            # watching it (so it never jumps back silently); a script gets one error line.
+            if not bar.disable:
+                bar.console.print(f"{args.name}: {text}", markup=False, highlight=False,
+                                  soft_wrap=True)
+
+        outcome = _run_refresh(cache, args.name, on_progress, on_note)
     if outcome.error:
         raise FetchError(f"{args.name}: {outcome.error}")
     if outcome.version:
@@ -643,7 +657,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_refresh(cache: Any, name: str, on_progress: Any) -> Any:
+def _run_refresh(cache: Any, name: str, on_progress: Any, on_note: Any = None) -> Any:
     import trio
 
     from buffyfs import downloader
@@ -653,7 +667,7 @@ def _run_refresh(cache: Any, name: str, on_progress: Any) -> Any:
         async with downloader.new_client() as client:
             refresher = Refresher(cache.index, cache.blobs, client,
                                   make_room=_room_maker(cache))
-            return await refresher.refresh(name, on_progress)
+            return await refresher.refresh(name, on_progress, on_note)
 
     return trio.run(go)
 
@@ -682,7 +696,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         found = gc.collect_now(cache.index, cache.blobs, set(), 0, cache.max_cache_size(),
                                args.dry_run)
         if not args.dry_run:
+            from buffyfs.refresh import partial_key
+
             found.orphans = gc.sweep_orphans(cache.index, cache.blobs) or []
+            found.orphans += gc.sweep_partials(cache.index, cache.blobs, partial_key)
         report = report_json(found)
     verb = "would free" if args.dry_run else "freed"
     per_source: dict[str, int] = {}

@@ -9,15 +9,28 @@ and hashing use both cores). The worker also starts the disk writeback of each b
 We ask for the identity encoding (``Accept-Encoding: identity``): the cache keeps
 the bytes of the resource itself, ``Content-Length`` then checks the stored bytes,
 and ranges (for resuming) refer to the same bytes.
+
+An attempt ends in a result or an ``AttemptError``, which says what becomes of the
+partial file: ``resume`` (continue from there), ``restart`` (worthless: start over),
+or neither (untouched: whatever resume point the caller had still holds — a
+connection refused, a timeout before the body, an error status).
+
+No attempt holds its download slot forever: besides ``attempt_timeout`` (connect, and
+silence between bytes), a body slower than ``min_speed`` bytes/s over ``min_speed_time``
+(like curl's --speed-limit/--speed-time) and an attempt longer than ``max_time`` fail
+as retryable, keeping their resume point.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import email.utils
 import hashlib
+import math
 import os
 import re
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +45,7 @@ from buffyfs.safeio import open_file
 
 BATCH = 1 << 20
 QUEUE = 4
+WATCH_EVERY = 0.5  # seconds between two looks at an attempt's speed and deadline
 
 
 @dataclass
@@ -43,6 +57,9 @@ class Request:
     etag: str | None = None  # validators of the newest version, for a conditional GET
     last_modified: str | None = None
     attempt_timeout: float = 30.0
+    min_speed: int = 0  # bytes/s a body must keep up over min_speed_time (0: no limit)
+    min_speed_time: float = 60.0
+    max_time: float | None = None  # seconds one attempt may take in all
 
     def secrets(self) -> list[str]:
         """Strings that must never be shown: header values and URL credentials."""
@@ -84,14 +101,17 @@ class NotModified:
 class AttemptError(FetchError):
     """A failed attempt; ``retryable`` says whether another attempt may succeed,
     ``retry_after`` is the origin's Retry-After in seconds, ``resume`` where a later
-    attempt may continue the body."""
+    attempt may continue the body, ``restart`` that the partial file is worthless
+    (a changed validator, a refused range, an origin that cannot resume, no room).
+    With neither, the partial file is as the attempt found it."""
 
     def __init__(self, message: str, retryable: bool, retry_after: float | None = None,
-                 resume: Resume | None = None) -> None:
+                 resume: Resume | None = None, restart: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
         self.resume = resume
+        self.restart = restart
 
 
 class TooLong(AttemptError):
@@ -131,40 +151,52 @@ async def download(
     partial: Path,
     on_progress: Callable[[int, int | None], None] | None = None,
     resume: Resume | None = None,
-    on_body: Callable[[Resume | None, int | None], None] | None = None,
+    on_body: Callable[[int, int | None, Resume | None], None] | None = None,
+    grow: Callable[[int], int] | None = None,
 ) -> Downloaded | NotModified:
     """Make one attempt, continuing ``partial`` from ``resume`` when the origin agrees.
 
-    Raises AttemptError with a message a person understands; after an interrupted
-    body its ``resume`` says where the next attempt may continue. ``on_body`` hears,
-    as the body starts, how it could be resumed (None: it could not), so that the
-    caller can record it before anything can interrupt it.
+    Raises AttemptError with a message a person understands (see its docstring for
+    what becomes of the partial file). ``on_body(start, total, point)`` hears, as the
+    body starts, where it starts in the file, the file's whole size if known, and how
+    it could be resumed (None: it could not), so that the caller can record it before
+    anything can interrupt it (and refuse it by raising AttemptError). ``grow(size)``
+    is asked before the file grows past what it granted last; it returns the size now
+    granted (at least ``size``) or raises AttemptError (no room).
     """
     if resume is not None and (resume.offset <= 0 or not resume.if_range()):
         resume = None
     timeout = httpx.Timeout(req.attempt_timeout)
-    body = Body(partial)
+    deadline = trio.current_time() + req.max_time if req.max_time else math.inf
+    body = Body(partial, req, deadline)
     try:
-        async with client.stream(
-            req.method, req.url, headers=_request_headers(req, resume),
-            content=req.body.encode() if req.body is not None else None, timeout=timeout,
-        ) as response:
+        async with contextlib.AsyncExitStack() as stack:
+            response = None
+            with trio.move_on_at(deadline):
+                response = await stack.enter_async_context(client.stream(
+                    req.method, req.url, headers=_request_headers(req, resume),
+                    content=req.body.encode() if req.body is not None else None,
+                    timeout=timeout,
+                ))
+            if response is None:
+                raise AttemptError(
+                    f"no answer within attempt_max_time ({seconds(req.max_time or 0)})", True)
             if response.status_code == 304 and resume is None:
                 return NotModified()
             start, total = _accept(response, resume)
             if on_body:
-                on_body(_resume_point(response, max(start, 1)),
-                        None if total is None else total - start)
+                on_body(start, total, _resume_point(response, max(start, 1)))
             await body.open(start)
             try:
-                await body.receive(response, total, on_progress)
+                await body.receive(response, total, on_progress, grow)
             except (httpx.HTTPError, AttemptError) as e:
                 raise _interrupted(e, req, response, body) from None
             size = body.size
             if total is not None and size != total:
+                point = _resume_point(response, body.size)
                 raise AttemptError(
                     f"body shorter than Content-Length: got {size} of {total} bytes", True,
-                    resume=_resume_point(response, body.size),
+                    resume=point, restart=point is None,
                 )
             return Downloaded(
                 sha256=body.hexdigest(), size=size,
@@ -175,7 +207,7 @@ async def download(
             )
     except AttemptError as e:
         raise AttemptError(scrub(str(e), req.secrets()), e.retryable, e.retry_after,
-                           e.resume) from None
+                           e.resume, e.restart) from None
     except httpx.HTTPError as e:
         raise AttemptError(scrub(describe_http_error(e, req), req.secrets()), True) from None
     except OSError as e:
@@ -193,14 +225,16 @@ def _accept(response: httpx.Response, resume: Resume | None) -> tuple[int, int |
         if not m or int(m.group(1)) != resume.offset:
             raise AttemptError(
                 f"origin answered the resume at byte {resume.offset} with Content-Range "
-                f"{response.headers.get('Content-Range')!r}; starting over", True)
+                f"{response.headers.get('Content-Range')!r}; starting over", True, restart=True)
         total = None if m.group(3) == "*" else int(m.group(3))
         piece = _content_length(response)
         if piece is not None and piece != int(m.group(2)) - int(m.group(1)) + 1:
-            raise AttemptError("Content-Length does not match Content-Range; starting over", True)
+            raise AttemptError("Content-Length does not match Content-Range; starting over",
+                               True, restart=True)
         return resume.offset, total
     if code == 416 and resume is not None:
-        raise AttemptError("origin refused the resume range (416); starting over", True)
+        raise AttemptError("origin refused the resume range (416); starting over", True,
+                           restart=True)
     if code != 200:
         raise _status_error(response)
     return 0, _content_length(response)  # a 200 to a resume: the origin sent it all again
@@ -218,13 +252,14 @@ def _resume_point(response: httpx.Response, size: int) -> Resume | None:
 
 
 def _interrupted(e: Exception, req: Request, response: httpx.Response, body: Body) -> AttemptError:
-    if isinstance(e, TooLong):
-        return e  # the origin is inconsistent: start over, never resume
+    if isinstance(e, AttemptError) and e.restart:
+        return e  # no room, or an inconsistent origin: start over, never resume
     if isinstance(e, AttemptError):
         message, retryable = str(e), e.retryable
     else:
         message, retryable = describe_http_error(e, req), True
-    return AttemptError(message, retryable, resume=_resume_point(response, body.size))
+    point = _resume_point(response, body.size)
+    return AttemptError(message, retryable, resume=point, restart=point is None)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -256,6 +291,14 @@ def _status_error(response: httpx.Response) -> AttemptError:
     reason = response.reason_phrase or ""
     retryable = code >= 500 or code in (408, 429)
     return AttemptError(f"HTTP {code} {reason}".strip(), retryable, _retry_after(response))
+
+
+def seconds(value: float) -> str:
+    """A number of seconds as an option would spell it: 90 -> 90s, 7200 -> 2h."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f"{value / size:g}{unit}"
+    return f"{value:g}s"
 
 
 def describe_http_error(e: httpx.HTTPError, req: Request) -> str:
@@ -291,11 +334,16 @@ def scrub(message: str, secrets: list[str]) -> str:
 class Body:
     """The partial file being written, and the running hash of all its bytes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, req: Request | None = None, deadline: float = math.inf) -> None:
         self.path = path
         self.fd: int | None = None
         self.hasher = hashlib.sha256()
         self.size = 0
+        self.arrived = 0  # bytes of the file received so far (written or queued)
+        self.min_speed = req.min_speed if req else 0
+        self.min_speed_time = req.min_speed_time if req else 60.0
+        self.max_time = req.max_time if req else None
+        self.deadline = deadline
 
     async def open(self, start: int) -> None:
         """Keep the first ``start`` bytes of the file (hashing them again), drop the rest."""
@@ -308,8 +356,13 @@ class Body:
         self.size = start
 
     async def receive(self, response: httpx.Response, total: int | None,
-                      on_progress: Callable[[int, int | None], None] | None) -> None:
-        """Append the body; a worker thread writes and hashes while the loop receives."""
+                      on_progress: Callable[[int, int | None], None] | None,
+                      grow: Callable[[int], int] | None = None) -> None:
+        """Append the body; a worker thread writes and hashes while the loop receives.
+
+        A watchdog ends the receiving (as a retryable AttemptError, keeping what
+        arrived) when the body is too slow or the attempt's deadline has come.
+        """
         fd = self.fd
         assert fd is not None
         send, receive = trio.open_memory_channel[list[bytes]](QUEUE)
@@ -323,28 +376,41 @@ class Body:
                     crash.point("download-mid-body")  # a batch is in the file
 
         interrupted: Exception | None = None
+        stopped: list[str] = []  # why the watchdog ended the receiving
+        receiving, watching = trio.CancelScope(), trio.CancelScope()
+        self.arrived = self.size
+        granted = self.size if grow else math.inf
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(write_batches)
+                nursery.start_soon(self._watch, receiving, watching, stopped)
                 async with send:
                     pending: list[bytes] = []
                     pending_len = 0
-                    received = self.size
-                    try:
-                        async for chunk in response.aiter_raw():
-                            if total is not None and received + len(chunk) > total:
-                                raise TooLong(
-                                    f"body longer than Content-Length ({total} bytes)", True)
-                            pending.append(chunk)
-                            pending_len += len(chunk)
-                            received += len(chunk)
-                            if pending_len >= BATCH:
-                                await send.send(pending)
-                                pending, pending_len = [], 0
-                                if on_progress:
-                                    on_progress(received, total)
-                    except (httpx.HTTPError, AttemptError) as e:
-                        interrupted = e  # keep what arrived: a later attempt may resume
+                    with receiving:
+                        try:
+                            async for chunk in response.aiter_raw():
+                                after = self.arrived + len(chunk)
+                                if total is not None and after > total:
+                                    raise TooLong(
+                                        f"body longer than Content-Length ({total} bytes)",
+                                        True, restart=True)
+                                if after > granted:
+                                    assert grow is not None
+                                    granted = grow(after)  # or AttemptError: no room
+                                pending.append(chunk)
+                                pending_len += len(chunk)
+                                self.arrived = after
+                                if pending_len >= BATCH:
+                                    await send.send(pending)
+                                    pending, pending_len = [], 0
+                                    if on_progress:
+                                        on_progress(self.arrived, total)
+                        except (httpx.HTTPError, AttemptError) as e:
+                            interrupted = e  # keep what arrived: a later attempt may resume
+                    watching.cancel()
+                    if stopped:
+                        interrupted = AttemptError(stopped[0], True)
                     if pending:
                         await send.send(pending)
         except BaseExceptionGroup as group:  # trio wraps what the nursery raised
@@ -356,6 +422,36 @@ class Body:
             raise interrupted
         if on_progress:
             on_progress(self.size, total)
+
+    async def _watch(self, receiving: trio.CancelScope, watching: trio.CancelScope,
+                     stopped: list[str]) -> None:
+        """End ``receiving`` when the attempt's deadline has come, or when fewer than
+        ``min_speed`` bytes a second arrived over the last ``min_speed_time`` seconds."""
+        samples: deque[tuple[float, int]] = deque([(trio.current_time(), self.arrived)])
+        with watching:
+            while True:
+                await trio.sleep(WATCH_EVERY)
+                now = trio.current_time()
+                if now >= self.deadline:
+                    stopped.append(f"attempt took longer than attempt_max_time "
+                                   f"({seconds(self.max_time or 0)})")
+                    receiving.cancel()
+                    return
+                if not self.min_speed:
+                    continue
+                samples.append((now, self.arrived))
+                while len(samples) > 1 and samples[1][0] <= now - self.min_speed_time:
+                    samples.popleft()  # samples[0]: the newest at least min_speed_time ago
+                since, then = samples[0]
+                if now - since >= self.min_speed_time:
+                    rate = (self.arrived - then) / (now - since)
+                    if rate < self.min_speed:
+                        stopped.append(
+                            f"too slow: {rate:.0f} bytes/s over the last "
+                            f"{seconds(self.min_speed_time)}, below min_speed "
+                            f"({self.min_speed} bytes/s)")
+                        receiving.cancel()
+                        return
 
     def hexdigest(self) -> str:
         return self.hasher.hexdigest()
@@ -381,7 +477,7 @@ def _hash_prefix(fd: int, length: int, hasher: hashlib._Hash) -> None:
         block = os.pread(fd, min(BATCH, length - done), done)
         if not block:
             raise AttemptError("the partial download is shorter than recorded; starting over",
-                               True)
+                               True, restart=True)
         hasher.update(block)
         done += len(block)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,3 +263,39 @@ def _sweep_partials(blobs: BlobStore, names: set[str],
             blobs.lock_path(name).unlink(missing_ok=True)
     return removed
 
+
+def sweep_partials(index: Index, blobs: BlobStore,
+                   key_of: Callable[[dict[str, Any]], str]) -> list[str]:
+    """Remove the partial files no download owns and none will resume.
+
+    A partial file ``partial/NAME.part`` is kept while its download runs (someone holds
+    ``partial/NAME.lock``), and while source NAME exists with a saved resume point for
+    the request it would make now (``key_of(source)``, refresh.partial_key): a refresh
+    that failed keeps its partial so that the next one continues it. Anything else (a
+    removed source, no resume point, a URL or request changed since) is swept, and so
+    is the lock file of a removed source. Returns what it removed, relative to the
+    cache directory.
+    """
+    removed: list[str] = []
+    names = sorted({f.name.rsplit(".", 1)[0] for pattern in ("*.part", "*.lock")
+                    for f in blobs.partial_dir.glob(pattern) if not f.name.startswith(".")})
+    for name in names:
+        partial = blobs.partial_path(name)
+        lock = SourceLock(blobs.lock_path(name))
+        if not lock.try_acquire():
+            continue  # being downloaded right now
+        try:
+            with index.read() as r:  # read under the lock: no download starts meanwhile
+                source = r.source(name)
+                saved = r.state(name).get("partial") if source is not None else None
+            if (source is None or not saved or saved.get("key") != key_of(source)) \
+                    and (partial.exists() or partial.is_symlink()):
+                partial.unlink(missing_ok=True)
+                removed.append(str(partial.relative_to(blobs.root)))
+            if source is None:  # unlinked while held: a new download makes a new one
+                blobs.lock_path(name).unlink(missing_ok=True)
+        finally:
+            lock.release()
+    for path in removed:
+        log.info("removed %s: no download owns it or will resume it", path)
+    return removed

@@ -27,7 +27,10 @@ Named databases and their keys (all values JSON unless said otherwise):
                   version whose blob failed a check (see ``blobs``); ``latest`` skips it
 ``state``         NAME -> ``{"last_check", "last_success", "next_check",
                   "consecutive_failures", "last_error", "last_control_error",
-                  "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``)
+                  "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``),
+                  and while a refresh runs ``"attempt"`` (its number) and ``"queued"``
+                  (why it waits for a download slot); ``"partial"`` is the resume point
+                  of ``partial/NAME.part`` (``{"key", "etag", "last_modified"}``, refresh.py)
 ``inodes``        8-byte inode -> ``{"kind", "source"[, "id"]}``, kind one of
                   SourceInode's names or ``"version"``
 ``blobs``         SHA256 -> ``{"size", "refs"[, "damaged"]}``: how many versions (in

@@ -17,7 +17,7 @@ from buffyfs import __version__, downloader, gc
 from buffyfs.cache import Cache
 from buffyfs.errors import BuffyError, CacheError
 from buffyfs.fs import BuffyFS
-from buffyfs.refresh import Refresher
+from buffyfs.refresh import Refresher, partial_key
 from buffyfs.scheduler import Scheduler
 from buffyfs.scrub import Scrubber
 
@@ -114,11 +114,19 @@ class Collector:
             self.wake = trio.Event()
             try:
                 self.collect()
+                self.sweep_partials()
             except BuffyError as e:
                 log.error("collection failed: %s", e)
 
     def sweep(self) -> list[str] | None:
         return gc.sweep_orphans(self.cache.index, self.cache.blobs)
+
+    def sweep_partials(self) -> list[str]:
+        try:
+            return gc.sweep_partials(self.cache.index, self.cache.blobs, partial_key)
+        except OSError as e:
+            log.error("sweeping partial files failed: %s", e)
+            return []
 
     def answer_request(self) -> None:
         """Run a collection ``buffyfs gc`` asked for, and leave the report for it."""
@@ -129,6 +137,8 @@ class Collector:
             return
         try:
             report = self.collect(dry_run=request["dry_run"])
+            if not request["dry_run"]:
+                report.orphans += self.sweep_partials()
             result = {"id": request["id"], "report": report_json(report), "error": None}
         except BuffyError as e:
             result = {"id": request["id"], "report": None, "error": str(e)}

@@ -28,6 +28,12 @@ _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 DEFAULT_OPTIONS: dict[str, Any] = {
     "refresh": "1d",
     "attempt_timeout": "30s",
+    # ours, not SPEC's: an attempt whose body moves fewer than min_speed bytes a second
+    # over min_speed_time (curl's --speed-limit/--speed-time), or that takes longer than
+    # attempt_max_time in all, fails (retryable, keeping its resume point)
+    "min_speed": "1K",
+    "min_speed_time": "60s",
+    "attempt_max_time": "6h",
     "max_attempts": 5,
     "keep_versions": 5,
     "method": "GET",
@@ -279,8 +285,11 @@ def _check_validate(value: Any) -> dict[str, Any]:
 def _check_option(key: str, value: Any) -> Any:
     if key == "refresh":
         return check_refresh(value)
-    if key == "attempt_timeout":
+    if key in ("attempt_timeout", "min_speed_time", "attempt_max_time"):
         parse_duration(value, key)
+        return value
+    if key == "min_speed":
+        parse_size(value, key)  # bytes a second; 0: no low-speed limit
         return value
     if key == "max_attempts":
         return _positive_int(value, key, 1)

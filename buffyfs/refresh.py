@@ -5,6 +5,18 @@ exponential backoff and jitter between retryable failures, then commits the
 result: a new version, or only a recorded check (304, or the same bytes as the
 newest version). It holds the source's lock (blobs.SourceLock) throughout, so the
 mount and the command line never download the same source at once.
+
+What a failed attempt leaves: the partial file and its resume point (saved in the
+source's state as ``partial``, so a later refresh or a restarted daemon continues it)
+survive every failure except those that make it worthless (downloader.AttemptError
+``restart``: a changed validator, a refused range, an origin that cannot resume, no
+room under the quota). While the attempts run, the state shows the attempt number,
+the last attempt's error, when the next attempt is due, and whether the source is
+queued for a download slot.
+
+The quota (``make_room``) bounds what downloads write, partial files included: a
+body is granted room as it arrives (all of it at once when its length is known),
+and one that does not fit fails with ``cache full``, not retried.
 """
 
 from __future__ import annotations
@@ -13,8 +25,11 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -26,7 +41,7 @@ from buffyfs.errors import FetchError, NotFound
 from buffyfs.gc import CacheFull, CommitLock
 from buffyfs.index import Index, now_utc, rfc3339
 from buffyfs.metrics import Metrics
-from buffyfs.options import parse_duration, redact_url
+from buffyfs.options import DEFAULT_OPTIONS, parse_duration, parse_size, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +49,7 @@ PROGRESS_EVERY = 1.0  # seconds between progress writes to the index
 LOCK_POLL = 0.2
 BACKOFF_CAP = 60.0  # seconds: the longest wait of our own between attempts
 RETRY_AFTER_CAP = 600.0  # seconds: the longest Retry-After we honour
+GROW_STEP = 16 << 20  # bytes: the least room a body of unknown length is granted at a time
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:
@@ -45,10 +61,42 @@ def backoff(attempt: int, retry_after: float | None = None) -> float:
     return delay
 
 
+def _retry_wording(delay: float, retry_after: float | None) -> str:
+    """When the next attempt comes, as the error message ends."""
+    if retry_after is None or delay > retry_after + 1:
+        return f"retrying in {delay:.1f} s" if delay < 10 else f"retrying in {delay:.0f} s"
+    capped = f", capped at {RETRY_AFTER_CAP:.0f} s" if retry_after > RETRY_AFTER_CAP else ""
+    return f"retrying after Retry-After: {retry_after:.0f} s{capped}"
+
+
 def _request_key(req: downloader.Request) -> str:
     """Identifies the request a partial body belongs to (secrets only as a hash)."""
     raw = json.dumps([req.url, req.method, req.body, sorted(req.headers.items())])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def request_for(source: dict[str, Any], newest: dict[str, Any] | None = None
+                ) -> downloader.Request:
+    """The request a refresh of ``source`` makes (conditional on ``newest``'s validators)."""
+    options = {**DEFAULT_OPTIONS, **source["options"]}  # stored before an option existed
+    url = source["url"]
+    if any(k.lower() == "authorization" for k in options["headers"]):
+        url = str(httpx.URL(url).copy_with(username=None, password=None))  # header wins
+    return downloader.Request(
+        url=url, method=options["method"], body=options["body"],
+        headers=options["headers"],
+        etag=newest.get("etag") if newest else None,
+        last_modified=newest.get("last_modified") if newest else None,
+        attempt_timeout=float(parse_duration(options["attempt_timeout"])),
+        min_speed=parse_size(options["min_speed"]),
+        min_speed_time=float(parse_duration(options["min_speed_time"])),
+        max_time=float(parse_duration(options["attempt_max_time"])),
+    )
+
+
+def partial_key(source: dict[str, Any]) -> str:
+    """The key a saved partial of ``source`` must carry to be resumed (gc sweeps others)."""
+    return _request_key(request_for(source))
 
 
 @dataclass
@@ -102,24 +150,35 @@ class Refresher:
         return self.host_limits[host]
 
     async def refresh(
-        self, name: str, on_progress: Callable[[int, int | None], None] | None = None
+        self, name: str, on_progress: Callable[[int, int | None], None] | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> Outcome:
+        """Refresh ``name`` now. ``on_progress(bytes, total)`` follows the body;
+        ``on_note(text)`` hears what a person watching should know (retries, resumes,
+        a restart from byte 0, a wait for a download slot)."""
         lock = SourceLock(self.blobs.lock_path(name))
         while not lock.try_acquire():  # noqa: ASYNC110 (held by another process)
             await trio.sleep(LOCK_POLL)
         try:
-            return await self._refresh_locked(name, on_progress)
+            return await self._refresh_locked(name, on_progress, on_note)
         finally:
-            lock.release()
             self.progress.pop(name, None)
             self.reserved.pop(name, None)  # committed bytes count as blobs from now on
             with self.index.read() as r:  # no await here: runs even when cancelled
-                stuck = r.state(name).get("state") != "idle" and r.source(name)
-            if stuck:  # interrupted (cancelled, killed by a signal...): not fetching
-                self.index.set_state(name, state="idle", progress=None)
+                exists = r.source(name) is not None
+                state = r.state(name) if exists else {}
+            done = {k: None for k in ("attempt", "queued") if state.get(k) is not None}
+            if exists and state.get("state") != "idle":  # interrupted (cancelled, killed
+                done.update(state="idle", progress=None)  # by a signal...): not fetching
+            if done:
+                self.index.set_state(name, **done)
+            if not exists:  # removed meanwhile (the mount cancelled us): drop its partial
+                self.blobs.partial_path(name).unlink(missing_ok=True)
+            lock.release()
 
     async def _refresh_locked(
-        self, name: str, on_progress: Callable[[int, int | None], None] | None
+        self, name: str, on_progress: Callable[[int, int | None], None] | None,
+        on_note: Callable[[str], None] | None = None,
     ) -> Outcome:
         try:
             source = self.index.get_source(name)
@@ -133,22 +192,21 @@ class Refresher:
             newest = None  # validators of another URL say nothing about this one
         if newest and newest.get("damaged"):
             newest = None  # its blob is damaged (scrub.py): a 304 would not repair it
-        url = source["url"]
-        if any(k.lower() == "authorization" for k in options["headers"]):
-            url = str(httpx.URL(url).copy_with(username=None, password=None))  # header wins
-        req = downloader.Request(
-            url=url, method=options["method"], body=options["body"],
-            headers=options["headers"],
-            etag=newest.get("etag") if newest else None,
-            last_modified=newest.get("last_modified") if newest else None,
-            attempt_timeout=float(parse_duration(options["attempt_timeout"])),
-        )
+        req = request_for(source, newest)
         partial = self.blobs.partial_path(name)
         key = _request_key(req)
         resume = self._saved_resume(name, key)
         last_write = [0.0]
+        reached = [0]  # the most bytes of the body in hand during this refresh
+        asked = [resume]  # the resume point the attempt under way asked for
+
+        def say(level: int, text: str) -> None:
+            log.log(level, "%s: %s", name, text)
+            if on_note:
+                on_note(text)
 
         def progress(done: int, total: int | None) -> None:
+            reached[0] = max(reached[0], done)
             if self.metrics:
                 before = self.progress.get(name, (0, None))[0]
                 self.metrics.bytes_downloaded.inc(max(0, done - before))
@@ -159,9 +217,21 @@ class Refresher:
                 last_write[0] = trio.current_time()
                 self.index.set_state(name, progress={"bytes": done, "total": total})
 
-        def body_starts(point: downloader.Resume | None, remaining: int | None) -> None:
-            if remaining is not None:
-                self._reserve(name, remaining)
+        def body_starts(start: int, total: int | None, point: downloader.Resume | None) -> None:
+            if start < reached[0]:  # the bar goes back: say why
+                why = "the origin answered the resume with the whole body (it changed, " \
+                    "or ignores ranges)" if asked[0] is not None else "the last attempt " \
+                    "left nothing to resume (the origin gives no Accept-Ranges or no " \
+                    "validator, or refused the range)"
+                say(logging.WARNING, f"starting over from byte {start} ({reached[0]} bytes "
+                    f"were in hand): {why}")
+                reached[0] = start
+            self.progress[name] = (start, total)  # bytes counted from here on
+            # The whole file counts against the quota, the bytes kept from before too.
+            if total is not None:
+                self._reserve(name, total)
+            else:
+                self._grow(name, start)
             # Recorded before any byte is written: a daemon killed mid-body resumes.
             saved = None if point is None else \
                 {"key": key, "etag": point.etag, "last_modified": point.last_modified}
@@ -170,32 +240,45 @@ class Refresher:
         max_attempts = options["max_attempts"]
         error = "no attempt made"
         for attempt in range(1, max_attempts + 1):
+            label = f"attempt {attempt}/{max_attempts}"
             if attempt > 1 and self.metrics:
                 self.metrics.retries.inc()
             self.progress.pop(name, None)
-            self._set_state(name, "fetching", progress={"bytes": 0, "total": None})
+            self._set_state(name, "fetching", progress=None, attempt=attempt, queued=None)
             started = now_utc()
+            resume = asked[0] = self._on_disk(name, resume)
             try:
-                async with self.global_limit, self._host_limit(req.url):
+                async with self._slot(name, req.url, say):
+                    offset = resume.offset if resume is not None else 0
+                    self.index.set_state(name, progress={"bytes": offset, "total": None})
                     if resume is not None:
-                        log.info("%s: resuming at byte %d", name, resume.offset)
+                        say(logging.INFO, f"{label}: resuming at byte {resume.offset}")
                     result = await downloader.download(
-                        self.client_for(options), req, partial, progress, resume, body_starts
+                        self.client_for(options), req, partial, progress, resume, body_starts,
+                        lambda size: self._grow(name, size),
                     )
             except downloader.AttemptError as e:
                 self.reserved.pop(name, None)  # no quota held while waiting to retry
-                error = str(e)
-                resume = e.resume
-                if resume is None:
+                error = f"{label}: {e}"
+                if e.resume is not None:
+                    resume = e.resume
+                elif e.restart:  # worthless now: the next attempt starts over
+                    resume = None
                     self.index.set_state(name, partial=None)
-                log.warning(
-                    "%s: attempt %d/%d failed: %s (%s)", name, attempt, max_attempts, error,
-                    redact_url(req.url),
-                )
+                    partial.unlink(missing_ok=True)
+                # else: the partial is as it was, and so is where to continue it
                 if not e.retryable or attempt == max_attempts:
+                    log.warning("%s: %s (%s)", name, error, redact_url(req.url))
                     break
                 delay = backoff(attempt, e.retry_after)
-                self._set_state(name, "waiting", progress=None)
+                error += "; " + _retry_wording(delay, e.retry_after)
+                say(logging.WARNING, error)
+                now = now_utc()
+                self._set_state(
+                    name, "waiting", progress=None, attempt=attempt + 1, queued=None,
+                    last_error={"at": rfc3339(now), "message": error},
+                    next_check=rfc3339(now + timedelta(seconds=round(delay))),
+                )
                 self.wakes[name] = wake = trio.Event()
                 with trio.move_on_after(delay):
                     await wake.wait()  # or until asked to try now (`refresh`)
@@ -205,28 +288,105 @@ class Refresher:
             return await self._commit(name, source, result, started)
         if resume is None:
             partial.unlink(missing_ok=True)
+        else:
+            say(logging.INFO, f"keeping the {resume.offset} bytes in hand: the next refresh "
+                "resumes there")
         failures = self.index.record_failure(name, now_utc(), error)
-        self._set_state(name, "idle")
+        self._set_state(name, "idle", queued=None)
         self._count("failed")
         log.error("%s: refresh gave up (%d in a row): %s", name, failures, error)
         return Outcome(error=error)
+
+    @asynccontextmanager
+    async def _slot(self, name: str, url: str,
+                    say: Callable[[int, str], None]) -> AsyncIterator[None]:
+        """Hold a download slot of the source's host, then one of all downloads (in that
+        order: a source waiting for its host holds no slot another host could use).
+        While it waits, the source shows ``fetching`` with ``queued`` saying why."""
+        host = httpx.URL(url).host
+        held: list[trio.CapacityLimiter] = []
+        try:
+            for limit, what in ((self._host_limit(url), f"max_downloads_per_host for {host}"),
+                                (self.global_limit, "max_downloads")):
+                try:
+                    limit.acquire_nowait()
+                except trio.WouldBlock:
+                    why = f"waiting for a download slot: {limit.borrowed_tokens} of " \
+                        f"{what} ({limit.total_tokens:g}) in use"
+                    self.index.set_state(name, queued=why)
+                    say(logging.INFO, f"queued, {why}")
+                    await limit.acquire()
+                held.append(limit)
+            self.index.set_state(name, queued=None)
+            yield
+        finally:
+            for limit in reversed(held):
+                limit.release()
 
     def _count(self, result: str) -> None:
         if self.metrics:
             self.metrics.downloads.labels(result=result).inc()
 
     def _reserve(self, name: str, need: int) -> None:
-        """Make room under the quota for ``need`` more bytes of ``name`` besides what the
-        other downloads under way hold, and hold it; or fail the attempt."""
+        """Make room under the quota for a partial file of ``need`` bytes for ``name``
+        besides what the other downloads under way hold and the other partial files
+        take, and hold it; or fail the attempt (not retryable, the partial dropped)."""
         if self.make_room is None:
             return
-        others = sum(n for source, n in self.reserved.items() if source != name)
+        running = sum(n for source, n in self.reserved.items() if source != name)
+        kept = self._other_partials(name)
         try:
-            self.make_room(need + others)
+            self.make_room(need + running + kept)
         except CacheFull as e:
-            held = f" ({others} bytes of it held by other downloads under way)" if others else ""
-            raise downloader.AttemptError(f"{e}{held}", retryable=False) from None
+            held = [f"{running} bytes of it held by other downloads under way"] if running \
+                else []
+            held += [f"{kept} bytes by partial files kept to be resumed"] if kept else []
+            raise downloader.AttemptError(
+                f"{e} ({', '.join(held)})" if held else str(e), retryable=False, restart=True
+            ) from None
         self.reserved[name] = need
+
+    def _grow(self, name: str, size: int) -> int:
+        """Let the partial file of ``name`` grow to ``size`` bytes; returns the size
+        granted. Room is asked for ahead (an eighth more, at least GROW_STEP), less
+        when that does not fit, so that a long body asks the collector rarely."""
+        if self.make_room is None:
+            return sys.maxsize
+        granted = self.reserved.get(name, 0)
+        if size <= granted:
+            return granted
+        ahead = max(GROW_STEP, size // 8)
+        while True:
+            try:
+                self._reserve(name, size + ahead)
+                return size + ahead
+            except downloader.AttemptError:
+                if ahead == 0:
+                    raise
+                ahead = ahead // 4 if ahead > downloader.BATCH else 0
+
+    def _other_partials(self, name: str) -> int:
+        """Bytes of partial files on disk that no download of ours holds room for."""
+        total = 0
+        for f in self.blobs.partial_dir.glob("*.part"):
+            source = f.name[: -len(".part")]
+            if source != name and source not in self.reserved:
+                try:
+                    total += f.lstat().st_size
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def _on_disk(self, name: str, resume: downloader.Resume | None
+                 ) -> downloader.Resume | None:
+        """``resume`` at the partial file's real size (None when there is nothing)."""
+        try:
+            size = self.blobs.partial_path(name).stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if resume is None or size == 0:
+            return None
+        return downloader.Resume(size, resume.etag, resume.last_modified)
 
     def _saved_resume(self, name: str, key: str) -> downloader.Resume | None:
         """Where a download interrupted earlier (maybe by a restart) may continue."""
@@ -274,7 +434,7 @@ class Refresher:
             self._count("unchanged")
             log.info("%s: checked, content unchanged", name)
             return Outcome(checked=True)
-        if not self.blobs.exists(result.sha256):
+        if not self.blobs.exists(result.sha256) and self.reserved.get(name, 0) < result.size:
             try:
                 self._reserve(name, result.size)
             except downloader.AttemptError as e:

@@ -50,6 +50,10 @@ def source_status(
         "stale": bool(latest) and state.get("consecutive_failures", 0) > 0,
         "last_error": state.get("last_error"),
         "last_control_error": state.get("last_control_error"),
+        # ours: the attempt of the refresh under way (or next, while waiting), and why
+        # a fetching source has no bytes yet (it waits for a download slot)
+        "attempt": state.get("attempt") if run_state != "idle" else None,
+        "queued": state.get("queued") if run_state == "fetching" else None,
         "versions": [_version_entry(v) for v in versions],
         "options": public_options(src["options"]),  # ours: header values hidden
     }

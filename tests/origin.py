@@ -33,6 +33,7 @@ class Resource:
     # seconds between each twentieth of the body (a slow origin)
     chunk_delay: float = 0.0
     ranges: bool = True  # honour Range (guarded by If-Range); False: always send it all
+    chunked: bool = False  # no Content-Length: the body in chunked transfer encoding
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Origin:
         self.lock = threading.Lock()
         self.inflight = 0
         self.max_inflight = 0  # the most requests served at once
+        self.connections: set[socket.socket] = set()  # the open ones (``crash`` cuts them)
         origin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,7 +70,11 @@ class Origin:
             def do_HEAD(self) -> None:
                 origin._handle(self, "HEAD")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.handler = Handler
+        self._listen(0)
+
+    def _listen(self, port: int) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self.handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None  # resets are on purpose
         self.port = self.server.server_address[1]
@@ -114,11 +120,13 @@ class Origin:
         with self.lock:
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
+            self.connections.add(h.connection)
         try:
             self._serve(h, method)
         finally:
             with self.lock:
                 self.inflight -= 1
+                self.connections.discard(h.connection)
 
     def _serve(self, h: BaseHTTPRequestHandler, method: str) -> None:
         length = int(h.headers.get("Content-Length") or 0)
@@ -153,10 +161,13 @@ class Origin:
                 h.headers.get("If-Modified-Since") == res.last_modified:
             return self._simple(h, 304, b"")
         h.send_response(200)
-        h.send_header("Content-Length", str(len(body)))
+        if res.chunked:
+            h.send_header("Transfer-Encoding", "chunked")
+        else:
+            h.send_header("Content-Length", str(len(body)))
         self._validators(h, res)
         h.end_headers()
-        return self._send_body(h, res, body, failure, method)
+        return self._send_body(h, res, body, failure, method, res.chunked)
 
     @staticmethod
     def _range_start(h: BaseHTTPRequestHandler, res: Resource) -> int | None:
@@ -184,7 +195,7 @@ class Origin:
             h.send_header("Accept-Ranges", "bytes")
 
     def _send_body(self, h: BaseHTTPRequestHandler, res: Resource, body: bytes,
-                   failure: object, method: str) -> None:
+                   failure: object, method: str, chunked: bool = False) -> None:
         if method == "HEAD":
             return
         if failure == "reset":
@@ -206,12 +217,15 @@ class Origin:
             time.sleep(failure[1])
             h.close_connection = True
             return
-        if res.chunk_delay:
+        if res.chunk_delay or chunked:
             step = max(1, len(body) // 20)
             for i in range(0, len(body), step):
-                h.wfile.write(body[i : i + step])
+                piece = body[i : i + step]
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                 h.wfile.flush()
                 time.sleep(res.chunk_delay)
+            if chunked:
+                h.wfile.write(b"0\r\n\r\n")
             return
         h.wfile.write(body)
 
@@ -225,3 +239,21 @@ class Origin:
         h.end_headers()
         if status != 304:
             h.wfile.write(body)
+
+    # --- an origin that goes down and comes back --------------------------------------
+
+    def crash(self) -> None:
+        """Go down at once: stop listening and cut every open connection mid-answer
+        (new connections are refused until ``revive``)."""
+        self.stop()
+        with self.lock:
+            for conn in list(self.connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def revive(self) -> None:
+        """Listen again, on the same port, with the same resources and request log."""
+        self._listen(self.port)
+        self.start()

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from buffyfs import downloader, refresh
 from buffyfs.blobs import BlobStore
@@ -529,3 +530,100 @@ def test_batches_are_written_in_order_and_hashed(tmp_path):
     expected = b"".join(b"".join(b) for b in batches)
     assert path.read_bytes() == expected
     assert hasher.hexdigest() == hashlib.sha256(expected).hexdigest()
+
+
+# --- issue 11: resume points, the quota, slow bodies -------------------------------------
+
+
+async def test_a_connection_error_keeps_the_resume_point(
+    origin: Origin, cache: Cache, fast_backoff: FakeRandom
+) -> None:
+    body = b"r" * (3 << 20)
+    res = origin.set("/cr", body, etag=True)
+    origin.fail("/cr", "reset", 503, 500)  # cut mid-body, then two attempts without a body
+    cache.add("cr", origin.url("/cr"), max_attempts=4)
+    out = await cache.refresher.refresh("cr")
+    assert out.version is not None and out.version["sha256"] == hashlib.sha256(body).hexdigest()
+    seen = origin.seen("/cr")
+    offset = seen[1].headers["Range"]
+    assert [header(s.headers, "Range") for s in seen[1:]] == [offset] * 3
+    assert header(seen[-1].headers, "If-Range") == res.etag
+
+
+async def test_a_refused_resume_starts_over_and_says_so(
+    origin: Origin, cache: Cache, fast_backoff: FakeRandom
+) -> None:
+    body = b"s" * (3 << 20)
+    origin.set("/so", body, etag=True)
+    origin.fail("/so", "reset")
+    cache.add("so", origin.url("/so"), max_attempts=2)
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        if text.startswith("attempt 1/2"):  # between the attempts, the body changes:
+            origin.resources["/so"].etag = '"changed"'  # If-Range fails, a 200 comes
+
+    out = await cache.refresher.refresh("so", None, note)
+    assert out.version is not None
+    assert header(origin.seen("/so")[1].headers, "Range")
+    assert any("starting over from byte 0" in n for n in notes), notes
+    assert any(n.startswith("attempt 1/2: ") for n in notes), notes
+
+
+async def test_partial_files_count_against_the_quota(
+    origin: Origin, cache: Cache, fast_backoff: FakeRandom
+) -> None:
+    from buffyfs import gc
+
+    quota = 3 << 20
+    cache.refresher.make_room = lambda need: gc.collect_now(
+        cache.index, cache.blobs, set(), need, quota)
+    put(cache.blobs.partial_path("other"), b"x" * (2 << 20))  # kept for a later resume
+    origin.set("/q", b"q" * (2 << 20))
+    cache.add("q", origin.url("/q"), max_attempts=3)
+    out = await cache.refresher.refresh("q")
+    assert out.error and "cache full" in out.error and "partial files" in out.error
+    assert len(origin.seen("/q")) == 1  # not retried
+    assert not cache.blobs.partial_path("q").exists()
+
+
+async def test_a_slow_body_fails_as_retryable_keeping_its_resume_point(
+    origin: Origin, client, partial: Path
+) -> None:
+    res = origin.set("/sl", b"z" * 400_000, etag=True)
+    res.chunk_delay = 0.5  # 40 KB/s
+    req = Request(origin.url("/sl"), min_speed=100_000, min_speed_time=1.0)
+    with trio.fail_after(10), pytest.raises(AttemptError) as e:
+        await downloader.download(client, req, partial)
+    assert e.value.retryable and not e.value.restart
+    assert "too slow" in str(e.value)
+    assert e.value.resume is not None and e.value.resume.offset == len(contents(partial)) > 0
+
+
+async def test_a_source_waiting_for_its_host_holds_no_slot_of_another_host(
+    cache: Cache, client
+) -> None:
+    """Slots are taken host first: two downloads from host a (one slot per host) leave
+    the second global slot to host b. No traffic: only the slots are taken."""
+    refresher = refresh.Refresher(cache.index, cache.blobs, client, max_downloads=2,
+                                  max_downloads_per_host=1)
+    for name in ("a1", "a2", "b1"):
+        cache.add(name, f"http://{name[0]}.invalid/x")
+    got: list[str] = []
+    release = trio.Event()
+
+    async def take(name: str) -> None:
+        async with refresher._slot(name, f"http://{name[0]}.invalid/x", lambda *a: None):
+            got.append(name)
+            await release.wait()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for name in ("a1", "a2", "b1"):
+                nursery.start_soon(take, name)
+                await trio.testing.wait_all_tasks_blocked()
+            assert got == ["a1", "b1"]
+            assert "max_downloads_per_host for a.invalid" in cache.state("a2")["queued"]
+            release.set()
+    assert got == ["a1", "b1", "a2"]

@@ -311,7 +311,8 @@ def test_status_files(origin, mnt):
     src = status(mnt / "st/@status")
     assert set(src) == {"name", "url", "refresh", "pinned", "state", "latest", "progress",
                         "last_check", "last_success", "next_check", "consecutive_failures",
-                        "last_error", "last_control_error", "versions", "stale", "options"}
+                        "last_error", "last_control_error", "versions", "stale", "options",
+                        "attempt", "queued"}
     assert src["refresh"] == "30m" and src["next_check"] > src["last_check"]
     assert set(src["versions"][0]) == {"id", "size", "sha256", "fetched_at", "tags"}
     assert src["options"]["refresh"] == "30m" and src["options"]["max_attempts"] == 5
