@@ -698,8 +698,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         if not args.dry_run:
             from buffyfs.refresh import partial_key
 
-            found.orphans = gc.sweep_orphans(cache.index, cache.blobs) or []
-            found.orphans += gc.sweep_partials(cache.index, cache.blobs, partial_key)
+            swept = gc.sweep_orphans(cache.index, cache.blobs, partial_key)
+            if swept is None:  # a download is committing: its partials are its own
+                swept = gc.sweep_partials(cache.index, cache.blobs, partial_key)
+            found.orphans = swept
         report = report_json(found)
     verb = "would free" if args.dry_run else "freed"
     per_source: dict[str, int] = {}

@@ -196,7 +196,8 @@ def _drop(w: Writer, doomed: list[Doomed]) -> list[str]:
     return gone
 
 
-def sweep_orphans(index: Index, blobs: BlobStore) -> list[str] | None:
+def sweep_orphans(index: Index, blobs: BlobStore,
+                  key_of: Callable[[dict[str, Any]], str] | None = None) -> list[str] | None:
     """Remove blob files no version uses and partial files no download will resume.
 
     Returns what it removed, or None when it had to skip: some download is between
@@ -210,18 +211,16 @@ def sweep_orphans(index: Index, blobs: BlobStore) -> list[str] | None:
         sweep_strays(blobs)
         with index.read() as r:
             refs = set(r.blob_refs())
-            names = set(r.source_names())
-            partials = {n: r.state(n).get("partial") for n in names}
         for sub in sorted(blobs.blob_dir.iterdir()):
             for f in sorted(sub.iterdir()) if sub.is_dir() and not sub.is_symlink() else []:
                 if f.name not in refs:
                     f.unlink(missing_ok=True)
                     removed.append(str(f.relative_to(blobs.root)))
-        removed += _sweep_partials(blobs, names, partials)
+        for path in removed:
+            log.info("removed orphan %s", path)
+        removed += sweep_partials(index, blobs, key_of)
     finally:
         lock.release()
-    for path in removed:
-        log.info("removed orphan %s", path)
     return removed
 
 
@@ -245,27 +244,8 @@ def sweep_strays(blobs: BlobStore) -> list[str]:
     return removed
 
 
-def _sweep_partials(blobs: BlobStore, names: set[str],
-                    partials: dict[str, Any]) -> list[str]:
-    removed = []
-    for f in sorted(blobs.partial_dir.glob("*.part")):
-        name = f.name[: -len(".part")]
-        source_lock = SourceLock(blobs.lock_path(name))
-        if not source_lock.try_acquire():
-            continue  # being downloaded right now
-        try:
-            if name not in names or not partials.get(name):
-                f.unlink(missing_ok=True)
-                removed.append(str(f.relative_to(blobs.root)))
-        finally:
-            source_lock.release()
-        if name not in names:
-            blobs.lock_path(name).unlink(missing_ok=True)
-    return removed
-
-
 def sweep_partials(index: Index, blobs: BlobStore,
-                   key_of: Callable[[dict[str, Any]], str]) -> list[str]:
+                   key_of: Callable[[dict[str, Any]], str] | None = None) -> list[str]:
     """Remove the partial files no download owns and none will resume.
 
     A partial file ``partial/NAME.part`` is kept while its download runs (someone holds
@@ -273,8 +253,8 @@ def sweep_partials(index: Index, blobs: BlobStore,
     the request it would make now (``key_of(source)``, refresh.partial_key): a refresh
     that failed keeps its partial so that the next one continues it. Anything else (a
     removed source, no resume point, a URL or request changed since) is swept, and so
-    is the lock file of a removed source. Returns what it removed, relative to the
-    cache directory.
+    is the lock file of a removed source. Without ``key_of``, any saved resume point
+    keeps its partial. Returns what it removed, relative to the cache directory.
     """
     removed: list[str] = []
     names = sorted({f.name.rsplit(".", 1)[0] for pattern in ("*.part", "*.lock")
@@ -288,8 +268,9 @@ def sweep_partials(index: Index, blobs: BlobStore,
             with index.read() as r:  # read under the lock: no download starts meanwhile
                 source = r.source(name)
                 saved = r.state(name).get("partial") if source is not None else None
-            if (source is None or not saved or saved.get("key") != key_of(source)) \
-                    and (partial.exists() or partial.is_symlink()):
+            stale = key_of is not None and saved and saved.get("key") != key_of(source)
+            present = partial.exists() or partial.is_symlink()
+            if (source is None or not saved or stale) and present:
                 partial.unlink(missing_ok=True)
                 removed.append(str(partial.relative_to(blobs.root)))
             if source is None:  # unlinked while held: a new download makes a new one

@@ -119,7 +119,7 @@ class Collector:
                 log.error("collection failed: %s", e)
 
     def sweep(self) -> list[str] | None:
-        return gc.sweep_orphans(self.cache.index, self.cache.blobs)
+        return gc.sweep_orphans(self.cache.index, self.cache.blobs, partial_key)
 
     def sweep_partials(self) -> list[str]:
         try:
