@@ -1,9 +1,12 @@
 """The scheduler on its own: one task over a heap of due times, with a stand-in for the
-refresher (the mount tests cover it with real downloads)."""
+refresher (the mount tests cover it with real downloads).
+
+Every test runs on trio's ``autojump_clock`` and gives the scheduler a wall clock that
+follows it (``TrioWallClock``): its sleeps, backoffs and clock jumps take no real time."""
 
 from __future__ import annotations
 
-import time as real_time
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -12,11 +15,21 @@ from pathlib import Path
 import pytest
 import trio
 
-import buffyfs.scheduler as scheduler_module
 from buffyfs.errors import FetchError
 from buffyfs.index import Index, now_utc, rfc3339
 from buffyfs.options import normalize_options
-from buffyfs.scheduler import Scheduler
+from buffyfs.scheduler import ERROR_BACKOFF, MAX_SLEEP, Scheduler
+
+
+class TrioWallClock:
+    """A wall clock that follows trio's (virtual, under ``autojump_clock``) and can jump."""
+
+    def __init__(self) -> None:
+        self.start = time.time() - trio.current_time()
+        self.offset = 0.0  # a jump of the wall clock, in seconds
+
+    def __call__(self) -> float:
+        return self.start + trio.current_time() + self.offset
 
 
 class FakeRefresher:
@@ -26,6 +39,7 @@ class FakeRefresher:
         self.index = index
         self.hold = hold
         self.calls: list[str] = []
+        self.now_utc = now_utc  # the scheduler's clock, once it runs
         self.running = 0
         self.most_running = 0
 
@@ -35,8 +49,7 @@ class FakeRefresher:
         self.most_running = max(self.most_running, self.running)
         try:
             await trio.sleep(self.hold)
-            # the scheduler's clock (a test may move it)
-            self.index.set_state(name, last_check=rfc3339(scheduler_module.now_utc()))
+            self.index.set_state(name, last_check=rfc3339(self.now_utc()))
         finally:
             self.running -= 1
 
@@ -58,21 +71,24 @@ def add(idx: Index, name: str, checked_ago: timedelta | None, **options: object)
 
 
 @asynccontextmanager
-async def running(idx: Index, refresher: FakeRefresher) -> AsyncIterator[Scheduler]:
-    """A scheduler with every source of ``idx`` planned and its task running; cancelled
-    (with any refresh under way) on leaving."""
+async def running(idx: Index, refresher: FakeRefresher,
+                  clock: TrioWallClock | None = None) -> AsyncIterator[Scheduler]:
+    """A scheduler on ``clock`` with every source of ``idx`` planned and its task running;
+    cancelled (with any refresh under way) on leaving."""
     async with trio.open_nursery() as nursery:
-        scheduler = Scheduler(idx, refresher, nursery)  # type: ignore[arg-type]
+        scheduler = Scheduler(idx, refresher, nursery,  # type: ignore[arg-type]
+                              clock=clock or TrioWallClock())
+        refresher.now_utc = scheduler.now_utc
         scheduler.start_all()
         nursery.start_soon(scheduler.run)
         yield scheduler
         nursery.cancel_scope.cancel()
 
 
-async def until(predicate, limit: float = 10) -> None:
+async def until(predicate, limit: float = 10, every: float = 0.01) -> None:
     with trio.fail_after(limit):
         while not predicate():  # noqa: ASYNC110 (polling state that has no event)
-            await trio.sleep(0.01)
+            await trio.sleep(every)
 
 
 async def settle(refresher: FakeRefresher, scheduler: Scheduler) -> None:
@@ -81,7 +97,7 @@ async def settle(refresher: FakeRefresher, scheduler: Scheduler) -> None:
     await trio.sleep(0.05)
 
 
-async def test_due_sources_refresh_once_and_idle_ones_take_no_task(idx):
+async def test_due_sources_refresh_once_and_idle_ones_take_no_task(idx, autojump_clock):
     for i in range(300):  # checked a minute ago, refresh daily: nothing to do
         add(idx, f"idle{i}", timedelta(minutes=1), refresh="1d")
     add(idx, "new", None, refresh="1d")  # never checked: due now
@@ -99,7 +115,7 @@ async def test_due_sources_refresh_once_and_idle_ones_take_no_task(idx):
             assert r.state("never")["next_check"] is None
 
 
-async def test_kick_forces_a_check_and_a_kick_while_running_runs_once_more(idx):
+async def test_kick_forces_a_check_and_a_kick_while_running_runs_once_more(idx, autojump_clock):
     add(idx, "a", timedelta(minutes=1), refresh="1d")
     refresher = FakeRefresher(idx, hold=0.2)
     async with running(idx, refresher) as scheduler:
@@ -116,7 +132,7 @@ async def test_kick_forces_a_check_and_a_kick_while_running_runs_once_more(idx):
         assert not scheduler.busy("a")
 
 
-async def test_removed_source_is_forgotten_and_its_refresh_cancelled(idx):
+async def test_removed_source_is_forgotten_and_its_refresh_cancelled(idx, autojump_clock):
     add(idx, "gone", None, refresh="1d")
     refresher = FakeRefresher(idx, hold=30)
     async with running(idx, refresher) as scheduler:
@@ -127,7 +143,7 @@ async def test_removed_source_is_forgotten_and_its_refresh_cancelled(idx):
         assert "gone" not in scheduler.known and not scheduler.busy("gone")
 
 
-async def test_heap_stays_bounded_under_many_changes(idx):
+async def test_heap_stays_bounded_under_many_changes(idx, autojump_clock):
     add(idx, "a", timedelta(minutes=1), refresh="1d")
     async with running(idx, FakeRefresher(idx)) as scheduler:
         for _ in range(2000):  # each change re-evaluates the source
@@ -142,7 +158,7 @@ def give_version(idx, name):
                        now_utc() - timedelta(minutes=1))
 
 
-async def test_on_open_check_not_skipped_when_a_sync_is_pending(idx):
+async def test_on_open_check_not_skipped_when_a_sync_is_pending(idx, autojump_clock):
     """An open of an on-open source must check the origin even if an unrelated change
     (tag, set, the change watcher) left the source waiting for re-evaluation."""
     add(idx, "o", None, refresh="on-open")
@@ -163,46 +179,64 @@ class Boom(FakeRefresher):
         raise RuntimeError("bug")
 
 
-async def test_error_backoff_follows_policy(idx, monkeypatch):
+async def test_error_backoff_follows_policy(idx, autojump_clock):
     """After an unexpected error the source is *looked at again* after ERROR_BACKOFF,
     not refreshed regardless of its policy (here `never` with a version)."""
-    monkeypatch.setattr(scheduler_module, "ERROR_BACKOFF", 0.2)
     add(idx, "n", timedelta(minutes=1), refresh="never")
     give_version(idx, "n")
     refresher = Boom(idx)
     async with running(idx, refresher) as s:
         await settle(refresher, s)
         s.kick("n")  # `buffyfs refresh n`
-        await trio.sleep(1.5)
+        await trio.sleep(ERROR_BACKOFF * 3)
         assert refresher.calls == ["n"], f"refreshed {len(refresher.calls)} times"
 
 
-class Jumped:
-    """A wall clock that can jump (both of the scheduler's views of it)."""
+async def test_error_backoff_holds_a_due_source_back(idx, autojump_clock):
+    """A source whose refresh hit a bug and whose policy says "due again at once" (10s)
+    is not tried again before ERROR_BACKOFF, then is, on its policy."""
+    add(idx, "b", None, refresh="2s")
+    refresher = Boom(idx)
+    async with running(idx, refresher):
+        await until(lambda: refresher.calls)
+        started = trio.current_time()
+        await until(lambda: len(refresher.calls) == 2, ERROR_BACKOFF * 2, every=0.5)
+        assert trio.current_time() - started >= ERROR_BACKOFF - 1
 
-    offset = 0.0
 
-    def time(self):
-        return real_time.time() + self.offset
+async def test_duration_policy_checks_on_time_for_hours(idx, autojump_clock):
+    """A `10m` source over five (virtual) hours: one check per 10 minutes, each on time."""
+    add(idx, "p", timedelta(minutes=1), refresh="10m")
+    refresher = FakeRefresher(idx)
+    clock = TrioWallClock()
+    async with running(idx, refresher, clock) as s:
+        checks = []
+        refresh = refresher.refresh
 
-    def now_utc(self):
-        return now_utc() + timedelta(seconds=self.offset)
+        async def timed(name):
+            checks.append(clock())
+            await refresh(name)
+
+        refresher.refresh = timed
+        await trio.sleep(5 * 3600 + 1)
+        assert len(checks) == 30, len(checks)
+        gaps = [b - a for a, b in zip(checks, checks[1:], strict=False)]
+        assert all(599 <= gap <= 601 for gap in gaps), gaps
+        assert len(s.nursery.child_tasks) == 1  # between checks, no task of its own
 
 
-async def test_opener_not_held_after_wall_clock_jump(idx, monkeypatch):
+async def test_opener_not_held_after_wall_clock_jump(idx, autojump_clock):
     """A source with no version whose first download gave up (next check in 1 h): after
     the wall clock jumps 2 h forward, an open must not hang until the scheduler's
     monotonic sleep (up to MAX_SLEEP) ends."""
-    clock = Jumped()
-    monkeypatch.setattr(scheduler_module, "time", clock)
-    monkeypatch.setattr(scheduler_module, "now_utc", clock.now_utc)
+    clock = TrioWallClock()
     add(idx, "f", None, refresh="1h")
     idx.record_failure("f", now_utc(), "gave up")
     refresher = FakeRefresher(idx)
-    async with running(idx, refresher) as s:
+    async with running(idx, refresher, clock) as s:
         await settle(refresher, s)
         clock.offset = 7200.0
-        with trio.fail_after(3):
+        with trio.fail_after(MAX_SLEEP / 10):  # virtual seconds: the real wait is nil
             try:
                 await s.wait_first_version("f")
             except FetchError:
