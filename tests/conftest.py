@@ -8,6 +8,7 @@ test leaves no mount and no process behind.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,6 +89,9 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
+DAEMON_LOGS: list[Path] = []  # the logs of this test's daemons
+
+
 class Mount:
     """A running ``buffyfs mount --foreground`` on a fresh mount point."""
 
@@ -95,6 +99,7 @@ class Mount:
         self.path = mountpoint
         self.cache = cache
         self.log = log
+        DAEMON_LOGS.append(log)  # read after the test by check_daemon_logs
         mountpoint.mkdir(exist_ok=True)
         with open(log, "ab") as logf:
             self.proc = subprocess.Popen(
@@ -155,3 +160,52 @@ def no_leaked_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
     for point in leaked:  # clean up, then fail loudly
         subprocess.run(["fusermount3", "-uz", point])
     assert not leaked, f"mounts leaked by the tests: {leaked}"
+
+
+# --- hidden failures: a daemon that logged a traceback fails the test ------------------
+
+# A line of the daemon's log that is a bug whatever the test checks: a traceback (every
+# log.exception, an "Exception ignored in", a crash) or an error logged as unexpected.
+HIDDEN_FAILURE = re.compile(r"Traceback \(most recent call last\)"
+                            r"|^\S+ (ERROR|CRITICAL) .*\bunexpected", re.MULTILINE)
+
+
+def log_records(text: str) -> list[str]:
+    """The records of a daemon log: a line and the indented lines that continue it (a
+    logged traceback is folded so); a bare traceback ends at its exception line."""
+    records: list[str] = []
+    bare = False  # in a traceback printed as it is: it ends at its exception line
+    for line in text.splitlines():
+        if records and (line[:1].isspace() or bare):
+            records[-1] += "\n" + line
+            bare = bare and line[:1].isspace()
+        else:
+            records.append(line)
+            bare = line.startswith("Traceback (")
+    return records
+
+
+def hidden_failures(text: str, allowed: list[str]) -> list[str]:
+    return [r for r in log_records(text) if HIDDEN_FAILURE.search(r)
+            and not any(re.search(pattern, r) for pattern in allowed)]
+
+
+@pytest.fixture(autouse=True)
+def check_daemon_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if a daemon it started (``Mount``, or a detached ``buffyfs mount``
+    logging into ``cache_dir``) logged a traceback or an unexpected error: such a bug
+    hides behind a test that passes. A test that provokes one on purpose says so with
+    ``@pytest.mark.allow_daemon_errors("regex", ...)``; a record matching one is allowed."""
+    DAEMON_LOGS.clear()
+    detached = (request.getfixturevalue("cache_dir") / "buffyfs.log"
+                if "cache_dir" in request.fixturenames else None)
+    yield  # the mounts' teardown (before ours) has stopped the daemons
+    allowed = [p for mark in request.node.iter_markers("allow_daemon_errors")
+               for p in mark.args]
+    logs = DAEMON_LOGS + ([detached] if detached is not None and detached.exists() else [])
+    DAEMON_LOGS.clear()
+    found = [f"{log.name}:\n{record}" for log in logs
+             for record in hidden_failures(log.read_text(errors="replace"), allowed)]
+    if found:
+        pytest.fail("the daemon logged a hidden failure:\n" + "\n".join(found)[-6000:],
+                    pytrace=False)
