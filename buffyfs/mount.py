@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,15 +178,18 @@ async def _serve(cache: Cache, settings: Settings) -> None:
         except RuntimeError as e:
             raise CacheError(f"cannot mount on {settings.mountpoint}: {e}") from None
         try:
-            nursery.start_soon(raise_readahead, settings.mountpoint)
-            nursery.start_soon(_watch_signals, cache, settings, collector, fs)
-            nursery.start_soon(_watch_changes, cache, scheduler, fs, collector)
-            nursery.start_soon(collector.run)
-            nursery.start_soon(Scrubber(cache.index, cache.blobs, settings.scrub_interval,
-                                        settings.scrub_rate, fs.report_damage,
-                                        fs.metrics).run)
+            start_task(nursery, "read-ahead", raise_readahead, settings.mountpoint,
+                       restart=False)  # one try: what failed once fails again
+            start_task(nursery, "signal watcher", _watch_signals, cache, settings, collector,
+                       fs)
+            start_task(nursery, "change watcher", _watch_changes, cache, scheduler, fs,
+                       collector)
+            start_task(nursery, "collector", collector.run)
+            start_task(nursery, "scrub", Scrubber(cache.index, cache.blobs,
+                                                  settings.scrub_interval, settings.scrub_rate,
+                                                  fs.report_damage, fs.metrics).run)
             scheduler.start_all()
-            nursery.start_soon(scheduler.run)
+            start_task(nursery, "scheduler", scheduler.run)
             with cache.index.read() as r:
                 names = r.source_names()
                 versions = r.version_count()
@@ -203,6 +207,38 @@ async def _serve(cache: Cache, settings: Settings) -> None:
             with trio.CancelScope(shield=True):
                 await refresher.aclose()
             log.info("unmounted %s", settings.mountpoint)
+
+
+RESTART_PAUSE = 10.0  # seconds before a background task that failed starts again
+
+
+def start_task(nursery: trio.Nursery, what: str, task: Callable[..., Awaitable[object]],
+               *args: object, restart: bool = True) -> None:
+    """Start a long-running task of the mount. Every one fails the same way: an
+    unexpected error is logged with its traceback (a repeat of the same error in one
+    line), the mount stays up, and the task starts again after RESTART_PAUSE; with
+    ``restart=False`` it stays ended. A task that returns is done."""
+
+    async def keep_running() -> None:
+        last = None
+        while True:
+            try:
+                await task(*args)
+                return
+            except Exception as e:  # a bug in one task must not end the mount
+                again = last == (type(e), str(e))
+                last = (type(e), str(e))
+                then = f"restarting in {RESTART_PAUSE:g}s" if restart else "not restarted"
+                if again:
+                    log.error("%s failed unexpectedly again (%s: %s); %s", what,
+                              type(e).__name__, e, then)
+                else:
+                    log.exception("%s failed unexpectedly; %s", what, then)
+            if not restart:
+                return
+            await trio.sleep(RESTART_PAUSE)
+
+    nursery.start_soon(keep_running, name=what)
 
 
 READAHEAD_KB = 4096

@@ -158,9 +158,9 @@ class Scheduler:
         while True:
             while self.pending:
                 batch = list(self.pending)[:BATCH]
-                for name in batch:
-                    del self.pending[name]
-                self._evaluate(batch)
+                self._evaluate(batch)  # (if it fails, the batch stays pending: its openers
+                for name in batch:     # wait for the restarted task, not fail meanwhile)
+                    self.pending.pop(name, None)
                 await trio.lowlevel.checkpoint()  # let FUSE requests through a long start
             now = self.clock()
             while self.heap and self.heap[0][0] <= now:
@@ -194,13 +194,17 @@ class Scheduler:
 
                 first = name in self.unstarted
                 self.unstarted.discard(name)
-                # A download interrupted by a stop or crash is finished at once on start.
-                resume = first and bool(state.get("partial")) and \
-                    not (source["options"].get("pinned") and has_version())
-                due = now if name in self.forced or resume else next_check(
-                    source["options"], state, has_version, now
-                )
-                planned = None if due is None else due.timestamp()
+                try:
+                    # A download interrupted by a stop or crash is finished at once on start.
+                    resume = first and bool(state.get("partial")) and \
+                        not (source["options"].get("pinned") and has_version())
+                    due = now if name in self.forced or resume else next_check(
+                        source["options"], state, has_version, now
+                    )
+                    planned = None if due is None else due.timestamp()
+                except Exception:  # a bug, or a record it cannot read: not the others' fault
+                    log.exception("%s: planning the next check failed unexpectedly", name)
+                    planned = self.clock() + ERROR_BACKOFF  # looked at again then
                 hold = self.hold.get(name)  # after an unexpected error
                 if hold is not None and (name in self.forced or hold <= self.clock()):
                     del self.hold[name]

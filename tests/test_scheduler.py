@@ -241,3 +241,21 @@ async def test_opener_not_held_after_wall_clock_jump(idx, autojump_clock):
                 await s.wait_first_version("f")
             except FetchError:
                 pass
+
+
+async def test_a_source_that_cannot_be_planned_does_not_stop_the_others(idx, autojump_clock,
+                                                                        caplog):
+    """A record the policy cannot read (here a cron expression stored without checks):
+    logged, looked at again after ERROR_BACKOFF; the sources of the same batch refresh."""
+    idx.add_source("bad", "http://127.0.0.1:9/bad", {"refresh": "cron:not a cron"})
+    idx.set_state("bad", last_check=rfc3339(now_utc()))
+    for name in ("a", "b"):
+        add(idx, name, None, refresh="1d")
+    refresher = FakeRefresher(idx)
+    async with running(idx, refresher) as s:
+        await settle(refresher, s)
+        assert sorted(refresher.calls) == ["a", "b"]
+        assert s.due["bad"] > s.clock() + ERROR_BACKOFF - 5
+        await trio.sleep(ERROR_BACKOFF * 2.5)  # tried again, twice, and not more often
+    failed = [r for r in caplog.records if "bad: planning the next check failed" in r.msg % r.args]
+    assert len(failed) == 3 and all(r.exc_info for r in failed)
