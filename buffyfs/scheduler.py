@@ -158,8 +158,10 @@ class Scheduler:
         while True:
             while self.pending:
                 batch = list(self.pending)[:BATCH]
-                self._evaluate(batch)  # (if it fails, the batch stays pending: its openers
-                for name in batch:     # wait for the restarted task, not fail meanwhile)
+                self._evaluate(batch)
+                # Only now: if evaluating failed, the batch stays pending, and its openers
+                # wait for the restarted task instead of failing meanwhile.
+                for name in batch:
                     self.pending.pop(name, None)
                 await trio.lowlevel.checkpoint()  # let FUSE requests through a long start
             now = self.clock()
