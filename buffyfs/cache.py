@@ -1,5 +1,6 @@
 """The cache directory as a whole: index + blobs, and the operations that the
-command line and the mount's control files share (add, remove, set, status).
+command line and the mount's control files share (add, remove, set, tag, pin...:
+their rules are commands.py's, applied here in one index transaction; status).
 
 Layout of a cache directory::
 
