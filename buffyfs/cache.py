@@ -1,5 +1,6 @@
 """The cache directory as a whole: index + blobs, and the operations that the
-command line and the mount's control files share (add, remove, set, status).
+command line and the mount's control files share (add, remove, set, tag, pin...:
+their rules are commands.py's, applied here in one index transaction; status).
 
 Layout of a cache directory::
 
@@ -14,18 +15,21 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
-from buffyfs import status
+from buffyfs import commands, control, status
 from buffyfs.blobs import BlobStore, SourceLock
-from buffyfs.errors import CacheError, NotFound
-from buffyfs.index import Index
-from buffyfs.options import check_name, check_tag, check_url, normalize_options
+from buffyfs.control import Command
+from buffyfs.errors import BadInput, BuffyError, CacheError, NotFound
+from buffyfs.index import Index, Writer
 from buffyfs.safeio import entry_kind, make_dir, open_file, opener, read_text
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -67,49 +71,49 @@ class Cache:
     def close(self) -> None:
         self.index.close()
 
-    # --- sources ----------------------------------------------------------------------
+    # --- sources: the rules are commands.py's, shared with the control files ----------
 
-    def add_source(
-        self, name: str, url: str, raw_options: dict[str, Any], replace: bool = False
-    ) -> bool:
-        check_name(name)
-        check_url(url)
-        return self.index.add_source(name, url, normalize_options(raw_options), replace=replace)
+    def add_source(self, name: str, url: str, raw_options: dict[str, Any]) -> None:
+        commands.run(self.index, [Command("add", [name, url], raw_options)])
 
     def sync_sources(self, declared: dict[str, tuple[str, dict[str, Any]]],
                      prune: bool = False) -> tuple[list[str], list[str], list[str]]:
-        """Write a config's sources into the index: (added, changed, removed).
+        """Write a config's sources into the index, in one transaction: (added, changed,
+        removed).
 
         Declared options replace the stored ones; a pin made with ``pin`` survives a
         config that does not mention ``pinned``. With ``prune``, sources the config does
         not declare are removed.
         """
         added, changed, removed = [], [], []
-        with self.index.read() as r:
-            existing = {n: src for n, src in r.sources()}
-        for name, (url, options) in declared.items():
-            old = existing.get(name)
-            if old is not None and old["options"].get("pinned") and not options["pinned"]:
-                options = {**options, "pinned": True}  # pinned at run time: keep the pin
-            newly_pinned = options["pinned"] and not (old or {}).get("options", {}).get("pinned")
-            if self.index.add_source(name, url, options, replace=True):
-                (changed if old is not None else added).append(name)
-            if newly_pinned and old is not None:
-                with self.index.read() as r:
-                    current = r.latest(name)
-                self.index.set_pin(name, True, current["id"] if current else None)
-        if prune:
-            for name in existing:
-                if name not in declared:
-                    self.index.remove_source(name)
-                    removed.append(name)
+        with self.index.write() as w:
+            existing = {n: src for n, src in w.sources()}
+            for name, (url, options) in declared.items():
+                old = existing.get(name)
+                if old is not None and old["options"].get("pinned") and not options["pinned"]:
+                    options = {**options, "pinned": True}  # pinned at run time: keep the pin
+                newly_pinned = options["pinned"] and not (old or {}).get("options", {}).get(
+                    "pinned")
+                if w.add_source(name, url, options, replace=True):
+                    (changed if old is not None else added).append(name)
+                if newly_pinned and old is not None:
+                    current = w.latest(name)
+                    w.set_pin(name, True, current["id"] if current else None)
+            if prune:
+                for name in existing:
+                    if name not in declared:
+                        w.remove_source(name)
+                        removed.append(name)
         return added, changed, removed
 
     def remove_source(self, name: str) -> None:
-        """Unregister ``name`` and drop its partial download; one under way (its lock
+        """Unregister ``name`` and drop its partial download."""
+        commands.run(self.index, [Command("remove", [name])])
+        self.drop_partial(name)
+
+    def drop_partial(self, name: str) -> None:
+        """Delete the partial download of a removed source; one under way (its lock
         held) is cancelled by the mount, which drops the partial as it stops."""
-        check_name(name)
-        self.index.remove_source(name)
         lock = SourceLock(self.blobs.lock_path(name))
         if lock.try_acquire():
             try:
@@ -120,50 +124,54 @@ class Cache:
 
     def set_options(self, name: str, raw_options: dict[str, Any]) -> None:
         """Change options (``url`` included) of an existing source."""
-        src = self.index.get_source(name)
-        raw = dict(raw_options)
-        url = check_url(raw.pop("url")) if "url" in raw else src["url"]
-        options = normalize_options(raw, base=src["options"])
-        pinned = options["pinned"]
-        options["pinned"] = src["options"].get("pinned", False)  # pin() moves it with the pin
-        self.index.add_source(name, url, options, replace=True)
-        if pinned != options["pinned"]:
-            self.pin(name) if pinned else self.unpin(name)
+        commands.run(self.index, [Command("set", [], raw_options)], name)
 
     def tag(self, name: str, ref: str, tag: str) -> dict[str, Any]:
-        check_tag(tag)
-        return self.index.change_tag(name, self.version(name, ref)["id"], add=tag)
+        """Tag a version (an id or ``latest``); returns it as tagged."""
+        return commands.run(self.index, [Command("tag", [ref, tag])], name).results[0]
 
     def untag(self, name: str, ref: str, tag: str) -> dict[str, Any]:
-        check_tag(tag)
-        return self.index.change_tag(name, self.version(name, ref)["id"], remove=tag)
+        return commands.run(self.index, [Command("untag", [ref, tag])], name).results[0]
 
     def pin(self, name: str, ref: str | None = None) -> str | None:
         """Pin ``latest`` at a version (default: the current latest, or the first to come)."""
-        self.index.get_source(name)
-        with self.index.read() as r:
-            has_versions = bool(r.versions(name))
-        vid = self.version(name, ref or "latest")["id"] if (ref or has_versions) else None
-        self.index.set_pin(name, True, vid)
-        return vid
+        args = [ref] if ref is not None else []
+        return commands.run(self.index, [Command("pin", args)], name).results[0]
 
     def unpin(self, name: str) -> None:
-        self.index.set_pin(name, False, None)
+        commands.run(self.index, [Command("unpin", [])], name)
 
-    def version(self, name: str, ref: str) -> dict[str, Any]:
-        """A version of ``name`` by id, or ``latest``."""
-        with self.index.read() as r:
-            if r.source(name) is None:
-                raise NotFound(f"no source named {name!r}")
-            if ref == "latest":
-                v = r.latest(name)
-                if v is None:
-                    raise NotFound(f"source {name!r} has no usable version")
-                return v
-            v = r.version(name, ref)
-        if v is None:
-            raise NotFound(f"source {name!r} has no version {ref!r}")
-        return v
+    def request_refresh(self, name: str, by: commands.RefreshBy) -> None:
+        """Check that ``name`` may be refreshed (it is not pinned) and, ``by`` the
+        running mount (``"request"``), ask it to; ``"check"`` only checks."""
+        commands.run(self.index, [Command("refresh", [])], name, refresh=by)
+
+    def run_control(self, data: bytes, source: str | None) -> commands.Outcome:
+        """One write to a control file (``source`` None: the root's), all or nothing.
+
+        Parses the write, then checks and applies every command in one index write
+        transaction, which also clears ``last_control_error``; a failure applies nothing
+        and is logged and recorded as ``last_control_error``. Partial downloads of
+        removed sources go after the commit; the rest of the outcome (scheduler, kernel
+        caches) is the mount's. Blocking: the mount runs it in a worker thread.
+        """
+        where = source or "@control"
+        try:
+            parsed = control.parse(data, "root" if source is None else "source")
+            with self.index.write() as w:
+                outcome = commands.apply(w, parsed, source, refresh="mount")
+                _put_control_error(w, source, None)
+        except (BadInput, NotFound) as e:
+            log.warning("%s: control write refused: %s", where, e)
+            self.set_control_error(source, str(e))
+            raise
+        except BuffyError as e:
+            log.error("%s: control write failed: %s", where, e)
+            self.set_control_error(source, str(e))
+            raise
+        for name in outcome.removed:
+            self.drop_partial(name)
+        return outcome
 
     # --- status -----------------------------------------------------------------------
 
@@ -209,11 +217,11 @@ class Cache:
                                   self.max_cache_size())
 
     def set_control_error(self, source: str | None, message: str | None) -> None:
-        if source is None:
+        try:
             with self.index.write() as w:
-                w.put_meta_json("last_control_error", message)
-        else:
-            self.index.set_state(source, last_control_error=message)
+                _put_control_error(w, source, message)
+        except BuffyError as e:
+            log.error("cannot record control error: %s", e)
 
     # --- the running mount ------------------------------------------------------------
 
@@ -251,3 +259,10 @@ class Cache:
             f.write(json.dumps(info))
         return fd
 
+
+def _put_control_error(w: Writer, source: str | None, message: str | None) -> None:
+    """``last_control_error`` of the root (``source`` None) or of a source."""
+    if source is None:
+        w.put_meta_json("last_control_error", message)
+    elif w.source(source) is not None:
+        w.put_state(source, last_control_error=message)

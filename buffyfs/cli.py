@@ -642,13 +642,11 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
     check_name(args.name)
     cache = _cache(args)
-    if cache.index.get_source(args.name)["options"].get("pinned"):
-        raise BadInput(f"source {args.name!r} is pinned: unpin it first")
     if cache.running_mount():
-        cache.index.request_refresh(args.name)
+        cache.request_refresh(args.name, "request")
         print(f"{args.name}: refresh requested from the running mount")
         return 0
-    cache.index.get_source(args.name)
+    cache.request_refresh(args.name, "check")
     outcome = _run_refresh(cache, args.name, None)
     if outcome.error:
         raise FetchError(f"{args.name}: {outcome.error}")

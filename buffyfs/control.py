@@ -2,7 +2,8 @@
 
 One command per line, words split as a POSIX shell splits them. ``parse`` checks a
 whole write and either returns every command or raises BadInput naming the first
-bad line; nothing is applied before the whole write has parsed.
+bad line; nothing is applied before the whole write has parsed. What the commands
+do, against the index, is commands.py.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Command:
     word: str
     args: list[str]
     options: dict[str, Any] = field(default_factory=dict)
+    line: int = field(default=0, compare=False)  # its line in the write (0: not from one)
 
 
 def parse(data: bytes, scope: Scope) -> list[Command]:
@@ -65,6 +67,7 @@ def parse(data: bytes, scope: Scope) -> list[Command]:
         except BadInput as e:
             raise BadInput(f"line {number}: {e}") from None
         if cmd is not None:
+            cmd.line = number
             commands.append(cmd)
     return commands  # empty: a blank or comment-only write does nothing
 

@@ -36,16 +36,14 @@ from typing import Any
 import pyfuse3
 import trio
 
-from buffyfs import control
 from buffyfs.cache import Cache
-from buffyfs.errors import BadInput, BuffyError, FetchError
+from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
 from buffyfs.index import SourceInode, parse_rfc3339, resolve_latest
 from buffyfs.metrics import Metrics
 from buffyfs.options import (
     NAME_RE,
     RESERVED_TAGS,
     TAG_RE,
-    normalize_options,
     parse_duration,
     redact_url,
 )
@@ -64,7 +62,6 @@ SHORT_TIMEOUT = 1.0  # everything that can change
 SOURCE_FILES = {"@status": SourceInode.status, "@control": SourceInode.control}
 FIRST_TAGDIR_INO = 1 << 48
 INVALIDATE_TIMEOUT = 2.0
-PARSE_INLINE = 4096  # control writes larger than this are parsed in a worker thread
 
 
 @dataclass
@@ -552,97 +549,29 @@ class BuffyFS(pyfuse3.Operations):
         if not isinstance(handle, ControlHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
-            scope = "root" if handle.source is None else "source"
-            if len(buf) > PARSE_INLINE:  # the tokenizer is slow on big writes: not on the loop
-                commands = await trio.to_thread.run_sync(control.parse, buf, scope)
-            else:
-                commands = control.parse(buf, scope)
-            self._check_commands(commands, handle.source)
-            for cmd in commands:
-                await self._apply(cmd, handle.source)
-        except BadInput as e:
-            where = handle.source or "@control"
-            log.warning("%s: control write refused: %s", where, e)
-            self._set_control_error(handle.source, str(e))
+            await self.run_control(buf, handle.source)
+        except (BadInput, NotFound):  # logged, and shown as last_control_error
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        except BuffyError as e:
-            log.error("control write failed: %s", e)
-            self._set_control_error(handle.source, str(e))
+        except BuffyError:
             raise pyfuse3.FUSEError(errno.EIO) from None
-        self._set_control_error(handle.source, None)
         return len(buf)
 
-    def _set_control_error(self, source: str | None, message: str | None) -> None:
-        try:
-            self.cache.set_control_error(source, message)
-        except BuffyError as e:
-            log.error("cannot record control error: %s", e)
+    async def run_control(self, data: bytes, source: str | None) -> None:
+        """One control write (``source`` None: the root's), all or nothing: parsed,
+        checked and applied in one index transaction, in a worker thread (an LMDB write
+        transaction stays in the thread that began it: the whole of it runs in the one
+        call). Once it has committed, the scheduler and the kernel catch up, so every
+        command has taken effect for every later open when this returns.
 
-    def _check_commands(self, commands: list[control.Command], source: str | None) -> None:
-        """Check a whole write against the index before applying any of it."""
-        with self.index.read() as r:
-            exists = {n: True for n in r.source_names()}
-            src = r.source(source) if source is not None else None
-            if source is not None and src is None:
-                raise BadInput(f"source {source!r} was removed")
-            pinned = bool(src and src["options"].get("pinned"))
-            for number, cmd in enumerate(commands, 1):
-                where = f"command {number}: " if len(commands) > 1 else ""
-                if cmd.word == "add":
-                    if exists.get(cmd.args[0]):
-                        raise BadInput(f"{where}source {cmd.args[0]!r} exists already")
-                    exists[cmd.args[0]] = True
-                elif cmd.word == "remove":
-                    if not exists.get(cmd.args[0]):
-                        raise BadInput(f"{where}no source named {cmd.args[0]!r}")
-                    exists[cmd.args[0]] = False
-                elif cmd.word == "set":
-                    assert src is not None
-                    opts = {k: v for k, v in cmd.options.items() if k != "url"}
-                    pinned = normalize_options(opts, base={**src["options"],
-                                                           "pinned": pinned})["pinned"]
-                if cmd.word in ("pin", "unpin"):
-                    pinned = cmd.word == "pin"
-                    if cmd.word == "pin" and not cmd.args and r.latest(source) is None \
-                            and r.has_versions(source):
-                        raise BadInput(f"{where}source {source!r} has no usable version")
-                elif cmd.word == "refresh" and pinned:
-                    raise BadInput(f"{where}source {source!r} is pinned: unpin it first")
-                if cmd.word in ("tag", "untag", "pin") and cmd.args:
-                    assert source is not None
-                    ref = cmd.args[0]
-                    if ref == "latest" and r.latest(source) is None:
-                        raise BadInput(f"{where}source {source!r} has no usable version")
-                    if ref != "latest" and r.version(source, ref) is None:
-                        raise BadInput(f"{where}source {source!r} has no version {ref!r}")
-
-    async def _apply(self, cmd: control.Command, source: str | None) -> None:
-        if cmd.word == "add":
-            self.cache.add_source(cmd.args[0], cmd.args[1], cmd.options)
-            changed = cmd.args[0]
-        elif cmd.word == "remove":
-            self.cache.remove_source(cmd.args[0])
-            changed = cmd.args[0]
-        else:
-            assert source is not None
-            changed = source
-            if cmd.word == "refresh":
-                if self.scheduler is not None:
-                    self.scheduler.kick(source)
-                    self.index.set_state(source, state="fetching")
-            elif cmd.word == "set":
-                self.cache.set_options(source, cmd.options)
-            elif cmd.word == "tag":
-                self.cache.tag(source, cmd.args[0], cmd.args[1])
-            elif cmd.word == "untag":
-                self.cache.untag(source, cmd.args[0], cmd.args[1])
-            elif cmd.word == "pin":
-                self.cache.pin(source, cmd.args[0] if cmd.args else None)
-            elif cmd.word == "unpin":
-                self.cache.unpin(source)
-        if self.scheduler is not None:
-            self.scheduler.sync(changed)
-        await self.source_changed_now(changed)
+        Raises BadInput or NotFound when the write is refused (nothing applied)."""
+        outcome = await trio.to_thread.run_sync(self.cache.run_control, data, source)
+        for name in outcome.refresh:
+            if self.scheduler is not None:
+                self.scheduler.kick(name)
+        for name in outcome.changed:
+            if self.scheduler is not None:
+                self.scheduler.sync(name)  # a removed source's download is cancelled
+            await self.source_changed_now(name)
 
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,

@@ -319,6 +319,81 @@ class Writer(Reader):
         self.txn.delete(_u64(version["ino"]), db=self.dbs["inodes"])
         return self.unref_blob(version["sha256"])
 
+    # --- sources, tags and pins (the rules in commands.py call these) -----------------
+
+    def put_source(self, name: str, record: dict[str, Any]) -> None:
+        self._put("sources", name.encode(), record)
+
+    def put_version(self, name: str, version: dict[str, Any]) -> None:
+        self._put("versions", name.encode() + b"\0" + version["id"].encode(), version)
+
+    def add_source(
+        self, name: str, url: str, options: dict[str, Any], replace: bool = False
+    ) -> bool:
+        """Register (or, with ``replace``, update) a source. Returns True if anything changed."""
+        old = self.source(name)
+        if old is not None:
+            if not replace:
+                raise BadInput(f"a source named {name!r} exists already")
+            if old["url"] == url and old["options"] == options:
+                return False
+            rec = {**old, "url": url, "options": options}
+        else:
+            base = self.alloc_inodes(INODES_PER_SOURCE)
+            rec = {"url": url, "options": options, "ino": base,
+                   "added_at": rfc3339(now_utc()), "pin": None}
+            for kind in SourceInode:
+                self._put("inodes", _u64(base + kind), {"kind": kind.name, "source": name})
+        self.put_source(name, rec)
+        self.changed(name)
+        self.changed("")
+        return True
+
+    def remove_source(self, name: str) -> list[dict[str, Any]]:
+        """Unregister a source; returns its versions (now garbage)."""
+        src = self.source(name)
+        if src is None:
+            raise NotFound(f"no source named {name!r}")
+        versions = self.versions(name)
+        for v in versions:  # garbage now; collected when no reader holds them
+            self.txn.delete(name.encode() + b"\0" + v["id"].encode(), db=self.dbs["versions"])
+            self._put("garbage", _u64(v["ino"]), {**v, "source": name})
+        for kind in SourceInode:
+            self.txn.delete(_u64(src["ino"] + kind), db=self.dbs["inodes"])
+        for db in ("sources", "state", "requests"):
+            self.txn.delete(name.encode(), db=self.dbs[db])
+        self.changed(name)
+        self.changed("")
+        return versions
+
+    def change_tag(self, name: str, vid: str, add: str | None = None,
+                   remove: str | None = None) -> dict[str, Any]:
+        """Add or remove one tag of a version; returns the version as it is now."""
+        v = self.version(name, vid)
+        if v is None:
+            raise NotFound(f"source {name!r} has no version {vid!r}")
+        v["tags"] = tags_after(v.get("tags", []), add, remove)
+        self.put_version(name, v)
+        self.changed(name)
+        return v
+
+    def set_pin(self, name: str, pinned: bool, vid: str | None) -> None:
+        """Pin ``latest`` of ``name`` at ``vid`` (None: the first version to come), or unpin."""
+        src = self.source(name)
+        if src is None:
+            raise NotFound(f"no source named {name!r}")
+        src["options"]["pinned"] = pinned
+        src["pin"] = vid if pinned else None
+        self.put_source(name, src)
+        self.changed(name)
+
+    def request_refresh(self, name: str) -> None:
+        """Ask the running mount to check ``name`` now (its change watcher takes it)."""
+        if self.source(name) is None:
+            raise NotFound(f"no source named {name!r}")
+        self.txn.put(name.encode(), b"refresh", db=self.dbs["requests"])
+        self.changed(name)
+
 
 class Index:
     def __init__(self, path: Path) -> None:
@@ -383,42 +458,12 @@ class Index:
     ) -> bool:
         """Register (or, with ``replace``, update) a source. Returns True if anything changed."""
         with self.write() as w:
-            old = w.source(name)
-            if old is not None:
-                if not replace:
-                    raise BadInput(f"a source named {name!r} exists already")
-                if old["url"] == url and old["options"] == options:
-                    return False
-                rec = {**old, "url": url, "options": options}
-            else:
-                base = w.alloc_inodes(INODES_PER_SOURCE)
-                rec = {"url": url, "options": options, "ino": base,
-                       "added_at": rfc3339(now_utc()), "pin": None}
-                for kind in SourceInode:
-                    w._put("inodes", _u64(base + kind), {"kind": kind.name, "source": name})
-            w._put("sources", name.encode(), rec)
-            w.changed(name)
-            w.changed("")
-        return True
+            return w.add_source(name, url, options, replace)
 
     def remove_source(self, name: str) -> list[dict[str, Any]]:
         """Unregister a source; returns its versions (now garbage)."""
         with self.write() as w:
-            src = w.source(name)
-            if src is None:
-                raise NotFound(f"no source named {name!r}")
-            versions = w.versions(name)
-            for v in versions:  # garbage now; collected when no reader holds them
-                w.txn.delete(name.encode() + b"\0" + v["id"].encode(), db=self.dbs["versions"])
-                w._put("garbage", _u64(v["ino"]), {**v, "source": name})
-            for kind in SourceInode:
-                w.txn.delete(_u64(src["ino"] + kind), db=self.dbs["inodes"])
-            w.txn.delete(name.encode(), db=self.dbs["sources"])
-            w.txn.delete(name.encode(), db=self.dbs["state"])
-            w.txn.delete(name.encode(), db=self.dbs["requests"])
-            w.changed(name)
-            w.changed("")
-        return versions
+            return w.remove_source(name)
 
     def update_source_options(
         self, name: str, update: Callable[[dict[str, Any]], dict[str, Any]]
@@ -536,24 +581,11 @@ class Index:
                    remove: str | None = None) -> dict[str, Any]:
         """Add or remove one tag of a version, in one transaction."""
         with self.write() as w:
-            key = name.encode() + b"\0" + vid.encode()
-            v = w.version(name, vid)
-            if v is None:
-                raise NotFound(f"source {name!r} has no version {vid!r}")
-            v["tags"] = tags_after(v.get("tags", []), add, remove)
-            w._put("versions", key, v)
-            w.changed(name)
-        return v
+            return w.change_tag(name, vid, add, remove)
 
     def set_pin(self, name: str, pinned: bool, vid: str | None) -> None:
         with self.write() as w:
-            src = w.source(name)
-            if src is None:
-                raise NotFound(f"no source named {name!r}")
-            src["options"]["pinned"] = pinned
-            src["pin"] = vid if pinned else None
-            w._put("sources", name.encode(), src)
-            w.changed(name)
+            w.set_pin(name, pinned, vid)
 
     def record_check(self, name: str, at: datetime, **fields: Any) -> None:
         with self.write() as w:
@@ -581,10 +613,7 @@ class Index:
 
     def request_refresh(self, name: str) -> None:
         with self.write() as w:
-            if w.source(name) is None:
-                raise NotFound(f"no source named {name!r}")
-            w.txn.put(name.encode(), b"refresh", db=self.dbs["requests"])
-            w.changed(name)
+            w.request_refresh(name)
 
     def take_refresh_requests(self) -> list[str]:
         with self.write() as w:
