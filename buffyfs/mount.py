@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pyfuse3
 import trio
 
-from buffyfs import __version__, downloader, gc
+from buffyfs import __version__, downloader, gc, watchdog
 from buffyfs.cache import Cache
 from buffyfs.errors import BuffyError, CacheError
 from buffyfs.fs import BuffyFS
@@ -64,7 +64,10 @@ def run(settings: Settings) -> None:
     try:
         sync_config(cache, settings)
         cache.set_max_cache_size(settings.max_cache_size)
-        trio.run(_serve, cache, settings)
+        # built before the loop runs: loading the CA certificates takes ~0.1 s
+        client = downloader.new_client()
+        with watchdog.LoopMonitor() as monitor:
+            trio.run(_serve, cache, settings, client, instruments=[monitor])
     finally:
         os.close(lock_fd)
         cache.close()
@@ -156,8 +159,8 @@ def report_json(report: gc.Report) -> dict:
     }
 
 
-async def _serve(cache: Cache, settings: Settings) -> None:
-    async with downloader.new_client() as client, trio.open_nursery() as nursery:
+async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) -> None:
+    async with client, trio.open_nursery() as nursery:
         refresher = Refresher(cache.index, cache.blobs, client, settings.max_downloads,
                               settings.max_downloads_per_host)
         fs = BuffyFS(cache, None, progress=lambda: dict(refresher.progress))
@@ -186,6 +189,11 @@ async def _serve(cache: Cache, settings: Settings) -> None:
                                         fs.metrics).run)
             scheduler.start_all()
             nursery.start_soon(scheduler.run)
+            heartbeat = watchdog.watchdog_interval()
+            if heartbeat is not None:
+                nursery.start_soon(watchdog.feed_watchdog, heartbeat)
+            if watchdog.hooks_enabled():
+                nursery.start_soon(watchdog.block_loop_on_signal)
             with cache.index.read() as r:
                 names = r.source_names()
                 versions = r.version_count()
@@ -194,10 +202,10 @@ async def _serve(cache: Cache, settings: Settings) -> None:
             if settings.ready_fd is not None:
                 os.write(settings.ready_fd, b"ready\n")
                 os.close(settings.ready_fd)
-            notify_systemd(b"READY=1")
+            watchdog.notify_systemd(b"READY=1")
             await pyfuse3.main()
         finally:
-            notify_systemd(b"STOPPING=1")
+            watchdog.notify_systemd(b"STOPPING=1")
             nursery.cancel_scope.cancel()
             pyfuse3.close(unmount=True)
             with trio.CancelScope(shield=True):
@@ -231,20 +239,6 @@ def _set_readahead(mountpoint: str) -> None:
             f.write(str(READAHEAD_KB))
     except OSError as e:
         log.debug("read-ahead left as it is (%s): %s", path, e.strerror)
-
-
-def notify_systemd(message: bytes) -> None:
-    """sd_notify: tell systemd (Type=notify) that the mount is live or stopping."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message, address)
-    except OSError as e:
-        log.warning("cannot notify systemd: %s", e)
 
 
 async def _watch_signals(cache: Cache, settings: Settings, collector: Collector,
