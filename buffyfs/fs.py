@@ -67,6 +67,13 @@ INVALIDATE_TIMEOUT = 2.0
 PARSE_INLINE = 4096  # control writes larger than this are parsed in a worker thread
 
 
+class _BeingCollected(Exception):
+    """The version to open is in a collection's commit under way: wait for ``done``."""
+
+    def __init__(self, done: trio.Event) -> None:
+        self.done = done
+
+
 @dataclass
 class Node:
     kind: str  # root, root_status, root_control, a SourceInode name, version or tagdir
@@ -127,6 +134,10 @@ class BuffyFS(pyfuse3.Operations):
         self.repaired_inos: set[int] = set()
         self.nowait_reads = True
         self.started_ns = time.time_ns()
+        # version inodes a collection is committing right now (mount.Collector): their
+        # opens wait for the commit, then resolve again
+        self.collecting: set[int] = set()
+        self.collected = trio.Event()
 
     # --- node resolution --------------------------------------------------------------
 
@@ -390,9 +401,22 @@ class BuffyFS(pyfuse3.Operations):
         self.handles[fh] = handle
         return fh
 
+    def start_collecting(self, inos: set[int]) -> trio.Event:
+        """A collection is about to commit the drop of ``inos``: opens of them wait."""
+        self.collecting = inos
+        self.collected = trio.Event()
+        return self.collected
+
+    def end_collecting(self, done: trio.Event) -> None:
+        self.collecting = set()
+        done.set()
+
     def _open_version(self, version: dict[str, Any], **info: Any) -> pyfuse3.FileInfo:
         """Open a version's blob, after a cheap check (exists, right size): a damaged
-        version fails with EIO, never serves wrong bytes (the scrub checks the hash)."""
+        version fails with EIO, never serves wrong bytes (the scrub checks the hash).
+        A version being collected right now raises _BeingCollected (``open`` waits)."""
+        if version["ino"] in self.collecting:
+            raise _BeingCollected(self.collected)
         if version.get("damaged"):
             log.warning("version %s is damaged (%s): not served", version["id"],
                         version["damaged"]["reason"])
@@ -421,6 +445,13 @@ class BuffyFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, **info)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        while True:
+            try:
+                return await self._open(inode, flags)
+            except _BeingCollected as e:  # the commit decides: gone (ENOENT) or kept
+                await e.done.wait()
+
+    async def _open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
         node = self._node(inode)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if node.kind in ("root_control", "control"):

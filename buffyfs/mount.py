@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.5  # how often the mount looks for changes made by other processes
 GC_INTERVAL = 600.0  # periodic collection, besides the one after each new version
 SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
+SYNC_CHUNK = 64  # sources brought up to date per loop turn (change watcher, collector)
 
 
 @dataclass
@@ -75,8 +77,15 @@ def run(settings: Settings) -> None:
 
 class Collector:
     """Garbage collection inside the mount: after each new version, periodically, and
-    when ``buffyfs gc`` asks. Runs on the event loop between awaits, so the set of
-    open versions cannot change while a collection decides."""
+    when ``buffyfs gc`` asks.
+
+    Off the event loop: the plan reads a snapshot in a worker thread, and each batch of
+    it commits in a worker thread (``gc.commit``, which re-checks protection). What is
+    open may change meanwhile, so just before each batch's commit, on the loop, the
+    versions opened since the plan are taken out of it, and the batch's inodes are
+    marked ``fs.collecting``: an open of one of them waits for the commit and then
+    resolves again (the version is gone, or was kept).
+    """
 
     def __init__(self, cache: Cache, fs: BuffyFS, max_size: int | None,
                  nursery: trio.Nursery) -> None:
@@ -85,27 +94,77 @@ class Collector:
         self.max_size = max_size
         self.nursery = nursery
         self.wake = trio.Event()
+        self.lock = trio.Lock()  # one collection at a time
+        self.asked = False  # a `buffyfs gc` request may be waiting
+        self.answering = False
 
     def kick(self, name: str = "") -> None:
         self.wake.set()
 
     def make_room(self, need: int) -> None:
-        """Evict so that ``need`` more bytes fit under the quota (CacheFull if not)."""
-        if self.max_size is not None:
-            self.collect(need)
+        """Evict so that ``need`` more bytes fit under the quota (CacheFull if not).
 
-    def collect(self, need: int = 0, dry_run: bool = False) -> gc.Report:
-        report = gc.collect(self.cache.index, self.cache.blobs, set(self.fs.open_inos), need,
-                            self.max_size, dry_run)
-        if not dry_run:
-            self.nursery.start_soon(trio.to_thread.run_sync, gc.unlink_blobs,
-                                    self.cache.index, self.cache.blobs, report.unlink)
-            removed: dict[str, list[str]] = {}
-            for d in report.doomed:
-                removed.setdefault(d.source, []).append(d.version["id"])
-            for source, vids in removed.items():
-                self.fs.versions_removed(source, vids)
-        return report
+        Called by the refresher on the loop, as a download grows: when the bytes fit
+        already (one index read) it returns at once; only a quota that must evict
+        plans and commits here, on the loop (the refresher's call is not async)."""
+        if self.max_size is None:
+            return
+        with self.cache.index.read() as r:
+            used = r.blob_bytes()
+        if used + need <= self.max_size:
+            return
+        report = gc.collect(self.cache.index, self.cache.blobs, set(self.fs.open_inos),
+                            need, self.max_size)
+        self._collected(report)
+
+    async def collect(self, need: int = 0, dry_run: bool = False) -> gc.Report:
+        async with self.lock:
+            planned = await trio.to_thread.run_sync(
+                gc.plan_snapshot, self.cache.index, set(self.fs.open_inos), need,
+                self.max_size)
+            if dry_run:
+                return planned
+            report = gc.Report()
+            for start in range(0, len(planned.doomed), gc.COMMIT_BATCH):
+                batch = planned.doomed[start:start + gc.COMMIT_BATCH]
+                gc.merge(report, await self._commit(batch))
+            return report
+
+    async def _commit(self, batch: list[gc.Doomed]) -> gc.Report:
+        # No await between the re-check and marking the batch: an open either counted
+        # already (kept) or waits for the commit (fs.open).
+        open_now = set(self.fs.open_inos)
+        batch = [d for d in batch if d.version["ino"] not in open_now]
+        done = self.fs.start_collecting({d.version["ino"] for d in batch})
+        try:
+            part = await trio.to_thread.run_sync(gc.commit, self.cache.index, batch,
+                                                 open_now)
+        finally:
+            self.fs.end_collecting(done)
+        await self._collected_async(part)
+        return part
+
+    def _collected(self, report: gc.Report) -> None:
+        """After a commit: unlink the blob files (a worker thread) and drop the kernel's
+        entries of the collected versions."""
+        for _ in self._forget(report):
+            pass
+
+    async def _collected_async(self, report: gc.Report) -> None:
+        """``_collected``, a chunk of sources per loop turn."""
+        for _ in self._forget(report):
+            await trio.lowlevel.checkpoint()
+
+    def _forget(self, report: gc.Report) -> Iterator[None]:
+        self.nursery.start_soon(trio.to_thread.run_sync, gc.unlink_blobs,
+                                self.cache.index, self.cache.blobs, report.unlink)
+        removed: dict[str, list[str]] = {}
+        for d in report.doomed:
+            removed.setdefault(d.source, []).append(d.version["id"])
+        for i, (source, vids) in enumerate(removed.items()):
+            if i and i % SYNC_CHUNK == 0:
+                yield
+            self.fs.versions_removed(source, vids)
 
     async def run(self) -> None:
         # Orphans a crash left are swept at start, retried while a commit is under way.
@@ -116,8 +175,8 @@ class Collector:
                 await self.wake.wait()
             self.wake = trio.Event()
             try:
-                self.collect()
-                self.sweep_partials()
+                await self.collect()
+                await trio.to_thread.run_sync(self.sweep_partials)
             except BuffyError as e:
                 log.error("collection failed: %s", e)
 
@@ -131,20 +190,42 @@ class Collector:
             log.error("sweeping partial files failed: %s", e)
             return []
 
-    def answer_request(self) -> None:
+    def request_seen(self) -> None:
+        """The root changed: a ``buffyfs gc`` may have asked; answer in a task."""
+        self.asked = True
+        if not self.answering:
+            self.answering = True
+            self.nursery.start_soon(self._answer_requests)
+
+    async def _answer_requests(self) -> None:
+        try:
+            while self.asked:
+                self.asked = False
+                await self.answer_request()
+        except Exception:  # keep serving: the CLI times out and says so
+            log.exception("answering a gc request failed")
+        finally:
+            self.answering = False
+
+    async def answer_request(self) -> None:
         """Run a collection ``buffyfs gc`` asked for, and leave the report for it."""
         with self.cache.index.read() as r:
             request = r.meta_json("gc_request")
             done = r.meta_json("gc_result") or {}
         if not request or done.get("id") == request["id"]:
             return
+        report, error = None, None
         try:
-            report = self.collect(dry_run=request["dry_run"])
+            report = await self.collect(dry_run=request["dry_run"])
             if not request["dry_run"]:
-                report.orphans += self.sweep_partials()
-            result = {"id": request["id"], "report": report_json(report), "error": None}
+                report.orphans += await trio.to_thread.run_sync(self.sweep_partials)
         except BuffyError as e:
-            result = {"id": request["id"], "report": None, "error": str(e)}
+            error = str(e)
+        await trio.to_thread.run_sync(self._put_result, request["id"], report, error)
+
+    def _put_result(self, rid: str, report: gc.Report | None, error: str | None) -> None:
+        result = {"id": rid, "report": report_json(report) if report else None,
+                  "error": error}
         with self.cache.index.write() as w:
             w.put_meta_json("gc_result", result)
 
@@ -282,24 +363,27 @@ async def _watch_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,
     while True:
         await trio.sleep(POLL_INTERVAL)
         try:
-            seq = _apply_changes(cache, scheduler, fs, collector, seq)
+            seq = await _apply_changes(cache, scheduler, fs, collector, seq)
         except Exception:  # keep serving: the next round looks again
             log.exception("applying index changes failed")
 
 
-def _apply_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS, collector: Collector,
-                   seq: int) -> int:
-    """One round of the change watcher; returns the new change counter."""
+async def _apply_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,
+                         collector: Collector, seq: int) -> int:
+    """One round of the change watcher; returns the new change counter. Many changed
+    sources (a collection touches thousands) are synced a chunk per loop turn."""
     seq, names = cache.index.changes_since(seq)
     if names is None:  # too far behind to tell: look at everything
         with cache.index.read() as r:
             names = set(r.source_names()) | scheduler.known | {""}
     if "" in names:
         names.discard("")
-        collector.answer_request()
-    for name in names:
+        collector.request_seen()
+    for i, name in enumerate(sorted(names)):
+        if i and i % SYNC_CHUNK == 0:
+            await trio.lowlevel.checkpoint()
         fs.sync(name)
-    if names:
-        for name in cache.index.take_refresh_requests():
+    if names:  # a write transaction (fsync, LMDB's writer lock): not on the loop
+        for name in await trio.to_thread.run_sync(cache.index.take_refresh_requests):
             scheduler.kick(name)
     return seq
