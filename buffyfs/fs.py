@@ -336,6 +336,19 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return self._new_handle(DirHandle(inode))
 
+    async def _list_entries(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """A directory's entries. The root, ``@versions`` and tag directories may hold
+        thousands: listed in a worker thread (``_list`` only reads the index for them).
+        A source's directory is small, and its listing numbers tag directories and
+        remembers the ``latest`` shown: on the loop."""
+        if ino == ROOT or ino >= FIRST_TAGDIR_INO:
+            return await trio.to_thread.run_sync(self._list, ino)
+        with self.index.read() as r:
+            ref = r.inode(ino)
+        if ref is not None and ref["kind"] == SourceInode.versions.name:
+            return await trio.to_thread.run_sync(self._list, ino)
+        return self._list(ino)
+
     def _list(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
         node = self._node(ino)
         names: list[tuple[str, int]] = []
@@ -381,7 +394,7 @@ class BuffyFS(pyfuse3.Operations):
         if not isinstance(handle, DirHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         if handle.entries is None or start_id == 0:
-            handle.entries = self._list(handle.ino)
+            handle.entries = await self._list_entries(handle.ino)
         for i in range(start_id, len(handle.entries)):
             name, attr = handle.entries[i]
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
@@ -472,8 +485,13 @@ class BuffyFS(pyfuse3.Operations):
             await self._check_on_open(node.source)
             return await self._open_latest(node.source)
         if node.kind in ("root_status", "status", "root_metrics"):
-            data = self.metrics.render(self.index) if node.kind == "root_metrics" \
-                else self._render_status(node.source)
+            # built in a worker thread (its own read transaction): a big cache's takes
+            # seconds of reading and JSON
+            if node.kind == "root_metrics":
+                data = await trio.to_thread.run_sync(self.metrics.render, self.index)
+            else:
+                data = await trio.to_thread.run_sync(self._render_status, node.source,
+                                                     self.live_progress())
             return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(data)),
                                     direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR)
@@ -523,12 +541,13 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         return v
 
-    def _render_status(self, source: str | None) -> bytes:
+    def _render_status(self, source: str | None, progress: dict[str, Any]) -> bytes:
+        """The JSON of an ``@status`` file (in a worker thread: reads the index only)."""
         if source is None:
             obj = self.cache.root_status()
         else:
             try:
-                obj = self.cache.source_status(source, self.live_progress())
+                obj = self.cache.source_status(source, progress)
             except BuffyError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
         return (json.dumps(obj, indent=2) + "\n").encode()

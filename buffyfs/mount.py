@@ -171,12 +171,16 @@ class Collector:
         while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110 (a flock)
             await trio.sleep(SWEEP_RETRY)
         while True:
-            with trio.move_on_after(GC_INTERVAL):
+            with trio.move_on_after(GC_INTERVAL) as periodic:
                 await self.wake.wait()
             self.wake = trio.Event()
             try:
                 await self.collect()
-                await trio.to_thread.run_sync(self.sweep_partials)
+                # partial files are swept on the periodic round (and by `buffyfs gc`),
+                # not after each new version: that sweep would race the report of a
+                # `buffyfs gc` asked meanwhile
+                if periodic.cancelled_caught:
+                    await trio.to_thread.run_sync(self.sweep_partials)
             except BuffyError as e:
                 log.error("collection failed: %s", e)
 

@@ -22,7 +22,7 @@ from bench.common import populate
 from buffyfs import gc
 from buffyfs.cache import Cache
 from buffyfs.index import Index
-from tests.conftest import Mount
+from tests.conftest import Mount, wait_for
 
 SOURCES = 4000  # x 5 versions: a collection on the loop held it ~2-4 s here
 STALL_BOUND = 1.0  # seconds: far above a loaded machine's noise, far below the old stalls
@@ -97,6 +97,38 @@ def test_stat_answers_while_the_mount_collects(big_mount: Mount) -> None:
     assert worst < STALL_BOUND, f"a stat waited {worst:.2f} s during the collection"
     assert not slow_turns(m, "gc.", "Collector"), slow_turns(m, "gc.", "Collector")
     assert len(os.listdir(m / "src1" / "@versions")) == 3
+
+
+STATUS_SOURCES = 10_000  # x 2 versions: building @status on the loop held it ~1 s here
+STATUS_BOUND = 0.4  # seconds
+
+
+def test_stat_answers_while_status_metrics_and_listings_are_built(
+        cache_dir: Path, mount_factory: Callable[..., Mount]) -> None:
+    build(cache_dir, STATUS_SOURCES, 2)
+    m = mount_factory("--scrub-interval", "never")
+    os.stat(m / "src0" / "latest")
+    stop = threading.Event()
+    built: list[int] = []
+
+    def readers() -> None:
+        while not stop.is_set():
+            built.append(len((m / "@status").read_bytes()))
+            built.append(len((m / "@metrics").read_bytes()))
+            built.append(len(os.listdir(m.path)))
+
+    reader = threading.Thread(target=readers, daemon=True)
+    with Prober(m.path, STATUS_SOURCES) as prober:
+        reader.start()
+        wait_for(lambda: len(built) >= 9, timeout=120, what="three rounds of reading")
+        stop.set()
+        reader.join(timeout=60)
+    assert not reader.is_alive()
+    assert built[2] == STATUS_SOURCES + 3  # the root: its sources, @status, @control, @metrics
+    worst = max(prober.times)
+    assert worst < STATUS_BOUND, f"a stat waited {worst:.2f} s while @status was built"
+    words = ("status", "metrics", "_list", "readdir")
+    assert not slow_turns(m, *words), slow_turns(m, *words)
 
 
 # --- the collection's commit re-checks its plan --------------------------------------------
