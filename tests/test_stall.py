@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from buffyfs import gc
 from buffyfs.cache import Cache
 from buffyfs.index import Index
 from tests.conftest import Mount, wait_for
+from tests.test_mount import write_control
 
 SOURCES = 4000  # x 5 versions: a collection on the loop held it ~2-4 s here
 STALL_BOUND = 1.0  # seconds: far above a loaded machine's noise, far below the old stalls
@@ -129,6 +131,37 @@ def test_stat_answers_while_status_metrics_and_listings_are_built(
     assert worst < STATUS_BOUND, f"a stat waited {worst:.2f} s while @status was built"
     words = ("status", "metrics", "_list", "readdir")
     assert not slow_turns(m, *words), slow_turns(m, *words)
+
+
+def test_unmount_kills_a_running_validation_command(origin, tmp_path: Path,
+                                                   mnt: Mount) -> None:
+    pidfile = tmp_path / "validator.pid"
+    script = tmp_path / "validator"
+    script.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    script.chmod(0o755)
+    origin.set("/v", b"body to validate")
+    write_control(mnt / "@control", f"add v {origin.url('/v')} validate.cmd={script} "
+                  "validate.timeout=120s")
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20,
+             what="the validation command")
+    pid = int(pidfile.read_text())
+    try:
+        t = time.monotonic()
+        mnt.proc.send_signal(signal.SIGTERM)
+        mnt.proc.wait(timeout=10)  # not the 60 s of the command
+        assert time.monotonic() - t < 8
+        wait_for(lambda: not _alive(pid), 10, what="the validation command to end")
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie has ended
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 # --- the collection's commit re-checks its plan --------------------------------------------
