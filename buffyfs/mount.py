@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.5  # how often the mount looks for changes made by other processes
 GC_INTERVAL = 600.0  # periodic collection, besides the one after each new version
 SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
-SYNC_CHUNK = 64  # sources brought up to date per loop turn (change watcher, collector)
+SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval of the daemon (see run)
+SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, collector)
 
 
 @dataclass
@@ -68,6 +70,10 @@ def run(settings: Settings) -> None:
         cache.set_max_cache_size(settings.max_cache_size)
         # built before the loop runs: loading the CA certificates takes ~0.1 s
         client = downloader.new_client()
+        # Worker threads (collections, @status) run Python too: the loop thread waits up
+        # to the switch interval for the GIL each time it wakes. 5 ms by default, several
+        # times per request; 0.5 ms keeps a request's wait to a few ms.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         with watchdog.LoopMonitor() as monitor:
             trio.run(_serve, cache, settings, client, instruments=[monitor])
     finally:
