@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gc as gc_bench
+from bench import stall as stall_bench
 from bench.common import (
     CLI_TIMEOUT,
     DOWNLOAD_TIMEOUT,
@@ -182,6 +183,7 @@ class Sizes:
     per_source: int  # versions per source there
     gc_sources: int
     gc_per_source: int
+    stall_sources: int = 4_000  # x 5 versions (--stall-full: the issue's 20,000)
 
     @classmethod
     def default(cls, size: int) -> Sizes:
@@ -189,7 +191,7 @@ class Sizes:
 
     @classmethod
     def smoke(cls) -> Sizes:
-        return cls(4 * MiB, MiB, 256 << 10, 200, 10, 100, 20)
+        return cls(4 * MiB, MiB, 256 << 10, 200, 10, 100, 20, 200)
 
 
 class Suite:
@@ -814,6 +816,31 @@ def fig_gc(s: Suite) -> list[Row]:
     return [row, plan]
 
 
+def fig_stall(s: Suite) -> list[Row]:
+    """`stat` of SRC/latest every 2 ms while the daemon works hard (bench/stall.py)."""
+    n = s.sizes.stall_sources
+    rows: dict[str, Row] = {}
+    loads = (("idle", "nothing else"), ("status", "cat @status in a loop"),
+             ("gc", f"buffyfs gc of {n * 5:,} versions"))
+    for key, what in loads:
+        for stat, target in (("p99", below(stall_bench.P99_TARGET, "ms")),
+                             ("max", below(stall_bench.MAX_TARGET, "ms"))):
+            rows[f"{key}-{stat}"] = Row(f"stall-{key}-{stat}", "stall",
+                                        f"{'  ' if stat == 'max' else ''}stat {stat}, "
+                                        f"while {what}", "ms",
+                                        target=target if key != "idle" else None)
+    warnings = []
+    for _ in range(s.runs):
+        m = stall_bench.measure(n, 5, s.work, 1.0 if n < 1000 else stall_bench.STATUS_SECONDS)
+        for key, _what in loads:
+            rows[f"{key}-p99"].values.append(m[key]["p99"])
+            rows[f"{key}-max"].values.append(m[key]["max"])
+        warnings.append(len(m["warnings"]))
+    rows["idle-p99"].note = f"{n:,} sources x 5 versions; @status {m['status_bytes'] / 1e6:.1f} MB"
+    rows["gc-max"].note = f"loop monitor warnings per run: {warnings}"
+    return list(rows.values())
+
+
 FIGURES: dict[str, Callable[[Suite], list[Row]]] = {
     "read-warm": fig_read_warm,
     "read-dropped": fig_read_dropped,
@@ -824,6 +851,7 @@ FIGURES: dict[str, Callable[[Suite], list[Row]]] = {
     "mount-start": fig_mount_start,
     "rss": fig_rss,
     "gc": fig_gc,
+    "stall": fig_stall,
 }
 
 
@@ -878,6 +906,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=RUNS, help="runs per figure (default 3)")
     p.add_argument("--sources", type=int, metavar="N",
                    help="sources of the big index (ls, stat, mount-start, rss); default 10000")
+    p.add_argument("--stall-full", action="store_true",
+                   help="the stall figure at the issue's size: 20,000 sources x 5 versions "
+                        "(default 4,000 x 5)")
     p.add_argument("--origin", choices=("auto", "python"), default="auto",
                    help="auto: nginx when installed, else a Python sendfile server")
     p.add_argument("--workdir", metavar="DIR", default="/var/tmp",
@@ -888,6 +919,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.sources < 2:
             p.error("--sources must be at least 2")
         args.sizes.sources = args.sources
+    if args.stall_full:
+        args.sizes.stall_sources = 20_000
     args.figures = list(FIGURES)
     if args.only:
         args.figures = [f.strip() for f in args.only.split(",") if f.strip()]

@@ -64,6 +64,13 @@ FIRST_TAGDIR_INO = 1 << 48
 INVALIDATE_TIMEOUT = 2.0
 
 
+class _BeingCollected(Exception):
+    """The version to open is in a collection's commit under way: wait for ``done``."""
+
+    def __init__(self, done: trio.Event) -> None:
+        self.done = done
+
+
 @dataclass
 class Node:
     kind: str  # root, root_status, root_control, a SourceInode name, version or tagdir
@@ -124,6 +131,10 @@ class BuffyFS(pyfuse3.Operations):
         self.repaired_inos: set[int] = set()
         self.nowait_reads = True
         self.started_ns = time.time_ns()
+        # version inodes a collection is committing right now (mount.Collector): their
+        # opens wait for the commit, then resolve again
+        self.collecting: set[int] = set()
+        self.collected = trio.Event()
 
     # --- node resolution --------------------------------------------------------------
 
@@ -322,6 +333,19 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return self._new_handle(DirHandle(inode))
 
+    async def _list_entries(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """A directory's entries. The root, ``@versions`` and tag directories may hold
+        thousands: listed in a worker thread (``_list`` only reads the index for them).
+        A source's directory is small, and its listing numbers tag directories and
+        remembers the ``latest`` shown: on the loop."""
+        if ino == ROOT or ino >= FIRST_TAGDIR_INO:
+            return await trio.to_thread.run_sync(self._list, ino)
+        with self.index.read() as r:
+            ref = r.inode(ino)
+        if ref is not None and ref["kind"] == SourceInode.versions.name:
+            return await trio.to_thread.run_sync(self._list, ino)
+        return self._list(ino)
+
     def _list(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
         node = self._node(ino)
         names: list[tuple[str, int]] = []
@@ -367,7 +391,7 @@ class BuffyFS(pyfuse3.Operations):
         if not isinstance(handle, DirHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         if handle.entries is None or start_id == 0:
-            handle.entries = self._list(handle.ino)
+            handle.entries = await self._list_entries(handle.ino)
         for i in range(start_id, len(handle.entries)):
             name, attr = handle.entries[i]
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
@@ -387,9 +411,22 @@ class BuffyFS(pyfuse3.Operations):
         self.handles[fh] = handle
         return fh
 
+    def start_collecting(self, inos: set[int]) -> trio.Event:
+        """A collection is about to commit the drop of ``inos``: opens of them wait."""
+        self.collecting = inos
+        self.collected = trio.Event()
+        return self.collected
+
+    def end_collecting(self, done: trio.Event) -> None:
+        self.collecting = set()
+        done.set()
+
     def _open_version(self, version: dict[str, Any], **info: Any) -> pyfuse3.FileInfo:
         """Open a version's blob, after a cheap check (exists, right size): a damaged
-        version fails with EIO, never serves wrong bytes (the scrub checks the hash)."""
+        version fails with EIO, never serves wrong bytes (the scrub checks the hash).
+        A version being collected right now raises _BeingCollected (``open`` waits)."""
+        if version["ino"] in self.collecting:
+            raise _BeingCollected(self.collected)
         if version.get("damaged"):
             log.warning("version %s is damaged (%s): not served", version["id"],
                         version["damaged"]["reason"])
@@ -418,6 +455,13 @@ class BuffyFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, **info)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        while True:
+            try:
+                return await self._open(inode, flags)
+            except _BeingCollected as e:  # the commit decides: gone (ENOENT) or kept
+                await e.done.wait()
+
+    async def _open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
         node = self._node(inode)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if node.kind in ("root_control", "control"):
@@ -438,8 +482,13 @@ class BuffyFS(pyfuse3.Operations):
             await self._check_on_open(node.source)
             return await self._open_latest(node.source)
         if node.kind in ("root_status", "status", "root_metrics"):
-            data = self.metrics.render(self.index) if node.kind == "root_metrics" \
-                else self._render_status(node.source)
+            # built in a worker thread (its own read transaction): a big cache's takes
+            # seconds of reading and JSON
+            if node.kind == "root_metrics":
+                data = await trio.to_thread.run_sync(self.metrics.render, self.index)
+            else:
+                data = await trio.to_thread.run_sync(self._render_status, node.source,
+                                                     self.live_progress())
             return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(data)),
                                     direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR)
@@ -489,12 +538,13 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         return v
 
-    def _render_status(self, source: str | None) -> bytes:
+    def _render_status(self, source: str | None, progress: dict[str, Any]) -> bytes:
+        """The JSON of an ``@status`` file (in a worker thread: reads the index only)."""
         if source is None:
             obj = self.cache.root_status()
         else:
             try:
-                obj = self.cache.source_status(source, self.live_progress())
+                obj = self.cache.source_status(source, progress)
             except BuffyError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
         return (json.dumps(obj, indent=2) + "\n").encode()

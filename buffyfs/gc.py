@@ -8,7 +8,9 @@ first; it never evicts ``latest``, the newest ``valid``, a ``keep`` version, or 
 version some reader has open.
 
 Order of work, so that a crash at any point loses nothing committed:
-  1. one index transaction drops the doomed versions and their blob references;
+  0. the plan reads a snapshot (a read transaction: no writer waits for it);
+  1. short index transactions drop the doomed versions and their blob references,
+     each re-checking that what it drops is still unprotected and not open (``commit``);
   2. then the blob files that lost their last reference are unlinked (in a worker
      thread: it may wait for the commit lock).
 A crash between 1 and 2 leaves orphan blob files, which ``sweep_orphans`` removes.
@@ -140,24 +142,92 @@ class CommitLock(FileLock):
         super().__init__(blobs.partial_dir / ".commit.lock")  # no source name starts with "."
 
 
+COMMIT_BATCH = 256  # doomed versions per write transaction: each holds the writer briefly
+
+
+def plan_snapshot(index: Index, open_inos: set[int], need: int = 0,
+                  max_size: int | None = None) -> Report:
+    """``plan`` in a read transaction: it never holds LMDB's writer lock, so it may take
+    seconds (in a worker thread) while others write. What it dooms is re-checked by
+    ``commit``."""
+    with index.read() as r:
+        return plan(r, open_inos, need, max_size)
+
+
+def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None) -> Report:
+    """Drop ``doomed`` (a plan made earlier, in a snapshot) in ONE write transaction,
+    re-checking each version against the index as it is now: it must still exist (same
+    inode), not be protected (latest, newest valid, keep, pin: ``protected_ids`` over
+    the source's versions now) and not be in ``open_inos``. The others are skipped.
+
+    Keep ``doomed`` short (``COMMIT_BATCH``): the transaction holds the writer lock.
+    Returns what was dropped, with the blob files to unlink (``unlink_blobs``).
+    """
+    report = Report()
+    skipped = 0
+    with index.write() as w:
+        protected: dict[str, set[str]] = {}  # source -> protected ids, now
+        for d in doomed:
+            v = d.version
+            if open_inos is not None and v["ino"] in open_inos:
+                skipped += 1
+                continue
+            if d.reason == "source removed":
+                still = w.version_by_inode(v["ino"])
+                if still is None or still[0] != d.source:
+                    skipped += 1  # collected meanwhile
+                    continue
+            else:
+                now = w.version(d.source, v["id"])
+                if now is None or now["ino"] != v["ino"]:
+                    skipped += 1
+                    continue
+                if d.source not in protected:
+                    src = w.source(d.source)
+                    protected[d.source] = protected_ids(src, w.versions(d.source)) \
+                        if src else set()
+                if v["id"] in protected[d.source]:
+                    skipped += 1  # tagged keep, pinned, or latest again since the plan
+                    continue
+            entry = w.blob_ref(v["sha256"])
+            report.freed.setdefault(d.source, 0)
+            if w.drop_version(d.source, v):
+                report.unlink.append(v["sha256"])
+                report.freed[d.source] += entry["size"] if entry else 0
+            report.doomed.append(d)
+    for d in report.doomed:
+        log.info("%s: collected version %s (%s)", d.source, d.version["id"], d.reason)
+    if skipped:
+        log.info("collection: %d version(s) kept after all (open, protected or gone "
+                 "since the plan)", skipped)
+    crash.point("gc-after-commit")  # orphans left here are swept on the next start
+    return report
+
+
+def merge(into: Report, part: Report) -> None:
+    into.doomed += part.doomed
+    into.unlink += part.unlink
+    for source, n in part.freed.items():
+        into.freed[source] = into.freed.get(source, 0) + n
+
+
 def collect(index: Index, blobs: BlobStore, open_inos: set[int], need: int = 0,
             max_size: int | None = None, dry_run: bool = False) -> Report:
     """Decide and commit a collection (and room for ``need`` bytes under ``max_size``).
 
-    Never blocks on a lock: the plan and the index commit are one write transaction,
-    so no version can be protected (tagged, opened through the index) meanwhile.
-    The blob files that lost their last user are in ``report.unlink``: pass them to
-    ``unlink_blobs`` (which may wait for a download's commit, so not on an event loop).
+    The plan reads a snapshot; the commit is short write transactions of
+    ``COMMIT_BATCH`` versions, each re-checking what it drops (``commit``), so no
+    version protected meanwhile (tagged, pinned) is lost and other writers wait for
+    one batch at most. The blob files that lost their last user are in
+    ``report.unlink``: pass them to ``unlink_blobs`` (which may wait for a download's
+    commit, so not on an event loop).
     """
+    planned = plan_snapshot(index, open_inos, need, max_size)
     if dry_run:
-        with index.read() as r:
-            return plan(r, open_inos, need, max_size)
-    with index.write() as w:
-        report = plan(w, open_inos, need, max_size)
-        report.unlink = _drop(w, report.doomed)
-    for d in report.doomed:
-        log.info("%s: collected version %s (%s)", d.source, d.version["id"], d.reason)
-    crash.point("gc-after-commit")  # orphans left here are swept on the next start
+        return planned
+    report = Report()
+    for start in range(0, len(planned.doomed), COMMIT_BATCH):
+        merge(report, commit(index, planned.doomed[start:start + COMMIT_BATCH], open_inos))
     return report
 
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pyfuse3
 import trio
 
-from buffyfs import __version__, downloader, gc
+from buffyfs import __version__, downloader, gc, watchdog
 from buffyfs.cache import Cache
 from buffyfs.errors import BuffyError, CacheError
 from buffyfs.fs import BuffyFS
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.5  # how often the mount looks for changes made by other processes
 GC_INTERVAL = 600.0  # periodic collection, besides the one after each new version
 SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
+SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval of the daemon (see run)
+SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, collector)
 
 
 @dataclass
@@ -65,7 +68,14 @@ def run(settings: Settings) -> None:
     try:
         sync_config(cache, settings)
         cache.set_max_cache_size(settings.max_cache_size)
-        trio.run(_serve, cache, settings)
+        # built before the loop runs: loading the CA certificates takes ~0.1 s
+        client = downloader.new_client()
+        # Worker threads (collections, @status) run Python too: the loop thread waits up
+        # to the switch interval for the GIL each time it wakes. 5 ms by default, several
+        # times per request; 0.5 ms keeps a request's wait to a few ms.
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        with watchdog.LoopMonitor() as monitor:
+            trio.run(_serve, cache, settings, client, instruments=[monitor])
     finally:
         os.close(lock_fd)
         cache.close()
@@ -73,8 +83,15 @@ def run(settings: Settings) -> None:
 
 class Collector:
     """Garbage collection inside the mount: after each new version, periodically, and
-    when ``buffyfs gc`` asks. Runs on the event loop between awaits, so the set of
-    open versions cannot change while a collection decides."""
+    when ``buffyfs gc`` asks.
+
+    Off the event loop: the plan reads a snapshot in a worker thread, and each batch of
+    it commits in a worker thread (``gc.commit``, which re-checks protection). What is
+    open may change meanwhile, so just before each batch's commit, on the loop, the
+    versions opened since the plan are taken out of it, and the batch's inodes are
+    marked ``fs.collecting``: an open of one of them waits for the commit and then
+    resolves again (the version is gone, or was kept).
+    """
 
     def __init__(self, cache: Cache, fs: BuffyFS, max_size: int | None,
                  nursery: trio.Nursery) -> None:
@@ -83,39 +100,94 @@ class Collector:
         self.max_size = max_size
         self.nursery = nursery
         self.wake = trio.Event()
+        self.lock = trio.Lock()  # one collection at a time
+        self.asked = False  # a `buffyfs gc` request may be waiting
+        self.answering = False
 
     def kick(self, name: str = "") -> None:
         self.wake.set()
 
     def make_room(self, need: int) -> None:
-        """Evict so that ``need`` more bytes fit under the quota (CacheFull if not)."""
-        if self.max_size is not None:
-            self.collect(need)
+        """Evict so that ``need`` more bytes fit under the quota (CacheFull if not).
 
-    def collect(self, need: int = 0, dry_run: bool = False) -> gc.Report:
-        report = gc.collect(self.cache.index, self.cache.blobs, set(self.fs.open_inos), need,
-                            self.max_size, dry_run)
-        if not dry_run:
-            self.nursery.start_soon(trio.to_thread.run_sync, gc.unlink_blobs,
-                                    self.cache.index, self.cache.blobs, report.unlink)
-            removed: dict[str, list[str]] = {}
-            for d in report.doomed:
-                removed.setdefault(d.source, []).append(d.version["id"])
-            for source, vids in removed.items():
-                self.fs.versions_removed(source, vids)
-        return report
+        Called by the refresher on the loop, as a download grows: when the bytes fit
+        already (one index read) it returns at once; only a quota that must evict
+        plans and commits here, on the loop (the refresher's call is not async)."""
+        if self.max_size is None:
+            return
+        with self.cache.index.read() as r:
+            used = r.blob_bytes()
+        if used + need <= self.max_size:
+            return
+        report = gc.collect(self.cache.index, self.cache.blobs, set(self.fs.open_inos),
+                            need, self.max_size)
+        self._collected(report)
+
+    async def collect(self, need: int = 0, dry_run: bool = False) -> gc.Report:
+        async with self.lock:
+            planned = await trio.to_thread.run_sync(
+                gc.plan_snapshot, self.cache.index, set(self.fs.open_inos), need,
+                self.max_size)
+            if dry_run:
+                return planned
+            report = gc.Report()
+            for start in range(0, len(planned.doomed), gc.COMMIT_BATCH):
+                batch = planned.doomed[start:start + gc.COMMIT_BATCH]
+                gc.merge(report, await self._commit(batch))
+            return report
+
+    async def _commit(self, batch: list[gc.Doomed]) -> gc.Report:
+        # No await between the re-check and marking the batch: an open either counted
+        # already (kept) or waits for the commit (fs.open).
+        open_now = set(self.fs.open_inos)
+        batch = [d for d in batch if d.version["ino"] not in open_now]
+        done = self.fs.start_collecting({d.version["ino"] for d in batch})
+        try:
+            part = await trio.to_thread.run_sync(gc.commit, self.cache.index, batch,
+                                                 open_now)
+        finally:
+            self.fs.end_collecting(done)
+        await self._collected_async(part)
+        return part
+
+    def _collected(self, report: gc.Report) -> None:
+        """After a commit: unlink the blob files (a worker thread) and drop the kernel's
+        entries of the collected versions."""
+        for _ in self._forget(report):
+            pass
+
+    async def _collected_async(self, report: gc.Report) -> None:
+        """``_collected``, a chunk of sources per loop turn."""
+        for _ in self._forget(report):
+            await trio.lowlevel.checkpoint()
+
+    def _forget(self, report: gc.Report) -> Iterator[None]:
+        start_task(self.nursery, "blob unlinking", trio.to_thread.run_sync, gc.unlink_blobs,
+                   self.cache.index, self.cache.blobs, report.unlink,
+                   restart=False)  # what is left is swept as orphans at the next start
+        removed: dict[str, list[str]] = {}
+        for d in report.doomed:
+            removed.setdefault(d.source, []).append(d.version["id"])
+        for i, (source, vids) in enumerate(removed.items()):
+            if i and i % SYNC_CHUNK == 0:
+                yield
+            self.fs.versions_removed(source, vids)
 
     async def run(self) -> None:
         # Orphans a crash left are swept at start, retried while a commit is under way.
         while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110 (a flock)
             await trio.sleep(SWEEP_RETRY)
         while True:
-            with trio.move_on_after(GC_INTERVAL):
+            with trio.move_on_after(GC_INTERVAL) as periodic:
                 await self.wake.wait()
             self.wake = trio.Event()
             try:
-                self.collect()
-                self.sweep_partials()
+                await self.collect()
+                # partial files are swept on the periodic round (and by `buffyfs gc`),
+                # not after each new version: that sweep would race the report of a
+                # `buffyfs gc` asked meanwhile
+                if periodic.cancelled_caught:
+                    await trio.to_thread.run_sync(self.sweep_partials)
             except BuffyError as e:
                 log.error("collection failed: %s", e)
 
@@ -129,20 +201,42 @@ class Collector:
             log.error("sweeping partial files failed: %s", e)
             return []
 
-    def answer_request(self) -> None:
+    def request_seen(self) -> None:
+        """The root changed: a ``buffyfs gc`` may have asked; answer in a task."""
+        self.asked = True
+        if not self.answering:
+            self.answering = True
+            self.nursery.start_soon(self._answer_requests)
+
+    async def _answer_requests(self) -> None:
+        try:
+            while self.asked:
+                self.asked = False
+                await self.answer_request()
+        except Exception:  # keep serving: the CLI times out and says so
+            log.exception("answering a gc request failed")
+        finally:
+            self.answering = False
+
+    async def answer_request(self) -> None:
         """Run a collection ``buffyfs gc`` asked for, and leave the report for it."""
         with self.cache.index.read() as r:
             request = r.meta_json("gc_request")
             done = r.meta_json("gc_result") or {}
         if not request or done.get("id") == request["id"]:
             return
+        report, error = None, None
         try:
-            report = self.collect(dry_run=request["dry_run"])
+            report = await self.collect(dry_run=request["dry_run"])
             if not request["dry_run"]:
-                report.orphans += self.sweep_partials()
-            result = {"id": request["id"], "report": report_json(report), "error": None}
+                report.orphans += await trio.to_thread.run_sync(self.sweep_partials)
         except BuffyError as e:
-            result = {"id": request["id"], "report": None, "error": str(e)}
+            error = str(e)
+        await trio.to_thread.run_sync(self._put_result, request["id"], report, error)
+
+    def _put_result(self, rid: str, report: gc.Report | None, error: str | None) -> None:
+        result = {"id": rid, "report": report_json(report) if report else None,
+                  "error": error}
         with self.cache.index.write() as w:
             w.put_meta_json("gc_result", result)
 
@@ -157,8 +251,8 @@ def report_json(report: gc.Report) -> dict:
     }
 
 
-async def _serve(cache: Cache, settings: Settings) -> None:
-    async with downloader.new_client() as client, trio.open_nursery() as nursery:
+async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) -> None:
+    async with client, trio.open_nursery() as nursery:
         refresher = Refresher(cache.index, cache.blobs, client, settings.max_downloads,
                               settings.max_downloads_per_host)
         fs = BuffyFS(cache, None, progress=lambda: dict(refresher.progress))
@@ -190,6 +284,11 @@ async def _serve(cache: Cache, settings: Settings) -> None:
                                                   fs.report_damage, fs.metrics).run)
             scheduler.start_all()
             start_task(nursery, "scheduler", scheduler.run)
+            heartbeat = watchdog.watchdog_interval()
+            if heartbeat is not None:
+                start_task(nursery, "watchdog feeder", watchdog.feed_watchdog, heartbeat)
+            if watchdog.hooks_enabled():
+                start_task(nursery, "test hook", watchdog.block_loop_on_signal)
             with cache.index.read() as r:
                 names = r.source_names()
                 versions = r.version_count()
@@ -198,10 +297,10 @@ async def _serve(cache: Cache, settings: Settings) -> None:
             if settings.ready_fd is not None:
                 os.write(settings.ready_fd, b"ready\n")
                 os.close(settings.ready_fd)
-            notify_systemd(b"READY=1")
+            watchdog.notify_systemd(b"READY=1")
             await pyfuse3.main()
         finally:
-            notify_systemd(b"STOPPING=1")
+            watchdog.notify_systemd(b"STOPPING=1")
             nursery.cancel_scope.cancel()
             pyfuse3.close(unmount=True)
             with trio.CancelScope(shield=True):
@@ -269,20 +368,6 @@ def _set_readahead(mountpoint: str) -> None:
         log.debug("read-ahead left as it is (%s): %s", path, e.strerror)
 
 
-def notify_systemd(message: bytes) -> None:
-    """sd_notify: tell systemd (Type=notify) that the mount is live or stopping."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message, address)
-    except OSError as e:
-        log.warning("cannot notify systemd: %s", e)
-
-
 async def _watch_signals(cache: Cache, settings: Settings, collector: Collector,
                          fs: BuffyFS) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -324,24 +409,27 @@ async def _watch_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,
     while True:
         await trio.sleep(POLL_INTERVAL)
         try:
-            seq = _apply_changes(cache, scheduler, fs, collector, seq)
+            seq = await _apply_changes(cache, scheduler, fs, collector, seq)
         except Exception:  # keep serving: the next round looks again
             log.exception("applying index changes failed")
 
 
-def _apply_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS, collector: Collector,
-                   seq: int) -> int:
-    """One round of the change watcher; returns the new change counter."""
+async def _apply_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,
+                         collector: Collector, seq: int) -> int:
+    """One round of the change watcher; returns the new change counter. Many changed
+    sources (a collection touches thousands) are synced a chunk per loop turn."""
     seq, names = cache.index.changes_since(seq)
     if names is None:  # too far behind to tell: look at everything
         with cache.index.read() as r:
             names = set(r.source_names()) | scheduler.known | {""}
     if "" in names:
         names.discard("")
-        collector.answer_request()
-    for name in names:
+        collector.request_seen()
+    for i, name in enumerate(sorted(names)):
+        if i and i % SYNC_CHUNK == 0:
+            await trio.lowlevel.checkpoint()
         fs.sync(name)
-    if names:
-        for name in cache.index.take_refresh_requests():
+    if names:  # a write transaction (fsync, LMDB's writer lock): not on the loop
+        for name in await trio.to_thread.run_sync(cache.index.take_refresh_requests):
             scheduler.kick(name)
     return seq

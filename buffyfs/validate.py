@@ -1,8 +1,10 @@
 """Checks run on every new version before it can become ``latest`` (the ``validate``
 option): ``min_size``, ``sha256``, ``content_type`` and ``cmd``.
 
-``cmd`` runs without a shell, the blob's path appended as its last argument, in a
-worker thread with a timeout; exit 0 passes.
+``cmd`` runs without a shell, the blob's path appended as its last argument, with a
+timeout; exit 0 passes. It runs as a trio subprocess (``trio.run_process``): the loop
+is free meanwhile, and a cancelled refresh (an unmount) kills the command instead of
+waiting for it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ async def failure(rules: dict[str, Any], path: Path, size: int, sha256: str,
             return f"content type {content_type or '(none)'!r} is not {rules['content_type']!r}"
     if "cmd" in rules:
         timeout = parse_duration(rules.get("timeout", DEFAULT_VALIDATE_TIMEOUT))
-        return await trio.to_thread.run_sync(_run_cmd, rules["cmd"], path, timeout)
+        return await _run_cmd(rules["cmd"], path, timeout)
     return None
 
 
@@ -39,19 +41,22 @@ def _media_type(value: str) -> str:
     return value.split(";")[0].strip().lower()
 
 
-def _run_cmd(cmd: str, path: Path, timeout: int) -> str | None:
+async def _run_cmd(cmd: str, path: Path, seconds: int) -> str | None:
     argv = shlex.split(cmd) + [str(path)]
+    done = None
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, timeout=timeout)
+        with trio.move_on_after(seconds):  # cancelled, run_process kills the command
+            done = await trio.run_process(argv, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, capture_stderr=True,
+                                          check=False)
     except FileNotFoundError:
         return f"validation command not found: {argv[0]}"
     except PermissionError:
         return f"validation command not executable: {argv[0]}"
     except OSError as e:  # e.g. a script without a #! line
         return f"validation command {argv[0]} cannot run: {e.strerror}"
-    except subprocess.TimeoutExpired:
-        return f"validation command {argv[0]} timed out after {timeout}s"
+    if done is None:
+        return f"validation command {argv[0]} timed out after {seconds}s"
     if done.returncode != 0:
         tail = done.stderr.decode(errors="replace").strip().splitlines()
         how = f"status {done.returncode}" if done.returncode > 0 else \

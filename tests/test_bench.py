@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ["read-warm", "read-dropped", "fetch", "parallel", "ls", "stat", "mount-start",
-           "rss", "gc"]
+           "rss", "gc", "stall"]
 
 
 @pytest.mark.timeout(330)

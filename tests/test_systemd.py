@@ -195,3 +195,14 @@ def test_units_run_the_installed_script(unit: Path) -> None:
         for command in values(unit, key):
             assert command.split()[0] == BINARY, command
             assert " -m " not in command and "python" not in command, command
+
+
+@pytest.mark.parametrize("unit", [SYSTEM_UNIT, USER_UNIT], ids=["system", "user"])
+def test_units_restart_a_wedged_daemon(unit: Path) -> None:
+    # The daemon sends WATCHDOG=1 from its event loop every WatchdogSec/2 (watchdog.py,
+    # tests/test_liveness.py): a loop blocked for WatchdogSec gets it killed, and
+    # restarted. The heartbeats come from the main process only.
+    (watchdog,) = values(unit, "WatchdogSec")
+    assert watchdog.endswith("s") and 10 <= int(watchdog[:-1]) <= 120, watchdog
+    assert values(unit, "NotifyAccess") == ["main"]
+    assert values(unit, "Restart") == ["on-failure"]  # a watchdog kill counts as a failure

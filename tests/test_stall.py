@@ -1,0 +1,194 @@
+"""Never stalling (SPEC part 2): heavy work runs off the event loop, so a `stat` through
+the mount is answered while a collection runs or `@status` is built.
+
+The big caches are written straight into the index (bench.common.populate); their
+blobs are absent, so the mounts run without the scrub (a stat never opens a blob).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bench.common import populate
+from buffyfs import gc
+from buffyfs.cache import Cache
+from buffyfs.index import Index
+from tests.conftest import Mount, wait_for
+from tests.test_mount import write_control
+
+SOURCES = 4000  # x 5 versions: a collection on the loop held it ~2-4 s here
+STALL_BOUND = 1.0  # seconds: far above a loaded machine's noise, far below the old stalls
+
+
+def build(cache_dir: Path, sources: int = SOURCES, per_source: int = 5) -> None:
+    c = Cache(cache_dir)
+    try:
+        populate(c.index, sources, per_source, size=100,
+                 options={"refresh": "never", "keep_versions": 1},
+                 sha256=lambda s, i: hashlib.sha256(f"{s}-{i}".encode()).hexdigest())
+    finally:
+        c.close()
+
+
+class Prober:
+    """Stats SRC/latest of ever other sources (so that each stat reaches the daemon) in
+    a thread, every 5 ms, and records the longest wait."""
+
+    def __init__(self, mnt: Path, sources: int) -> None:
+        self.mnt = mnt
+        self.sources = sources
+        self.stop = threading.Event()
+        self.times: list[float] = []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            os.stat(self.mnt / f"src{1 + i % (self.sources - 1)}" / "latest")
+            self.times.append(time.perf_counter() - t)
+            i += 1
+            time.sleep(0.005)
+
+    def __enter__(self) -> Prober:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "a stat through the mount hung"
+
+
+def slow_turns(m: Mount, *words: str) -> list[str]:
+    """The loop monitor's warnings that mention any of ``words``."""
+    return [line for line in m.log_text().splitlines()
+            if "event loop" in line and any(w in line for w in words)]
+
+
+@pytest.fixture
+def big_mount(cache_dir: Path, mount_factory: Callable[..., Mount]) -> Mount:
+    build(cache_dir)
+    m = mount_factory("--scrub-interval", "never")
+    os.stat(m / "src0" / "latest")
+    return m
+
+
+def test_stat_answers_while_the_mount_collects(big_mount: Mount) -> None:
+    m = big_mount
+    with Prober(m.path, SOURCES) as prober:
+        time.sleep(0.2)
+        done = subprocess.run([sys.executable, "-m", "buffyfs", "gc", "--cache", str(m.cache)],
+                              capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+        time.sleep(0.2)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("2 version(s)") == SOURCES  # keep_versions=1: 2 in 5 go
+    worst = max(prober.times)
+    assert len(prober.times) > 20
+    assert worst < STALL_BOUND, f"a stat waited {worst:.2f} s during the collection"
+    assert not slow_turns(m, "gc.", "Collector"), slow_turns(m, "gc.", "Collector")
+    assert len(os.listdir(m / "src1" / "@versions")) == 3
+
+
+STATUS_SOURCES = 10_000  # x 2 versions: building @status on the loop held it ~1 s here
+STATUS_BOUND = 0.4  # seconds
+
+
+def test_stat_answers_while_status_metrics_and_listings_are_built(
+        cache_dir: Path, mount_factory: Callable[..., Mount]) -> None:
+    build(cache_dir, STATUS_SOURCES, 2)
+    m = mount_factory("--scrub-interval", "never")
+    os.stat(m / "src0" / "latest")
+    stop = threading.Event()
+    built: list[int] = []
+
+    def readers() -> None:
+        while not stop.is_set():
+            built.append(len((m / "@status").read_bytes()))
+            built.append(len((m / "@metrics").read_bytes()))
+            built.append(len(os.listdir(m.path)))
+
+    reader = threading.Thread(target=readers, daemon=True)
+    with Prober(m.path, STATUS_SOURCES) as prober:
+        reader.start()
+        wait_for(lambda: len(built) >= 9, timeout=120, what="three rounds of reading")
+        stop.set()
+        reader.join(timeout=60)
+    assert not reader.is_alive()
+    assert built[2] == STATUS_SOURCES + 3  # the root: its sources, @status, @control, @metrics
+    worst = max(prober.times)
+    assert worst < STATUS_BOUND, f"a stat waited {worst:.2f} s while @status was built"
+    words = ("status", "metrics", "_list", "readdir")
+    assert not slow_turns(m, *words), slow_turns(m, *words)
+
+
+def test_unmount_kills_a_running_validation_command(origin, tmp_path: Path,
+                                                   mnt: Mount) -> None:
+    pidfile = tmp_path / "validator.pid"
+    script = tmp_path / "validator"
+    script.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    script.chmod(0o755)
+    origin.set("/v", b"body to validate")
+    write_control(mnt / "@control", f"add v {origin.url('/v')} validate.cmd={script} "
+                  "validate.timeout=120s")
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20,
+             what="the validation command")
+    pid = int(pidfile.read_text())
+    try:
+        t = time.monotonic()
+        mnt.proc.send_signal(signal.SIGTERM)
+        mnt.proc.wait(timeout=10)  # not the 60 s of the command
+        assert time.monotonic() - t < 8
+        wait_for(lambda: not _alive(pid), 10, what="the validation command to end")
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie has ended
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+# --- the collection's commit re-checks its plan --------------------------------------------
+
+
+def test_commit_skips_what_was_protected_or_opened_since_the_plan(tmp_path: Path) -> None:
+    build(tmp_path, sources=3)
+    index = Index(tmp_path / "index")
+    try:
+        planned = gc.plan_snapshot(index, set())
+        doomed = {(d.source, d.version["id"]): d for d in planned.doomed}
+        assert len(doomed) == 6  # 2 in each of 3 sources
+        (s0, keep_id), (s1, open_id) = [k for k in doomed if k[0] == "src0"][0], \
+            [k for k in doomed if k[0] == "src1"][0]
+        index.change_tag(s0, keep_id, add="keep")  # tagged keep after the plan
+        opened = doomed[(s1, open_id)].version["ino"]
+        first = gc.commit(index, planned.doomed[:3], open_inos={opened})
+        second = gc.commit(index, planned.doomed[3:], open_inos={opened})
+        again = gc.commit(index, planned.doomed, open_inos=set())  # all gone or kept
+        dropped = {(d.source, d.version["id"]) for d in first.doomed + second.doomed}
+        assert dropped == set(doomed) - {(s0, keep_id), (s1, open_id)}
+        assert [(d.source, d.version["id"]) for d in again.doomed] == [(s1, open_id)]
+        with index.read() as r:
+            assert r.version(s0, keep_id) is not None
+            assert r.version(s1, open_id) is None
+            # every blob reference counted once: the freed blobs are gone from the table
+            assert all(r.blob_ref(d.version["sha256"]) is None
+                       for d in first.doomed + second.doomed + again.doomed)
+    finally:
+        index.close()
