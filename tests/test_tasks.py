@@ -64,7 +64,7 @@ def test_a_failing_collector_is_logged_and_restarted_and_the_mount_stays_up(
         origin, cli, tmp_path, monkeypatch, mount_factory):
     origin.set("/a", b"one")
     cli("add", "a", origin.url("/a"), check=True)
-    m, calls = planted_mount(tmp_path, monkeypatch, mount_factory, "buffyfs.gc:collect")
+    m, calls = planted_mount(tmp_path, monkeypatch, mount_factory, "buffyfs.gc:plan_snapshot")
     assert (m / "a/latest").read_bytes() == b"one"  # a new version: the collector runs
     wait_for(lambda: unexpected(m, "collector"), what="the collector's failure in the log")
     assert m.proc.poll() is None, "the mount ended with its collector"
