@@ -494,7 +494,8 @@ class BuffyFS(pyfuse3.Operations):
             obj = self.cache.root_status()
         else:
             try:
-                obj = self.cache.source_status(source, self.live_progress())
+                obj = self.cache.source_status(source, self.live_progress(),
+                                               set(self.open_inos))
             except BuffyError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
         return (json.dumps(obj, indent=2) + "\n").encode()

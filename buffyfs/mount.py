@@ -109,12 +109,15 @@ class Collector:
         # Orphans a crash left are swept at start, retried while a commit is under way.
         while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110 (a flock)
             await trio.sleep(SWEEP_RETRY)
+        wait = GC_INTERVAL
         while True:
-            with trio.move_on_after(GC_INTERVAL):
+            with trio.move_on_after(wait):
                 await self.wake.wait()
             self.wake = trio.Event()
+            wait = GC_INTERVAL
             try:
-                self.collect()
+                report = self.collect()
+                wait = gc.seconds_until(report.wake_at, GC_INTERVAL)  # a hold or grace ends
                 self.sweep_partials()
             except BuffyError as e:
                 log.error("collection failed: %s", e)
