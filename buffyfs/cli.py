@@ -742,6 +742,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{source}: {count} version(s), {verb} {_human(report['freed'].get(source, 0))}")
     for path in report["orphans"]:
         print(f"removed orphan {path}")
+    for k in report.get("kept", []):  # dry runs: why every other version stays
+        print(f"{k['source']}: keeps {k['id']} ({', '.join(k['reasons'])})")
     print(f"total: {verb} {_human(report['total'])}")
     return 0
 

@@ -72,11 +72,19 @@ class Doomed:
 
 
 @dataclass
+class Kept:
+    source: str
+    id: str
+    reasons: list[Why]
+
+
+@dataclass
 class Report:
     doomed: list[Doomed] = field(default_factory=list)
     freed: dict[str, int] = field(default_factory=dict)  # source -> bytes of blobs freed
     orphans: list[str] = field(default_factory=list)  # orphan blob files and partials removed
     unlink: list[str] = field(default_factory=list)  # blobs whose last user went
+    kept: list[Kept] = field(default_factory=list)  # what stays and why (dry runs only)
     wake_at: str | None = None  # the earliest end of a hold or grace: collect again then
 
     @property
@@ -173,13 +181,21 @@ def _next_end(reasons: list[Why], soonest: str | None) -> str | None:
     return soonest
 
 
+@dataclass
+class Retention:
+    doomed: list[Doomed]  # garbage by the retention rules
+    extras: list[Doomed]  # what the quota may evict, in eviction order
+    kept: list[Kept]  # every version kept, and why
+    wake_at: str | None  # the earliest end of a hold or grace: collect again then
+
+
 def retention_garbage(r: Reader, open_inos: set[int], now: datetime | None = None
-                      ) -> tuple[list[Doomed], list[Doomed], str | None]:
-    """(garbage by the retention rules, quota candidates in eviction order, the
-    earliest end of a hold or grace: a collection then may free more)."""
+                      ) -> Retention:
+    """What the retention rules keep and drop, and what the quota may evict."""
     now = now or now_utc()
     doomed: list[Doomed] = []
     extras: list[tuple[bool, str, Doomed]] = []  # (in grace, fetched_at, candidate)
+    kept: list[Kept] = []
     soonest: str | None = None
     for name, src in r.sources():
         versions = r.versions(name)
@@ -190,13 +206,15 @@ def retention_garbage(r: Reader, open_inos: set[int], now: datetime | None = Non
             kinds = {w.kind for w in reasons}
             if not kinds:
                 doomed.append(Doomed(name, v, "retention"))
-            elif kinds <= EVICTABLE:
+                continue
+            kept.append(Kept(name, v["id"], reasons))
+            if kinds <= EVICTABLE:
                 extras.append((("grace" in kinds), v["fetched_at"], Doomed(name, v, "quota")))
     for g in r.garbage():
         if g["ino"] not in open_inos:
             doomed.append(Doomed(g["source"], g, "source removed"))
     extras.sort(key=lambda e: (e[0], e[1]))
-    return doomed, [d for _, _, d in extras], soonest
+    return Retention(doomed, [d for _, _, d in extras], kept, soonest)
 
 
 def seconds_until(stamp: str | None, longest: float) -> float:
@@ -228,7 +246,8 @@ def plan(r: Reader, open_inos: set[int], need: int = 0,
 
     Raises CacheFull when even evicting every unprotected version is not enough.
     """
-    doomed, extras, soonest = retention_garbage(r, open_inos, now)
+    retention = retention_garbage(r, open_inos, now)
+    doomed, extras = retention.doomed, retention.extras
     freed = _freed_by(r, doomed)
     if max_size is not None:
         used = r.blob_bytes() - sum(freed.values())
@@ -244,7 +263,9 @@ def plan(r: Reader, open_inos: set[int], need: int = 0,
         if used > max_size:
             log.warning("cache over max_cache_size by %d bytes of protected versions",
                         used - max_size)
-    return Report(doomed=doomed, freed=freed, wake_at=soonest)
+    evicted = {(d.source, d.version["id"]) for d in doomed if d.reason == "quota"}
+    kept = [k for k in retention.kept if (k.source, k.id) not in evicted]
+    return Report(doomed=doomed, freed=freed, kept=kept, wake_at=retention.wake_at)
 
 
 class CommitLock(FileLock):
@@ -270,6 +291,7 @@ def collect(index: Index, blobs: BlobStore, open_inos: set[int], need: int = 0,
     with index.write() as w:
         report = plan(w, open_inos, need, max_size)
         report.unlink = _drop(w, report.doomed)
+    report.kept = []  # a real collection reports what it freed, not every version left
     for d in report.doomed:
         log.info("%s: collected version %s (%s)", d.source, d.version["id"], d.reason)
     crash.point("gc-after-commit")  # orphans left here are swept on the next start

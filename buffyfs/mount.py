@@ -157,6 +157,8 @@ def report_json(report: gc.Report) -> dict:
         "freed": report.freed,
         "total": report.total,
         "orphans": report.orphans,
+        "kept": [{"source": k.source, "id": k.id, "reasons": [str(w) for w in k.reasons]}
+                 for k in report.kept],
     }
 
 

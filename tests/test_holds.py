@@ -144,3 +144,23 @@ def test_bad_durations_and_unknown_versions_are_refused(origin, mnt):
         assert done.returncode == 1 and "Traceback" not in done.stderr, args
         assert len(done.stderr.strip().splitlines()) == 1
     assert versions(mnt, "b")[a]["held_until"] is None
+
+
+def test_gc_dry_run_and_status_say_why_each_version_is_kept(origin, mnt):
+    a, b, c, d, e = make_versions(origin, mnt, "w", [b"A", b"B", b"C", b"D", b"E"],
+                                  "keep_versions=1 keep_for=1h")
+    write_control(mnt / "w/@control", f"tag {a} keep\ntag {e} valid\nhold {b} 1h")
+    until = versions(mnt, "w")[b]["held_until"]
+    with open(mnt / f"w/@versions/{c}", "rb"):
+        out = run_cli("gc", "--dry-run", cache=mnt.cache, check=True).stdout
+        kept = {v: versions(mnt, "w")[v]["kept"] for v in (a, b, c, d, e)}
+    assert f"w: keeps {e} (latest, valid)" in out
+    assert f"w: keeps {b} (held until {until})" in out
+    assert f"w: keeps {a} (keep tag)" in out
+    assert f"w: keeps {d} (keep_versions, grace until " in out
+    assert f"w: keeps {c} (grace until " in out and "open)" in out
+    assert kept[e] == ["latest", "valid"] and kept[a] == ["keep tag"]
+    assert kept[b] == [f"held until {until}"]
+    assert kept[d][0] == "keep_versions" and kept[d][1].startswith("grace until ")
+    assert kept[c][0].startswith("grace until ") and kept[c][1] == "open"
+    assert "total: would free 0 B" in out
