@@ -803,5 +803,6 @@ COMMANDS = {
     "mount": cmd_mount, "umount": cmd_umount, "add": cmd_add, "remove": cmd_remove,
     "list": cmd_list, "status": cmd_status, "versions": cmd_versions, "fetch": cmd_fetch,
     "refresh": cmd_refresh, "tag": cmd_tag, "untag": cmd_tag, "pin": cmd_pin,
-    "unpin": cmd_unpin, "hold": cmd_hold, "release": cmd_release, "gc": cmd_gc, "check": cmd_check, "completion": cmd_completion,
+    "unpin": cmd_unpin, "hold": cmd_hold, "release": cmd_release, "gc": cmd_gc,
+    "check": cmd_check, "completion": cmd_completion,
 }
