@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,14 @@ class Cache:
     def unpin(self, name: str) -> None:
         commands.run(self.index, [Command("unpin", [])], name)
 
+    def hold(self, name: str, ref: str, duration: str) -> dict[str, Any]:
+        """Hold a version (an id or ``latest``, resolved now) for ``duration``; returns
+        it as held."""
+        return commands.run(self.index, [Command("hold", [ref, duration])], name).results[0]
+
+    def release(self, name: str, ref: str) -> dict[str, Any]:
+        return commands.run(self.index, [Command("release", [ref])], name).results[0]
+
     def request_refresh(self, name: str, by: commands.RefreshBy) -> None:
         """Check that ``name`` may be refreshed (it is not pinned) and, ``by`` the
         running mount (``"request"``), ask it to; ``"check"`` only checks."""
@@ -204,11 +213,12 @@ class Cache:
         return result if result and result.get("id") == rid else None
 
     def source_status(
-        self, name: str, live_progress: dict[str, Any] | None = None
+        self, name: str, live_progress: dict[str, Any] | None = None,
+        open_inos: Collection[int] = (),
     ) -> dict[str, Any]:
         with self.index.read() as r:
             try:
-                return status.source_status(r, name, live_progress)
+                return status.source_status(r, name, live_progress, open_inos)
             except KeyError:
                 raise NotFound(f"no source named {name!r}") from None
 

@@ -32,6 +32,8 @@ SOURCE_OPTIONS = {
     "min_speed_time": "how long a body may stay below --min-speed (default 60s)",
     "attempt_max_time": "the longest one attempt may take in all (default 6h)",
     "keep_versions": "versions kept besides latest, newest valid and keep (default 5)",
+    "keep_for": "keep a version at least this long after it stops being latest "
+                "(default 0s: off)",
     "open_wait": "with --refresh on-open: how long an open waits for the check (default 5s)",
     "retry_backoff": "first wait before retrying a failed refresh, doubled per failure in a "
                      "row up to the refresh interval; halved for a source with no version "
@@ -41,7 +43,7 @@ SOURCE_OPTIONS = {
     "body": "request body (for POST)",
 }
 OPTION_METAVARS = {"refresh": "POLICY", "attempt_timeout": "DURATION", "open_wait": "DURATION",
-                   "retry_backoff": "DURATION",
+                   "keep_for": "DURATION", "retry_backoff": "DURATION",
                    "min_speed": "SIZE", "min_speed_time": "DURATION",
                    "attempt_max_time": "DURATION",
                    "max_attempts": "N", "keep_versions": "N", "proxy": "URL",
@@ -110,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("version", nargs="?", help="a version id or 'latest' (default)")
     up = sub.add_parser("unpin", parents=[common], help="follow the refresh policy again")
     up.add_argument("name")
+    hd = sub.add_parser("hold", parents=[common],
+                        help="keep a version from collection for a while; prints its id")
+    hd.add_argument("name")
+    hd.add_argument("version", help="a version id or 'latest' (resolved now)")
+    hd.add_argument("duration", help="how long, e.g. 30m, 12h, 1d")
+    rl = sub.add_parser("release", parents=[common], help="end a hold early")
+    rl.add_argument("name")
+    rl.add_argument("version", help="a version id or 'latest'")
 
     r = sub.add_parser("remove", parents=[common], help="unregister a source")
     r.add_argument("name")
@@ -585,6 +595,29 @@ def cmd_pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hold(args: argparse.Namespace) -> int:
+    """Print only the id held, so that ``V=$(buffyfs hold NAME latest 12h)`` works."""
+    from buffyfs.control import check_version_ref
+    from buffyfs.options import check_name, parse_duration
+
+    check_name(args.name)
+    check_version_ref(args.version)
+    parse_duration(args.duration, "hold duration")
+    v = _cache(args).hold(args.name, args.version, args.duration)
+    print(v["id"])
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from buffyfs.control import check_version_ref
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    check_version_ref(args.version)
+    _cache(args).release(args.name, args.version)
+    return 0
+
+
 def cmd_unpin(args: argparse.Namespace) -> int:
     from buffyfs.options import check_name
 
@@ -709,6 +742,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{source}: {count} version(s), {verb} {_human(report['freed'].get(source, 0))}")
     for path in report["orphans"]:
         print(f"removed orphan {path}")
+    for k in report.get("kept", []):  # dry runs: why every other version stays
+        print(f"{k['source']}: keeps {k['id']} ({', '.join(k['reasons'])})")
     print(f"total: {verb} {_human(report['total'])}")
     return 0
 
@@ -768,5 +803,6 @@ COMMANDS = {
     "mount": cmd_mount, "umount": cmd_umount, "add": cmd_add, "remove": cmd_remove,
     "list": cmd_list, "status": cmd_status, "versions": cmd_versions, "fetch": cmd_fetch,
     "refresh": cmd_refresh, "tag": cmd_tag, "untag": cmd_tag, "pin": cmd_pin,
-    "unpin": cmd_unpin, "gc": cmd_gc, "check": cmd_check, "completion": cmd_completion,
+    "unpin": cmd_unpin, "hold": cmd_hold, "release": cmd_release, "gc": cmd_gc,
+    "check": cmd_check, "completion": cmd_completion,
 }

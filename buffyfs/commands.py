@@ -1,4 +1,5 @@
-"""What the commands do: add, remove, set, tag, untag, pin, unpin and refresh, each
+"""What the commands do: add, remove, set, tag, untag, pin, unpin, refresh, hold and
+release, each
 checked and applied inside one index write transaction.
 
 The rules live here once, for every way in: the mount's control files (fs.py, through
@@ -26,12 +27,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from buffyfs.control import Command, check_version_ref
 from buffyfs.errors import BadInput, NotFound
 from buffyfs.index import Index, Reader, Writer
-from buffyfs.options import check_name, check_tag, check_url, normalize_options
+from buffyfs.options import (
+    check_name,
+    check_tag,
+    check_url,
+    normalize_options,
+    parse_duration,
+)
 
 # How ``refresh`` takes effect in the transaction:
 #   "mount"    the mount runs the write: the source shows ``fetching`` at once and the
@@ -154,6 +162,35 @@ def _unpin(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> 
     out.touch(source)
 
 
+def _hold(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> dict[str, Any]:
+    """``hold VERSION DURATION``: neither collection nor the quota takes the version
+    before now + DURATION (a later hold extends, never shortens); ``latest`` is
+    resolved now, once. The result is the version as held (the CLI prints its id)."""
+    ref, duration = cmd.args
+    seconds = parse_duration(duration, "hold duration")
+    _source(w, source)
+    vid = version(w, source, ref)["id"]
+    v = w.hold(source, vid, _round_up(datetime.now(UTC)) + timedelta(seconds=seconds))
+    out.touch(source)
+    return v
+
+
+def _round_up(t: datetime) -> datetime:
+    """``t`` on the next whole second (times are stored to the second): a hold lasts
+    at least its duration."""
+    whole = t.replace(microsecond=0)
+    return whole if whole == t else whole + timedelta(seconds=1)
+
+
+def _release(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> dict[str, Any]:
+    """``release VERSION``: end its hold now; the result is the version."""
+    [ref] = cmd.args
+    _source(w, source)
+    v = w.release(source, version(w, source, ref)["id"])
+    out.touch(source)
+    return v
+
+
 def _refresh(w: Writer, cmd: Command, source: str, out: Outcome, by: RefreshBy) -> None:
     """``refresh``: check the origin now; refused while the source is pinned."""
     src = _source(w, source)
@@ -169,7 +206,7 @@ def _refresh(w: Writer, cmd: Command, source: str, out: Outcome, by: RefreshBy) 
 
 RULES: dict[str, Callable[[Writer, Command, str, Outcome, RefreshBy], Any]] = {
     "add": _add, "remove": _remove, "set": _set, "tag": _tag, "untag": _tag,
-    "pin": _pin, "unpin": _unpin, "refresh": _refresh,
+    "pin": _pin, "unpin": _unpin, "refresh": _refresh, "hold": _hold, "release": _release,
 }
 ROOT_WORDS = {"add", "remove"}
 

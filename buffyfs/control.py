@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from buffyfs.errors import BadInput
-from buffyfs.options import check_name, check_tag, check_url, normalize_options
+from buffyfs.options import (
+    check_name,
+    check_tag,
+    check_url,
+    normalize_options,
+    parse_duration,
+)
 
 Scope = Literal["root", "source"]
 
@@ -26,6 +32,7 @@ GRAMMAR: dict[Scope, dict[str, tuple[int, int, bool]]] = {
     "source": {
         "refresh": (0, 0, False), "set": (0, 0, True), "tag": (2, 2, False),
         "untag": (2, 2, False), "pin": (0, 1, False), "unpin": (0, 0, False),
+        "hold": (2, 2, False), "release": (1, 1, False),
     },
 }
 VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
@@ -39,6 +46,8 @@ USAGE = {
     "untag": "untag VERSION TAG",
     "pin": "pin [VERSION]",
     "unpin": "unpin",
+    "hold": "hold VERSION DURATION",
+    "release": "release VERSION",
 }
 
 
@@ -112,6 +121,11 @@ def _parse_line(line: str, scope: Scope) -> Command | None:
         check_version_ref(positional[0])
         check_tag(positional[1])
     elif word == "pin" and positional:
+        check_version_ref(positional[0])
+    elif word == "hold":
+        check_version_ref(positional[0])
+        parse_duration(positional[1], "hold duration")
+    elif word == "release":
         check_version_ref(positional[0])
     return Command(word, positional, options)
 

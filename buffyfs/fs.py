@@ -488,7 +488,8 @@ class BuffyFS(pyfuse3.Operations):
                 data = await trio.to_thread.run_sync(self.metrics.render, self.index)
             else:
                 data = await trio.to_thread.run_sync(self._render_status, node.source,
-                                                     self.live_progress())
+                                                     self.live_progress(),
+                                                     set(self.open_inos))
             return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(data)),
                                     direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR)
@@ -538,13 +539,14 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         return v
 
-    def _render_status(self, source: str | None, progress: dict[str, Any]) -> bytes:
+    def _render_status(self, source: str | None, progress: dict[str, Any],
+                       open_inos: set[int]) -> bytes:
         """The JSON of an ``@status`` file (in a worker thread: reads the index only)."""
         if source is None:
             obj = self.cache.root_status()
         else:
             try:
-                obj = self.cache.source_status(source, progress)
+                obj = self.cache.source_status(source, progress, open_inos)
             except BuffyError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
         return (json.dumps(obj, indent=2) + "\n").encode()

@@ -1,11 +1,26 @@
 """Garbage collection: the retention rules, the hard quota, and orphan sweeping.
 
-Retention, per source: keep ``latest``, the newest ``valid`` version, every
-``keep``-tagged version and the ``keep_versions`` newest others. Everything else is
-garbage, and so is every version of a removed source (the ``garbage`` table).
-The quota (``max_cache_size``) may also evict the ``keep_versions`` extras, oldest
-first; it never evicts ``latest``, the newest ``valid``, a ``keep`` version, or a
-version some reader has open.
+Retention, per source: keep ``latest``, the pinned version, the newest ``valid``
+version, every ``keep``-tagged version, every held one (``hold``, until its
+``held_until``), the ``keep_versions`` newest others, and the versions inside their
+``keep_for`` grace. Everything else is garbage, and so is every version of a removed
+source (the ``garbage`` table; a hold does not outlive its source).
+
+The quota (``max_cache_size``) may also evict what only ``keep_versions`` and the
+grace keep: first the versions outside any grace, oldest first, then, only when
+nothing else is left, those inside their grace, oldest first. It never evicts
+``latest``, the pin, the newest ``valid``, a ``keep`` version, a held version, or a
+version some reader has open: a download that cannot fit then fails (CacheFull).
+
+The grace of a version starts when it stops being ``latest``, which is when the next
+newer servable version was committed: that version's ``fetched_at``. Deriving it
+(rather than stamping each version as it is superseded) needs no write on the many
+paths that move ``latest`` and cannot go stale. Versions that never served as
+``latest`` in that way get no grace: ``failed`` or damaged ones, and (seen from a
+pin) the pin's predecessor when the pin moved ``latest`` back.
+
+``kept_reasons`` says why each version is kept; ``buffyfs gc --dry-run`` and
+``@status`` show it.
 
 Order of work, so that a crash at any point loses nothing committed:
   0. the plan reads a snapshot (a read transaction: no writer waits for it);
@@ -23,14 +38,26 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from buffyfs import crash
 from buffyfs.blobs import BlobStore, FileLock, SourceLock
 from buffyfs.errors import BuffyError
-from buffyfs.index import Index, Reader, Writer, resolve_latest
+from buffyfs.index import (
+    Index,
+    Reader,
+    Writer,
+    held_until,
+    now_utc,
+    parse_rfc3339,
+    resolve_latest,
+    rfc3339,
+    servable,
+)
+from buffyfs.options import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -47,51 +74,157 @@ class Doomed:
 
 
 @dataclass
+class Kept:
+    source: str
+    id: str
+    reasons: list[Why]
+
+
+@dataclass
 class Report:
     doomed: list[Doomed] = field(default_factory=list)
     freed: dict[str, int] = field(default_factory=dict)  # source -> bytes of blobs freed
     orphans: list[str] = field(default_factory=list)  # orphan blob files and partials removed
     unlink: list[str] = field(default_factory=list)  # blobs whose last user went
+    kept: list[Kept] = field(default_factory=list)  # what stays and why (dry runs only)
+    wake_at: str | None = None  # the earliest end of a hold or grace: collect again then
 
     @property
     def total(self) -> int:
         return sum(self.freed.values())
 
 
-def protected_ids(source: dict[str, Any], versions: list[dict[str, Any]]) -> set[str]:
-    """Ids no rule may collect: latest, the newest valid version, the keep-tagged ones,
-    and the pinned one."""
-    keep = {v["id"] for v in versions if "keep" in v.get("tags", ())}
-    if source.get("pin"):
-        keep.add(source["pin"])
-    latest = resolve_latest(source, versions)
+@dataclass(frozen=True)
+class Why:
+    """One reason a version is kept: latest, pinned, valid, keep tag, held (until),
+    grace (until), keep_versions or open."""
+
+    kind: str
+    until: str | None = None  # RFC 3339, for held and grace
+
+    def __str__(self) -> str:
+        return f"{self.kind} until {self.until}" if self.until else self.kind
+
+
+EVICTABLE = frozenset({"keep_versions", "grace"})  # the quota may evict these (grace last)
+
+
+def grace_ends(src: dict[str, Any], versions: list[dict[str, Any]]) -> dict[str, datetime]:
+    """When the ``keep_for`` grace of each superseded servable version ends, by id
+    (``versions`` newest first): ``keep_for`` after the ``fetched_at`` of the next
+    newer servable version, the moment it took over as ``latest``."""
+    keep_for = parse_duration(src["options"].get("keep_for", "0s"), "keep_for",
+                              allow_zero=True)
+    if not keep_for:
+        return {}
+    ends: dict[str, datetime] = {}
+    successor: str | None = None  # fetched_at of the oldest newer servable version
+    for v in versions:
+        if not servable(v):
+            continue
+        if successor is not None:
+            ends[v["id"]] = parse_rfc3339(successor) + timedelta(seconds=keep_for)
+        successor = v["fetched_at"]
+    return ends
+
+
+def kept_reasons(src: dict[str, Any], versions: list[dict[str, Any]], now: datetime,
+                 open_inos: Collection[int] = ()) -> dict[str, list[Why]]:
+    """Why each version of a source is kept, by id (``versions`` newest first); an
+    empty list: the version is garbage."""
+    why: dict[str, list[Why]] = {v["id"]: [] for v in versions}
+    latest = resolve_latest(src, versions)
     if latest:
-        keep.add(latest["id"])
+        why[latest["id"]].append(Why("latest"))
+    if src.get("pin") in why:
+        why[src["pin"]].append(Why("pinned"))
     newest_valid = next((v for v in versions if "valid" in v.get("tags", ())), None)
     if newest_valid:
-        keep.add(newest_valid["id"])
-    return keep
+        why[newest_valid["id"]].append(Why("valid"))
+    for v in versions:
+        if "keep" in v.get("tags", ()):
+            why[v["id"]].append(Why("keep tag"))
+        until = held_until(v, now)
+        if until:
+            why[v["id"]].append(Why("held", until))
+    grace = grace_ends(src, versions)
+    limit = src["options"].get("keep_versions", 5)
+    others = 0
+    for v in versions:
+        reasons = why[v["id"]]
+        if reasons:
+            continue  # kept whatever the counts say
+        if others < limit:
+            reasons.append(Why("keep_versions"))
+        others += 1
+        end = grace.get(v["id"])
+        if end is not None and end > now:
+            reasons.append(Why("grace", rfc3339(end)))
+    for v in versions:
+        if v["ino"] in open_inos:
+            why[v["id"]].append(Why("open"))
+    return why
 
 
-def retention_garbage(r: Reader, open_inos: set[int]) -> tuple[list[Doomed], list[Doomed]]:
-    """(garbage by the retention rules, quota candidates oldest first)."""
+def protected_ids(source: dict[str, Any], versions: list[dict[str, Any]],
+                  now: datetime | None = None) -> set[str]:
+    """Ids neither rule nor quota may collect: latest, the pin, the newest valid
+    version, the keep-tagged and the held ones."""
+    why = kept_reasons(source, versions, now or now_utc())
+    return {vid for vid, reasons in why.items()
+            if any(w.kind not in EVICTABLE for w in reasons)}
+
+
+def _next_end(reasons: list[Why], soonest: str | None) -> str | None:
+    """The earlier of ``soonest`` and the end of a hold or grace among ``reasons``."""
+    for w in reasons:
+        if w.until and (soonest is None or w.until < soonest):
+            soonest = w.until
+    return soonest
+
+
+@dataclass
+class Retention:
+    doomed: list[Doomed]  # garbage by the retention rules
+    extras: list[Doomed]  # what the quota may evict, in eviction order
+    kept: list[Kept]  # every version kept, and why
+    wake_at: str | None  # the earliest end of a hold or grace: collect again then
+
+
+def retention_garbage(r: Reader, open_inos: set[int], now: datetime | None = None
+                      ) -> Retention:
+    """What the retention rules keep and drop, and what the quota may evict."""
+    now = now or now_utc()
     doomed: list[Doomed] = []
-    extras: list[Doomed] = []
+    extras: list[tuple[bool, str, Doomed]] = []  # (in grace, fetched_at, candidate)
+    kept: list[Kept] = []
+    soonest: str | None = None
     for name, src in r.sources():
         versions = r.versions(name)
-        keep = protected_ids(src, versions)
-        others = [v for v in versions if v["id"] not in keep]
-        limit = src["options"].get("keep_versions", 5)
-        for i, v in enumerate(others):
-            if v["ino"] in open_inos:
+        why = kept_reasons(src, versions, now, open_inos)
+        for v in versions:
+            reasons = why[v["id"]]
+            soonest = _next_end(reasons, soonest)
+            kinds = {w.kind for w in reasons}
+            if not kinds:
+                doomed.append(Doomed(name, v, "retention"))
                 continue
-            (extras if i < limit else doomed).append(
-                Doomed(name, v, "quota" if i < limit else "retention"))
+            kept.append(Kept(name, v["id"], reasons))
+            if kinds <= EVICTABLE:
+                extras.append((("grace" in kinds), v["fetched_at"], Doomed(name, v, "quota")))
     for g in r.garbage():
         if g["ino"] not in open_inos:
             doomed.append(Doomed(g["source"], g, "source removed"))
-    extras.sort(key=lambda d: d.version["fetched_at"])
-    return doomed, extras
+    extras.sort(key=lambda e: (e[0], e[1]))
+    return Retention(doomed, [d for _, _, d in extras], kept, soonest)
+
+
+def seconds_until(stamp: str | None, longest: float) -> float:
+    """Seconds from now until ``stamp`` (RFC 3339) has passed, at most ``longest``."""
+    if stamp is None:
+        return longest
+    left = (parse_rfc3339(stamp) - datetime.now(UTC)).total_seconds()
+    return min(longest, max(0.0, left) + 0.1)
 
 
 def _freed_by(r: Reader, doomed: Iterable[Doomed]) -> dict[str, int]:
@@ -110,12 +243,13 @@ def _freed_by(r: Reader, doomed: Iterable[Doomed]) -> dict[str, int]:
 
 
 def plan(r: Reader, open_inos: set[int], need: int = 0,
-         max_size: int | None = None) -> Report:
+         max_size: int | None = None, now: datetime | None = None) -> Report:
     """What a collection would drop so that ``need`` more bytes fit under ``max_size``.
 
     Raises CacheFull when even evicting every unprotected version is not enough.
     """
-    doomed, extras = retention_garbage(r, open_inos)
+    retention = retention_garbage(r, open_inos, now)
+    doomed, extras = retention.doomed, retention.extras
     freed = _freed_by(r, doomed)
     if max_size is not None:
         used = r.blob_bytes() - sum(freed.values())
@@ -131,7 +265,9 @@ def plan(r: Reader, open_inos: set[int], need: int = 0,
         if used > max_size:
             log.warning("cache over max_cache_size by %d bytes of protected versions",
                         used - max_size)
-    return Report(doomed=doomed, freed=freed)
+    evicted = {(d.source, d.version["id"]) for d in doomed if d.reason == "quota"}
+    kept = [k for k in retention.kept if (k.source, k.id) not in evicted]
+    return Report(doomed=doomed, freed=freed, kept=kept, wake_at=retention.wake_at)
 
 
 class CommitLock(FileLock):
@@ -225,7 +361,7 @@ def collect(index: Index, blobs: BlobStore, open_inos: set[int], need: int = 0,
     planned = plan_snapshot(index, open_inos, need, max_size)
     if dry_run:
         return planned
-    report = Report()
+    report = Report(wake_at=planned.wake_at)
     for start in range(0, len(planned.doomed), COMMIT_BATCH):
         merge(report, commit(index, planned.doomed[start:start + COMMIT_BATCH], open_inos))
     return report

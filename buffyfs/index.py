@@ -22,9 +22,13 @@ Named databases and their keys (all values JSON unless said otherwise):
                   (options.normalize_options)
 ``versions``      NAME b"\\0" VERSION_ID -> ``{"id", "sha256", "size", "fetched_at",
                   "url", "etag", "last_modified", "content_type", "ino", "tags"
-                  [, "damaged"]}``; ids sort by fetch time, so a reverse prefix scan
-                  is newest first. ``damaged`` (``{"at", "reason"}``) is set on every
-                  version whose blob failed a check (see ``blobs``); ``latest`` skips it
+                  [, "damaged"][, "held_until"]}``; ids sort by fetch time, so a
+                  reverse prefix scan is newest first. ``damaged`` (``{"at",
+                  "reason"}``) is set on every version whose blob failed a check (see
+                  ``blobs``); ``latest`` skips it. ``held_until`` (RFC 3339 UTC) is set
+                  by ``hold``: collection and the quota leave the version alone until
+                  then (gc.py); ``release`` deletes the key, and a time in the past is
+                  no hold (the key is left as it is: nothing needs to clean it up)
 ``state``         NAME -> ``{"last_check", "last_success", "next_check",
                   "consecutive_failures", "last_error", "last_control_error",
                   "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``),
@@ -121,6 +125,12 @@ def resolve_latest(source: dict[str, Any], versions: list[dict[str, Any]]) -> di
     if pin and any(v["id"] == pin for v in versions):
         return latest_of([v for v in versions if v["id"] <= pin])
     return latest_of(versions)
+
+
+def held_until(version: dict[str, Any], now: datetime) -> str | None:
+    """The end of the version's hold (RFC 3339), or None if it is not held at ``now``."""
+    until = version.get("held_until")
+    return until if until is not None and until > rfc3339(now) else None
 
 
 def tags_after(tags: list[str], add: str | None = None, remove: str | None = None) -> list[str]:
@@ -375,6 +385,29 @@ class Writer(Reader):
         v["tags"] = tags_after(v.get("tags", []), add, remove)
         self.put_version(name, v)
         self.changed(name)
+        return v
+
+    def hold(self, name: str, vid: str, until: datetime) -> dict[str, Any]:
+        """Hold a version until ``until``, or longer if an earlier hold reaches further
+        (a hold only ever extends); returns the version as it is now."""
+        v = self.version(name, vid)
+        if v is None:
+            raise NotFound(f"source {name!r} has no version {vid!r}")
+        stamp = rfc3339(until)
+        if v.get("held_until") is None or v["held_until"] < stamp:  # RFC 3339 UTC sorts
+            v["held_until"] = stamp
+            self.put_version(name, v)
+            self.changed(name)
+        return v
+
+    def release(self, name: str, vid: str) -> dict[str, Any]:
+        """End a version's hold (none: nothing to do); returns the version as it is now."""
+        v = self.version(name, vid)
+        if v is None:
+            raise NotFound(f"source {name!r} has no version {vid!r}")
+        if v.pop("held_until", None) is not None:
+            self.put_version(name, v)
+            self.changed(name)
         return v
 
     def set_pin(self, name: str, pinned: bool, vid: str | None) -> None:

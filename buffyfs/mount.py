@@ -130,7 +130,7 @@ class Collector:
                 self.max_size)
             if dry_run:
                 return planned
-            report = gc.Report()
+            report = gc.Report(wake_at=planned.wake_at)
             for start in range(0, len(planned.doomed), gc.COMMIT_BATCH):
                 batch = planned.doomed[start:start + gc.COMMIT_BATCH]
                 gc.merge(report, await self._commit(batch))
@@ -177,12 +177,15 @@ class Collector:
         # Orphans a crash left are swept at start, retried while a commit is under way.
         while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110 (a flock)
             await trio.sleep(SWEEP_RETRY)
+        wait = GC_INTERVAL
         while True:
-            with trio.move_on_after(GC_INTERVAL) as periodic:
+            with trio.move_on_after(wait) as periodic:
                 await self.wake.wait()
             self.wake = trio.Event()
+            wait = GC_INTERVAL
             try:
-                await self.collect()
+                report = await self.collect()
+                wait = gc.seconds_until(report.wake_at, GC_INTERVAL)  # a hold or grace ends
                 # partial files are swept on the periodic round (and by `buffyfs gc`),
                 # not after each new version: that sweep would race the report of a
                 # `buffyfs gc` asked meanwhile
@@ -248,6 +251,8 @@ def report_json(report: gc.Report) -> dict:
         "freed": report.freed,
         "total": report.total,
         "orphans": report.orphans,
+        "kept": [{"source": k.source, "id": k.id, "reasons": [str(w) for w in k.reasons]}
+                 for k in report.kept],
     }
 
 

@@ -36,6 +36,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "attempt_max_time": "6h",
     "max_attempts": 5,
     "keep_versions": 5,
+    "keep_for": "0s",  # a version that stops being latest is kept this long (gc.py)
     "method": "GET",
     "body": None,
     "headers": {},
@@ -165,10 +166,10 @@ def _shown(url: str) -> str:
     return clean
 
 
-def parse_duration(value: Any, key: str = "duration") -> int:
-    """``2s``, ``30m``, ``6h``, ``1d`` -> seconds."""
+def parse_duration(value: Any, key: str = "duration", allow_zero: bool = False) -> int:
+    """``2s``, ``30m``, ``6h``, ``1d`` -> seconds (``0s`` only with ``allow_zero``)."""
     m = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
-    if not m or len(m.group(1)) > 9 or int(m.group(1)) == 0:
+    if not m or len(m.group(1)) > 9 or (int(m.group(1)) == 0 and not allow_zero):
         raise BadInput(f"invalid {key} {value!r}: use a number and a unit s, m, h or d (e.g. 30m)")
     seconds = int(m.group(1)) * _DURATION_UNITS[m.group(2)]
     if seconds > 3650 * 86400:
@@ -295,6 +296,9 @@ def _check_option(key: str, value: Any) -> Any:
         return _positive_int(value, key, 1)
     if key == "keep_versions":
         return _positive_int(value, key, 0)
+    if key == "keep_for":
+        parse_duration(value, key, allow_zero=True)
+        return value
     if key == "method":
         if not isinstance(value, str) or value.upper() not in ("GET", "POST"):
             raise BadInput(f"invalid method {value!r}: GET or POST")

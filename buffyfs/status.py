@@ -6,23 +6,30 @@ both always agree.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from buffyfs import __version__
-from buffyfs.index import Index, Reader, now_utc, resolve_latest, rfc3339
+from buffyfs.gc import Why, kept_reasons
+from buffyfs.index import Index, Reader, held_until, now_utc, resolve_latest, rfc3339
 from buffyfs.options import public_options, redact_url
 
 
 def source_status(
-    r: Reader, name: str, live_progress: dict[str, Any] | None = None
+    r: Reader, name: str, live_progress: dict[str, Any] | None = None,
+    open_inos: Collection[int] = (),
 ) -> dict[str, Any]:
+    """The source's object; ``open_inos``: the versions readers have open (the mount's)."""
     src = r.source(name)
     if src is None:
         raise KeyError(name)
     state = r.state(name)
     versions = r.versions(name)
     latest = resolve_latest(src, versions)
+    now = now_utc()
+    why = kept_reasons(src, versions, now, open_inos)
     if latest is None and versions and not any(v.get("damaged") for v in versions):
         earlier = (state.get("last_error") or {}).get("message")
         state = {**state, "last_error": {
@@ -54,14 +61,18 @@ def source_status(
         # a fetching source has no bytes yet (it waits for a download slot)
         "attempt": state.get("attempt") if run_state != "idle" else None,
         "queued": state.get("queued") if run_state == "fetching" else None,
-        "versions": [_version_entry(v) for v in versions],
+        "versions": [_version_entry(v, why[v["id"]], now) for v in versions],
         "options": public_options(src["options"]),  # ours: header values hidden
     }
 
 
-def _version_entry(v: dict[str, Any]) -> dict[str, Any]:
+def _version_entry(v: dict[str, Any], why: list[Why], now: datetime) -> dict[str, Any]:
     entry = {k: v[k] for k in ("id", "size", "sha256", "fetched_at")}
     entry["tags"] = v.get("tags", [])
+    entry["held_until"] = held_until(v, now)
+    # ours: why collection keeps it ("latest", "valid", "keep tag", "held until T",
+    # "grace until T", "keep_versions", "pinned", "open"); [] the next collection takes it
+    entry["kept"] = [str(w) for w in why]
     if v.get("validation"):
         entry["validation"] = v["validation"]  # why it was tagged failed
     if v.get("damaged"):

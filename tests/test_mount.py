@@ -314,7 +314,8 @@ def test_status_files(origin, mnt):
                         "last_error", "last_control_error", "versions", "stale", "options",
                         "attempt", "queued"}
     assert src["refresh"] == "30m" and src["next_check"] > src["last_check"]
-    assert set(src["versions"][0]) == {"id", "size", "sha256", "fetched_at", "tags"}
+    assert set(src["versions"][0]) == {"id", "size", "sha256", "fetched_at", "tags",
+                                       "held_until", "kept"}  # kept: ours
     assert src["options"]["refresh"] == "30m" and src["options"]["max_attempts"] == 5
 
 
