@@ -603,9 +603,23 @@ def cmd_hold(args: argparse.Namespace) -> int:
     check_name(args.name)
     check_version_ref(args.version)
     parse_duration(args.duration, "hold duration")
-    v = _cache(args).hold(args.name, args.version, args.duration)
+    cache = _cache(args)
+    v = _unknown_version_is_bad_input(cache, args.name, cache.hold, args.version,
+                                      args.duration)
     print(v["id"])
     return 0
+
+
+def _unknown_version_is_bad_input(cache: Any, name: str, change: Any, *args: Any) -> Any:
+    """hold/release: an unknown source fails (exit 1), but a version the source does
+    not have is a bad argument (exit 2, as issue 20 asks)."""
+    from buffyfs.errors import NotFound
+
+    cache.index.get_source(name)  # NotFound: exit 1
+    try:
+        return change(name, *args)
+    except NotFound as e:
+        raise BadInput(str(e)) from None
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -614,7 +628,8 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     check_name(args.name)
     check_version_ref(args.version)
-    _cache(args).release(args.name, args.version)
+    cache = _cache(args)
+    _unknown_version_is_bad_input(cache, args.name, cache.release, args.version)
     return 0
 
 

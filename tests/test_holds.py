@@ -133,16 +133,17 @@ def test_bad_durations_and_unknown_versions_are_refused(origin, mnt):
     assert versions(mnt, "b")[a]["held_until"] is None
     assert control_error(mnt / "@control", "hold latest 1h") == errno.EINVAL  # not the root's
     cache = mnt.cache
+    # bad durations and versions the source does not have: bad input (issue 20)
     for args in (("hold", "b", "latest", "0s"), ("hold", "b", "latest", "1y"),
-                 ("hold", "b", "nonsense", "1h"), ("release", "b", "nonsense")):
-        done = run_cli(*args, cache=cache)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, args
-    for args in (("hold", "b", "20990101T000000Z-deadbeef", "1h"),
-                 ("hold", "nosuch", "latest", "1h"),
+                 ("hold", "b", "nonsense", "1h"), ("release", "b", "nonsense"),
+                 ("hold", "b", "20990101T000000Z-deadbeef", "1h"),
                  ("release", "b", "20990101T000000Z-deadbeef")):
         done = run_cli(*args, cache=cache)
-        assert done.returncode == 1 and "Traceback" not in done.stderr, args
+        assert done.returncode == 2 and "Traceback" not in done.stderr, args
         assert len(done.stderr.strip().splitlines()) == 1
+    done = run_cli("hold", "nosuch", "latest", "1h", cache=cache)  # an unknown source: 1
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
     assert versions(mnt, "b")[a]["held_until"] is None
 
 
