@@ -176,7 +176,11 @@ def protected_ids(source: dict[str, Any], versions: list[dict[str, Any]],
 
 
 def _next_end(reasons: list[Why], soonest: str | None) -> str | None:
-    """The earlier of ``soonest`` and the end of a hold or grace among ``reasons``."""
+    """The earlier of ``soonest`` and the end of a hold or grace among ``reasons``: only
+    of a version nothing else keeps (else its hold ending frees nothing, and a mount
+    with ``keep_for`` everywhere would collect every few seconds)."""
+    if any(w.until is None for w in reasons):
+        return soonest
     for w in reasons:
         if w.until and (soonest is None or w.until < soonest):
             soonest = w.until

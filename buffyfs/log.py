@@ -22,6 +22,21 @@ class _Formatter(logging.Formatter):
         return super().format(record).replace("\n", "\n    ")
 
 
+class _QuietInvalidations(logging.Filter):
+    """pyfuse3 logs a failed kernel cache invalidation as an error with a traceback.
+    Invalidations are our best-effort hint (the entry's timeout bounds what the kernel
+    keeps), and they fail harmlessly while the session closes (EINVAL): one warning
+    line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Failed to submit invalidate") and record.exc_info:
+            error = record.exc_info[1]
+            record.msg, record.args = f"{record.getMessage()}: {error}", None
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def setup(level: str = "info", file: Path | None = None) -> None:
     handler: logging.Handler = logging.StreamHandler(
         # the log of a detached mount lives in the cache: never written through a link
@@ -36,3 +51,6 @@ def setup(level: str = "info", file: Path | None = None) -> None:
     # httpx logs every request at INFO with the full URL (credentials included): keep it quiet.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    quiet = logging.getLogger("pyfuse3")
+    if not any(isinstance(f, _QuietInvalidations) for f in quiet.filters):
+        quiet.addFilter(_QuietInvalidations())

@@ -112,7 +112,16 @@ def _authority_problem(url: str) -> str | None:
     m = _AUTHORITY_RE.match(url)
     if not m:
         return "no host"
-    hostport = m.group(2).rpartition("@")[2]  # whatever precedes '@' is credentials
+    problem = _hostport_problem(m.group(2).rpartition("@")[2])  # before '@': credentials
+    if problem and "@" in url[m.end():]:
+        # a password holding '/', '?' or '#' ends the authority early: what we took for
+        # the host or port may be part of it, so quote nothing
+        return "invalid host or port (not shown: the URL may hold credentials; " \
+            "percent-encode '/', '?', '#' and '@' in a user name or password)"
+    return problem
+
+
+def _hostport_problem(hostport: str) -> str | None:
     if hostport.startswith("["):
         literal, bracket, port = hostport[1:].partition("]")
         if not bracket:

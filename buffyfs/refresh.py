@@ -162,19 +162,25 @@ class Refresher:
         try:
             return await self._refresh_locked(name, on_progress, on_note)
         finally:
-            self.progress.pop(name, None)
-            self.reserved.pop(name, None)  # committed bytes count as blobs from now on
-            with self.index.read() as r:  # no await here: runs even when cancelled
-                exists = r.source(name) is not None
-                state = r.state(name) if exists else {}
-            done = {k: None for k in ("attempt", "queued") if state.get(k) is not None}
-            if exists and state.get("state") != "idle":  # interrupted (cancelled, killed
-                done.update(state="idle", progress=None)  # by a signal...): not fetching
-            if done:
-                self.index.set_state(name, **done)
-            if not exists:  # removed meanwhile (the mount cancelled us): drop its partial
-                self.blobs.partial_path(name).unlink(missing_ok=True)
-            lock.release()
+            try:
+                self._after_refresh(name)
+            finally:  # whatever the clean-up met, the source is not left locked
+                lock.release()
+
+    def _after_refresh(self, name: str) -> None:
+        """Clear what only a running refresh shows (no await: runs even when cancelled)."""
+        self.progress.pop(name, None)
+        self.reserved.pop(name, None)  # committed bytes count as blobs from now on
+        with self.index.read() as r:
+            exists = r.source(name) is not None
+            state = r.state(name) if exists else {}
+        done = {k: None for k in ("attempt", "queued") if state.get(k) is not None}
+        if exists and state.get("state") != "idle":  # interrupted (cancelled, killed
+            done.update(state="idle", progress=None)  # by a signal...): not fetching
+        if done:
+            self.index.set_state(name, **done)
+        if not exists:  # removed meanwhile (the mount cancelled us): drop its partial
+            self.blobs.partial_path(name).unlink(missing_ok=True)
 
     async def _refresh_locked(
         self, name: str, on_progress: Callable[[int, int | None], None] | None,
@@ -456,9 +462,13 @@ class Refresher:
                            result: downloader.Downloaded, started: Any,
                            partial: Any) -> Outcome:
         damaged = self.index.blob_damaged(result.sha256)
+        with self.index.read() as r:
+            # A file no version refers to (its versions just collected, or left by a
+            # crash) is unverified, and may be the damaged one: the fresh bytes win.
+            unreferenced = r.blob_ref(result.sha256) is None
         try:
             blob = await trio.to_thread.run_sync(self.blobs.commit_partial, partial,
-                                                 result.sha256, damaged)
+                                                 result.sha256, damaged or unreferenced)
             if damaged:  # the fresh bytes replaced the damaged file
                 self.index.clear_damage(result.sha256)
         except OSError as e:
