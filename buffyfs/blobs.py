@@ -97,6 +97,16 @@ class BlobStore:
         through a symlink (NotRegularFile, an OSError)."""
         return open_file(self.path(sha256), os.O_RDONLY)
 
+    def is_current(self, sha256: str, fd: int) -> bool:
+        """Whether ``fd`` is still the file stored under ``sha256`` (a repair renames
+        fresh bytes over a damaged blob: damage seen through an older fd is old news)."""
+        try:
+            now = os.lstat(self.path(sha256))
+        except FileNotFoundError:
+            return True  # gone: the damage (a missing blob) is current
+        held = os.fstat(fd)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
     def partial_size(self, source: str) -> int:
         """Bytes of the source's partial file (0: none, or not a regular file)."""
         try:

@@ -115,23 +115,30 @@ class Scrubber:
                 return "blob file missing"
             return f"blob file unreadable: {e.strerror}"
         with f:
-            # read once, not to be kept: spare the page cache readers rely on (Linux 6.3+)
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_NOREUSE)
-            actual = os.fstat(f.fileno()).st_size
-            if actual != size:
-                return f"blob file has {actual} bytes, {size} expected"
-            h = hashlib.sha256()
-            while True:
-                try:
-                    n = await trio.to_thread.run_sync(_hash_chunk, f, h)
-                except OSError as e:
-                    return f"blob file unreadable: {e.strerror}"
-                if n == 0:
-                    break
-                if self.metrics:
-                    self.metrics.scrubbed_bytes.inc(n)
-                await pace.wait(n)
+            reason = await self._check_open(f, sha, size, pace)
+            if reason and not self.blobs.is_current(sha, f.fileno()):
+                return None  # a repair replaced the file meanwhile: the next pass looks
+            return reason
+
+    async def _check_open(self, f: IO[bytes], sha: str, size: int,
+                          pace: _Pace) -> str | None:
+        # read once, not to be kept: spare the page cache readers rely on (Linux 6.3+)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_NOREUSE)
+        actual = os.fstat(f.fileno()).st_size
+        if actual != size:
+            return f"blob file has {actual} bytes, {size} expected"
+        h = hashlib.sha256()
+        while True:
+            try:
+                n = await trio.to_thread.run_sync(_hash_chunk, f, h)
+            except OSError as e:
+                return f"blob file unreadable: {e.strerror}"
+            if n == 0:
+                break
+            if self.metrics:
+                self.metrics.scrubbed_bytes.inc(n)
+            await pace.wait(n)
         if h.hexdigest() != sha:
             return "blob content does not match its sha256"
         return None

@@ -57,3 +57,29 @@ def test_a_failed_kernel_invalidation_is_one_warning_line(capsys, own_root_logge
     assert "WARNING pyfuse3: Failed to submit invalidate_entry request" in err
     assert "Invalid argument" in err and "Traceback" not in err
     assert "ERROR pyfuse3: other errors stay errors" in err
+
+
+def test_damage_seen_through_an_old_file_is_not_the_current_blobs(tmp_path):
+    """A repair renames fresh bytes over a damaged blob; a reader or the scrub holding the
+    old file must not mark the repaired one damaged again (blobs.is_current)."""
+    import hashlib
+    import os
+
+    from buffyfs.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "cache")
+    body = b"good bytes"
+    sha = hashlib.sha256(body).hexdigest()
+    partial = store.partial_path("s")
+    partial.write_bytes(body)
+    store.commit_partial(partial, sha)
+    fd = store.open_blob(sha)
+    try:
+        assert store.is_current(sha, fd)
+        partial.write_bytes(body)
+        store.commit_partial(partial, sha, replace=True)  # the repair
+        assert not store.is_current(sha, fd)
+        os.unlink(store.path(sha))
+        assert store.is_current(sha, fd)  # missing: that damage is current
+    finally:
+        os.close(fd)
