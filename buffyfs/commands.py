@@ -57,10 +57,15 @@ class Outcome:
     refresh: list[str] = field(default_factory=list)  # sources to check now
     removed: list[str] = field(default_factory=list)  # unregistered: drop their partials
     results: list[Any] = field(default_factory=list)  # per command, see each rule
+    retention: bool = False  # something may be collectable now (a hold ended, a tag went)
 
     def touch(self, name: str) -> None:
         if name not in self.changed:
             self.changed.append(name)
+
+
+# commands after which a version may have become collectable: the mount collects then
+FREEING_WORDS = frozenset({"release", "untag", "unpin", "set", "remove"})
 
 
 def run(index: Index, commands: list[Command], source: str | None = None,
@@ -84,6 +89,7 @@ def apply(w: Writer, commands: list[Command], source: str | None = None,
                 raise BadInput(f"{cmd.word!r} is not a command for "
                                + ("a source" if source is not None else "the whole cache"))
             out.results.append(rule(w, cmd, source or "", out, refresh))
+            out.retention |= cmd.word in FREEING_WORDS
         except (BadInput, NotFound) as e:
             if cmd.line:
                 raise type(e)(f"line {cmd.line}: {e}") from None

@@ -117,6 +117,7 @@ class BuffyFS(pyfuse3.Operations):
         self.index = cache.index
         self.scheduler = scheduler
         self.live_progress = progress
+        self.on_retention: Callable[[], None] | None = None  # the collector's kick
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.handles: dict[int, Any] = {}
@@ -618,6 +619,8 @@ class BuffyFS(pyfuse3.Operations):
 
         Raises BadInput or NotFound when the write is refused (nothing applied)."""
         outcome = await trio.to_thread.run_sync(self.cache.run_control, data, source)
+        if outcome.retention and self.on_retention is not None:
+            self.on_retention()  # e.g. `release`: the version goes now, not in 10 minutes
         for name in outcome.refresh:
             if self.scheduler is not None:
                 self.scheduler.kick(name)

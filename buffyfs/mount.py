@@ -265,6 +265,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
         collector = Collector(cache, fs, settings.max_cache_size, nursery)
         refresher.make_room = collector.make_room
         refresher.on_version = collector.kick
+        fs.on_retention = collector.kick
         scheduler = Scheduler(cache.index, refresher, nursery, on_changed=fs.source_changed)
         fs.scheduler = scheduler
         # fsname names the cache (a bare "buffyfs" would be read as a path by mount(8))

@@ -200,3 +200,14 @@ def test_grace_starts_when_the_next_servable_version_arrives():
     # an expired hold is no hold
     held = record("080000", held_until="2026-11-30T12:29:59Z")
     assert gc.kept_reasons(src0, [newest, held], now)[held["id"]] == []
+
+
+def test_release_on_the_control_file_collects_at_once(origin, mnt):
+    """A `release` (like `untag`, `unpin`, `set`) wakes the mount's collector: the
+    version goes within seconds, not at the next 10-minute round."""
+    [a] = make_versions(origin, mnt, "r", [b"one"], "keep_versions=0")
+    write_control(mnt / "r/@control", "hold latest 1h")
+    b = new_version(origin, mnt, "r", b"two")
+    assert a in versions(mnt, "r")  # held: the collection after the new version kept it
+    write_control(mnt / "r/@control", f"release {a}")
+    wait_for(lambda: list(versions(mnt, "r")) == [b], 5, what="the released version collected")
