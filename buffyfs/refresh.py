@@ -386,10 +386,7 @@ class Refresher:
     def _on_disk(self, name: str, resume: downloader.Resume | None
                  ) -> downloader.Resume | None:
         """``resume`` at the partial file's real size (None when there is nothing)."""
-        try:
-            size = self.blobs.partial_path(name).stat().st_size
-        except FileNotFoundError:
-            size = 0
+        size = self.blobs.partial_size(name)  # never through a planted link
         if resume is None or size == 0:
             return None
         return downloader.Resume(size, resume.etag, resume.last_modified)
