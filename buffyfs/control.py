@@ -160,3 +160,12 @@ def _strip_comment(line: str) -> str:
             blank = c.isspace()
         prev_blank = blank
     return line
+
+
+def help_text(scope: Scope) -> bytes:
+    """What reading a control file gives: the commands it takes (so that ``cat``,
+    ``tar`` and ``rsync`` of the mount can read it)."""
+    where = "the whole cache" if scope == "root" else "this source"
+    lines = [f"# buffyfs control file for {where}: write commands to it, one a line:"]
+    lines += [f"#   {USAGE.get(word, word)}" for word in GRAMMAR[scope]]
+    return ("\n".join(lines) + "\n").encode()

@@ -12,7 +12,11 @@ Inode numbers (all stable, never reused):
                        (source block, tag) on first sight; stable for the mount's life
 
 Caching: a version inode never changes, so its attributes and entries are cached
-for long and its data stays in the page cache across opens (``keep_cache``). The
+for long and its data stays in the page cache across opens (``keep_cache``); only
+its link count (links.py: how many names lead to it) moves with ``latest`` and the
+tags, and its attributes are then invalidated. ``@status`` and ``@metrics`` are
+snapshots whose real size ``stat`` reports (snapshots.py); reading a ``@control``
+file gives a help text. The
 name ``latest`` maps to a version inode with a short entry timeout, and the entry
 is invalidated as soon as ``latest`` moves. While a source has no servable version,
 ``latest`` is the "pending" inode: opening it waits for the first download, and it
@@ -36,7 +40,9 @@ from typing import Any
 import pyfuse3
 import trio
 
+from buffyfs import links
 from buffyfs.cache import Cache
+from buffyfs.control import help_text
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
 from buffyfs.index import SourceInode, parse_rfc3339, resolve_latest
 from buffyfs.metrics import Metrics
@@ -48,6 +54,7 @@ from buffyfs.options import (
     redact_url,
 )
 from buffyfs.scheduler import Scheduler
+from buffyfs.snapshots import Snapshot, Snapshots
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,8 @@ SHORT_TIMEOUT = 1.0  # everything that can change
 SOURCE_FILES = {"@status": SourceInode.status, "@control": SourceInode.control}
 FIRST_TAGDIR_INO = 1 << 48
 INVALIDATE_TIMEOUT = 2.0
+GENERATED = ("root_status", "status", "root_metrics")  # built on demand (snapshots.py)
+CONTROL_HELP = {"root_control": help_text("root"), "control": help_text("source")}
 
 
 class _BeingCollected(Exception):
@@ -90,6 +99,7 @@ class BlobHandle:
 @dataclass
 class BytesHandle:
     data: bytes
+    snapshot: Snapshot | None = None  # the generated file's snapshot it reads
 
 
 @dataclass
@@ -136,6 +146,10 @@ class BuffyFS(pyfuse3.Operations):
         # opens wait for the commit, then resolve again
         self.collecting: set[int] = set()
         self.collected = trio.Event()
+        self.snapshots = Snapshots()  # of @status and @metrics
+        # version inode -> the link count the kernel was last given: invalidated when
+        # it changes (the attributes are cached for long)
+        self.shown_links: dict[int, int] = {}
 
     # --- node resolution --------------------------------------------------------------
 
@@ -204,7 +218,9 @@ class BuffyFS(pyfuse3.Operations):
 
     # --- attributes -------------------------------------------------------------------
 
-    def _attr(self, ino: int, node: Node | None = None) -> pyfuse3.EntryAttributes:
+    def _attr(self, ino: int, node: Node | None = None,
+              nlink: int | None = None) -> pyfuse3.EntryAttributes:
+        """``nlink``: a version's link count when the caller has it (listings)."""
         node = node or self._node(ino)
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
@@ -221,15 +237,27 @@ class BuffyFS(pyfuse3.Operations):
         elif kind == "version":
             assert node.version is not None
             a.st_mode = stat.S_IFREG | 0o444
-            a.st_nlink = 1
+            a.st_nlink = self._link_count(node.source, node.version) if nlink is None \
+                else nlink
+            self.shown_links[ino] = a.st_nlink
             a.st_size = node.version["size"]
             a.st_blocks = (a.st_size + 511) // 512
             stamp = int(parse_rfc3339(node.version["fetched_at"]).timestamp() * 1e9)
             a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
             a.entry_timeout = a.attr_timeout = IMMUTABLE_TIMEOUT
-        elif kind in ("root_control", "control"):
-            a.st_mode = stat.S_IFREG | 0o200
+        elif kind in ("root_control", "control"):  # writes take commands, reads a help text
+            a.st_mode = stat.S_IFREG | 0o644
             a.st_nlink = 1
+            a.st_size = len(CONTROL_HELP[kind])
+        elif kind in GENERATED:  # the size of the snapshot a read would get now
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.attr_timeout = 0  # every stat asks getattr, which builds it if need be
+            snap = self.snapshots.usable(ino, self.index.last_commit())
+            if snap is not None:
+                a.st_size = len(snap.data)
+                a.st_blocks = (a.st_size + 511) // 512
+                a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = snap.mtime_ns
         elif kind == "onopen":  # shows the cached latest; served direct_io, never cached
             assert node.source
             with self.index.read() as r:
@@ -241,13 +269,48 @@ class BuffyFS(pyfuse3.Operations):
                 a.st_size = v["size"]
                 stamp = int(parse_rfc3339(v["fetched_at"]).timestamp() * 1e9)
                 a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
-        else:  # @status files, pending latest: contents not known ahead, served direct_io
+        else:  # pending latest: contents not known ahead, served direct_io
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
         return a
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attr(inode)
+        node = self._node(inode)
+        if node.kind in GENERATED:
+            await self._snapshot(inode, node)
+        return self._attr(inode, node)
+
+    def _link_count(self, source: str | None, version: dict[str, Any]) -> int:
+        """How many names the version has (links.py); a collected one's: 1."""
+        with self.index.read() as r:
+            src = r.source(source) if source else None
+            current = r.version(source, version["id"]) if src else None
+            if src is None or current is None or current["ino"] != version["ino"]:
+                return 1
+            pin = src.get("pin")
+            pin_present = bool(pin) and r.version(source, pin) is not None
+            return links.link_count(src, current, pin_present,
+                                    r.versions_after(source, version["id"]))
+
+    def _link_counts(self, source: str) -> dict[int, int]:
+        """The link count of every version of ``source``, by inode (for a listing)."""
+        with self.index.read() as r:
+            src = r.source(source)
+            versions = r.versions(source) if src else []
+        if src is None:
+            return {}
+        counts = links.link_counts(src, versions)
+        return {v["ino"]: counts[v["id"]] for v in versions}
+
+    async def _snapshot(self, ino: int, node: Node, opening: bool = False) -> Snapshot:
+        """The content of a generated file as a stat or open sees it (snapshots.py)."""
+        commit = self.index.last_commit()  # before building: a later change builds again
+        if node.kind == "root_metrics":
+            build = functools.partial(self.metrics.render, self.index)
+        else:
+            build = functools.partial(self._render_status, node.source, self.live_progress(),
+                                      set(self.open_inos))
+        return await self.snapshots.get(ino, commit, build, opening)
 
     # --- lookup and listing -----------------------------------------------------------
 
@@ -377,9 +440,12 @@ class BuffyFS(pyfuse3.Operations):
             with self.index.read() as r:
                 names = [(v["id"], v["ino"]) for v in r.versions(node.source)]
         out = []
+        # all link counts in one pass (these two run in a worker thread)
+        nlinks = self._link_counts(node.source) \
+            if node.kind in ("versions", "tagdir") and node.source else {}
         for name, child in names:
             try:
-                attr = self._attr(child)
+                attr = self._attr(child, nlink=nlinks.get(child))
             except pyfuse3.FUSEError:
                 continue  # removed meanwhile
             if name == "latest" or node.kind == "tagdir":
@@ -466,8 +532,9 @@ class BuffyFS(pyfuse3.Operations):
         node = self._node(inode)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if node.kind in ("root_control", "control"):
-            if not writing:
-                raise pyfuse3.FUSEError(errno.EACCES)
+            if not writing:  # a help text, so that copies of the mount can read it
+                return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(CONTROL_HELP[node.kind])),
+                                        direct_io=True, keep_cache=False)
             return pyfuse3.FileInfo(fh=self._new_handle(ControlHandle(node.source)),
                                     direct_io=True, keep_cache=False)
         if writing:
@@ -482,16 +549,12 @@ class BuffyFS(pyfuse3.Operations):
             assert node.source
             await self._check_on_open(node.source)
             return await self._open_latest(node.source)
-        if node.kind in ("root_status", "status", "root_metrics"):
+        if node.kind in GENERATED:
             # built in a worker thread (its own read transaction): a big cache's takes
-            # seconds of reading and JSON
-            if node.kind == "root_metrics":
-                data = await trio.to_thread.run_sync(self.metrics.render, self.index)
-            else:
-                data = await trio.to_thread.run_sync(self._render_status, node.source,
-                                                     self.live_progress(),
-                                                     set(self.open_inos))
-            return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(data)),
+            # seconds of reading and JSON; the snapshot a stat just built is reused
+            snap = await self._snapshot(inode, node, opening=True)
+            snap.readers += 1
+            return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(snap.data, snap)),
                                     direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR)
 
@@ -590,6 +653,8 @@ class BuffyFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
+        if isinstance(handle, BytesHandle) and handle.snapshot is not None:
+            handle.snapshot.readers -= 1
         if isinstance(handle, BlobHandle):
             os.close(handle.fd)
             self.open_inos[handle.ino] -= 1
@@ -608,6 +673,8 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         except BuffyError:
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.snapshots.clear()  # applied or refused: @status shows it now
         return len(buf)
 
     async def run_control(self, data: bytes, source: str | None) -> None:
@@ -742,8 +809,15 @@ class BuffyFS(pyfuse3.Operations):
 
     def source_changed(self, name: str) -> None:
         """Drop kernel entries that changed for ``name`` (the kernel catches up soon)."""
+        self.snapshots.clear()
         for parent, entry in self._stale_entries(name):
             _invalidate(parent, entry)
+        relinked = self._changed_links(name)
+        if relinked:
+            try:
+                trio.lowlevel.spawn_system_task(self._invalidate_attrs, relinked)
+            except RuntimeError:  # not in trio (unit tests)
+                pass
 
     async def source_changed_now(self, name: str) -> None:
         """Like ``source_changed``, but returns once the kernel has dropped the entries,
@@ -752,6 +826,7 @@ class BuffyFS(pyfuse3.Operations):
         The notification may block until the kernel has finished requests on the same
         directory, so it runs in a worker thread while the loop keeps serving them.
         """
+        self.snapshots.clear()
         for parent, entry in self._stale_entries(name):
             with trio.move_on_after(INVALIDATE_TIMEOUT):
                 try:
@@ -760,6 +835,30 @@ class BuffyFS(pyfuse3.Operations):
                     )
                 except OSError:
                     pass  # ENOENT: the kernel did not have it cached
+        await self._invalidate_attrs(self._changed_links(name))
+
+    def _changed_links(self, name: str) -> list[int]:
+        """Version inodes of ``name`` whose link count changed since the kernel got it
+        (``latest`` or a ``@TAG/latest`` moved, a tag came or went)."""
+        if not self.shown_links:
+            return []
+        changed = [ino for ino, n in self._link_counts(name).items()
+                   if self.shown_links.get(ino, n) != n]
+        for ino in changed:
+            del self.shown_links[ino]
+        return changed
+
+    async def _invalidate_attrs(self, inos: list[int]) -> None:
+        """Make the kernel ask again for the attributes of ``inos`` (only those: their
+        cached pages stay). In a worker thread, as ``source_changed_now`` does."""
+        for ino in inos:
+            with trio.move_on_after(INVALIDATE_TIMEOUT):
+                try:
+                    await trio.to_thread.run_sync(
+                        functools.partial(pyfuse3.invalidate_inode, ino, attr_only=True),
+                        abandon_on_cancel=True)
+                except Exception as e:  # ENOENT: not cached; or not mounted (unit tests)
+                    log.debug("invalidate inode %s: %s", ino, e)
 
     def versions_removed(self, source: str, vids: list[str]) -> None:
         """Drop kernel entries of collected versions (their entries were long-lived)."""

@@ -190,6 +190,18 @@ class Reader:
         out.reverse()
         return out
 
+    def versions_after(self, name: str, vid: str) -> Iterator[dict[str, Any]]:
+        """The versions of a source newer than ``vid``, oldest first, read lazily (use
+        it inside the transaction; stop when you have what you need)."""
+        prefix = name.encode() + b"\0"
+        with self.txn.cursor(db=self.dbs["versions"]) as cur:
+            if not cur.set_range(prefix + vid.encode() + b"\0"):  # the first key after
+                return
+            for k, v in cur:
+                if not k.startswith(prefix):
+                    break
+                yield json.loads(v)
+
     def has_versions(self, name: str) -> bool:
         prefix = name.encode() + b"\0"
         with self.txn.cursor(db=self.dbs["versions"]) as cur:
@@ -453,6 +465,11 @@ class Index:
 
     def close(self) -> None:
         self.env.close()
+
+    def last_commit(self) -> int:
+        """The id of the last committed write transaction, by any process: it differs
+        whenever anything in the index changed (cheap: no transaction)."""
+        return self.env.info()["last_txnid"]
 
     @contextmanager
     def read(self) -> Iterator[Reader]:

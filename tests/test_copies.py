@@ -1,0 +1,97 @@
+"""Copies of the mount with the usual tools: ``tar``, ``rsync -a -H`` and ``du`` see
+real sizes for the generated files, can read ``@control``, and count a version
+reachable by several names once (issue 19, item 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from tests.conftest import wait_for
+from tests.test_mount import read, status, write_control
+
+TOOL_TIMEOUT = 60
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+
+
+def four_names(origin, mnt) -> tuple[str, str]:
+    """Source t with two versions; the newer is reachable as latest, @versions/ID,
+    @keep/ID and @keep/latest. Returns (older id, newer id)."""
+    origin.set("/t", b"old bytes")
+    write_control(mnt / "@control", f"add t {origin.url('/t')}")
+    assert read(mnt / "t/latest") == b"old bytes"
+    origin.set("/t", b"the newer bytes")
+    write_control(mnt / "t/@control", "refresh")
+    wait_for(lambda: len(status(mnt / "t/@status")["versions"]) == 2, 10,
+             what="the second version")
+    newer, older = (v["id"] for v in status(mnt / "t/@status")["versions"])
+    write_control(mnt / "t/@control", "tag latest keep")
+    return older, newer
+
+
+def test_link_counts_and_inodes(origin, mnt):
+    older, newer = four_names(origin, mnt)
+    names = ["t/latest", f"t/@versions/{newer}", f"t/@keep/{newer}", "t/@keep/latest"]
+    stats = [os.stat(mnt / n) for n in names]
+    assert {st.st_ino for st in stats} == {stats[0].st_ino}
+    assert [st.st_nlink for st in stats] == [4] * 4
+    assert os.stat(mnt / f"t/@versions/{older}").st_nlink == 1
+    # latest moves to the older version: both link counts follow at once
+    write_control(mnt / "t/@control", "tag latest failed")
+    # @versions/ID, @keep/ID, @keep/latest, @failed/ID, @failed/latest
+    assert os.stat(mnt / f"t/@versions/{newer}").st_nlink == 5
+    assert os.stat(mnt / f"t/@versions/{older}").st_nlink == 2  # and latest
+    assert os.stat(mnt / "t/latest").st_ino == os.stat(mnt / f"t/@versions/{older}").st_ino
+
+
+def test_generated_files_report_their_real_size(origin, mnt):
+    origin.set("/s", b"s")
+    write_control(mnt / "@control", f"add s {origin.url('/s')}")
+    read(mnt / "s/latest")
+    for name in ("@status", "@metrics", "s/@status", "@control", "s/@control"):
+        size = os.stat(mnt / name).st_size
+        data = read(mnt / name)
+        assert size > 0 and size == len(data), name
+    assert json.loads(read(mnt / "s/@status"))["name"] == "s"
+    assert b"add NAME URL" in read(mnt / "@control")  # a short help text
+    assert b"tag VERSION TAG" in read(mnt / "s/@control")
+    write_control(mnt / "s/@control", "tag latest keep")  # still a command file
+    assert status(mnt / "s/@status")["versions"][0]["tags"] == ["keep"]
+
+
+def test_tar_rsync_and_du_over_the_mount(origin, mnt, tmp_path):
+    older, newer = four_names(origin, mnt)
+
+    done = run("tar", "-cf", str(tmp_path / "m.tar"), "-C", str(mnt.path), ".")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    out = tmp_path / "untar"
+    out.mkdir()
+    assert run("tar", "-xf", str(tmp_path / "m.tar"), "-C", str(out)).returncode == 0
+    assert json.loads((out / "@status").read_text())["sources"][0]["name"] == "t"
+    assert json.loads((out / "t/@status").read_text())["latest"] == newer
+    assert b"buffyfs_versions" in (out / "@metrics").read_bytes()
+    assert (out / "t/latest").read_bytes() == b"the newer bytes"
+    assert (out / "t/latest").stat().st_ino == (out / f"t/@keep/{newer}").stat().st_ino
+
+    dest = tmp_path / "copy"
+    done = run("rsync", "-a", "-H", f"{mnt.path}/", f"{dest}/")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((dest / "t/@status").read_text())["name"] == "t"
+    copies = [dest / n for n in ("t/latest", f"t/@versions/{newer}", f"t/@keep/{newer}",
+                                 "t/@keep/latest")]
+    assert len({p.stat().st_ino for p in copies}) == 1  # rsync -H stored one copy
+    assert copies[0].stat().st_nlink == 4
+    assert (dest / f"t/@versions/{older}").read_bytes() == b"old bytes"
+
+    # du counts the four names of the newer version once
+    done = run("du", "-b", "-s", str(mnt / "t/latest"), str(mnt / "t/@versions"),
+               str(mnt / "t/@keep"))
+    assert done.returncode == 0, done.stderr
+    total = sum(int(line.split()[0]) for line in done.stdout.splitlines())
+    assert total == len(b"old bytes") + len(b"the newer bytes")
