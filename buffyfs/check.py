@@ -6,11 +6,18 @@ whose bytes no longer hash to their name (corrupt), blob files no version uses
 disagree with the versions. ``repair`` drops broken versions (``latest`` then
 resolves anew), deletes corrupt, orphan and non-regular entries, and rewrites the
 reference counts.
+
+It also reports stray files anywhere in the cache directory: in ``blobs/`` and
+``partial/``, entries that are not of the store's layout (a name that is no sha256
+or sits in the wrong subdirectory, a partial file of no source), which ``repair``
+removes; elsewhere, entries buffyfs does not make (KNOWN_ENTRIES), which are only
+reported: they may be the user's own.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +31,16 @@ from buffyfs.safeio import NotRegularFile, describe, entry_kind
 
 ORPHAN_LOCK_WAIT = 2.0  # seconds to wait for downloads' commits before judging orphans
 
+# What buffyfs makes in a cache directory, outside blobs/ and partial/ (cache.py,
+# index.py, cli.py): directory -> names; anything else there is reported as unknown.
+KNOWN_ENTRIES = {
+    "": {"index", "blobs", "partial", "mount.lock", "mount.json", "buffyfs.log",
+         "buffyfs.start-error"},
+    "index": {"data.mdb", "lock.mdb"},
+}
+BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+PARTIAL_NAME = re.compile(r"(?P<source>[^/]+)\.(part|lock)")
+
 
 @dataclass
 class Findings:
@@ -32,12 +49,14 @@ class Findings:
     not_regular: list[tuple[str, str, str]] = field(default_factory=list)  # (.., kind)
     orphans: list[str] = field(default_factory=list)  # paths under the cache
     bad_refs: list[str] = field(default_factory=list)  # sha256 with a wrong count
+    strays: list[tuple[str, str]] = field(default_factory=list)  # (path, why): repair removes
+    unknown: list[str] = field(default_factory=list)  # paths not of buffyfs's: left alone
     checked: int = 0
 
     @property
     def healthy(self) -> bool:
         return not (self.missing or self.corrupt or self.not_regular or self.orphans
-                    or self.bad_refs)
+                    or self.bad_refs or self.strays)
 
 
 def _uses(index: Index) -> tuple[dict[str, list[tuple[str, dict[str, Any]]]], dict]:
@@ -118,9 +137,51 @@ def check(index: Index, blobs: BlobStore,
         if entry is None or entry["refs"] != len(users):
             found.bad_refs.append(sha)
     found.bad_refs += [sha for sha in refs if sha not in uses]
-    found.orphans = _confirmed_orphans(index, blobs,
-                                       sorted(sha for sha in entries if sha not in uses))
+    found.orphans = _confirmed_orphans(index, blobs, sorted(
+        sha for sha in entries if sha not in uses and BLOB_NAME.fullmatch(sha)))
+    found.strays, found.unknown = stray_files(index, blobs)
     return found
+
+
+def stray_files(index: Index, blobs: BlobStore) -> tuple[list[tuple[str, str]], list[str]]:
+    """(strays in the store with why, unknown entries elsewhere), as paths relative to
+    the cache. Entries that are not regular files are ``stray_entries``' (swept too)."""
+    root = blobs.root
+    strays: list[tuple[str, str]] = []
+    for path, kind in blobs.stray_entries():
+        strays.append((str(path.relative_to(root)), f"a {kind}, not a regular file"))
+    planted = {p for p, _ in strays}
+    for sub in sorted(os.scandir(blobs.blob_dir), key=lambda e: e.name):
+        rel = f"blobs/{sub.name}"
+        if rel in planted:
+            continue
+        if not sub.is_dir(follow_symlinks=False):
+            strays.append((rel, "not a blob directory"))
+            continue
+        for e in sorted(os.scandir(sub.path), key=lambda e: e.name):
+            if f"{rel}/{e.name}" in planted:
+                continue
+            if not BLOB_NAME.fullmatch(e.name):
+                strays.append((f"{rel}/{e.name}", "not named by a sha256"))
+            elif not e.name.startswith(sub.name):
+                strays.append((f"{rel}/{e.name}", f"belongs in blobs/{e.name[:2]}/"))
+    with index.read() as r:
+        sources = set(r.source_names())
+    for e in sorted(os.scandir(blobs.partial_dir), key=lambda e: e.name):
+        rel = f"partial/{e.name}"
+        m = PARTIAL_NAME.fullmatch(e.name)
+        if rel in planted or e.name == ".commit.lock" or m and m["source"] in sources:
+            continue
+        strays.append((rel, f"a partial file of no source ({m['source']!r})" if m
+                       else "not a partial download"))
+    unknown = []
+    for directory, names in KNOWN_ENTRIES.items():
+        try:
+            entries = sorted(os.listdir(root / directory))
+        except OSError:
+            continue
+        unknown += [os.path.join(directory, n) for n in entries if n not in names]
+    return strays, unknown
 
 
 def _confirmed_orphans(index: Index, blobs: BlobStore, candidates: list[str]) -> list[str]:
@@ -166,6 +227,11 @@ def repair(index: Index, blobs: BlobStore, found: Findings) -> None:
             if any(s == source and v["id"] == vid for s, v in users):
                 blobs.path(sha).unlink(missing_ok=True)
     gc.sweep_strays(blobs)  # blobs that were not regular files (the versions are gone)
+    for path, _why in found.strays:  # misnamed or misplaced store files
+        target = blobs.root / path
+        if not PARTIAL_NAME.fullmatch(target.name) and entry_kind(target) == "regular file":
+            target.unlink(missing_ok=True)
+    gc.sweep_partials(index, blobs)  # those of no source (never one a download holds)
     if gc.sweep_orphans(index, blobs) is None:
         for path in found.orphans:  # a download is committing: remove only what we saw
             sha = path.rsplit("/", 1)[-1]

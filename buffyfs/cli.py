@@ -51,6 +51,8 @@ OPTION_METAVARS = {"refresh": "POLICY", "attempt_timeout": "DURATION", "open_wai
 
 
 class _Parser(argparse.ArgumentParser):
+    commands: dict[str, argparse.ArgumentParser] = {}  # the top level's: by command
+
     def error(self, message: str) -> None:  # usage line, then one error line, exit 2
         self.print_usage(sys.stderr)
         print(f"buffyfs: error: {message}", file=sys.stderr)
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint")
     m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     m.add_argument("--allow-other", action="store_true", help="let other users read")
+    m.add_argument("--allow-non-empty", action="store_true",
+                   help="mount even on a directory that is not empty (hiding what it holds)")
     m.add_argument("--prune", action="store_true",
                    help="remove sources the config file does not declare")
     m.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -87,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="unmount")
     u.add_argument("mountpoint")
+    u.add_argument("--lazy", action="store_true",
+                   help="detach now even if busy; the mount goes when its last file closes")
 
     a = sub.add_parser("add", parents=[common], help="register a source")
     a.add_argument("name")
@@ -140,7 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", parents=[common], help="verify the index against the blobs")
     c.add_argument("--repair", action="store_true",
                    help="drop broken versions and remove orphans")
+    p.commands = sub.choices  # for parse_args: each command's own parser
     return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Like ``parser.parse_args``, but an unknown option is reported by its command's
+    parser (its usage line, not the top level's), with the closest known option."""
+    from buffyfs.config import _hint
+
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser.commands[args.command]
+        known = [s for a in command._actions for s in a.option_strings]
+        flags = [w for w in unknown if w.startswith("-")]
+        hint = _hint(flags[0].split("=", 1)[0], known) if flags else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-") and \
             (argv[0] == "none" or os.path.isfile(argv[0])) and os.path.isdir(argv[1]):
         argv = fstab_args(argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     if args.command != "mount":  # commands report their own errors, one line each
         logging.getLogger().addHandler(logging.NullHandler())
         logging.getLogger().setLevel(logging.CRITICAL)
@@ -167,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # mount -o options that map to ours; the generic ones (rw, dev, suid, _netdev, ...) are
 # for mount(8) and fusermount3, not for us.
-FSTAB_FLAGS = {"allow_other": "--allow-other", "prune": "--prune", "foreground": "--foreground"}
+FSTAB_FLAGS = {"allow_other": "--allow-other", "prune": "--prune", "foreground": "--foreground",
+               "nonempty": "--allow-non-empty"}
 FSTAB_VALUES = {"cache": "--cache", "max_cache_size": "--max-cache-size",
                 "log_level": "--log-level", "scrub_interval": "--scrub-interval",
                 "scrub_rate": "--scrub-rate"}
@@ -219,9 +242,12 @@ def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     configured = load_config(Path(args.config)).daemon.cache if args.config else None
     root = resolve_cache_dir(args.cache, configured)
-    if args.command in READ_ONLY and (args.cache or configured) and not root.is_dir():
-        # a mistyped --cache would otherwise show an empty cache, and create it
-        raise CacheError(f"no buffyfs cache in {root}: the directory does not exist")
+    if args.command in READ_ONLY and not root.is_dir():
+        # a mistyped --cache would otherwise show an empty cache, and create it; a
+        # command that only reads never creates a cache directory
+        given = "" if (args.cache or configured or os.environ.get("BUFFYFS_CACHE")) else \
+            " (nothing was added yet; or give --cache DIR)"
+        raise CacheError(f"no buffyfs cache in {root}: the directory does not exist{given}")
     return Cache(root)
 
 
@@ -242,7 +268,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     config_path = Path(args.config).absolute() if args.config else None
     daemon = load_config(config_path).daemon if config_path else DaemonConfig()
     cache_dir = resolve_cache_dir(args.cache, daemon.cache)
-    check_mountpoint(args.mountpoint)
+    check_mountpoint(args.mountpoint, args.allow_non_empty)
     max_size = parse_size(args.max_cache_size, "--max-cache-size") \
         if args.max_cache_size else daemon.max_cache_size
     args.log_level = args.log_level or daemon.log_level
@@ -275,6 +301,8 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
            "--cache", str(cache_dir), "--log-level", args.log_level, "--ready-fd", str(write_end)]
     if args.allow_other:
         cmd.append("--allow-other")
+    if args.allow_non_empty:
+        cmd.append("--allow-non-empty")
     if args.max_cache_size:
         cmd += ["--max-cache-size", args.max_cache_size]
     for flag, value in (("--scrub-interval", args.scrub_interval),
@@ -393,8 +421,10 @@ def clear_dead_mount(path: str) -> None:
     print(f"buffyfs: cleared the dead mount on {path} (its daemon is gone)", file=sys.stderr)
 
 
-def check_mountpoint(path: str) -> None:
-    """A directory to mount on; a dead mount left by a crashed daemon is cleared."""
+def check_mountpoint(path: str, allow_non_empty: bool = False) -> None:
+    """A directory to mount on; a dead mount left by a crashed daemon is cleared. A
+    directory that holds something is refused unless ``allow_non_empty``: the mount
+    would hide it (a mistyped mount point, as rclone and fuse2 refuse too)."""
     for _ in range(8):  # one dead mount per round: they may be stacked
         fstype = _mount_type(path)
         if fstype is None:
@@ -411,17 +441,67 @@ def check_mountpoint(path: str) -> None:
         raise BadInput(f"mount point {path} does not exist")
     if not os.path.isdir(path):
         raise BadInput(f"mount point {path} is not a directory")
+    if not allow_non_empty:
+        try:
+            entries = os.listdir(path)
+        except OSError as e:
+            raise BadInput(f"cannot list mount point {path}: {e.strerror}") from None
+        if entries:
+            raise BadInput(f"mount point {path} is not empty ({len(entries)} entries, e.g. "
+                           f"{sorted(entries)[0]!r}): the mount would hide them; pass "
+                           "--allow-non-empty to mount there anyway")
+
+
+def holders(mountpoint: str) -> list[tuple[int, str]]:
+    """(pid, command name) of the processes with a file, directory or mapping open
+    under ``mountpoint`` (as ``fuser -m`` finds them; only those we may look at)."""
+    inside = mountpoint.rstrip("/") + "/"
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        base = f"/proc/{pid}"
+        try:
+            links = [os.path.join(base, n) for n in ("cwd", "root", "exe")]
+            links += [os.path.join(base, "fd", fd) for fd in os.listdir(base + "/fd")]
+            targets = []
+            for link in links:
+                try:
+                    targets.append(os.readlink(link))
+                except OSError:
+                    continue
+            with open(base + "/maps") as maps:  # mapped files: address ... inode path
+                targets += [parts[5].strip() for line in maps
+                            if len(parts := line.split(None, 5)) == 6]
+            if any(t == mountpoint or t.startswith(inside) for t in targets):
+                with open(base + "/comm") as comm:
+                    found.append((int(pid), comm.read().strip()))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return found
+
+
+def busy_note(mountpoint: str) -> str:
+    """Which processes hold the mount, for the error line (or how to find them)."""
+    held = holders(mountpoint)
+    if not held:
+        return f"held by processes this user cannot see (find them with: fuser -vm {mountpoint})"
+    shown = ", ".join(f"pid {pid} ({name})" for pid, name in held[:8])
+    more = f" and {len(held) - 8} more" if len(held) > 8 else ""
+    return f"held by {shown}{more}"
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if not is_mounted(mountpoint):
-        raise BadInput(f"{args.mountpoint} is not mounted")
-    done = _fusermount(mountpoint)
+        raise CacheError(f"{args.mountpoint} is not mounted")
+    done = _fusermount(mountpoint, lazy=args.lazy)
     if done.returncode != 0:
         if probe_mount(mountpoint) not in DEAD_CONNECTION:
-            raise CacheError(f"cannot unmount {args.mountpoint}: "
-                             + (done.stderr.strip().splitlines() or ["fusermount3 failed"])[-1])
+            reason = (done.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
+            if "busy" in reason:
+                raise CacheError(f"cannot unmount {args.mountpoint}: it is busy, "
+                                 f"{busy_note(mountpoint)}; close them, or detach it now "
+                                 f"with: buffyfs umount --lazy {args.mountpoint}")
+            raise CacheError(f"cannot unmount {args.mountpoint}: {reason}")
         clear_dead_mount(args.mountpoint)  # its daemon is gone, a file is still open there
     deadline = time.monotonic() + UMOUNT_TIMEOUT
     while is_mounted(mountpoint) and time.monotonic() < deadline:
@@ -465,6 +545,9 @@ def cmd_add(args: argparse.Namespace) -> int:
     normalize_options(raw)  # bad input is reported before the cache is touched
     cache = _cache(args)
     cache.add_source(args.name, args.url, raw)
+    from buffyfs.options import redact_url
+
+    print(f"added source {args.name} ({redact_url(args.url)})")
     return 0
 
 
@@ -473,6 +556,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
     check_name(args.name)
     _cache(args).remove_source(args.name)
+    print(f"removed source {args.name} (its versions go at the next collection)")
     return 0
 
 
@@ -537,12 +621,9 @@ def _console():  # type: ignore[no-untyped-def]
 
 
 def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+    from buffyfs.options import human_size
+
+    return human_size(n)
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -638,6 +719,7 @@ def cmd_unpin(args: argparse.Namespace) -> int:
 
     check_name(args.name)
     _cache(args).unpin(args.name)
+    print(f"{args.name}: unpinned; latest follows the refresh policy again")
     return 0
 
 
@@ -784,12 +866,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"orphan: {path}")
     for sha in found.bad_refs:
         print(f"wrong reference count: {sha}")
+    for path, why in found.strays:
+        print(f"stray: {path}: {why}")
+    for path in found.unknown:  # the user's own, maybe: reported, never removed
+        print(f"unknown entry (not made by buffyfs; left alone): {path}")
     if found.healthy:
         print(f"healthy: {found.checked} blob(s) verified")
         return 0
     if args.repair:
         check.repair(cache.index, cache.blobs, found)
-        print("repaired: broken versions dropped, orphans removed, counts rebuilt")
+        print("repaired: broken versions dropped, orphans and strays removed, counts rebuilt")
+        return 0  # everything found is repaired (repair raises when it cannot)
+    print("run buffyfs check --repair to repair", file=sys.stderr)
     return 1
 
 
@@ -806,8 +894,8 @@ def _room_maker(cache: Any) -> Any:
         if mounted:  # only the mount knows what is open: do not evict, only check
             with cache.index.read() as r:
                 if r.blob_bytes() + need > max_size:
-                    raise gc.CacheFull(f"cache full: {need} more bytes do not fit in "
-                                       f"max_cache_size {max_size}")
+                    raise gc.CacheFull(f"cache full: {_human(need)} more do not fit in "
+                                       f"max_cache_size {_human(max_size)}")
             return
         gc.collect_now(cache.index, cache.blobs, set(), need, max_size)
 

@@ -57,7 +57,7 @@ from buffyfs.index import (
     rfc3339,
     servable,
 )
-from buffyfs.options import parse_duration
+from buffyfs.options import human_size, parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,9 @@ def plan(r: Reader, open_inos: set[int], need: int = 0,
             used = r.blob_bytes() - sum(freed.values())
         if used + need > max_size and need > 0:
             raise CacheFull(
-                f"cache full: {need} more bytes do not fit in max_cache_size {max_size} "
-                f"({used} bytes held by versions that may not be evicted: latest, the "
+                f"cache full: {human_size(need)} more do not fit in max_cache_size "
+                f"{human_size(max_size)} ({human_size(used)} held by versions that may not "
+                "be evicted: latest, the "
                 "newest valid, keep-tagged, pinned or open ones)")
         if used > max_size:
             log.warning("cache over max_cache_size by %d bytes of protected versions",

@@ -196,6 +196,19 @@ def parse_size(value: Any, key: str = "size") -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
 
 
+def human_size(n: int) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KiB``, ``20.0 MiB`` (1024-based, as
+    ``max_cache_size`` and the other size options are written)."""
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        size /= 1024
+        if size < 1024 or unit == "PiB":
+            break
+    return f"{size:.1f} {unit}"
+
+
 def check_refresh(value: Any) -> str:
     if value in ("never", "on-open"):
         return value

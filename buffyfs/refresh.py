@@ -41,7 +41,7 @@ from buffyfs.errors import FetchError, NotFound
 from buffyfs.gc import CacheFull, CommitLock
 from buffyfs.index import Index, now_utc, rfc3339
 from buffyfs.metrics import Metrics
-from buffyfs.options import DEFAULT_OPTIONS, parse_duration, parse_size, redact_url
+from buffyfs.options import DEFAULT_OPTIONS, human_size, parse_duration, parse_size, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -344,9 +344,9 @@ class Refresher:
         try:
             self.make_room(need + running + kept)
         except CacheFull as e:
-            held = [f"{running} bytes of it held by other downloads under way"] if running \
-                else []
-            held += [f"{kept} bytes by partial files kept to be resumed"] if kept else []
+            held = [f"{human_size(running)} of it held by other downloads under way"] \
+                if running else []
+            held += [f"{human_size(kept)} by partial files kept to be resumed"] if kept else []
             raise downloader.AttemptError(
                 f"{e} ({', '.join(held)})" if held else str(e), retryable=False, restart=True
             ) from None

@@ -16,14 +16,15 @@ from typing import Any
 
 import trio
 
-from buffyfs.options import DEFAULT_VALIDATE_TIMEOUT, parse_duration
+from buffyfs.options import DEFAULT_VALIDATE_TIMEOUT, human_size, parse_duration
 
 
 async def failure(rules: dict[str, Any], path: Path, size: int, sha256: str,
                   content_type: str | None) -> str | None:
     """Why the version fails its checks, or None when it passes them all."""
     if "min_size" in rules and size < rules["min_size"]:
-        return f"size {size} bytes is below validate.min_size {rules['min_size']}"
+        return (f"size {human_size(size)} is below validate.min_size "
+                f"{human_size(rules['min_size'])}")
     if "sha256" in rules and sha256 != rules["sha256"]:
         return f"sha256 {sha256} differs from validate.sha256 {rules['sha256']}"
     if "content_type" in rules:
