@@ -8,7 +8,12 @@ import json
 import os
 import subprocess
 
-from tests.conftest import wait_for
+from hypothesis import given
+from hypothesis import strategies as st
+
+from buffyfs import links
+from buffyfs.index import resolve_latest
+from tests.conftest import run_cli, wait_for
 from tests.test_mount import read, status, write_control
 
 TOOL_TIMEOUT = 60
@@ -47,6 +52,10 @@ def test_link_counts_and_inodes(origin, mnt):
     assert os.stat(mnt / f"t/@versions/{newer}").st_nlink == 5
     assert os.stat(mnt / f"t/@versions/{older}").st_nlink == 2  # and latest
     assert os.stat(mnt / "t/latest").st_ino == os.stat(mnt / f"t/@versions/{older}").st_ino
+    # a change made by another process (the command line) reaches it too, within seconds
+    run_cli("untag", "t", newer, "keep", cache=mnt.cache, check=True)
+    wait_for(lambda: os.stat(mnt / f"t/@versions/{newer}").st_nlink == 3, 5,
+             what="the link count after untag")  # @versions/ID, @failed/ID, @failed/latest
 
 
 def test_generated_files_report_their_real_size(origin, mnt):
@@ -95,3 +104,39 @@ def test_tar_rsync_and_du_over_the_mount(origin, mnt, tmp_path):
     assert done.returncode == 0, done.stderr
     total = sum(int(line.split()[0]) for line in done.stdout.splitlines())
     assert total == len(b"old bytes") + len(b"the newer bytes")
+
+
+# --- links.py against the definitions it mirrors (no mount) -------------------------------
+
+_version = st.fixed_dictionaries({
+    "tags": st.lists(st.sampled_from(["valid", "failed", "keep", "x"]), unique=True),
+    "damaged": st.booleans(),
+})
+
+
+@given(st.lists(_version, max_size=8), st.integers(-1, 8),
+       st.sampled_from(["1d", "on-open"]), st.booleans())
+def test_link_counts_match_the_layout(specs, pin_at, refresh, pinned_option):
+    """Every version's link count is the number of names fs.py's layout gives it; the
+    one-version scan agrees with the all-versions pass."""
+    versions = [{"id": f"2026010{i}T000000Z-0000000{i}", "ino": 100 + i, "tags": s["tags"],
+                 **({"damaged": {"at": "", "reason": ""}} if s["damaged"] else {})}
+                for i, s in enumerate(specs)][::-1]  # newest first
+    pin = f"2026010{pin_at}T000000Z-0000000{pin_at}" if pin_at >= 0 else None
+    source = {"pin": pin, "options": {"refresh": refresh, "pinned": pinned_option}}
+    latest = resolve_latest(source, versions)
+    names: dict[str, int] = {v["id"]: 1 for v in versions}  # @versions/ID
+    if latest and not (refresh == "on-open" and not pinned_option):
+        names[latest["id"]] += 1  # SOURCE/latest
+    for tag in {t for v in versions for t in v["tags"]}:
+        tagged = [v for v in versions if tag in v["tags"]]
+        for v in tagged:
+            names[v["id"]] += 1  # @TAG/ID
+        newest = next((v for v in tagged if not v.get("damaged")), None)
+        if newest:
+            names[newest["id"]] += 1  # @TAG/latest
+    assert links.link_counts(source, versions) == names
+    pin_present = any(v["id"] == pin for v in versions)
+    for i, v in enumerate(versions):
+        newer = versions[:i][::-1]  # oldest first
+        assert links.link_count(source, v, pin_present, iter(newer)) == names[v["id"]]
