@@ -452,43 +452,6 @@ def check_mountpoint(path: str, allow_non_empty: bool = False) -> None:
                            "--allow-non-empty to mount there anyway")
 
 
-def holders(mountpoint: str) -> list[tuple[int, str]]:
-    """(pid, command name) of the processes with a file, directory or mapping open
-    under ``mountpoint`` (as ``fuser -m`` finds them; only those we may look at)."""
-    inside = mountpoint.rstrip("/") + "/"
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        base = f"/proc/{pid}"
-        try:
-            links = [os.path.join(base, n) for n in ("cwd", "root", "exe")]
-            links += [os.path.join(base, "fd", fd) for fd in os.listdir(base + "/fd")]
-            targets = []
-            for link in links:
-                try:
-                    targets.append(os.readlink(link))
-                except OSError:
-                    continue
-            with open(base + "/maps") as maps:  # mapped files: address ... inode path
-                targets += [parts[5].strip() for line in maps
-                            if len(parts := line.split(None, 5)) == 6]
-            if any(t == mountpoint or t.startswith(inside) for t in targets):
-                with open(base + "/comm") as comm:
-                    found.append((int(pid), comm.read().strip()))
-        except OSError:  # gone meanwhile, or not ours to look at
-            continue
-    return found
-
-
-def busy_note(mountpoint: str) -> str:
-    """Which processes hold the mount, for the error line (or how to find them)."""
-    held = holders(mountpoint)
-    if not held:
-        return f"held by processes this user cannot see (find them with: fuser -vm {mountpoint})"
-    shown = ", ".join(f"pid {pid} ({name})" for pid, name in held[:8])
-    more = f" and {len(held) - 8} more" if len(held) > 8 else ""
-    return f"held by {shown}{more}"
-
-
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if not is_mounted(mountpoint):
@@ -498,6 +461,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if probe_mount(mountpoint) not in DEAD_CONNECTION:
             reason = (done.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
             if "busy" in reason:
+                from buffyfs.busy import busy_note
+
                 raise CacheError(f"cannot unmount {args.mountpoint}: it is busy, "
                                  f"{busy_note(mountpoint)}; close them, or detach it now "
                                  f"with: buffyfs umount --lazy {args.mountpoint}")
