@@ -7,11 +7,12 @@ disagree with the versions. ``repair`` drops broken versions (``latest`` then
 resolves anew), deletes corrupt, orphan and non-regular entries, and rewrites the
 reference counts.
 
-It also reports stray files anywhere in the cache directory: in ``blobs/`` and
-``partial/``, entries that are not of the store's layout (a name that is no sha256
-or sits in the wrong subdirectory, a partial file of no source), which ``repair``
-removes; elsewhere, entries buffyfs does not make (KNOWN_ENTRIES), which are only
-reported: they may be the user's own.
+It also reports stray files anywhere in the cache directory: entries of the store
+that are not of its layout (in ``blobs/``, a name that is no sha256 or sits in the
+wrong subdirectory; in ``partial/``, the partial file of a source that is gone), which
+``repair`` removes; and entries buffyfs does not make (KNOWN_ENTRIES; in ``partial/``,
+any other name), which are only reported: they may be the user's own, or a newer
+buffyfs's.
 """
 
 from __future__ import annotations
@@ -167,14 +168,16 @@ def stray_files(index: Index, blobs: BlobStore) -> tuple[list[tuple[str, str]], 
                 strays.append((f"{rel}/{e.name}", f"belongs in blobs/{e.name[:2]}/"))
     with index.read() as r:
         sources = set(r.source_names())
+    unknown = []
     for e in sorted(os.scandir(blobs.partial_dir), key=lambda e: e.name):
         rel = f"partial/{e.name}"
         m = PARTIAL_NAME.fullmatch(e.name)
         if rel in planted or e.name == ".commit.lock" or m and m["source"] in sources:
             continue
-        strays.append((rel, f"a partial file of no source ({m['source']!r})" if m
-                       else "not a partial download"))
-    unknown = []
+        if m:
+            strays.append((rel, f"a partial file of no source ({m['source']!r})"))
+        else:
+            unknown.append(rel)
     for directory, names in KNOWN_ENTRIES.items():
         try:
             entries = sorted(os.listdir(root / directory))
@@ -227,9 +230,9 @@ def repair(index: Index, blobs: BlobStore, found: Findings) -> None:
             if any(s == source and v["id"] == vid for s, v in users):
                 blobs.path(sha).unlink(missing_ok=True)
     gc.sweep_strays(blobs)  # blobs that were not regular files (the versions are gone)
-    for path, _why in found.strays:  # misnamed or misplaced store files
+    for path, _why in found.strays:  # misnamed or misplaced blob files
         target = blobs.root / path
-        if not PARTIAL_NAME.fullmatch(target.name) and entry_kind(target) == "regular file":
+        if path.startswith("blobs/") and entry_kind(target) == "regular file":
             target.unlink(missing_ok=True)
     gc.sweep_partials(index, blobs)  # those of no source (never one a download holds)
     if gc.sweep_orphans(index, blobs) is None:

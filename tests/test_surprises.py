@@ -53,21 +53,23 @@ def test_check_repair_exits_0_and_strays_are_reported(origin, cli, cache_dir):
         "blobs/ab/junk": "not named by a sha256",
         f"blobs/ab/{other}": "belongs in blobs/cd/",
         "partial/gone.part": "a partial file of no source ('gone')",
-        "partial/notes": "not a partial download",
     }
     for path in planted:
         (cache_dir / path).write_bytes(b"x")
     (cache_dir / "my-notes.txt").write_text("the user's")
+    (cache_dir / "partial/notes").write_text("not buffyfs's either")
     done = cli("check")
     assert done.returncode == 1
     for path, why in planted.items():
         assert f"stray: {path}: {why}" in done.stdout
-    assert "unknown entry (not made by buffyfs; left alone): my-notes.txt" in done.stdout
+    for path in ("my-notes.txt", "partial/notes"):
+        assert f"unknown entry (not made by buffyfs; left alone): {path}" in done.stdout
     done = cli("check", "--repair")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "repaired" in done.stdout
     assert not any((cache_dir / path).exists() for path in planted)
     assert (cache_dir / "my-notes.txt").read_text() == "the user's"
+    assert (cache_dir / "partial/notes").exists()
     done = cli("check")
     assert done.returncode == 0 and "healthy" in done.stdout
 
