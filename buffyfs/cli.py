@@ -463,8 +463,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     check_url(args.url)
     raw = _options_from_args(args)
     normalize_options(raw)  # bad input is reported before the cache is touched
-    cache = _cache(args)
-    cache.add_source(args.name, args.url, raw)
+    _apply(_cache(args), "add", [args.name, args.url], raw)
     return 0
 
 
@@ -472,7 +471,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     from buffyfs.options import check_name
 
     check_name(args.name)
-    _cache(args).remove_source(args.name)
+    _apply(_cache(args), "remove", [args.name])
     return 0
 
 
@@ -573,11 +572,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     check_name(args.name)
     check_tag(args.tag)
     check_version_ref(args.version)
-    cache = _cache(args)
-    if args.command == "tag":
-        v = cache.tag(args.name, args.version, args.tag)
-    else:
-        v = cache.untag(args.name, args.version, args.tag)
+    v = _apply(_cache(args), args.command, [args.version, args.tag], source=args.name)
     print(f"{args.name}: {v['id']} tags: {','.join(v['tags']) or '-'}")
     return 0
 
@@ -589,7 +584,8 @@ def cmd_pin(args: argparse.Namespace) -> int:
     check_name(args.name)
     if args.version is not None:
         check_version_ref(args.version)  # a malformed id is bad input, like for tag
-    vid = _cache(args).pin(args.name, args.version)
+    vid = _apply(_cache(args), "pin", [args.version] if args.version else [],
+                 source=args.name)
     print(f"{args.name}: pinned at {vid}" if vid else
           f"{args.name}: pinned; the first version to arrive will hold")
     return 0
@@ -604,20 +600,19 @@ def cmd_hold(args: argparse.Namespace) -> int:
     check_version_ref(args.version)
     parse_duration(args.duration, "hold duration")
     cache = _cache(args)
-    v = _unknown_version_is_bad_input(cache, args.name, cache.hold, args.version,
-                                      args.duration)
+    v = _unknown_version_is_bad_input(cache, args.name, "hold", [args.version, args.duration])
     print(v["id"])
     return 0
 
 
-def _unknown_version_is_bad_input(cache: Any, name: str, change: Any, *args: Any) -> Any:
+def _unknown_version_is_bad_input(cache: Any, name: str, word: str, words: list[str]) -> Any:
     """hold/release: an unknown source fails (exit 1), but a version the source does
     not have is a bad argument (exit 2, as issue 20 asks)."""
     from buffyfs.errors import NotFound
 
     cache.index.get_source(name)  # NotFound: exit 1
     try:
-        return change(name, *args)
+        return _apply(cache, word, words, source=name)
     except NotFound as e:
         raise BadInput(str(e)) from None
 
@@ -628,8 +623,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     check_name(args.name)
     check_version_ref(args.version)
-    cache = _cache(args)
-    _unknown_version_is_bad_input(cache, args.name, cache.release, args.version)
+    _unknown_version_is_bad_input(_cache(args), args.name, "release", [args.version])
     return 0
 
 
@@ -637,8 +631,18 @@ def cmd_unpin(args: argparse.Namespace) -> int:
     from buffyfs.options import check_name
 
     check_name(args.name)
-    _cache(args).unpin(args.name)
+    _apply(_cache(args), "unpin", [], source=args.name)
     return 0
+
+
+def _apply(cache: Any, word: str, words: list[str], options: dict[str, Any] | None = None,
+           source: str | None = None) -> Any:
+    """Run one command through the running mount (so it has taken effect there when
+    this returns), else on the index; returns its result (see commands.py)."""
+    from buffyfs import mountctl
+    from buffyfs.control import Command
+
+    return mountctl.apply(cache, Command(word, words, options or {}), source)
 
 
 # --- downloads --------------------------------------------------------------------------

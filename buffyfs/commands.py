@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from buffyfs.control import Command, check_version_ref
 from buffyfs.errors import BadInput, NotFound
-from buffyfs.index import Index, Reader, Writer
+from buffyfs.index import Index, Reader, Writer, newest_of
 from buffyfs.options import (
     check_name,
     check_tag,
@@ -73,6 +73,23 @@ def run(index: Index, commands: list[Command], source: str | None = None,
     """Apply ``commands`` all or nothing, in one write transaction of its own."""
     with index.write() as w:
         return apply(w, commands, source, refresh)
+
+
+class _Abort(Exception):
+    """Ends ``dry_run``'s transaction without committing it."""
+
+
+def dry_run(index: Index, commands: list[Command], source: str | None = None) -> Outcome:
+    """Check ``commands`` as ``run`` would apply them now, and apply nothing: the same
+    errors (BadInput, NotFound) and the same results (e.g. the version ``latest``
+    names), from a write transaction that is aborted."""
+    checked: list[Outcome] = []
+    try:
+        with index.write() as w:
+            checked.append(apply(w, commands, source, refresh="check"))
+            raise _Abort
+    except _Abort:
+        return checked[0]
 
 
 def apply(w: Writer, commands: list[Command], source: str | None = None,
@@ -221,8 +238,14 @@ ROOT_WORDS = {"add", "remove"}
 
 
 def version(r: Reader, source: str, ref: str) -> dict[str, Any]:
-    """A version of ``source`` by id, or ``latest`` (as the transaction sees it now)."""
+    """A version of ``source`` by id, ``latest`` or ``newest`` (as the transaction sees
+    it now)."""
     check_version_ref(ref)
+    if ref == "newest":
+        v = newest_of(r.versions(source))
+        if v is None:
+            raise NotFound(f"source {source!r} has no version")
+        return v
     if ref == "latest":
         v = r.latest(source)
         if v is None:

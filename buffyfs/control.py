@@ -130,9 +130,12 @@ def _parse_line(line: str, scope: Scope) -> Command | None:
     return Command(word, positional, options)
 
 
+VERSION_WORDS = ("latest", "newest")  # newest: the newest version, even a failed one
+
+
 def check_version_ref(ref: str) -> str:
-    if ref != "latest" and not VERSION_RE.fullmatch(ref):
-        raise BadInput(f"invalid version {ref[:40]!r}: a version id or 'latest'")
+    if ref not in VERSION_WORDS and not VERSION_RE.fullmatch(ref):
+        raise BadInput(f"invalid version {ref[:40]!r}: a version id, 'latest' or 'newest'")
     return ref
 
 

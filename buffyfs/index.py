@@ -114,6 +114,12 @@ def latest_of(versions: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
+def newest_of(versions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the word ``newest`` names: the newest version that is not damaged, tagged
+    ``failed`` or not (``versions`` newest first)."""
+    return next((v for v in versions if not v.get("damaged")), None)
+
+
 def resolve_latest(source: dict[str, Any], versions: list[dict[str, Any]]) -> dict[str, Any] | None:
     """What ``latest`` means for a source: its pinned version, else the newest servable
     one (not tagged ``failed``, not damaged).
