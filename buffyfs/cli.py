@@ -105,21 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     for word, help_text in (("tag", "tag a version"), ("untag", "remove a tag")):
         t = sub.add_parser(word, parents=[common], help=help_text)
         t.add_argument("name")
-        t.add_argument("version", help="a version id or 'latest'")
+        t.add_argument("version", help="a version id, 'latest' or 'newest'")
         t.add_argument("tag")
     pn = sub.add_parser("pin", parents=[common], help="hold latest at a version")
     pn.add_argument("name")
-    pn.add_argument("version", nargs="?", help="a version id or 'latest' (default)")
+    pn.add_argument("version", nargs="?", help="a version id, 'latest' (default) or 'newest'")
     up = sub.add_parser("unpin", parents=[common], help="follow the refresh policy again")
     up.add_argument("name")
     hd = sub.add_parser("hold", parents=[common],
                         help="keep a version from collection for a while; prints its id")
     hd.add_argument("name")
-    hd.add_argument("version", help="a version id or 'latest' (resolved now)")
+    hd.add_argument("version", help="a version id, 'latest' or 'newest' (resolved now)")
     hd.add_argument("duration", help="how long, e.g. 30m, 12h, 1d")
     rl = sub.add_parser("release", parents=[common], help="end a hold early")
     rl.add_argument("name")
-    rl.add_argument("version", help="a version id or 'latest'")
+    rl.add_argument("version", help="a version id, 'latest' or 'newest'")
+
+    st = sub.add_parser("set", parents=[common], help="change options of a source")
+    st.add_argument("name")
+    st.add_argument("pairs", nargs="+", metavar="KEY=VALUE",
+                    help="option keys as in the config file (url= too); a table entry as "
+                    "headers.NAME=VALUE or validate.CHECK=VALUE, empty to remove it")
 
     r = sub.add_parser("remove", parents=[common], help="unregister a source")
     r.add_argument("name")
@@ -635,6 +641,22 @@ def cmd_unpin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set(args: argparse.Namespace) -> int:
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    options: dict[str, str] = {}
+    for pair in args.pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BadInput(f"invalid {pair[:40]!r}: use KEY=VALUE, e.g. refresh=6h")
+        options[key] = value
+    _apply(_cache(args), "set", [], options, source=args.name)
+    # the keys only: a header's value is a secret
+    print(f"{args.name}: set {', '.join(options)}")
+    return 0
+
+
 def _apply(cache: Any, word: str, words: list[str], options: dict[str, Any] | None = None,
            source: str | None = None) -> Any:
     """Run one command through the running mount (so it has taken effect there when
@@ -757,6 +779,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     per_source: dict[str, int] = {}
     for v in report["versions"]:
         per_source[v["source"]] = per_source.get(v["source"], 0) + 1
+        print(f"{v['source']}: {'would collect' if args.dry_run else 'collected'} {v['id']} "
+              f"({v['reason']})")
     for source, count in sorted(per_source.items()):
         print(f"{source}: {count} version(s), {verb} {_human(report['freed'].get(source, 0))}")
     for path in report["orphans"]:
@@ -823,5 +847,5 @@ COMMANDS = {
     "list": cmd_list, "status": cmd_status, "versions": cmd_versions, "fetch": cmd_fetch,
     "refresh": cmd_refresh, "tag": cmd_tag, "untag": cmd_tag, "pin": cmd_pin,
     "unpin": cmd_unpin, "hold": cmd_hold, "release": cmd_release, "gc": cmd_gc,
-    "check": cmd_check, "completion": cmd_completion,
+    "check": cmd_check, "completion": cmd_completion, "set": cmd_set,
 }

@@ -45,3 +45,55 @@ def test_cli_errors_through_the_mount_keep_their_exit_codes(origin, mnt, cli):
     assert done.returncode == 2 and "invalid version" in one_error_line(done)
     # nothing of that reached the mount as a change; the refusals were its own errors
     assert status(mnt / "csv/@status")["versions"][0]["tags"] == []
+
+
+def test_set_changes_options_and_url_through_the_mount(origin, mnt, cli):
+    make_versions(origin, mnt, "s", [b"one"])
+    origin.set("/other", b"other")
+    done = cli("set", "s", "refresh=6h", f"url={origin.url('/other')}",
+               "headers.Authorization=Bearer sekrit", check=True)
+    assert done.stdout == "s: set refresh, url, headers.Authorization\n"  # no value shown
+    st = status(mnt / "s/@status")
+    assert st["refresh"] == "6h" and st["url"] == origin.url("/other")
+    assert st["options"]["headers"] == {"Authorization": "<hidden>"}
+    cli("refresh", "s", check=True)
+    wait_for(lambda: read(mnt / "s/latest") == b"other", 10, what="the new URL's version")
+    assert origin.seen("/other")[-1].headers["Authorization"] == "Bearer sekrit"
+    for bad, code in ((["refresh=soon"], 2), (["nokey"], 2), (["url=ftp://x/"], 2),
+                      (["color=red"], 2)):
+        done = cli("set", "s", *bad)
+        assert done.returncode == code, bad
+        assert "sekrit" not in one_error_line(done)
+    done = cli("set", "nosuch", "refresh=1h")
+    assert done.returncode == 1 and "no source named" in one_error_line(done)
+    assert status(mnt / "s/@status")["refresh"] == "6h"
+
+
+def test_newest_names_the_newest_version_even_when_every_one_failed(origin, mnt, cli):
+    a, b = make_versions(origin, mnt, "n", [b"one", b"two"])
+    assert read(mnt / "n/newest") == b"two" and "newest" in os.listdir(mnt / "n")
+    cli("tag", "n", "latest", "failed", check=True)
+    cli("tag", "n", "latest", "failed", check=True)  # now every version is failed
+    assert status(mnt / "n/@status")["latest"] is None
+    assert read(mnt / "n/newest") == b"two"  # latest gives EIO, newest still reads
+    assert os.stat(mnt / "n/newest").st_ino == os.stat(mnt / f"n/@versions/{b}").st_ino
+    # and wherever a VERSION is taken
+    assert cli("untag", "n", "newest", "failed", check=True).stdout == f"n: {b} tags: -\n"
+    assert read(mnt / "n/latest") == b"two"
+    assert cli("hold", "n", "newest", "1h", check=True).stdout == f"{b}\n"
+
+
+def test_gc_dry_run_names_each_version_it_would_collect(origin, cli):
+    origin.set("/g", b"A")
+    cli("add", "g", origin.url("/g"), "--keep-versions", "0", check=True)
+    ids = []
+    for body in (b"A", b"B", b"C"):  # no mount runs: nothing is collected meanwhile
+        origin.set("/g", body)
+        ids.append(cli("fetch", "g", check=True).stdout.split()[3])
+    a, b, c = ids
+    out = cli("gc", "--dry-run", check=True).stdout
+    assert f"g: would collect {a} (retention)" in out
+    assert f"g: would collect {b} (retention)" in out
+    assert f"g: keeps {c} (latest)" in out
+    out = cli("gc", check=True).stdout
+    assert f"g: collected {a} (retention)" in out and f"g: collected {b}" in out
