@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name")
     rf = sub.add_parser("refresh", parents=[common], help="check the origin now")
     rf.add_argument("name")
+    rf.add_argument("--wait", action="store_true",
+                    help="with a mount running: return when the check has finished, print "
+                    "its outcome, exit 1 if it failed (without a mount refresh always waits)")
+    rf.add_argument("--force", action="store_true",
+                    help="an unconditional GET: no If-None-Match/If-Modified-Since, no "
+                    "resume (for origins whose validators lie)")
     comp = sub.add_parser("completion", help="print a shell completion script")
     comp.add_argument("shell", choices=("bash", "zsh", "tcsh"))
     g = sub.add_parser("gc", parents=[common], help="collect garbage now")
@@ -711,25 +717,40 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+REFRESH_WORDS = {"new_version": "new version", "unchanged": "unchanged",
+                 "not_modified": "not modified"}
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
+    from buffyfs import mountctl
+    from buffyfs.control import Command
     from buffyfs.options import check_name
 
     check_name(args.name)
     cache = _cache(args)
+    cmd = Command("refresh", ["--force"] if args.force else [])
     if cache.running_mount():
-        cache.request_refresh(args.name, "request")
-        print(f"{args.name}: refresh requested from the running mount")
-        return 0
-    cache.request_refresh(args.name, "check")
-    outcome = _run_refresh(cache, args.name, None)
-    if outcome.error:
-        raise FetchError(f"{args.name}: {outcome.error}")
-    v = outcome.version
-    print(f"{args.name}: new version {v['id']}" if v else f"{args.name}: up to date")
+        asked = time.time()
+        if not mountctl.through_mount(cache, cmd, args.name):
+            from buffyfs import commands
+
+            commands.run(cache.index, [cmd], args.name, refresh="request")
+        if not args.wait:
+            print(f"{args.name}: refresh requested from the running mount")
+            return 0
+        outcome = mountctl.wait_refresh(cache, args.name, asked)
+    else:
+        cache.request_refresh(args.name, "check")
+        outcome = _run_refresh(cache, args.name, None, force=args.force).record(0)
+    if outcome["result"] == "failed":
+        raise FetchError(f"{args.name}: {outcome['error']}")
+    print(f"{args.name}: {REFRESH_WORDS[outcome['result']]}"
+          + (f" {outcome['version']}" if outcome["version"] else ""))
     return 0
 
 
-def _run_refresh(cache: Any, name: str, on_progress: Any, on_note: Any = None) -> Any:
+def _run_refresh(cache: Any, name: str, on_progress: Any, on_note: Any = None,
+                 force: bool = False) -> Any:
     import trio
 
     from buffyfs import downloader
@@ -739,7 +760,7 @@ def _run_refresh(cache: Any, name: str, on_progress: Any, on_note: Any = None) -
         async with downloader.new_client() as client:
             refresher = Refresher(cache.index, cache.blobs, client,
                                   make_room=_room_maker(cache))
-            return await refresher.refresh(name, on_progress, on_note)
+            return await refresher.refresh(name, on_progress, on_note, force)
 
     return trio.run(go)
 

@@ -215,10 +215,13 @@ def _release(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -
 
 
 def _refresh(w: Writer, cmd: Command, source: str, out: Outcome, by: RefreshBy) -> None:
-    """``refresh``: check the origin now; refused while the source is pinned."""
+    """``refresh [--force]``: check the origin now; refused while the source is pinned.
+    ``--force``: the next refresh asks without validators (an unconditional GET)."""
     src = _source(w, source)
     if src["options"].get("pinned"):
         raise BadInput(f"source {source!r} is pinned: unpin it first")
+    if cmd.args == ["--force"] and by != "check":
+        w.put_state(source, force=True)  # the refresher takes it (refresh.py)
     if by == "mount":
         w.put_state(source, state="fetching")
     elif by == "request":

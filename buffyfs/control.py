@@ -30,7 +30,7 @@ MAX_WRITE = 64 << 10  # below FUSE's max_write, so one write() arrives whole
 GRAMMAR: dict[Scope, dict[str, tuple[int, int, bool]]] = {
     "root": {"add": (2, 2, True), "remove": (1, 1, False)},
     "source": {
-        "refresh": (0, 0, False), "set": (0, 0, True), "tag": (2, 2, False),
+        "refresh": (0, 1, False), "set": (0, 0, True), "tag": (2, 2, False),
         "untag": (2, 2, False), "pin": (0, 1, False), "unpin": (0, 0, False),
         "hold": (2, 2, False), "release": (1, 1, False),
     },
@@ -40,7 +40,7 @@ VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
 USAGE = {
     "add": "add NAME URL [KEY=VALUE ...]",
     "remove": "remove NAME",
-    "refresh": "refresh",
+    "refresh": "refresh [--force]",
     "set": "set KEY=VALUE ...",
     "tag": "tag VERSION TAG",
     "untag": "untag VERSION TAG",
@@ -127,6 +127,8 @@ def _parse_line(line: str, scope: Scope) -> Command | None:
         parse_duration(positional[1], "hold duration")
     elif word == "release":
         check_version_ref(positional[0])
+    elif word == "refresh" and positional and positional[0] != "--force":
+        raise BadInput(f"usage: {USAGE[word]}")
     return Command(word, positional, options)
 
 

@@ -26,6 +26,7 @@ import os
 import re
 import shlex
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,25 @@ def through_mount(cache: Cache, cmd: Command, source: str | None = None) -> bool
     commands.dry_run(cache.index, [cmd], source)
     path = control_file(cache, source)
     return path is not None and _write(path, control_line(cmd), cache, cmd, source)
+
+
+REFRESH_POLL = 0.1  # seconds between looks at the index while a refresh runs
+
+
+def wait_refresh(cache: Cache, name: str, asked: float) -> dict[str, Any]:
+    """Wait for the mount's first refresh of ``name`` that started after ``asked``
+    (wall-clock seconds) to end; returns its ``last_refresh`` record (refresh.py).
+    Ends early, with an error, when the source goes or the mount stops."""
+    while True:
+        with cache.index.read() as r:
+            if r.source(name) is None:
+                raise NotFound(f"source {name!r} was removed before its check finished")
+            last = r.state(name).get("last_refresh")
+        if last and last["started"] >= asked:
+            return last
+        if cache.running_mount() is None:
+            raise CacheError("the mount stopped before the check finished")
+        time.sleep(REFRESH_POLL)
 
 
 def control_file(cache: Cache, source: str | None) -> Path | None:

@@ -97,3 +97,38 @@ def test_gc_dry_run_names_each_version_it_would_collect(origin, cli):
     assert f"g: keeps {c} (latest)" in out
     out = cli("gc", check=True).stdout
     assert f"g: collected {a} (retention)" in out and f"g: collected {b}" in out
+
+
+def test_refresh_wait_prints_the_outcome_and_force_gets_past_lying_validators(origin, mnt,
+                                                                              cli):
+    origin.set("/v", b"one", etag=True)
+    cli("add", "v", origin.url("/v"), check=True)
+    assert read(mnt / "v/latest") == b"one"
+    first = status(mnt / "v/@status")["latest"]
+    assert cli("refresh", "v", "--wait", check=True).stdout == "v: not modified\n"
+    res = origin.set("/v", b"two", etag=True)
+    res.lying_304 = True  # changed, but its validators say it did not
+    assert cli("refresh", "v", "--wait", check=True).stdout == "v: not modified\n"
+    assert read(mnt / "v/latest") == b"one"
+    done = cli("refresh", "v", "--wait", "--force", check=True)
+    new = status(mnt / "v/@status")["latest"]
+    assert new != first and done.stdout == f"v: new version {new}\n"
+    assert read(mnt / "v/latest") == b"two"  # the check had taken effect when it returned
+    assert "If-None-Match" not in origin.seen("/v")[-1].headers
+    assert cli("refresh", "v", "--wait", "--force", check=True).stdout == "v: unchanged\n"
+    origin.fail("/v", 404)
+    done = cli("refresh", "v", "--wait")
+    assert done.returncode == 1 and "404" in one_error_line(done)
+    # without --wait: asked, not waited for
+    assert cli("refresh", "v", check=True).stdout == \
+        "v: refresh requested from the running mount\n"
+
+
+def test_refresh_without_a_mount_prints_the_same_outcomes(origin, cli):
+    origin.set("/w", b"one", etag=True)
+    cli("add", "w", origin.url("/w"), check=True)
+    assert cli("refresh", "w", check=True).stdout.startswith("w: new version ")
+    assert cli("refresh", "w", "--wait", check=True).stdout == "w: not modified\n"
+    origin.set("/w", b"one", etag=True).lying_304 = True
+    assert cli("refresh", "w", "--force", check=True).stdout == "w: unchanged\n"
+    assert "If-None-Match" not in origin.seen("/w")[-1].headers
