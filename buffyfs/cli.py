@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("name")
     rl.add_argument("version", help="a version id, 'latest' or 'newest'")
 
+    rv = sub.add_parser("revalidate", parents=[common],
+                        help="run the source's current validate checks on a version again "
+                        "and tag it valid or failed; exit 1 if it fails them")
+    rv.add_argument("name")
+    rv.add_argument("version", help="a version id, 'latest' or 'newest'")
+
     st = sub.add_parser("set", parents=[common], help="change options of a source")
     st.add_argument("name")
     st.add_argument("pairs", nargs="+", metavar="KEY=VALUE",
@@ -647,6 +653,20 @@ def cmd_unpin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_revalidate(args: argparse.Namespace) -> int:
+    from buffyfs.control import check_version_ref
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    check_version_ref(args.version)
+    v = _apply(_cache(args), "revalidate", [args.version], source=args.name)
+    if "failed" in v.get("tags", []):
+        print(f"{args.name}: {v['id']} failed: {v.get('validation') or 'failed'}")
+        return 1
+    print(f"{args.name}: {v['id']} valid")
+    return 0
+
+
 def cmd_set(args: argparse.Namespace) -> int:
     from buffyfs.options import check_name
 
@@ -869,4 +889,5 @@ COMMANDS = {
     "refresh": cmd_refresh, "tag": cmd_tag, "untag": cmd_tag, "pin": cmd_pin,
     "unpin": cmd_unpin, "hold": cmd_hold, "release": cmd_release, "gc": cmd_gc,
     "check": cmd_check, "completion": cmd_completion, "set": cmd_set,
+    "revalidate": cmd_revalidate,
 }

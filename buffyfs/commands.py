@@ -65,7 +65,7 @@ class Outcome:
 
 
 # commands after which a version may have become collectable: the mount collects then
-FREEING_WORDS = frozenset({"release", "untag", "unpin", "set", "remove"})
+FREEING_WORDS = frozenset({"release", "untag", "unpin", "set", "remove", "revalidate"})
 
 
 def run(index: Index, commands: list[Command], source: str | None = None,
@@ -230,9 +230,33 @@ def _refresh(w: Writer, cmd: Command, source: str, out: Outcome, by: RefreshBy) 
     out.touch(source)
 
 
+def _revalidate(w: Writer, cmd: Command, source: str, out: Outcome,
+                _: RefreshBy) -> dict[str, Any]:
+    """``revalidate VERSION``: tag it ``valid`` or ``failed`` as ``cmd.verdict`` (the
+    source's current checks, run before the transaction: revalidate.py) says; without a
+    verdict (``dry_run``) only checked. The result is the version as it is now."""
+    [ref] = cmd.args
+    _source(w, source)
+    v = version(w, source, ref)
+    if cmd.verdict is None:
+        return v
+    if cmd.verdict["id"] != v["id"]:
+        raise BadInput(f"{ref!r} named another version while its checks ran; try again")
+    failure = cmd.verdict["failure"]
+    v = w.change_tag(source, v["id"], add="failed" if failure else "valid")
+    if failure:
+        v["validation"] = failure
+    else:
+        v.pop("validation", None)
+    w.put_version(source, v)
+    out.touch(source)
+    return v
+
+
 RULES: dict[str, Callable[[Writer, Command, str, Outcome, RefreshBy], Any]] = {
     "add": _add, "remove": _remove, "set": _set, "tag": _tag, "untag": _tag,
     "pin": _pin, "unpin": _unpin, "refresh": _refresh, "hold": _hold, "release": _release,
+    "revalidate": _revalidate,
 }
 ROOT_WORDS = {"add", "remove"}
 

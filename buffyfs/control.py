@@ -32,7 +32,7 @@ GRAMMAR: dict[Scope, dict[str, tuple[int, int, bool]]] = {
     "source": {
         "refresh": (0, 1, False), "set": (0, 0, True), "tag": (2, 2, False),
         "untag": (2, 2, False), "pin": (0, 1, False), "unpin": (0, 0, False),
-        "hold": (2, 2, False), "release": (1, 1, False),
+        "hold": (2, 2, False), "release": (1, 1, False), "revalidate": (1, 1, False),
     },
 }
 VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
@@ -48,6 +48,7 @@ USAGE = {
     "unpin": "unpin",
     "hold": "hold VERSION DURATION",
     "release": "release VERSION",
+    "revalidate": "revalidate VERSION",
 }
 
 
@@ -57,6 +58,8 @@ class Command:
     args: list[str]
     options: dict[str, Any] = field(default_factory=dict)
     line: int = field(default=0, compare=False)  # its line in the write (0: not from one)
+    # revalidate: the checks' result, found before the transaction (revalidate.py)
+    verdict: dict[str, Any] | None = field(default=None, compare=False)
 
 
 def parse(data: bytes, scope: Scope) -> list[Command]:
@@ -125,7 +128,7 @@ def _parse_line(line: str, scope: Scope) -> Command | None:
     elif word == "hold":
         check_version_ref(positional[0])
         parse_duration(positional[1], "hold duration")
-    elif word == "release":
+    elif word in ("release", "revalidate"):
         check_version_ref(positional[0])
     elif word == "refresh" and positional and positional[0] != "--force":
         raise BadInput(f"usage: {USAGE[word]}")

@@ -36,6 +36,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from buffyfs import revalidate
 from buffyfs.cache import Cache
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
 from buffyfs.index import SourceInode, newest_of, parse_rfc3339, resolve_latest
@@ -633,7 +634,11 @@ class BuffyFS(pyfuse3.Operations):
         command has taken effect for every later open when this returns.
 
         Raises BadInput or NotFound when the write is refused (nothing applied)."""
-        outcome = await trio.to_thread.run_sync(self.cache.run_control, data, source)
+        def judge(parsed: list[Any], source: str | None) -> None:  # revalidate's checks
+            trio.from_thread.run(revalidate.judge, self.index, self.cache.blobs, parsed,
+                                 source)
+
+        outcome = await trio.to_thread.run_sync(self.cache.run_control, data, source, judge)
         if outcome.retention and self.on_retention is not None:
             self.on_retention()  # e.g. `release`: the version goes now, not in 10 minutes
         for name in outcome.refresh:

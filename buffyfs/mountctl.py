@@ -53,7 +53,12 @@ def apply(cache: Cache, cmd: Command, source: str | None = None) -> Any:
     path = control_file(cache, source)
     if path is not None and _write(path, control_line(_resolved(cmd, result)), cache, cmd,
                                    source):
+        if cmd.word == "revalidate":  # the mount's verdict, as it applied it
+            with cache.index.read() as r:
+                return r.version(source or "", result["id"]) or result
         return result
+    if cmd.word == "revalidate":
+        cache.judge([cmd], source)  # the checks, before the transaction
     outcome = commands.run(cache.index, [cmd], source, refresh="request")
     for name in outcome.removed:
         cache.drop_partial(name)

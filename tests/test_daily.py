@@ -4,6 +4,7 @@ revalidate, newest), and monitoring per source."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from tests.conftest import wait_for
@@ -132,3 +133,44 @@ def test_refresh_without_a_mount_prints_the_same_outcomes(origin, cli):
     origin.set("/w", b"one", etag=True).lying_304 = True
     assert cli("refresh", "w", "--force", check=True).stdout == "w: unchanged\n"
     assert "If-None-Match" not in origin.seen("/w")[-1].headers
+
+
+def test_revalidate_runs_the_current_checks_and_retags(origin, mnt, cli):
+    [a] = make_versions(origin, mnt, "r", [b"x" * 100], "validate.min_size=50")
+    origin.set("/r", b"y" * 10)
+    b = cli("refresh", "r", "--wait", check=True).stdout.split()[-1]
+    st = status(mnt / "r/@status")
+    assert [v["tags"] for v in st["versions"]] == [["failed"], ["valid"]]
+    assert read(mnt / "r/latest") == b"x" * 100
+    cli("set", "r", "validate.min_size=5", check=True)  # the rule was too strict
+    done = cli("revalidate", "r", b, check=True)
+    assert done.stdout == f"r: {b} valid\n"
+    assert status(mnt / "r/@status")["versions"][0]["tags"] == ["valid"]
+    assert "validation" not in status(mnt / "r/@status")["versions"][0]
+    assert read(mnt / "r/latest") == b"y" * 10  # at once
+    cli("set", "r", "validate.min_size=1000", check=True)
+    done = cli("revalidate", "r", "latest")
+    assert done.returncode == 1 and done.stdout.startswith(f"r: {b} failed: size 10 bytes")
+    assert read(mnt / "r/latest") == b"x" * 100  # latest fell back at once
+    cli("revalidate", "r", a)
+    assert status(mnt / "r/@status")["latest"] is None  # every version failed:
+    assert read(mnt / "r/newest") == b"y" * 10  # newest still names b
+    # on the control file, with a command check
+    cli("set", "r", "validate.min_size=", "validate.cmd=true", check=True)
+    with open(mnt / "r/@control", "w") as f:
+        f.write("revalidate newest\n")
+    assert status(mnt / "r/@status")["versions"][0]["tags"] == ["valid"]
+    assert read(mnt / "r/latest") == b"y" * 10
+    done = cli("revalidate", "r", "20200101T000000Z-00000000")
+    assert done.returncode == 1 and "has no version" in one_error_line(done)
+
+
+def test_revalidate_without_a_mount(origin, cli):
+    origin.set("/q", b"q" * 10)
+    cli("add", "q", origin.url("/q"), "--validate", "min_size=50", check=True)
+    cli("fetch", "q", check=True)
+    cli("set", "q", "validate.min_size=1", check=True)
+    out = cli("revalidate", "q", "newest", check=True).stdout
+    assert out.endswith(" valid\n")
+    st = json.loads(cli("status", "q", "--json", check=True).stdout)
+    assert st["versions"][0]["tags"] == ["valid"] and st["latest"] == st["versions"][0]["id"]
