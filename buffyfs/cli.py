@@ -528,15 +528,24 @@ def _print_status(obj: dict[str, Any], cache: Any) -> None:
         where = f"mounted on {mount['mountpoint']}" if mount else "not mounted"
         console.print(f"buffyfs {obj['version']}  cache {obj['cache']} ({where}), "
                       f"{_human(obj['cache_size'])} used")
-        table = Table("source", "url", "latest", "state", "failures", box=None)
+        table = Table("source", "url", "latest", "age", "state", "stale", "failures", box=None)
         for s in obj["sources"]:
-            table.add_row(s["name"], s["url"], s["latest"] or "-", s["state"],
-                          str(s["consecutive_failures"]))
+            table.add_row(s["name"], s["url"], s["latest"] or "-",
+                          _age(s.get("latest_fetched_at")),
+                          _state_text(s["state"], s.get("progress")),
+                          "yes" if s.get("stale") else "no", str(s["consecutive_failures"]))
         console.print(table)
+        if obj.get("last_reload_error"):
+            error = obj["last_reload_error"]
+            console.print(f"last reload refused at {error['at']}: {error['message']}",
+                          highlight=False, markup=False)
         return
-    for key in ("name", "url", "refresh", "pinned", "stale", "state", "latest", "last_check",
-                "last_success", "next_check", "consecutive_failures"):
-        value = obj.get(key)
+    latest = next((v for v in obj["versions"] if v["id"] == obj["latest"]), None)
+    shown = {**obj, "state": _state_text(obj["state"], obj.get("progress")),
+             "age": _age(latest["fetched_at"]) if latest else None}
+    for key in ("name", "url", "refresh", "pinned", "stale", "state", "latest", "age",
+                "last_check", "last_success", "next_check", "consecutive_failures"):
+        value = shown.get(key)
         if isinstance(value, bool):
             value = "yes" if value else "no"
         console.print(f"{key:>21}: {value if value is not None else '-'}", highlight=False)
@@ -544,6 +553,30 @@ def _print_status(obj: dict[str, Any], cache: Any) -> None:
         console.print(f"{'last_error':>21}: {obj['last_error']['at']} "
                       f"{obj['last_error']['message']}", highlight=False)
     console.print(f"{'versions':>21}: {len(obj['versions'])}")
+
+
+def _age(fetched_at: str | None) -> str:
+    """How long ago ``fetched_at`` (RFC 3339) was, in its two largest units: 3h12m."""
+    if not fetched_at:
+        return "-"
+    from buffyfs.index import now_utc, parse_rfc3339
+
+    seconds = max(0, int((now_utc() - parse_rfc3339(fetched_at)).total_seconds()))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for (unit, size), (next_unit, next_size) in zip(units, units[1:], strict=False):
+        if seconds >= size:
+            return f"{seconds // size}{unit}{seconds % size // next_size}{next_unit}"
+    return f"{seconds}s"
+
+
+def _state_text(state: str, progress: dict[str, Any] | None) -> str:
+    """``fetching 1.5 MiB/4.0 MiB (37%)`` for a download under way; else the state."""
+    if state != "fetching" or not progress:
+        return state
+    done, total = progress["bytes"], progress.get("total")
+    if not total:
+        return f"fetching {_human(done)}"
+    return f"fetching {_human(done)}/{_human(total)} ({100 * done // total}%)"
 
 
 def _console():  # type: ignore[no-untyped-def]

@@ -11,6 +11,8 @@ Named databases and their keys (all values JSON unless said otherwise):
     ``format``    b"1", the layout version (a later layout migrates from it)
     ``scrub``     JSON ``{"started", "finished", "blobs", "bytes", "damaged"}``: the
                   last background scrub (scrub.py)
+    ``last_reload_error`` JSON ``{"at", "message"}`` or null: why the mount's last
+                  SIGHUP reload was refused (mount.py)
     ``seq``       8-byte big-endian counter, bumped by every change in ``changes``
     ``next_ino``  8-byte big-endian, the next unused inode number (never reused)
     ``blob_bytes`` 8-byte big-endian, the total size of the blobs in ``blobs``

@@ -174,3 +174,89 @@ def test_revalidate_without_a_mount(origin, cli):
     assert out.endswith(" valid\n")
     st = json.loads(cli("status", "q", "--json", check=True).stdout)
     assert st["versions"][0]["tags"] == ["valid"] and st["latest"] == st["versions"][0]["id"]
+
+
+def metric_samples(mnt) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (mnt / "@metrics").read_text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_per_source_with_only_a_source_label(origin, mnt, cli):
+    make_versions(origin, mnt, "ok", [b"12345"])
+    make_versions(origin, mnt, "bad", [b"1234567890"])
+    origin.fail("/bad", 404)
+    assert cli("refresh", "bad", "--wait").returncode == 1
+    samples = metric_samples(mnt)
+    per_source = {k: v for k, v in samples.items() if k[0].startswith("buffyfs_source_")}
+    assert {labels for _, labels in per_source} == {(("source", "ok"),), (("source", "bad"),)}
+
+    def value(name, source):
+        return samples[(f"buffyfs_source_{name}", (("source", source),))]
+
+    assert value("stale", "bad") == 1 and value("stale", "ok") == 0
+    assert value("consecutive_failures", "bad") == 1 and value("consecutive_failures", "ok") == 0
+    assert value("latest_size_bytes", "ok") == 5 and value("latest_size_bytes", "bad") == 10
+    assert 0 <= value("latest_age_seconds", "ok") < 60
+    assert value("last_check_timestamp_seconds", "bad") >= \
+        value("last_success_timestamp_seconds", "bad") > 0
+    cli("remove", "bad", check=True)
+    assert not any(labels == (("source", "bad"),) for _, labels in metric_samples(mnt))
+
+
+def test_status_shows_stale_age_and_progress(origin, mnt, cli):
+    make_versions(origin, mnt, "ok", [b"12345"])
+    origin.fail("/ok", 404)
+    assert cli("refresh", "ok", "--wait").returncode == 1
+    # 8 s for the whole body; progress is counted a MiB at a time
+    origin.set("/slow", b"s" * (3 << 20)).chunk_delay = 0.4
+    cli("add", "slow", origin.url("/slow"), check=True)
+    wait_for(lambda: (status(mnt / "slow/@status")["progress"] or {}).get("bytes"), 10,
+             what="progress recorded")
+    out = cli("status", check=True).stdout
+    header, *rows = out.splitlines()[1:]
+    assert header.split() == ["source", "url", "latest", "age", "state", "stale", "failures"]
+    ok = next(r.split() for r in rows if r.split()[0] == "ok")
+    assert ok[3].endswith("s") and ok[4:] == ["idle", "yes", "1"]  # age in seconds, stale
+    slow = next(r for r in rows if r.split()[0] == "slow")
+    assert "fetching " in slow and "MiB/3.0 MiB (" in slow
+    assert "fetching " in cli("status", "slow", check=True).stdout
+    root = json.loads(cli("status", "--json", check=True).stdout)
+    entry = next(s for s in root["sources"] if s["name"] == "ok")
+    assert entry["stale"] is True and entry["latest_fetched_at"]
+
+
+def test_debug_log_has_each_request_and_response_without_secrets(origin, mnt):
+    origin.set("/api", b"answer")
+    url = origin.url("/api").replace("http://", "http://user:pa55word@")
+    with open(mnt / "@control", "w") as f:
+        f.write(f"add api {url} method=POST body='{{\"key\": \"b0dysecret\"}}' "
+                "headers.X-Token=h3adersecret\n")
+    assert read(mnt / "api/latest") == b"answer"
+    text = mnt.log_text()
+    plain = origin.url("/api")
+    assert f"> POST {plain}" in text and f"< POST {plain}: 200 OK, 6 bytes" in text
+    for secret in ("pa55word", "b0dysecret", "h3adersecret"):
+        assert secret not in text
+
+
+def test_a_refused_reload_shows_in_status_until_a_good_one(origin, mount_factory, tmp_path):
+    import signal
+
+    config = tmp_path / "buffy.toml"
+    origin.set("/c", b"c")
+    config.write_text(f'[sources.c]\nurl = "{origin.url("/c")}"\n')
+    mnt = mount_factory("--config", str(config))
+    assert status(mnt / "@status")["last_reload_error"] is None
+    config.write_text('[sources.c]\nurl = "ftp://nope/"\n')
+    mnt.proc.send_signal(signal.SIGHUP)
+    error = wait_for(lambda: status(mnt / "@status")["last_reload_error"], 10,
+                     what="the refused reload in @status")
+    assert "URL" in error["message"] and error["at"]
+    assert "config not reloaded" in mnt.log_text()
+    config.write_text(f'[sources.c]\nurl = "{origin.url("/c")}"\nrefresh = "6h"\n')
+    mnt.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: status(mnt / "c/@status")["refresh"] == "6h", 10, what="the reload")
+    assert status(mnt / "@status")["last_reload_error"] is None
