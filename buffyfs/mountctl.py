@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from buffyfs import commands
+from buffyfs import commands, control
 from buffyfs.cache import Cache
 from buffyfs.control import Command
 from buffyfs.errors import BadInput, CacheError, NotFound
@@ -50,9 +50,9 @@ def apply(cache: Cache, cmd: Command, source: str | None = None) -> Any:
     (commands.py's rules say what each returns)."""
     checked = commands.dry_run(cache.index, [cmd], source)  # BadInput, NotFound
     result = checked.results[0]
-    path = control_file(cache, source)
-    if path is not None and _write(path, control_line(_resolved(cmd, result)), cache, cmd,
-                                   source):
+    line = control_line(_resolved(cmd, result))
+    path = control_file(cache, source) if fits_one_write(line) else None
+    if path is not None and _write(path, line, cache, cmd, source):
         if cmd.word == "revalidate":  # the mount's verdict, as it applied it
             with cache.index.read() as r:
                 return r.version(source or "", result["id"]) or result
@@ -131,6 +131,13 @@ def control_line(cmd: Command) -> str:
         elif value is not None:
             words.append(f"{key}={_word(value)}")
     return shlex.join(words) + "\n"
+
+
+def fits_one_write(line: str) -> bool:
+    """Can ``line`` go as one control write? Not a value with a line break (a POST
+    body may have one: the grammar is one command a line), nor one over MAX_WRITE."""
+    return "\n" not in line[:-1] and "\r" not in line and \
+        len(line.encode()) <= control.MAX_WRITE
 
 
 def _word(value: Any) -> str:

@@ -260,3 +260,13 @@ def test_a_refused_reload_shows_in_status_until_a_good_one(origin, mount_factory
     mnt.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: status(mnt / "c/@status")["refresh"] == "6h", 10, what="the reload")
     assert status(mnt / "@status")["last_reload_error"] is None
+
+
+def test_cli_add_with_a_multi_line_body_while_mounted(origin, mnt, cli):
+    """A body with a line break cannot be one control line: it goes to the index, and
+    the mount shows it within 2 seconds (SPEC), the body as given."""
+    origin.set("/ml", b"ok")
+    cli("add", "ml", origin.url("/ml"), "--method", "POST", "--body", "a\nremove other",
+        check=True)
+    assert read(mnt / "ml/latest") == b"ok"
+    assert origin.seen("/ml")[-1].body == b"a\nremove other"
