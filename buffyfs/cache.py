@@ -156,7 +156,7 @@ class Cache:
         commands.run(self.index, [Command("refresh", [])], name, refresh=by)
 
     def run_control(self, data: bytes, source: str | None,
-                    judge: Callable[[list[Command]], None] | None = None
+                    judge: Callable[[list[Command], str | None], None] | None = None
                     ) -> commands.Outcome:
         """One write to a control file (``source`` None: the root's), all or nothing.
 
@@ -167,8 +167,8 @@ class Cache:
         caches) is the mount's. Blocking: the mount runs it in a worker thread.
 
         ``revalidate`` commands get their verdicts before the transaction, from
-        ``judge(parsed)`` (default: revalidate.judge in a trio run of its own; the mount
-        runs it on its loop).
+        ``judge(parsed, source)`` (default: revalidate.judge in a trio run of its own;
+        the mount runs it on its loop).
         """
         where = source or "@control"
         try:

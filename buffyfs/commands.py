@@ -1,6 +1,6 @@
-"""What the commands do: add, remove, set, tag, untag, pin, unpin, refresh, hold and
-release, each
-checked and applied inside one index write transaction.
+"""What the commands do: add, remove, set, tag, untag, pin, unpin, refresh, hold,
+release and revalidate, each checked and applied inside one index write transaction
+(``dry_run``: checked only, in a transaction that is aborted).
 
 The rules live here once, for every way in: the mount's control files (fs.py, through
 ``Cache.run_control``), the command line (cache.py) and, later, the HTTP server's

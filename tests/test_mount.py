@@ -307,7 +307,8 @@ def test_status_files(origin, mnt):
     assert root["cache"] == str(mnt.cache)
     assert root["cache_size"] == 2
     (entry,) = root["sources"]
-    assert set(entry) == {"name", "url", "latest", "state", "consecutive_failures"}
+    assert set(entry) == {"name", "url", "latest", "state", "consecutive_failures",
+                          "stale", "latest_fetched_at", "progress"}  # the last three ours
     src = status(mnt / "st/@status")
     assert set(src) == {"name", "url", "refresh", "pinned", "state", "latest", "progress",
                         "last_check", "last_success", "next_check", "consecutive_failures",
