@@ -17,7 +17,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,9 @@ class Cache:
         running mount (``"request"``), ask it to; ``"check"`` only checks."""
         commands.run(self.index, [Command("refresh", [])], name, refresh=by)
 
-    def run_control(self, data: bytes, source: str | None) -> commands.Outcome:
+    def run_control(self, data: bytes, source: str | None,
+                    judge: Callable[[list[Command], str | None], None] | None = None
+                    ) -> commands.Outcome:
         """One write to a control file (``source`` None: the root's), all or nothing.
 
         Parses the write, then checks and applies every command in one index write
@@ -163,10 +165,16 @@ class Cache:
         and is logged and recorded as ``last_control_error``. Partial downloads of
         removed sources go after the commit; the rest of the outcome (scheduler, kernel
         caches) is the mount's. Blocking: the mount runs it in a worker thread.
+
+        ``revalidate`` commands get their verdicts before the transaction, from
+        ``judge(parsed, source)`` (default: revalidate.judge in a trio run of its own;
+        the mount runs it on its loop).
         """
         where = source or "@control"
         try:
             parsed = control.parse(data, "root" if source is None else "source")
+            if any(cmd.word == "revalidate" for cmd in parsed):
+                (judge or self.judge)(parsed, source)
             with self.index.write() as w:
                 outcome = commands.apply(w, parsed, source, refresh="mount")
                 _put_control_error(w, source, None)
@@ -181,6 +189,14 @@ class Cache:
         for name in outcome.removed:
             self.drop_partial(name)
         return outcome
+
+    def judge(self, parsed: list[Command], source: str | None) -> None:
+        """Run the checks of the ``revalidate`` commands of ``parsed`` (revalidate.py)."""
+        import trio
+
+        from buffyfs import revalidate
+
+        trio.run(revalidate.judge, self.index, self.blobs, parsed, source)
 
     # --- status -----------------------------------------------------------------------
 

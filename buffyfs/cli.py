@@ -111,21 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
     for word, help_text in (("tag", "tag a version"), ("untag", "remove a tag")):
         t = sub.add_parser(word, parents=[common], help=help_text)
         t.add_argument("name")
-        t.add_argument("version", help="a version id or 'latest'")
+        t.add_argument("version", help="a version id, 'latest' or 'newest'")
         t.add_argument("tag")
     pn = sub.add_parser("pin", parents=[common], help="hold latest at a version")
     pn.add_argument("name")
-    pn.add_argument("version", nargs="?", help="a version id or 'latest' (default)")
+    pn.add_argument("version", nargs="?", help="a version id, 'latest' (default) or 'newest'")
     up = sub.add_parser("unpin", parents=[common], help="follow the refresh policy again")
     up.add_argument("name")
     hd = sub.add_parser("hold", parents=[common],
                         help="keep a version from collection for a while; prints its id")
     hd.add_argument("name")
-    hd.add_argument("version", help="a version id or 'latest' (resolved now)")
+    hd.add_argument("version", help="a version id, 'latest' or 'newest' (resolved now)")
     hd.add_argument("duration", help="how long, e.g. 30m, 12h, 1d")
     rl = sub.add_parser("release", parents=[common], help="end a hold early")
     rl.add_argument("name")
-    rl.add_argument("version", help="a version id or 'latest'")
+    rl.add_argument("version", help="a version id, 'latest' or 'newest'")
+
+    rv = sub.add_parser("revalidate", parents=[common],
+                        help="run the source's current validate checks on a version again "
+                        "and tag it valid or failed; exit 1 if it fails them")
+    rv.add_argument("name")
+    rv.add_argument("version", help="a version id, 'latest' or 'newest'")
+
+    st = sub.add_parser("set", parents=[common], help="change options of a source")
+    st.add_argument("name")
+    st.add_argument("pairs", nargs="+", metavar="KEY=VALUE",
+                    help="option keys as in the config file (url= too); a table entry as "
+                    "headers.NAME=VALUE or validate.CHECK=VALUE, empty to remove it")
 
     r = sub.add_parser("remove", parents=[common], help="unregister a source")
     r.add_argument("name")
@@ -139,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name")
     rf = sub.add_parser("refresh", parents=[common], help="check the origin now")
     rf.add_argument("name")
+    rf.add_argument("--wait", action="store_true",
+                    help="with a mount running: return when the check has finished, print "
+                    "its outcome, exit 1 if it failed (without a mount refresh always waits)")
+    rf.add_argument("--force", action="store_true",
+                    help="an unconditional GET: no If-None-Match/If-Modified-Since, no "
+                    "resume (for origins whose validators lie)")
     comp = sub.add_parser("completion", help="print a shell completion script")
     comp.add_argument("shell", choices=("bash", "zsh", "tcsh"))
     g = sub.add_parser("gc", parents=[common], help="collect garbage now")
@@ -508,8 +526,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     check_url(args.url)
     raw = _options_from_args(args)
     normalize_options(raw)  # bad input is reported before the cache is touched
-    cache = _cache(args)
-    cache.add_source(args.name, args.url, raw)
+    _apply(_cache(args), "add", [args.name, args.url], raw)
     from buffyfs.options import redact_url
 
     print(f"added source {args.name} ({redact_url(args.url)})")
@@ -520,7 +537,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     from buffyfs.options import check_name
 
     check_name(args.name)
-    _cache(args).remove_source(args.name)
+    _apply(_cache(args), "remove", [args.name])
     print(f"removed source {args.name} (its versions go at the next collection)")
     return 0
 
@@ -560,15 +577,24 @@ def _print_status(obj: dict[str, Any], cache: Any) -> None:
         where = f"mounted on {mount['mountpoint']}" if mount else "not mounted"
         console.print(f"buffyfs {obj['version']}  cache {obj['cache']} ({where}), "
                       f"{_human(obj['cache_size'])} used")
-        table = Table("source", "url", "latest", "state", "failures", box=None)
+        table = Table("source", "url", "latest", "age", "state", "stale", "failures", box=None)
         for s in obj["sources"]:
-            table.add_row(s["name"], s["url"], s["latest"] or "-", s["state"],
-                          str(s["consecutive_failures"]))
+            table.add_row(s["name"], s["url"], s["latest"] or "-",
+                          _age(s.get("latest_fetched_at")),
+                          _state_text(s["state"], s.get("progress")),
+                          "yes" if s.get("stale") else "no", str(s["consecutive_failures"]))
         console.print(table)
+        if obj.get("last_reload_error"):
+            error = obj["last_reload_error"]
+            console.print(f"last reload refused at {error['at']}: {error['message']}",
+                          highlight=False, markup=False)
         return
-    for key in ("name", "url", "refresh", "pinned", "stale", "state", "latest", "last_check",
-                "last_success", "next_check", "consecutive_failures"):
-        value = obj.get(key)
+    latest = next((v for v in obj["versions"] if v["id"] == obj["latest"]), None)
+    shown = {**obj, "state": _state_text(obj["state"], obj.get("progress")),
+             "age": _age(latest["fetched_at"]) if latest else None}
+    for key in ("name", "url", "refresh", "pinned", "stale", "state", "latest", "age",
+                "last_check", "last_success", "next_check", "consecutive_failures"):
+        value = shown.get(key)
         if isinstance(value, bool):
             value = "yes" if value else "no"
         console.print(f"{key:>21}: {value if value is not None else '-'}", highlight=False)
@@ -576,6 +602,30 @@ def _print_status(obj: dict[str, Any], cache: Any) -> None:
         console.print(f"{'last_error':>21}: {obj['last_error']['at']} "
                       f"{obj['last_error']['message']}", highlight=False)
     console.print(f"{'versions':>21}: {len(obj['versions'])}")
+
+
+def _age(fetched_at: str | None) -> str:
+    """How long ago ``fetched_at`` (RFC 3339) was, in its two largest units: 3h12m."""
+    if not fetched_at:
+        return "-"
+    from buffyfs.index import now_utc, parse_rfc3339
+
+    seconds = max(0, int((now_utc() - parse_rfc3339(fetched_at)).total_seconds()))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for (unit, size), (next_unit, next_size) in zip(units, units[1:], strict=False):
+        if seconds >= size:
+            return f"{seconds // size}{unit}{seconds % size // next_size}{next_unit}"
+    return f"{seconds}s"
+
+
+def _state_text(state: str, progress: dict[str, Any] | None) -> str:
+    """``fetching 1.5 MiB/4.0 MiB (37%)`` for a download under way; else the state."""
+    if state != "fetching" or not progress:
+        return state
+    done, total = progress["bytes"], progress.get("total")
+    if not total:
+        return f"fetching {_human(done)}"
+    return f"fetching {_human(done)}/{_human(total)} ({100 * done // total}%)"
 
 
 def _console():  # type: ignore[no-untyped-def]
@@ -619,11 +669,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     check_name(args.name)
     check_tag(args.tag)
     check_version_ref(args.version)
-    cache = _cache(args)
-    if args.command == "tag":
-        v = cache.tag(args.name, args.version, args.tag)
-    else:
-        v = cache.untag(args.name, args.version, args.tag)
+    v = _apply(_cache(args), args.command, [args.version, args.tag], source=args.name)
     print(f"{args.name}: {v['id']} tags: {','.join(v['tags']) or '-'}")
     return 0
 
@@ -635,7 +681,8 @@ def cmd_pin(args: argparse.Namespace) -> int:
     check_name(args.name)
     if args.version is not None:
         check_version_ref(args.version)  # a malformed id is bad input, like for tag
-    vid = _cache(args).pin(args.name, args.version)
+    vid = _apply(_cache(args), "pin", [args.version] if args.version else [],
+                 source=args.name)
     print(f"{args.name}: pinned at {vid}" if vid else
           f"{args.name}: pinned; the first version to arrive will hold")
     return 0
@@ -650,20 +697,19 @@ def cmd_hold(args: argparse.Namespace) -> int:
     check_version_ref(args.version)
     parse_duration(args.duration, "hold duration")
     cache = _cache(args)
-    v = _unknown_version_is_bad_input(cache, args.name, cache.hold, args.version,
-                                      args.duration)
+    v = _unknown_version_is_bad_input(cache, args.name, "hold", [args.version, args.duration])
     print(v["id"])
     return 0
 
 
-def _unknown_version_is_bad_input(cache: Any, name: str, change: Any, *args: Any) -> Any:
+def _unknown_version_is_bad_input(cache: Any, name: str, word: str, words: list[str]) -> Any:
     """hold/release: an unknown source fails (exit 1), but a version the source does
     not have is a bad argument (exit 2, as issue 20 asks)."""
     from buffyfs.errors import NotFound
 
     cache.index.get_source(name)  # NotFound: exit 1
     try:
-        return change(name, *args)
+        return _apply(cache, word, words, source=name)
     except NotFound as e:
         raise BadInput(str(e)) from None
 
@@ -674,8 +720,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     check_name(args.name)
     check_version_ref(args.version)
-    cache = _cache(args)
-    _unknown_version_is_bad_input(cache, args.name, cache.release, args.version)
+    _unknown_version_is_bad_input(_cache(args), args.name, "release", [args.version])
     return 0
 
 
@@ -683,9 +728,49 @@ def cmd_unpin(args: argparse.Namespace) -> int:
     from buffyfs.options import check_name
 
     check_name(args.name)
-    _cache(args).unpin(args.name)
+    _apply(_cache(args), "unpin", [], source=args.name)
     print(f"{args.name}: unpinned; latest follows the refresh policy again")
     return 0
+
+
+def cmd_revalidate(args: argparse.Namespace) -> int:
+    from buffyfs.control import check_version_ref
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    check_version_ref(args.version)
+    v = _apply(_cache(args), "revalidate", [args.version], source=args.name)
+    if "failed" in v.get("tags", []):
+        print(f"{args.name}: {v['id']} failed: {v.get('validation') or 'failed'}")
+        return 1
+    print(f"{args.name}: {v['id']} valid")
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    from buffyfs.options import check_name
+
+    check_name(args.name)
+    options: dict[str, str] = {}
+    for pair in args.pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BadInput(f"invalid {pair[:40]!r}: use KEY=VALUE, e.g. refresh=6h")
+        options[key] = value
+    _apply(_cache(args), "set", [], options, source=args.name)
+    # the keys only: a header's value is a secret
+    print(f"{args.name}: set {', '.join(options)}")
+    return 0
+
+
+def _apply(cache: Any, word: str, words: list[str], options: dict[str, Any] | None = None,
+           source: str | None = None) -> Any:
+    """Run one command through the running mount (so it has taken effect there when
+    this returns), else on the index; returns its result (see commands.py)."""
+    from buffyfs import mountctl
+    from buffyfs.control import Command
+
+    return mountctl.apply(cache, Command(word, words, options or {}), source)
 
 
 # --- downloads --------------------------------------------------------------------------
@@ -732,25 +817,40 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+REFRESH_WORDS = {"new_version": "new version", "unchanged": "unchanged",
+                 "not_modified": "not modified"}
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
+    from buffyfs import mountctl
+    from buffyfs.control import Command
     from buffyfs.options import check_name
 
     check_name(args.name)
     cache = _cache(args)
+    cmd = Command("refresh", ["--force"] if args.force else [])
     if cache.running_mount():
-        cache.request_refresh(args.name, "request")
-        print(f"{args.name}: refresh requested from the running mount")
-        return 0
-    cache.request_refresh(args.name, "check")
-    outcome = _run_refresh(cache, args.name, None)
-    if outcome.error:
-        raise FetchError(f"{args.name}: {outcome.error}")
-    v = outcome.version
-    print(f"{args.name}: new version {v['id']}" if v else f"{args.name}: up to date")
+        asked = time.time()
+        if not mountctl.through_mount(cache, cmd, args.name):
+            from buffyfs import commands
+
+            commands.run(cache.index, [cmd], args.name, refresh="request")
+        if not args.wait:
+            print(f"{args.name}: refresh requested from the running mount")
+            return 0
+        outcome = mountctl.wait_refresh(cache, args.name, asked)
+    else:
+        cache.request_refresh(args.name, "check")
+        outcome = _run_refresh(cache, args.name, None, force=args.force).record(0)
+    if outcome["result"] == "failed":
+        raise FetchError(f"{args.name}: {outcome['error']}")
+    print(f"{args.name}: {REFRESH_WORDS[outcome['result']]}"
+          + (f" {outcome['version']}" if outcome["version"] else ""))
     return 0
 
 
-def _run_refresh(cache: Any, name: str, on_progress: Any, on_note: Any = None) -> Any:
+def _run_refresh(cache: Any, name: str, on_progress: Any, on_note: Any = None,
+                 force: bool = False) -> Any:
     import trio
 
     from buffyfs import downloader
@@ -760,7 +860,7 @@ def _run_refresh(cache: Any, name: str, on_progress: Any, on_note: Any = None) -
         async with downloader.new_client() as client:
             refresher = Refresher(cache.index, cache.blobs, client,
                                   make_room=_room_maker(cache))
-            return await refresher.refresh(name, on_progress, on_note)
+            return await refresher.refresh(name, on_progress, on_note, force)
 
     return trio.run(go)
 
@@ -800,6 +900,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     per_source: dict[str, int] = {}
     for v in report["versions"]:
         per_source[v["source"]] = per_source.get(v["source"], 0) + 1
+        print(f"{v['source']}: {'would collect' if args.dry_run else 'collected'} {v['id']} "
+              f"({v['reason']})")
     for source, count in sorted(per_source.items()):
         print(f"{source}: {count} version(s), {verb} {_human(report['freed'].get(source, 0))}")
     for path in report["orphans"]:
@@ -872,5 +974,6 @@ COMMANDS = {
     "list": cmd_list, "status": cmd_status, "versions": cmd_versions, "fetch": cmd_fetch,
     "refresh": cmd_refresh, "tag": cmd_tag, "untag": cmd_tag, "pin": cmd_pin,
     "unpin": cmd_unpin, "hold": cmd_hold, "release": cmd_release, "gc": cmd_gc,
-    "check": cmd_check, "completion": cmd_completion,
+    "check": cmd_check, "completion": cmd_completion, "set": cmd_set,
+    "revalidate": cmd_revalidate,
 }

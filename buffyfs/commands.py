@@ -1,6 +1,6 @@
-"""What the commands do: add, remove, set, tag, untag, pin, unpin, refresh, hold and
-release, each
-checked and applied inside one index write transaction.
+"""What the commands do: add, remove, set, tag, untag, pin, unpin, refresh, hold,
+release and revalidate, each checked and applied inside one index write transaction
+(``dry_run``: checked only, in a transaction that is aborted).
 
 The rules live here once, for every way in: the mount's control files (fs.py, through
 ``Cache.run_control``), the command line (cache.py) and, later, the HTTP server's
@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from buffyfs.control import Command, check_version_ref
 from buffyfs.errors import BadInput, NotFound
-from buffyfs.index import Index, Reader, Writer
+from buffyfs.index import Index, Reader, Writer, newest_of
 from buffyfs.options import (
     check_name,
     check_tag,
@@ -65,7 +65,7 @@ class Outcome:
 
 
 # commands after which a version may have become collectable: the mount collects then
-FREEING_WORDS = frozenset({"release", "untag", "unpin", "set", "remove"})
+FREEING_WORDS = frozenset({"release", "untag", "unpin", "set", "remove", "revalidate"})
 
 
 def run(index: Index, commands: list[Command], source: str | None = None,
@@ -73,6 +73,23 @@ def run(index: Index, commands: list[Command], source: str | None = None,
     """Apply ``commands`` all or nothing, in one write transaction of its own."""
     with index.write() as w:
         return apply(w, commands, source, refresh)
+
+
+class _Abort(Exception):
+    """Ends ``dry_run``'s transaction without committing it."""
+
+
+def dry_run(index: Index, commands: list[Command], source: str | None = None) -> Outcome:
+    """Check ``commands`` as ``run`` would apply them now, and apply nothing: the same
+    errors (BadInput, NotFound) and the same results (e.g. the version ``latest``
+    names), from a write transaction that is aborted."""
+    checked: list[Outcome] = []
+    try:
+        with index.write() as w:
+            checked.append(apply(w, commands, source, refresh="check"))
+            raise _Abort
+    except _Abort:
+        return checked[0]
 
 
 def apply(w: Writer, commands: list[Command], source: str | None = None,
@@ -198,10 +215,13 @@ def _release(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -
 
 
 def _refresh(w: Writer, cmd: Command, source: str, out: Outcome, by: RefreshBy) -> None:
-    """``refresh``: check the origin now; refused while the source is pinned."""
+    """``refresh [--force]``: check the origin now; refused while the source is pinned.
+    ``--force``: the next refresh asks without validators (an unconditional GET)."""
     src = _source(w, source)
     if src["options"].get("pinned"):
         raise BadInput(f"source {source!r} is pinned: unpin it first")
+    if cmd.args == ["--force"] and by != "check":
+        w.put_state(source, force=True)  # the refresher takes it (refresh.py)
     if by == "mount":
         w.put_state(source, state="fetching")
     elif by == "request":
@@ -210,9 +230,33 @@ def _refresh(w: Writer, cmd: Command, source: str, out: Outcome, by: RefreshBy) 
     out.touch(source)
 
 
+def _revalidate(w: Writer, cmd: Command, source: str, out: Outcome,
+                _: RefreshBy) -> dict[str, Any]:
+    """``revalidate VERSION``: tag it ``valid`` or ``failed`` as ``cmd.verdict`` (the
+    source's current checks, run before the transaction: revalidate.py) says; without a
+    verdict (``dry_run``) only checked. The result is the version as it is now."""
+    [ref] = cmd.args
+    _source(w, source)
+    v = version(w, source, ref)
+    if cmd.verdict is None:
+        return v
+    if cmd.verdict["id"] != v["id"]:
+        raise BadInput(f"{ref!r} named another version while its checks ran; try again")
+    failure = cmd.verdict["failure"]
+    v = w.change_tag(source, v["id"], add="failed" if failure else "valid")
+    if failure:
+        v["validation"] = failure
+    else:
+        v.pop("validation", None)
+    w.put_version(source, v)
+    out.touch(source)
+    return v
+
+
 RULES: dict[str, Callable[[Writer, Command, str, Outcome, RefreshBy], Any]] = {
     "add": _add, "remove": _remove, "set": _set, "tag": _tag, "untag": _tag,
     "pin": _pin, "unpin": _unpin, "refresh": _refresh, "hold": _hold, "release": _release,
+    "revalidate": _revalidate,
 }
 ROOT_WORDS = {"add", "remove"}
 
@@ -221,8 +265,14 @@ ROOT_WORDS = {"add", "remove"}
 
 
 def version(r: Reader, source: str, ref: str) -> dict[str, Any]:
-    """A version of ``source`` by id, or ``latest`` (as the transaction sees it now)."""
+    """A version of ``source`` by id, ``latest`` or ``newest`` (as the transaction sees
+    it now)."""
     check_version_ref(ref)
+    if ref == "newest":
+        v = newest_of(r.versions(source))
+        if v is None:
+            raise NotFound(f"source {source!r} has no version")
+        return v
     if ref == "latest":
         v = r.latest(source)
         if v is None:

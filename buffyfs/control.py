@@ -30,9 +30,9 @@ MAX_WRITE = 64 << 10  # below FUSE's max_write, so one write() arrives whole
 GRAMMAR: dict[Scope, dict[str, tuple[int, int, bool]]] = {
     "root": {"add": (2, 2, True), "remove": (1, 1, False)},
     "source": {
-        "refresh": (0, 0, False), "set": (0, 0, True), "tag": (2, 2, False),
+        "refresh": (0, 1, False), "set": (0, 0, True), "tag": (2, 2, False),
         "untag": (2, 2, False), "pin": (0, 1, False), "unpin": (0, 0, False),
-        "hold": (2, 2, False), "release": (1, 1, False),
+        "hold": (2, 2, False), "release": (1, 1, False), "revalidate": (1, 1, False),
     },
 }
 VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
@@ -40,7 +40,7 @@ VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
 USAGE = {
     "add": "add NAME URL [KEY=VALUE ...]",
     "remove": "remove NAME",
-    "refresh": "refresh",
+    "refresh": "refresh [--force]",
     "set": "set KEY=VALUE ...",
     "tag": "tag VERSION TAG",
     "untag": "untag VERSION TAG",
@@ -48,6 +48,7 @@ USAGE = {
     "unpin": "unpin",
     "hold": "hold VERSION DURATION",
     "release": "release VERSION",
+    "revalidate": "revalidate VERSION",
 }
 
 
@@ -57,6 +58,8 @@ class Command:
     args: list[str]
     options: dict[str, Any] = field(default_factory=dict)
     line: int = field(default=0, compare=False)  # its line in the write (0: not from one)
+    # revalidate: the checks' result, found before the transaction (revalidate.py)
+    verdict: dict[str, Any] | None = field(default=None, compare=False)
 
 
 def parse(data: bytes, scope: Scope) -> list[Command]:
@@ -125,14 +128,19 @@ def _parse_line(line: str, scope: Scope) -> Command | None:
     elif word == "hold":
         check_version_ref(positional[0])
         parse_duration(positional[1], "hold duration")
-    elif word == "release":
+    elif word in ("release", "revalidate"):
         check_version_ref(positional[0])
+    elif word == "refresh" and positional and positional[0] != "--force":
+        raise BadInput(f"usage: {USAGE[word]}")
     return Command(word, positional, options)
 
 
+VERSION_WORDS = ("latest", "newest")  # newest: the newest version, even a failed one
+
+
 def check_version_ref(ref: str) -> str:
-    if ref != "latest" and not VERSION_RE.fullmatch(ref):
-        raise BadInput(f"invalid version {ref[:40]!r}: a version id or 'latest'")
+    if ref not in VERSION_WORDS and not VERSION_RE.fullmatch(ref):
+        raise BadInput(f"invalid version {ref[:40]!r}: a version id, 'latest' or 'newest'")
     return ref
 
 

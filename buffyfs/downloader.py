@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from buffyfs import crash
+from buffyfs import crash, httplog
 from buffyfs.errors import FetchError
 from buffyfs.safeio import open_file
 
@@ -127,6 +127,7 @@ def new_client(proxy: str | None = None) -> httpx.AsyncClient:
         headers={"User-Agent": "buffyfs", "Accept-Encoding": "identity"},
         trust_env=proxy is None,
         proxy=proxy,
+        event_hooks=httplog.HOOKS,  # --log-level debug: each request and response
     )
 
 

@@ -40,11 +40,11 @@ from typing import Any
 import pyfuse3
 import trio
 
-from buffyfs import links
+from buffyfs import links, revalidate
 from buffyfs.cache import Cache
 from buffyfs.control import help_text
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
-from buffyfs.index import SourceInode, parse_rfc3339, resolve_latest
+from buffyfs.index import SourceInode, newest_of, parse_rfc3339, resolve_latest
 from buffyfs.metrics import Metrics
 from buffyfs.options import (
     NAME_RE,
@@ -195,6 +195,14 @@ class BuffyFS(pyfuse3.Operations):
         self.shown_latest[name] = ino
         return ino
 
+    def _newest_ino(self, name: str) -> int:
+        """``SOURCE/newest``: the newest version, tagged ``failed`` or not (ENOENT: none)."""
+        with self.index.read() as r:
+            v = newest_of(r.versions(name))
+        if v is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return v["ino"]
+
     def _tagdir_ino(self, name: str, base: int, tag: str) -> int:
         key = (base, tag)
         if key not in self.tagdir_inos:
@@ -323,7 +331,8 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         ino = self._child(parent_inode, text)
         attr = self._attr(ino)
-        if text == "latest" or ino != parent_inode and parent_inode >= FIRST_TAGDIR_INO:
+        if text in ("latest", "newest") or ino != parent_inode and \
+                parent_inode >= FIRST_TAGDIR_INO:
             attr.entry_timeout = SHORT_TIMEOUT  # these names move
         return attr
 
@@ -359,6 +368,8 @@ class BuffyFS(pyfuse3.Operations):
                 return ROOT
             if name == "latest":
                 return self._latest_ino(node.source, base)
+            if name == "newest":
+                return self._newest_ino(node.source)
             if name in SOURCE_FILES:
                 return base + SOURCE_FILES[name]
             if name == "@versions":
@@ -425,6 +436,10 @@ class BuffyFS(pyfuse3.Operations):
             assert node.source
             base = ino
             names = [("latest", self._latest_ino(node.source, base))]
+            try:
+                names.append(("newest", self._newest_ino(node.source)))
+            except pyfuse3.FUSEError:
+                pass  # no version yet
             names += [(n, base + off) for n, off in SOURCE_FILES.items()]
             names.append(("@versions", base + SourceInode.versions))
             names += [("@" + tag, self._tagdir_ino(node.source, base, tag))
@@ -448,7 +463,7 @@ class BuffyFS(pyfuse3.Operations):
                 attr = self._attr(child, nlink=nlinks.get(child))
             except pyfuse3.FUSEError:
                 continue  # removed meanwhile
-            if name == "latest" or node.kind == "tagdir":
+            if name in ("latest", "newest") or node.kind == "tagdir":
                 attr.entry_timeout = SHORT_TIMEOUT  # these names move
             out.append((name.encode(), attr))
         return out
@@ -685,7 +700,11 @@ class BuffyFS(pyfuse3.Operations):
         command has taken effect for every later open when this returns.
 
         Raises BadInput or NotFound when the write is refused (nothing applied)."""
-        outcome = await trio.to_thread.run_sync(self.cache.run_control, data, source)
+        def judge(parsed: list[Any], source: str | None) -> None:  # revalidate's checks
+            trio.from_thread.run(revalidate.judge, self.index, self.cache.blobs, parsed,
+                                 source)
+
+        outcome = await trio.to_thread.run_sync(self.cache.run_control, data, source, judge)
         if outcome.retention and self.on_retention is not None:
             self.on_retention()  # e.g. `release`: the version goes now, not in 10 minutes
         for name in outcome.refresh:
@@ -883,6 +902,7 @@ class BuffyFS(pyfuse3.Operations):
         if shown is not None and shown != current:
             out.append((src["ino"], "latest"))
             del self.shown_latest[name]
+        out.append((src["ino"], "newest"))  # a new version, a collection: it may move
         in_use = set(_tags_of(versions))
         ids = [v["id"] for v in versions]
         for (base, tag), ino in self.tagdir_inos.items():

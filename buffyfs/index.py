@@ -11,6 +11,8 @@ Named databases and their keys (all values JSON unless said otherwise):
     ``format``    b"1", the layout version (a later layout migrates from it)
     ``scrub``     JSON ``{"started", "finished", "blobs", "bytes", "damaged"}``: the
                   last background scrub (scrub.py)
+    ``last_reload_error`` JSON ``{"at", "message"}`` or null: why the mount's last
+                  SIGHUP reload was refused (mount.py)
     ``seq``       8-byte big-endian counter, bumped by every change in ``changes``
     ``next_ino``  8-byte big-endian, the next unused inode number (never reused)
     ``blob_bytes`` 8-byte big-endian, the total size of the blobs in ``blobs``
@@ -34,7 +36,10 @@ Named databases and their keys (all values JSON unless said otherwise):
                   "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``),
                   and while a refresh runs ``"attempt"`` (its number) and ``"queued"``
                   (why it waits for a download slot); ``"partial"`` is the resume point
-                  of ``partial/NAME.part`` (``{"key", "etag", "last_modified"}``, refresh.py)
+                  of ``partial/NAME.part`` (``{"key", "etag", "last_modified"}``, refresh.py);
+                  ``"force"``: the next refresh is unconditional (``refresh --force``);
+                  ``"last_refresh"``: how the last refresh ended (``{"started"``: epoch
+                  seconds, ``"result"``, ``"version"``, ``"error"}``, refresh.Outcome)
 ``inodes``        8-byte inode -> ``{"kind", "source"[, "id"]}``, kind one of
                   SourceInode's names or ``"version"``
 ``blobs``         SHA256 -> ``{"size", "refs"[, "damaged"]}``: how many versions (in
@@ -112,6 +117,12 @@ def latest_of(versions: list[dict[str, Any]]) -> dict[str, Any] | None:
         if servable(v):
             return v
     return None
+
+
+def newest_of(versions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the word ``newest`` names: the newest version that is not damaged, tagged
+    ``failed`` or not (``versions`` newest first)."""
+    return next((v for v in versions if not v.get("damaged")), None)
 
 
 def resolve_latest(source: dict[str, Any], versions: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -2,7 +2,8 @@
 
 One version is one inode, reachable as ``@versions/ID``, as ``@TAG/ID`` for each of
 its tags, as ``@TAG/latest`` for each tag of which it is the newest undamaged
-carrier, and as ``SOURCE/latest`` while ``latest`` resolves to it (except for an
+carrier, as ``SOURCE/newest`` while it is the newest undamaged version, and as
+``SOURCE/latest`` while ``latest`` resolves to it (except for an
 unpinned on-open source, whose ``latest`` is a file of its own). Reporting that
 count as ``st_nlink`` lets ``du`` count the version once, ``tar`` store the other
 names as hard links and ``rsync -H`` make one copy.
@@ -34,6 +35,7 @@ def link_counts(source: dict[str, Any], versions: list[dict[str, Any]]) -> dict[
     bound = _latest_bound(source, any(v["id"] == source.get("pin") for v in versions))
     latest_taken = not names_latest(source)
     tags_taken: set[str] = set()  # tags whose @TAG/latest is a newer version
+    newest_taken = False  # SOURCE/newest names a newer version
     counts = {}
     for v in versions:
         tags = v.get("tags", [])
@@ -41,6 +43,8 @@ def link_counts(source: dict[str, Any], versions: list[dict[str, Any]]) -> dict[
         if not v.get("damaged"):
             n += len(set(tags) - tags_taken)
             tags_taken.update(tags)
+            n += int(not newest_taken)
+            newest_taken = True
         if not latest_taken and servable(v) and (bound is None or v["id"] <= bound):
             n += 1
             latest_taken = True
@@ -57,11 +61,13 @@ def link_count(source: dict[str, Any], version: dict[str, Any], pin_present: boo
     open_tags = set() if version.get("damaged") else set(tags)  # still its @TAG/latest
     is_latest = names_latest(source) and servable(version) and \
         (bound is None or version["id"] <= bound)
+    is_newest = not version.get("damaged")
     for w in newer:
-        if not (open_tags or is_latest):
+        if not (open_tags or is_latest or is_newest):
             break
         if is_latest and servable(w) and (bound is None or w["id"] <= bound):
             is_latest = False
         if not w.get("damaged"):
             open_tags -= set(w.get("tags", []))
-    return 1 + len(tags) + len(open_tags) + int(is_latest)
+            is_newest = False
+    return 1 + len(tags) + len(open_tags) + int(is_latest) + int(is_newest)

@@ -2,9 +2,21 @@
 
 Counters live in the mount process (they restart from zero with it, which Prometheus
 handles); gauges are read from the index when ``@metrics`` is opened.
+
+Per-source gauges (``buffyfs_source_*``) carry one label, ``source``, and nothing
+else (no version ids, no URLs: the series stay as many as the sources). They are
+built afresh at each render, so a removed source's series go with it and two renders
+at once (worker threads) never see each other's half. Their text is written here, not
+by prometheus_client: for 10,000 sources (60,000 samples) a whole render took 0.82 s
+of CPU with the library's text, 0.47 s with ours, 0.36-0.41 s before there were
+per-source gauges (``python -m bench.metrics``); a render holds the GIL the loop
+needs. Source names need no escaping in a label value (options.NAME_RE).
 """
 
 from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,7 +26,19 @@ from prometheus_client import (
     generate_latest,
 )
 
-from buffyfs.index import Index
+from buffyfs.index import Index, now_utc, resolve_latest
+
+# name -> help of the per-source gauges; each has the one label ``source``
+SOURCE_GAUGES = {
+    "buffyfs_source_last_success_timestamp_seconds":
+        "When the origin last answered a refresh (Unix time)",
+    "buffyfs_source_last_check_timestamp_seconds":
+        "When the origin was last checked, whatever the outcome (Unix time)",
+    "buffyfs_source_stale": "1 while the source is served but its refreshes fail",
+    "buffyfs_source_consecutive_failures": "Failed refreshes in a row",
+    "buffyfs_source_latest_age_seconds": "Age of the version latest names (since its fetch)",
+    "buffyfs_source_latest_size_bytes": "Size of the version latest names",
+}
 
 disable_created_metrics()  # no *_created series beside every counter
 
@@ -54,16 +78,60 @@ class Metrics:
                              "(not served; their sources download again)", registry=r)
 
     def render(self, index: Index) -> bytes:
+        """The exposition text. One pass over the index: each source's record, state
+        and versions are read once (a big cache's render is seconds of JSON)."""
+        per_source: dict[str, dict[str, float]] = {name: {} for name in SOURCE_GAUGES}
+        versions = damaged = stale = fetching = 0
+        now = now_utc().timestamp()
         with index.read() as r:
-            names = r.source_names()
-            states = [r.state(n) for n in names]
+            sources = r.sources()
+            for name, src in sources:
+                state = r.state(name)
+                kept = r.versions(name)
+                latest = resolve_latest(src, kept)
+                versions += len(kept)
+                damaged += sum(1 for v in kept if v.get("damaged"))
+                stale += _add_source_samples(per_source, name, state, latest, now)
+                fetching += state.get("state") == "fetching"
             self.cache_size.set(r.blob_bytes())
             self.max_cache_size.set(r.meta_json("max_cache_size") or 0)
-            versions = [v for n in names for v in r.versions(n)]
-            self.versions.set(len(versions))
-            self.damaged.set(sum(1 for v in versions if v.get("damaged")))
-            self.stale.set(sum(1 for n, st in zip(names, states, strict=True)
-                               if st.get("consecutive_failures") and r.latest(n)))
-        self.sources.set(len(names))
-        self.fetching.set(sum(1 for st in states if st.get("state") == "fetching"))
-        return generate_latest(self.registry)
+        self.versions.set(versions)
+        self.damaged.set(damaged)
+        self.stale.set(stale)
+        self.sources.set(len(sources))
+        self.fetching.set(fetching)
+        return generate_latest(self.registry) + _source_text(per_source)
+
+
+def _add_source_samples(out: dict[str, dict[str, float]], name: str, state: dict[str, Any],
+                        latest: dict[str, Any] | None, now: float) -> bool:
+    """Add the source's per-source samples to ``out`` (gauge name -> {source: value});
+    a source without a latest has no age or size. Returns whether it is stale."""
+    failures = state.get("consecutive_failures", 0)
+    for key, gauge in (("last_success", "last_success_timestamp_seconds"),
+                       ("last_check", "last_check_timestamp_seconds")):
+        if state.get(key):
+            out[f"buffyfs_source_{gauge}"][name] = _epoch(state[key])
+    stale = bool(latest) and failures > 0
+    out["buffyfs_source_stale"][name] = float(stale)
+    out["buffyfs_source_consecutive_failures"][name] = float(failures)
+    if latest:
+        age = now - _epoch(latest["fetched_at"])
+        out["buffyfs_source_latest_age_seconds"][name] = max(0.0, age)
+        out["buffyfs_source_latest_size_bytes"][name] = float(latest["size"])
+    return stale
+
+
+def _epoch(stamp: str) -> float:
+    """An RFC 3339 UTC time as Unix seconds (fromisoformat: strptime is 10x slower)."""
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def _source_text(samples: dict[str, dict[str, float]]) -> bytes:
+    """The per-source gauges in the Prometheus text format (version 0.0.4)."""
+    lines = []
+    for name, help_text in SOURCE_GAUGES.items():
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        lines += [f'{name}{{source="{source}"}} {float(value)!r}'
+                  for source, value in sorted(samples[name].items())]
+    return ("\n".join(lines) + "\n").encode()

@@ -19,6 +19,7 @@ from buffyfs import __version__, downloader, gc, watchdog
 from buffyfs.cache import Cache
 from buffyfs.errors import BuffyError, CacheError
 from buffyfs.fs import BuffyFS
+from buffyfs.index import now_utc, rfc3339
 from buffyfs.refresh import Refresher, partial_key
 from buffyfs.scheduler import Scheduler
 from buffyfs.scrub import Scrubber
@@ -67,6 +68,7 @@ def run(settings: Settings) -> None:
     lock_fd = cache.claim_mount(os.path.abspath(settings.mountpoint))
     try:
         sync_config(cache, settings)
+        _put_reload_error(cache, None)  # read now: a refused reload of before is moot
         cache.set_max_cache_size(settings.max_cache_size)
         # built before the loop runs: loading the CA certificates takes ~0.1 s
         client = downloader.new_client()
@@ -397,7 +399,9 @@ def reload_config(cache: Cache, settings: Settings, collector: Collector, fs: Bu
         config = load_config(settings.config_path)
     except BuffyError as e:
         log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
+        _put_reload_error(cache, {"at": rfc3339(now_utc()), "message": str(e)})
         return
+    _put_reload_error(cache, None)
     added, changed, removed = cache.sync_sources(config.sources, settings.prune)
     for name in added + changed + removed:
         fs.sync(name)
@@ -406,6 +410,12 @@ def reload_config(cache: Cache, settings: Settings, collector: Collector, fs: Bu
     logging.getLogger().setLevel(config.daemon.log_level.upper())
     log.info("SIGHUP: config %s reloaded (%d added, %d changed, %d removed)",
              settings.config_path, len(added), len(changed), len(removed))
+
+
+def _put_reload_error(cache: Cache, error: dict[str, str] | None) -> None:
+    """Root ``@status``'s ``last_reload_error``: why the last reload was refused."""
+    with cache.index.write() as w:
+        w.put_meta_json("last_reload_error", error)
 
 
 async def _watch_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,

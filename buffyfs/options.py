@@ -18,7 +18,8 @@ from buffyfs.errors import BadInput
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 TAG_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-RESERVED_TAGS = frozenset({"versions", "status", "control", "tags", "latest", "metrics"})
+RESERVED_TAGS = frozenset({"versions", "status", "control", "tags", "latest", "metrics",
+                           "newest"})  # newest: a version word, like latest
 
 _DURATION_RE = re.compile(r"(\d+)(s|m|h|d)")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

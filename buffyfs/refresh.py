@@ -26,6 +26,7 @@ import json
 import logging
 import random
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -104,6 +105,14 @@ class Outcome:
     version: dict[str, Any] | None = None  # the new version, if one was made
     error: str | None = None  # why the refresh gave up
     checked: bool = False  # the origin answered (new version, 304 or same bytes)
+    # new_version, unchanged (the same bytes), not_modified (304) or failed
+    result: str = "failed"
+
+    def record(self, started: float) -> dict[str, Any]:
+        """The state's ``last_refresh``: what ``buffyfs refresh --wait`` waits for."""
+        return {"started": started, "result": self.result,
+                "version": self.version["id"] if self.version else None,
+                "error": self.error}
 
 
 class Refresher:
@@ -151,17 +160,28 @@ class Refresher:
 
     async def refresh(
         self, name: str, on_progress: Callable[[int, int | None], None] | None = None,
-        on_note: Callable[[str], None] | None = None,
+        on_note: Callable[[str], None] | None = None, force: bool = False,
     ) -> Outcome:
         """Refresh ``name`` now. ``on_progress(bytes, total)`` follows the body;
         ``on_note(text)`` hears what a person watching should know (retries, resumes,
-        a restart from byte 0, a wait for a download slot)."""
+        a restart from byte 0, a wait for a download slot). ``force`` (or the state's
+        ``force``, set by ``refresh --force``): an unconditional GET, from byte 0.
+
+        The outcome is also left in the state as ``last_refresh`` (``Outcome.record``),
+        stamped with the wall-clock time the refresh started."""
         lock = SourceLock(self.blobs.lock_path(name))
         while not lock.try_acquire():  # noqa: ASYNC110 (held by another process)
             await trio.sleep(LOCK_POLL)
+        started = time.time()
+        outcome = Outcome(error="interrupted")
         try:
-            return await self._refresh_locked(name, on_progress, on_note)
+            outcome = await self._refresh_locked(name, on_progress, on_note, force)
+            return outcome
+        except FetchError as e:
+            outcome = Outcome(error=str(e))
+            raise
         finally:
+            self.index.set_state(name, last_refresh=outcome.record(started))
             try:
                 self._after_refresh(name)
             finally:  # whatever the clean-up met, the source is not left locked
@@ -184,7 +204,7 @@ class Refresher:
 
     async def _refresh_locked(
         self, name: str, on_progress: Callable[[int, int | None], None] | None,
-        on_note: Callable[[str], None] | None = None,
+        on_note: Callable[[str], None] | None = None, force: bool = False,
     ) -> Outcome:
         try:
             source = self.index.get_source(name)
@@ -193,7 +213,11 @@ class Refresher:
         options = source["options"]
         with self.index.read() as r:
             versions = r.versions(name)
+            force = force or bool(r.state(name).get("force"))
         newest = versions[0] if versions else None
+        if force:  # validators that lie: ask without them, and resume nothing
+            self.index.set_state(name, force=None)
+            newest = None
         if newest and newest.get("url") != redact_url(source["url"]):
             newest = None  # validators of another URL say nothing about this one
         if newest and newest.get("damaged"):
@@ -201,7 +225,7 @@ class Refresher:
         req = request_for(source, newest)
         partial = self.blobs.partial_path(name)
         key = _request_key(req)
-        resume = self._saved_resume(name, key)
+        resume = None if force else self._saved_resume(name, key)
         last_write = [0.0]
         reached = [0]  # the most bytes of the body in hand during this refresh
         asked = [resume]  # the resume point the attempt under way asked for
@@ -427,7 +451,7 @@ class Refresher:
             self._set_state(name, "idle")
             self._count("not_modified")
             log.info("%s: not modified", name)
-            return Outcome(checked=True)
+            return Outcome(checked=True, result="not_modified")
         partial = self.blobs.partial_path(name)
         damaged = self.index.blob_damaged(result.sha256)  # fresh bytes must replace it
         if self.index.newest_sha256(name) == result.sha256 and not damaged:
@@ -436,7 +460,7 @@ class Refresher:
             self._set_state(name, "idle")
             self._count("unchanged")
             log.info("%s: checked, content unchanged", name)
-            return Outcome(checked=True)
+            return Outcome(checked=True, result="unchanged")
         if not self.blobs.exists(result.sha256) and self.reserved.get(name, 0) < result.size:
             try:
                 self._reserve(name, result.size)
@@ -506,4 +530,5 @@ class Refresher:
                      tags)
         else:
             log.info("%s: checked, content unchanged", name)
-        return Outcome(version=version, checked=True)
+        return Outcome(version=version, checked=True,
+                       result="new_version" if version else "unchanged")

@@ -88,14 +88,21 @@ def root_status(
         for name, src in r.sources():
             state = r.state(name)
             latest = resolve_latest(src, r.versions(name))
+            run_state = state.get("state", "idle")
+            failures = state.get("consecutive_failures", 0)
             sources.append({
                 "name": name,
                 "url": redact_url(src["url"]),
                 "latest": latest["id"] if latest else None,
-                "state": state.get("state", "idle"),
-                "consecutive_failures": state.get("consecutive_failures", 0),
+                "state": run_state,
+                "consecutive_failures": failures,
+                # ours: as in the source's object, and its latest's fetch time (the age)
+                "stale": bool(latest) and failures > 0,
+                "latest_fetched_at": latest["fetched_at"] if latest else None,
+                "progress": state.get("progress") if run_state == "fetching" else None,
             })
         last_control_error = r.meta_json("last_control_error")
+        last_reload_error = r.meta_json("last_reload_error")
         scrub = r.meta_json("scrub")
     return {
         "version": __version__,
@@ -104,5 +111,8 @@ def root_status(
         "max_cache_size": max_cache_size,
         "last_control_error": last_control_error,
         "scrub": scrub,  # ours: the last background scrub (scrub.py), null before the first
+        # ours: why the last SIGHUP reload was refused ({"at", "message"}); null once a
+        # reload succeeds
+        "last_reload_error": last_reload_error,
         "sources": sources,
     }

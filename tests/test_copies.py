@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from buffyfs import links
-from buffyfs.index import resolve_latest
+from buffyfs.index import newest_of, resolve_latest
 from tests.conftest import run_cli, wait_for
 from tests.test_mount import read, status, write_control
 
@@ -41,21 +41,23 @@ def four_names(origin, mnt) -> tuple[str, str]:
 
 def test_link_counts_and_inodes(origin, mnt):
     older, newer = four_names(origin, mnt)
-    names = ["t/latest", f"t/@versions/{newer}", f"t/@keep/{newer}", "t/@keep/latest"]
+    names = ["t/latest", f"t/@versions/{newer}", f"t/@keep/{newer}", "t/@keep/latest",
+             "t/newest"]
     stats = [os.stat(mnt / n) for n in names]
     assert {st.st_ino for st in stats} == {stats[0].st_ino}
-    assert [st.st_nlink for st in stats] == [4] * 4
+    assert [st.st_nlink for st in stats] == [5] * 5
     assert os.stat(mnt / f"t/@versions/{older}").st_nlink == 1
     # latest moves to the older version: both link counts follow at once
     write_control(mnt / "t/@control", "tag latest failed")
-    # @versions/ID, @keep/ID, @keep/latest, @failed/ID, @failed/latest
-    assert os.stat(mnt / f"t/@versions/{newer}").st_nlink == 5
+    # @versions/ID, @keep/ID, @keep/latest, @failed/ID, @failed/latest, newest
+    assert os.stat(mnt / f"t/@versions/{newer}").st_nlink == 6
     assert os.stat(mnt / f"t/@versions/{older}").st_nlink == 2  # and latest
     assert os.stat(mnt / "t/latest").st_ino == os.stat(mnt / f"t/@versions/{older}").st_ino
     # a change made by another process (the command line) reaches it too, within seconds
     run_cli("untag", "t", newer, "keep", cache=mnt.cache, check=True)
-    wait_for(lambda: os.stat(mnt / f"t/@versions/{newer}").st_nlink == 3, 5,
-             what="the link count after untag")  # @versions/ID, @failed/ID, @failed/latest
+    wait_for(lambda: os.stat(mnt / f"t/@versions/{newer}").st_nlink == 4, 5,
+             what="the link count after untag")  # @versions/ID, @failed/ID, @failed/latest,
+    # newest
 
 
 def test_generated_files_report_their_real_size(origin, mnt):
@@ -95,7 +97,7 @@ def test_tar_rsync_and_du_over_the_mount(origin, mnt, tmp_path):
     copies = [dest / n for n in ("t/latest", f"t/@versions/{newer}", f"t/@keep/{newer}",
                                  "t/@keep/latest")]
     assert len({p.stat().st_ino for p in copies}) == 1  # rsync -H stored one copy
-    assert copies[0].stat().st_nlink == 4
+    assert copies[0].stat().st_nlink == 5  # and newest
     assert (dest / f"t/@versions/{older}").read_bytes() == b"old bytes"
 
     # du counts the four names of the newer version once
@@ -126,6 +128,8 @@ def test_link_counts_match_the_layout(specs, pin_at, refresh, pinned_option):
     source = {"pin": pin, "options": {"refresh": refresh, "pinned": pinned_option}}
     latest = resolve_latest(source, versions)
     names: dict[str, int] = {v["id"]: 1 for v in versions}  # @versions/ID
+    if newest_of(versions):
+        names[newest_of(versions)["id"]] += 1  # SOURCE/newest
     if latest and not (refresh == "on-open" and not pinned_option):
         names[latest["id"]] += 1  # SOURCE/latest
     for tag in {t for v in versions for t in v["tags"]}:

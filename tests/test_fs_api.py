@@ -197,7 +197,8 @@ async def test_versions_directory_knows_only_kept_ids(fs, cache):
 async def test_tag_directories_exist_while_a_version_carries_the_tag(fs, cache):
     v1, v2, v3 = three_versions(cache)
     source = await listdir(fs, (await lookup(fs, "s")).st_ino)
-    assert sorted(source) == ["@control", "@keep", "@status", "@valid", "@versions", "latest"]
+    assert sorted(source) == ["@control", "@keep", "@status", "@valid", "@versions", "latest",
+                              "newest"]
     keep = await lookup(fs, "s", "@keep")
     assert keep.st_ino >= FIRST_TAGDIR_INO and stat.S_ISDIR(keep.st_mode)
     assert sorted(await listdir(fs, keep.st_ino)) == sorted(["latest", v1["id"]])

@@ -47,7 +47,7 @@ def test_layout_cat_and_inodes(origin, cli, mnt):
     cli("add", "demo", origin.url("/data.txt"), check=True)
     assert read(mnt / "demo/latest") == b"hello buffy\n"  # waits for the first download
     assert {"@status", "@control", "demo"} <= set(os.listdir(mnt.path))
-    assert sorted(os.listdir(mnt / "demo")) == SOURCE_DIR
+    assert sorted(os.listdir(mnt / "demo")) == sorted([*SOURCE_DIR, "newest"])  # has a version
     (vid,) = os.listdir(mnt / "demo/@versions")
     latest, version = os.stat(mnt / "demo/latest"), os.stat(mnt / f"demo/@versions/{vid}")
     assert latest.st_ino == version.st_ino
@@ -305,7 +305,8 @@ def test_status_files(origin, mnt):
     assert root["cache"] == str(mnt.cache)
     assert root["cache_size"] == 2
     (entry,) = root["sources"]
-    assert set(entry) == {"name", "url", "latest", "state", "consecutive_failures"}
+    assert set(entry) == {"name", "url", "latest", "state", "consecutive_failures",
+                          "stale", "latest_fetched_at", "progress"}  # the last three ours
     src = status(mnt / "st/@status")
     assert set(src) == {"name", "url", "refresh", "pinned", "state", "latest", "progress",
                         "last_check", "last_success", "next_check", "consecutive_failures",

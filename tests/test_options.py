@@ -70,7 +70,9 @@ def test_check_tag_rejects(tag: str) -> None:
 
 
 def test_reserved_tags_are_the_spec_words() -> None:
-    assert RESERVED_TAGS == {"versions", "status", "control", "tags", "latest", "metrics"}
+    # the SPEC's words, and ours: newest (SOURCE/newest, a version word like latest)
+    assert RESERVED_TAGS == {"versions", "status", "control", "tags", "latest", "metrics",
+                             "newest"}
 
 
 # --- URLs --------------------------------------------------------------------------------
