@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,15 +70,21 @@ def run(settings: Settings) -> None:
     if settings.mountpoint is not None and not os.path.isdir(settings.mountpoint):
         raise CacheError(f"mount point {settings.mountpoint} is not a directory")
     cache = Cache(settings.cache_dir)
-    lock_fd = cache.claim_mount(
-        os.path.abspath(settings.mountpoint) if settings.mountpoint is not None else None,
-        serving=settings.serve.url if settings.serve is not None else None)
     try:
         if settings.serve is not None:
             from buffyfs import http
 
             http.bind(settings.serve)  # an address in use: one error, before "ready"
             http.preload()
+        lock_fd = cache.claim_mount(
+            os.path.abspath(settings.mountpoint) if settings.mountpoint is not None else None,
+            serving=settings.serve.url if settings.serve is not None else None)
+    except BaseException:
+        if settings.serve is not None:
+            http.close(settings.serve)
+        cache.close()
+        raise
+    try:
         sync_config(cache, settings)
         cache.set_max_cache_size(settings.max_cache_size)
         # built before the loop runs: loading the CA certificates takes ~0.1 s
@@ -88,6 +95,8 @@ def run(settings: Settings) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL)
         with watchdog.LoopMonitor() as monitor:
             trio.run(_serve, cache, settings, client, instruments=[monitor])
+        if _stuck_exit is not None:
+            _stuck_exit.cancel()
     finally:
         if settings.serve is not None:
             from buffyfs import http
@@ -353,12 +362,36 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
         finally:
             watchdog.notify_systemd(b"STOPPING=1")
             nursery.cancel_scope.cancel()
+            if settings.serve is not None:
+                _exit_if_stuck(SHUTDOWN_GRACE)
             if mounted:
                 pyfuse3.close(unmount=True)
             with trio.CancelScope(shield=True):
                 await refresher.aclose()
             log.info("unmounted %s" if mounted else "stopped (%s)", settings.mountpoint or
                      "no mount")
+
+
+# Seconds the daemon's tasks get to end once it stops, when it serves HTTP: hypercorn
+# finishes each send to a client, and one that reads nothing would hold its task (and
+# so the daemon) forever. Past this the process exits at once: the index is
+# transactional and the lock goes with the process.
+SHUTDOWN_GRACE = 5.0
+_stuck_exit: threading.Timer | None = None
+
+
+def _exit_if_stuck(grace: float) -> None:
+    global _stuck_exit
+
+    def exit_now() -> None:
+        log.warning("the daemon's tasks did not end within %gs of the stop (an HTTP "
+                    "client that reads nothing?): exiting now", grace)
+        logging.shutdown()
+        os._exit(0)
+
+    _stuck_exit = threading.Timer(grace, exit_now)
+    _stuck_exit.daemon = True
+    _stuck_exit.start()
 
 
 RESTART_PAUSE = 10.0  # seconds before a background task that failed starts again

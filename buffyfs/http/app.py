@@ -159,6 +159,8 @@ class App:
             log.debug("%s %s %s", scope.get("method"), _shown(scope), status[0] or "-")
 
     async def handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope.get("http_version") not in ("1.0", "1.1"):
+            raise Answer(505, "HTTP/1.0 and HTTP/1.1 only")
         req = Request(scope, receive)
         parts = self._parts(req.raw_path)
         if req.method == "POST":
@@ -500,8 +502,11 @@ class App:
         try:
             since = int(req.query.get("since", "0"))
             wait = float(req.query.get("wait", "0"))
+            if not 0 <= wait < float("inf"):
+                raise ValueError(wait)
         except ValueError:
-            raise Answer(400, "since must be an integer and wait a number of seconds") from None
+            raise Answer(400, "since must be an integer and wait a number of seconds "
+                         "(at most 60 are waited)") from None
         await self._json(send, await self.feed.wait_since(since, wait))
 
     # --- answers ---------------------------------------------------------------------

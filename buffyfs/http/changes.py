@@ -39,7 +39,7 @@ class ChangeFeed:
         to ``wait`` seconds (at most MAX_WAIT) for one when there is none. When
         ``since`` is too old to tell (or from another index), every current source is
         listed and ``"complete": false`` says a replica must look at everything."""
-        wait = min(max(0.0, wait), MAX_WAIT) if math.isfinite(wait) else 0.0
+        wait = min(max(0.0, wait), MAX_WAIT) if math.isfinite(wait) else 0.0  # app checks
         with trio.move_on_after(wait):
             while True:
                 moved = self.moved  # taken before the look: a change after it wakes us
