@@ -68,6 +68,9 @@ def test_the_token_cookie(serve_factory, tmp_path):
     assert http_request(server.url, "/@status", headers=jar)[0] == 200
     assert http_request(server.url, "/@status", headers={"Cookie": "buffy_token=nope"})[0] == 401
     assert http_request(server.url, "/?token=nope")[0] == 401
+    # never a redirect to another site
+    assert http_request(server.url, f"//evil.example/?token={READ}")[1]["location"] == \
+        "/evil.example/"
     # a control token in a cookie opens reads only: control takes the header
     _, h, _ = http_request(server.url, f"/@status?token={CONTROL}&x=1")
     assert h["location"] == "/@status?x=1"

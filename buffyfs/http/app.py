@@ -16,7 +16,9 @@ valid source name, tag, version id or sha256 (or one of the fixed words): ``..``
 ``%2F``, NUL and the like never name anything, and the only files ever opened are
 blobs named by a sha256 the index holds. Bytes are streamed from a file descriptor
 opened before the answer starts: a version collected meanwhile keeps sending (its
-blob's inode lives while the descriptor is open). Reads run in worker threads, one
+blob's inode lives while the descriptor is open); behind the nginx front the answer
+is an ``X-Accel-Redirect`` to the blob file instead, after the same checks, and nginx
+sends the bytes. Reads run in worker threads, one
 CHUNK at a time, and each chunk waits for the client to take the previous one, so a
 slow client holds only its own task.
 
@@ -61,6 +63,11 @@ MAX_BODY = 64 << 10  # a control POST (control.MAX_WRITE)
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 IMMUTABLE = "public, max-age=31536000, immutable"
 COOKIE_MAX_AGE = 30 * 86400
+# The nginx front asks for X-Accel-Redirect answers with this request header, naming
+# its internal location of the blob directory (contrib/nginx/buffyfs.conf)
+ACCEL_HEADER = "x-buffy-accel"
+ACCEL_PREFIX_RE = re.compile(r"/[A-Za-z0-9_/-]*/")
+COOKIE_SAFE_RE = re.compile(r"[!#-+\--:<-\[\]-~]+")  # RFC 6265 cookie-octets
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -192,8 +199,13 @@ class App:
         token = req.query["token"]
         if self.tokens.scope_of(token) is None:
             raise Answer(401, "unknown token", [("WWW-Authenticate", 'Bearer realm="buffyfs"')])
+        if not COOKIE_SAFE_RE.fullmatch(token):
+            raise Answer(400, "this token cannot be carried in a cookie: send it as "
+                         "Authorization: Bearer TOKEN")
         rest = "&".join(f"{quote(k)}={quote(v)}" for k, v in req.query.items() if k != "token")
-        location = quote(req.raw_path.decode("latin-1"), safe="/%@:") + (f"?{rest}" if rest else "")
+        # one leading slash: "//host/..." would send the browser to another site
+        path = "/" + req.raw_path.decode("latin-1").lstrip("/")
+        location = quote(path, safe="/%@:") + (f"?{rest}" if rest else "")
         cookie = (f"{access.COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; "
                   f"Max-Age={COOKIE_MAX_AGE}" + ("; Secure" if self.secure else ""))
         await self._text(send, 303, "token taken\n",
@@ -410,6 +422,14 @@ class App:
             except BadRange as e:
                 raise Answer(416, f"range not satisfiable: {e}",
                              [("Content-Range", f"bytes */{size}"), *headers]) from None
+        accel = req.headers.get(ACCEL_HEADER)
+        if accel is not None and ACCEL_PREFIX_RE.fullmatch(accel):
+            # the nginx front (contrib/nginx): it sends the bytes from the blob file
+            headers += [("Content-Type", _content_type(content_type)),
+                        ("X-Accel-Redirect", f"{accel}{sha[:2]}/{sha}"),
+                        ("Content-Length", "0")]
+            await self._start(send, 200, headers)
+            return await send({"type": "http.response.body", "body": b""})
         start, length = (span.start, span.length) if span else (0, size)
         headers += [("Content-Type", _content_type(content_type)),
                     ("Content-Length", str(length)),
