@@ -47,12 +47,13 @@ from buffyfs.http import access
 from buffyfs.http.changes import ChangeFeed
 from buffyfs.http.ranges import (
     BadRange,
+    Span,
     byte_span,
     http_date,
     if_range_holds,
     not_modified,
 )
-from buffyfs.index import parse_rfc3339, tag_latest
+from buffyfs.index import resolve_latest, tag_latest
 from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE, parse_duration
 
 log = logging.getLogger(__name__)
@@ -309,13 +310,15 @@ class App:
                 and not options.get("pinned"):
             await scheduler.check_on_open(name, parse_duration(options.get("open_wait", "5s")))
         for tries_left in (1, 0):  # a blob found damaged at open: once more, what is now
-            with self.index.read() as r:
-                v = r.latest(name)
+            with self.index.read() as r:  # one transaction: this runs for every revalidation
+                src = r.source(name) or src
+                versions = r.versions(name)
+                failures = r.state(name).get("consecutive_failures", 0)
+            v = resolve_latest(src, versions)
             if v is None:
                 v = await self._wait_latest(name)
-            fd = self._open(name, v, report=True)
-            if fd is not None:
-                return await self._send_version(req, send, name, v, fd, mutable=True)
+            if await self._send_version(req, send, name, v, bool(failures), mutable=True):
+                return
             if not tries_left:
                 raise Answer(503, f"the latest version of {name!r} is damaged in the cache; "
                              "it is being downloaded again")
@@ -338,13 +341,13 @@ class App:
 
     async def _version(self, req: Request, send: Send, name: str, v: dict[str, Any],
                        mutable: bool = False) -> None:
-        fd = self._open(name, v, report=True)
-        if fd is None:
+        with self.index.read() as r:
+            stale = r.state(name).get("consecutive_failures", 0) > 0 and bool(r.latest(name))
+        if not await self._send_version(req, send, name, v, stale, mutable):
             raise Answer(503, f"version {v['id']} of {name!r} is damaged in the cache; it is "
                          "being downloaded again")
-        await self._send_version(req, send, name, v, fd, mutable)
 
-    def _open(self, name: str, v: dict[str, Any], report: bool) -> int | None:
+    def _open(self, name: str, v: dict[str, Any]) -> int | None:
         """An fd of the version's blob after the cheap checks the mount makes (there,
         right size); None if damaged (then marked so, and downloaded again). No await
         between the index read that found ``v`` and this open: a collection commits
@@ -373,18 +376,12 @@ class App:
         return fd
 
     async def _send_version(self, req: Request, send: Send, name: str, v: dict[str, Any],
-                            fd: int, mutable: bool) -> None:
-        try:
-            with self.index.read() as r:
-                state = r.state(name)
-                latest = r.latest(name)
-            stale = bool(latest) and state.get("consecutive_failures", 0) > 0
-            extra = [("X-Buffy-Version", v["id"]), ("X-Buffy-Stale", "1" if stale else "0")]
-            await self._send_file(req, send, fd, v["size"], v["sha256"],
-                                  parse_rfc3339(v["fetched_at"]), mutable, extra,
-                                  v.get("content_type"))
-        finally:
-            os.close(fd)
+                            stale: bool, mutable: bool) -> bool:
+        """Answer with the version; False (nothing sent) if its blob is damaged."""
+        extra = [("X-Buffy-Version", v["id"]), ("X-Buffy-Stale", "1" if stale else "0")]
+        return await self._send_file(req, send, v["size"], v["sha256"],
+                                     datetime.fromisoformat(v["fetched_at"]), mutable, extra,
+                                     v.get("content_type"), lambda: self._open(name, v))
 
     async def _blob(self, req: Request, send: Send, sha: str) -> None:
         if not SHA256_RE.fullmatch(sha):
@@ -401,20 +398,26 @@ class App:
             st = os.fstat(fd)
             if st.st_size != ref["size"]:
                 raise Answer(503, f"blob {sha} is damaged in the cache")
-            await self._send_file(req, send, fd, st.st_size, sha,
-                                  datetime.fromtimestamp(st.st_mtime, UTC), False, [], None)
+            await self._send_file(req, send, st.st_size, sha,
+                                  datetime.fromtimestamp(st.st_mtime, UTC), False, [], None,
+                                  lambda: os.dup(fd))
         finally:
             os.close(fd)
 
-    async def _send_file(self, req: Request, send: Send, fd: int, size: int, sha: str,
+    async def _send_file(self, req: Request, send: Send, size: int, sha: str,
                          modified: datetime, mutable: bool, extra: list[tuple[str, str]],
-                         content_type: str | None) -> None:
+                         content_type: str | None, open_fd: Callable[[], int | None]) -> bool:
+        """Answer with the bytes of a file (304, 416, 200 or 206, or the X-Accel-Redirect
+        for the nginx front), opened with ``open_fd`` only when bytes are to be sent
+        (and before the answer starts); False if it gives None (nothing sent)."""
         etag = f'"{sha}"'
         headers = [("ETag", etag), ("Last-Modified", http_date(modified)),
                    ("Cache-Control", "no-cache" if mutable else IMMUTABLE),
                    ("Accept-Ranges", "bytes"), *extra]
         if not_modified(req.headers, etag, modified):
-            return await self._start(send, 304, headers)
+            await self._start(send, 304, headers)
+            await send({"type": "http.response.body", "body": b""})
+            return True
         span = None
         if if_range_holds(req.headers.get("if-range"), etag, modified):
             try:
@@ -422,6 +425,18 @@ class App:
             except BadRange as e:
                 raise Answer(416, f"range not satisfiable: {e}",
                              [("Content-Range", f"bytes */{size}"), *headers]) from None
+        fd = open_fd()
+        if fd is None:
+            return False
+        try:
+            await self._send_open(req, send, fd, size, sha, span, headers, content_type)
+        finally:
+            os.close(fd)
+        return True
+
+    async def _send_open(self, req: Request, send: Send, fd: int, size: int, sha: str,
+                         span: Span | None, headers: list[tuple[str, str]],
+                         content_type: str | None) -> None:
         accel = req.headers.get(ACCEL_HEADER)
         if accel is not None and ACCEL_PREFIX_RE.fullmatch(accel):
             # the nginx front (contrib/nginx): it sends the bytes from the blob file
