@@ -59,6 +59,7 @@ from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE, parse_duration
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes read and sent at a time
+READERS = 4  # worker threads reading blob bytes at once
 MAX_PATH = 2048
 MAX_BODY = 64 << 10  # a control POST (control.MAX_WRITE)
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -132,6 +133,10 @@ class App:
         self.tokens = tokens
         self.secure = secure
         self.feed = ChangeFeed(self.index)
+        # its own threads: 200 clients must not take every worker thread of the daemon
+        # (@status, control writes, collections), and more readers than cores only
+        # fight over the GIL with the loop, which every FUSE request waits for
+        self.readers = trio.CapacityLimiter(READERS)
 
     # --- ASGI ------------------------------------------------------------------------
 
@@ -457,7 +462,8 @@ class App:
             return await send({"type": "http.response.body", "body": b""})
         offset, end = start, start + length
         while offset < end:
-            chunk = await trio.to_thread.run_sync(os.pread, fd, min(CHUNK, end - offset), offset)
+            chunk = await trio.to_thread.run_sync(os.pread, fd, min(CHUNK, end - offset), offset,
+                                                  limiter=self.readers)
             if not chunk:  # the file shrank under us: cut the answer short (the client
                 log.error("blob %s ends at byte %d, before %d: answer cut", sha, offset, end)
                 return  # sees a body shorter than Content-Length)
