@@ -38,9 +38,9 @@ if __package__ in (None, ""):  # run as a script: python bench/serve.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    MiB,
     BenchError,
     Daemon,
+    MiB,
     NginxOrigin,
     add_versions,
     bounded,

@@ -281,5 +281,6 @@ def test_changes_serial_survives_restarts(serve_factory, cli, origin):
 def server_with_tokens(serve_factory, tmp_path):
     tokens = {"read": "r-secret-1", "control": "c-secret-2"}
     config = tmp_path / "serve.toml"
-    config.write_text(f'[serve]\nlisten = "127.0.0.1:0"\ncontrol_tokens = ["{tokens["control"]}"]\n')
+    config.write_text('[serve]\nlisten = "127.0.0.1:0"\n'
+                      f'control_tokens = ["{tokens["control"]}"]\n')
     return serve_factory("--config", str(config)), tokens

@@ -23,8 +23,9 @@ __all__ = ["DEFAULT_LISTEN", "ServeSettings", "Tokens", "bind", "close", "load_t
 
 def preload() -> None:
     """Import the server's modules (hypercorn: ~0.1 s) before the loop runs."""
-    import buffyfs.http.app  # noqa: F401
     import hypercorn.trio  # noqa: F401
+
+    import buffyfs.http.app  # noqa: F401
 
 
 async def serve(settings: ServeSettings, daemon: Any) -> None:

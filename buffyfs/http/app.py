@@ -163,6 +163,13 @@ class App:
         except Answer as a:
             if not status[0]:
                 await self._text(tracked, a.status, a.reason, a.headers)
+        except NotFound as e:  # e.g. the source was removed while we answered
+            if not status[0]:
+                await self._text(tracked, 404, str(e))
+        except BuffyError as e:  # the cache's trouble: one line, the server stays up
+            log.error("%s %s: %s", scope.get("method"), _shown(scope), e)
+            if not status[0]:
+                await self._text(tracked, 503, str(e))
         except Exception:
             log.exception("answering %s %s failed unexpectedly", scope.get("method"),
                           _shown(scope))

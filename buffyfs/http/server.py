@@ -20,8 +20,6 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 
-
-
 from buffyfs.errors import BadInput, CacheError
 from buffyfs.http.access import Tokens, is_loopback
 
