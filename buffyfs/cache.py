@@ -268,19 +268,22 @@ class Cache:
             os.close(fd)
         return None
 
-    def claim_mount(self, mountpoint: str) -> int:
-        """Take the mount lock; returns its fd (held for the mount's life)."""
+    def claim_mount(self, mountpoint: str | None, serving: str | None = None) -> int:
+        """Take the mount lock; returns its fd (held for the mount's life). A daemon
+        without a mount (``buffyfs serve``) has no mount point; ``serving`` is the URL
+        of its HTTP server."""
         fd = open_file(self.root / "mount.lock", os.O_RDWR | os.O_CREAT, 0o600, replace=True)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             other = self.running_mount() or {}
+            where = other.get("mountpoint") or f"serving {other.get('serving')}"
             raise CacheError(
                 f"cache {self.root} is in use by another mount"
-                + (f" at {other['mountpoint']} (pid {other['pid']})" if other.get("pid") else "")
+                + (f" at {where} (pid {other['pid']})" if other.get("pid") else "")
             ) from None
-        info = {"pid": os.getpid(), "mountpoint": mountpoint}
+        info = {"pid": os.getpid(), "mountpoint": mountpoint, "serving": serving}
         with open(self.root / "mount.json", "w", opener=opener) as f:
             f.write(json.dumps(info))
         return fd

@@ -69,12 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML config: daemon settings (its cache directory) and sources")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    m = sub.add_parser("mount", parents=[common], help="mount the cache")
-    m.add_argument("mountpoint")
-    m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
-    m.add_argument("--allow-other", action="store_true", help="let other users read")
-    m.add_argument("--allow-non-empty", action="store_true",
-                   help="mount even on a directory that is not empty (hiding what it holds)")
+    # the daemon's flags, shared by mount and serve
+    m = daemon_flags = _Parser(add_help=False)
     m.add_argument("--prune", action="store_true",
                    help="remove sources the config file does not declare")
     m.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -88,6 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes per second the scrub reads at most, e.g. 20M "
                         "(default: the config's scrub_rate, else 20M)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--public", action="store_true",
+                   help="allow open reads on an address beyond loopback")
+    m.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
+    m.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+
+    m = sub.add_parser("mount", parents=[common, daemon_flags], help="mount the cache")
+    m.add_argument("mountpoint")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    m.add_argument("--allow-other", action="store_true", help="let other users read")
+    m.add_argument("--allow-non-empty", action="store_true",
+                   help="mount even on a directory that is not empty (hiding what it holds)")
+    m.add_argument("--serve", metavar="HOST:PORT",
+                   help="also serve the cache over HTTP (default: the config's [serve] "
+                        "listen, else no server)")
+    sv = sub.add_parser("serve", parents=[common, daemon_flags],
+                        help="serve the cache over HTTP (the daemon, without a mount)")
+    sv.add_argument("--listen", metavar="HOST:PORT",
+                    help="address to listen on (default: the config's [serve] listen, "
+                         "else 127.0.0.1:8631)")
 
     u = sub.add_parser("umount", help="unmount")
     u.add_argument("mountpoint")
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             (argv[0] == "none" or os.path.isfile(argv[0])) and os.path.isdir(argv[1]):
         argv = fstab_args(argv)
     args = parse_args(build_parser(), argv)
-    if args.command != "mount":  # commands report their own errors, one line each
+    if args.command not in ("mount", "serve"):  # commands report their own errors
         logging.getLogger().addHandler(logging.NullHandler())
         logging.getLogger().setLevel(logging.CRITICAL)
     try:
@@ -284,9 +299,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from buffyfs.options import parse_duration, parse_size
 
     config_path = Path(args.config).absolute() if args.config else None
-    daemon = load_config(config_path).daemon if config_path else DaemonConfig()
+    config = load_config(config_path) if config_path else None
+    daemon = config.daemon if config else DaemonConfig()
     cache_dir = resolve_cache_dir(args.cache, daemon.cache)
-    check_mountpoint(args.mountpoint, args.allow_non_empty)
+    serve = _serve_settings(args, config)
+    if args.mountpoint is not None:
+        check_mountpoint(args.mountpoint, args.allow_non_empty)
     max_size = parse_size(args.max_cache_size, "--max-cache-size") \
         if args.max_cache_size else daemon.max_cache_size
     args.log_level = args.log_level or daemon.log_level
@@ -303,9 +321,36 @@ def cmd_mount(args: argparse.Namespace) -> int:
             max_cache_size=max_size, config_path=config_path, prune=args.prune,
             scrub_interval=None if scrub_interval == "never" else
             float(parse_duration(scrub_interval, "scrub_interval")),
-            scrub_rate=scrub_rate))
+            scrub_rate=scrub_rate, serve=serve))
         return 0
     return _mount_detached(args, cache_dir)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The daemon without FUSE, in the foreground: ``cmd_mount`` with no mount point."""
+    args.mountpoint, args.foreground, args.allow_other, args.serve = None, True, False, None
+    return cmd_mount(args)
+
+
+def _serve_settings(args: argparse.Namespace, config: Any) -> Any:
+    """The HTTP server's settings from the flags over the config's ``[serve]`` (None:
+    no server); BadInput (exit 2) for anything wrong, before anything is bound."""
+    from buffyfs import http
+    from buffyfs.config import ServeConfig
+
+    table = config.serve if config else ServeConfig()
+    listen = args.listen if args.command == "serve" else args.serve
+    listen = listen or table.listen or (http.DEFAULT_LISTEN if args.command == "serve" else None)
+    if listen is None:
+        if args.public or args.tls_cert or args.tls_key:
+            raise BadInput("--public, --tls-cert and --tls-key go with --serve HOST:PORT")
+        return None
+    tokens = http.Tokens(
+        read=http.load_tokens(table.read_tokens, table.read_token_files, "read token"),
+        control=http.load_tokens(table.control_tokens, table.control_token_files,
+                                 "control token"))
+    return http.prepare(listen, args.public or table.public, tokens,
+                        args.tls_cert or table.tls_cert, args.tls_key or table.tls_key)
 
 
 def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
@@ -331,6 +376,12 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
         cmd += ["--config", str(Path(args.config).absolute())]
     if args.prune:
         cmd.append("--prune")
+    for flag, value in (("--serve", args.serve), ("--tls-cert", args.tls_cert),
+                        ("--tls-key", args.tls_key)):
+        if value:
+            cmd += [flag, str(Path(value).absolute()) if flag != "--serve" else value]
+    if args.public:
+        cmd.append("--public")
     errors = cache_dir / "buffyfs.start-error"
     with open(errors, "w", opener=safeio.opener) as err:  # never through a planted link
         proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
@@ -574,7 +625,8 @@ def _print_status(obj: dict[str, Any], cache: Any) -> None:
     console = _console()
     if "sources" in obj:
         mount = cache.running_mount()
-        where = f"mounted on {mount['mountpoint']}" if mount else "not mounted"
+        where = (f"mounted on {mount['mountpoint']}" if mount and mount["mountpoint"]
+                 else f"served at {mount.get('serving')}" if mount else "not mounted")
         console.print(f"buffyfs {obj['version']}  cache {obj['cache']} ({where}), "
                       f"{_human(obj['cache_size'])} used")
         table = Table("source", "url", "latest", "age", "state", "stale", "failures", box=None)
@@ -975,5 +1027,5 @@ COMMANDS = {
     "refresh": cmd_refresh, "tag": cmd_tag, "untag": cmd_tag, "pin": cmd_pin,
     "unpin": cmd_unpin, "hold": cmd_hold, "release": cmd_release, "gc": cmd_gc,
     "check": cmd_check, "completion": cmd_completion, "set": cmd_set,
-    "revalidate": cmd_revalidate,
+    "revalidate": cmd_revalidate, "serve": cmd_serve,
 }

@@ -12,6 +12,14 @@
     [defaults]                    # any source option (not url), for every source
     refresh = "1d"
 
+    [serve]                       # the HTTP server (buffyfs serve, mount --serve)
+    listen = "127.0.0.1:8631"
+    public = false                # open reads beyond loopback need it
+    read_tokens = ["..."]         # or read_token_files = ["/etc/buffyfs/read.tokens"]
+    control_tokens = ["..."]      # or control_token_files = [...]
+    tls_cert = "/etc/buffyfs/cert.pem"
+    tls_key = "/etc/buffyfs/key.pem"
+
     [sources.NAME]                # a name with dots is quoted: [sources."a.b"]
     url = "https://example.org/file.gz"
     validate = { min_size = 1000000, cmd = "gzip -t" }
@@ -47,7 +55,9 @@ from buffyfs import options
 from buffyfs.errors import BadInput
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-TOP_LEVEL_TABLES = ("daemon", "defaults", "sources")
+TOP_LEVEL_TABLES = ("daemon", "defaults", "sources", "serve")
+SERVE_KEYS = ("listen", "public", "read_tokens", "control_tokens", "read_token_files",
+              "control_token_files", "tls_cert", "tls_key")
 DAEMON_KEYS = ("cache", "max_cache_size", "max_downloads", "max_downloads_per_host", "log_level",
                "scrub_interval", "scrub_rate")
 DEFAULT_SCRUB_INTERVAL = "7d"
@@ -69,6 +79,20 @@ class DaemonConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``[serve]``; tokens stay as given (http.access checks and loads them)."""
+
+    listen: str | None = None  # None: not given (mount: no server; serve: the default)
+    public: bool = False
+    read_tokens: list[str] = field(default_factory=list)
+    control_tokens: list[str] = field(default_factory=list)
+    read_token_files: list[str] = field(default_factory=list)  # absolute paths
+    control_token_files: list[str] = field(default_factory=list)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass
 class Config:
     path: Path
     daemon: DaemonConfig
@@ -76,6 +100,7 @@ class Config:
     defaults: dict[str, Any] = field(default_factory=dict)
     # name -> (url, normalized options with defaults applied)
     sources: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def load_config(path: Path) -> Config:
@@ -88,7 +113,7 @@ def load_config(path: Path) -> Config:
             what = f"table [{_key(key)}]" if isinstance(value, dict) else \
                 f"key {key!r} outside any table"
             where.fail(None, None, f"unknown {what}" + _hint(key, TOP_LEVEL_TABLES)
-                       + ": use [daemon], [defaults] and [sources.NAME]")
+                       + ": use [daemon], [defaults], [sources.NAME] and [serve]")
         if not isinstance(value, dict):
             where.fail(None, None, f"{_key(key)} must be a table: [{key}]"
                        + (" with [sources.NAME] tables" if key == "sources" else ""))
@@ -97,7 +122,8 @@ def load_config(path: Path) -> Config:
     sources: dict[str, tuple[str, dict[str, Any]]] = {}
     for name, table in data.get("sources", {}).items():
         sources[name] = _load_source(where, name, table, defaults)
-    return Config(path=path, daemon=daemon, defaults=defaults, sources=sources)
+    serve = _load_serve(where, data.get("serve", {}))
+    return Config(path=path, daemon=daemon, defaults=defaults, sources=sources, serve=serve)
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -297,3 +323,43 @@ def _locate_table_error(where: _Where, table: str, key: str, value: dict[str, An
             options.normalize_options({key: {sub: subvalue}})
         except BadInput as e:
             where.fail(table, f"{_key(key)}.{_key(sub)}", str(e))
+
+
+# --- [serve] ----------------------------------------------------------------------------
+
+
+def _load_serve(where: _Where, raw: dict[str, Any]) -> ServeConfig:
+    serve = ServeConfig()
+    for normal, (key, value) in _normal_keys(where, "serve", raw).items():
+        shown = _key(key)
+        if normal not in SERVE_KEYS:
+            where.fail("serve", None, f"unknown key {key!r}" + _hint(normal, SERVE_KEYS)
+                       + ": use " + ", ".join(SERVE_KEYS))
+        if normal == "public":
+            if not isinstance(value, bool):
+                where.fail("serve", shown, "must be true or false")
+            serve.public = value
+        elif normal in ("read_tokens", "control_tokens"):
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                where.fail("serve", shown, 'must be a list of strings: ["token", ...]')
+            setattr(serve, normal, list(value))  # values never echoed
+        elif normal in ("read_token_files", "control_token_files"):
+            if not isinstance(value, list) or not all(isinstance(t, str) and t.strip()
+                                                      for t in value):
+                where.fail("serve", shown, 'must be a list of file paths: ["/etc/...", ...]')
+            setattr(serve, normal, [_path(where, t) for t in value])
+        elif normal in ("tls_cert", "tls_key"):
+            if not isinstance(value, str) or not value.strip():
+                where.fail("serve", shown, "must be a file path")
+            setattr(serve, normal, _path(where, value))
+        else:  # listen
+            if not isinstance(value, str) or not value.strip():
+                where.fail("serve", shown, 'must be "HOST:PORT", e.g. "127.0.0.1:8631"')
+            serve.listen = value
+    return serve
+
+
+def _path(where: _Where, value: str) -> str:
+    """A file named in the config: ``~`` expanded, relative to the config's directory."""
+    return os.path.normpath(os.path.join(os.path.abspath(where.path.parent),
+                                         os.path.expanduser(value)))

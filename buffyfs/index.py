@@ -55,6 +55,13 @@ Named databases and their keys (all values JSON unless said otherwise):
                   way the mount must see (sources, versions, requests). Trimmed to
                   the last CHANGES_KEPT entries.
 ``requests``      NAME -> b"refresh": a command-line ``refresh`` for the mount
+``mirror``        8-byte serial -> NAME: the change feed of the HTTP server
+                  (``GET /@changes``): what a replica mirrors changed for NAME (the
+                  source added, removed or its options changed; a version committed or
+                  collected; a tag; a pin), not state or progress. The serial is
+                  ``meta`` ``mirror_serial`` (8-byte big-endian); every process that
+                  writes the index advances it (``Writer.mirrored``). Trimmed to the last
+                  CHANGES_KEPT entries.
 """
 
 from __future__ import annotations
@@ -136,6 +143,13 @@ def resolve_latest(source: dict[str, Any], versions: list[dict[str, Any]]) -> di
     if pin and any(v["id"] == pin for v in versions):
         return latest_of([v for v in versions if v["id"] <= pin])
     return latest_of(versions)
+
+
+def tag_latest(versions: list[dict[str, Any]], tag: str) -> dict[str, Any] | None:
+    """What ``@TAG/latest`` means: the newest version carrying ``tag`` that is not
+    damaged (``versions`` newest first)."""
+    return next((v for v in versions if tag in v.get("tags", ()) and not v.get("damaged")),
+                None)
 
 
 def held_until(version: dict[str, Any], now: datetime) -> str | None:
@@ -242,6 +256,10 @@ class Reader:
     def meta_json(self, key: str) -> Any:
         return self._get("meta", key.encode())
 
+    def mirror_serial(self) -> int:
+        raw = self.txn.get(b"mirror_serial", db=self.dbs["meta"])
+        return _from_u64(raw) if raw else 0
+
     def latest(self, name: str) -> dict[str, Any] | None:
         src = self.source(name)
         return resolve_latest(src, self.versions(name)) if src else None
@@ -303,6 +321,14 @@ class Writer(Reader):
         if seq > CHANGES_KEPT:
             self.txn.delete(_u64(seq - CHANGES_KEPT), db=self.dbs["changes"])
 
+    def mirrored(self, name: str) -> None:
+        """Record that what a replica mirrors of ``name`` changed (``mirror`` above)."""
+        serial = self.mirror_serial() + 1
+        self.txn.put(b"mirror_serial", _u64(serial), db=self.dbs["meta"])
+        self.txn.put(_u64(serial), name.encode(), db=self.dbs["mirror"])
+        if serial > CHANGES_KEPT:
+            self.txn.delete(_u64(serial - CHANGES_KEPT), db=self.dbs["mirror"])
+
     def alloc_inodes(self, count: int) -> int:
         raw = self.txn.get(b"next_ino", db=self.dbs["meta"])
         first = _from_u64(raw) if raw else FIRST_DYNAMIC_INO
@@ -348,6 +374,7 @@ class Writer(Reader):
         if live is not None and json.loads(live)["ino"] == version["ino"]:
             self.txn.delete(key, db=self.dbs["versions"])
             self.changed(source)
+            self.mirrored(source)
         self.txn.delete(_u64(version["ino"]), db=self.dbs["garbage"])
         self.txn.delete(_u64(version["ino"]), db=self.dbs["inodes"])
         return self.unref_blob(version["sha256"])
@@ -380,6 +407,7 @@ class Writer(Reader):
         self.put_source(name, rec)
         self.changed(name)
         self.changed("")
+        self.mirrored(name)
         return True
 
     def remove_source(self, name: str) -> list[dict[str, Any]]:
@@ -397,6 +425,7 @@ class Writer(Reader):
             self.txn.delete(name.encode(), db=self.dbs[db])
         self.changed(name)
         self.changed("")
+        self.mirrored(name)
         return versions
 
     def change_tag(self, name: str, vid: str, add: str | None = None,
@@ -408,6 +437,7 @@ class Writer(Reader):
         v["tags"] = tags_after(v.get("tags", []), add, remove)
         self.put_version(name, v)
         self.changed(name)
+        self.mirrored(name)
         return v
 
     def hold(self, name: str, vid: str, until: datetime) -> dict[str, Any]:
@@ -442,6 +472,7 @@ class Writer(Reader):
         src["pin"] = vid if pinned else None
         self.put_source(name, src)
         self.changed(name)
+        self.mirrored(name)
 
     def request_refresh(self, name: str) -> None:
         """Ask the running mount to check ``name`` now (its change watcher takes it)."""
@@ -462,7 +493,7 @@ class Index:
         except (OSError, lmdb.Error) as e:
             raise CacheError(f"cannot open the index in {path}: {e}") from None
         names = ("meta", "sources", "versions", "state", "inodes", "changes", "requests",
-                 "blobs", "garbage")
+                 "blobs", "garbage", "mirror")
         self.dbs = {n: self.env.open_db(n.encode()) for n in names}
         with self.write() as w:
             fmt = w.txn.get(b"format", db=self.dbs["meta"])
@@ -536,6 +567,7 @@ class Index:
             src["options"] = update(src["options"])
             w._put("sources", name.encode(), src)
             w.changed(name)
+            w.mirrored(name)
 
     def commit_version(
         self, name: str, record: dict[str, Any], fetched_at: datetime
@@ -576,6 +608,7 @@ class Index:
                 src["pin"] = vid  # pinned before any version: the first one holds
                 w._put("sources", name.encode(), src)
             w.changed(name)
+            w.mirrored(name)
         return version
 
     def blob_damaged(self, sha256: str) -> bool:
@@ -695,6 +728,22 @@ class Index:
             names = set()
             with r.txn.cursor(db=self.dbs["changes"]) as cur:
                 if cur.set_range(_u64(seq + 1)):
+                    for _k, v in cur:
+                        names.add(v.decode())
+            return now, names
+
+    def mirror_changes_since(self, serial: int) -> tuple[int, set[str] | None]:
+        """The current mirror serial and the sources whose mirrored state changed after
+        ``serial``; None if that is too old (trimmed) or from another index to tell."""
+        with self.read() as r:
+            now = r.mirror_serial()
+            if now == serial:
+                return now, set()
+            if now - serial > CHANGES_KEPT - 1 or serial > now or serial < 0:
+                return now, None
+            names = set()
+            with r.txn.cursor(db=self.dbs["mirror"]) as cur:
+                if cur.set_range(_u64(serial + 1)):
                     for _k, v in cur:
                         names.add(v.decode())
             return now, names

@@ -1,5 +1,8 @@
 """The mount daemon: cache, downloader, scheduler, collector, scrubber and filesystem
-in one trio nursery."""
+in one trio nursery; with ``Settings.serve``, the HTTP server too. Without a mount
+point (``buffyfs serve``) it is the same daemon minus FUSE: the filesystem object
+still keeps the daemon's state (open versions, metrics, control writes), and nothing
+is told to a kernel."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ from buffyfs import __version__, downloader, gc, watchdog
 from buffyfs.cache import Cache
 from buffyfs.errors import BuffyError, CacheError
 from buffyfs.fs import BuffyFS
+from buffyfs.http import ServeSettings
 from buffyfs.index import now_utc, rfc3339
 from buffyfs.refresh import Refresher, partial_key
 from buffyfs.scheduler import Scheduler
@@ -35,7 +40,7 @@ SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, col
 
 @dataclass
 class Settings:
-    mountpoint: str
+    mountpoint: str | None  # None: no FUSE mount (buffyfs serve)
     cache_dir: Path
     allow_other: bool = False
     ready_fd: int | None = None
@@ -46,6 +51,7 @@ class Settings:
     prune: bool = False  # remove sources the config does not declare
     scrub_interval: float | None = 7 * 86400.0  # seconds between scrubs; None: no scrub
     scrub_rate: int = 20 << 20  # bytes per second the scrub reads at most
+    serve: ServeSettings | None = None  # the HTTP server, if any
 
 
 def sync_config(cache: Cache, settings: Settings) -> None:
@@ -62,10 +68,23 @@ def sync_config(cache: Cache, settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     """Mount and serve until unmounted or signalled. Raises BuffyError on bad setup."""
-    if not os.path.isdir(settings.mountpoint):
+    if settings.mountpoint is not None and not os.path.isdir(settings.mountpoint):
         raise CacheError(f"mount point {settings.mountpoint} is not a directory")
     cache = Cache(settings.cache_dir)
-    lock_fd = cache.claim_mount(os.path.abspath(settings.mountpoint))
+    try:
+        if settings.serve is not None:
+            from buffyfs import http
+
+            http.bind(settings.serve)  # an address in use: one error, before "ready"
+            http.preload()
+        lock_fd = cache.claim_mount(
+            os.path.abspath(settings.mountpoint) if settings.mountpoint is not None else None,
+            serving=settings.serve.url if settings.serve is not None else None)
+    except BaseException:
+        if settings.serve is not None:
+            http.close(settings.serve)
+        cache.close()
+        raise
     try:
         sync_config(cache, settings)
         _put_reload_error(cache, None)  # read now: a refused reload of before is moot
@@ -78,9 +97,29 @@ def run(settings: Settings) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL)
         with watchdog.LoopMonitor() as monitor:
             trio.run(_serve, cache, settings, client, instruments=[monitor])
+        if _stuck_exit is not None:
+            _stuck_exit.cancel()
     finally:
+        if settings.serve is not None:
+            from buffyfs import http
+
+            http.close(settings.serve)
         os.close(lock_fd)
         cache.close()
+
+
+class Unmounted(BuffyFS):
+    """The filesystem object of a daemon without a mount (``buffyfs serve``): there is
+    no kernel cache to drop entries from."""
+
+    def source_changed(self, name: str) -> None:
+        pass
+
+    async def source_changed_now(self, name: str) -> None:
+        pass
+
+    def versions_removed(self, source: str, vids: list[str]) -> None:
+        pass
 
 
 class Collector:
@@ -262,7 +301,9 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
     async with client, trio.open_nursery() as nursery:
         refresher = Refresher(cache.index, cache.blobs, client, settings.max_downloads,
                               settings.max_downloads_per_host)
-        fs = BuffyFS(cache, None, progress=lambda: dict(refresher.progress))
+        mounted = settings.mountpoint is not None
+        fs = (BuffyFS if mounted else Unmounted)(cache, None,
+                                                 progress=lambda: dict(refresher.progress))
         refresher.metrics = fs.metrics
         collector = Collector(cache, fs, settings.max_cache_size, nursery)
         refresher.make_room = collector.make_room
@@ -275,15 +316,18 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
                                                   "subtype=buffyfs"}
         if settings.allow_other:
             options.add("allow_other")
+        if mounted:
+            try:
+                pyfuse3.init(fs, settings.mountpoint, options)
+            except RuntimeError as e:
+                raise CacheError(f"cannot mount on {settings.mountpoint}: {e}") from None
+        stopped = trio.Event()  # a signal asks the daemon without a mount to stop
         try:
-            pyfuse3.init(fs, settings.mountpoint, options)
-        except RuntimeError as e:
-            raise CacheError(f"cannot mount on {settings.mountpoint}: {e}") from None
-        try:
-            start_task(nursery, "read-ahead", raise_readahead, settings.mountpoint,
-                       restart=False)  # one try: what failed once fails again
+            if mounted:
+                start_task(nursery, "read-ahead", raise_readahead, settings.mountpoint,
+                           restart=False)  # one try: what failed once fails again
             start_task(nursery, "signal watcher", _watch_signals, cache, settings, collector,
-                       fs)
+                       fs, stopped)
             start_task(nursery, "change watcher", _watch_changes, cache, scheduler, fs,
                        collector)
             start_task(nursery, "collector", collector.run)
@@ -297,23 +341,59 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
                 start_task(nursery, "watchdog feeder", watchdog.feed_watchdog, heartbeat)
             if watchdog.hooks_enabled():
                 start_task(nursery, "test hook", watchdog.block_loop_on_signal)
+            if settings.serve is not None:
+                from buffyfs import http
+
+                start_task(nursery, "HTTP server", http.serve, settings.serve, fs)
             with cache.index.read() as r:
                 names = r.source_names()
                 versions = r.version_count()
-            log.info("buffyfs %s mounted on %s, cache %s, %d sources, %d versions",
-                     __version__, settings.mountpoint, cache.root, len(names), versions)
+            log.info("buffyfs %s %s, cache %s, %d sources, %d versions", __version__,
+                     f"mounted on {settings.mountpoint}" if mounted else "running without a mount",
+                     cache.root, len(names), versions)
+            if settings.serve is not None:
+                log.info("serving HTTP on %s", settings.serve.url)
             if settings.ready_fd is not None:
                 os.write(settings.ready_fd, b"ready\n")
                 os.close(settings.ready_fd)
             watchdog.notify_systemd(b"READY=1")
-            await pyfuse3.main()
+            if mounted:
+                await pyfuse3.main()
+            else:
+                await stopped.wait()
         finally:
             watchdog.notify_systemd(b"STOPPING=1")
             nursery.cancel_scope.cancel()
-            pyfuse3.close(unmount=True)
+            if settings.serve is not None:
+                _exit_if_stuck(SHUTDOWN_GRACE)
+            if mounted:
+                pyfuse3.close(unmount=True)
             with trio.CancelScope(shield=True):
                 await refresher.aclose()
-            log.info("unmounted %s", settings.mountpoint)
+            log.info("unmounted %s" if mounted else "stopped (%s)", settings.mountpoint or
+                     "no mount")
+
+
+# Seconds the daemon's tasks get to end once it stops, when it serves HTTP: hypercorn
+# finishes each send to a client, and one that reads nothing would hold its task (and
+# so the daemon) forever. Past this the process exits at once: the index is
+# transactional and the lock goes with the process.
+SHUTDOWN_GRACE = 5.0
+_stuck_exit: threading.Timer | None = None
+
+
+def _exit_if_stuck(grace: float) -> None:
+    global _stuck_exit
+
+    def exit_now() -> None:
+        log.warning("the daemon's tasks did not end within %gs of the stop (an HTTP "
+                    "client that reads nothing?): exiting now", grace)
+        logging.shutdown()
+        os._exit(0)
+
+    _stuck_exit = threading.Timer(grace, exit_now)
+    _stuck_exit.daemon = True
+    _stuck_exit.start()
 
 
 RESTART_PAUSE = 10.0  # seconds before a background task that failed starts again
@@ -377,12 +457,16 @@ def _set_readahead(mountpoint: str) -> None:
 
 
 async def _watch_signals(cache: Cache, settings: Settings, collector: Collector,
-                         fs: BuffyFS) -> None:
+                         fs: BuffyFS, stopped: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 reload_config(cache, settings, collector, fs)
                 continue
+            if settings.mountpoint is None:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                stopped.set()
+                return
             log.info("%s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return

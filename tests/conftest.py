@@ -209,3 +209,94 @@ def check_daemon_logs(request: pytest.FixtureRequest) -> Iterator[None]:
     if found:
         pytest.fail("the daemon logged a hidden failure:\n" + "\n".join(found)[-6000:],
                     pytrace=False)
+
+
+# --- the HTTP server: `buffyfs serve` processes (issue 13; replicas, proxy and the
+# status page reuse these) ---------------------------------------------------------------
+
+SERVE_TIMEOUT = 15.0
+SERVING_RE = re.compile(r"serving HTTP on (https?://\S+)")
+
+
+def served_url(log: Path) -> str | None:
+    """The URL a daemon logged it serves on (``--listen 127.0.0.1:0`` picks a port)."""
+    found = SERVING_RE.search(log.read_text(errors="replace")) if log.exists() else None
+    return found.group(1) if found else None
+
+
+class Server:
+    """A running ``buffyfs serve`` (the daemon without a mount) on 127.0.0.1, port
+    chosen by the kernel; ``url`` is where it listens. Ended by its PID."""
+
+    def __init__(self, cache: Path, log: Path, extra: list[str]) -> None:
+        self.cache = cache
+        self.log = log
+        DAEMON_LOGS.append(log)
+        listen = [] if "--listen" in extra or "--config" in extra else \
+            ["--listen", "127.0.0.1:0"]
+        with open(log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "buffyfs", "serve", "--cache", str(cache),
+                 "--log-level", "debug", *listen, *extra],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        try:
+            wait_for(lambda: served_url(log) or self.proc.poll() is not None, SERVE_TIMEOUT,
+                     what="the server")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}: {self.log_text()}")
+        except BaseException:
+            self.close()
+            raise
+        self.url = served_url(log) or ""
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def close(self) -> None:
+        stop_process(self.proc)
+
+
+@pytest.fixture
+def serve_factory(tmp_path: Path, cache_dir: Path) -> Iterator[Callable[..., Server]]:
+    """``serve_factory("--config", str(f))`` starts ``buffyfs serve`` on the test's cache."""
+    servers: list[Server] = []
+
+    def start(*extra: str, cache: Path | None = None) -> Server:
+        s = Server(cache or cache_dir, tmp_path / f"serve{len(servers)}.log", list(extra))
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def server(serve_factory: Callable[..., Server]) -> Server:
+    return serve_factory()
+
+
+def http_request(url: str, path: str, method: str = "GET", body: bytes | None = None,
+                 headers: dict[str, str] | None = None, timeout: float = 30.0,
+                 context: object = None) -> tuple[int, dict[str, str], bytes]:
+    """One request with http.client: (status, headers lowercased, body)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=timeout, context=context)  # type: ignore[arg-type]
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    finally:
+        conn.close()

@@ -90,6 +90,8 @@ def test_source_options_and_their_defaults():
 def test_daemon_keys_and_fstab_options():
     problems = compare("section '`[daemon]`'", config.DAEMON_KEYS,
                        table_names(section("`[daemon]`")), "[daemon] key")
+    problems += compare("section '`[serve]`'", config.SERVE_KEYS,
+                        table_names(section("`[serve]`")), "[serve] key")
     fstab = {*cli.FSTAB_FLAGS, *(k + "=" for k in cli.FSTAB_VALUES)}
     documented = [n.split("=")[0] + "=" if "=" in n else n
                   for n in table_names(section("fstab"))]

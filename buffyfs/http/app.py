@@ -1,0 +1,617 @@
+"""The server's ASGI application: SPEC's URL space over the daemon's cache.
+
+    /                             HTML listing of sources; root @status as JSON
+    /@status, /@metrics           as the mount's files
+    /@changes?since=N&wait=S      the change feed (changes.py)
+    /@blobs/sha256/HEX            content by its sha256
+    /NAME/                        listing (HTML, or JSON by Accept)
+    /NAME/latest                  bytes of what latest resolves to now
+    /NAME/@status                 the source's @status
+    /NAME/@versions/[ID]          listing, or a version's bytes
+    /NAME/@TAG/[latest|ID]        listing, or bytes of a version carrying TAG
+    POST /@control, /NAME/@control   control lines, through the daemon's run_control
+
+A path is split on ``/`` before it is percent-decoded, and every segment must be a
+valid source name, tag, version id or sha256 (or one of the fixed words): ``..``,
+``%2F``, NUL and the like never name anything, and the only files ever opened are
+blobs named by a sha256 the index holds. Bytes are streamed from a file descriptor
+opened before the answer starts: a version collected meanwhile keeps sending (its
+blob's inode lives while the descriptor is open); behind the nginx front the answer
+is an ``X-Accel-Redirect`` to the blob file instead, after the same checks, and nginx
+sends the bytes. Reads run in worker threads, one
+CHUNK at a time, and each chunk waits for the client to take the previous one, so a
+slow client holds only its own task.
+
+``daemon`` is the daemon's filesystem object (fs.BuffyFS, mounted or not): its cache,
+scheduler, metrics, live progress, ``run_control`` (the control files' path: one index
+transaction, then the scheduler and kernel catch up) and ``report_damage``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote_to_bytes
+
+import trio
+
+from buffyfs.control import VERSION_RE
+from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
+from buffyfs.http import access
+from buffyfs.http.changes import ChangeFeed
+from buffyfs.http.ranges import (
+    BadRange,
+    Span,
+    byte_span,
+    http_date,
+    if_range_holds,
+    not_modified,
+)
+from buffyfs.index import newest_of, resolve_latest, tag_latest
+from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE, parse_duration
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes read and sent at a time
+READERS = 4  # worker threads reading blob bytes at once
+MAX_PATH = 2048
+MAX_BODY = 64 << 10  # a control POST (control.MAX_WRITE)
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+IMMUTABLE = "public, max-age=31536000, immutable"
+COOKIE_MAX_AGE = 30 * 86400
+# The nginx front asks for X-Accel-Redirect answers with this request header, naming
+# its internal location of the blob directory (contrib/nginx/buffyfs.conf)
+ACCEL_HEADER = "x-buffy-accel"
+ACCEL_PREFIX_RE = re.compile(r"/[A-Za-z0-9_/-]*/")
+COOKIE_SAFE_RE = re.compile(r"[!#-+\--:<-\[\]-~]+")  # RFC 6265 cookie-octets
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class Answer(Exception):
+    """A short answer (an error, a redirect) with a plain-text reason as the body."""
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+
+
+class Request:
+    def __init__(self, scope: dict[str, Any], receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.method: str = scope["method"]
+        self.raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        self.headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+        try:
+            qs = scope.get("query_string", b"").decode("ascii")
+            self.query = {k: v[-1] for k, v in parse_qs(qs, max_num_fields=20).items()}
+        except (UnicodeDecodeError, ValueError):
+            raise Answer(400, "malformed query string") from None
+
+    def wants_json(self) -> bool:
+        return "application/json" in self.headers.get("accept", "")
+
+    def cookie(self, name: str) -> str | None:
+        for part in self.headers.get("cookie", "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+        return None
+
+    async def body(self, limit: int) -> bytes:
+        data = bytearray()
+        while True:
+            message = await self.receive()
+            if message["type"] != "http.request":
+                raise Answer(400, "the request body did not arrive")
+            data += message.get("body", b"")
+            if len(data) > limit:
+                raise Answer(413, f"request body larger than {limit} bytes")
+            if not message.get("more_body"):
+                return bytes(data)
+
+
+class App:
+    def __init__(self, daemon: Any, tokens: access.Tokens, secure: bool = False) -> None:
+        self.daemon = daemon
+        self.cache = daemon.cache
+        self.index = daemon.cache.index
+        self.tokens = tokens
+        self.secure = secure
+        self.feed = ChangeFeed(self.index)
+        # its own threads: 200 clients must not take every worker thread of the daemon
+        # (@status, control writes, collections), and more readers than cores only
+        # fight over the GIL with the loop, which every FUSE request waits for
+        self.readers = trio.CapacityLimiter(READERS)
+
+    # --- ASGI ------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].replace("lifespan.", "")
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        if scope["type"] != "http":  # websockets: none here
+            await send({"type": "websocket.close", "code": 1003})
+            return
+        status = [0]
+
+        async def tracked(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.handle(scope, receive, tracked)
+        except Answer as a:
+            if not status[0]:
+                await self._text(tracked, a.status, a.reason, a.headers)
+        except NotFound as e:  # e.g. the source was removed while we answered
+            if not status[0]:
+                await self._text(tracked, 404, str(e))
+        except BuffyError as e:  # the cache's trouble: one line, the server stays up
+            log.error("%s %s: %s", scope.get("method"), _shown(scope), e)
+            if not status[0]:
+                await self._text(tracked, 503, str(e))
+        except Exception:
+            log.exception("answering %s %s failed unexpectedly", scope.get("method"),
+                          _shown(scope))
+            if not status[0]:
+                await self._text(tracked, 500, "internal error (logged)")
+        finally:
+            log.debug("%s %s %s", scope.get("method"), _shown(scope), status[0] or "-")
+
+    async def handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope.get("http_version") not in ("1.0", "1.1"):
+            raise Answer(505, "HTTP/1.0 and HTTP/1.1 only")
+        req = Request(scope, receive)
+        parts = self._parts(req.raw_path)
+        if req.method == "POST":
+            if parts not in (["@control"],) and not (len(parts) == 2 and parts[1] == "@control"):
+                raise Answer(405, "only @control takes POST", [("Allow", "GET, HEAD")])
+            self._allow(req, "control")
+            return await self._control(req, send, parts[0] if len(parts) == 2 else None)
+        if req.method not in ("GET", "HEAD"):
+            raise Answer(405, f"method {req.method[:20]} not allowed",
+                         [("Allow", "GET, HEAD, POST")])
+        if "token" in req.query:
+            return await self._take_token(req, send)
+        self._allow(req, "read")
+        await self._route(req, send, parts)
+
+    # --- access ----------------------------------------------------------------------
+
+    def _allow(self, req: Request, want: access.Scope) -> None:
+        refused = access.decide(self.tokens, want, access.bearer(req.headers.get(
+            "authorization")), req.cookie(access.COOKIE))
+        if refused is not None:
+            status, reason = refused
+            extra = [("WWW-Authenticate", 'Bearer realm="buffyfs"')] if status == 401 else []
+            raise Answer(status, reason, extra)
+
+    async def _take_token(self, req: Request, send: Send) -> None:
+        """``?token=T``: set the cookie and send the browser on to the same URL without
+        the token (it would stay in the history and in links otherwise)."""
+        token = req.query["token"]
+        if self.tokens.scope_of(token) is None:
+            raise Answer(401, "unknown token", [("WWW-Authenticate", 'Bearer realm="buffyfs"')])
+        if not COOKIE_SAFE_RE.fullmatch(token):
+            raise Answer(400, "this token cannot be carried in a cookie: send it as "
+                         "Authorization: Bearer TOKEN")
+        rest = "&".join(f"{quote(k)}={quote(v)}" for k, v in req.query.items() if k != "token")
+        # one leading slash: "//host/..." would send the browser to another site
+        path = "/" + req.raw_path.decode("latin-1").lstrip("/")
+        location = quote(path, safe="/%@:") + (f"?{rest}" if rest else "")
+        cookie = (f"{access.COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; "
+                  f"Max-Age={COOKIE_MAX_AGE}" + ("; Secure" if self.secure else ""))
+        await self._text(send, 303, "token taken\n",
+                         [("Location", location), ("Set-Cookie", cookie)])
+
+    # --- routing ---------------------------------------------------------------------
+
+    @staticmethod
+    def _parts(raw_path: bytes) -> list[str]:
+        """The decoded segments of a path (split before decoding: %2F is no separator)."""
+        if len(raw_path) > MAX_PATH:
+            raise Answer(414, f"path longer than {MAX_PATH} bytes")
+        if not raw_path.startswith(b"/"):
+            raise Answer(400, "the request target must be a path")
+        try:
+            parts = [unquote_to_bytes(p).decode("utf-8") for p in raw_path[1:].split(b"/")]
+        except UnicodeDecodeError:
+            raise Answer(404, "no such name (not UTF-8)") from None
+        if any("\0" in p or "/" in p for p in parts):
+            raise Answer(404, "no such name")
+        return parts
+
+    async def _route(self, req: Request, send: Send, parts: list[str]) -> None:
+        if parts == [""]:
+            return await self._root(req, send)
+        head, rest = parts[0], parts[1:]
+        if head == "@status" and not rest:
+            data = await trio.to_thread.run_sync(self.cache.root_status)
+            return await self._json(send, data)
+        if head == "@metrics" and not rest:
+            text = await trio.to_thread.run_sync(self.daemon.metrics.render, self.index)
+            return await self._bytes(send, 200, text, "text/plain; version=0.0.4; charset=utf-8")
+        if head == "@changes" and not rest:
+            return await self._changes(req, send)
+        if head == "@blobs" and len(rest) == 2 and rest[0] == "sha256":
+            return await self._blob(req, send, rest[1])
+        if head == "@control" and not rest:
+            raise Answer(405, "@control takes POST", [("Allow", "POST")])
+        if not _is_name(head):
+            raise Answer(404, f"no such name {head[:80]!r}")
+        src = self._source(head)
+        if rest in ([], [""]):
+            return await self._source_listing(req, send, head, src)
+        word, tail = rest[0], rest[1:]
+        if word == "latest" and not tail:
+            return await self._latest(req, send, head, src)
+        if word == "newest" and not tail:  # the newest version, tagged failed or not
+            with self.index.read() as r:
+                v = newest_of(r.versions(head))
+            if v is None:
+                raise Answer(404, f"{head!r} has no version yet")
+            return await self._version(req, send, head, v, mutable=True)
+        if word == "@status" and not tail:
+            data = await trio.to_thread.run_sync(
+                self.cache.source_status, head, self.daemon.live_progress(),
+                set(self.daemon.open_inos))
+            return await self._json(send, data)
+        if word == "@control" and not tail:
+            raise Answer(405, "@control takes POST", [("Allow", "POST")])
+        if word == "@versions":
+            if tail in ([], [""]):
+                return await self._version_listing(req, send, head, None)
+            if len(tail) == 1:
+                return await self._version(req, send, head, self._version_of(head, tail[0]))
+        tag = word[1:]
+        if word.startswith("@") and TAG_RE.fullmatch(tag) and tag not in RESERVED_TAGS:
+            if tail in ([], [""]):
+                return await self._version_listing(req, send, head, tag)
+            if len(tail) == 1:
+                with self.index.read() as r:
+                    tagged = [v for v in r.versions(head) if tag in v.get("tags", ())]
+                if tail[0] == "latest":
+                    v = tag_latest(tagged, tag)
+                    if v is None:
+                        raise Answer(404, f"no usable version of {head!r} is tagged {tag!r}")
+                    return await self._version(req, send, head, v, mutable=True)
+                for v in tagged:
+                    if v["id"] == tail[0]:
+                        return await self._version(req, send, head, v)
+                raise Answer(404, f"{head!r} has no version {tail[0][:40]!r} tagged {tag!r}")
+        raise Answer(404, "no such name")
+
+    def _source(self, name: str) -> dict[str, Any]:
+        with self.index.read() as r:
+            src = r.source(name)
+        if src is None:
+            raise Answer(404, f"no source named {name!r}")
+        return src
+
+    def _version_of(self, name: str, vid: str) -> dict[str, Any]:
+        v = None
+        if VERSION_RE.fullmatch(vid):
+            with self.index.read() as r:
+                v = r.version(name, vid)
+        if v is None:
+            raise Answer(404, f"source {name!r} has no version {vid[:40]!r}")
+        return v
+
+    # --- bytes -----------------------------------------------------------------------
+
+    async def _latest(self, req: Request, send: Send, name: str, src: dict[str, Any]) -> None:
+        """What ``latest`` resolves to now: as an open of the mount's ``latest`` (an
+        on-open source checks first; no version yet waits for the first download)."""
+        scheduler = self.daemon.scheduler
+        options = src["options"]
+        if scheduler is not None and options.get("refresh") == "on-open" \
+                and not options.get("pinned"):
+            await scheduler.check_on_open(name, parse_duration(options.get("open_wait", "5s")))
+        for tries_left in (1, 0):  # a blob found damaged at open: once more, what is now
+            with self.index.read() as r:  # one transaction: this runs for every revalidation
+                src = r.source(name) or src
+                versions = r.versions(name)
+                failures = r.state(name).get("consecutive_failures", 0)
+            v = resolve_latest(src, versions)
+            if v is None:
+                v = await self._wait_latest(name)
+            if await self._send_version(req, send, name, v, bool(failures), mutable=True):
+                return
+            if not tries_left:
+                raise Answer(503, f"the latest version of {name!r} is damaged in the cache; "
+                             "it is being downloaded again")
+        raise AssertionError("unreachable")
+
+    async def _wait_latest(self, name: str) -> dict[str, Any]:
+        status = await trio.to_thread.run_sync(self.cache.source_status, name)
+        scheduler = self.daemon.scheduler
+        if scheduler is not None and not status["versions"]:
+            try:
+                await scheduler.wait_first_version(name)
+            except FetchError as e:
+                raise Answer(503, f"{name}: no version: {e}") from None
+            with self.index.read() as r:
+                v = r.latest(name)
+            if v is not None:
+                return v
+        reason = (status.get("last_error") or {}).get("message") or "no usable version"
+        raise Answer(503, f"{name}: latest cannot be served: {reason}")
+
+    async def _version(self, req: Request, send: Send, name: str, v: dict[str, Any],
+                       mutable: bool = False) -> None:
+        with self.index.read() as r:
+            stale = r.state(name).get("consecutive_failures", 0) > 0 and bool(r.latest(name))
+        if not await self._send_version(req, send, name, v, stale, mutable):
+            raise Answer(503, f"version {v['id']} of {name!r} is damaged in the cache; it is "
+                         "being downloaded again")
+
+    def _open(self, name: str, v: dict[str, Any]) -> int | None:
+        """An fd of the version's blob after the cheap checks the mount makes (there,
+        right size); None if damaged (then marked so, and downloaded again). No await
+        between the index read that found ``v`` and this open: a collection commits
+        in a worker thread, but unlinks only after it, on the loop."""
+        if v.get("damaged"):
+            return None
+        sha = v["sha256"]
+        try:
+            fd = self.cache.blobs.open_blob(sha)
+        except FileNotFoundError:
+            with self.index.read() as r:
+                still = r.version(name, v["id"])
+            if still is None:  # collected between the read and the open
+                raise Answer(404, f"version {v['id']} of {name!r} was just collected") from None
+            self.daemon.report_damage(sha, "blob file missing", "open")
+            return None
+        except OSError as e:
+            log.error("blob of version %s unreadable: %s", v["id"], e.strerror)
+            return None
+        size = os.fstat(fd).st_size
+        if size != v["size"]:
+            os.close(fd)
+            self.daemon.report_damage(sha, f"blob file has {size} bytes, {v['size']} expected",
+                                      "open")
+            return None
+        return fd
+
+    async def _send_version(self, req: Request, send: Send, name: str, v: dict[str, Any],
+                            stale: bool, mutable: bool) -> bool:
+        """Answer with the version; False (nothing sent) if its blob is damaged."""
+        extra = [("X-Buffy-Version", v["id"]), ("X-Buffy-Stale", "1" if stale else "0")]
+        return await self._send_file(req, send, v["size"], v["sha256"],
+                                     datetime.fromisoformat(v["fetched_at"]), mutable, extra,
+                                     v.get("content_type"), lambda: self._open(name, v))
+
+    async def _blob(self, req: Request, send: Send, sha: str) -> None:
+        if not SHA256_RE.fullmatch(sha):
+            raise Answer(404, "not a sha256 (64 lowercase hex digits)")
+        with self.index.read() as r:
+            ref = r.blob_ref(sha)
+        if ref is None or ref.get("refs", 0) <= 0 or ref.get("damaged"):
+            raise Answer(404, f"no blob {sha}")
+        try:
+            fd = self.cache.blobs.open_blob(sha)
+        except OSError:
+            raise Answer(404, f"no blob {sha}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != ref["size"]:
+                raise Answer(503, f"blob {sha} is damaged in the cache")
+            await self._send_file(req, send, st.st_size, sha,
+                                  datetime.fromtimestamp(st.st_mtime, UTC), False, [], None,
+                                  lambda: os.dup(fd))
+        finally:
+            os.close(fd)
+
+    async def _send_file(self, req: Request, send: Send, size: int, sha: str,
+                         modified: datetime, mutable: bool, extra: list[tuple[str, str]],
+                         content_type: str | None, open_fd: Callable[[], int | None]) -> bool:
+        """Answer with the bytes of a file (304, 416, 200 or 206, or the X-Accel-Redirect
+        for the nginx front), opened with ``open_fd`` only when bytes are to be sent
+        (and before the answer starts); False if it gives None (nothing sent)."""
+        etag = f'"{sha}"'
+        headers = [("ETag", etag), ("Last-Modified", http_date(modified)),
+                   ("Cache-Control", "no-cache" if mutable else IMMUTABLE),
+                   ("Accept-Ranges", "bytes"), *extra]
+        if not_modified(req.headers, etag, modified):
+            await self._start(send, 304, headers)
+            await send({"type": "http.response.body", "body": b""})
+            return True
+        span = None
+        if if_range_holds(req.headers.get("if-range"), etag, modified):
+            try:
+                span = byte_span(req.headers.get("range"), size)
+            except BadRange as e:
+                raise Answer(416, f"range not satisfiable: {e}",
+                             [("Content-Range", f"bytes */{size}"), *headers]) from None
+        fd = open_fd()
+        if fd is None:
+            return False
+        try:
+            await self._send_open(req, send, fd, size, sha, span, headers, content_type)
+        finally:
+            os.close(fd)
+        return True
+
+    async def _send_open(self, req: Request, send: Send, fd: int, size: int, sha: str,
+                         span: Span | None, headers: list[tuple[str, str]],
+                         content_type: str | None) -> None:
+        accel = req.headers.get(ACCEL_HEADER)
+        if accel is not None and ACCEL_PREFIX_RE.fullmatch(accel):
+            # the nginx front (contrib/nginx): it sends the bytes from the blob file
+            headers += [("Content-Type", _content_type(content_type)),
+                        ("X-Accel-Redirect", f"{accel}{sha[:2]}/{sha}"),
+                        ("Content-Length", "0")]
+            await self._start(send, 200, headers)
+            return await send({"type": "http.response.body", "body": b""})
+        start, length = (span.start, span.length) if span else (0, size)
+        headers += [("Content-Type", _content_type(content_type)),
+                    ("Content-Length", str(length)),
+                    # origin bytes on our origin: never a page that could act as us
+                    ("Content-Security-Policy", "sandbox"), ("X-Content-Type-Options", "nosniff")]
+        if span:
+            headers.append(("Content-Range", span.content_range()))
+        await self._start(send, 206 if span else 200, headers)
+        if req.method == "HEAD":
+            return await send({"type": "http.response.body", "body": b""})
+        offset, end = start, start + length
+        while offset < end:
+            chunk = await trio.to_thread.run_sync(os.pread, fd, min(CHUNK, end - offset), offset,
+                                                  limiter=self.readers)
+            if not chunk:  # the file shrank under us: cut the answer short (the client
+                log.error("blob %s ends at byte %d, before %d: answer cut", sha, offset, end)
+                return  # sees a body shorter than Content-Length)
+            offset += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": offset < end})
+            self.daemon.metrics.bytes_served.inc(len(chunk))
+
+    # --- listings ----------------------------------------------------------------------
+
+    async def _root(self, req: Request, send: Send) -> None:
+        data = await trio.to_thread.run_sync(self.cache.root_status)
+        if req.wants_json():
+            return await self._json(send, data)
+        rows = [(f"/{quote(s['name'])}/", s["name"],
+                 f"latest {s['latest'] or '-'}, {s['state']}"
+                 + (f", {s['consecutive_failures']} failures" if s["consecutive_failures"] else ""))
+                for s in data["sources"]]
+        rows = [("/@status", "@status", "JSON"), ("/@metrics", "@metrics", "Prometheus"),
+                *rows]
+        await self._html(send, "buffyfs", rows)
+
+    async def _source_listing(self, req: Request, send: Send, name: str,
+                              src: dict[str, Any]) -> None:
+        with self.index.read() as r:
+            versions = r.versions(name)
+            latest = r.latest(name)
+        tags = sorted({"valid", *(t for v in versions for t in v.get("tags", ()))})
+        entries = ["latest", "@status", "@control", "@versions/", *(f"@{t}/" for t in tags)]
+        if req.wants_json():
+            return await self._json(send, {"name": name, "latest": latest["id"] if latest
+                                           else None, "tags": tags, "entries": entries})
+        base = f"/{quote(name)}/"
+        rows = [(base + quote(e), e, "") for e in entries if e != "@control"]
+        rows[0] = (base + "latest", "latest", latest["id"] if latest else "no version yet")
+        await self._html(send, name, rows)
+
+    async def _version_listing(self, req: Request, send: Send, name: str,
+                               tag: str | None) -> None:
+        with self.index.read() as r:
+            versions = r.versions(name)
+        if tag is not None:
+            versions = [v for v in versions if tag in v.get("tags", ())]
+            if not versions and tag != "valid":
+                raise Answer(404, f"no version of {name!r} is tagged {tag!r}")
+        entries = [{k: v[k] for k in ("id", "size", "sha256", "fetched_at")}
+                   | {"tags": v.get("tags", [])} for v in versions]
+        newest = tag_latest(versions, tag) if tag is not None else None
+        if req.wants_json():
+            obj: dict[str, Any] = {"name": name, "versions": entries}
+            if tag is not None:
+                obj = {"name": name, "tag": tag, "latest": newest["id"] if newest else None,
+                       "versions": entries}
+            return await self._json(send, obj)
+        base = f"/{quote(name)}/{'@' + tag if tag else '@versions'}/"
+        rows = [(base + "latest", "latest", newest["id"])] if newest else []
+        rows += [(base + e["id"], e["id"], f"{e['size']} bytes, {','.join(e['tags'])}")
+                 for e in entries]
+        await self._html(send, f"{name}/{'@' + tag if tag else '@versions'}", rows)
+
+    # --- control and changes ---------------------------------------------------------
+
+    async def _control(self, req: Request, send: Send, source: str | None) -> None:
+        if source is not None:
+            if not _is_name(source):
+                raise Answer(404, f"no such name {source[:80]!r}")
+            self._source(source)
+        data = await req.body(MAX_BODY)
+        try:
+            await self.daemon.run_control(data, source)
+        except (BadInput, NotFound) as e:
+            raise Answer(400, str(e)) from None
+        except BuffyError as e:
+            raise Answer(503, f"control write failed: {e}") from None
+        await self._text(send, 200, "ok")
+
+    async def _changes(self, req: Request, send: Send) -> None:
+        try:
+            since = int(req.query.get("since", "0"))
+            wait = float(req.query.get("wait", "0"))
+            if not 0 <= wait < float("inf"):
+                raise ValueError(wait)
+        except ValueError:
+            raise Answer(400, "since must be an integer and wait a number of seconds "
+                         "(at most 60 are waited)") from None
+        await self._json(send, await self.feed.wait_since(since, wait))
+
+    # --- answers ---------------------------------------------------------------------
+
+    @staticmethod
+    async def _start(send: Send, status: int, headers: list[tuple[str, str]]) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(k.lower().encode(), v.encode("latin-1", "replace"))
+                                for k, v in headers]})
+
+    async def _bytes(self, send: Send, status: int, body: bytes, content_type: str,
+                     headers: list[tuple[str, str]] | None = None) -> None:
+        await self._start(send, status, [("Content-Type", content_type),
+                                         ("Content-Length", str(len(body))),
+                                         ("Cache-Control", "no-cache"),
+                                         ("X-Content-Type-Options", "nosniff"),
+                                         *(headers or [])])
+        await send({"type": "http.response.body", "body": body})
+
+    async def _text(self, send: Send, status: int, text: str,
+                    headers: list[tuple[str, str]] | None = None) -> None:
+        body = (text.rstrip("\n") + "\n").encode("utf-8", "replace")
+        await self._bytes(send, status, body, "text/plain; charset=utf-8", headers)
+
+    async def _json(self, send: Send, obj: object) -> None:
+        body = (json.dumps(obj, indent=2) + "\n").encode()
+        await self._bytes(send, 200, body, "application/json")
+
+    async def _html(self, send: Send, title: str, rows: list[tuple[str, str, str]]) -> None:
+        items = "\n".join(f'<li><a href="{html.escape(href)}">{html.escape(text)}</a>'
+                          + (f" <small>{html.escape(note)}</small>" if note else "") + "</li>"
+                          for href, text, note in rows)
+        page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+                f"<title>{html.escape(title)}</title></head>\n<body><h1>{html.escape(title)}"
+                f"</h1>\n<ul>\n{items}\n</ul>\n</body></html>\n")
+        await self._bytes(send, 200, page.encode(), "text/html; charset=utf-8",
+                          [("Content-Security-Policy", "default-src 'none'")])
+
+
+def _is_name(text: str) -> bool:
+    return bool(NAME_RE.fullmatch(text)) and text[0] not in ".@"
+
+
+def _content_type(value: str | None) -> str:
+    """The origin's type if it is a plain ``type/subtype[; params]``, else octet-stream."""
+    if value and re.fullmatch(r"[\w.+-]+/[\w.+-]+(\s*;[\x20-\x7e]*)?", value) and len(value) < 200:
+        return value
+    return "application/octet-stream"
+
+
+def _shown(scope: dict[str, Any]) -> str:
+    """The request's path for the log: no query string (it may carry a token)."""
+    raw = scope.get("raw_path") or b""
+    return raw[:200].decode("latin-1").encode("unicode_escape").decode("ascii")
