@@ -16,7 +16,13 @@ queued for a download slot.
 
 The quota (``make_room``) bounds what downloads write, partial files included: a
 body is granted room as it arrives (all of it at once when its length is known),
-and one that does not fit fails with ``cache full``, not retried.
+and one that does not fit fails with ``cache full``, not retried. Partial files count
+by the blocks they take, not their (sparse) length.
+
+The partial file is segmented (segments.py): its map of whole segments, kept with the
+resume point, is what a restarted daemon resumes from. Each refresh shows itself to
+readers as a ``segments.LiveDownload`` (``live``), sealed once its version is committed
+or failed for good when the refresh ends without one.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -35,7 +42,7 @@ from typing import Any
 import httpx
 import trio
 
-from buffyfs import crash, downloader, validate
+from buffyfs import crash, downloader, segments, validate
 from buffyfs.blobs import BlobStore, SourceLock
 from buffyfs.errors import FetchError, NotFound
 from buffyfs.gc import CacheFull, CommitLock
@@ -132,6 +139,8 @@ class Refresher:
         self.proxy_clients: dict[str, httpx.AsyncClient] = {}
         self.wakes: dict[str, trio.Event] = {}  # sources waiting out a backoff
         self.reserved: dict[str, int] = {}  # quota held by bodies being received
+        self.live: dict[str, segments.LiveDownload] = {}  # refreshes under way
+        self.live_changed = segments.Broadcast()  # a refresh started, ended, or its body
 
     def wake(self, name: str) -> None:
         """Cut short the backoff of ``name``, if it is waiting to retry."""
@@ -159,13 +168,40 @@ class Refresher:
         lock = SourceLock(self.blobs.lock_path(name))
         while not lock.try_acquire():  # noqa: ASYNC110 (held by another process)
             await trio.sleep(LOCK_POLL)
+        live = self.live[name] = segments.LiveDownload(name)
+        self.live_changed.notify()
+        outcome = None
         try:
-            return await self._refresh_locked(name, on_progress, on_note)
+            outcome = await self._refresh_locked(name, on_progress, on_note, live)
+            return outcome
         finally:
             try:
                 self._after_refresh(name)
             finally:  # whatever the clean-up met, the source is not left locked
+                self._end_live(name, live, outcome)
                 lock.release()
+
+    def _end_live(self, name: str, live: segments.LiveDownload,
+                  outcome: Outcome | None) -> None:
+        """Seal ``live`` with the version made, or fail it for good (no await)."""
+        if outcome is not None and outcome.version is not None:
+            live.seal(outcome.version["sha256"], outcome.version)
+        else:
+            live.fail(outcome.error if outcome is not None and outcome.error
+                      else "the download ended without a new version")
+        if self.live.get(name) is live:
+            del self.live[name]
+        self.live_changed.notify()
+
+    async def wait_body(self, name: str) -> segments.LiveDownload:
+        """Wait until a download of ``name`` is receiving a body of known length."""
+        while True:
+            waiter = self.live_changed.waiter()
+            live = self.live.get(name)
+            if live is not None and live.started and live.total is not None \
+                    and not live.done:
+                return live
+            await waiter.wait()
 
     def _after_refresh(self, name: str) -> None:
         """Clear what only a running refresh shows (no await: runs even when cancelled)."""
@@ -185,7 +221,9 @@ class Refresher:
     async def _refresh_locked(
         self, name: str, on_progress: Callable[[int, int | None], None] | None,
         on_note: Callable[[str], None] | None = None,
+        live: segments.LiveDownload | None = None,
     ) -> Outcome:
+        live = live or segments.LiveDownload(name)
         try:
             source = self.index.get_source(name)
         except NotFound:
@@ -202,6 +240,10 @@ class Refresher:
         partial = self.blobs.partial_path(name)
         key = _request_key(req)
         resume = self._saved_resume(name, key)
+        # whole segments the saved map vouches for (fdatasync'd before they were mapped)
+        mapped = [0 if resume is None else resume.offset // segments.SEGMENT_SIZE]
+        saved_point: list[dict[str, Any] | None] = [None]
+        prefix_hash = downloader.PrefixHash()  # no second read of bytes hashed already
         last_write = [0.0]
         reached = [0]  # the most bytes of the body in hand during this refresh
         asked = [resume]  # the resume point the attempt under way asked for
@@ -238,10 +280,34 @@ class Refresher:
                 self._reserve(name, total)
             else:
                 self._grow(name, start)
+            held = prefix_hash.length  # what the file held after the last attempt
+            live.body_starts(start, total, (held, prefix_hash.hasher.hexdigest())
+                             if held > start and prefix_hash.hasher is not None else None)
+            self.live_changed.notify()
             # Recorded before any byte is written: a daemon killed mid-body resumes.
-            saved = None if point is None else \
-                {"key": key, "etag": point.etag, "last_modified": point.last_modified}
+            mapped[0] = min(mapped[0], segments.segments_below(start, total))
+            saved = None if point is None else {
+                "key": key, "etag": point.etag, "last_modified": point.last_modified,
+                "segment_size": segments.SEGMENT_SIZE, "total": total,
+                "segments": [[0, mapped[0]]] if mapped[0] else []}
+            saved_point[0] = saved
             self.index.set_state(name, partial=saved)
+
+        async def written(fd: int, end: int) -> None:
+            """Bytes [0, end) are in the file: readers may have them; each segment
+            they complete goes into the map once it is on disk."""
+            live.arrived(0, end)
+            for generation, length, digest in live.pending_checks():
+                if end >= length:  # the bytes a started-over download dropped: the same?
+                    same = await trio.to_thread.run_sync(downloader.prefix_digest, fd,
+                                                         length) == digest
+                    live.checked(generation, same)
+            whole = segments.segments_below(end, live.total)
+            if saved_point[0] is not None and whole > mapped[0]:
+                await trio.to_thread.run_sync(os.fdatasync, fd)
+                mapped[0] = whole
+                saved_point[0] = {**saved_point[0], "segments": [[0, whole]]}
+                self.index.set_state(name, partial=saved_point[0])
 
         max_attempts = options["max_attempts"]
         error = "no attempt made"
@@ -261,13 +327,16 @@ class Refresher:
                         say(logging.INFO, f"{label}: resuming at byte {resume.offset}")
                     result = await downloader.download(
                         self.client_for(options), req, partial, progress, resume, body_starts,
-                        lambda size: self._grow(name, size),
+                        lambda size: self._grow(name, size), written, prefix_hash,
                     )
             except downloader.AttemptError as e:
                 self.reserved.pop(name, None)  # no quota held while waiting to retry
                 error = f"{label}: {e}"
                 if e.resume is not None:
                     resume = e.resume
+                    if saved_point[0] is not None:  # on disk: a restart resumes there too
+                        saved_point[0] = {**saved_point[0], "prefix": e.resume.offset}
+                        self.index.set_state(name, partial=saved_point[0])
                 elif e.restart:  # worthless now: the next attempt starts over
                     resume = None
                     self.index.set_state(name, partial=None)
@@ -372,13 +441,14 @@ class Refresher:
                 ahead = ahead // 4 if ahead > downloader.BATCH else 0
 
     def _other_partials(self, name: str) -> int:
-        """Bytes of partial files on disk that no download of ours holds room for."""
+        """Bytes of disk that partial files no download of ours holds room for take
+        (their blocks: a partial is sparse, its length says little)."""
         total = 0
         for f in self.blobs.partial_dir.glob("*.part"):
             source = f.name[: -len(".part")]
             if source != name and source not in self.reserved:
                 try:
-                    total += f.lstat().st_size
+                    total += f.lstat().st_blocks * 512
                 except FileNotFoundError:
                     pass
         return total
@@ -389,7 +459,9 @@ class Refresher:
         size = self.blobs.partial_size(name)  # never through a planted link
         if resume is None or size == 0:
             return None
-        return downloader.Resume(size, resume.etag, resume.last_modified)
+        # the bytes the last attempt wrote (the file may be longer: sparse, or a
+        # batch cut short)
+        return downloader.Resume(min(size, resume.offset), resume.etag, resume.last_modified)
 
     def _saved_resume(self, name: str, key: str) -> downloader.Resume | None:
         """Where a download interrupted earlier (maybe by a restart) may continue."""
@@ -398,7 +470,11 @@ class Refresher:
         size = self.blobs.partial_size(name)
         if not saved or saved.get("key") != key or size == 0:
             return None
-        return downloader.Resume(size, saved.get("etag"), saved.get("last_modified"))
+        vouched = segments.map_prefix(saved)  # None: saved before segments, the size counts
+        offset = size if vouched is None else min(size, vouched)
+        if offset == 0:
+            return None
+        return downloader.Resume(offset, saved.get("etag"), saved.get("last_modified"))
 
     def client_for(self, options: dict[str, Any]) -> httpx.AsyncClient:
         proxy = options.get("proxy")
