@@ -36,6 +36,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from buffyfs import streaming
 from buffyfs.cache import Cache
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
 from buffyfs.index import SourceInode, parse_rfc3339, resolve_latest
@@ -244,7 +245,15 @@ class BuffyFS(pyfuse3.Operations):
         else:  # @status files, pending latest: contents not known ahead, served direct_io
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
+            if kind == "pending":
+                a.st_size = self._arriving_size(node.source)
+                a.attr_timeout = 0
         return a
+
+    def _arriving_size(self, name: str | None) -> int:
+        """The length of the first version of ``name`` while it downloads (0: unknown)."""
+        live = self.scheduler.refresher.live.get(name or "") if self.scheduler else None
+        return live.total or 0 if live is not None and not live.done else 0
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attr(inode)
@@ -497,7 +506,14 @@ class BuffyFS(pyfuse3.Operations):
 
     async def _open_latest(self, name: str) -> pyfuse3.FileInfo:
         """Open what `latest` resolves to now; if its blob turns out damaged at open,
-        once more what it resolves to then (an older version, or the download again)."""
+        once more what it resolves to then (an older version, or the download again).
+        A source's first version is served while it downloads (streaming.py)."""
+        if self.scheduler is not None:
+            live = await streaming.wait_stream(self.scheduler, self.index, name)
+            if live is not None:
+                handle = streaming.open_stream(live, self.cache.blobs)
+                return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True,
+                                        keep_cache=False)
         for tries_left in (1, 0):
             version = await self._wait_latest(name)
             try:
@@ -556,6 +572,10 @@ class BuffyFS(pyfuse3.Operations):
         handle = self.handles.get(fh)
         if isinstance(handle, BytesHandle):
             return handle.data[off : off + size]
+        if isinstance(handle, streaming.StreamHandle):
+            data = await streaming.read(handle, off, size)
+            self.metrics.bytes_served.inc(len(data))
+            return data
         if not isinstance(handle, BlobHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         size = max(0, min(size, handle.size - off))
@@ -590,6 +610,8 @@ class BuffyFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
+        if isinstance(handle, streaming.StreamHandle):
+            handle.close()
         if isinstance(handle, BlobHandle):
             os.close(handle.fd)
             self.open_inos[handle.ino] -= 1
