@@ -256,6 +256,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             args.mountpoint, cache_dir, allow_other=args.allow_other, ready_fd=args.ready_fd,
             max_downloads=daemon.max_downloads,
             max_downloads_per_host=daemon.max_downloads_per_host,
+            max_connections_per_host=daemon.max_connections_per_host,
             max_cache_size=max_size, config_path=config_path, prune=args.prune,
             scrub_interval=None if scrub_interval == "never" else
             float(parse_duration(scrub_interval, "scrub_interval")),

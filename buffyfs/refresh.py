@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import trio
 
-from buffyfs import crash, downloader, segments, validate
+from buffyfs import crash, downloader, ranges, segments, validate
 from buffyfs.blobs import BlobStore, SourceLock
 from buffyfs.errors import FetchError, NotFound
 from buffyfs.gc import CacheFull, CommitLock
@@ -141,6 +141,8 @@ class Refresher:
         self.reserved: dict[str, int] = {}  # quota held by bodies being received
         self.live: dict[str, segments.LiveDownload] = {}  # refreshes under way
         self.live_changed = segments.Broadcast()  # a refresh started, ended, or its body
+        self.max_connections_per_host = 8  # TCP connections to one host, all downloads
+        self.host_connections: dict[str, trio.CapacityLimiter] = {}
 
     def wake(self, name: str) -> None:
         """Cut short the backoff of ``name``, if it is waiting to retry."""
@@ -158,6 +160,13 @@ class Refresher:
             self.host_limits[host] = trio.CapacityLimiter(self.per_host)
         return self.host_limits[host]
 
+    def connections_to(self, url: str) -> trio.CapacityLimiter:
+        """The connections to ``url``'s host: every download and ranged request holds one."""
+        host = httpx.URL(url).host
+        if host not in self.host_connections:
+            self.host_connections[host] = trio.CapacityLimiter(self.max_connections_per_host)
+        return self.host_connections[host]
+
     async def refresh(
         self, name: str, on_progress: Callable[[int, int | None], None] | None = None,
         on_note: Callable[[str], None] | None = None,
@@ -172,7 +181,13 @@ class Refresher:
         self.live_changed.notify()
         outcome = None
         try:
-            outcome = await self._refresh_locked(name, on_progress, on_note, live)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._fetch_wanted, name, live)
+                    outcome = await self._refresh_locked(name, on_progress, on_note, live)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:  # trio wraps what the nursery raised
+                raise downloader._single(group) from None
             return outcome
         finally:
             try:
@@ -192,6 +207,16 @@ class Refresher:
         if self.live.get(name) is live:
             del self.live[name]
         self.live_changed.notify()
+
+    async def _fetch_wanted(self, name: str, live: segments.LiveDownload) -> None:
+        """Random access ahead for the readers of ``live`` (ranges.py)."""
+        try:
+            source = self.index.get_source(name)
+        except NotFound:
+            return
+        req = request_for(source)
+        await ranges.fetch_wanted(live, self.client_for(source["options"]), req,
+                                  self.blobs.partial_path(name), self.connections_to(req.url))
 
     async def wait_body(self, name: str) -> segments.LiveDownload:
         """Wait until a download of ``name`` is receiving a body of known length."""
@@ -255,6 +280,7 @@ class Refresher:
 
         def progress(done: int, total: int | None) -> None:
             reached[0] = max(reached[0], done)
+            done += live.written.size() - live.written.prefix()  # fetched ahead (ranges.py)
             if self.metrics:
                 before = self.progress.get(name, (0, None))[0]
                 self.metrics.bytes_downloaded.inc(max(0, done - before))
@@ -283,6 +309,7 @@ class Refresher:
             held = prefix_hash.length  # what the file held after the last attempt
             live.body_starts(start, total, (held, prefix_hash.hasher.hexdigest())
                              if held > start and prefix_hash.hasher is not None else None)
+            live.guard = point.if_range() if point is not None else None
             self.live_changed.notify()
             # Recorded before any byte is written: a daemon killed mid-body resumes.
             mapped[0] = min(mapped[0], segments.segments_below(start, total))
@@ -382,7 +409,9 @@ class Refresher:
         held: list[trio.CapacityLimiter] = []
         try:
             for limit, what in ((self._host_limit(url), f"max_downloads_per_host for {host}"),
-                                (self.global_limit, "max_downloads")):
+                                (self.global_limit, "max_downloads"),
+                                (self.connections_to(url),
+                                 f"max_connections_per_host for {host}")):
                 try:
                     limit.acquire_nowait()
                 except trio.WouldBlock:

@@ -76,6 +76,11 @@ class ByteRanges:
         i = bisect.bisect_right(self.starts, start) - 1
         return i >= 0 and self.ends[i] >= end
 
+    def reach(self, offset: int) -> int:
+        """The end of the last range starting at or before ``offset`` (0 if none)."""
+        i = bisect.bisect_right(self.starts, offset) - 1
+        return self.ends[i] if i >= 0 else 0
+
     def prefix(self) -> int:
         """The end of the range that starts at 0 (0 if none)."""
         return self.ends[0] if self.starts and self.starts[0] == 0 else 0
@@ -132,6 +137,12 @@ class LiveDownload:
         # new bytes when as many have arrived: the same bytes, and its readers go on.
         self.expected: dict[int, tuple[int, str]] = {}
         self.verdicts: dict[int, str] = {}  # generation -> "pending", "same" or "other"
+        # Random access ahead (ranges.py): the If-Range validator of the body under way
+        # (None: the origin serves no ranges), and the offsets readers wait for far
+        # ahead of the bytes that arrived.
+        self.guard: str | None = None
+        self.wanted: list[int] = []
+        self.wants = Broadcast()
 
     @property
     def done(self) -> bool:
@@ -157,6 +168,15 @@ class LiveDownload:
         self.total = total
         self.started = True
         self.changed.notify()
+
+    def want(self, offset: int) -> None:
+        """A reader waits for ``offset``, far ahead of what arrived."""
+        self.wanted.append(offset)
+        self.wants.notify()
+
+    def take_wanted(self) -> list[int]:
+        wanted, self.wanted = self.wanted, []
+        return wanted
 
     def pending_checks(self) -> list[tuple[int, int, str]]:
         """(generation, length, sha256) of dropped bytes still to compare."""

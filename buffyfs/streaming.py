@@ -4,10 +4,16 @@
 The open returns once the origin has answered with a body of known length. A read
 waits until its bytes are in the partial file (segments.LiveDownload wakes it; no
 polling) and reads them from there. The end of the file is the seal: the read that
-reaches it returns only once the version is committed, validation included. If the
+answers the end of the file (0 bytes, at or past the end) returns only once the version
+is committed, validation included. A read of the last bytes themselves is answered as
+they arrive, even one that asks past them (a short answer is no end of file: ``cat``,
+``sha256sum``, ``zcat``, ``tar`` and Python's ``read()`` read on until a read answers
+nothing), so a program that reads a file's end by its known length — ``unzip -l``, a
+database — is not held until the whole body is in. If the
 download fails for good, the version fails validation, or the download starts over
 with other bytes after this handle was given some, every waiting and later read of the
-handle fails with EIO. Retries and resumes only make reads wait longer.
+handle fails with EIO. Retries and resumes only make reads wait longer. A read far ahead of the
+bytes that arrived asks for its segment with a ranged request of its own (ranges.py).
 
 Such a handle is opened ``direct_io`` (fs.py): the kernel caches nothing of a file
 still arriving, so no reader ever sees a short or holey page-cache view of it.
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from buffyfs import ranges
 from buffyfs.blobs import BlobStore
 from buffyfs.errors import FetchError
 from buffyfs.index import Index
@@ -89,10 +96,11 @@ async def read(handle: StreamHandle, off: int, size: int) -> bytes:
                 await live.changed.waiter().wait()  # the new bytes are not compared yet
                 continue
             if off < end:
+                _want_ahead(live, off, end)
                 await live.wait_range(off, end, handle.generation)
                 if live.generation != handle.generation:
                     continue
-            if end >= live.total:
+            if off >= live.total:
                 await live.wait_sealed()  # the seal: no clean end on unverified bytes
             if off >= end:
                 return b""
@@ -109,6 +117,16 @@ async def read(handle: StreamHandle, off: int, size: int) -> bytes:
         raise pyfuse3.FUSEError(errno.EIO)
     handle.served = True
     return data
+
+
+def _want_ahead(live: LiveDownload, off: int, end: int) -> None:
+    """Bytes far past those that arrived: ask for them at once (ranges.py) rather than
+    wait for the bytes before them."""
+    if live.guard is None or live.written.covers(off, end):
+        return
+    for at in (off, end - 1):
+        if at - live.written.reach(at) > ranges.AHEAD:
+            live.want(at)
 
 
 def _follow(handle: StreamHandle) -> bool:

@@ -174,6 +174,47 @@ def test_the_quota_counts_a_partial_file_by_its_blocks(origin, cli, mount_factor
     assert partial.exists()
 
 
+def test_a_read_far_ahead_is_answered_by_a_ranged_request(origin, mnt):
+    body = os.urandom(20 << 20)
+    res = origin.set("/far", body, etag=True)
+    res.rate = 1 << 20  # twenty seconds for the body
+    add(mnt, "far", origin.url("/far"))
+    with open(mnt / "far/latest", "rb", buffering=0) as f:
+        started = time.monotonic()
+        f.seek(len(body) - 5000)
+        tail = f.read(4000)  # near the end, not the end: no seal needed
+        took = time.monotonic() - started
+    assert tail == body[-5000:-1000]
+    assert took < 4.0
+    first = (len(body) - 5000) // 65536 * 65536  # from just before the read
+    asked = [r.headers.get("Range") for r in origin.seen("/far")]
+    assert f"bytes={first}-{len(body) - 1}" in asked
+
+
+def test_unzip_lists_a_zip_still_downloading(origin, mnt, tmp_path):
+    import subprocess
+    import zipfile
+
+    path = tmp_path / "z.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for i in range(3):
+            z.writestr(f"member{i}.bin", os.urandom(6 << 20))
+    body = path.read_bytes()
+    res = origin.set("/z.zip", body, etag=True)
+    res.rate = 1 << 20
+    add(mnt, "z", origin.url("/z.zip"))
+    # the length is known (stat shows it) once the origin has answered
+    wait_for(lambda: os.stat(mnt / "z/latest").st_size == len(body), 10, what="the answer")
+    started = time.monotonic()
+    done = subprocess.run(["unzip", "-l", str(mnt / "z/latest")], capture_output=True,
+                          text=True, timeout=30)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert "member2.bin" in done.stdout
+    assert took < 6.0
+    assert status(mnt / "z/@status")["latest"] is None  # still downloading
+
+
 # --- the pieces, without a mount ---------------------------------------------------------
 
 def test_byte_ranges_merge_and_cover():
