@@ -165,6 +165,8 @@ async def download(
     grow: Callable[[int], int] | None = None,
     on_written: Callable[[int, int], Awaitable[None]] | None = None,
     prefix_hash: PrefixHash | None = None,
+    ranged: Callable[[httpx.Response, int, int, Resume], Awaitable[Downloaded | None]]
+    | None = None,
 ) -> Downloaded | NotModified:
     """Make one attempt, continuing ``partial`` from ``resume`` when the origin agrees.
 
@@ -178,7 +180,10 @@ async def download(
     end)`` is awaited each time the file holds every byte of the body up to ``end``
     (the writing waits meanwhile: it may fdatasync ``fd``). ``prefix_hash`` carries
     the hash of the file's first bytes from one attempt to the next: resuming where
-    the last attempt stopped needs no second read of them. The bytes written are
+    the last attempt stopped needs no second read of them. ``ranged(response, start,
+    total, point)``, for a body of known length from an origin that serves ranges, may
+    take the body over (parallel.py: several connections) and return the result, or
+    return None to leave it to this one stream. The bytes written are
     ``Body.size`` (the file may hold more: a batch cut short, or other segments).
     """
     if resume is not None and (resume.offset <= 0 or not resume.if_range()):
@@ -203,8 +208,13 @@ async def download(
             if response.status_code == 304 and resume is None:
                 return NotModified()
             start, total = _accept(response, resume)
+            point = _resume_point(response, max(start, 1))
             if on_body:
-                on_body(start, total, _resume_point(response, max(start, 1)))
+                on_body(start, total, point)
+            if ranged is not None and total is not None and point is not None:
+                done = await ranged(response, start, total, point)
+                if done is not None:
+                    return done
             await body.open(start, prefix_hash)
             opened = True
             try:
@@ -225,9 +235,9 @@ async def download(
                 content_type=response.headers.get("Content-Type"),
                 resumed_from=start,
             )
-    except AttemptError as e:
-        raise AttemptError(scrub(str(e), req.secrets()), e.retryable, e.retry_after,
-                           e.resume, e.restart) from None
+    except AttemptError as e:  # of its kind (parallel.RangesRefused says what to do next)
+        raise type(e)(scrub(str(e), req.secrets()), e.retryable, e.retry_after,
+                      e.resume, e.restart) from None
     except httpx.HTTPError as e:
         raise AttemptError(scrub(describe_http_error(e, req), req.secrets()), True) from None
     except OSError as e:

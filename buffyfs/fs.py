@@ -574,6 +574,8 @@ class BuffyFS(pyfuse3.Operations):
             return handle.data[off : off + size]
         if isinstance(handle, streaming.StreamHandle):
             data = await streaming.read(handle, off, size)
+            if not data:  # the seal: `latest` is the new version for every later lookup
+                await self.source_changed_now(handle.live.name)
             self.metrics.bytes_served.inc(len(data))
             return data
         if not isinstance(handle, BlobHandle):

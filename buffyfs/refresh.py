@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import trio
 
-from buffyfs import crash, downloader, ranges, segments, validate
+from buffyfs import crash, downloader, parallel, ranges, segments, validate
 from buffyfs.blobs import BlobStore, SourceLock
 from buffyfs.errors import FetchError, NotFound
 from buffyfs.gc import CacheFull, CommitLock
@@ -104,6 +104,16 @@ def request_for(source: dict[str, Any], newest: dict[str, Any] | None = None
 def partial_key(source: dict[str, Any]) -> str:
     """The key a saved partial of ``source`` must carry to be resumed (gc sweeps others)."""
     return _request_key(request_for(source))
+
+
+def _same_body(saved: dict[str, Any] | None, point: downloader.Resume | None) -> bool:
+    """Whether a body answered whole (200) is the one a saved map belongs to: the same
+    strong validator, as If-Range would have judged it."""
+    if saved is None or point is None:
+        return False
+    before = downloader.Resume(0, saved.get("etag"), saved.get("last_modified"))
+    return before.if_range() is not None and before.if_range() == point.if_range() \
+        and (before.etag, before.last_modified) == (point.etag, point.last_modified)
 
 
 @dataclass
@@ -265,9 +275,23 @@ class Refresher:
         partial = self.blobs.partial_path(name)
         key = _request_key(req)
         resume = self._saved_resume(name, key)
-        # whole segments the saved map vouches for (fdatasync'd before they were mapped)
-        mapped = [0 if resume is None else resume.offset // segments.SEGMENT_SIZE]
         saved_point: list[dict[str, Any] | None] = [None]
+
+        def record_map(done: set[int]) -> None:
+            """Whole segments, on disk, into the map (a restart keeps every one)."""
+            if saved_point[0] is not None:
+                saved_point[0] = {**saved_point[0], "segments": segments.segment_ranges(done)}
+                self.index.set_state(name, partial=saved_point[0])
+
+        # whole segments the saved map vouches for (fdatasync'd before they were mapped)
+        plan = parallel.Plan(
+            connections=options.get("connections", DEFAULT_OPTIONS["connections"]),
+            limiter=self.connections_to(req.url), segment_size=segments.SEGMENT_SIZE,
+            done=self._saved_map(name, key), on_map=record_map, backoff=backoff, live=live)
+        with self.index.read() as r:
+            saved_point[0] = r.state(name).get("partial") if plan.done else None
+        single = [False]  # the origin answered a range with 200: one stream from now on
+        in_parallel = [False]  # the attempt under way fetches over several connections
         prefix_hash = downloader.PrefixHash()  # no second read of bytes hashed already
         last_write = [0.0]
         reached = [0]  # the most bytes of the body in hand during this refresh
@@ -280,7 +304,7 @@ class Refresher:
 
         def progress(done: int, total: int | None) -> None:
             reached[0] = max(reached[0], done)
-            done += live.written.size() - live.written.prefix()  # fetched ahead (ranges.py)
+            done = max(done, live.written.size())  # with what was fetched ahead (ranges.py)
             if self.metrics:
                 before = self.progress.get(name, (0, None))[0]
                 self.metrics.bytes_downloaded.inc(max(0, done - before))
@@ -290,6 +314,8 @@ class Refresher:
             if trio.current_time() - last_write[0] >= PROGRESS_EVERY:
                 last_write[0] = trio.current_time()
                 self.index.set_state(name, progress={"bytes": done, "total": total})
+
+        plan.on_progress = progress
 
         def body_starts(start: int, total: int | None, point: downloader.Resume | None) -> None:
             if start < reached[0]:  # the bar goes back: say why
@@ -311,12 +337,18 @@ class Refresher:
                              if held > start and prefix_hash.hasher is not None else None)
             live.guard = point.if_range() if point is not None else None
             self.live_changed.notify()
+            if start == 0 and not _same_body(saved_point[0], point):
+                plan.done.clear()  # a whole body, maybe another: nothing of before is trusted
+            in_parallel[0] = not single[0] and point is not None and total is not None \
+                and parallel.wanted(plan, start, total)
+            if not in_parallel[0]:  # one stream from `start`: the file ends there for now
+                below = segments.segments_below(start, total)
+                plan.done.intersection_update(range(below))
             # Recorded before any byte is written: a daemon killed mid-body resumes.
-            mapped[0] = min(mapped[0], segments.segments_below(start, total))
             saved = None if point is None else {
                 "key": key, "etag": point.etag, "last_modified": point.last_modified,
                 "segment_size": segments.SEGMENT_SIZE, "total": total,
-                "segments": [[0, mapped[0]]] if mapped[0] else []}
+                "segments": segments.segment_ranges(plan.done)}
             saved_point[0] = saved
             self.index.set_state(name, partial=saved)
 
@@ -330,11 +362,17 @@ class Refresher:
                                                          length) == digest
                     live.checked(generation, same)
             whole = segments.segments_below(end, live.total)
-            if saved_point[0] is not None and whole > mapped[0]:
+            if saved_point[0] is not None and whole > len(plan.done):
                 await trio.to_thread.run_sync(os.fdatasync, fd)
-                mapped[0] = whole
-                saved_point[0] = {**saved_point[0], "segments": [[0, whole]]}
-                self.index.set_state(name, partial=saved_point[0])
+                plan.done.update(range(whole))
+                record_map(plan.done)
+
+        async def ranged(response: httpx.Response, start: int, total: int,
+                         point: downloader.Resume) -> downloader.Downloaded | None:
+            if not in_parallel[0]:
+                return None
+            return await parallel.receive(self.client_for(options), req, response, partial,
+                                          start, total, point, plan, prefix_hash)
 
         max_attempts = options["max_attempts"]
         error = "no attempt made"
@@ -354,11 +392,13 @@ class Refresher:
                         say(logging.INFO, f"{label}: resuming at byte {resume.offset}")
                     result = await downloader.download(
                         self.client_for(options), req, partial, progress, resume, body_starts,
-                        lambda size: self._grow(name, size), written, prefix_hash,
+                        lambda size: self._grow(name, size), written, prefix_hash, ranged,
                     )
             except downloader.AttemptError as e:
                 self.reserved.pop(name, None)  # no quota held while waiting to retry
                 error = f"{label}: {e}"
+                if isinstance(e, parallel.RangesRefused):
+                    single[0] = True
                 if e.resume is not None:
                     resume = e.resume
                     if saved_point[0] is not None:  # on disk: a restart resumes there too
@@ -491,6 +531,14 @@ class Refresher:
         # the bytes the last attempt wrote (the file may be longer: sparse, or a
         # batch cut short)
         return downloader.Resume(min(size, resume.offset), resume.etag, resume.last_modified)
+
+    def _saved_map(self, name: str, key: str) -> set[int]:
+        """The whole segments a saved map of the request ``key`` holds."""
+        with self.index.read() as r:
+            saved = r.state(name).get("partial") or {}
+        if saved.get("key") != key or self.blobs.partial_size(name) == 0:
+            return set()
+        return segments.saved_segments(saved)
 
     def _saved_resume(self, name: str, key: str) -> downloader.Resume | None:
         """Where a download interrupted earlier (maybe by a restart) may continue."""

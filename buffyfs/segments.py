@@ -113,6 +113,24 @@ def segments_below(offset: int, total: int | None, size: int = SEGMENT_SIZE) -> 
     return offset // size
 
 
+def segment_ranges(done: set[int]) -> list[list[int]]:
+    """A set of segment numbers as the map's [[first, end], ...]."""
+    out: list[list[int]] = []
+    for s in sorted(done):
+        if out and out[-1][1] == s:
+            out[-1][1] = s + 1
+        else:
+            out.append([s, s + 1])
+    return out
+
+
+def saved_segments(saved: dict[str, Any]) -> set[int]:
+    """The segments a saved map holds (none if it was written with another size)."""
+    if int(saved.get("segment_size") or 0) != SEGMENT_SIZE:
+        return set()
+    return {s for first, end in saved.get("segments", []) for s in range(first, end)}
+
+
 class StreamFailed(Exception):
     """The download a reader waits on gave up, failed validation, or started over with
     other bytes than the reader was given."""
@@ -193,6 +211,8 @@ class LiveDownload:
         if generation == self.generation:
             return "current"
         verdict = self.verdicts.get(generation, "other")
+        if verdict == "pending" and self.done:
+            return "other"  # ended before the bytes could be compared
         return "current" if verdict == "same" else verdict
 
     def arrived(self, start: int, end: int) -> None:
