@@ -575,7 +575,7 @@ class BuffyFS(pyfuse3.Operations):
         if isinstance(handle, streaming.StreamHandle):
             data = await streaming.read(handle, off, size)
             if not data:  # the seal: `latest` is the new version for every later lookup
-                await self.source_changed_now(handle.live.name)
+                await self._latest_moved_now(handle.live.name)
             self.metrics.bytes_served.inc(len(data))
             return data
         if not isinstance(handle, BlobHandle):
@@ -784,6 +784,21 @@ class BuffyFS(pyfuse3.Operations):
                     )
                 except OSError:
                     pass  # ENOENT: the kernel did not have it cached
+
+    async def _latest_moved_now(self, name: str) -> None:
+        """Drop the kernel's entry of ``name``/latest and wait for it (whether or not
+        ``source_changed`` already asked: that one does not wait)."""
+        with self.index.read() as r:
+            src = r.source(name)
+        if src is None:
+            return
+        self.shown_latest.pop(name, None)
+        with trio.move_on_after(INVALIDATE_TIMEOUT):
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, src["ino"], b"latest",
+                                              abandon_on_cancel=True)
+            except OSError:
+                pass  # ENOENT: the kernel did not have it cached
 
     def versions_removed(self, source: str, vids: list[str]) -> None:
         """Drop kernel entries of collected versions (their entries were long-lived)."""

@@ -163,6 +163,7 @@ class _Engine:
             except BaseExceptionGroup as group:
                 raise _first_failure(group) from None
         except AttemptError as e:
+            await trio.to_thread.run_sync(os.fsync, self.fd)  # what arrived is kept
             raise self._failed(e) from None
         await trio.to_thread.run_sync(os.fsync, self.fd)
         if self.hashed != self.total:  # cannot be: every byte was written and hashed
@@ -170,8 +171,8 @@ class _Engine:
 
     def _failed(self, e: AttemptError) -> AttemptError:
         """The attempt failed: keep what arrived (the map is written by the caller's
-        next attempt from ``plan.done``), resume after the contiguous prefix."""
-        os.fsync(self.fd)
+        next attempt from ``plan.done``), resume after the contiguous prefix. The file
+        was just fsynced."""
         self._map_now()
         kind = type(e)
         return kind(str(e), e.retryable, e.retry_after,
