@@ -41,13 +41,15 @@ SOURCE_OPTIONS = {
     "proxy": "HTTP proxy URL for this source (default: the HTTP(S)_PROXY environment)",
     "method": "GET or POST (default GET)",
     "body": "request body (for POST)",
+    "connections": "ranged connections at once for a body of 64 MiB or more from an origin "
+                   "that accepts ranges (default 4)",
 }
 OPTION_METAVARS = {"refresh": "POLICY", "attempt_timeout": "DURATION", "open_wait": "DURATION",
                    "keep_for": "DURATION", "retry_backoff": "DURATION",
                    "min_speed": "SIZE", "min_speed_time": "DURATION",
                    "attempt_max_time": "DURATION",
                    "max_attempts": "N", "keep_versions": "N", "proxy": "URL",
-                   "method": "METHOD", "body": "TEXT"}
+                   "method": "METHOD", "body": "TEXT", "connections": "N"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -318,6 +320,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             args.mountpoint, cache_dir, allow_other=args.allow_other, ready_fd=args.ready_fd,
             max_downloads=daemon.max_downloads,
             max_downloads_per_host=daemon.max_downloads_per_host,
+            max_connections_per_host=daemon.max_connections_per_host,
             max_cache_size=max_size, config_path=config_path, prune=args.prune,
             scrub_interval=None if scrub_interval == "never" else
             float(parse_duration(scrub_interval, "scrub_interval")),

@@ -59,7 +59,7 @@ TOP_LEVEL_TABLES = ("daemon", "defaults", "sources", "serve")
 SERVE_KEYS = ("listen", "public", "read_tokens", "control_tokens", "read_token_files",
               "control_token_files", "tls_cert", "tls_key")
 DAEMON_KEYS = ("cache", "max_cache_size", "max_downloads", "max_downloads_per_host", "log_level",
-               "scrub_interval", "scrub_rate")
+               "scrub_interval", "scrub_rate", "max_connections_per_host")
 DEFAULT_SCRUB_INTERVAL = "7d"
 DEFAULT_SCRUB_RATE = 20 << 20  # bytes/s: 1 TiB in about 15 hours
 TABLE_OPTIONS = ("headers", "validate")
@@ -76,6 +76,7 @@ class DaemonConfig:
     log_level: str = "info"  # debug, info, warning, error
     scrub_interval: str = DEFAULT_SCRUB_INTERVAL  # a duration, or "never" (scrub.py)
     scrub_rate: int = DEFAULT_SCRUB_RATE  # bytes per second
+    max_connections_per_host: int = 8  # TCP connections to one host, all downloads
 
 
 @dataclass
@@ -209,7 +210,7 @@ def _load_daemon(where: _Where, raw: dict[str, Any]) -> DaemonConfig:
                 where.fail("daemon", shown, f"invalid {normal} {value!r}: must be more than 0 "
                            "(leave it out for no limit)")
             daemon.max_cache_size = size
-        elif normal in ("max_downloads", "max_downloads_per_host"):
+        elif normal in ("max_downloads", "max_downloads_per_host", "max_connections_per_host"):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 where.fail("daemon", shown, f"invalid {normal} {value!r}: "
                            "must be an integer >= 1")

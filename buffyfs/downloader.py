@@ -31,10 +31,11 @@ import math
 import os
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -94,6 +95,14 @@ class Downloaded:
     resumed_from: int = 0
 
 
+@dataclass
+class PrefixHash:
+    """The sha256 state of a partial file's first ``length`` bytes."""
+
+    length: int = 0
+    hasher: Any = None
+
+
 class NotModified:
     """The origin answered 304: the newest version is still current."""
 
@@ -103,7 +112,8 @@ class AttemptError(FetchError):
     ``retry_after`` is the origin's Retry-After in seconds, ``resume`` where a later
     attempt may continue the body, ``restart`` that the partial file is worthless
     (a changed validator, a refused range, an origin that cannot resume, no room).
-    With neither, the partial file is as the attempt found it."""
+    With neither, the partial file is as the attempt found it. The bytes before a
+    ``resume`` offset are on disk (fsync'd)."""
 
     def __init__(self, message: str, retryable: bool, retry_after: float | None = None,
                  resume: Resume | None = None, restart: bool = False) -> None:
@@ -154,6 +164,10 @@ async def download(
     resume: Resume | None = None,
     on_body: Callable[[int, int | None, Resume | None], None] | None = None,
     grow: Callable[[int], int] | None = None,
+    on_written: Callable[[int, int], Awaitable[None]] | None = None,
+    prefix_hash: PrefixHash | None = None,
+    ranged: Callable[[httpx.Response, int, int, Resume], Awaitable[Downloaded | None]]
+    | None = None,
 ) -> Downloaded | NotModified:
     """Make one attempt, continuing ``partial`` from ``resume`` when the origin agrees.
 
@@ -163,13 +177,23 @@ async def download(
     it could be resumed (None: it could not), so that the caller can record it before
     anything can interrupt it (and refuse it by raising AttemptError). ``grow(size)``
     is asked before the file grows past what it granted last; it returns the size now
-    granted (at least ``size``) or raises AttemptError (no room).
+    granted (at least ``size``) or raises AttemptError (no room). ``on_written(fd,
+    end)`` is awaited each time the file holds every byte of the body up to ``end``
+    (the writing waits meanwhile: it may fdatasync ``fd``). ``prefix_hash`` carries
+    the hash of the file's first bytes from one attempt to the next: resuming where
+    the last attempt stopped needs no second read of them. ``ranged(response, start,
+    total, point)``, for a body of known length from an origin that serves ranges, may
+    take the body over (parallel.py: several connections) and return the result, or
+    return None to leave it to this one stream. The bytes written are
+    ``Body.size`` (the file may hold more: a batch cut short, or other segments).
     """
     if resume is not None and (resume.offset <= 0 or not resume.if_range()):
         resume = None
     timeout = httpx.Timeout(req.attempt_timeout)
     deadline = trio.current_time() + req.max_time if req.max_time else math.inf
     body = Body(partial, req, deadline)
+    body.on_written = on_written
+    opened = False
     try:
         async with contextlib.AsyncExitStack() as stack:
             response = None
@@ -185,9 +209,15 @@ async def download(
             if response.status_code == 304 and resume is None:
                 return NotModified()
             start, total = _accept(response, resume)
+            point = _resume_point(response, max(start, 1))
             if on_body:
-                on_body(start, total, _resume_point(response, max(start, 1)))
-            await body.open(start)
+                on_body(start, total, point)
+            if ranged is not None and total is not None and point is not None:
+                done = await ranged(response, start, total, point)
+                if done is not None:
+                    return done
+            await body.open(start, prefix_hash)
+            opened = True
             try:
                 await body.receive(response, total, on_progress, grow)
             except (httpx.HTTPError, AttemptError) as e:
@@ -206,14 +236,16 @@ async def download(
                 content_type=response.headers.get("Content-Type"),
                 resumed_from=start,
             )
-    except AttemptError as e:
-        raise AttemptError(scrub(str(e), req.secrets()), e.retryable, e.retry_after,
-                           e.resume, e.restart) from None
+    except AttemptError as e:  # of its kind (parallel.RangesRefused says what to do next)
+        raise type(e)(scrub(str(e), req.secrets()), e.retryable, e.retry_after,
+                      e.resume, e.restart) from None
     except httpx.HTTPError as e:
         raise AttemptError(scrub(describe_http_error(e, req), req.secrets()), True) from None
     except OSError as e:
         raise AttemptError(f"cannot write the download: {e.strerror}", False) from None
     finally:
+        if prefix_hash is not None and opened:
+            prefix_hash.length, prefix_hash.hasher = body.size, body.hasher
         body.close()
 
 
@@ -345,14 +377,18 @@ class Body:
         self.min_speed_time = req.min_speed_time if req else 60.0
         self.max_time = req.max_time if req else None
         self.deadline = deadline
+        self.on_written: Callable[[int, int], Awaitable[None]] | None = None
 
-    async def open(self, start: int) -> None:
-        """Keep the first ``start`` bytes of the file (hashing them again), drop the rest."""
+    async def open(self, start: int, prefix_hash: PrefixHash | None = None) -> None:
+        """Keep the first ``start`` bytes of the file (hashing them again unless
+        ``prefix_hash`` is their hash), drop the rest."""
         # never through a symlink planted in partial/: such an entry is replaced
         self.fd = open_file(self.path, os.O_RDWR | os.O_CREAT, 0o600, replace=True)
-        if start:
+        if start and prefix_hash is not None and prefix_hash.length == start:
+            self.hasher = prefix_hash.hasher.copy()
+        elif start:
             await trio.to_thread.run_sync(_hash_prefix, self.fd, start, self.hasher)
-        os.ftruncate(self.fd, start)
+        os.ftruncate(self.fd, start)  # what is past the start is not trusted: dropped
         os.lseek(self.fd, start, os.SEEK_SET)
         self.size = start
 
@@ -375,6 +411,8 @@ class Body:
                                                   self.size)
                     self.size += sum(map(len, batch))
                     crash.point("download-mid-body")  # a batch is in the file
+                    if self.on_written is not None:
+                        await self.on_written(fd, self.size)
 
         interrupted: Exception | None = None
         stopped: list[str] = []  # why the watchdog ended the receiving
@@ -416,8 +454,6 @@ class Body:
                         await send.send(pending)
         except BaseExceptionGroup as group:  # trio wraps what the nursery raised
             raise _single(group) from None
-        finally:
-            self.size = os.fstat(fd).st_size  # what is really in the file
         await trio.to_thread.run_sync(os.fsync, fd)
         if interrupted is not None:
             raise interrupted
@@ -470,6 +506,13 @@ def _single(group: BaseExceptionGroup) -> BaseException:
         inner = real[0]
         return _single(inner) if isinstance(inner, BaseExceptionGroup) else inner
     return group
+
+
+def prefix_digest(fd: int, length: int) -> str:
+    """sha256 of the file's first ``length`` bytes (blocking: a worker thread's)."""
+    hasher = hashlib.sha256()
+    _hash_prefix(fd, length, hasher)
+    return hasher.hexdigest()
 
 
 def _hash_prefix(fd: int, length: int, hasher: hashlib._Hash) -> None:

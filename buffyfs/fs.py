@@ -40,7 +40,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from buffyfs import links, revalidate
+from buffyfs import links, revalidate, streaming
 from buffyfs.cache import Cache
 from buffyfs.control import help_text
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
@@ -280,7 +280,15 @@ class BuffyFS(pyfuse3.Operations):
         else:  # pending latest: contents not known ahead, served direct_io
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
+            if kind == "pending":
+                a.st_size = self._arriving_size(node.source)
+                a.attr_timeout = 0
         return a
+
+    def _arriving_size(self, name: str | None) -> int:
+        """The length of the first version of ``name`` while it downloads (0: unknown)."""
+        live = self.scheduler.refresher.live.get(name or "") if self.scheduler else None
+        return live.total or 0 if live is not None and not live.done else 0
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
@@ -575,7 +583,14 @@ class BuffyFS(pyfuse3.Operations):
 
     async def _open_latest(self, name: str) -> pyfuse3.FileInfo:
         """Open what `latest` resolves to now; if its blob turns out damaged at open,
-        once more what it resolves to then (an older version, or the download again)."""
+        once more what it resolves to then (an older version, or the download again).
+        A source's first version is served while it downloads (streaming.py)."""
+        if self.scheduler is not None:
+            live = await streaming.wait_stream(self.scheduler, self.index, name)
+            if live is not None:
+                handle = streaming.open_stream(live, self.cache.blobs)
+                return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True,
+                                        keep_cache=False)
         for tries_left in (1, 0):
             version = await self._wait_latest(name)
             try:
@@ -634,6 +649,12 @@ class BuffyFS(pyfuse3.Operations):
         handle = self.handles.get(fh)
         if isinstance(handle, BytesHandle):
             return handle.data[off : off + size]
+        if isinstance(handle, streaming.StreamHandle):
+            data = await streaming.read(handle, off, size)
+            if not data:  # the seal: `latest` is the new version for every later lookup
+                await self._latest_moved_now(handle.live.name)
+            self.metrics.bytes_served.inc(len(data))
+            return data
         if not isinstance(handle, BlobHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         size = max(0, min(size, handle.size - off))
@@ -670,6 +691,8 @@ class BuffyFS(pyfuse3.Operations):
         handle = self.handles.pop(fh, None)
         if isinstance(handle, BytesHandle) and handle.snapshot is not None:
             handle.snapshot.readers -= 1
+        if isinstance(handle, streaming.StreamHandle):
+            handle.close()
         if isinstance(handle, BlobHandle):
             os.close(handle.fd)
             self.open_inos[handle.ino] -= 1
@@ -878,6 +901,21 @@ class BuffyFS(pyfuse3.Operations):
                         abandon_on_cancel=True)
                 except Exception as e:  # ENOENT: not cached; or not mounted (unit tests)
                     log.debug("invalidate inode %s: %s", ino, e)
+
+    async def _latest_moved_now(self, name: str) -> None:
+        """Drop the kernel's entry of ``name``/latest and wait for it (whether or not
+        ``source_changed`` already asked: that one does not wait)."""
+        with self.index.read() as r:
+            src = r.source(name)
+        if src is None:
+            return
+        self.shown_latest.pop(name, None)
+        with trio.move_on_after(INVALIDATE_TIMEOUT):
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, src["ino"], b"latest",
+                                              abandon_on_cancel=True)
+            except OSError:
+                pass  # ENOENT: the kernel did not have it cached
 
     def versions_removed(self, source: str, vids: list[str]) -> None:
         """Drop kernel entries of collected versions (their entries were long-lived)."""

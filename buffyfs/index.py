@@ -36,10 +36,12 @@ Named databases and their keys (all values JSON unless said otherwise):
                   "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``),
                   and while a refresh runs ``"attempt"`` (its number) and ``"queued"``
                   (why it waits for a download slot); ``"partial"`` is the resume point
-                  of ``partial/NAME.part`` (``{"key", "etag", "last_modified"}``, refresh.py);
-                  ``"force"``: the next refresh is unconditional (``refresh --force``);
-                  ``"last_refresh"``: how the last refresh ended (``{"started"``: epoch
-                  seconds, ``"result"``, ``"version"``, ``"error"}``, refresh.Outcome)
+                  of ``partial/NAME.part`` (``{"key", "etag", "last_modified"}``, refresh.py,
+                  with its map of arrived segments: ``"segment_size", "total",
+                  "segments"``, segments.py); ``"force"``: the next refresh is
+                  unconditional (``refresh --force``); ``"last_refresh"``: how the last
+                  refresh ended (``{"started"``: epoch seconds, ``"result"``,
+                  ``"version"``, ``"error"}``, refresh.Outcome)
 ``inodes``        8-byte inode -> ``{"kind", "source"[, "id"]}``, kind one of
                   SourceInode's names or ``"version"``
 ``blobs``         SHA256 -> ``{"size", "refs"[, "damaged"]}``: how many versions (in

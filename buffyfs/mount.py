@@ -46,6 +46,7 @@ class Settings:
     ready_fd: int | None = None
     max_downloads: int = 4
     max_downloads_per_host: int = 2
+    max_connections_per_host: int = 8
     max_cache_size: int | None = None
     config_path: Path | None = None  # reloaded on SIGHUP
     prune: bool = False  # remove sources the config does not declare
@@ -301,6 +302,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
     async with client, trio.open_nursery() as nursery:
         refresher = Refresher(cache.index, cache.blobs, client, settings.max_downloads,
                               settings.max_downloads_per_host)
+        refresher.max_connections_per_host = settings.max_connections_per_host
         mounted = settings.mountpoint is not None
         fs = (BuffyFS if mounted else Unmounted)(cache, None,
                                                  progress=lambda: dict(refresher.progress))

@@ -46,6 +46,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "open_wait": "5s",
     "proxy": None,
     "retry_backoff": "1m",  # ours: the first wait after a failed refresh (policy.py)
+    "connections": 4,  # ranged connections of one big download at once (parallel.py)
 }
 
 # validate = { min_size, sha256, content_type, cmd, timeout }; timeout (ours, not SPEC's)
@@ -315,7 +316,7 @@ def _check_option(key: str, value: Any) -> Any:
     if key == "min_speed":
         parse_size(value, key)  # bytes a second; 0: no low-speed limit
         return value
-    if key == "max_attempts":
+    if key in ("max_attempts", "connections"):
         return _positive_int(value, key, 1)
     if key == "keep_versions":
         return _positive_int(value, key, 0)

@@ -16,7 +16,13 @@ queued for a download slot.
 
 The quota (``make_room``) bounds what downloads write, partial files included: a
 body is granted room as it arrives (all of it at once when its length is known),
-and one that does not fit fails with ``cache full``, not retried.
+and one that does not fit fails with ``cache full``, not retried. Partial files count
+by the blocks they take, not their (sparse) length.
+
+The partial file is segmented (segments.py): its map of whole segments, kept with the
+resume point, is what a restarted daemon resumes from. Each refresh shows itself to
+readers as a ``segments.LiveDownload`` (``live``), sealed once its version is committed
+or failed for good when the refresh ends without one.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -36,7 +43,7 @@ from typing import Any
 import httpx
 import trio
 
-from buffyfs import crash, downloader, validate
+from buffyfs import crash, downloader, parallel, ranges, segments, validate
 from buffyfs.blobs import BlobStore, SourceLock
 from buffyfs.errors import FetchError, NotFound
 from buffyfs.gc import CacheFull, CommitLock
@@ -100,6 +107,16 @@ def partial_key(source: dict[str, Any]) -> str:
     return _request_key(request_for(source))
 
 
+def _same_body(saved: dict[str, Any] | None, point: downloader.Resume | None) -> bool:
+    """Whether a body answered whole (200) is the one a saved map belongs to: the same
+    strong validator, as If-Range would have judged it."""
+    if saved is None or point is None:
+        return False
+    before = downloader.Resume(0, saved.get("etag"), saved.get("last_modified"))
+    return before.if_range() is not None and before.if_range() == point.if_range() \
+        and (before.etag, before.last_modified) == (point.etag, point.last_modified)
+
+
 @dataclass
 class Outcome:
     version: dict[str, Any] | None = None  # the new version, if one was made
@@ -141,6 +158,10 @@ class Refresher:
         self.proxy_clients: dict[str, httpx.AsyncClient] = {}
         self.wakes: dict[str, trio.Event] = {}  # sources waiting out a backoff
         self.reserved: dict[str, int] = {}  # quota held by bodies being received
+        self.live: dict[str, segments.LiveDownload] = {}  # refreshes under way
+        self.live_changed = segments.Broadcast()  # a refresh started, ended, or its body
+        self.max_connections_per_host = 8  # TCP connections to one host, all downloads
+        self.host_connections: dict[str, trio.CapacityLimiter] = {}
 
     def wake(self, name: str) -> None:
         """Cut short the backoff of ``name``, if it is waiting to retry."""
@@ -158,6 +179,13 @@ class Refresher:
             self.host_limits[host] = trio.CapacityLimiter(self.per_host)
         return self.host_limits[host]
 
+    def connections_to(self, url: str) -> trio.CapacityLimiter:
+        """The connections to ``url``'s host: every download and ranged request holds one."""
+        host = httpx.URL(url).host
+        if host not in self.host_connections:
+            self.host_connections[host] = trio.CapacityLimiter(self.max_connections_per_host)
+        return self.host_connections[host]
+
     async def refresh(
         self, name: str, on_progress: Callable[[int, int | None], None] | None = None,
         on_note: Callable[[str], None] | None = None, force: bool = False,
@@ -173,9 +201,18 @@ class Refresher:
         while not lock.try_acquire():  # noqa: ASYNC110 (held by another process)
             await trio.sleep(LOCK_POLL)
         started = time.time()
+        live = self.live[name] = segments.LiveDownload(name)
+        self.live_changed.notify()
         outcome = Outcome(error="interrupted")
         try:
-            outcome = await self._refresh_locked(name, on_progress, on_note, force)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._fetch_wanted, name, live)
+                    outcome = await self._refresh_locked(name, on_progress, on_note, force,
+                                                         live)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:  # trio wraps what the nursery raised
+                raise downloader._single(group) from None
             return outcome
         except FetchError as e:
             outcome = Outcome(error=str(e))
@@ -185,7 +222,40 @@ class Refresher:
             try:
                 self._after_refresh(name)
             finally:  # whatever the clean-up met, the source is not left locked
+                self._end_live(name, live, outcome)
                 lock.release()
+
+    def _end_live(self, name: str, live: segments.LiveDownload,
+                  outcome: Outcome | None) -> None:
+        """Seal ``live`` with the version made, or fail it for good (no await)."""
+        if outcome is not None and outcome.version is not None:
+            live.seal(outcome.version["sha256"], outcome.version)
+        else:
+            live.fail(outcome.error if outcome is not None and outcome.error
+                      else "the download ended without a new version")
+        if self.live.get(name) is live:
+            del self.live[name]
+        self.live_changed.notify()
+
+    async def _fetch_wanted(self, name: str, live: segments.LiveDownload) -> None:
+        """Random access ahead for the readers of ``live`` (ranges.py)."""
+        try:
+            source = self.index.get_source(name)
+        except NotFound:
+            return
+        req = request_for(source)
+        await ranges.fetch_wanted(live, self.client_for(source["options"]), req,
+                                  self.blobs.partial_path(name), self.connections_to(req.url))
+
+    async def wait_body(self, name: str) -> segments.LiveDownload:
+        """Wait until a download of ``name`` is receiving a body of known length."""
+        while True:
+            waiter = self.live_changed.waiter()
+            live = self.live.get(name)
+            if live is not None and live.started and live.total is not None \
+                    and not live.done:
+                return live
+            await waiter.wait()
 
     def _after_refresh(self, name: str) -> None:
         """Clear what only a running refresh shows (no await: runs even when cancelled)."""
@@ -205,7 +275,9 @@ class Refresher:
     async def _refresh_locked(
         self, name: str, on_progress: Callable[[int, int | None], None] | None,
         on_note: Callable[[str], None] | None = None, force: bool = False,
+        live: segments.LiveDownload | None = None,
     ) -> Outcome:
+        live = live or segments.LiveDownload(name)
         try:
             source = self.index.get_source(name)
         except NotFound:
@@ -226,6 +298,25 @@ class Refresher:
         partial = self.blobs.partial_path(name)
         key = _request_key(req)
         resume = None if force else self._saved_resume(name, key)
+        saved_point: list[dict[str, Any] | None] = [None]
+
+        def record_map(done: set[int]) -> None:
+            """Whole segments, on disk, into the map (a restart keeps every one)."""
+            if saved_point[0] is not None:
+                saved_point[0] = {**saved_point[0], "segments": segments.segment_ranges(done)}
+                self.index.set_state(name, partial=saved_point[0])
+
+        # whole segments the saved map vouches for (fdatasync'd before they were mapped)
+        plan = parallel.Plan(
+            connections=options.get("connections", DEFAULT_OPTIONS["connections"]),
+            limiter=self.connections_to(req.url), segment_size=segments.SEGMENT_SIZE,
+            done=set() if force else self._saved_map(name, key), on_map=record_map,
+            backoff=backoff, live=live)
+        with self.index.read() as r:
+            saved_point[0] = r.state(name).get("partial") if plan.done else None
+        single = [False]  # the origin answered a range with 200: one stream from now on
+        in_parallel = [False]  # the attempt under way fetches over several connections
+        prefix_hash = downloader.PrefixHash()  # no second read of bytes hashed already
         last_write = [0.0]
         reached = [0]  # the most bytes of the body in hand during this refresh
         asked = [resume]  # the resume point the attempt under way asked for
@@ -237,6 +328,7 @@ class Refresher:
 
         def progress(done: int, total: int | None) -> None:
             reached[0] = max(reached[0], done)
+            done = max(done, live.written.size())  # with what was fetched ahead (ranges.py)
             if self.metrics:
                 before = self.progress.get(name, (0, None))[0]
                 self.metrics.bytes_downloaded.inc(max(0, done - before))
@@ -246,6 +338,8 @@ class Refresher:
             if trio.current_time() - last_write[0] >= PROGRESS_EVERY:
                 last_write[0] = trio.current_time()
                 self.index.set_state(name, progress={"bytes": done, "total": total})
+
+        plan.on_progress = progress
 
         def body_starts(start: int, total: int | None, point: downloader.Resume | None) -> None:
             if start < reached[0]:  # the bar goes back: say why
@@ -262,10 +356,47 @@ class Refresher:
                 self._reserve(name, total)
             else:
                 self._grow(name, start)
+            held = prefix_hash.length  # what the file held after the last attempt
+            live.body_starts(start, total, (held, prefix_hash.hasher.hexdigest())
+                             if held > start and prefix_hash.hasher is not None else None)
+            live.guard = point.if_range() if point is not None else None
+            self.live_changed.notify()
+            if start == 0 and not _same_body(saved_point[0], point):
+                plan.done.clear()  # a whole body, maybe another: nothing of before is trusted
+            in_parallel[0] = not single[0] and point is not None and total is not None \
+                and parallel.wanted(plan, start, total)
+            if not in_parallel[0]:  # one stream from `start`: the file ends there for now
+                below = segments.segments_below(start, total)
+                plan.done.intersection_update(range(below))
             # Recorded before any byte is written: a daemon killed mid-body resumes.
-            saved = None if point is None else \
-                {"key": key, "etag": point.etag, "last_modified": point.last_modified}
+            saved = None if point is None else {
+                "key": key, "etag": point.etag, "last_modified": point.last_modified,
+                "segment_size": segments.SEGMENT_SIZE, "total": total,
+                "segments": segments.segment_ranges(plan.done)}
+            saved_point[0] = saved
             self.index.set_state(name, partial=saved)
+
+        async def written(fd: int, end: int) -> None:
+            """Bytes [0, end) are in the file: readers may have them; each segment
+            they complete goes into the map once it is on disk."""
+            live.arrived(0, end)
+            for generation, length, digest in live.pending_checks():
+                if end >= length:  # the bytes a started-over download dropped: the same?
+                    same = await trio.to_thread.run_sync(downloader.prefix_digest, fd,
+                                                         length) == digest
+                    live.checked(generation, same)
+            whole = segments.segments_below(end, live.total)
+            if saved_point[0] is not None and whole > len(plan.done):
+                await trio.to_thread.run_sync(os.fdatasync, fd)
+                plan.done.update(range(whole))
+                record_map(plan.done)
+
+        async def ranged(response: httpx.Response, start: int, total: int,
+                         point: downloader.Resume) -> downloader.Downloaded | None:
+            if not in_parallel[0]:
+                return None
+            return await parallel.receive(self.client_for(options), req, response, partial,
+                                          start, total, point, plan, prefix_hash)
 
         max_attempts = options["max_attempts"]
         error = "no attempt made"
@@ -285,13 +416,18 @@ class Refresher:
                         say(logging.INFO, f"{label}: resuming at byte {resume.offset}")
                     result = await downloader.download(
                         self.client_for(options), req, partial, progress, resume, body_starts,
-                        lambda size: self._grow(name, size),
+                        lambda size: self._grow(name, size), written, prefix_hash, ranged,
                     )
             except downloader.AttemptError as e:
                 self.reserved.pop(name, None)  # no quota held while waiting to retry
                 error = f"{label}: {e}"
+                if isinstance(e, parallel.RangesRefused):
+                    single[0] = True
                 if e.resume is not None:
                     resume = e.resume
+                    if saved_point[0] is not None:  # on disk: a restart resumes there too
+                        saved_point[0] = {**saved_point[0], "prefix": e.resume.offset}
+                        self.index.set_state(name, partial=saved_point[0])
                 elif e.restart:  # worthless now: the next attempt starts over
                     resume = None
                     self.index.set_state(name, partial=None)
@@ -337,7 +473,9 @@ class Refresher:
         held: list[trio.CapacityLimiter] = []
         try:
             for limit, what in ((self._host_limit(url), f"max_downloads_per_host for {host}"),
-                                (self.global_limit, "max_downloads")):
+                                (self.global_limit, "max_downloads"),
+                                (self.connections_to(url),
+                                 f"max_connections_per_host for {host}")):
                 try:
                     limit.acquire_nowait()
                 except trio.WouldBlock:
@@ -396,13 +534,14 @@ class Refresher:
                 ahead = ahead // 4 if ahead > downloader.BATCH else 0
 
     def _other_partials(self, name: str) -> int:
-        """Bytes of partial files on disk that no download of ours holds room for."""
+        """Bytes of disk that partial files no download of ours holds room for take
+        (their blocks: a partial is sparse, its length says little)."""
         total = 0
         for f in self.blobs.partial_dir.glob("*.part"):
             source = f.name[: -len(".part")]
             if source != name and source not in self.reserved:
                 try:
-                    total += f.lstat().st_size
+                    total += f.lstat().st_blocks * 512
                 except FileNotFoundError:
                     pass
         return total
@@ -413,7 +552,17 @@ class Refresher:
         size = self.blobs.partial_size(name)  # never through a planted link
         if resume is None or size == 0:
             return None
-        return downloader.Resume(size, resume.etag, resume.last_modified)
+        # the bytes the last attempt wrote (the file may be longer: sparse, or a
+        # batch cut short)
+        return downloader.Resume(min(size, resume.offset), resume.etag, resume.last_modified)
+
+    def _saved_map(self, name: str, key: str) -> set[int]:
+        """The whole segments a saved map of the request ``key`` holds."""
+        with self.index.read() as r:
+            saved = r.state(name).get("partial") or {}
+        if saved.get("key") != key or self.blobs.partial_size(name) == 0:
+            return set()
+        return segments.saved_segments(saved)
 
     def _saved_resume(self, name: str, key: str) -> downloader.Resume | None:
         """Where a download interrupted earlier (maybe by a restart) may continue."""
@@ -422,7 +571,11 @@ class Refresher:
         size = self.blobs.partial_size(name)
         if not saved or saved.get("key") != key or size == 0:
             return None
-        return downloader.Resume(size, saved.get("etag"), saved.get("last_modified"))
+        vouched = segments.map_prefix(saved)  # None: saved before segments, the size counts
+        offset = size if vouched is None else min(size, vouched)
+        if offset == 0:
+            return None
+        return downloader.Resume(offset, saved.get("etag"), saved.get("last_modified"))
 
     def client_for(self, options: dict[str, Any]) -> httpx.AsyncClient:
         proxy = options.get("proxy")

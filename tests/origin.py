@@ -35,6 +35,8 @@ class Resource:
     ranges: bool = True  # honour Range (guarded by If-Range); False: always send it all
     chunked: bool = False  # no Content-Length: the body in chunked transfer encoding
     lying_304: bool = False  # answer 304 to every conditional GET, changed body or not
+    rate: int = 0  # bytes/s each answer is sent at (per connection; 0: as fast as it goes)
+    ranges_as_200: bool = False  # says Accept-Ranges, yet answers a Range with all of it
 
 
 @dataclass
@@ -145,14 +147,16 @@ class Origin:
         if isinstance(failure, tuple) and failure[0] == "retry-after":
             return self._simple(h, failure[1], b"later", {"Retry-After": str(failure[2])})
         body = res.body
-        start = self._range_start(h, res)
+        start, last = self._range_start(h, res), len(body) - 1
+        if start is not None and isinstance(start, tuple):
+            start, last = start[0], min(start[1], last)
         if start is not None:
-            if start >= len(body):
+            if start >= len(body) or last < start:
                 return self._simple(h, 416, b"", {"Content-Range": f"bytes */{len(body)}"})
-            piece = body[start:]
+            piece = body[start:last + 1]
             h.send_response(206)
             h.send_header("Content-Length", str(len(piece)))
-            h.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            h.send_header("Content-Range", f"bytes {start}-{last}/{len(body)}")
             self._validators(h, res)
             h.end_headers()
             return self._send_body(h, res, piece, failure, method)
@@ -174,16 +178,18 @@ class Origin:
         return self._send_body(h, res, body, failure, method, res.chunked)
 
     @staticmethod
-    def _range_start(h: BaseHTTPRequestHandler, res: Resource) -> int | None:
-        """The start of a Range request we serve as 206, or None for a full 200."""
+    def _range_start(h: BaseHTTPRequestHandler, res: Resource) -> int | tuple[int, int] | None:
+        """The start (or (first, last) byte) of a Range request we serve as 206, or None
+        for a full 200."""
         raw = h.headers.get("Range", "")
-        if not res.ranges or not raw.startswith("bytes=") or not raw.endswith("-"):
+        if not res.ranges or res.ranges_as_200 or not raw.startswith("bytes="):
             return None
         guard = h.headers.get("If-Range")
         if guard is not None and guard not in (res.etag, res.last_modified):
             return None  # changed meanwhile: the whole new body
+        first, _, last = raw[len("bytes="):].partition("-")
         try:
-            return int(raw[len("bytes="):-1])
+            return (int(first), int(last)) if last else int(first)
         except ValueError:
             return None
 
@@ -220,6 +226,16 @@ class Origin:
             h.wfile.flush()
             time.sleep(failure[1])
             h.close_connection = True
+            return
+        if res.rate and not chunked:
+            step = max(1, res.rate // 20)  # twenty pieces a second
+            began = time.monotonic()
+            for i in range(0, len(body), step):
+                h.wfile.write(body[i : i + step])
+                h.wfile.flush()
+                ahead = began + (i + step) / res.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
             return
         if res.chunk_delay or chunked:
             step = max(1, len(body) // 20)

@@ -105,20 +105,17 @@ def test_crash_mid_download_resumes_after_restart(origin, cli, mount_factory, mo
     wait_killed(m)
     assert blob_names(m.cache) == set()  # nothing half-written is visible
     partial = m.cache / "partial" / "d.part"
-    got = partial.stat().st_size if partial.exists() else 0
-    assert got < len(body)
+    assert partial.exists() and partial.stat().st_blocks > 0  # some bytes were written
     res.chunk_delay = 0
     again = mount_factory()
     assert read(again / "d/latest") == body  # waits for the download the restart finishes
     versions = check_cache(again, cli)["d"]
     assert [v["sha256"] for v in versions] == [sha(body)]
     check_offline(again, cli)
-    # The bytes received before the kill were kept and the restart resumed after them.
-    assert got > 0, "the partial file was empty at the kill: nothing to resume"
-    ranged = [r for r in origin.seen("/d") if "Range" in r.headers]
-    assert ranged, "the restart did not resume with a Range request"
-    assert ranged[0].headers["Range"] == f"bytes={got}-"
-    assert ranged[0].headers["If-Range"] == res.etag
+    # Killed after the first batch: no segment was whole and in the map, so none is
+    # trusted and the restart fetches the body again (test_downloads has the resume
+    # of whole segments).
+    assert not [r for r in origin.seen("/d") if "Range" in r.headers]
 
 
 def test_crash_mid_download_of_a_source_removed_meanwhile(origin, cli, mount_factory,

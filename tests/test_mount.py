@@ -95,7 +95,8 @@ def test_new_version_and_open_handle_stays_bound(origin, mnt):
     write_control(mnt / "@control", f"add f {origin.url('/f')}")
     with open(mnt / "f/latest", "rb") as old:
         assert old.read(7) == b"version"
-        first = status(mnt / "f/@status")["latest"]
+        # the open may return while the first version still downloads (it streams)
+        first = wait_for(lambda: status(mnt / "f/@status")["latest"], 10, what="version one")
         origin.set("/f", b"version two, longer")
         write_control(mnt / "f/@control", "refresh\n")
         wait_for(lambda: status(mnt / "f/@status")["latest"] != first, 10, what="new version")
