@@ -39,6 +39,8 @@ SOURCE_OPTIONS = {
                      "row up to the refresh interval; halved for a source with no version "
                      "yet (default 1m)",
     "proxy": "HTTP proxy URL for this source (default: the HTTP(S)_PROXY environment)",
+    "unpack": "auto: show compressed files decompressed and archives as directories in "
+              "SOURCE/@unpacked/; off: not (default auto)",
     "method": "GET or POST (default GET)",
     "body": "request body (for POST)",
 }
@@ -47,7 +49,7 @@ OPTION_METAVARS = {"refresh": "POLICY", "attempt_timeout": "DURATION", "open_wai
                    "min_speed": "SIZE", "min_speed_time": "DURATION",
                    "attempt_max_time": "DURATION",
                    "max_attempts": "N", "keep_versions": "N", "proxy": "URL",
-                   "method": "METHOD", "body": "TEXT"}
+                   "method": "METHOD", "body": "TEXT", "unpack": "auto|off"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -259,7 +261,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             max_cache_size=max_size, config_path=config_path, prune=args.prune,
             scrub_interval=None if scrub_interval == "never" else
             float(parse_duration(scrub_interval, "scrub_interval")),
-            scrub_rate=scrub_rate))
+            scrub_rate=scrub_rate, unpack_max_size=daemon.unpack_max_size))
         return 0
     return _mount_detached(args, cache_dir)
 
@@ -784,12 +786,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"orphan: {path}")
     for sha in found.bad_refs:
         print(f"wrong reference count: {sha}")
+    for sha, why in found.bad_unpacked:
+        print(f"unpacked view damaged: {sha}: {why}")
     if found.healthy:
         print(f"healthy: {found.checked} blob(s) verified")
         return 0
     if args.repair:
         check.repair(cache.index, cache.blobs, found)
-        print("repaired: broken versions dropped, orphans removed, counts rebuilt")
+        print("repaired: broken versions dropped, orphans removed, counts rebuilt"
+              + (", damaged unpacked views forgotten (the mount unpacks them again)"
+                 if found.bad_unpacked else ""))
     return 1
 
 

@@ -49,7 +49,7 @@ from buffyfs.errors import BadInput
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TOP_LEVEL_TABLES = ("daemon", "defaults", "sources")
 DAEMON_KEYS = ("cache", "max_cache_size", "max_downloads", "max_downloads_per_host", "log_level",
-               "scrub_interval", "scrub_rate")
+               "scrub_interval", "scrub_rate", "unpack_max_size")
 DEFAULT_SCRUB_INTERVAL = "7d"
 DEFAULT_SCRUB_RATE = 20 << 20  # bytes/s: 1 TiB in about 15 hours
 TABLE_OPTIONS = ("headers", "validate")
@@ -66,6 +66,7 @@ class DaemonConfig:
     log_level: str = "info"  # debug, info, warning, error
     scrub_interval: str = DEFAULT_SCRUB_INTERVAL  # a duration, or "never" (scrub.py)
     scrub_rate: int = DEFAULT_SCRUB_RATE  # bytes per second
+    unpack_max_size: int = 10 << 30  # bytes one version may expand to (unpacker.py)
 
 
 @dataclass
@@ -191,6 +192,11 @@ def _load_daemon(where: _Where, raw: dict[str, Any]) -> DaemonConfig:
         elif normal == "scrub_interval":
             try:
                 daemon.scrub_interval = check_scrub_interval(value)
+            except BadInput as e:
+                where.fail("daemon", shown, str(e))
+        elif normal == "unpack_max_size":
+            try:
+                daemon.unpack_max_size = options.parse_size(value, normal)
             except BadInput as e:
                 where.fail("daemon", shown, str(e))
         elif normal == "scrub_rate":

@@ -22,6 +22,7 @@ from buffyfs.fs import BuffyFS
 from buffyfs.refresh import Refresher, partial_key
 from buffyfs.scheduler import Scheduler
 from buffyfs.scrub import Scrubber
+from buffyfs.unpacker import Unpacker
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Settings:
     prune: bool = False  # remove sources the config does not declare
     scrub_interval: float | None = 7 * 86400.0  # seconds between scrubs; None: no scrub
     scrub_rate: int = 20 << 20  # bytes per second the scrub reads at most
+    unpack_max_size: int = 10 << 30  # bytes one version may expand to (unpacker.py)
 
 
 def sync_config(cache: Cache, settings: Settings) -> None:
@@ -288,6 +290,8 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
             start_task(nursery, "scrub", Scrubber(cache.index, cache.blobs,
                                                   settings.scrub_interval, settings.scrub_rate,
                                                   fs.report_damage, fs.metrics).run)
+            start_task(nursery, "unpacker", _start_unpacker(cache, fs, collector,
+                                                             settings.unpack_max_size).run)
             scheduler.start_all()
             start_task(nursery, "scheduler", scheduler.run)
             heartbeat = watchdog.watchdog_interval()
@@ -312,6 +316,16 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
             with trio.CancelScope(shield=True):
                 await refresher.aclose()
             log.info("unmounted %s", settings.mountpoint)
+
+
+def _start_unpacker(cache: Cache, fs: BuffyFS, collector: Collector, max_size: int
+                    ) -> Unpacker:
+    """The background unpacker, told of every changed source (a new version, its
+    options), and waited for by opens of SOURCE/@unpacked/."""
+    unpacker = Unpacker(cache, max_size, collector.make_room)
+    fs.unpacked.unpacker = unpacker
+    fs.on_source_changed = unpacker.kick
+    return unpacker
 
 
 RESTART_PAUSE = 10.0  # seconds before a background task that failed starts again

@@ -1,0 +1,280 @@
+"""The mount's background unpacking: which versions to unpack, in what order, and the
+index records of the outcome (``blobs[SHA].unpacked``, index.py).
+
+After a version is committed (``kick``), its blob is looked at (magic bytes,
+unpack.detect) and, if compressed or an archive, queued; ``WORKERS`` child processes
+(``python -m buffyfs.unpack``, niced) unpack one blob each into
+``unpacked/partial/SHA``, which is renamed into place when complete and only then
+recorded ``done``. The version itself never waits for any of it.
+
+Bounds: a child stops past ``unpack_max_size`` bytes of output; its data file counts
+against ``max_cache_size`` while it grows (``make_room``, the collector's, may evict
+old versions as for a download; when nothing may go, the unpack fails "cache full");
+a child that neither finishes nor writes for ``STALL_TIMEOUT`` is killed. Every
+failure is ``state: error`` with a one-line ``error`` (``unpack_error`` in
+``@status``): opening the view then gives ``EIO``. Nothing is retried until the
+next mount start.
+
+Opening a view before its unpack is done waits (``wait_done``), at most
+``OPEN_WAIT``; the blob waited for is moved to the front of the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from buffyfs.cache import Cache
+from buffyfs.errors import BuffyError
+from buffyfs.index import now_utc, rfc3339
+from buffyfs.unpack import DerivedStore, detect
+
+log = logging.getLogger(__name__)
+
+WORKERS = 2  # unpacks at once (each a niced child process)
+POLL = 0.25  # seconds between looks at a running unpack (progress, quota)
+PROGRESS_EVERY = 1.0  # seconds between progress records in the index
+STALL_TIMEOUT = 300.0  # a child that writes nothing for this long is killed
+OPEN_WAIT = 600.0  # the longest an open waits for an unpack
+CHILD_MEMORY = 2 << 30  # address space of a child (a decoder asking more fails it)
+ROOM_AHEAD = 64 << 20  # bytes of quota asked ahead of a growing unpack
+
+
+class Unpacker:
+    def __init__(self, cache: Cache, max_size: int,
+                 make_room: Callable[[int], None] | None = None) -> None:
+        self.cache = cache
+        self.index = cache.index
+        self.derived = DerivedStore(cache.root)
+        self.max_size = max_size
+        self.make_room = make_room  # raises CacheFull when the bytes cannot fit
+        self.queue: dict[str, str] = {}  # sha256 -> kind, first in first out
+        self.finished: dict[str, trio.Event] = {}  # sha256 -> set when done or failed
+        self.to_scan: set[str] = set()  # sources to look at
+        self.wake = trio.Event()
+        self.work = trio.Event()
+        self.running: set[str] = set()
+
+    # --- what to unpack ---------------------------------------------------------------
+
+    def kick(self, name: str) -> None:
+        """``name`` changed (a new version, its options): look at it again."""
+        self.to_scan.add(name)
+        self.wake.set()
+
+    def _pending_of(self, names: set[str] | None) -> list[tuple[str, str | None]]:
+        """(sha256, recorded kind or None: not looked at) of the versions of ``names``
+        (None: every source) with ``unpack`` on and no finished unpack."""
+        out: dict[str, str | None] = {}
+        with self.index.read() as r:
+            for name in sorted(names) if names is not None else r.source_names():
+                src = r.source(name)
+                if src is None or src["options"].get("unpack", "auto") == "off":
+                    continue
+                for v in r.versions(name):
+                    if v.get("damaged"):
+                        continue
+                    record = r.unpacked(v["sha256"])
+                    if record is None:
+                        out[v["sha256"]] = None
+                    elif record["state"] in ("pending", "running"):
+                        out[v["sha256"]] = record["kind"]
+        return list(out.items())
+
+    def detect_now(self, sha256: str) -> str | None:
+        """Look at a blob's bytes and record what they are (blocking: a worker thread).
+        Returns the kind, or None for nothing to unpack."""
+        with self.index.read() as r:
+            record = r.unpacked(sha256)
+        if record is not None:
+            return record["kind"]
+        try:
+            kind = detect(self.cache.blobs.path(sha256))
+        except OSError as e:
+            log.warning("cannot look at blob %s for unpacking: %s", sha256, e)
+            return None
+        with self.index.write() as w:
+            if w.unpacked(sha256) is None:
+                w.put_unpacked(sha256, {"state": "pending" if kind else "none", "kind": kind})
+        return kind
+
+    def _scan(self, names: set[str] | None) -> list[tuple[str, str]]:
+        """Detect what is not yet looked at; the (sha256, kind) to unpack. Blocking."""
+        todo = []
+        for sha, kind in self._pending_of(names):
+            if kind is None:
+                kind = self.detect_now(sha)
+            if kind is not None:
+                todo.append((sha, kind))
+        return todo
+
+    def _enqueue(self, todo: list[tuple[str, str]]) -> None:
+        for sha, kind in todo:
+            if sha not in self.queue and sha not in self.running:
+                self.queue[sha] = kind
+                self.finished.setdefault(sha, trio.Event())
+        if self.queue:
+            self.work.set()
+
+    # --- waiting for a view -----------------------------------------------------------
+
+    async def wait_done(self, sha256: str) -> dict[str, Any] | None:
+        """The blob's finished record (``done`` or ``error``) once its unpack has
+        ended, at most OPEN_WAIT from now; None if it is nothing to unpack, or still
+        not done then."""
+        kind = await trio.to_thread.run_sync(self.detect_now, sha256)
+        if kind is None:
+            return None
+        with trio.move_on_after(OPEN_WAIT):
+            while True:
+                with self.index.read() as r:
+                    record = r.unpacked(sha256)
+                if record is None or record["state"] in ("done", "error", "none"):
+                    return record
+                if sha256 not in self.queue and sha256 not in self.running:
+                    self._enqueue([(sha256, kind)])
+                if sha256 in self.queue:  # the one a reader waits for goes first
+                    self.queue = {sha256: self.queue.pop(sha256), **self.queue}
+                event = self.finished.setdefault(sha256, trio.Event())
+                with trio.move_on_after(5):  # and look at the index again
+                    await event.wait()
+        log.warning("an open waited %gs for the unpack of blob %s: giving up", OPEN_WAIT,
+                    sha256)
+        return None
+
+    # --- the work ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The scanner: at start every source, later those kicked; and the workers."""
+        await trio.to_thread.run_sync(self._start)
+        async with trio.open_nursery() as nursery:
+            for _ in range(WORKERS):
+                nursery.start_soon(self._worker)
+            names: set[str] | None = None  # None: all
+            while True:
+                try:
+                    self._enqueue(await trio.to_thread.run_sync(self._scan, names))
+                except BuffyError as e:
+                    log.error("looking for versions to unpack failed: %s", e)
+                await self.wake.wait()
+                self.wake = trio.Event()
+                names, self.to_scan = self.to_scan, set()
+
+    def _start(self) -> None:
+        """Unpacks a crash or an unmount interrupted start again from scratch."""
+        self.derived.ensure()
+        self.derived.drop_partials()
+
+    async def _worker(self) -> None:
+        while True:
+            while not self.queue:
+                self.work = trio.Event()
+                await self.work.wait()
+            sha, kind = next(iter(self.queue.items()))
+            del self.queue[sha]
+            self.running.add(sha)
+            try:
+                await self._unpack(sha, kind)
+            finally:
+                self.running.discard(sha)
+                self.finished.pop(sha, trio.Event()).set()
+
+    async def _unpack(self, sha: str, kind: str) -> None:
+        with self.index.read() as r:
+            record = r.unpacked(sha)
+        if record is None or record["state"] not in ("pending", "running"):
+            return  # collected meanwhile, or done by an earlier round
+        blob = self.cache.blobs.path(sha)
+        partial = self.derived.partial(sha)
+        await trio.to_thread.run_sync(self.derived.remove_partial, sha)
+        self._record(sha, {"state": "running", "kind": kind, "bytes": 0})
+        log.info("unpacking blob %s (%s)", sha, kind)
+        started = trio.current_time()
+        summary = await self._run_child(sha, [
+            sys.executable, "-m", "buffyfs.unpack", str(blob), kind, str(partial),
+            str(self.max_size), str(os.getpid()), str(CHILD_MEMORY)])
+        if "error" in summary:
+            await trio.to_thread.run_sync(self.derived.remove_partial, sha)
+            log.warning("unpacking blob %s (%s) failed: %s", sha, kind, summary["error"])
+            self._record(sha, {"state": "error", "kind": kind, "error": summary["error"],
+                               "at": rfc3339(now_utc())})
+            return
+        await trio.to_thread.run_sync(self._commit, sha, summary)
+        log.info("unpacked blob %s (%s) in %.1fs", sha, kind, trio.current_time() - started)
+
+    def _commit(self, sha: str, summary: dict[str, Any]) -> None:
+        """Move the unpack into place, then record it (a crash between the two leaves a
+        derived entry the next start unpacks again over)."""
+        self.derived.commit(sha)
+        record = {**summary, "state": "done", "size": self.derived.disk_size(sha),
+                  "at": rfc3339(now_utc())}
+        with self.index.write() as w:
+            kept = w.put_unpacked(sha, record)
+            for name in _sources_of(w, sha):
+                w.changed(name)
+        if not kept:  # its last version was collected meanwhile
+            self.derived.remove(sha)
+
+    def _record(self, sha: str, record: dict[str, Any]) -> None:
+        try:
+            with self.index.write() as w:
+                w.put_unpacked(sha, record)
+        except BuffyError as e:
+            log.error("cannot record the unpack of blob %s: %s", sha, e)
+
+    async def _run_child(self, sha: str, cmd: list[str]) -> dict[str, Any]:
+        """Run the unpacking child; its summary (``{"error"}`` on failure). Watches its
+        output grow meanwhile: progress in the index, room under the quota, a stall."""
+        data = self.derived.partial(sha) / "data"
+        result: dict[str, Any] = {}
+
+        def fail(message: str) -> None:
+            result.setdefault("error", message)
+            nursery.cancel_scope.cancel()  # a running child is killed
+
+        async def child() -> None:
+            done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True,
+                                          check=False)
+            try:
+                result.update(json.loads(done.stdout.decode().splitlines()[-1]))
+            except (ValueError, IndexError):
+                fail(f"the unpacker ended with status {done.returncode}"
+                     + (" (out of memory?)" if done.returncode < 0 else "")
+                     + " without an answer")
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+            size, reserved, last_growth, last_record = 0, 0, trio.current_time(), 0.0
+            while True:
+                await trio.sleep(POLL)
+                try:
+                    now_size = os.stat(data).st_size
+                except OSError:
+                    now_size = 0
+                now = trio.current_time()
+                if now_size != size:
+                    size, last_growth = now_size, now
+                elif now - last_growth > STALL_TIMEOUT:
+                    fail(f"the unpacker wrote nothing for {STALL_TIMEOUT:g}s")
+                if size > reserved and self.make_room is not None:
+                    want = size + ROOM_AHEAD
+                    try:
+                        self.make_room(want - reserved)
+                    except BuffyError as e:
+                        fail(str(e))
+                    reserved = want
+                if now - last_record >= PROGRESS_EVERY:
+                    last_record = now
+                    self._record(sha, {"state": "running", "kind": cmd[4], "bytes": size})
+        return result
+
+
+def _sources_of(w: Any, sha: str) -> list[str]:
+    return sorted({s for s, _v, live in w.users_of_blob(sha) if live})
