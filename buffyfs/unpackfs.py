@@ -85,8 +85,7 @@ class Members:
         self.by_path = {e[0]: i for i, e in enumerate(self.entries)}
         self.children: dict[int, list[int]] = collections.defaultdict(list)
         for i, e in enumerate(self.entries):
-            parent = posixpath.dirname(e[0])
-            self.children[self.by_path[parent] if parent else -1].append(i)
+            self.children[e[7]].append(i)  # the parent's position (unpack.confine)
 
 
 class UnpackedTree:
@@ -149,8 +148,13 @@ class UnpackedTree:
         record = await self._finished(view)
         if record["kind"] in COMPRESSED:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        members = await trio.to_thread.run_sync(self._members, view)
+        members = await self._members_soon(view)
         return members, members.entries[view.member] if view.member >= 0 else None
+
+    async def _members_soon(self, view: View) -> Members:
+        """The member list: from memory, else loaded in a worker thread."""
+        members = self.member_lists.get(view.version["sha256"])
+        return members or await trio.to_thread.run_sync(self._members, view)
 
     # --- attributes -------------------------------------------------------------------
 
@@ -286,6 +290,8 @@ class UnpackedTree:
             return [(posixpath.basename(members.entries[i][0]).encode(),
                      self._member_attr(base + 1 + i, members.entries[i])) for i in children]
 
+        if len(members.children.get(view.member if entry is not None else -1, [])) < 1000:
+            return build()
         return await trio.to_thread.run_sync(build)
 
     def is_dir(self, ino: int) -> bool:
@@ -306,7 +312,7 @@ class UnpackedTree:
                 raise pyfuse3.FUSEError(errno.EISDIR)
             path, start, size = self.derived.data_path(sha), 0, record["file_size"]
         else:
-            entry = (await trio.to_thread.run_sync(self._members, view)).entries[view.member]
+            entry = (await self._members_soon(view)).entries[view.member]
             if entry[1] == "d":
                 raise pyfuse3.FUSEError(errno.EISDIR)
             if entry[1] != "f":

@@ -462,3 +462,16 @@ def test_a_hundred_thousand_members_list_fast(origin, mnt):
     assert count == 100_000
     assert elapsed < 3, elapsed  # SPEC bench target 1 s on an idle machine (bench/unpack.py)
     assert read(view / "d7/f012347") == b"47"
+
+
+def test_an_unpack_longer_than_a_worker_thread_lives_completes(origin, mount_factory,
+                                                               monkeypatch):
+    # trio starts processes from worker threads that end after 10 s idle: the child
+    # must not die with that thread (it did, with PR_SET_PDEATHSIG)
+    slow_unpacks(monkeypatch, 256 << 10)
+    mnt = mount_factory()
+    original = text_bytes(3_300_000, seed=13)
+    add(origin, mnt, "long", gzip.compress(original))
+    entry = wait_unpacked(mnt, "long", timeout=60)
+    assert entry["unpack"]["state"] == "done", entry["unpack_error"]
+    assert read(mnt / "long/@unpacked/latest") == original
