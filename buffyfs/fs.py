@@ -265,7 +265,10 @@ class BuffyFS(pyfuse3.Operations):
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         if unpackfs.owns(parent_inode):
-            return self._attr(await self.unpacked.lookup(parent_inode, text))
+            attr = self._attr(await self.unpacked.lookup(parent_inode, text))
+            if text == "latest":
+                attr.entry_timeout = SHORT_TIMEOUT  # moves with the source's latest
+            return attr
         ino = self._child(parent_inode, text)
         attr = self._attr(ino)
         if text == "latest" or ino != parent_inode and parent_inode >= FIRST_TAGDIR_INO:

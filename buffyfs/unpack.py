@@ -212,15 +212,23 @@ class DerivedStore:
 
     def disk_size(self, sha256: str) -> int:
         """Bytes of the derived files of ``sha256`` (0: none)."""
-        total = 0
-        for name in ("data", "members.json"):
-            try:
-                st = os.lstat(self.path(sha256) / name)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-        return total
+        return _files_size(self.path(sha256))
+
+    def partial_size(self, sha256: str) -> int:
+        """Bytes of an unpack in progress."""
+        return _files_size(self.partial(sha256))
+
+
+def _files_size(directory: Path) -> int:
+    total = 0
+    for name in ("data", "members.json"):
+        try:
+            st = os.lstat(directory / name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_size
+    return total
 
 
 def _fsync_dir(path: Path) -> None:

@@ -43,7 +43,6 @@ PROGRESS_EVERY = 1.0  # seconds between progress records in the index
 STALL_TIMEOUT = 300.0  # a child that writes nothing for this long is killed
 OPEN_WAIT = 600.0  # the longest an open waits for an unpack
 CHILD_MEMORY = 2 << 30  # address space of a child (a decoder asking more fails it)
-ROOM_AHEAD = 64 << 20  # bytes of quota asked ahead of a growing unpack
 
 
 class Unpacker:
@@ -251,7 +250,7 @@ class Unpacker:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(child)
-            size, reserved, last_growth, last_record = 0, 0, trio.current_time(), 0.0
+            size, last_growth, last_record = 0, trio.current_time(), 0.0
             while True:
                 await trio.sleep(POLL)
                 try:
@@ -263,17 +262,27 @@ class Unpacker:
                     size, last_growth = now_size, now
                 elif now - last_growth > STALL_TIMEOUT:
                     fail(f"the unpacker wrote nothing for {STALL_TIMEOUT:g}s")
-                if size > reserved and self.make_room is not None:
-                    want = size + ROOM_AHEAD
-                    try:
-                        self.make_room(want - reserved)
-                    except BuffyError as e:
-                        fail(str(e))
-                    reserved = want
+                if not self._fits(now_size, fail):
+                    break
                 if now - last_record >= PROGRESS_EVERY:
                     last_record = now
                     self._record(sha, {"state": "running", "kind": cmd[4], "bytes": size})
+        if "error" not in result:  # the whole of it, members list included
+            self._fits(self.derived.partial_size(sha), fail)
         return result
+
+    def _fits(self, size: int, fail: Callable[[str], None]) -> bool:
+        """Whether ``size`` bytes of a partial unpack fit under the quota (not yet in
+        ``blob_bytes``), evicting what may go; else ``fail``. An index read when they
+        fit: asked at every poll."""
+        if size == 0 or self.make_room is None:
+            return True
+        try:
+            self.make_room(size)
+        except BuffyError as e:
+            fail(f"the unpacked data does not fit: {e}")
+            return False
+        return True
 
 
 def _sources_of(w: Any, sha: str) -> list[str]:

@@ -256,31 +256,30 @@ class UnpackedTree:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return src["ino"]
 
-    async def entries(self, ino: int) -> list[tuple[str, int]]:
-        """(name, inode) of a directory's entries."""
-        if ino < VIEW_BASE:
-            source, _ = self._source_of_dir(ino)
-            with self.index.read() as r:
-                latest = r.latest(source)
-                out = []
-                for v in r.versions(source):
-                    record = r.unpacked(v["sha256"])
-                    if record is not None and record.get("kind"):
-                        out.append((v["id"], view_ino(v["ino"])))
-                        if latest is not None and v["id"] == latest["id"]:
-                            out.insert(0, ("latest", view_ino(v["ino"])))
-            return out
-        view = self._view(ino)
-        members, entry = await self._member_view(view)
-        children = members.children.get(view.member if entry is not None else -1, [])
-        return [(posixpath.basename(members.entries[i][0]), view_ino(view.version["ino"], i))
-                for i in children]
+    async def _version_entries(self, ino: int) -> list[tuple[str, int]]:
+        """(name, inode) of a source's @unpacked/: ``latest`` and every version whose
+        bytes are compressed or an archive (as far as looked at)."""
+        source, _ = self._source_of_dir(ino)
+        with self.index.read() as r:
+            latest = r.latest(source)
+            out = []
+            for v in r.versions(source):
+                record = r.unpacked(v["sha256"])
+                if record is not None and record.get("kind"):
+                    out.append((v["id"], view_ino(v["ino"])))
+                    if latest is not None and v["id"] == latest["id"]:
+                        out.insert(0, ("latest", view_ino(v["ino"])))
+        return out
 
     async def listing(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
         """A directory's entries with their attributes (an archive's built in a worker
         thread from its member list: 100,000 members take a fraction of a second)."""
         if ino < VIEW_BASE:
-            return [(n.encode(), self.attr(i)) for n, i in await self.entries(ino)]
+            out = [(n.encode(), self.attr(i)) for n, i in await self._version_entries(ino)]
+            for name, attr in out:
+                if name == b"latest":
+                    attr.entry_timeout = SHORT_TIMEOUT  # moves with the source's latest
+            return out
         view = self._view(ino)
         members, entry = await self._member_view(view)
 

@@ -230,6 +230,25 @@ def test_a_new_version_collects_the_old_view(origin, mnt):
     wait_for(lambda: derived_dirs(mnt.cache) == {hashlib.sha256(new).hexdigest()}, 15,
              what="the old version's view to be collected")
     assert sorted(os.listdir(mnt / "v/@unpacked")) == sorted(["latest", b])
+    assert read(mnt / "v/@unpacked/latest") == text_bytes(100_000, 2)
+
+
+def test_unpacked_data_counts_against_max_cache_size(origin, mount_factory, tmp_path):
+    config = daemon_config(tmp_path, '[daemon]\nmax_cache_size = "2M"\n')
+    mnt = mount_factory("--config", str(config))
+    small = text_bytes(200_000, seed=3)
+    add(origin, mnt, "fits", gzip.compress(small))
+    assert wait_unpacked(mnt, "fits")["unpack"]["state"] == "done"
+    big = gzip.compress(text_bytes(3_000_000, seed=6))  # ~1 MB that expands to 3 MB
+    add(origin, mnt, "big", big)
+    entry = wait_unpacked(mnt, "big")
+    assert entry["unpack"]["state"] == "error"
+    assert "max_cache_size" in entry["unpack_error"]
+    assert read(mnt / "big/latest") == big  # the version stays
+    root = status(mnt / "@status")
+    assert root["cache_size"] <= 2 << 20
+    assert root["cache_size"] == len(big) + len(small) + \
+        len(read(mnt / "fits/latest"))
 
 
 def unpack_children(cache) -> list[int]:
