@@ -491,6 +491,7 @@ def test_an_unpack_longer_than_a_worker_thread_lives_completes(origin, mount_fac
     mnt = mount_factory()
     original = text_bytes(3_300_000, seed=13)
     add(origin, mnt, "long", gzip.compress(original))
+    time.sleep(14)  # no request meanwhile: the worker thread that started it idles out
     entry = wait_unpacked(mnt, "long", timeout=60)
     assert entry["unpack"]["state"] == "done", entry["unpack_error"]
     assert read(mnt / "long/@unpacked/latest") == original
