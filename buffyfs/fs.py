@@ -388,7 +388,7 @@ class BuffyFS(pyfuse3.Operations):
             names = [("latest", self._latest_ino(node.source, base))]
             names += [(n, base + off) for n, off in SOURCE_FILES.items()]
             names.append(("@versions", base + SourceInode.versions))
-            if self._unpacked_shown(node.source):
+            if self.unpacked.listed(node.source):
                 names.append(("@unpacked", unpackfs.dir_ino(base)))
             names += [("@" + tag, self._tagdir_ino(node.source, base, tag))
                       for tag in self._tags_in_use(node.source)]

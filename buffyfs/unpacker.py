@@ -12,8 +12,10 @@ against ``max_cache_size`` while it grows (``make_room``, the collector's, may e
 old versions as for a download; when nothing may go, the unpack fails "cache full");
 a child that neither finishes nor writes for ``STALL_TIMEOUT`` is killed. Every
 failure is ``state: error`` with a one-line ``error`` (``unpack_error`` in
-``@status``): opening the view then gives ``EIO``. Nothing is retried until the
-next mount start.
+``@status``): opening the view then gives ``EIO``. What the bytes are to blame for
+(corrupt, truncated, past ``unpack_max_size``) stays failed; what the machine is to
+blame for (the quota, a stall, the child killed) is marked ``retry`` and tried again
+at the next mount start.
 
 Opening a view before its unpack is done waits (``wait_done``), at most
 ``OPEN_WAIT``; the blob waited for is moved to the front of the queue.
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 WORKERS = 2  # unpacks at once (each a niced child process)
 POLL = 0.25  # seconds between looks at a running unpack (progress, quota)
 PROGRESS_EVERY = 1.0  # seconds between progress records in the index
-STALL_TIMEOUT = 300.0  # a child that writes nothing for this long is killed
+STALL_TIMEOUT = 900.0  # a child that writes nothing for this long is killed
 OPEN_WAIT = 600.0  # the longest an open waits for an unpack
 CHILD_MEMORY = 2 << 30  # address space of a child (a decoder asking more fails it)
 
@@ -82,7 +84,8 @@ class Unpacker:
                     record = r.unpacked(v["sha256"])
                     if record is None:
                         out[v["sha256"]] = None
-                    elif record["state"] in ("pending", "running"):
+                    elif record["state"] in ("pending", "running") or \
+                            names is None and record.get("retry"):
                         out[v["sha256"]] = record["kind"]
         return list(out.items())
 
@@ -187,12 +190,14 @@ class Unpacker:
     async def _unpack(self, sha: str, kind: str) -> None:
         with self.index.read() as r:
             record = r.unpacked(sha)
-        if record is None or record["state"] not in ("pending", "running"):
+        if record is None or record["state"] not in ("pending", "running") and \
+                not record.get("retry"):
             return  # collected meanwhile, or done by an earlier round
         blob = self.cache.blobs.path(sha)
         partial = self.derived.partial(sha)
         await trio.to_thread.run_sync(self.derived.remove_partial, sha)
-        self._record(sha, {"state": "running", "kind": kind, "bytes": 0})
+        await trio.to_thread.run_sync(self._record, sha,
+                                      {"state": "running", "kind": kind, "bytes": 0})
         log.info("unpacking blob %s (%s)", sha, kind)
         started = trio.current_time()
         summary = await self._run_child(sha, [
@@ -201,8 +206,9 @@ class Unpacker:
         if "error" in summary:
             await trio.to_thread.run_sync(self.derived.remove_partial, sha)
             log.warning("unpacking blob %s (%s) failed: %s", sha, kind, summary["error"])
-            self._record(sha, {"state": "error", "kind": kind, "error": summary["error"],
-                               "at": rfc3339(now_utc())})
+            await trio.to_thread.run_sync(self._record, sha, {
+                "state": "error", "kind": kind, "error": summary["error"],
+                "retry": summary.get("retry", False), "at": rfc3339(now_utc())})
             return
         await trio.to_thread.run_sync(self._commit, sha, summary)
         log.info("unpacked blob %s (%s) in %.1fs", sha, kind, trio.current_time() - started)
@@ -233,8 +239,9 @@ class Unpacker:
         data = self.derived.partial(sha) / "data"
         result: dict[str, Any] = {}
 
-        def fail(message: str) -> None:
-            result.setdefault("error", message)
+        def fail(message: str) -> None:  # not the bytes' fault: tried again at next start
+            if "error" not in result:
+                result.update(error=message, retry=True)
             nursery.cancel_scope.cancel()  # a running child is killed
 
         async def child() -> None:
@@ -266,7 +273,8 @@ class Unpacker:
                     break
                 if now - last_record >= PROGRESS_EVERY:
                     last_record = now
-                    self._record(sha, {"state": "running", "kind": cmd[4], "bytes": size})
+                    await trio.to_thread.run_sync(  # an index commit: not on the loop
+                        self._record, sha, {"state": "running", "kind": cmd[4], "bytes": size})
         if "error" not in result:  # the whole of it, members list included
             self._fits(self.derived.partial_size(sha), fail)
         return result

@@ -1,6 +1,7 @@
 """``SOURCE/@unpacked/``: the FUSE side of unpacked views (fs.py hands these inodes here).
 
-    SOURCE/@unpacked/            listed when the source's ``unpack`` is ``auto``
+    SOURCE/@unpacked/            there when the source's ``unpack`` is ``auto``; listed
+                                 in SOURCE/ once a version has something to unpack
     SOURCE/@unpacked/latest      the view of the version ``latest`` resolves to now
     SOURCE/@unpacked/ID          a compressed version: its decompressed bytes (a file);
                                  an archive: a directory of its members
@@ -256,6 +257,14 @@ class UnpackedTree:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return src["ino"]
 
+    def listed(self, source: str) -> bool:
+        with self.index.read() as r:
+            src = r.source(source)
+            if src is None or not shown(src):
+                return False
+            kinds = [(r.unpacked(v["sha256"]) or {}).get("kind") for v in r.versions(source)]
+        return listed_in(src, kinds)
+
     async def _version_entries(self, ino: int) -> list[tuple[str, int]]:
         """(name, inode) of a source's @unpacked/: ``latest`` and every version whose
         bytes are compressed or an archive (as far as looked at)."""
@@ -357,6 +366,13 @@ class UnpackedTree:
         out = self.fs._xattrs(view.version["ino"])
         out[b"user.buffy.unpacked_from"] = view.version["id"].encode()
         return out
+
+
+def listed_in(source: dict[str, Any], kinds: list[str | None]) -> bool:
+    """Whether ``@unpacked`` appears in the listing of a source's directory: when it is
+    shown and some version has something to unpack (``kinds``: what each version's
+    bytes are, as far as looked at). A plain source's directory stays as it was."""
+    return shown(source) and any(kinds)
 
 
 def shown(source: dict[str, Any]) -> bool:
