@@ -82,14 +82,14 @@ def _version_entry(v: dict[str, Any], why: list[Why], now: datetime) -> dict[str
 
 
 def _with_unpack(entry: dict[str, Any], record: dict[str, Any] | None) -> dict[str, Any]:
-    """A version entry with its unpacked view: ``unpack_error`` (SPEC: a string when its
-    unpack failed, else null) and, ours, ``unpack``: null when the bytes are nothing to
-    unpack (or not looked at yet), else ``{"kind", "state"}`` plus the bytes written
-    while ``running``, the decompressed ``size`` and archive ``members`` when ``done``."""
-    entry["unpack_error"] = record.get("error") if record else None
+    """A version entry with its unpacked view, for versions whose bytes are compressed
+    or an archive (others' entries stay as they were): ``unpack_error`` (SPEC: a string
+    when the unpack failed, else null) and, ours, ``unpack``: ``{"kind", "state"}``
+    (state ``pending``, ``running``, ``done`` or ``error``) plus the bytes written while
+    ``running``, the decompressed ``size`` and archive ``members`` when ``done``."""
     if record is None or not record.get("kind"):
-        entry["unpack"] = None
         return entry
+    entry["unpack_error"] = record.get("error")
     shown = {"kind": record["kind"], "state": record["state"]}
     if record["state"] == "running":
         shown["bytes"] = record.get("bytes", 0)
