@@ -255,8 +255,10 @@ class Reader:
 
     def unpacked(self, sha256: str) -> dict[str, Any] | None:
         """What the blob unpacks to (``blobs`` above), None if not looked at yet."""
-        entry = self.blob_ref(sha256)
-        return entry.get("unpacked") if entry else None
+        raw = self.txn.get(sha256.encode(), db=self.dbs["blobs"])
+        if raw is None or b'"unpacked"' not in raw:  # most blobs: no JSON parse (@status)
+            return None
+        return json.loads(raw).get("unpacked")
 
     def blob_bytes(self) -> int:
         raw = self.txn.get(b"blob_bytes", db=self.dbs["meta"])

@@ -44,6 +44,7 @@ POLL = 0.25  # seconds between looks at a running unpack (progress, quota)
 PROGRESS_EVERY = 1.0  # seconds between progress records in the index
 STALL_TIMEOUT = 900.0  # a child that writes nothing for this long is killed
 OPEN_WAIT = 600.0  # the longest an open waits for an unpack
+SCAN_CHUNK = 64  # sources looked at per worker-thread run (and per detection commit)
 CHILD_MEMORY = 2 << 30  # address space of a child (a decoder asking more fails it)
 
 
@@ -61,6 +62,7 @@ class Unpacker:
         self.wake = trio.Event()
         self.work = trio.Event()
         self.running: set[str] = set()
+        self.starting = False  # the first round after the start
 
     # --- what to unpack ---------------------------------------------------------------
 
@@ -69,12 +71,12 @@ class Unpacker:
         self.to_scan.add(name)
         self.wake.set()
 
-    def _pending_of(self, names: set[str] | None) -> list[tuple[str, str | None]]:
+    def _pending_of(self, names: set[str]) -> list[tuple[str, str | None]]:
         """(sha256, recorded kind or None: not looked at) of the versions of ``names``
-        (None: every source) with ``unpack`` on and no finished unpack."""
+        with ``unpack`` on and no finished unpack."""
         out: dict[str, str | None] = {}
         with self.index.read() as r:
-            for name in sorted(names) if names is not None else r.source_names():
+            for name in sorted(names):
                 src = r.source(name)
                 if src is None or src["options"].get("unpack", "auto") == "off":
                     continue
@@ -85,36 +87,46 @@ class Unpacker:
                     if record is None:
                         out[v["sha256"]] = None
                     elif record["state"] in ("pending", "running") or \
-                            names is None and record.get("retry"):
+                            self.starting and record.get("retry"):
                         out[v["sha256"]] = record["kind"]
         return list(out.items())
 
     def detect_now(self, sha256: str) -> str | None:
         """Look at a blob's bytes and record what they are (blocking: a worker thread).
         Returns the kind, or None for nothing to unpack."""
-        with self.index.read() as r:
-            record = r.unpacked(sha256)
-        if record is not None:
-            return record["kind"]
-        try:
-            kind = detect(self.cache.blobs.path(sha256))
-        except OSError as e:
-            log.warning("cannot look at blob %s for unpacking: %s", sha256, e)
-            return None
-        with self.index.write() as w:
-            if w.unpacked(sha256) is None:
-                w.put_unpacked(sha256, {"state": "pending" if kind else "none", "kind": kind})
-        return kind
+        return self._detect([sha256]).get(sha256)
 
-    def _scan(self, names: set[str] | None) -> list[tuple[str, str]]:
+    def _detect(self, shas: list[str]) -> dict[str, str | None]:
+        """``detect_now`` of several blobs, recorded in one index transaction."""
+        kinds: dict[str, str | None] = {}
+        fresh: dict[str, str | None] = {}
+        with self.index.read() as r:
+            for sha in shas:
+                record = r.unpacked(sha)
+                if record is not None:
+                    kinds[sha] = record["kind"]
+        for sha in shas:
+            if sha in kinds:
+                continue
+            try:
+                fresh[sha] = kinds[sha] = detect(self.cache.blobs.path(sha))
+            except OSError as e:
+                log.warning("cannot look at blob %s for unpacking: %s", sha, e)
+                kinds[sha] = None
+        if fresh:
+            with self.index.write() as w:
+                for sha, kind in fresh.items():
+                    if w.unpacked(sha) is None:
+                        w.put_unpacked(sha, {"state": "pending" if kind else "none",
+                                             "kind": kind})
+        return kinds
+
+    def _scan(self, names: set[str]) -> list[tuple[str, str]]:
         """Detect what is not yet looked at; the (sha256, kind) to unpack. Blocking."""
-        todo = []
-        for sha, kind in self._pending_of(names):
-            if kind is None:
-                kind = self.detect_now(sha)
-            if kind is not None:
-                todo.append((sha, kind))
-        return todo
+        pending = self._pending_of(names)
+        kinds = self._detect([sha for sha, kind in pending if kind is None])
+        return [(sha, kind or kinds.get(sha)) for sha, kind in pending
+                if kind or kinds.get(sha)]
 
     def _enqueue(self, todo: list[tuple[str, str]]) -> None:
         for sha, kind in todo:
@@ -158,12 +170,18 @@ class Unpacker:
         async with trio.open_nursery() as nursery:
             for _ in range(WORKERS):
                 nursery.start_soon(self._worker)
-            names: set[str] | None = None  # None: all
+            with self.index.read() as r:
+                names = set(r.source_names())
+            self.starting = True  # the first round also retries what failed for want of room
             while True:
-                try:
-                    self._enqueue(await trio.to_thread.run_sync(self._scan, names))
-                except BuffyError as e:
-                    log.error("looking for versions to unpack failed: %s", e)
+                ordered = sorted(names)
+                for start in range(0, len(ordered), SCAN_CHUNK):  # a chunk per thread run
+                    chunk = set(ordered[start:start + SCAN_CHUNK])
+                    try:
+                        self._enqueue(await trio.to_thread.run_sync(self._scan, chunk))
+                    except BuffyError as e:
+                        log.error("looking for versions to unpack failed: %s", e)
+                self.starting = False
                 await self.wake.wait()
                 self.wake = trio.Event()
                 names, self.to_scan = self.to_scan, set()

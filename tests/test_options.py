@@ -70,7 +70,8 @@ def test_check_tag_rejects(tag: str) -> None:
 
 
 def test_reserved_tags_are_the_spec_words() -> None:
-    assert RESERVED_TAGS == {"versions", "status", "control", "tags", "latest", "metrics"}
+    assert RESERVED_TAGS == {"versions", "status", "control", "tags", "latest", "metrics",
+                             "unpacked"}  # SPEC part 2: unpacked views
 
 
 # --- URLs --------------------------------------------------------------------------------
