@@ -44,7 +44,8 @@ POLL = 0.25  # seconds between looks at a running unpack (progress, quota)
 PROGRESS_EVERY = 1.0  # seconds between progress records in the index
 STALL_TIMEOUT = 900.0  # a child that writes nothing for this long is killed
 OPEN_WAIT = 600.0  # the longest an open waits for an unpack
-SCAN_CHUNK = 64  # sources looked at per worker-thread run (and per detection commit)
+SCAN_CHUNK = 16  # sources looked at per worker-thread run (and per detection commit)
+SCAN_PAUSE = 0.02  # seconds between chunks: the scan of a big cache leaves the GIL alone
 CHILD_MEMORY = 2 << 30  # address space of a child (a decoder asking more fails it)
 
 
@@ -181,6 +182,8 @@ class Unpacker:
                         self._enqueue(await trio.to_thread.run_sync(self._scan, chunk))
                     except BuffyError as e:
                         log.error("looking for versions to unpack failed: %s", e)
+                    if len(ordered) > SCAN_CHUNK:
+                        await trio.sleep(SCAN_PAUSE)
                 self.starting = False
                 await self.wake.wait()
                 self.wake = trio.Event()
