@@ -2,10 +2,12 @@
 
 Finds: versions whose blob is missing, is not a regular file (a symlink...), or
 whose bytes no longer hash to their name (corrupt), blob files no version uses
-(orphans), partial files no download will resume, and blob reference counts that
-disagree with the versions. ``repair`` drops broken versions (``latest`` then
-resolves anew), deletes corrupt, orphan and non-regular entries, and rewrites the
-reference counts.
+(orphans), partial files no download will resume, blob reference counts that
+disagree with the versions, and unpacked views (unpack.py) whose derived files are
+missing, of the wrong size or hash, or whose blob is gone. ``repair`` drops broken
+versions (``latest`` then resolves anew), deletes corrupt, orphan and non-regular
+entries, rewrites the reference counts, and forgets broken unpacked views (the next
+mount unpacks them again).
 
 It also reports stray files anywhere in the cache directory: entries of the store
 that are not of its layout (in ``blobs/``, a name that is no sha256 or sits in the
@@ -29,13 +31,14 @@ from buffyfs.blobs import BlobStore, hash_file
 from buffyfs.errors import CacheError
 from buffyfs.index import Index
 from buffyfs.safeio import NotRegularFile, describe, entry_kind
+from buffyfs.unpack import DerivedStore, data_sha256
 
 ORPHAN_LOCK_WAIT = 2.0  # seconds to wait for downloads' commits before judging orphans
 
 # What buffyfs makes in a cache directory, outside blobs/ and partial/ (cache.py,
 # index.py, cli.py): directory -> names; anything else there is reported as unknown.
 KNOWN_ENTRIES = {
-    "": {"index", "blobs", "partial", "mount.lock", "mount.json", "buffyfs.log",
+    "": {"index", "blobs", "partial", "unpacked", "mount.lock", "mount.json", "buffyfs.log",
          "buffyfs.start-error"},
     "index": {"data.mdb", "lock.mdb"},
 }
@@ -52,12 +55,13 @@ class Findings:
     bad_refs: list[str] = field(default_factory=list)  # sha256 with a wrong count
     strays: list[tuple[str, str]] = field(default_factory=list)  # (path, why): repair removes
     unknown: list[str] = field(default_factory=list)  # paths not of buffyfs's: left alone
+    bad_unpacked: list[tuple[str, str]] = field(default_factory=list)  # (sha256, why)
     checked: int = 0
 
     @property
     def healthy(self) -> bool:
         return not (self.missing or self.corrupt or self.not_regular or self.orphans
-                    or self.bad_refs or self.strays)
+                    or self.bad_refs or self.strays or self.bad_unpacked)
 
 
 def _uses(index: Index) -> tuple[dict[str, list[tuple[str, dict[str, Any]]]], dict]:
@@ -140,6 +144,8 @@ def check(index: Index, blobs: BlobStore,
     found.bad_refs += [sha for sha in refs if sha not in uses]
     found.orphans = _confirmed_orphans(index, blobs, sorted(
         sha for sha in entries if sha not in uses and BLOB_NAME.fullmatch(sha)))
+    found.bad_unpacked, derived_orphans = check_unpacked(index, DerivedStore(blobs.root))
+    found.orphans += derived_orphans
     found.strays, found.unknown = stray_files(index, blobs)
     return found
 
@@ -187,6 +193,43 @@ def stray_files(index: Index, blobs: BlobStore) -> tuple[list[tuple[str, str]], 
     return strays, unknown
 
 
+def check_unpacked(index: Index, derived: DerivedStore
+                   ) -> tuple[list[tuple[str, str]], list[str]]:
+    """(sha256, what is wrong) of every finished unpack whose derived files do not
+    match its record; and derived entries no blob has (orphans, under the cache)."""
+    bad = []
+    with index.read() as r:
+        records = {sha: e["unpacked"] for sha, e in r.blob_refs().items() if e.get("unpacked")}
+    for sha, record in sorted(records.items()):
+        if record["state"] != "done":
+            continue
+        why = None
+        if "data_sha256" in record:
+            data = derived.data_path(sha)
+            kind = entry_kind(data)
+            if kind is None:
+                why = "derived file missing"
+            elif kind != "regular file":
+                why = f"derived file is a {kind}"
+            elif os.lstat(data).st_size != record["file_size"]:
+                why = f"derived file has {os.lstat(data).st_size} bytes, " \
+                      f"{record['file_size']} expected"
+            elif data_sha256(data) != record["data_sha256"]:
+                why = "derived file is corrupt (wrong sha256)"
+        if why is None and "members" in record and \
+                entry_kind(derived.members_path(sha)) != "regular file":
+            why = "member list missing"
+        if why:
+            with index.read() as r:  # collected while we looked: no damage
+                still = (r.unpacked(sha) or {}).get("state") == "done"
+            if still:
+                bad.append((sha, why))
+    with index.read() as r:
+        orphans = [str(derived.path(sha).relative_to(derived.root))
+                   for sha in derived.stored() if r.blob_ref(sha) is None]
+    return bad, orphans
+
+
 def _confirmed_orphans(index: Index, blobs: BlobStore, candidates: list[str]) -> list[str]:
     """The candidates that are still there and still unused, looked at under the commit
     lock when it can be had soon (a download holds it from blob to index commit)."""
@@ -216,19 +259,27 @@ def repair(index: Index, blobs: BlobStore, found: Findings) -> None:
             for source, v in users:
                 if (source, v["id"]) in broken:
                     w.drop_version(source, v)
+        unpacked = {sha: e["unpacked"] for sha, e in w.blob_refs().items()
+                    if e.get("unpacked") and sha not in dict(found.bad_unpacked)}
         for sha in found.bad_refs:  # rebuild the counts from the versions
             w.txn.delete(sha.encode(), db=w.dbs["blobs"])
         total = 0
         for sha, users in uses.items():
             alive = [(s, v) for s, v in users if (s, v["id"]) not in broken]
             if alive:
-                w._put("blobs", sha.encode(), {"size": alive[0][1]["size"], "refs": len(alive)})
-                total += alive[0][1]["size"]
+                entry = {"size": alive[0][1]["size"], "refs": len(alive)}
+                if sha in unpacked:  # a sound unpack stays (a broken one is done again)
+                    entry["unpacked"] = unpacked[sha]
+                w._put("blobs", sha.encode(), entry)
+                total += alive[0][1]["size"] + unpacked.get(sha, {}).get("size", 0)
         w.txn.put(b"blob_bytes", total.to_bytes(8, "big"), db=w.dbs["meta"])
     for source, vid in found.corrupt:
         for sha, users in uses.items():
             if any(s == source and v["id"] == vid for s, v in users):
                 blobs.path(sha).unlink(missing_ok=True)
+    derived = DerivedStore(blobs.root)
+    for sha, _why in found.bad_unpacked:
+        derived.remove(sha)
     gc.sweep_strays(blobs)  # blobs that were not regular files (the versions are gone)
     for path, _why in found.strays:  # misnamed or misplaced blob files
         target = blobs.root / path

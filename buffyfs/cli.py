@@ -39,6 +39,8 @@ SOURCE_OPTIONS = {
                      "row up to the refresh interval; halved for a source with no version "
                      "yet (default 1m)",
     "proxy": "HTTP proxy URL for this source (default: the HTTP(S)_PROXY environment)",
+    "unpack": "auto: show compressed files decompressed and archives as directories in "
+              "SOURCE/@unpacked/; off: not (default auto)",
     "method": "GET or POST (default GET)",
     "body": "request body (for POST)",
     "connections": "ranged connections at once for a body of 64 MiB or more from an origin "
@@ -49,7 +51,8 @@ OPTION_METAVARS = {"refresh": "POLICY", "attempt_timeout": "DURATION", "open_wai
                    "min_speed": "SIZE", "min_speed_time": "DURATION",
                    "attempt_max_time": "DURATION",
                    "max_attempts": "N", "keep_versions": "N", "proxy": "URL",
-                   "method": "METHOD", "body": "TEXT", "connections": "N"}
+                   "method": "METHOD", "body": "TEXT", "connections": "N",
+                   "unpack": "auto|off"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -324,7 +327,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             max_cache_size=max_size, config_path=config_path, prune=args.prune,
             scrub_interval=None if scrub_interval == "never" else
             float(parse_duration(scrub_interval, "scrub_interval")),
-            scrub_rate=scrub_rate, serve=serve))
+            scrub_rate=scrub_rate, serve=serve, unpack_max_size=daemon.unpack_max_size))
         return 0
     return _mount_detached(args, cache_dir)
 
@@ -992,12 +995,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"stray: {path}: {why}")
     for path in found.unknown:  # the user's own, maybe: reported, never removed
         print(f"unknown entry (not made by buffyfs; left alone): {path}")
+    for sha, why in found.bad_unpacked:
+        print(f"unpacked view damaged: {sha}: {why}")
     if found.healthy:
         print(f"healthy: {found.checked} blob(s) verified")
         return 0
     if args.repair:
         check.repair(cache.index, cache.blobs, found)
-        print("repaired: broken versions dropped, orphans and strays removed, counts rebuilt")
+        print("repaired: broken versions dropped, orphans and strays removed, counts rebuilt"
+              + (", damaged unpacked views forgotten (the mount unpacks them again)"
+                 if found.bad_unpacked else ""))
         return 0  # everything found is repaired (repair raises when it cannot)
     print("run buffyfs check --repair to repair", file=sys.stderr)
     return 1

@@ -59,7 +59,8 @@ TOP_LEVEL_TABLES = ("daemon", "defaults", "sources", "serve")
 SERVE_KEYS = ("listen", "public", "read_tokens", "control_tokens", "read_token_files",
               "control_token_files", "tls_cert", "tls_key")
 DAEMON_KEYS = ("cache", "max_cache_size", "max_downloads", "max_downloads_per_host", "log_level",
-               "scrub_interval", "scrub_rate", "max_connections_per_host")
+               "scrub_interval", "scrub_rate", "max_connections_per_host",
+               "unpack_max_size")
 DEFAULT_SCRUB_INTERVAL = "7d"
 DEFAULT_SCRUB_RATE = 20 << 20  # bytes/s: 1 TiB in about 15 hours
 TABLE_OPTIONS = ("headers", "validate")
@@ -77,6 +78,7 @@ class DaemonConfig:
     scrub_interval: str = DEFAULT_SCRUB_INTERVAL  # a duration, or "never" (scrub.py)
     scrub_rate: int = DEFAULT_SCRUB_RATE  # bytes per second
     max_connections_per_host: int = 8  # TCP connections to one host, all downloads
+    unpack_max_size: int = 10 << 30  # bytes one version may expand to (unpacker.py)
 
 
 @dataclass
@@ -218,6 +220,11 @@ def _load_daemon(where: _Where, raw: dict[str, Any]) -> DaemonConfig:
         elif normal == "scrub_interval":
             try:
                 daemon.scrub_interval = check_scrub_interval(value)
+            except BadInput as e:
+                where.fail("daemon", shown, str(e))
+        elif normal == "unpack_max_size":
+            try:
+                daemon.unpack_max_size = options.parse_size(value, normal)
             except BadInput as e:
                 where.fail("daemon", shown, str(e))
         elif normal == "scrub_rate":

@@ -40,7 +40,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from buffyfs import links, revalidate, streaming
+from buffyfs import links, revalidate, streaming, unpackfs
 from buffyfs.cache import Cache
 from buffyfs.control import help_text
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
@@ -55,6 +55,7 @@ from buffyfs.options import (
 )
 from buffyfs.scheduler import Scheduler
 from buffyfs.snapshots import Snapshot, Snapshots
+from buffyfs.unpackfs import UnpackedHandle, UnpackedTree
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ class BuffyFS(pyfuse3.Operations):
         # version inode -> the link count the kernel was last given: invalidated when
         # it changes (the attributes are cached for long)
         self.shown_links: dict[int, int] = {}
+        self.unpacked = UnpackedTree(self)  # SOURCE/@unpacked/ (unpackfs.py)
+        self.on_source_changed: Callable[[str], None] | None = None  # the unpacker's kick
 
     # --- node resolution --------------------------------------------------------------
 
@@ -229,6 +232,8 @@ class BuffyFS(pyfuse3.Operations):
     def _attr(self, ino: int, node: Node | None = None,
               nlink: int | None = None) -> pyfuse3.EntryAttributes:
         """``nlink``: a version's link count when the caller has it (listings)."""
+        if unpackfs.owns(ino):
+            return self.unpacked.attr(ino)
         node = node or self._node(ino)
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
@@ -291,6 +296,8 @@ class BuffyFS(pyfuse3.Operations):
         return live.total or 0 if live is not None and not live.done else 0
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if unpackfs.owns(inode):
+            return self.unpacked.attr(inode)
         node = self._node(inode)
         if node.kind in GENERATED:
             await self._snapshot(inode, node)
@@ -337,6 +344,11 @@ class BuffyFS(pyfuse3.Operations):
             text = name.decode("utf-8")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
+        if unpackfs.owns(parent_inode):
+            attr = self._attr(await self.unpacked.lookup(parent_inode, text))
+            if text == "latest":
+                attr.entry_timeout = SHORT_TIMEOUT  # moves with the source's latest
+            return attr
         ino = self._child(parent_inode, text)
         attr = self._attr(ino)
         if text in ("latest", "newest") or ino != parent_inode and \
@@ -382,6 +394,8 @@ class BuffyFS(pyfuse3.Operations):
                 return base + SOURCE_FILES[name]
             if name == "@versions":
                 return base + SourceInode.versions
+            if name == "@unpacked" and self._unpacked_shown(node.source):
+                return unpackfs.dir_ino(base)
             tag = name[1:]
             if name.startswith("@") and TAG_RE.fullmatch(tag) and tag not in RESERVED_TAGS \
                     and tag in self._tags_in_use(node.source):
@@ -410,7 +424,16 @@ class BuffyFS(pyfuse3.Operations):
             return v["ino"]
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
+    def _unpacked_shown(self, name: str) -> bool:
+        with self.index.read() as r:
+            src = r.source(name)
+        return src is not None and unpackfs.shown(src)
+
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if unpackfs.owns(inode):
+            if not self.unpacked.is_dir(inode):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            return self._new_handle(DirHandle(inode))
         node = self._node(inode)
         if node.kind not in ("root", "dir", "versions", "tagdir"):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -421,6 +444,8 @@ class BuffyFS(pyfuse3.Operations):
         thousands: listed in a worker thread (``_list`` only reads the index for them).
         A source's directory is small, and its listing numbers tag directories and
         remembers the ``latest`` shown: on the loop."""
+        if unpackfs.owns(ino):
+            return await self.unpacked.listing(ino)
         if ino == ROOT or ino >= FIRST_TAGDIR_INO:
             return await trio.to_thread.run_sync(self._list, ino)
         with self.index.read() as r:
@@ -450,6 +475,8 @@ class BuffyFS(pyfuse3.Operations):
                 pass  # no version yet
             names += [(n, base + off) for n, off in SOURCE_FILES.items()]
             names.append(("@versions", base + SourceInode.versions))
+            if self.unpacked.listed(node.source):
+                names.append(("@unpacked", unpackfs.dir_ino(base)))
             names += [("@" + tag, self._tagdir_ino(node.source, base, tag))
                       for tag in self._tags_in_use(node.source)]
         elif node.kind == "tagdir":
@@ -552,8 +579,12 @@ class BuffyFS(pyfuse3.Operations):
                 await e.done.wait()
 
     async def _open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
-        node = self._node(inode)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if unpackfs.owns(inode):
+            if writing:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            return await self._open_unpacked(inode)
+        node = self._node(inode)
         if node.kind in ("root_control", "control"):
             if not writing:  # a help text, so that copies of the mount can read it
                 return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(CONTROL_HELP[node.kind])),
@@ -580,6 +611,15 @@ class BuffyFS(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(snap.data, snap)),
                                     direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR)
+
+    async def _open_unpacked(self, inode: int) -> pyfuse3.FileInfo:
+        """An unpacked view (unpackfs.py). Opened before its unpack was done, its size
+        was not known to the kernel: served uncached (direct_io) that once."""
+        handle, waited = await self.unpacked.open(inode)
+        self.metrics.opens.inc()
+        self.open_inos[handle.version_ino] += 1  # collection waits for the last close
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=not waited,
+                                direct_io=waited)
 
     async def _open_latest(self, name: str) -> pyfuse3.FileInfo:
         """Open what `latest` resolves to now; if its blob turns out damaged at open,
@@ -655,6 +695,10 @@ class BuffyFS(pyfuse3.Operations):
                 await self._latest_moved_now(handle.live.name)
             self.metrics.bytes_served.inc(len(data))
             return data
+        if isinstance(handle, UnpackedHandle):
+            data = await self.unpacked.read(handle, off, size)
+            self.metrics.bytes_served.inc(len(data))
+            return data
         if not isinstance(handle, BlobHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         size = max(0, min(size, handle.size - off))
@@ -693,11 +737,12 @@ class BuffyFS(pyfuse3.Operations):
             handle.snapshot.readers -= 1
         if isinstance(handle, streaming.StreamHandle):
             handle.close()
-        if isinstance(handle, BlobHandle):
+        if isinstance(handle, BlobHandle | UnpackedHandle):
             os.close(handle.fd)
-            self.open_inos[handle.ino] -= 1
-            if self.open_inos[handle.ino] <= 0:
-                del self.open_inos[handle.ino]
+            ino = handle.ino if isinstance(handle, BlobHandle) else handle.version_ino
+            self.open_inos[ino] -= 1
+            if self.open_inos[ino] <= 0:
+                del self.open_inos[ino]
 
     # --- control files ----------------------------------------------------------------
 
@@ -742,6 +787,8 @@ class BuffyFS(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if unpackfs.owns(inode):
+            raise pyfuse3.FUSEError(errno.EROFS)
         node = self._node(inode)
         only_size = fields.update_size and not any((
             fields.update_mode, fields.update_uid, fields.update_gid,
@@ -754,6 +801,8 @@ class BuffyFS(pyfuse3.Operations):
     # --- extended attributes ----------------------------------------------------------
 
     def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+        if unpackfs.owns(inode):
+            return self.unpacked.xattrs(inode)
         node = self._node(inode)
         if node.kind == "onopen":  # the version an open would serve now
             assert node.source
@@ -797,6 +846,11 @@ class BuffyFS(pyfuse3.Operations):
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return list(self._xattrs(inode))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if unpackfs.owns(inode):
+            return self.unpacked.readlink(inode)
+        raise pyfuse3.FUSEError(errno.EINVAL)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
@@ -852,6 +906,8 @@ class BuffyFS(pyfuse3.Operations):
     def source_changed(self, name: str) -> None:
         """Drop kernel entries that changed for ``name`` (the kernel catches up soon)."""
         self.snapshots.clear()
+        if self.on_source_changed is not None:
+            self.on_source_changed(name)
         for parent, entry in self._stale_entries(name):
             _invalidate(parent, entry)
         relinked = self._changed_links(name)
@@ -941,6 +997,7 @@ class BuffyFS(pyfuse3.Operations):
             out.append((src["ino"], "latest"))
             del self.shown_latest[name]
         out.append((src["ino"], "newest"))  # a new version, a collection: it may move
+        out.append((unpackfs.dir_ino(src["ino"]), "latest"))  # may have moved: short-lived
         in_use = set(_tags_of(versions))
         ids = [v["id"] for v in versions]
         for (base, tag), ino in self.tagdir_inos.items():
@@ -990,7 +1047,8 @@ def _guard(handler: Any) -> Any:
 
 
 for _name in ("lookup", "getattr", "opendir", "readdir", "releasedir", "open", "read",
-              "release", "write", "setattr", "getxattr", "listxattr", "statfs"):
+              "release", "write", "setattr", "getxattr", "listxattr", "statfs",
+              "readlink"):
     setattr(BuffyFS, _name, _guard(getattr(BuffyFS, _name)))
 
 

@@ -58,6 +58,7 @@ from buffyfs.index import (
     servable,
 )
 from buffyfs.options import human_size, parse_duration
+from buffyfs.unpack import DerivedStore
 
 log = logging.getLogger(__name__)
 
@@ -385,8 +386,10 @@ def unlink_blobs(index: Index, blobs: BlobStore, shas: list[str]) -> None:
     try:
         with index.read() as r:
             still_unused = [sha for sha in shas if r.blob_ref(sha) is None]
+        derived = DerivedStore(blobs.root)
         for sha in still_unused:
             blobs.path(sha).unlink(missing_ok=True)
+            derived.remove(sha)  # its unpacked view goes with it
     finally:
         lock.release()
 
@@ -427,6 +430,11 @@ def sweep_orphans(index: Index, blobs: BlobStore,
                 if f.name not in refs:
                     f.unlink(missing_ok=True)
                     removed.append(str(f.relative_to(blobs.root)))
+        derived = DerivedStore(blobs.root)
+        for sha in derived.stored():
+            if sha not in refs:  # its blob's last version went before its unpack did
+                derived.remove(sha)
+                removed.append(str(derived.path(sha).relative_to(blobs.root)))
         for path in removed:
             log.info("removed orphan %s", path)
         removed += sweep_partials(index, blobs, key_of)

@@ -50,7 +50,12 @@ Named databases and their keys (all values JSON unless said otherwise):
                   "reason"}``): the file is missing, has the wrong size or the wrong
                   hash (fs.py's open, scrub.py); the same mark is on every version
                   that uses the blob, and both go when fresh bytes replace the file
-                  (``clear_damage``)
+                  (``clear_damage``). ``unpacked`` (unpacker.py): what the blob
+                  unpacks to, ``{"state", "kind"[, "size", "file_size", "data_sha256",
+                  "source", "members", "bytes", "error", "at"]}``; state ``none`` (not
+                  compressed, no archive), ``pending``, ``running`` (``bytes`` written
+                  so far), ``done`` or ``error``. Its ``size`` (the derived files'
+                  bytes) counts in ``blob_bytes``; it goes with the blob's last user
 ``garbage``       8-byte inode -> a version record plus ``"source"``: versions of
                   removed sources, kept until no reader holds them (gc.py)
 ``changes``       8-byte seq -> NAME (b"" for the root): which source changed in a
@@ -291,6 +296,13 @@ class Reader:
     def blob_ref(self, sha256: str) -> dict[str, Any] | None:
         return self._get("blobs", sha256.encode())
 
+    def unpacked(self, sha256: str) -> dict[str, Any] | None:
+        """What the blob unpacks to (``blobs`` above), None if not looked at yet."""
+        raw = self.txn.get(sha256.encode(), db=self.dbs["blobs"])
+        if raw is None or b'"unpacked"' not in raw:  # most blobs: no JSON parse (@status)
+            return None
+        return json.loads(raw).get("unpacked")
+
     def blob_bytes(self) -> int:
         raw = self.txn.get(b"blob_bytes", db=self.dbs["meta"])
         return _from_u64(raw) if raw else 0
@@ -363,7 +375,19 @@ class Writer(Reader):
             self._put("blobs", sha256.encode(), entry)
             return False
         self.txn.delete(sha256.encode(), db=self.dbs["blobs"])
-        self._add_blob_bytes(-entry["size"])
+        self._add_blob_bytes(-entry["size"] - (entry.get("unpacked") or {}).get("size", 0))
+        return True
+
+    def put_unpacked(self, sha256: str, record: dict[str, Any]) -> bool:
+        """Record what the blob unpacks to (its derived bytes counted in ``blob_bytes``);
+        False when no version uses the blob any more (the derived data must go)."""
+        entry = self._get("blobs", sha256.encode())
+        if entry is None:
+            return False
+        old = (entry.get("unpacked") or {}).get("size", 0)
+        entry["unpacked"] = record
+        self._add_blob_bytes(record.get("size", 0) - old)
+        self._put("blobs", sha256.encode(), entry)
         return True
 
     def _add_blob_bytes(self, delta: int) -> None:

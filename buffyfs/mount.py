@@ -28,6 +28,7 @@ from buffyfs.index import now_utc, rfc3339
 from buffyfs.refresh import Refresher, partial_key
 from buffyfs.scheduler import Scheduler
 from buffyfs.scrub import Scrubber
+from buffyfs.unpacker import Unpacker
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Settings:
     scrub_interval: float | None = 7 * 86400.0  # seconds between scrubs; None: no scrub
     scrub_rate: int = 20 << 20  # bytes per second the scrub reads at most
     serve: ServeSettings | None = None  # the HTTP server, if any
+    unpack_max_size: int = 10 << 30  # bytes one version may expand to (unpacker.py)
 
 
 def sync_config(cache: Cache, settings: Settings) -> None:
@@ -336,6 +338,8 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
             start_task(nursery, "scrub", Scrubber(cache.index, cache.blobs,
                                                   settings.scrub_interval, settings.scrub_rate,
                                                   fs.report_damage, fs.metrics).run)
+            start_task(nursery, "unpacker", _start_unpacker(cache, fs, collector,
+                                                             settings.unpack_max_size).run)
             scheduler.start_all()
             start_task(nursery, "scheduler", scheduler.run)
             heartbeat = watchdog.watchdog_interval()
@@ -396,6 +400,16 @@ def _exit_if_stuck(grace: float) -> None:
     _stuck_exit = threading.Timer(grace, exit_now)
     _stuck_exit.daemon = True
     _stuck_exit.start()
+
+
+def _start_unpacker(cache: Cache, fs: BuffyFS, collector: Collector, max_size: int
+                    ) -> Unpacker:
+    """The background unpacker, told of every changed source (a new version, its
+    options), and waited for by opens of SOURCE/@unpacked/."""
+    unpacker = Unpacker(cache, max_size, collector.make_room)
+    fs.unpacked.unpacker = unpacker
+    fs.on_source_changed = unpacker.kick
+    return unpacker
 
 
 RESTART_PAUSE = 10.0  # seconds before a background task that failed starts again

@@ -19,7 +19,8 @@ from buffyfs.errors import BadInput
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 TAG_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 RESERVED_TAGS = frozenset({"versions", "status", "control", "tags", "latest", "metrics",
-                           "newest"})  # newest: a version word, like latest
+                           "newest",  # newest: a version word, like latest
+                           "unpacked", "blobs", "changes", "proxy"})  # SPEC part 2
 
 _DURATION_RE = re.compile(r"(\d+)(s|m|h|d)")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -47,6 +48,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "proxy": None,
     "retry_backoff": "1m",  # ours: the first wait after a failed refresh (policy.py)
     "connections": 4,  # ranged connections of one big download at once (parallel.py)
+    "unpack": "auto",  # SOURCE/@unpacked/: auto (compressed files and archives) or off
 }
 
 # validate = { min_size, sha256, content_type, cmd, timeout }; timeout (ours, not SPEC's)
@@ -345,6 +347,10 @@ def _check_option(key: str, value: Any) -> Any:
         return value
     if key == "validate":
         return _check_validate(value)
+    if key == "unpack":
+        if value not in ("auto", "off"):
+            raise BadInput(f"invalid unpack {value!r}: auto or off")
+        return value
     raise BadInput(f"unknown option {key!r}")
 
 

@@ -61,7 +61,8 @@ def source_status(
         # a fetching source has no bytes yet (it waits for a download slot)
         "attempt": state.get("attempt") if run_state != "idle" else None,
         "queued": state.get("queued") if run_state == "fetching" else None,
-        "versions": [_version_entry(v, why[v["id"]], now) for v in versions],
+        "versions": [_with_unpack(_version_entry(v, why[v["id"]], now),
+                                  r.unpacked(v["sha256"])) for v in versions],
         "options": public_options(src["options"]),  # ours: header values hidden
     }
 
@@ -77,6 +78,27 @@ def _version_entry(v: dict[str, Any], why: list[Why], now: datetime) -> dict[str
         entry["validation"] = v["validation"]  # why it was tagged failed
     if v.get("damaged"):
         entry["damaged"] = v["damaged"]  # {"at", "reason"}: not served, downloading again
+    return entry
+
+
+def _with_unpack(entry: dict[str, Any], record: dict[str, Any] | None) -> dict[str, Any]:
+    """A version entry with its unpacked view, for versions whose bytes are compressed
+    or an archive (others' entries stay as they were): ``unpack_error`` (SPEC: a string
+    when the unpack failed, else null) and, ours, ``unpack``: ``{"kind", "state"}``
+    (state ``pending``, ``running``, ``done`` or ``error``) plus the bytes written while
+    ``running``, the decompressed ``size`` and archive ``members`` when ``done``."""
+    if record is None or not record.get("kind"):
+        return entry
+    entry["unpack_error"] = record.get("error")
+    shown = {"kind": record["kind"], "state": record["state"]}
+    if record["state"] == "running":
+        shown["bytes"] = record.get("bytes", 0)
+    if record["state"] == "done":
+        if "file_size" in record:
+            shown["size"] = record["file_size"]
+        if "members" in record:
+            shown["members"] = record["members"]
+    entry["unpack"] = shown
     return entry
 
 

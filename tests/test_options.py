@@ -70,9 +70,10 @@ def test_check_tag_rejects(tag: str) -> None:
 
 
 def test_reserved_tags_are_the_spec_words() -> None:
-    # the SPEC's words, and ours: newest (SOURCE/newest, a version word like latest)
+    # the SPEC's words (part 2: unpacked, blobs, changes, proxy), and ours: newest
+    # (SOURCE/newest, a version word like latest)
     assert RESERVED_TAGS == {"versions", "status", "control", "tags", "latest", "metrics",
-                             "newest"}
+                             "newest", "unpacked", "blobs", "changes", "proxy"}
 
 
 # --- URLs --------------------------------------------------------------------------------
