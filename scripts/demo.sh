@@ -24,7 +24,7 @@ else
 fi
 
 B=.venv/bin/buffyfs
-$B list | grep -q '^hello' || $B add hello "http://127.0.0.1:$port/hello.txt" --refresh 1m
+$B list 2>/dev/null | grep -q '^hello' || $B add hello "http://127.0.0.1:$port/hello.txt" --refresh 1m
 mountpoint -q "$demo/mnt" || $B mount "$demo/mnt"
 
 echo "\$ ls $demo/mnt $demo/mnt/hello"
