@@ -241,3 +241,63 @@ def test_ten_thousand_sources(serve_factory, cache_dir, tmp_path, browser):
     assert [r[0] for r in rows(browser)] == [f"s0999{i}" for i in range(10)] or \
         sorted(r[0] for r in rows(browser)) == [f"s0999{i}" for i in range(10)]
     browser.screenshot(tmp_path / "status-page-10000.png")
+
+
+def test_form_lines_and_chart_marks():
+    """The pieces without a browser: a button's control line, the chart's marks."""
+    from buffyfs.http.app import Answer
+    from buffyfs.http.page import chart, form_line
+
+    vid = "20260101T000000Z-0123abcd"
+    assert form_line({"do": "tag-failed", "version": vid}) == f"tag {vid} failed"
+    assert form_line({"do": "untag", "version": vid, "tag": "gold"}) == f"untag {vid} gold"
+    assert form_line({"do": "untag", "version": vid, "tag": "a; b"}) == f"untag {vid} 'a; b'"
+    assert form_line({"do": "pin", "version": vid}) == f"pin {vid}"
+    assert form_line({"do": "pin"}) == "pin" and form_line({"do": "refresh"}) == "refresh"
+    for bad in ({"do": "remove"}, {"do": "tag-failed"}, {}):
+        with pytest.raises(Answer) as refused:
+            form_line(bad)
+        assert refused.value.status == 400
+    versions = [{"id": f"v{i}", "fetched_at": f"2026-01-0{i + 1}T00:00:00Z", "size": i * 10,
+                 "tags": ["failed"] if i == 2 else []} for i in range(4)]
+    checks = [[1767225600 + i * 3600, r] for i, r in
+              enumerate(["new_version", "unchanged", "not_modified", "failed", "???"])]
+    drawn = chart(versions, checks)
+    assert [m["id"] for m in drawn["marks"]] == ["v0", "v1", "v2", "v3"]
+    assert [m["failed"] for m in drawn["marks"]] == [False, False, True, False]
+    assert [t["outcome"] for t in drawn["ticks"]] == [
+        "new_version", "unchanged", "not_modified", "failed", "failed"]
+    xs = [m["x"] for m in drawn["marks"]] + [t["x"] for t in drawn["ticks"]]
+    assert all(drawn["left"] <= x <= drawn["right"] for x in xs)
+    ys = [m["y"] for m in drawn["marks"]]
+    assert ys == sorted(ys, reverse=True)  # bigger versions higher up
+    assert chart([], [])["marks"] == []
+
+
+def test_check_history_is_bounded(tmp_path):
+    """The chart's checks: the last CHECKS_KEPT, not the stops, gone with the source."""
+    from buffyfs.index import CHECKS_KEPT
+    from buffyfs.options import normalize_options
+
+    index = Index(tmp_path / "index")
+    try:
+        index.add_source("s", "http://127.0.0.1:9/s", normalize_options({}))
+        for i in range(CHECKS_KEPT + 20):
+            index.record_refresh("s", {"started": 1000.0 + i, "result": "unchanged",
+                                       "version": None, "error": None})
+        index.record_refresh("s", {"started": 5000.0, "result": "failed", "version": None,
+                                   "error": "interrupted"})
+        with index.read() as r:
+            checks = r.checks("s")
+            assert r.state("s")["last_refresh"]["error"] == "interrupted"
+        assert len(checks) == CHECKS_KEPT and checks[0] == [1020, "unchanged"]
+        assert checks[-1] == [1000 + CHECKS_KEPT + 19, "unchanged"]
+        index.remove_source("s")
+        with index.read() as r:
+            assert r.checks("s") == []
+        index.record_refresh("s", {"started": 1.0, "result": "failed", "version": None,
+                                   "error": "x"})  # a removed source: nothing written
+        with index.read() as r:
+            assert r.checks("s") == []
+    finally:
+        index.close()
