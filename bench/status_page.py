@@ -139,7 +139,8 @@ def main() -> int:
             for label, path in (("/", "/"), ("/?q=s0999", "/?q=s0999"),
                                 (f"/?page={last}", f"/?page={last}"), ("/s00042/", "/s00042/")):
                 times = [timed_get(url, path) for _ in range(args.runs)]
-                print(f"{label:<16} {args.sources} sources: median {statistics.median(times) * 1000:7.1f} ms"
+                median = statistics.median(times) * 1000
+                print(f"{label:<16} {args.sources} sources: median {median:7.1f} ms"
                       f"  (min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f})")
         finally:
             stop(proc)
