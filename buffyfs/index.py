@@ -69,6 +69,11 @@ Named databases and their keys (all values JSON unless said otherwise):
                   ``meta`` ``mirror_serial`` (8-byte big-endian); every process that
                   writes the index advances it (``Writer.mirrored``). Trimmed to the last
                   CHANGES_KEPT entries.
+``checks``        NAME -> ``[[STARTED, RESULT], ...]``, oldest first: how the last
+                  CHECKS_KEPT refreshes ended (STARTED: epoch seconds; RESULT as
+                  refresh.Outcome: new_version, unchanged, not_modified, failed), for
+                  the status page's chart (http/page.py); a separate table, so that
+                  reading a source's state stays small
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ FORMAT = b"1"
 FIRST_DYNAMIC_INO = 16
 INODES_PER_SOURCE = 8
 CHANGES_KEPT = 10_000
+CHECKS_KEPT = 100
 MAP_SIZE = 8 << 30  # virtual; the file grows only as needed
 
 
@@ -255,6 +261,17 @@ class Reader:
 
     def inode(self, ino: int) -> dict[str, Any] | None:
         return self._get("inodes", _u64(ino))
+
+    def raw_items(self, db: str) -> list[tuple[bytes, bytes]]:
+        """Every key and value of a table, in key order, not decoded: a cheap scan for a
+        reader that keeps what it decoded before and decodes only what changed (the
+        status page: JSON decoding, not LMDB, is the cost of 10,000 sources)."""
+        with self.txn.cursor(db=self.dbs[db]) as cur:
+            return list(cur)
+
+    def checks(self, name: str) -> list[list[Any]]:
+        """The source's last checks ``[started, result]``, oldest first."""
+        return self._get("checks", name.encode()) or []
 
     def seq(self) -> int:
         raw = self.txn.get(b"seq", db=self.dbs["meta"])
@@ -447,7 +464,7 @@ class Writer(Reader):
             self._put("garbage", _u64(v["ino"]), {**v, "source": name})
         for kind in SourceInode:
             self.txn.delete(_u64(src["ino"] + kind), db=self.dbs["inodes"])
-        for db in ("sources", "state", "requests"):
+        for db in ("sources", "state", "requests", "checks"):
             self.txn.delete(name.encode(), db=self.dbs[db])
         self.changed(name)
         self.changed("")
@@ -519,7 +536,7 @@ class Index:
         except (OSError, lmdb.Error) as e:
             raise CacheError(f"cannot open the index in {path}: {e}") from None
         names = ("meta", "sources", "versions", "state", "inodes", "changes", "requests",
-                 "blobs", "garbage", "mirror")
+                 "blobs", "garbage", "mirror", "checks")
         self.dbs = {n: self.env.open_db(n.encode()) for n in names}
         with self.write() as w:
             fmt = w.txn.get(b"format", db=self.dbs["meta"])
@@ -730,6 +747,18 @@ class Index:
         with self.write() as w:
             if w.source(name) is not None:
                 w.put_state(name, **fields)
+
+    def record_refresh(self, name: str, record: dict[str, Any]) -> None:
+        """Leave how a refresh ended as the state's ``last_refresh`` and append it to
+        the source's bounded ``checks`` history, in one transaction."""
+        with self.write() as w:
+            if w.source(name) is None:
+                return
+            w.put_state(name, last_refresh=record)
+            if record.get("error") != "interrupted":  # a stop, not an answer of the origin
+                checks = w.checks(name)[-(CHECKS_KEPT - 1):]
+                w._put("checks", name.encode(), [*checks, [round(record["started"]),
+                                                            record["result"]]])
 
     def request_refresh(self, name: str) -> None:
         with self.write() as w:

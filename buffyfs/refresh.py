@@ -218,7 +218,7 @@ class Refresher:
             outcome = Outcome(error=str(e))
             raise
         finally:
-            self.index.set_state(name, last_refresh=outcome.record(started))
+            self.index.record_refresh(name, outcome.record(started))
             try:
                 self._after_refresh(name)
             finally:  # whatever the clean-up met, the source is not left locked

@@ -28,7 +28,8 @@ class Resource:
     # failures served before the real response, one per request:
     #   an int: that HTTP status;  "reset": half the body, then a TCP reset;
     #   "short": a Content-Length larger than the body sent;  ("stall", secs): half the
-    #   body, then silence for secs;  ("retry-after", status, value)
+    #   body, then silence for secs;  ("retry-after", status, value);
+    #   ("reason", status, phrase): that status with that reason phrase
     failures: deque = field(default_factory=deque)
     # seconds between each twentieth of the body (a slow origin)
     chunk_delay: float = 0.0
@@ -146,6 +147,8 @@ class Origin:
             return self._simple(h, failure, b"failure")
         if isinstance(failure, tuple) and failure[0] == "retry-after":
             return self._simple(h, failure[1], b"later", {"Retry-After": str(failure[2])})
+        if isinstance(failure, tuple) and failure[0] == "reason":
+            return self._simple(h, failure[1], b"failure", reason=failure[2])
         body = res.body
         start, last = self._range_start(h, res), len(body) - 1
         if start is not None and isinstance(start, tuple):
@@ -250,8 +253,8 @@ class Origin:
         h.wfile.write(body)
 
     def _simple(self, h: BaseHTTPRequestHandler, status: int, body: bytes,
-                headers: dict[str, str] | None = None) -> None:
-        h.send_response(status)
+                headers: dict[str, str] | None = None, reason: str | None = None) -> None:
+        h.send_response(status, reason)
         for k, v in (headers or {}).items():
             h.send_header(k, v)
         if status != 304:

@@ -45,6 +45,7 @@ from buffyfs.control import VERSION_RE
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
 from buffyfs.http import access
 from buffyfs.http.changes import ChangeFeed
+from buffyfs.http.page import StatusPage
 from buffyfs.http.ranges import (
     BadRange,
     Span,
@@ -133,6 +134,7 @@ class App:
         self.tokens = tokens
         self.secure = secure
         self.feed = ChangeFeed(self.index)
+        self.page = StatusPage(self)  # the HTML of / and /NAME/, and its buttons
         # its own threads: 200 clients must not take every worker thread of the daemon
         # (@status, control writes, collections), and more readers than cores only
         # fight over the GIL with the loop, which every FUSE request waits for
@@ -186,6 +188,9 @@ class App:
         if req.method == "POST":
             if parts not in (["@control"],) and not (len(parts) == 2 and parts[1] == "@control"):
                 raise Answer(405, "only @control takes POST", [("Allow", "GET, HEAD")])
+            if self.page.is_form(req):  # a button of the status page (cookie + CSRF)
+                return await self.page.control_form(req, send, parts[0] if len(parts) == 2
+                                                     else None)
             self._allow(req, "control")
             return await self._control(req, send, parts[0] if len(parts) == 2 else None)
         if req.method not in ("GET", "HEAD"):
@@ -487,16 +492,10 @@ class App:
     # --- listings ----------------------------------------------------------------------
 
     async def _root(self, req: Request, send: Send) -> None:
+        if not req.wants_json():
+            return await self.page.root(req, send)  # the status page (page.py)
         data = await trio.to_thread.run_sync(self.cache.root_status)
-        if req.wants_json():
-            return await self._json(send, data)
-        rows = [(f"/{quote(s['name'])}/", s["name"],
-                 f"latest {s['latest'] or '-'}, {s['state']}"
-                 + (f", {s['consecutive_failures']} failures" if s["consecutive_failures"] else ""))
-                for s in data["sources"]]
-        rows = [("/@status", "@status", "JSON"), ("/@metrics", "@metrics", "Prometheus"),
-                *rows]
-        await self._html(send, "buffyfs", rows)
+        await self._json(send, data)
 
     async def _source_listing(self, req: Request, send: Send, name: str,
                               src: dict[str, Any]) -> None:
@@ -508,10 +507,7 @@ class App:
         if req.wants_json():
             return await self._json(send, {"name": name, "latest": latest["id"] if latest
                                            else None, "tags": tags, "entries": entries})
-        base = f"/{quote(name)}/"
-        rows = [(base + quote(e), e, "") for e in entries if e != "@control"]
-        rows[0] = (base + "latest", "latest", latest["id"] if latest else "no version yet")
-        await self._html(send, name, rows)
+        await self.page.source(req, send, name)  # the source's status page (page.py)
 
     async def _version_listing(self, req: Request, send: Send, name: str,
                                tag: str | None) -> None:
