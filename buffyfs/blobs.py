@@ -22,7 +22,7 @@ import os
 import stat
 from pathlib import Path
 
-from buffyfs.safeio import NotRegularFile, entry_kind, is_regular, make_dir, open_file
+from buffyfs.safeio import NotRegularFile, entry_kind, fsync_dir, is_regular, make_dir, open_file
 
 
 class BlobStore:
@@ -89,7 +89,7 @@ class BlobStore:
             os.rename(partial, target)
         finally:
             os.close(fd)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
     def open_blob(self, sha256: str) -> int:
@@ -158,11 +158,3 @@ def hash_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -136,3 +136,12 @@ def make_dir(path: Path, root: Path | None = None) -> None:
     except OSError as e:
         raise CacheError(f"cannot create cache directory {path}: {e.strerror}") from None
     check_dir(path, root)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

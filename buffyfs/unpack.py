@@ -46,7 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from buffyfs.safeio import entry_kind, make_dir, open_file
+from buffyfs.safeio import entry_kind, fsync_dir, make_dir, open_file
 
 COMPRESSED = ("gzip", "bzip2", "xz", "zstd")
 ARCHIVES = ("tar", "zip")
@@ -174,7 +174,7 @@ class DerivedStore:
         if entry_kind(target) is not None:
             self.remove(sha256)
         os.rename(self.partial(sha256), target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def remove(self, sha256: str) -> None:
         """Delete the derived data of ``sha256`` (never following links)."""
@@ -229,14 +229,6 @@ def _files_size(directory: Path) -> int:
         if stat.S_ISREG(st.st_mode):
             total += st.st_size
     return total
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def data_sha256(path: Path | str) -> str:
