@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(fuse3 libfuse3-dev pkg-config systemd strace rsync  # systemd-analyze, strace, rsync: tests
-          curl openssl nginx-light)  # the server's tests: a client, a TLS certificate, the nginx front
+          curl openssl nginx-light  # the server's tests: a client, a TLS certificate, the nginx front
+          wget)  # the proxy's tests: one more real proxy client
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
