@@ -35,6 +35,7 @@ class Resource:
     ranges: bool = True  # honour Range (guarded by If-Range); False: always send it all
     chunked: bool = False  # no Content-Length: the body in chunked transfer encoding
     lying_304: bool = False  # answer 304 to every conditional GET, changed body or not
+    echo: bool = False  # the answer is the body followed by the request's body (POST)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class Origin:
         self.lock = threading.Lock()
         self.inflight = 0
         self.max_inflight = 0  # the most requests served at once
-        self.connections: set[socket.socket] = set()  # the open ones (``crash`` cuts them)
+        self.connections: set[socket.socket] = set()  # the open ones, busy or idle (``crash``
+        # cuts them)
         origin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,6 +63,16 @@ class Origin:
 
             def log_message(self, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with origin.lock:  # idle keep-alive connections too: ``crash`` cuts them
+                    origin.connections.add(self.connection)
+
+            def finish(self) -> None:
+                with origin.lock:
+                    origin.connections.discard(self.connection)
+                super().finish()
 
             def do_GET(self) -> None:
                 origin._handle(self, "GET")
@@ -121,13 +133,11 @@ class Origin:
         with self.lock:
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
-            self.connections.add(h.connection)
         try:
             self._serve(h, method)
         finally:
             with self.lock:
                 self.inflight -= 1
-                self.connections.discard(h.connection)
 
     def _serve(self, h: BaseHTTPRequestHandler, method: str) -> None:
         length = int(h.headers.get("Content-Length") or 0)
@@ -144,7 +154,7 @@ class Origin:
             return self._simple(h, failure, b"failure")
         if isinstance(failure, tuple) and failure[0] == "retry-after":
             return self._simple(h, failure[1], b"later", {"Retry-After": str(failure[2])})
-        body = res.body
+        body = res.body + body_in if res.echo else res.body
         start = self._range_start(h, res)
         if start is not None:
             if start >= len(body):

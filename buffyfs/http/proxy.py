@@ -48,6 +48,7 @@ import hashlib
 import logging
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import trio
 
@@ -116,6 +117,13 @@ def target_url(raw_path: bytes, query: bytes) -> str:
             raise BadInput("the proxy serves http:// and https:// URLs only")
     authority, slash, path = rest.partition("/")
     path = slash + path or "/"
+    if target.startswith(PREFIX.decode()):
+        # here the authority is a path segment, which clients may percent-encode
+        # (pip sends 127.0.0.1%3A8080): decoded, then checked like any other
+        try:
+            authority = unquote(authority, errors="strict")
+        except UnicodeDecodeError:
+            raise BadInput("the proxied URL has no valid host") from None
     if "@" in authority:
         raise BadInput("a proxied URL may not carry user info (user@host)")
     host, port = _split_authority(authority.lower())
