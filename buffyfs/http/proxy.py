@@ -74,7 +74,7 @@ MAX_URL = 2048  # bytes of a proxied URL, query included
 MAX_POST_BODY = 64 << 10  # a POST body becomes a source option, kept in the index
 HASH_HEX = 8
 MAX_NAME = 128  # a source name's length (SPEC)
-MEMO_SIZE = 100_000  # (method, URL, body) -> source name, looked up before the index scan
+MEMO_SIZE = 100_000  # entries of each memo (names, parsed targets) before it starts over
 
 _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9]([a-z0-9_-]*[a-z0-9_])?)*\.?"
                       r"|\[[0-9a-f:.]+\]")
@@ -183,17 +183,26 @@ def _same_request(src: dict[str, Any], url: str, method: str, body: str | None) 
         and (opts.get("body") or None) == (body or None)
 
 
-def find_or_add(index: Index, url: str, method: str, body: str | None,
-                defaults: dict[str, Any], memo: dict[tuple[str, str, str | None], str]
-                ) -> tuple[str, bool]:
-    """The source for this request, registered if there is none: (name, added).
-    Blocking (index transactions): run in a worker thread."""
-    key = (method, url, body)
-    name = memo.get(key) or source_name(url, method, body)
+Memo = dict[tuple[str, str, str | None], str]
+
+
+def find(index: Index, url: str, method: str, body: str | None,
+         memo: Memo) -> tuple[str, bool] | None:
+    """The source already registered for this request, by its remembered or its own
+    name: (name, has a version), or None. One short read transaction: the loop runs it."""
+    name = memo.get((method, url, body)) or source_name(url, method, body)
     with index.read() as r:
         src = r.source(name)
         if src is not None and _same_request(src, url, method, body):
-            return name, False
+            return name, r.has_versions(name)
+    return None
+
+
+def find_or_add(index: Index, url: str, method: str, body: str | None,
+                defaults: dict[str, Any], memo: Memo) -> tuple[str, bool]:
+    """The source for this request, registered if there is none: (name, added).
+    Blocking (a write transaction, a scan of every source): run in a worker thread."""
+    key = (method, url, body)
     with index.write() as w:  # one writer at a time: two first requests add it once
         for other, src in w.sources():
             if _same_request(src, url, method, body):
@@ -209,11 +218,10 @@ def find_or_add(index: Index, url: str, method: str, body: str | None,
     return name, True
 
 
-def _remember(memo: dict[tuple[str, str, str | None], str], key: tuple[str, str, str | None],
-              name: str) -> None:
+def _remember(memo: dict[Any, Any], key: Any, value: Any) -> None:
     if len(memo) >= MEMO_SIZE:
         memo.clear()
-    memo[key] = name
+    memo[key] = value
 
 
 def origin_status(message: str) -> int:
@@ -234,7 +242,8 @@ class Proxy:
         self.app = app
         self.config = config
         self.defaults = normalize_options({}, base=config.defaults or DEFAULT_OPTIONS)
-        self.memo: dict[tuple[str, str, str | None], str] = {}
+        self.memo: Memo = {}  # (method, URL, body) -> the source's name, if not its own
+        self.targets: dict[tuple[bytes, bytes], str] = {}  # request target -> its URL
 
     def allows(self, url: str) -> bool:
         return any(fnmatch.fnmatchcase(url, glob) for glob in self.config.allow)
@@ -249,12 +258,15 @@ class Proxy:
                          "GET /@proxy/https/HOST/PATH?QUERY on this server",
                          [("Allow", "GET, HEAD" + (", POST" if self.config.allow_post else ""))])
         self._allow(req, rewrite)
-        try:
-            url = target_url(req.raw_path, query)
-        except TargetTooLong as e:
-            raise Answer(414, str(e)) from None
-        except BadInput as e:
-            raise Answer(400, str(e)) from None
+        url = self.targets.get((req.raw_path, query))
+        if url is None:
+            try:
+                url = target_url(req.raw_path, query)
+            except TargetTooLong as e:
+                raise Answer(414, str(e)) from None
+            except BadInput as e:
+                raise Answer(400, str(e)) from None
+            _remember(self.targets, (req.raw_path, query), url)
         if not self.config.allow:
             raise Answer(403, "this server proxies no URL ([proxy] allow is empty)")
         if not self.allows(url):
@@ -272,17 +284,22 @@ class Proxy:
             raise Answer(405, f"method {req.method[:20]} is not proxied",
                          [("Allow", "GET, HEAD" + (", POST" if self.config.allow_post else ""))])
         method = "POST" if req.method == "POST" else "GET"
-        try:
-            name, added = await trio.to_thread.run_sync(
-                find_or_add, self.app.index, url, method, body, self.defaults, self.memo)
-        except BadInput as e:
-            raise Answer(409, str(e)) from None
-        daemon = self.app.daemon
-        if added:
-            if daemon.scheduler is not None:
-                daemon.scheduler.sync(name)  # plan it: the first download starts now
-            await daemon.source_changed_now(name)
-        await self._wait_first(name)
+        found = find(self.app.index, url, method, body, self.memo)
+        if found is None:
+            try:
+                name, added = await trio.to_thread.run_sync(
+                    find_or_add, self.app.index, url, method, body, self.defaults, self.memo)
+            except BadInput as e:
+                raise Answer(409, str(e)) from None
+            daemon = self.app.daemon
+            if added:
+                if daemon.scheduler is not None:
+                    daemon.scheduler.sync(name)  # plan it: the first download starts now
+                await daemon.source_changed_now(name)
+            found = (name, False)
+        name, has_version = found
+        if not has_version:
+            await self._wait_first(name)
         await self.app._latest(req, send, name, self.app._source(name))
 
     def _allow(self, req: Request, rewrite: bool) -> None:
