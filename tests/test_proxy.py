@@ -96,6 +96,9 @@ def test_curl_x_and_http_proxy_register_one_source_and_answer_from_it(
     # the source is an ordinary one: its bytes under its name too
     status, _, body = http_request(server.url, f"/{name}/latest")
     assert status == 200 and body == BODY
+    # the server's own URLs through the proxy (a client whose HTTP_PROXY is the server)
+    own = curl("-x", server.url, f"{server.url}/{name}/latest")
+    assert own.returncode == 0 and own.stdout == BODY
     # HEAD through the proxy: the headers, no body
     head_only = curl("-I", "-x", server.url, url)
     assert b"content-length: %d" % len(BODY) in head_only.stdout.lower()

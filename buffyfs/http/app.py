@@ -46,7 +46,7 @@ from buffyfs.control import VERSION_RE
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
 from buffyfs.http import access
 from buffyfs.http.changes import ChangeFeed
-from buffyfs.http.proxy import Proxy, is_proxy_request
+from buffyfs.http.proxy import Proxy, is_proxy_request, own_path
 from buffyfs.http.ranges import (
     BadRange,
     Span,
@@ -185,7 +185,10 @@ class App:
     async def handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope.get("http_version") not in ("1.0", "1.1"):
             raise Answer(505, "HTTP/1.0 and HTTP/1.1 only")
-        if is_proxy_request(scope["method"], scope.get("raw_path") or b""):
+        own = own_path(scope.get("raw_path") or b"", scope.get("server"))
+        if own is not None:  # absolute-form naming this server: as if origin-form
+            scope = {**scope, "raw_path": own}
+        elif is_proxy_request(scope["method"], scope.get("raw_path") or b""):
             # the proxied URL's query is the origin's, not ours (proxy.py)
             req = Request({**scope, "query_string": b""}, receive)
             return await self.proxy.answer(req, send, scope.get("query_string", b""))

@@ -97,6 +97,20 @@ def is_proxy_request(method: str, raw_path: bytes) -> bool:
         or head.startswith(b"http://") or head.startswith(b"https://")
 
 
+def own_path(raw_path: bytes, server: tuple[str, int] | None) -> bytes | None:
+    """The path of an absolute-form target that names this server itself (a client whose
+    HTTP_PROXY is this server, asking for ``/NAME/latest`` here): an ordinary request
+    then (RFC 9112, 3.2.2). None for any other target."""
+    m = re.fullmatch(rb"https?://([^/?#]+)(/.*)?", raw_path, re.IGNORECASE | re.DOTALL)
+    if m is None or server is None or server[1] is None:
+        return None
+    host, port = server
+    ours = {f"{host}:{port}".lower().encode()}
+    if port in (80, 443):
+        ours.add(host.lower().encode())
+    return (m.group(2) or b"/") if m.group(1).lower() in ours else None
+
+
 def target_url(raw_path: bytes, query: bytes) -> str:
     """The normalized URL a proxy request names; BadInput (``400``) or
     TargetTooLong (``414``) if it names none that may be fetched."""
