@@ -76,8 +76,9 @@ HASH_HEX = 8
 MAX_NAME = 128  # a source name's length (SPEC)
 MEMO_SIZE = 100_000  # entries of each memo (names, parsed targets) before it starts over
 
-_HOST_RE = re.compile(r"[a-z0-9]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9]([a-z0-9_-]*[a-z0-9_])?)*\.?"
-                      r"|\[[0-9a-f:.]+\]")
+# labels of letters, digits, '-' and '_' between dots (check_url looks closer), or an IP
+# literal; no pattern here backtracks more than linearly on a hostile 2 KiB target
+_HOST_RE = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\]")
 _PATH_RE = re.compile(r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@%]*)*")
 _QUERY_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*")
 _ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
