@@ -355,8 +355,11 @@ def _serve_settings(args: argparse.Namespace, config: Any) -> Any:
         read=http.load_tokens(table.read_tokens, table.read_token_files, "read token"),
         control=http.load_tokens(table.control_tokens, table.control_token_files,
                                  "control token"))
-    return http.prepare(listen, args.public or table.public, tokens,
-                        args.tls_cert or table.tls_cert, args.tls_key or table.tls_key)
+    settings = http.prepare(listen, args.public or table.public, tokens,
+                            args.tls_cert or table.tls_cert, args.tls_key or table.tls_key)
+    if config is not None:
+        settings.proxy = config.proxy
+    return settings
 
 
 def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:

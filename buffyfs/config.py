@@ -20,6 +20,11 @@
     tls_cert = "/etc/buffyfs/cert.pem"
     tls_key = "/etc/buffyfs/key.pem"
 
+    [proxy]                       # the server as an HTTP proxy (http/proxy.py)
+    allow = ["https://example.org/data/*"]   # globs of URLs served; none: no proxy
+    allow_post = false
+    defaults = { refresh = "6h" } # source options of the sources it registers
+
     [sources.NAME]                # a name with dots is quoted: [sources."a.b"]
     url = "https://example.org/file.gz"
     validate = { min_size = 1000000, cmd = "gzip -t" }
@@ -55,7 +60,7 @@ from buffyfs import options
 from buffyfs.errors import BadInput
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-TOP_LEVEL_TABLES = ("daemon", "defaults", "sources", "serve")
+TOP_LEVEL_TABLES = ("daemon", "defaults", "sources", "serve", "proxy")
 SERVE_KEYS = ("listen", "public", "read_tokens", "control_tokens", "read_token_files",
               "control_token_files", "tls_cert", "tls_key")
 DAEMON_KEYS = ("cache", "max_cache_size", "max_downloads", "max_downloads_per_host", "log_level",
@@ -63,6 +68,7 @@ DAEMON_KEYS = ("cache", "max_cache_size", "max_downloads", "max_downloads_per_ho
                "unpack_max_size")
 DEFAULT_SCRUB_INTERVAL = "7d"
 DEFAULT_SCRUB_RATE = 20 << 20  # bytes/s: 1 TiB in about 15 hours
+PROXY_KEYS = ("allow", "allow_post", "defaults")
 TABLE_OPTIONS = ("headers", "validate")
 
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -96,6 +102,16 @@ class ServeConfig:
 
 
 @dataclass
+class ProxyConfig:
+    """``[proxy]``: which URLs the server answers as a proxy, and how it registers them."""
+
+    allow: list[str] = field(default_factory=list)  # URL globs (fnmatch); none: no proxy
+    allow_post: bool = False
+    # source options of registered sources: [proxy] defaults over [defaults], normalized
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     path: Path
     daemon: DaemonConfig
@@ -104,6 +120,7 @@ class Config:
     # name -> (url, normalized options with defaults applied)
     sources: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
 
 def load_config(path: Path) -> Config:
@@ -116,7 +133,7 @@ def load_config(path: Path) -> Config:
             what = f"table [{_key(key)}]" if isinstance(value, dict) else \
                 f"key {key!r} outside any table"
             where.fail(None, None, f"unknown {what}" + _hint(key, TOP_LEVEL_TABLES)
-                       + ": use [daemon], [defaults], [sources.NAME] and [serve]")
+                       + ": use [daemon], [defaults], [sources.NAME], [serve] and [proxy]")
         if not isinstance(value, dict):
             where.fail(None, None, f"{_key(key)} must be a table: [{key}]"
                        + (" with [sources.NAME] tables" if key == "sources" else ""))
@@ -126,7 +143,9 @@ def load_config(path: Path) -> Config:
     for name, table in data.get("sources", {}).items():
         sources[name] = _load_source(where, name, table, defaults)
     serve = _load_serve(where, data.get("serve", {}))
-    return Config(path=path, daemon=daemon, defaults=defaults, sources=sources, serve=serve)
+    proxy = _load_proxy(where, data.get("proxy", {}), defaults)
+    return Config(path=path, daemon=daemon, defaults=defaults, sources=sources, serve=serve,
+                  proxy=proxy)
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -301,14 +320,15 @@ def _load_source(where: _Where, name: str, table: Any,
 def _options(where: _Where, table: str, raw: dict[str, Any],
              base: dict[str, Any]) -> dict[str, Any]:
     """``options.normalize_options(raw, base=base)``, one key at a time to name the culprit."""
-    known = [*([] if table == "defaults" else ["url"]), *options.DEFAULT_OPTIONS]
+    shared = table in ("defaults", "proxy.defaults")  # options for many sources: no url
+    known = [*([] if shared else ["url"]), *options.DEFAULT_OPTIONS]
     out = options.normalize_options({}, base=base)
     for normal, (key, value) in _normal_keys(where, table, raw).items():
         shown = _key(key)
         head = normal.partition(".")[0]
         if head == "url":  # a source's own url was taken out before
-            where.fail(table, shown, "not allowed in [defaults]: each source has its own url"
-                       if table == "defaults" else "url is not a table")
+            where.fail(table, shown, f"not allowed in [{table}]: each source has its own url"
+                       if shared else "url is not a table")
         if head not in options.DEFAULT_OPTIONS:
             where.fail(table, None, f"unknown key {key!r}" + _hint(head, known)
                        + ": use " + ", ".join(known))
@@ -371,3 +391,30 @@ def _path(where: _Where, value: str) -> str:
     """A file named in the config: ``~`` expanded, relative to the config's directory."""
     return os.path.normpath(os.path.join(os.path.abspath(where.path.parent),
                                          os.path.expanduser(value)))
+
+
+# --- [proxy] ----------------------------------------------------------------------------
+
+
+def _load_proxy(where: _Where, raw: dict[str, Any], defaults: dict[str, Any]) -> ProxyConfig:
+    proxy = ProxyConfig(defaults=defaults)
+    for normal, (key, value) in _normal_keys(where, "proxy", raw).items():
+        shown = _key(key)
+        if normal not in PROXY_KEYS:
+            where.fail("proxy", None, f"unknown key {key!r}" + _hint(normal, PROXY_KEYS)
+                       + ": use " + ", ".join(PROXY_KEYS))
+        if normal == "allow":
+            if not isinstance(value, list) or not all(
+                    isinstance(g, str) and g.strip() and g.isprintable() for g in value):
+                where.fail("proxy", shown, 'must be a list of URL globs: '
+                           '["https://example.org/data/*", ...]')
+            proxy.allow = list(value)
+        elif normal == "allow_post":
+            if not isinstance(value, bool):
+                where.fail("proxy", shown, "must be true or false")
+            proxy.allow_post = value
+        else:  # defaults: source options, as in [defaults]
+            if not isinstance(value, dict):
+                where.fail("proxy", shown, 'must be a table: defaults = { refresh = "6h" }')
+            proxy.defaults = _options(where, "proxy.defaults", value, defaults)
+    return proxy

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 packages=(fuse3 libfuse3-dev pkg-config systemd strace rsync  # systemd-analyze, strace, rsync: tests
           curl openssl nginx-light  # the server's tests: a client, a TLS certificate, the nginx front
-          chromium)  # the status page's tests: a real headless browser
+          chromium  # the status page's tests: a real headless browser
+          wget)  # the proxy's tests: one more real proxy client
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -38,6 +38,7 @@ class Resource:
     lying_304: bool = False  # answer 304 to every conditional GET, changed body or not
     rate: int = 0  # bytes/s each answer is sent at (per connection; 0: as fast as it goes)
     ranges_as_200: bool = False  # says Accept-Ranges, yet answers a Range with all of it
+    echo: bool = False  # the answer is the body followed by the request's body (POST)
 
 
 @dataclass
@@ -56,7 +57,8 @@ class Origin:
         self.lock = threading.Lock()
         self.inflight = 0
         self.max_inflight = 0  # the most requests served at once
-        self.connections: set[socket.socket] = set()  # the open ones (``crash`` cuts them)
+        self.connections: set[socket.socket] = set()  # the open ones, busy or idle (``crash``
+        # cuts them)
         origin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,6 +66,16 @@ class Origin:
 
             def log_message(self, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with origin.lock:  # idle keep-alive connections too: ``crash`` cuts them
+                    origin.connections.add(self.connection)
+
+            def finish(self) -> None:
+                with origin.lock:
+                    origin.connections.discard(self.connection)
+                super().finish()
 
             def do_GET(self) -> None:
                 origin._handle(self, "GET")
@@ -124,13 +136,11 @@ class Origin:
         with self.lock:
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
-            self.connections.add(h.connection)
         try:
             self._serve(h, method)
         finally:
             with self.lock:
                 self.inflight -= 1
-                self.connections.discard(h.connection)
 
     def _serve(self, h: BaseHTTPRequestHandler, method: str) -> None:
         length = int(h.headers.get("Content-Length") or 0)
@@ -149,7 +159,7 @@ class Origin:
             return self._simple(h, failure[1], b"later", {"Retry-After": str(failure[2])})
         if isinstance(failure, tuple) and failure[0] == "reason":
             return self._simple(h, failure[1], b"failure", reason=failure[2])
-        body = res.body
+        body = res.body + body_in if res.echo else res.body
         start, last = self._range_start(h, res), len(body) - 1
         if start is not None and isinstance(start, tuple):
             start, last = start[0], min(start[1], last)

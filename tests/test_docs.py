@@ -92,6 +92,8 @@ def test_daemon_keys_and_fstab_options():
                        table_names(section("`[daemon]`")), "[daemon] key")
     problems += compare("section '`[serve]`'", config.SERVE_KEYS,
                         table_names(section("`[serve]`")), "[serve] key")
+    problems += compare("section '`[proxy]`'", config.PROXY_KEYS,
+                        table_names(section("`[proxy]`")), "[proxy] key")
     fstab = {*cli.FSTAB_FLAGS, *(k + "=" for k in cli.FSTAB_VALUES)}
     documented = [n.split("=")[0] + "=" if "=" in n else n
                   for n in table_names(section("fstab"))]

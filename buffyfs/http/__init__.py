@@ -8,6 +8,7 @@ binding), ``bind``, ``serve`` (the task the daemon's nursery runs) and ``close``
     ranges.py    validators, conditional requests, byte ranges (pure)
     access.py    tokens and scopes, loopback (pure)
     changes.py   the long-poll change feed
+    proxy.py     the server as an HTTP proxy: proxied URLs become sources
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ async def serve(settings: ServeSettings, daemon: Any) -> None:
     from buffyfs.http.app import App
     from buffyfs.http.server import run
 
-    app = App(daemon, settings.tokens, secure=settings.tls_cert is not None)
+    app = App(daemon, settings.tokens, secure=settings.tls_cert is not None,
+              proxy=settings.proxy)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(app.feed.run)
         await run(settings, app)

@@ -41,11 +41,13 @@ from urllib.parse import parse_qs, quote, unquote_to_bytes
 
 import trio
 
+from buffyfs.config import ProxyConfig
 from buffyfs.control import VERSION_RE
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
 from buffyfs.http import access
 from buffyfs.http.changes import ChangeFeed
 from buffyfs.http.page import StatusPage
+from buffyfs.http.proxy import Proxy, is_proxy_request, own_path
 from buffyfs.http.ranges import (
     BadRange,
     Span,
@@ -127,7 +129,8 @@ class Request:
 
 
 class App:
-    def __init__(self, daemon: Any, tokens: access.Tokens, secure: bool = False) -> None:
+    def __init__(self, daemon: Any, tokens: access.Tokens, secure: bool = False,
+                 proxy: ProxyConfig | None = None) -> None:
         self.daemon = daemon
         self.cache = daemon.cache
         self.index = daemon.cache.index
@@ -139,6 +142,7 @@ class App:
         # (@status, control writes, collections), and more readers than cores only
         # fight over the GIL with the loop, which every FUSE request waits for
         self.readers = trio.CapacityLimiter(READERS)
+        self.proxy = Proxy(self, proxy or ProxyConfig())  # proxy.py: [proxy]
 
     # --- ASGI ------------------------------------------------------------------------
 
@@ -183,6 +187,13 @@ class App:
     async def handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope.get("http_version") not in ("1.0", "1.1"):
             raise Answer(505, "HTTP/1.0 and HTTP/1.1 only")
+        own = own_path(scope.get("raw_path") or b"", scope.get("server"))
+        if own is not None:  # absolute-form naming this server: as if origin-form
+            scope = {**scope, "raw_path": own}
+        elif is_proxy_request(scope["method"], scope.get("raw_path") or b""):
+            # the proxied URL's query is the origin's, not ours (proxy.py)
+            req = Request({**scope, "query_string": b""}, receive)
+            return await self.proxy.answer(req, send, scope.get("query_string", b""))
         req = Request(scope, receive)
         parts = self._parts(req.raw_path)
         if req.method == "POST":
@@ -609,5 +620,5 @@ def _content_type(value: str | None) -> str:
 
 def _shown(scope: dict[str, Any]) -> str:
     """The request's path for the log: no query string (it may carry a token)."""
-    raw = scope.get("raw_path") or b""
+    raw = re.sub(rb"^([A-Za-z]+://)[^/]*@", rb"\1", scope.get("raw_path") or b"")  # user info
     return raw[:200].decode("latin-1").encode("unicode_escape").decode("ascii")

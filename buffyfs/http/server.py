@@ -20,6 +20,7 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 
+from buffyfs.config import ProxyConfig
 from buffyfs.errors import BadInput, CacheError
 from buffyfs.http.access import Tokens, is_loopback
 
@@ -37,6 +38,7 @@ class ServeSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     sock: socket.socket | None = None  # bound by ``bind``
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)  # [proxy]: http/proxy.py
 
     @property
     def url(self) -> str:
