@@ -102,7 +102,8 @@ def test_stat_answers_while_the_mount_collects(big_mount: Mount) -> None:
 
 
 STATUS_SOURCES = 10_000  # x 2 versions: building @status on the loop held it ~1 s here
-STATUS_BOUND = 0.4  # seconds
+STATUS_BOUND = 0.7  # seconds: below the old ~1 s; the figure itself is bench/stall's (0.4
+# flaked at 0.44-0.57 s with five test runs sharing two cores: issue 12 has the rest)
 
 
 def test_stat_answers_while_status_metrics_and_listings_are_built(
