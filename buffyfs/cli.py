@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--scrub-rate", metavar="SIZE",
                    help="bytes per second the scrub reads at most, e.g. 20M "
                         "(default: the config's scrub_rate, else 20M)")
+    m.add_argument("--upstream", metavar="URL[,URL...]",
+                   help="be a replica of these buffyfs serve hubs, tried in order "
+                        "(default: the config's upstream, else none)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--public", action="store_true",
                    help="allow open reads on an address beyond loopback")
@@ -315,6 +318,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     args.log_level = args.log_level or daemon.log_level
     scrub_interval = check_scrub_interval(args.scrub_interval or daemon.scrub_interval)
     scrub_rate = check_scrub_rate(args.scrub_rate) if args.scrub_rate else daemon.scrub_rate
+    replica = _replica_settings(args, daemon)  # bad input fails before the daemon starts
     if args.foreground:
         from buffyfs import mount
 
@@ -327,9 +331,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
             max_cache_size=max_size, config_path=config_path, prune=args.prune,
             scrub_interval=None if scrub_interval == "never" else
             float(parse_duration(scrub_interval, "scrub_interval")),
-            scrub_rate=scrub_rate, serve=serve, unpack_max_size=daemon.unpack_max_size))
+            scrub_rate=scrub_rate, serve=serve, unpack_max_size=daemon.unpack_max_size,
+            replica=replica))
         return 0
     return _mount_detached(args, cache_dir)
+
+
+def _replica_settings(args: argparse.Namespace, daemon: Any) -> Any:
+    """``--upstream`` over ``[daemon] upstream``: None when this is no replica."""
+    from buffyfs.config import check_upstream
+    from buffyfs.replica import ReplicaSettings
+
+    urls = check_upstream(args.upstream) if getattr(args, "upstream", None) else daemon.upstream
+    if not urls:
+        return None
+    return ReplicaSettings(urls, daemon.upstream_token, daemon.upstream_sources,
+                           daemon.prefetch)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -378,7 +395,7 @@ def _mount_detached(args: argparse.Namespace, cache_dir: Path) -> int:
     if args.max_cache_size:
         cmd += ["--max-cache-size", args.max_cache_size]
     for flag, value in (("--scrub-interval", args.scrub_interval),
-                        ("--scrub-rate", args.scrub_rate)):
+                        ("--scrub-rate", args.scrub_rate), ("--upstream", args.upstream)):
         if value:
             cmd += [flag, value]
     if args.config:

@@ -8,6 +8,10 @@
     log_level = "info"
     scrub_interval = "7d"         # ours: re-hash every blob this often ("never": off)
     scrub_rate = "20M"            # ours: bytes per second the scrub reads at most
+    upstream = ["http://hub:8631"]  # a replica of these hubs, tried in order
+    upstream_token = "..."        # a control token of the hub: forwarded control writes
+    upstream_sources = ["team-*"] # globs: the hub's sources to mirror (none: all)
+    prefetch = "latest"           # replica bytes fetched before a read: latest, none, all
 
     [defaults]                    # any source option (not url), for every source
     refresh = "1d"
@@ -65,7 +69,7 @@ SERVE_KEYS = ("listen", "public", "read_tokens", "control_tokens", "read_token_f
               "control_token_files", "tls_cert", "tls_key")
 DAEMON_KEYS = ("cache", "max_cache_size", "max_downloads", "max_downloads_per_host", "log_level",
                "scrub_interval", "scrub_rate", "max_connections_per_host",
-               "unpack_max_size")
+               "unpack_max_size", "upstream", "upstream_token", "upstream_sources", "prefetch")
 DEFAULT_SCRUB_INTERVAL = "7d"
 DEFAULT_SCRUB_RATE = 20 << 20  # bytes/s: 1 TiB in about 15 hours
 PROXY_KEYS = ("allow", "allow_post", "defaults")
@@ -85,6 +89,11 @@ class DaemonConfig:
     scrub_rate: int = DEFAULT_SCRUB_RATE  # bytes per second
     max_connections_per_host: int = 8  # TCP connections to one host, all downloads
     unpack_max_size: int = 10 << 30  # bytes one version may expand to (unpacker.py)
+    # a replica of these hubs, tried in order (replica.py); none: not a replica
+    upstream: list[str] = field(default_factory=list)
+    upstream_token: str | None = None  # a control token of the hub (forwarded writes)
+    upstream_sources: list[str] = field(default_factory=list)  # globs; none: all
+    prefetch: str = "latest"  # latest, none, all
 
 
 @dataclass
@@ -213,6 +222,22 @@ def _normal_keys(where: _Where, table: str, raw: dict[str, Any]) -> dict[str, tu
 # --- [daemon] ---------------------------------------------------------------------------
 
 
+def check_upstream(value: Any) -> list[str]:
+    """``--upstream URL[,URL...]`` or ``upstream = [...]``: hub URLs, http or https."""
+    urls = value.split(",") if isinstance(value, str) else value
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        raise BadInput("upstream must be a list of hub URLs, e.g. "
+                       '["http://hub.example:8631"]')
+    out = []
+    for url in urls:
+        url = url.strip()
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+            raise BadInput(f"invalid upstream URL {options.redact_url(url)!r}: use "
+                           "http://HOST:PORT or https://HOST[:PORT][/PATH]")
+        out.append(url.rstrip("/"))
+    return out
+
+
 def _load_daemon(where: _Where, raw: dict[str, Any]) -> DaemonConfig:
     daemon = DaemonConfig()
     for normal, (key, value) in _normal_keys(where, "daemon", raw).items():
@@ -246,6 +271,26 @@ def _load_daemon(where: _Where, raw: dict[str, Any]) -> DaemonConfig:
                 daemon.unpack_max_size = options.parse_size(value, normal)
             except BadInput as e:
                 where.fail("daemon", shown, str(e))
+        elif normal == "upstream":
+            try:
+                daemon.upstream = check_upstream(value)
+            except BadInput as e:
+                where.fail("daemon", shown, str(e))
+        elif normal == "upstream_token":
+            if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+                where.fail("daemon", shown, "upstream_token must be a non-empty string "
+                           "without spaces")
+            daemon.upstream_token = value
+        elif normal == "upstream_sources":
+            if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
+                where.fail("daemon", shown, "upstream_sources must be a list of globs, "
+                           'e.g. ["team-*"]')
+            daemon.upstream_sources = list(value)
+        elif normal == "prefetch":
+            if value not in ("latest", "none", "all"):
+                where.fail("daemon", shown, f"invalid prefetch {value!r}: use latest, "
+                           "none or all")
+            daemon.prefetch = value
         elif normal == "scrub_rate":
             try:
                 daemon.scrub_rate = check_scrub_rate(value)

@@ -56,6 +56,7 @@ from buffyfs.options import (
 from buffyfs.scheduler import Scheduler
 from buffyfs.snapshots import Snapshot, Snapshots
 from buffyfs.unpackfs import UnpackedHandle, UnpackedTree
+from buffyfs.upstream import Forbidden
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class BuffyFS(pyfuse3.Operations):
         self.shown_links: dict[int, int] = {}
         self.unpacked = UnpackedTree(self)  # SOURCE/@unpacked/ (unpackfs.py)
         self.on_source_changed: Callable[[str], None] | None = None  # the unpacker's kick
+        self.replica: Any = None  # replica.Replica of a mount with --upstream
 
     # --- node resolution --------------------------------------------------------------
 
@@ -595,6 +597,7 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.kind == "version":
             assert node.version is not None
+            await self._hold(node.source, node.version)
             return self._open_version(node.version, keep_cache=True)
         if node.kind == "pending":
             assert node.source
@@ -633,6 +636,7 @@ class BuffyFS(pyfuse3.Operations):
                                         keep_cache=False)
         for tries_left in (1, 0):
             version = await self._wait_latest(name)
+            await self._hold(name, version)
             try:
                 return self._open_version(version, direct_io=True, keep_cache=False)
             except pyfuse3.FUSEError:
@@ -641,6 +645,17 @@ class BuffyFS(pyfuse3.Operations):
                 if not tries_left or not (now and now.get("damaged")):
                     raise
         raise AssertionError("unreachable")
+
+    async def _hold(self, name: str | None, version: dict[str, Any]) -> None:
+        """A replica's version whose bytes are not here yet: fetch them from the hub
+        first (replica.py); EIO if they cannot be had."""
+        if self.replica is None or not version.get("remote") or name is None:
+            return
+        try:
+            await self.replica.hold(name, version)
+        except FetchError as e:
+            log.warning("%s: version %s not available: %s", name, version["id"], e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     def report_damage(self, sha256: str, reason: str, check: str) -> None:
         """A blob failed a check (``check``: open, read or scrub): mark it and its versions
@@ -752,6 +767,8 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
             await self.run_control(buf, handle.source)
+        except Forbidden:  # a replica without a token the hub takes (replica.py)
+            raise pyfuse3.FUSEError(errno.EACCES) from None
         except (BadInput, NotFound):  # logged, and shown as last_control_error
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         except BuffyError:
@@ -767,7 +784,10 @@ class BuffyFS(pyfuse3.Operations):
         call). Once it has committed, the scheduler and the kernel catch up, so every
         command has taken effect for every later open when this returns.
 
-        Raises BadInput or NotFound when the write is refused (nothing applied)."""
+        Raises BadInput or NotFound when the write is refused (nothing applied). On a
+        replica, a write for mirrored sources goes to the hub instead (replica.py)."""
+        if self.replica is not None and await self.replica.forward_control(data, source):
+            return
         def judge(parsed: list[Any], source: str | None) -> None:  # revalidate's checks
             trio.from_thread.run(revalidate.judge, self.index, self.cache.blobs, parsed,
                                  source)

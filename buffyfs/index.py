@@ -16,7 +16,9 @@ Named databases and their keys (all values JSON unless said otherwise):
     ``seq``       8-byte big-endian counter, bumped by every change in ``changes``
     ``next_ino``  8-byte big-endian, the next unused inode number (never reused)
     ``blob_bytes`` 8-byte big-endian, the total size of the blobs in ``blobs``
-``sources``       NAME -> ``{"url", "options", "ino", "added_at", "pin"}``
+``sources``       NAME -> ``{"url", "options", "ino", "added_at", "pin"[, "mirror"]}``
+                  ``mirror`` (true): a replica's copy of a hub's source (replica.py),
+                  never refreshed here
                   ``pin`` is the pinned version id (None: not pinned, or pinned
                   with no version yet: the first version commits as the pin)
                   ``ino`` is the first of INODES_PER_SOURCE numbers owned by the
@@ -24,7 +26,9 @@ Named databases and their keys (all values JSON unless said otherwise):
                   (options.normalize_options)
 ``versions``      NAME b"\\0" VERSION_ID -> ``{"id", "sha256", "size", "fetched_at",
                   "url", "etag", "last_modified", "content_type", "ino", "tags"
-                  [, "damaged"][, "held_until"]}``; ids sort by fetch time, so a
+                  [, "damaged"][, "held_until"][, "remote"]}``; ``remote`` (true): a
+                  replica's version whose bytes are not here yet (no blob reference
+                  until they are, replica.py); ids sort by fetch time, so a
                   reverse prefix scan is newest first. ``damaged`` (``{"at",
                   "reason"}``) is set on every version whose blob failed a check (see
                   ``blobs``); ``latest`` skips it. ``held_until`` (RFC 3339 UTC) is set
@@ -420,6 +424,8 @@ class Writer(Reader):
             self.mirrored(source)
         self.txn.delete(_u64(version["ino"]), db=self.dbs["garbage"])
         self.txn.delete(_u64(version["ino"]), db=self.dbs["inodes"])
+        if version.get("remote"):  # a replica's version never fetched holds no reference
+            return False
         return self.unref_blob(version["sha256"])
 
     # --- sources, tags and pins (the rules in commands.py call these) -----------------
@@ -494,6 +500,7 @@ class Writer(Reader):
             v["held_until"] = stamp
             self.put_version(name, v)
             self.changed(name)
+            self.mirrored(name)  # replicas show holds
         return v
 
     def release(self, name: str, vid: str) -> dict[str, Any]:
@@ -504,6 +511,7 @@ class Writer(Reader):
         if v.pop("held_until", None) is not None:
             self.put_version(name, v)
             self.changed(name)
+            self.mirrored(name)
         return v
 
     def set_pin(self, name: str, pinned: bool, vid: str | None) -> None:
@@ -516,6 +524,30 @@ class Writer(Reader):
         self.put_source(name, src)
         self.changed(name)
         self.mirrored(name)
+
+    # --- a replica's mirrored sources (replica.py) ------------------------------------
+
+    def add_mirrored_version(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Add a version a hub has, under the hub's id. Bytes this cache holds already
+        (the same sha256) count at once; else the version is ``"remote"``: no blob
+        reference until its bytes arrive (replica.Replica.hold)."""
+        ino = self.alloc_inodes(1)
+        version = {**record, "ino": ino}
+        blob = self.blob_ref(record["sha256"])
+        if blob and blob.get("refs", 0) > 0:
+            self.ref_blob(record["sha256"], record["size"])
+            if blob.get("damaged"):
+                version["damaged"] = blob["damaged"]
+        else:
+            version["remote"] = True
+        self.put_version(name, version)
+        self._put("inodes", _u64(ino), {"kind": "version", "source": name, "id": record["id"]})
+        return version
+
+    def retire_version(self, name: str, version: dict[str, Any]) -> None:
+        """A version the hub dropped: garbage now, collected when no reader holds it."""
+        self.txn.delete(name.encode() + b"\0" + version["id"].encode(), db=self.dbs["versions"])
+        self._put("garbage", _u64(version["ino"]), {**version, "source": name})
 
     def request_refresh(self, name: str) -> None:
         """Ask the running mount to check ``name`` now (its change watcher takes it)."""

@@ -26,9 +26,11 @@ from buffyfs.fs import BuffyFS
 from buffyfs.http import ServeSettings
 from buffyfs.index import now_utc, rfc3339
 from buffyfs.refresh import Refresher, partial_key
+from buffyfs.replica import Replica, ReplicaSettings
 from buffyfs.scheduler import Scheduler
 from buffyfs.scrub import Scrubber
 from buffyfs.unpacker import Unpacker
+from buffyfs.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class Settings:
     scrub_rate: int = 20 << 20  # bytes per second the scrub reads at most
     serve: ServeSettings | None = None  # the HTTP server, if any
     unpack_max_size: int = 10 << 30  # bytes one version may expand to (unpacker.py)
+    replica: ReplicaSettings | None = None  # a replica of a hub (--upstream)
 
 
 def sync_config(cache: Cache, settings: Settings) -> None:
@@ -347,6 +350,9 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
                 start_task(nursery, "watchdog feeder", watchdog.feed_watchdog, heartbeat)
             if watchdog.hooks_enabled():
                 start_task(nursery, "test hook", watchdog.block_loop_on_signal)
+            if settings.replica is not None:
+                fs.replica = _start_replica(nursery, cache, settings, fs, scheduler, client,
+                                            collector)
             if settings.serve is not None:
                 from buffyfs import http
 
@@ -400,6 +406,24 @@ def _exit_if_stuck(grace: float) -> None:
     _stuck_exit = threading.Timer(grace, exit_now)
     _stuck_exit.daemon = True
     _stuck_exit.start()
+
+
+def _start_replica(nursery: trio.Nursery, cache: Cache, settings: Settings, fs: BuffyFS,
+                   scheduler: Scheduler, client: httpx.AsyncClient,
+                   collector: Collector) -> Replica:
+    """Follow the hub (replica.py); its changes reach the scheduler and the kernel."""
+    assert settings.replica is not None
+
+    def changed(name: str) -> None:
+        scheduler.sync(name)
+        fs.source_changed(name)
+
+    replica = Replica(cache, settings.replica,
+                      Upstream(settings.replica.upstream, settings.replica.token, client),
+                      on_changed=changed, make_room=collector.make_room,
+                      downloads=settings.max_downloads)
+    start_task(nursery, "replica", replica.run)
+    return replica
 
 
 def _start_unpacker(cache: Cache, fs: BuffyFS, collector: Collector, max_size: int

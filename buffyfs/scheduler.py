@@ -189,6 +189,11 @@ class Scheduler:
                 if source is None:
                     self._forget(name)
                     continue
+                if source.get("mirror"):  # a replica's: the hub refreshes it (replica.py)
+                    self.forced.discard(name)
+                    self.unstarted.discard(name)
+                    self._plan(name, None)
+                    continue
                 state = r.state(name)
 
                 def has_version(r=r, name=name) -> bool:  # read only when it matters

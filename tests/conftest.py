@@ -300,3 +300,34 @@ def http_request(url: str, path: str, method: str = "GET", body: bytes | None = 
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
     finally:
         conn.close()
+
+
+# --- replicas (issue 15): a mount following a hub started by serve_factory ---------------
+
+
+@pytest.fixture
+def replica_factory(tmp_path: Path, mount_factory: Callable[..., Mount]
+                    ) -> Callable[..., Mount]:
+    """``replica_factory(hub_url, token=..., sources=[...], prefetch=...)`` mounts a
+    replica with a cache of its own (``cache=`` to reuse one, e.g. for a restart);
+    ``hub_url`` may be several URLs joined by commas. Further arguments go to the mount."""
+    made = [0]
+
+    def start(hub_url: str, *extra: str, token: str | None = None,
+              sources: list[str] | None = None, prefetch: str | None = None,
+              cache: Path | None = None) -> Mount:
+        made[0] += 1
+        cache = cache or tmp_path / f"replica-cache{made[0]}"
+        lines = ["[daemon]", f"cache = {str(cache)!r}"]
+        if token is not None:
+            lines.append(f"upstream_token = {token!r}")
+        if sources is not None:
+            lines.append(f"upstream_sources = {sources!r}")
+        if prefetch is not None:
+            lines.append(f"prefetch = {prefetch!r}")
+        config = tmp_path / f"replica{made[0]}.toml"
+        config.write_text("\n".join(lines) + "\n")
+        return mount_factory("--upstream", hub_url, "--config", str(config), *extra,
+                             cache=cache)
+
+    return start

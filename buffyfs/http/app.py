@@ -58,6 +58,7 @@ from buffyfs.http.ranges import (
 )
 from buffyfs.index import newest_of, resolve_latest, tag_latest
 from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE, parse_duration
+from buffyfs.upstream import Forbidden
 
 log = logging.getLogger(__name__)
 
@@ -553,6 +554,8 @@ class App:
         data = await req.body(MAX_BODY)
         try:
             await self.daemon.run_control(data, source)
+        except Forbidden as e:  # a replica whose hub refuses it (replica.py)
+            raise Answer(403, str(e)) from None
         except (BadInput, NotFound) as e:
             raise Answer(400, str(e)) from None
         except BuffyError as e:

@@ -1,0 +1,325 @@
+"""A replica: the sources of a hub (``buffyfs serve``) mirrored into this cache.
+
+One task follows the hub's change feed (``GET /@changes`` long-poll) and, for each
+source named there, reads the hub's ``NAME/@status`` and writes what it says into the
+index in one transaction: the source (marked ``"mirror": true``, never refreshed
+here: scheduler.py skips it), its versions with their tags and holds, its pin. A
+version whose bytes this cache does not hold yet carries ``"remote": true`` and no
+blob reference; its bytes come from ``HUB/@blobs/sha256/HEX`` on first open or by
+prefetch, are checked against the sha256 (upstream.py) and then count as any blob
+(quota, collection, scrub).
+
+Control writes for mirrored sources go to the hub (``forward_control``); the
+replica pulls the result at once rather than waiting for the feed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from buffyfs import control
+from buffyfs.cache import Cache
+from buffyfs.errors import BadInput, BuffyError, FetchError
+from buffyfs.index import Writer, now_utc, resolve_latest, rfc3339
+from buffyfs.upstream import FEED_WAIT, HubDown, Upstream, partial_dir
+
+log = logging.getLogger(__name__)
+
+RETRY = 1.0  # seconds between tries of an unreachable hub (catch-up well within 5 s)
+STATUS_READS = 8  # the hub's @status read at once during a sync
+PREFETCH_MODES = ("latest", "none", "all")
+
+
+@dataclass
+class ReplicaSettings:
+    upstream: list[str]
+    token: str | None = None
+    sources: list[str] = field(default_factory=list)  # globs; none: every source
+    prefetch: str = "latest"
+
+
+class Replica:
+    def __init__(self, cache: Cache, settings: ReplicaSettings, upstream: Upstream,
+                 on_changed: Callable[[str], None] = lambda name: None,
+                 make_room: Callable[[int], None] | None = None,
+                 downloads: int = 4) -> None:
+        self.cache = cache
+        self.index = cache.index
+        self.settings = settings
+        self.upstream = upstream
+        self.on_changed = on_changed  # the scheduler and the kernel catch up
+        self.make_room = make_room
+        self.hub: str | None = None  # the URL whose serial we follow
+        self.serial = -1
+        self.down = True  # until the first answer: clears the stale marks of a restart
+        self.fetching: dict[str, trio.Event] = {}  # sha256 -> set when its fetch ends
+        self.downloads = trio.CapacityLimiter(downloads)
+        self.prefetch_wanted: dict[tuple[str, str], None] = {}
+        self.prefetch_wake = trio.Event()
+        self.partials = partial_dir(cache.root)
+
+    # --- which sources ----------------------------------------------------------------
+
+    def wanted(self, name: str) -> bool:
+        globs = self.settings.sources
+        return not globs or any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+    def owns(self, name: str) -> bool:
+        with self.index.read() as r:
+            src = r.source(name)
+        return bool(src and src.get("mirror"))
+
+    # --- following the hub ------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._prefetcher)
+            while True:
+                try:
+                    await self._follow_once()
+                except HubDown as e:
+                    await trio.to_thread.run_sync(self._mark_stale, str(e))
+                    await trio.sleep(RETRY)
+                except FetchError as e:
+                    log.error("replica: %s", e)
+                    await trio.to_thread.run_sync(self._mark_stale, str(e))
+                    await trio.sleep(RETRY)
+
+    async def _follow_once(self) -> None:
+        wait = 0.0 if self.hub is None or self.down else FEED_WAIT
+        answer = await self.upstream.changes(self.serial, wait, None)
+        if answer.status != 200:
+            raise FetchError(f"hub {answer.url}: HTTP {answer.status} for /@changes")
+        feed = answer.json()
+        if answer.url != self.hub:  # a first answer, or another hub: look at everything
+            if self.hub is not None:
+                log.warning("replica: following %s now (was %s)", answer.url, self.hub)
+            self.hub = answer.url
+            feed["complete"] = False
+        names = [n for n in feed["sources"] if self.wanted(n)]
+        if not feed.get("complete", True):
+            with self.index.read() as r:
+                mine = [n for n, s in r.sources() if s.get("mirror")]
+            names = sorted(set(names) | set(mine))  # those the hub lost go
+        await self.sync(names, answer.url)
+        self.serial = feed["serial"]
+        if self.down:
+            self.down = False
+            await trio.to_thread.run_sync(self._mark_fresh)
+
+    async def sync(self, names: list[str], hub: str | None = None) -> None:
+        """Bring ``names`` up to the hub's state (HubDown if it does not answer)."""
+        found: dict[str, dict[str, Any] | None] = {}
+        limit = trio.CapacityLimiter(STATUS_READS)
+
+        async def read(name: str) -> None:
+            async with limit:
+                _, found[name] = await self.upstream.source(name, hub)
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(read, name)
+        changed = await trio.to_thread.run_sync(self._apply, found)
+        for name in changed:
+            self.on_changed(name)
+        self._plan_prefetch(list(found))
+
+    def _apply(self, found: dict[str, dict[str, Any] | None]) -> list[str]:
+        changed = []
+        with self.index.write() as w:
+            for name, status in found.items():
+                if _apply_source(w, name, status if self.wanted(name) else None):
+                    changed.append(name)
+        return changed
+
+    def _mark_stale(self, message: str) -> None:
+        at = rfc3339(now_utc())
+        with self.index.write() as w:
+            for name, src in w.sources():
+                if src.get("mirror"):
+                    failures = w.state(name).get("consecutive_failures", 0)
+                    w.put_state(name, consecutive_failures=max(1, failures),
+                                last_error={"at": at, "message": message})
+        if not self.down:
+            log.error("replica: %s", message)
+        self.down = True
+
+    def _mark_fresh(self) -> None:
+        at = rfc3339(now_utc())
+        with self.index.write() as w:
+            for name, src in w.sources():
+                if src.get("mirror"):
+                    w.put_state(name, consecutive_failures=0, last_error=None,
+                                last_check=at, last_success=at)
+        log.info("replica: following %s", self.hub)
+
+    # --- bytes --------------------------------------------------------------------------
+
+    async def hold(self, name: str, version: dict[str, Any]) -> None:
+        """Make sure this cache holds the bytes of ``version`` (fetching them from the
+        hub, checked, if not); FetchError when they cannot be had."""
+        sha, size = version["sha256"], version["size"]
+        while (busy := self.fetching.get(sha)) is not None:
+            await busy.wait()
+        done = self.fetching[sha] = trio.Event()
+        try:
+            held = await trio.to_thread.run_sync(self._held, sha)
+            if not held:
+                partial = self.partials / f"{sha}.part"
+                async with self.downloads:
+                    if self.make_room is not None:
+                        self.make_room(size)
+                    await self.upstream.fetch_blob(sha, size, partial)
+                await trio.to_thread.run_sync(self.cache.blobs.commit_partial, partial, sha)
+            if await trio.to_thread.run_sync(self._mark_held, name, version["id"]):
+                self.on_changed(name)
+        finally:
+            del self.fetching[sha]
+            done.set()
+
+    def _held(self, sha: str) -> bool:
+        with self.index.read() as r:
+            ref = r.blob_ref(sha)
+        return bool(ref and ref.get("refs", 0) > 0 and not ref.get("damaged")
+                    and self.cache.blobs.exists(sha))
+
+    def _mark_held(self, name: str, vid: str) -> bool:
+        with self.index.write() as w:
+            v = w.version(name, vid)
+            if v is None or not v.pop("remote", False):
+                return False
+            w.ref_blob(v["sha256"], v["size"])
+            w.put_version(name, v)
+            w.changed(name)
+        return True
+
+    def _plan_prefetch(self, names: list[str]) -> None:
+        mode = self.settings.prefetch
+        if mode == "none":
+            return
+        with self.index.read() as r:
+            for name in names:
+                src = r.source(name)
+                if not src or not src.get("mirror"):
+                    continue
+                versions = r.versions(name)
+                if mode == "latest":
+                    latest = resolve_latest(src, versions)
+                    versions = [latest] if latest else []
+                for v in versions:
+                    if v.get("remote"):
+                        self.prefetch_wanted[(name, v["id"])] = None
+        if self.prefetch_wanted:
+            self.prefetch_wake.set()
+
+    async def _prefetcher(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self.prefetch_wake.wait()
+                self.prefetch_wake = trio.Event()
+                wanted, self.prefetch_wanted = list(self.prefetch_wanted), {}
+                for name, vid in wanted:
+                    nursery.start_soon(self._prefetch, name, vid)
+
+    async def _prefetch(self, name: str, vid: str) -> None:
+        with self.index.read() as r:
+            v = r.version(name, vid)
+        if v is None or not v.get("remote"):
+            return
+        try:
+            await self.hold(name, v)
+        except FetchError as e:
+            log.warning("%s: prefetch of %s failed: %s", name, vid, e)
+
+    # --- control ------------------------------------------------------------------------
+
+    async def forward_control(self, data: bytes, source: str | None) -> bool:
+        """Send a control write for mirrored sources to the hub and pull the result;
+        False when it names none (the caller applies it here). Raises BadInput for a
+        write mixing mirrored and local sources, upstream.Forbidden without a token
+        (or one the hub refuses), BadInput with the hub's reason for a 400, HubDown."""
+        try:
+            parsed = control.parse(data, "root" if source is None else "source")
+        except BadInput:
+            return False  # refused here, with the usual message
+        if source is not None:
+            names = [source] if self.owns(source) else []
+            everything = bool(names)
+        else:
+            names = [c.args[0] for c in parsed if c.word == "remove" and self.owns(c.args[0])]
+            everything = len(names) == len(parsed)
+        if not names:
+            return False
+        try:
+            if not everything:
+                raise BadInput("a write mixing mirrored sources (their commands go to the "
+                               "hub) and this replica's own cannot be applied as one: "
+                               "write them separately")
+            await self.upstream.control(data, source)
+            await self.sync(names)
+        except BuffyError as e:
+            log.warning("%s: control write refused: %s", source or "@control", e)
+            await trio.to_thread.run_sync(self.cache.set_control_error, source, str(e))
+            raise
+        await trio.to_thread.run_sync(self.cache.set_control_error, source, None)
+        return True
+
+
+def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
+    """Write the hub's ``@status`` of ``name`` (None: the hub has none, or we do not
+    mirror it) into the index; True if anything changed."""
+    local = w.source(name)
+    if local is not None and not local.get("mirror"):
+        return False  # a source of this replica's own: the hub's of that name is not shown
+    if status is None:
+        if local is None:
+            return False
+        w.remove_source(name)
+        return True
+    options = dict(status["options"])
+    if local is None:
+        w.add_source(name, status["url"], options)
+        local = w.source(name)
+        assert local is not None
+    changed = False
+    wanted = {**local, "url": status["url"], "options": options, "mirror": True,
+              "pin": status.get("pinned")}
+    if wanted != local:
+        w.put_source(name, wanted)
+        changed = True
+    hub_versions = {v["id"]: v for v in status.get("versions", [])}
+    mine = {v["id"]: v for v in w.versions(name)}
+    for vid, v in mine.items():
+        if vid not in hub_versions:
+            w.retire_version(name, v)
+            changed = True
+    for vid, hv in hub_versions.items():
+        fields = {"tags": list(hv.get("tags", []))}
+        if hv.get("held_until"):
+            fields["held_until"] = hv["held_until"]
+        if hv.get("validation"):
+            fields["validation"] = hv["validation"]
+        v = mine.get(vid)
+        if v is None:
+            w.add_mirrored_version(name, {
+                "id": vid, "sha256": hv["sha256"], "size": hv["size"],
+                "fetched_at": hv["fetched_at"], "url": status["url"], "etag": None,
+                "last_modified": None, "content_type": None, **fields})
+            changed = True
+            continue
+        now = {**v, **fields}
+        if not hv.get("held_until"):
+            now.pop("held_until", None)
+        if now != v:
+            w.put_version(name, now)
+            changed = True
+    if changed:
+        w.changed(name)
+        w.mirrored(name)
+    return changed

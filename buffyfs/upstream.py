@@ -1,0 +1,173 @@
+"""The hub client of a replica: the hub's JSON answers, its blobs by sha256, its
+control endpoint, over the ``--upstream`` URLs tried in order.
+
+Every request goes to the first URL that answers; a URL that fails (no connection,
+a 5xx) hands the request to the next one. The token (``upstream_token``) goes in an
+``Authorization: Bearer`` header and never into a message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from buffyfs import downloader
+from buffyfs.blobs import hash_file
+from buffyfs.errors import BadInput, FetchError, NotFound
+from buffyfs.refresh import backoff
+
+log = logging.getLogger(__name__)
+
+FEED_WAIT = 25.0  # seconds a /@changes long-poll waits at the hub
+TIMEOUT = 30.0  # seconds of silence before a request to the hub fails
+BLOB_ATTEMPTS = 5  # attempts at one blob on each URL, as a refresh's max_attempts
+
+
+class Forbidden(FetchError):
+    """The hub refused a control write (no token, or one it does not take)."""
+
+
+class HubDown(FetchError):
+    """No URL of ``--upstream`` answered."""
+
+
+@dataclass
+class Answer:
+    url: str  # the hub URL that answered
+    status: int
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Upstream:
+    def __init__(self, urls: list[str], token: str | None,
+                 client: httpx.AsyncClient) -> None:
+        self.urls = [u.rstrip("/") for u in urls]
+        self.token = token
+        self.client = client
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json", **(extra or {})}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def _scrub(self, text: str) -> str:
+        return downloader.scrub(text, [self.token] if self.token else [])
+
+    async def request(self, method: str, path: str, content: bytes | None = None,
+                      timeout: float = TIMEOUT, first: str | None = None) -> Answer:
+        """``method path`` at the first URL that answers (``first``, when given, is
+        asked before the others); an answer below 500 counts (404 and 400 too).
+        HubDown with every URL's error when none answers."""
+        order = self.urls if first is None else [first] + [u for u in self.urls if u != first]
+        errors = []
+        for base in order:
+            try:
+                r = await self.client.request(method, base + path, content=content,
+                                              headers=self._headers(),
+                                              timeout=httpx.Timeout(timeout))
+            except httpx.HTTPError as e:
+                errors.append(f"{base}: {downloader.describe_http_error(e, downloader.Request(base))}")
+                continue
+            if r.status_code >= 500:
+                errors.append(f"{base}: HTTP {r.status_code}")
+                continue
+            return Answer(base, r.status_code, r.content)
+        raise HubDown(self._scrub("hub unreachable: " + "; ".join(errors)))
+
+    async def changes(self, since: int, wait: float, first: str | None) -> Answer:
+        return await self.request("GET", f"/@changes?since={since}&wait={wait:g}",
+                                  timeout=wait + TIMEOUT, first=first)
+
+    async def source(self, name: str, first: str | None) -> tuple[str, dict[str, Any] | None]:
+        """The hub's ``@status`` of ``name`` (None: the hub has no such source)."""
+        a = await self.request("GET", f"/{quote(name)}/@status", first=first)
+        if a.status == 404:
+            return a.url, None
+        if a.status != 200:
+            raise FetchError(f"hub {a.url}: HTTP {a.status} for {name}/@status")
+        return a.url, a.json()
+
+    async def control(self, data: bytes, source: str | None) -> None:
+        """Forward a control write; returns once the hub applied it. Forbidden when
+        the hub refuses the token, BadInput with the hub's reason for a 400."""
+        if not self.token:
+            raise Forbidden("this replica has no upstream_token: control commands for "
+                            "mirrored sources go to the hub, which needs one")
+        path = "/@control" if source is None else f"/{quote(source)}/@control"
+        a = await self.request("POST", path, content=data)
+        reason = a.body.decode(errors="replace").strip()
+        if a.status in (401, 403):
+            raise Forbidden(f"the hub refused the control write: {reason}")
+        if a.status == 404:
+            raise NotFound(f"the hub: {reason}")
+        if a.status >= 400:
+            raise BadInput(f"the hub: {reason}")
+
+    async def fetch_blob(self, sha256: str, size: int, partial: Path,
+                         grow: Callable[[int], int] | None = None) -> None:
+        """Download blob ``sha256`` into ``partial``, continuing what it holds (a
+        blob never changes: any prefix of it is good), until its sha256 matches.
+        A mismatch drops the bytes and asks once more with ``Cache-Control:
+        no-cache`` (a cache between us and the hub refreshes its copy), then the
+        next URL. FetchError when every URL failed."""
+        errors = []
+        for base in self.urls:
+            extra: dict[str, str] = {}
+            attempt = 0
+            while attempt < BLOB_ATTEMPTS:
+                attempt += 1
+                req = downloader.Request(f"{base}/@blobs/sha256/{sha256}",
+                                         headers=self._headers(extra),
+                                         attempt_timeout=TIMEOUT)
+                have = partial.stat().st_size if partial.exists() else 0
+                resume = downloader.Resume(have, f'"{sha256}"', None) if 0 < have < size else None
+                if have >= size:  # a whole file left by an earlier run: check it
+                    got = await trio.to_thread.run_sync(hash_file, partial)
+                    if got == sha256:
+                        return
+                    partial.unlink(missing_ok=True)
+                    resume = None
+                try:
+                    done = await downloader.download(self.client, req, partial, resume=resume,
+                                                     grow=grow)
+                except downloader.AttemptError as e:
+                    errors.append(f"{base}: {e}")
+                    if e.restart:
+                        partial.unlink(missing_ok=True)
+                    if not e.retryable:
+                        break
+                    await trio.sleep(backoff(attempt, e.retry_after))
+                    continue
+                assert isinstance(done, downloader.Downloaded)
+                if done.sha256 == sha256 and done.size == size:
+                    return
+                partial.unlink(missing_ok=True)
+                log.warning("blob %s from %s had the wrong sha256 (%s, %d bytes): dropped",
+                            sha256, base, done.sha256, done.size)
+                errors.append(f"{base}: wrong sha256")
+                if extra:  # asked past the caches already: the next URL
+                    break
+                extra = {"Cache-Control": "no-cache"}
+                attempt = 0
+        raise FetchError(self._scrub(f"blob {sha256[:12]}… not fetched: "
+                                     + "; ".join(errors[-3:])))
+
+
+def partial_dir(cache_root: Path) -> Path:
+    """Where blobs from the hub arrive (not ``partial/``: its sweep knows sources)."""
+    path = cache_root / "upstream"
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
