@@ -93,7 +93,7 @@ class Replica:
 
     async def _follow_once(self) -> None:
         wait = 0.0 if self.hub is None or self.down else FEED_WAIT
-        answer = await self.upstream.changes(self.serial, wait, None)
+        answer = await self.upstream.changes(self.serial, wait, self.hub)
         if answer.status != 200:
             raise FetchError(f"hub {answer.url}: HTTP {answer.status} for /@changes")
         feed = answer.json()

@@ -78,6 +78,8 @@ def _version_entry(v: dict[str, Any], why: list[Why], now: datetime) -> dict[str
         entry["validation"] = v["validation"]  # why it was tagged failed
     if v.get("damaged"):
         entry["damaged"] = v["damaged"]  # {"at", "reason"}: not served, downloading again
+    if v.get("remote"):
+        entry["remote"] = True  # a replica's version whose bytes are not here yet
     return entry
 
 

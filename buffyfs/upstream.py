@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FEED_WAIT = 25.0  # seconds a /@changes long-poll waits at the hub
 TIMEOUT = 30.0  # seconds of silence before a request to the hub fails
+CONNECT = 3.0  # seconds to connect: a hub cut off hands over to the next URL soon
 BLOB_ATTEMPTS = 5  # attempts at one blob on each URL, as a refresh's max_attempts
 
 
@@ -66,18 +67,20 @@ class Upstream:
     def _scrub(self, text: str) -> str:
         return downloader.scrub(text, [self.token] if self.token else [])
 
-    async def request(self, method: str, path: str, content: bytes | None = None,
-                      timeout: float = TIMEOUT, first: str | None = None) -> Answer:
+    async def request(self, method: str, path: str | Callable[[str], str],
+                      content: bytes | None = None, timeout: float = TIMEOUT,
+                      first: str | None = None) -> Answer:
         """``method path`` at the first URL that answers (``first``, when given, is
-        asked before the others); an answer below 500 counts (404 and 400 too).
-        HubDown with every URL's error when none answers."""
+        asked before the others; ``path`` may depend on the URL); an answer below 500
+        counts (404 and 400 too). HubDown with every URL's error when none answers."""
         order = self.urls if first is None else [first] + [u for u in self.urls if u != first]
         errors = []
         for base in order:
+            where = path(base) if callable(path) else path
             try:
-                r = await self.client.request(method, base + path, content=content,
+                r = await self.client.request(method, base + where, content=content,
                                               headers=self._headers(),
-                                              timeout=httpx.Timeout(timeout))
+                                              timeout=httpx.Timeout(timeout, connect=CONNECT))
             except httpx.HTTPError as e:
                 errors.append(f"{base}: {downloader.describe_http_error(e, downloader.Request(base))}")
                 continue
@@ -87,9 +90,15 @@ class Upstream:
             return Answer(base, r.status_code, r.content)
         raise HubDown(self._scrub("hub unreachable: " + "; ".join(errors)))
 
-    async def changes(self, since: int, wait: float, first: str | None) -> Answer:
-        return await self.request("GET", f"/@changes?since={since}&wait={wait:g}",
-                                  timeout=wait + TIMEOUT, first=first)
+    async def changes(self, since: int, wait: float, hub: str | None) -> Answer:
+        """The change feed after ``since`` of ``hub``, the URL whose serial it is; any
+        other URL is asked for everything at once (its serials are its own)."""
+        def path(base: str) -> str:
+            if base == hub:
+                return f"/@changes?since={since}&wait={wait:g}"
+            return "/@changes?since=-1&wait=0"
+
+        return await self.request("GET", path, timeout=wait + TIMEOUT)
 
     async def source(self, name: str, first: str | None) -> tuple[str, dict[str, Any] | None]:
         """The hub's ``@status`` of ``name`` (None: the hub has no such source)."""

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import http_request, wait_for
+from tests.conftest import http_request, run_cli, wait_for
 
 PROPAGATION = 5.0  # SPEC: a change at the hub shows in the replica within 5 s
 
@@ -61,3 +61,240 @@ def test_mirrors_sources_versions_and_bytes_without_the_origin(server, cli, orig
              what="the new version on the replica")
     assert (replica / "a" / "latest").read_bytes() == b"beta"
     assert origin_hits(origin, "a") == hits  # the replica never asked the origin
+
+
+def blob_file(cache, body):
+    sha = hashlib.sha256(body).hexdigest()
+    return cache / "blobs" / sha[:2] / sha
+
+
+def hub_config(tmp_path, token="hub-ctl-5ecret"):
+    config = tmp_path / "hub.toml"
+    config.write_text(f'[serve]\nlisten = "127.0.0.1:0"\ncontrol_tokens = ["{token}"]\n')
+    return config
+
+
+def hub_control(server, name, line, token="hub-ctl-5ecret"):
+    status, _, body = http_request(server.url, f"/{name}/@control", "POST", line.encode(),
+                                   headers={"Authorization": f"Bearer {token}"})
+    assert status == 200, body
+
+
+def test_tags_pins_and_failed_propagate(serve_factory, cli, origin, replica_factory,
+                                        tmp_path):
+    server = serve_factory("--config", str(hub_config(tmp_path)))
+    first = hub_add(server, cli, origin, "a", b"one")
+    origin.set("/a", b"two")
+    cli("refresh", "a", check=True)
+    second = wait_for(lambda: (s := hub_status(server, "a")) and s["latest"] != first
+                      and s["latest"], what="the hub's second version")
+    replica = replica_factory(server.url)
+    wait_for(lambda: (status(replica, "a") or {}).get("latest") == second, PROPAGATION,
+             what="the replica's latest")
+    hub_control(server, "a", f"tag {first} gold")
+    wait_for(lambda: (replica / "a" / "@gold" / first).exists(), PROPAGATION,
+             what="the tag on the replica")
+    hub_control(server, "a", f"tag {second} failed")  # latest falls back at the hub...
+    wait_for(lambda: (status(replica, "a") or {}).get("latest") == first, PROPAGATION,
+             what="the replica's latest falling back")
+    assert (replica / "a" / "latest").read_bytes() == b"one"
+    hub_control(server, "a", f"untag {second} failed")
+    hub_control(server, "a", f"pin {first}")
+    wait_for(lambda: (status(replica, "a") or {}).get("pinned") == first, PROPAGATION,
+             what="the pin on the replica")
+    assert (replica / "a" / "latest").read_bytes() == b"one"
+    hub_control(server, "a", f"hold {second} 1h")
+    wait_for(lambda: (status(replica, "a") or {"versions": []})["versions"][0].get(
+        "held_until"), PROPAGATION, what="the hold on the replica")
+
+
+def test_control_forwarding_with_and_without_a_token(serve_factory, cli, origin,
+                                                     replica_factory, tmp_path):
+    server = serve_factory("--config", str(hub_config(tmp_path)))
+    vid = hub_add(server, cli, origin, "a", b"one")
+    no_token = replica_factory(server.url)
+    wait_for(lambda: status(no_token, "a"), PROPAGATION, what="the source on the replica")
+    with pytest.raises(OSError) as e:
+        (no_token / "a" / "@control").write_text(f"tag {vid} gold\n")
+    assert e.value.errno == errno.EACCES
+    assert "upstream_token" in status(no_token, "a")["last_control_error"]
+    assert "gold" not in hub_status(server, "a")["versions"][0]["tags"]
+
+    wrong = replica_factory(server.url, token="not-the-token")
+    wait_for(lambda: status(wrong, "a"), PROPAGATION, what="the source on the replica")
+    with pytest.raises(OSError) as e:
+        (wrong / "a" / "@control").write_text(f"tag {vid} gold\n")
+    assert e.value.errno == errno.EACCES
+    assert "not-the-token" not in wrong.log_text()
+
+    good = replica_factory(server.url, token="hub-ctl-5ecret")
+    wait_for(lambda: status(good, "a"), PROPAGATION, what="the source on the replica")
+    (good / "a" / "@control").write_text(f"tag {vid} gold\n")
+    # applied at the hub, and shown by the replica as soon as the write returned
+    assert "gold" in hub_status(server, "a")["versions"][0]["tags"]
+    assert "gold" in status(good, "a")["versions"][0]["tags"]
+    assert status(good, "a")["last_control_error"] is None
+    # the hub's 400 comes back as EINVAL, with its reason
+    with pytest.raises(OSError) as e:
+        (good / "a" / "@control").write_text("tag 20990101T000000Z-00000000 gold\n")
+    assert e.value.errno == errno.EINVAL
+    assert "20990101T000000Z-00000000" in status(good, "a")["last_control_error"]
+    # a source of the replica's own lives beside the mirrored ones, and stays local
+    origin.set("/own", b"mine")
+    (good / "@control").write_text(f"add own {origin.url('/own')}\n")
+    assert (good / "own" / "latest").read_bytes() == b"mine"
+    assert hub_status(server, "own") is None
+    # one write for a mirrored source and a local one is refused as a whole
+    with pytest.raises(OSError) as e:
+        (good / "@control").write_text("remove a\nremove own\n")
+    assert e.value.errno == errno.EINVAL
+    assert (good / "own").exists() and hub_status(server, "a") is not None
+    # remove of a mirrored source is the hub's: gone everywhere
+    (good / "@control").write_text("remove a\n")
+    assert hub_status(server, "a") is None
+    assert not (good / "a").exists()
+    assert "token" not in good.log_text().lower() or "hub-ctl-5ecret" not in good.log_text()
+
+
+def test_hub_down_stale_offline_restart_and_catch_up(serve_factory, cli, origin,
+                                                     replica_factory, tmp_path):
+    server = serve_factory()
+    vid = hub_add(server, cli, origin, "a", b"held bytes")
+    port = server.port
+    replica = replica_factory(server.url)
+    wait_for(lambda: blob_file(replica.cache, b"held bytes").exists(), PROPAGATION,
+             what="the prefetch of latest")
+    server.close()
+    st = wait_for(lambda: (s := status(replica, "a")) and s["stale"] and s, PROPAGATION,
+                  what="stale")
+    assert "unreachable" in st["last_error"]["message"]
+    assert (replica / "a" / "latest").read_bytes() == b"held bytes"
+    # a restart with the hub down: starts from its index, serves what it holds
+    cache = replica.cache
+    replica.close()
+    replica = replica_factory(server.url, cache=cache)
+    assert (replica / "a" / "@versions" / vid).read_bytes() == b"held bytes"
+    wait_for(lambda: (status(replica, "a") or {}).get("stale"), PROPAGATION, what="stale")
+    # the hub comes back (same port) with a new version: caught up without a restart
+    origin.set("/a", b"newer")
+    server = serve_factory("--listen", f"127.0.0.1:{port}")
+    cli("refresh", "a", check=True)
+    new = wait_for(lambda: (s := hub_status(server, "a")) and s["latest"] != vid
+                   and s["latest"], what="the hub's new version")
+    wait_for(lambda: (s := status(replica, "a")) and s["latest"] == new and not s["stale"],
+             PROPAGATION, what="the catch-up")
+    assert (replica / "a" / "latest").read_bytes() == b"newer"
+
+
+def test_failover_to_the_next_hub(serve_factory, cli, origin, replica_factory, tmp_path):
+    first = serve_factory()
+    hub_add(first, cli, origin, "a", b"from one")
+    other_cache = tmp_path / "hub2-cache"
+    second = serve_factory(cache=other_cache)
+    origin.set("/b", b"from two")
+    run_cli("add", "b", origin.url("/b"), cache=other_cache, check=True)
+    wait_for(lambda: (hub_status(second, "b") or {}).get("latest"), what="hub two's version")
+    replica = replica_factory(f"{first.url},{second.url}")
+    wait_for(lambda: status(replica, "a"), PROPAGATION, what="hub one's source")
+    assert status(replica, "b") is None
+    first.close()
+    wait_for(lambda: status(replica, "b"), PROPAGATION, what="hub two's source")
+    assert (replica / "b" / "latest").read_bytes() == b"from two"
+    wait_for(lambda: status(replica, "a") is None, PROPAGATION,
+             what="hub one's source gone (hub two has none)")
+
+
+def test_upstream_sources_and_prefetch_modes(server, cli, origin, replica_factory):
+    hub_add(server, cli, origin, "team-a", b"A" * 5000)
+    hub_add(server, cli, origin, "other", b"O" * 5000)
+    origin.set("/team-a", b"A2" * 5000)
+    cli("refresh", "team-a", check=True)
+    wait_for(lambda: len(hub_status(server, "team-a")["versions"]) == 2, what="two versions")
+    none = replica_factory(server.url, sources=["team-*"], prefetch="none")
+    every = replica_factory(server.url, sources=["team-*"], prefetch="all")
+    latest = replica_factory(server.url, sources=["team-*"])
+    for r in (none, every, latest):
+        wait_for(lambda r=r: status(r, "team-a"), PROPAGATION, what="team-a")
+        assert status(r, "other") is None and not (r / "other").exists()
+    wait_for(lambda: blob_file(every.cache, b"A" * 5000).exists()
+             and blob_file(every.cache, b"A2" * 5000).exists(), PROPAGATION,
+             what="prefetch all")
+    wait_for(lambda: blob_file(latest.cache, b"A2" * 5000).exists(), PROPAGATION,
+             what="prefetch latest")
+    assert not blob_file(latest.cache, b"A" * 5000).exists()
+    assert not blob_file(none.cache, b"A2" * 5000).exists()
+    assert all(v.get("remote") for v in status(none, "team-a")["versions"])
+    assert (none / "team-a" / "latest").read_bytes() == b"A2" * 5000  # fetched on read
+    assert blob_file(none.cache, b"A2" * 5000).exists()
+
+
+class CorruptingProxy:
+    """Forwards to the hub; flips one byte of every blob answer unless the request says
+    ``Cache-Control: no-cache`` (as a stale cache would, until told to refresh)."""
+
+    def __init__(self, hub_url):
+        self.hub_url = hub_url
+        self.blob_requests = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                import urllib.request
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("range", "if-range", "authorization", "accept")}
+                req = urllib.request.Request(proxy.hub_url + self.path, headers=headers)
+                try:
+                    with urllib.request.urlopen(req, timeout=40) as r:
+                        status, body, rh = r.status, r.read(), r.headers
+                except urllib.error.HTTPError as e:
+                    status, body, rh = e.code, e.read(), e.headers
+                if self.path.startswith("/@blobs/"):
+                    proxy.blob_requests.append(self.headers.get("Cache-Control"))
+                    if self.headers.get("Cache-Control") != "no-cache" and body:
+                        body = bytes([body[0] ^ 0xFF]) + body[1:]
+                self.send_response(status)
+                for k in ("Content-Type", "Content-Range", "ETag", "Accept-Ranges"):
+                    if rh.get(k):
+                        self.send_header(k, rh[k])
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def test_corrupted_bytes_are_caught_retried_past_the_cache_and_never_served(
+        server, cli, origin, replica_factory):
+    body = os.urandom(200_000)
+    hub_add(server, cli, origin, "a", body)
+    proxy = CorruptingProxy(server.url)
+    try:
+        replica = replica_factory(proxy.url, prefetch="none")
+        wait_for(lambda: status(replica, "a"), PROPAGATION, what="the source")
+        assert (replica / "a" / "latest").read_bytes() == body
+        assert proxy.blob_requests[0] is None and "no-cache" in proxy.blob_requests
+        assert "wrong sha256" in replica.log_text()
+    finally:
+        replica.close()
+        proxy.close()
+
+
+def test_a_source_removed_at_the_hub_goes(server, cli, origin, replica_factory):
+    hub_add(server, cli, origin, "a", b"bytes of a")
+    replica = replica_factory(server.url)
+    wait_for(lambda: blob_file(replica.cache, b"bytes of a").exists(), PROPAGATION,
+             what="the prefetch")
+    cli("remove", "a", check=True)
+    wait_for(lambda: not (replica / "a").exists(), PROPAGATION, what="the removal")
+    assert status(replica, "a") is None
