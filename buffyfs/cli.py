@@ -864,6 +864,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     with cache.index.read() as r:
         pinned_with_version = (r.source(args.name) or {}).get("pin")
     cache.index.get_source(args.name)
+    from buffyfs.mountctl import refuse_mirrored
+
+    refuse_mirrored(cache, args.name)  # its bytes come from the hub, by its mount
     if pinned_with_version:
         raise BadInput(f"source {args.name!r} is pinned: unpin it first")
     from rich.console import Console
@@ -907,6 +910,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     check_name(args.name)
     cache = _cache(args)
     cmd = Command("refresh", ["--force"] if args.force else [])
+    if args.wait or not cache.running_mount():
+        mountctl.refuse_mirrored(cache, args.name)  # the hub refreshes it, not this cache
     if cache.running_mount():
         asked = time.time()
         if not mountctl.through_mount(cache, cmd, args.name):

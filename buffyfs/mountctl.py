@@ -57,12 +57,27 @@ def apply(cache: Cache, cmd: Command, source: str | None = None) -> Any:
             with cache.index.read() as r:
                 return r.version(source or "", result["id"]) or result
         return result
+    refuse_mirrored(cache, source if source is not None else
+                    (cmd.args[0] if cmd.word == "remove" else None))
     if cmd.word == "revalidate":
         cache.judge([cmd], source)  # the checks, before the transaction
     outcome = commands.run(cache.index, [cmd], source, refresh="request")
     for name in outcome.removed:
         cache.drop_partial(name)
     return outcome.results[0]
+
+
+def refuse_mirrored(cache: Cache, name: str | None) -> None:
+    """A replica's mirrored source (replica.py) changes only at its hub: its commands
+    go through the running replica mount, which forwards them; never to the index."""
+    if name is None:
+        return
+    with cache.index.read() as r:
+        mirrored = (r.source(name) or {}).get("mirror")
+    if mirrored:
+        raise CacheError(f"source {name!r} is mirrored from a hub: its commands go "
+                         "through the running replica mount (which forwards them to "
+                         "the hub), or to the hub itself")
 
 
 def through_mount(cache: Cache, cmd: Command, source: str | None = None) -> bool:

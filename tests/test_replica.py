@@ -119,6 +119,9 @@ def test_control_forwarding_with_and_without_a_token(serve_factory, cli, origin,
     assert e.value.errno == errno.EACCES
     assert "upstream_token" in status(no_token, "a")["last_control_error"]
     assert "gold" not in hub_status(server, "a")["versions"][0]["tags"]
+    done = run_cli("tag", "a", vid, "gold", cache=no_token.cache)  # the CLI: the same
+    assert done.returncode == 1 and "upstream_token" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
     wrong = replica_factory(server.url, token="not-the-token")
     wait_for(lambda: status(wrong, "a"), PROPAGATION, what="the source on the replica")
@@ -134,6 +137,9 @@ def test_control_forwarding_with_and_without_a_token(serve_factory, cli, origin,
     assert "gold" in hub_status(server, "a")["versions"][0]["tags"]
     assert "gold" in status(good, "a")["versions"][0]["tags"]
     assert status(good, "a")["last_control_error"] is None
+    done = run_cli("tag", "a", vid, "silver", cache=good.cache)
+    assert done.returncode == 0, done.stderr
+    assert "silver" in hub_status(server, "a")["versions"][0]["tags"]
     # the hub's 400 comes back as EINVAL, with its reason
     with pytest.raises(OSError) as e:
         (good / "a" / "@control").write_text("tag 20990101T000000Z-00000000 gold\n")
@@ -153,7 +159,16 @@ def test_control_forwarding_with_and_without_a_token(serve_factory, cli, origin,
     (good / "@control").write_text("remove a\n")
     assert hub_status(server, "a") is None
     assert not (good / "a").exists()
-    assert "token" not in good.log_text().lower() or "hub-ctl-5ecret" not in good.log_text()
+    assert "hub-ctl-5ecret" not in good.log_text()
+    # without the replica's mount, a mirrored source is not changed in the index
+    vid_b = hub_add(server, cli, origin, "b", b"bee")
+    wait_for(lambda: status(good, "b"), PROPAGATION, what="b on the replica")
+    cache = good.cache
+    good.close()
+    done = run_cli("tag", "b", vid_b, "gold", cache=cache)
+    assert done.returncode == 1 and "mirrored from a hub" in done.stderr, done.stderr
+    done = run_cli("refresh", "b", cache=cache)
+    assert done.returncode == 1 and "mirrored from a hub" in done.stderr, done.stderr
 
 
 def test_hub_down_stale_offline_restart_and_catch_up(serve_factory, cli, origin,

@@ -413,6 +413,12 @@ class App:
     async def _send_version(self, req: Request, send: Send, name: str, v: dict[str, Any],
                             stale: bool, mutable: bool) -> bool:
         """Answer with the version; False (nothing sent) if its blob is damaged."""
+        if v.get("remote") and getattr(self.daemon, "replica", None) is not None:
+            try:  # a replica's version not held yet: its bytes come from the hub first
+                await self.daemon.replica.hold(name, v)
+            except FetchError as e:
+                raise Answer(503, f"version {v['id']} of {name!r} is not available: {e}"
+                             ) from None
         extra = [("X-Buffy-Version", v["id"]), ("X-Buffy-Stale", "1" if stale else "0")]
         return await self._send_file(req, send, v["size"], v["sha256"],
                                      datetime.fromisoformat(v["fetched_at"]), mutable, extra,
