@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import http_request, run_cli, wait_for
+from tests.conftest import http_request, run_cli, served_url, wait_for
 
 PROPAGATION = 5.0  # SPEC: a change at the hub shows in the replica within 5 s
 
@@ -313,3 +313,16 @@ def test_a_source_removed_at_the_hub_goes(server, cli, origin, replica_factory):
     cli("remove", "a", check=True)
     wait_for(lambda: not (replica / "a").exists(), PROPAGATION, what="the removal")
     assert status(replica, "a") is None
+
+
+def test_a_serving_replica(serve_factory, cli, origin, replica_factory, tmp_path):
+    hub = serve_factory("--config", str(hub_config(tmp_path)))
+    vid = hub_add(hub, cli, origin, "a", b"served by the replica")
+    replica = replica_factory(hub.url, "--serve", "127.0.0.1:0", prefetch="none",
+                              token="hub-ctl-5ecret")
+    url = wait_for(lambda: served_url(replica.log), what="the replica's server")
+    wait_for(lambda: http_request(url, "/a/@status")[0] == 200, PROPAGATION, what="a")
+    got = http_request(url, f"/a/@versions/{vid}")
+    assert got[0] == 200 and got[2] == b"served by the replica"
+    # its control endpoint takes the replica's own control tokens (none here)
+    assert http_request(url, "/a/@control", "POST", f"tag {vid} gold\n".encode())[0] == 401
