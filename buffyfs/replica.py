@@ -107,15 +107,19 @@ class Replica:
             with self.index.read() as r:
                 mine = [n for n, s in r.sources() if s.get("mirror")]
             names = sorted(set(names) | set(mine))  # those the hub lost go
-        await self.sync(names, answer.url)
+        await self.sync(names, answer.url, feed.get("status") or {})
         self.serial = feed["serial"]
         if self.down:
             self.down = False
             await trio.to_thread.run_sync(self._mark_fresh)
 
-    async def sync(self, names: list[str], hub: str | None = None) -> None:
-        """Bring ``names`` up to the hub's state (HubDown if it does not answer)."""
-        found: dict[str, dict[str, Any] | None] = {}
+    async def sync(self, names: list[str], hub: str | None = None,
+                   known: dict[str, Any] | None = None) -> None:
+        """Bring ``names`` up to the hub's state: ``known`` has the hub's ``@status``
+        of some (the feed's answer); the others are asked for (HubDown if the hub
+        does not answer)."""
+        found: dict[str, dict[str, Any] | None] = {
+            n: known[n] for n in names if known and n in known}
         limit = trio.CapacityLimiter(STATUS_READS)
 
         async def read(name: str) -> None:
@@ -124,7 +128,8 @@ class Replica:
 
         async with trio.open_nursery() as nursery:
             for name in names:
-                nursery.start_soon(read, name)
+                if name not in found:
+                    nursery.start_soon(read, name)
         changed = await trio.to_thread.run_sync(self._apply, found)
         for name in changed:
             self.on_changed(name)

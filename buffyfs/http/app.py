@@ -58,6 +58,7 @@ from buffyfs.http.ranges import (
 )
 from buffyfs.index import newest_of, resolve_latest, tag_latest
 from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE, parse_duration
+from buffyfs.status import source_status
 from buffyfs.upstream import Forbidden
 
 log = logging.getLogger(__name__)
@@ -577,7 +578,21 @@ class App:
         except ValueError:
             raise Answer(400, "since must be an integer and wait a number of seconds "
                          "(at most 60 are waited)") from None
-        await self._json(send, await self.feed.wait_since(since, wait))
+        feed = await self.feed.wait_since(since, wait)
+        if req.query.get("status") == "1":  # a replica's sync in one answer (replica.py)
+            feed["status"] = await trio.to_thread.run_sync(self._statuses, feed["sources"])
+        await self._json(send, feed)
+
+    def _statuses(self, names: list[str]) -> dict[str, Any]:
+        """``NAME -> @status`` (null: no such source any more), in one read."""
+        out: dict[str, Any] = {}
+        with self.index.read() as r:
+            for name in names:
+                try:
+                    out[name] = source_status(r, name, None, ())
+                except KeyError:
+                    out[name] = None
+        return out
 
     # --- answers ---------------------------------------------------------------------
 
