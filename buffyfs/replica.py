@@ -58,6 +58,7 @@ class Replica:
         self.hub: str | None = None  # the URL whose serial we follow
         self.serial = -1
         self.down = True  # until the first answer: clears the stale marks of a restart
+        self.stale_message: str | None = None  # the hub's error the sources show
         self.fetching: dict[str, trio.Event] = {}  # sha256 -> set when its fetch ends
         self.downloads = trio.CapacityLimiter(downloads)
         self.prefetch_wanted: dict[tuple[str, str], None] = {}
@@ -110,7 +111,7 @@ class Replica:
         await self.sync(names, answer.url, feed.get("status") or {})
         self.serial = feed["serial"]
         if self.down:
-            self.down = False
+            self.down, self.stale_message = False, None
             await trio.to_thread.run_sync(self._mark_fresh)
 
     async def sync(self, names: list[str], hub: str | None = None,
@@ -144,6 +145,9 @@ class Replica:
         return changed
 
     def _mark_stale(self, message: str) -> None:
+        if self.down and message == self.stale_message:
+            return  # said already: no write of every source each retry
+        self.stale_message = message
         at = rfc3339(now_utc())
         with self.index.write() as w:
             for name, src in w.sources():

@@ -82,7 +82,7 @@ class Unpacker:
                 if src is None or src["options"].get("unpack", "auto") == "off":
                     continue
                 for v in r.versions(name):
-                    if v.get("damaged"):
+                    if v.get("damaged") or v.get("remote"):  # remote: no bytes here yet
                         continue
                     record = r.unpacked(v["sha256"])
                     if record is None:

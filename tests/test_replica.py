@@ -244,12 +244,14 @@ def test_upstream_sources_and_prefetch_modes(server, cli, origin, replica_factor
 
 
 class CorruptingProxy:
-    """Forwards to the hub; flips one byte of every blob answer unless the request says
-    ``Cache-Control: no-cache`` (as a stale cache would, until told to refresh)."""
+    """Forwards to the hub. ``flip``: flips one byte of every blob answer unless the
+    request says ``Cache-Control: no-cache`` (as a stale cache would, until told to
+    refresh). ``cut``: the first blob answer stops after half its body."""
 
-    def __init__(self, hub_url):
+    def __init__(self, hub_url, mode="flip"):
         self.hub_url = hub_url
         self.blob_requests = []
+        self.ranges = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -266,17 +268,24 @@ class CorruptingProxy:
                         status, body, rh = r.status, r.read(), r.headers
                 except urllib.error.HTTPError as e:
                     status, body, rh = e.code, e.read(), e.headers
+                cut = False
                 if self.path.startswith("/@blobs/"):
                     proxy.blob_requests.append(self.headers.get("Cache-Control"))
-                    if self.headers.get("Cache-Control") != "no-cache" and body:
+                    proxy.ranges.append(self.headers.get("Range"))
+                    if mode == "flip" and self.headers.get("Cache-Control") != "no-cache" \
+                            and body:
                         body = bytes([body[0] ^ 0xFF]) + body[1:]
+                    cut = mode == "cut" and len(proxy.ranges) == 1
                 self.send_response(status)
                 for k in ("Content-Type", "Content-Range", "ETag", "Accept-Ranges"):
                     if rh.get(k):
                         self.send_header(k, rh[k])
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(body[:len(body) // 2] if cut else body)
+                if cut:
+                    self.wfile.flush()
+                    self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -326,3 +335,19 @@ def test_a_serving_replica(serve_factory, cli, origin, replica_factory, tmp_path
     assert got[0] == 200 and got[2] == b"served by the replica"
     # its control endpoint takes the replica's own control tokens (none here)
     assert http_request(url, "/a/@control", "POST", f"tag {vid} gold\n".encode())[0] == 401
+
+
+def test_an_interrupted_blob_resumes_with_a_range(server, cli, origin, replica_factory):
+    body = os.urandom(300_000)
+    hub_add(server, cli, origin, "a", body)
+    proxy = CorruptingProxy(server.url, mode="cut")
+    try:
+        replica = replica_factory(proxy.url, prefetch="none")
+        wait_for(lambda: status(replica, "a"), PROPAGATION, what="the source")
+        assert (replica / "a" / "latest").read_bytes() == body
+        assert proxy.ranges[0] is None
+        assert proxy.ranges[1] and proxy.ranges[1].startswith("bytes=") \
+            and not proxy.ranges[1].startswith("bytes=0-"), proxy.ranges
+    finally:
+        replica.close()
+        proxy.close()
