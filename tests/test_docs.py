@@ -122,7 +122,8 @@ def _status_objects(tmp_path: Path) -> tuple[dict, dict]:
         w.put_version("s", {"id": "20260101T000000Z-abababab", "sha256": sha, "size": 3,
                             "fetched_at": rfc3339(now_utc()), "url": "http://127.0.0.1:9/s",
                             "ino": ino, "tags": ["failed"], "validation": "too small",
-                            "damaged": {"at": rfc3339(now_utc()), "reason": "test"}})
+                            "damaged": {"at": rfc3339(now_utc()), "reason": "test"},
+                            "remote": True})
         w.put_unpacked(sha, {"kind": "gzip", "state": "error", "error": "truncated"})
     try:
         return cache.source_status("s"), cache.root_status()
