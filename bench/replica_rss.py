@@ -23,7 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Daemon, end_process, free_port, populate, proc_status, wait_until
+from bench.common import (
+    Daemon,
+    end_process,
+    free_port,
+    handle_sigterm,
+    populate,
+    proc_status,
+    wait_until,
+)
 
 
 def main() -> int:
@@ -31,6 +39,7 @@ def main() -> int:
     p.add_argument("--sources", type=int, default=10_000)
     p.add_argument("--timeout", type=float, default=900.0)
     args = p.parse_args()
+    handle_sigterm()  # a SIGTERM still ends the daemons (the finally below)
     work = Path(tempfile.mkdtemp(prefix="bench-replica-"))
     hub = replica = None
     try:
@@ -45,7 +54,8 @@ def main() -> int:
         with open(work / "hub.log", "ab") as log:
             hub = subprocess.Popen(
                 [sys.executable, "-m", "buffyfs", "serve", "--cache", str(work / "hub"),
-                 "--listen", f"127.0.0.1:{port}", "--log-level", "warning"],
+                 "--listen", f"127.0.0.1:{port}", "--log-level", "warning",
+                 "--scrub-interval", "never"],  # its blobs are not there: nothing to scrub
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         config = work / "replica.toml"
         config.write_text('[daemon]\nprefetch = "none"\n')

@@ -95,8 +95,8 @@ class Upstream:
         other URL is asked for everything at once (its serials are its own)."""
         def path(base: str) -> str:
             if base == hub:
-                return f"/@changes?since={since}&wait={wait:g}&status=1"
-            return "/@changes?since=-1&wait=0&status=1"
+                return f"/@changes?since={since}&wait={wait:g}&mirror=1"
+            return "/@changes?since=-1&wait=0&mirror=1"
 
         return await self.request("GET", path, timeout=wait + TIMEOUT)
 

@@ -162,7 +162,8 @@ def test_control_forwarding_with_and_without_a_token(serve_factory, cli, origin,
     assert "hub-ctl-5ecret" not in good.log_text()
     # without the replica's mount, a mirrored source is not changed in the index
     vid_b = hub_add(server, cli, origin, "b", b"bee")
-    wait_for(lambda: status(good, "b"), PROPAGATION, what="b on the replica")
+    wait_for(lambda: (status(good, "b") or {}).get("latest") == vid_b, PROPAGATION,
+             what="b on the replica")
     cache = good.cache
     good.close()
     done = run_cli("tag", "b", vid_b, "gold", cache=cache)
