@@ -6,6 +6,7 @@ Layout of a cache directory::
 
     index/            the LMDB index (index.py documents its keys)
     blobs/, partial/  the blob store (blobs.py)
+    upstream/         a replica's blobs arriving from its hub, SHA256.part (upstream.py)
     mount.lock        flock held by the running mount of this cache
     mount.json        {"pid", "mountpoint"} of that mount
     buffyfs.log       the log of a detached mount

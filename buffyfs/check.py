@@ -39,7 +39,7 @@ ORPHAN_LOCK_WAIT = 2.0  # seconds to wait for downloads' commits before judging 
 # index.py, cli.py): directory -> names; anything else there is reported as unknown.
 KNOWN_ENTRIES = {
     "": {"index", "blobs", "partial", "unpacked", "mount.lock", "mount.json", "buffyfs.log",
-         "buffyfs.start-error"},
+         "buffyfs.start-error", "upstream"},  # upstream/: a replica's blobs arriving
     "index": {"data.mdb", "lock.mdb"},
 }
 BLOB_NAME = re.compile(r"[0-9a-f]{64}")
@@ -70,9 +70,11 @@ def _uses(index: Index) -> tuple[dict[str, list[tuple[str, dict[str, Any]]]], di
     with index.read() as r:
         for name in r.source_names():
             for v in r.versions(name):
-                uses.setdefault(v["sha256"], []).append((name, v))
+                if not v.get("remote"):  # a replica's, bytes not fetched: uses no blob
+                    uses.setdefault(v["sha256"], []).append((name, v))
         for g in r.garbage():
-            uses.setdefault(g["sha256"], []).append((g["source"], g))
+            if not g.get("remote"):
+                uses.setdefault(g["sha256"], []).append((g["source"], g))
         refs = r.blob_refs()
     return uses, refs
 

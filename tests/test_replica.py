@@ -240,6 +240,8 @@ def test_upstream_sources_and_prefetch_modes(server, cli, origin, replica_factor
     assert not blob_file(latest.cache, b"A" * 5000).exists()
     assert not blob_file(none.cache, b"A2" * 5000).exists()
     assert all(v.get("remote") for v in status(none, "team-a")["versions"])
+    done = run_cli("check", cache=none.cache)  # versions not fetched are no damage
+    assert done.returncode == 0 and "unknown" not in done.stdout, done.stdout + done.stderr
     assert (none / "team-a" / "latest").read_bytes() == b"A2" * 5000  # fetched on read
     assert blob_file(none.cache, b"A2" * 5000).exists()
 
