@@ -81,6 +81,7 @@ class Replica:
     # --- following the hub ------------------------------------------------------------
 
     async def run(self) -> None:
+        await trio.to_thread.run_sync(self._sweep_partials)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._prefetcher)
             while True:
@@ -93,6 +94,16 @@ class Replica:
                     log.error("replica: %s", e)
                     await trio.to_thread.run_sync(self._mark_stale, str(e))
                     await trio.sleep(RETRY)
+
+    def _sweep_partials(self) -> None:
+        """At start: drop the arriving blobs no version waits for any more (the hub
+        dropped it meanwhile); the others resume where they stopped."""
+        with self.index.read() as r:
+            wanted = {v["sha256"] for name, src in r.sources() if src.get("mirror")
+                      for v in r.versions(name) if v.get("remote")}
+        for path in self.partials.glob("*.part"):
+            if path.name.removesuffix(".part") not in wanted:
+                path.unlink(missing_ok=True)
 
     async def _follow_once(self) -> None:
         wait = 0.0 if self.hub is None or self.down else FEED_WAIT
