@@ -22,7 +22,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -162,6 +162,7 @@ class Network:
         self.prefix = f"{PREFIX}{os.getpid()}-{next(_serial)}"
         self.bridge_ns = f"{self.prefix}-br"
         self.hosts: dict[str, Host] = {}
+        self.finalizers: list[Callable[[], object]] = []  # run first by close (unmounts)
         _run("ip", "netns", "add", self.bridge_ns)
         try:
             _run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
@@ -190,6 +191,11 @@ class Network:
 
     def close(self) -> None:
         """End every process, then remove every namespace (their links go with them)."""
+        while self.finalizers:
+            try:
+                self.finalizers.pop()()
+            except Exception:  # noqa: BLE001 - the rest must still be removed
+                pass
         for host in self.hosts.values():
             host.close()
         for host in self.hosts.values():
