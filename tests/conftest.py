@@ -300,3 +300,14 @@ def http_request(url: str, path: str, method: str = "GET", body: bytes | None = 
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
     finally:
         conn.close()
+
+
+# --- replicas across hosts (issue 15): collected once the replica exists ---------------
+
+import importlib.util  # noqa: E402
+
+# tests/test_replicas_hosts.py (and the smoke run of bench/replicas.py) test
+# buffyfs.replica (issue 15 items 1-4) across hosts; they are not collected (rather
+# than skipped) until that module exists.
+collect_ignore = [] if importlib.util.find_spec("buffyfs.replica") else \
+    ["test_replicas_hosts.py", "test_bench_replicas.py"]

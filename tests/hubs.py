@@ -54,6 +54,9 @@ class Hub:
         public = [] if "read_tokens" in self.config.read_text() else ["--public"]
         self.proc = self.host.popen(buffyfs("serve", "--config", str(self.config),
                                             "--log-level", "debug", *public), log=self.log)
+        from tests.conftest import DAEMON_LOGS
+        if self.log not in DAEMON_LOGS:
+            DAEMON_LOGS.append(self.log)  # a traceback in it fails the test
         wait_listening(self.host, HUB_PORT, START_TIMEOUT)
 
     def stop(self) -> None:
@@ -183,7 +186,8 @@ class Replica:
             conf.write_text(self.config)
             args += ["--config", str(conf)]
         self.proc = self.host.popen(buffyfs(*args), log=self.log)
-        DAEMON_LOGS.append(self.log)
+        if self.log not in DAEMON_LOGS:
+            DAEMON_LOGS.append(self.log)
         wait_for(lambda: self.path.joinpath("@status").exists() or self.proc.poll() is not None,
                  START_TIMEOUT, what=f"the replica mount on {self.host.name}")
         if self.proc.poll() is not None:
