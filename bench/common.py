@@ -374,7 +374,8 @@ class Origin:
             return next((t for t, method, _ in self.requests if method == "GET"), None)
 
 
-NGINX_CONF = """\
+# the head of every nginx.conf a benchmark writes: one process, in the foreground
+NGINX_HEAD = """\
 daemon off;
 master_process off;
 worker_processes 1;
@@ -382,6 +383,8 @@ worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 256; }}
+"""
+NGINX_CONF = NGINX_HEAD + """\
 http {{
     log_format bench '$msec $request_time $status $bytes_sent "$request_method" "$http_range"';
     access_log {prefix}/access.log bench;
@@ -715,3 +718,45 @@ def on_term(signum: int, frame: object) -> None:
 def handle_sigterm() -> None:
     """SIGTERM cleans up like Ctrl-C (unmount, stop the daemons and origins)."""
     signal.signal(signal.SIGTERM, on_term)
+
+
+Row = tuple[str, str, str, str, str]  # figure, measured, limit, ratio, target
+
+
+def verdict(ratio: str, target: str) -> str:
+    if not ratio or target == "info":
+        return ""
+    value = float(ratio.rstrip("x/s"))
+    bound = float(re.sub(r"[^\d.]", "", target))
+    return "PASS" if (value >= bound if target.startswith(">=") else value <= bound) else "MISS"
+
+
+def report(prog: str, run: Callable[[], list[Row]],
+           judged_by_measure: Callable[[str], bool]) -> int:
+    """The ``main`` of a benchmark with a table of figures: run it (SIGTERM and Ctrl-C
+    clean up; a BenchError is one line and exit 1), print the table with each
+    figure's verdict, judged by its ratio or, where ``judged_by_measure``, by the
+    figure itself (a rate)."""
+    handle_sigterm()
+    try:
+        rows = run()
+    except BenchError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(f"\n{'figure':<13}{'measured':>16}{'limit':>16}{'ratio':>9}  {'target':<10}")
+    for figure, measured, limit, ratio, target in rows:
+        plain = judged_by_measure(figure)
+        print(f"{figure:<13}{measured:>16}{limit:>16}{'' if plain else ratio:>9}  "
+              f"{target:<10}{verdict(measured if plain else ratio, target)}")
+    return 0
+
+
+def port_up(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False

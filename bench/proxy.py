@@ -47,13 +47,13 @@ from bench.common import (  # noqa: E402
     add_blob,
     end_process,
     free_port,
-    handle_sigterm,
     human,
     make_random_file,
     parse_size,
+    port_up,
+    report,
     wait_until,
 )
-from bench.serve import _up, verdict  # noqa: E402
 
 ORIGIN = "http://127.0.0.1:9"  # discard: never contacted, every URL is cached
 CLIENTS = 8
@@ -144,7 +144,7 @@ def run(size: int, small: int, runs: int, workdir: Path) -> list[tuple[str, str,
                 [sys.executable, "-m", "buffyfs", "serve", "--cache", str(cache), "--config",
                  str(config), "--log-level", "warning", "--scrub-interval", "never"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        if not wait_until(lambda: server.poll() is not None or _up(port), 30) \
+        if not wait_until(lambda: server.poll() is not None or port_up(port), 30) \
                 or server.poll() is not None:
             raise BenchError("buffyfs serve did not start: "
                              + (work / "serve.log").read_text(errors="replace")[-2000:])
@@ -203,20 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.size, args.small, args.runs = 16 * MiB, 50, 1
-    handle_sigterm()
-    try:
-        rows = run(args.size, args.small, args.runs, args.workdir)
-    except BenchError as e:
-        print(f"bench.proxy: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    print(f"\n{'figure':<13}{'measured':>16}{'limit':>16}{'ratio':>9}  {'target':<10}")
-    for figure, measured, limit, ratio, target in rows:
-        shown = measured if figure.endswith("-small") else ratio
-        print(f"{figure:<13}{measured:>16}{limit:>16}{ratio:>9}  {target:<10}"
-              f"{verdict(shown, target)}")
-    return 0
+    return report("bench.proxy", lambda: run(args.size, args.small, args.runs, args.workdir),
+                  lambda figure: figure.endswith("-small"))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ ended by its PID.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -38,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: python bench/serve.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    NGINX_HEAD,
     BenchError,
     Daemon,
     MiB,
@@ -46,12 +48,13 @@ from bench.common import (  # noqa: E402
     bounded,
     end_process,
     free_port,
-    handle_sigterm,
     human,
     make_random_file,
     nginx_path,
     parse_size,
     populate,
+    port_up,
+    report,
     wait_until,
 )
 from bench.stall import probe, summary  # noqa: E402
@@ -113,14 +116,7 @@ def revalidations(url: str, etag: str, count: int, procs: int = 4) -> float:
     return per * procs / took
 
 
-FRONT_MAIN = """\
-daemon off;
-master_process off;
-worker_processes 1;
-{user}
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
+FRONT_MAIN = NGINX_HEAD + """\
 http {{
     access_log off;
     client_body_temp_path {prefix}/body;
@@ -146,34 +142,18 @@ class Front:
         site = site.replace("listen 8080;", f"listen 127.0.0.1:{self.port};")
         (prefix / "buffyfs.conf").write_text(site)
         (prefix / "nginx.conf").write_text(FRONT_MAIN.format(
-            prefix=prefix, user="user root;" if _root() else ""))
+            prefix=prefix, user="user root;" if os.geteuid() == 0 else ""))
         self.proc = subprocess.Popen(
             [exe, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e",
              str(prefix / "error.log")], stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.base = f"http://127.0.0.1:{self.port}"
-        if not wait_until(lambda: self.proc.poll() is not None or _up(self.port), 10):
+        if not wait_until(lambda: self.proc.poll() is not None or port_up(self.port), 10):
             self.stop()
             raise BenchError("the nginx front did not start")
 
     def stop(self) -> None:
         end_process(self.proc)
-
-
-def _root() -> bool:
-    import os
-
-    return os.geteuid() == 0
-
-
-def _up(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def run(size: int, each: int, runs: int, workdir: Path) -> list[tuple[str, str, str, str, str]]:
@@ -203,7 +183,7 @@ def run(size: int, each: int, runs: int, workdir: Path) -> list[tuple[str, str, 
         daemon.wait_mounted()
         daemon.settle()
         served = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _up(port), 10)
+        wait_until(lambda: port_up(port), 10)
         static = NginxOrigin(files, work / "static").start()
         front = Front(work / "front", cache, f"127.0.0.1:{port}")
 
@@ -262,14 +242,6 @@ def run(size: int, each: int, runs: int, workdir: Path) -> list[tuple[str, str, 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def verdict(ratio: str, target: str) -> str:
-    if not ratio or target == "info":
-        return ""
-    value = float(ratio.rstrip("x/s"))
-    bound = float(re.sub(r"[^\d.]", "", target))
-    return "PASS" if (value >= bound if target.startswith(">=") else value <= bound) else "MISS"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
     p.add_argument("--size", type=parse_size, default=parse_size("1G"))
@@ -280,21 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.size, args.each, args.runs = 32 * MiB, 2 * MiB, 1
-    handle_sigterm()
-    try:
-        rows = run(args.size, args.each, args.runs, args.workdir)
-    except BenchError as e:
-        print(f"bench.serve: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    print(f"\n{'figure':<13}{'measured':>16}{'limit':>16}{'ratio':>9}  {'target':<10}")
-    for figure, measured, limit, ratio, target in rows:
-        if figure == "revalidate":
-            ratio = measured
-        print(f"{figure:<13}{measured:>16}{limit:>16}{ratio if figure != 'revalidate' else '':>9}"
-              f"  {target:<10}{verdict(ratio, target)}")
-    return 0
+    return report("bench.serve", lambda: run(args.size, args.each, args.runs, args.workdir),
+                  lambda figure: figure == "revalidate")
 
 
 if __name__ == "__main__":

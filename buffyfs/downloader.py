@@ -162,7 +162,7 @@ async def download(
     partial: Path,
     on_progress: Callable[[int, int | None], None] | None = None,
     resume: Resume | None = None,
-    on_body: Callable[[int, int | None, Resume | None], None] | None = None,
+    on_body: Callable[[int, int | None, Resume | None, str | None], None] | None = None,
     grow: Callable[[int], int] | None = None,
     on_written: Callable[[int, int], Awaitable[None]] | None = None,
     prefix_hash: PrefixHash | None = None,
@@ -172,9 +172,9 @@ async def download(
     """Make one attempt, continuing ``partial`` from ``resume`` when the origin agrees.
 
     Raises AttemptError with a message a person understands (see its docstring for
-    what becomes of the partial file). ``on_body(start, total, point)`` hears, as the
-    body starts, where it starts in the file, the file's whole size if known, and how
-    it could be resumed (None: it could not), so that the caller can record it before
+    what becomes of the partial file). ``on_body(start, total, point, content_type)``
+    hears, as the body starts, where it starts in the file, the file's whole size if
+    known, how it could be resumed (None: it could not) and the origin's Content-Type, so that the caller can record it before
     anything can interrupt it (and refuse it by raising AttemptError). ``grow(size)``
     is asked before the file grows past what it granted last; it returns the size now
     granted (at least ``size``) or raises AttemptError (no room). ``on_written(fd,
@@ -211,7 +211,7 @@ async def download(
             start, total = _accept(response, resume)
             point = _resume_point(response, max(start, 1))
             if on_body:
-                on_body(start, total, point)
+                on_body(start, total, point, response.headers.get("Content-Type"))
             if ranged is not None and total is not None and point is not None:
                 done = await ranged(response, start, total, point)
                 if done is not None:

@@ -341,7 +341,8 @@ class Refresher:
 
         plan.on_progress = progress
 
-        def body_starts(start: int, total: int | None, point: downloader.Resume | None) -> None:
+        def body_starts(start: int, total: int | None, point: downloader.Resume | None,
+                        content_type: str | None = None) -> None:
             if start < reached[0]:  # the bar goes back: say why
                 why = "the origin answered the resume with the whole body (it changed, " \
                     "or ignores ranges)" if asked[0] is not None else "the last attempt " \
@@ -360,6 +361,7 @@ class Refresher:
             live.body_starts(start, total, (held, prefix_hash.hasher.hexdigest())
                              if held > start and prefix_hash.hasher is not None else None)
             live.guard = point.if_range() if point is not None else None
+            live.content_type = content_type  # what the server's streamed answer says
             self.live_changed.notify()
             if start == 0 and not _same_body(saved_point[0], point):
                 plan.done.clear()  # a whole body, maybe another: nothing of before is trusted

@@ -143,6 +143,7 @@ class LiveDownload:
         self.name = name
         self.total: int | None = None  # the body's length, once the body started
         self.started = False  # the origin answered with a body
+        self.content_type: str | None = None  # the origin's, for the server's answers
         self.generation = 0  # + 1 each time the bytes in the file are dropped
         self.written = ByteRanges()  # bytes of the file that are written
         self.sha256: str | None = None  # set when sealed

@@ -86,35 +86,44 @@ def open_stream(live: LiveDownload, blobs: BlobStore) -> StreamHandle:
 async def read(handle: StreamHandle, off: int, size: int) -> bytes:
     """Bytes [off, off + size) of the file still arriving, waiting for them (and for the
     seal when they reach the end); FUSEError(EIO) when the download cannot give them."""
+    try:
+        return await read_bytes(handle, off, size)
+    except StreamFailed as e:
+        log.info("%s: read of latest while it downloads fails: %s", handle.live.name, e)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+async def read_bytes(handle: StreamHandle, off: int, size: int,
+                     arrived: bool = False) -> bytes:
+    """``read``, raising StreamFailed. ``arrived``: at least one byte, and past it only
+    those that arrived already (the server sends bytes as they come, not in reads)."""
     live = handle.live
     assert live.total is not None
-    end = min(live.total, off + size)
-    try:
-        while True:
-            if not _follow(handle):
-                live.check_failed()
-                await live.changed.waiter().wait()  # the new bytes are not compared yet
+    while True:
+        end = min(live.total, off + size)
+        if not _follow(handle):
+            live.check_failed()
+            await live.changed.waiter().wait()  # the new bytes are not compared yet
+            continue
+        if off < end:
+            _want_ahead(live, off, end)
+            await live.wait_range(off, off + 1 if arrived else end, handle.generation)
+            if live.generation != handle.generation:
                 continue
-            if off < end:
-                _want_ahead(live, off, end)
-                await live.wait_range(off, end, handle.generation)
-                if live.generation != handle.generation:
-                    continue
-            if off >= live.total:
-                await live.wait_sealed()  # the seal: no clean end on unverified bytes
-            if off >= end:
-                return b""
-            data = await _pread(handle, off, end - off)
-            if live.generation == handle.generation:
-                break
-            # started over while we read: those bytes may be the new ones (loop) or
-            # none at all; a reader given bytes of before cannot go on (EIO)
-    except StreamFailed as e:
-        log.info("%s: read of latest while it downloads fails: %s", live.name, e)
-        raise pyfuse3.FUSEError(errno.EIO) from None
+            if arrived and live.sha256 is None:
+                end = min(end, max(off + 1, live.written.reach(off)))
+        if off >= live.total:
+            await live.wait_sealed()  # the seal: no clean end on unverified bytes
+        if off >= end:
+            return b""
+        data = await _pread(handle, off, end - off)
+        if live.generation == handle.generation:
+            break
+        # started over while we read: those bytes may be the new ones (loop) or
+        # none at all; a reader given bytes of before cannot go on (EIO)
     if len(data) < end - off:
         log.error("%s: partial file shorter than the bytes it holds", live.name)
-        raise pyfuse3.FUSEError(errno.EIO)
+        raise StreamFailed("the partial file is shorter than the bytes it holds")
     handle.served = True
     return data
 

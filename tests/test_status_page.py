@@ -245,7 +245,7 @@ def test_ten_thousand_sources(serve_factory, cache_dir, tmp_path, browser):
 
 def test_form_lines_and_chart_marks():
     """The pieces without a browser: a button's control line, the chart's marks."""
-    from buffyfs.http.app import Answer
+    from buffyfs.http.answer import Answer
     from buffyfs.http.page import chart, form_line
 
     vid = "20260101T000000Z-0123abcd"

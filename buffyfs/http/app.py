@@ -5,7 +5,8 @@
     /@changes?since=N&wait=S      the change feed (changes.py)
     /@blobs/sha256/HEX            content by its sha256
     /NAME/                        listing (HTML, or JSON by Accept)
-    /NAME/latest                  bytes of what latest resolves to now
+    /NAME/latest                  bytes of what latest resolves to now (a first
+                                  download: as it arrives, first.py)
     /NAME/@status                 the source's @status
     /NAME/@versions/[ID]          listing, or a version's bytes
     /NAME/@TAG/[latest|ID]        listing, or bytes of a version carrying TAG
@@ -44,7 +45,8 @@ import trio
 from buffyfs.config import ProxyConfig
 from buffyfs.control import VERSION_RE
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
-from buffyfs.http import access
+from buffyfs.http import access, first
+from buffyfs.http.answer import Answer, content_type_of
 from buffyfs.http.changes import ChangeFeed
 from buffyfs.http.page import StatusPage
 from buffyfs.http.proxy import Proxy, is_proxy_request, own_path
@@ -87,16 +89,6 @@ COOKIE_SAFE_RE = re.compile(r"[!#-+\--:<-\[\]-~]+")  # RFC 6265 cookie-octets
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-
-
-class Answer(Exception):
-    """A short answer (an error, a redirect) with a plain-text reason as the body."""
-
-    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers or []
 
 
 class Request:
@@ -360,6 +352,9 @@ class App:
                 versions = r.versions(name)
                 failures = r.state(name).get("consecutive_failures", 0)
             v = resolve_latest(src, versions)
+            if v is None and not versions and \
+                    await first.answer_while_downloading(self, req, send, name):
+                return
             if v is None:
                 v = await self._wait_latest(name)
             if await self._send_version(req, send, name, v, bool(failures), mutable=True):
@@ -370,6 +365,10 @@ class App:
         raise AssertionError("unreachable")
 
     async def _wait_latest(self, name: str) -> dict[str, Any]:
+        with self.index.read() as r:  # (it came while we waited for a stream: first.py)
+            v = r.latest(name)
+        if v is not None:
+            return v
         status = await trio.to_thread.run_sync(self.cache.source_status, name)
         scheduler = self.daemon.scheduler
         if scheduler is not None and not status["versions"]:
@@ -491,13 +490,13 @@ class App:
         accel = req.headers.get(ACCEL_HEADER)
         if accel is not None and ACCEL_PREFIX_RE.fullmatch(accel):
             # the nginx front (contrib/nginx): it sends the bytes from the blob file
-            headers += [("Content-Type", _content_type(content_type)),
+            headers += [("Content-Type", content_type_of(content_type)),
                         ("X-Accel-Redirect", f"{accel}{sha[:2]}/{sha}"),
                         ("Content-Length", "0")]
             await self._start(send, 200, headers)
             return await send({"type": "http.response.body", "body": b""})
         start, length = (span.start, span.length) if span else (0, size)
-        headers += [("Content-Type", _content_type(content_type)),
+        headers += [("Content-Type", content_type_of(content_type)),
                     ("Content-Length", str(length)),
                     # origin bytes on our origin: never a page that could act as us
                     ("Content-Security-Policy", "sandbox"), ("X-Content-Type-Options", "nosniff")]
@@ -651,13 +650,6 @@ class App:
 
 def _is_name(text: str) -> bool:
     return bool(NAME_RE.fullmatch(text)) and text[0] not in ".@"
-
-
-def _content_type(value: str | None) -> str:
-    """The origin's type if it is a plain ``type/subtype[; params]``, else octet-stream."""
-    if value and re.fullmatch(r"[\w.+-]+/[\w.+-]+(\s*;[\x20-\x7e]*)?", value) and len(value) < 200:
-        return value
-    return "application/octet-stream"
 
 
 def _shown(scope: dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ import trio
 from buffyfs import __version__
 from buffyfs.errors import BadInput, BuffyError, NotFound
 from buffyfs.http import access
+from buffyfs.http.answer import Answer
 from buffyfs.index import now_utc, parse_rfc3339, resolve_latest
 from buffyfs.options import redact_url
 
@@ -173,32 +174,32 @@ class StatusPage:
         from buffyfs.http.app import MAX_BODY, _is_name
 
         if name is None or not _is_name(name):
-            raise _refused(404, "the page's buttons post to /NAME/@control")
+            raise Answer(404, "the page's buttons post to /NAME/@control")
         token = req.cookie(access.COOKIE)
         scope = self.app.tokens.scope_of(token)
         if scope is None:
-            raise _refused(401, "a control token is needed: open /?token=TOKEN once",
+            raise Answer(401, "a control token is needed: open /?token=TOKEN once",
                          [("WWW-Authenticate", 'Bearer realm="buffyfs"')])
         if scope != "control":
-            raise _refused(403, "this token may read, not control")
+            raise Answer(403, "this token may read, not control")
         if not self._same_origin(req):
-            raise _refused(403, "the form did not come from this server's page")
+            raise Answer(403, "the form did not come from this server's page")
         try:
             form = {k: v[-1] for k, v in parse_qs((await req.body(MAX_BODY)).decode(
                 "utf-8"), max_num_fields=10, strict_parsing=True).items()}
         except (UnicodeDecodeError, ValueError):
-            raise _refused(400, "malformed form") from None
+            raise Answer(400, "malformed form") from None
         expected = self._csrf(req) or ""
         if not hmac.compare_digest(form.get("csrf", "").encode(), expected.encode()):
-            raise _refused(403, "the form's CSRF token is missing or stale: reload the page")
+            raise Answer(403, "the form's CSRF token is missing or stale: reload the page")
         self.app._source(name)
         line = form_line(form)
         try:
             await self.app.daemon.run_control(line.encode(), name)
         except (BadInput, NotFound) as e:
-            raise _refused(400, str(e)) from None
+            raise Answer(400, str(e)) from None
         except BuffyError as e:
-            raise _refused(503, f"control write failed: {e}") from None
+            raise Answer(503, f"control write failed: {e}") from None
         await self.app._text(send, 303, "done\n", [("Location", f"/{quote(name)}/")])
 
     @staticmethod
@@ -215,10 +216,10 @@ def form_line(form: dict[str, str]) -> str:
     """The control line of a button's form (control.py's grammar checks it again)."""
     action = form.get("do", "")
     if action not in ACTIONS:
-        raise _refused(400, f"unknown action {action[:40]!r}")
+        raise Answer(400, f"unknown action {action[:40]!r}")
     version = form.get("version", "")
     if ACTIONS[action] and not version:
-        raise _refused(400, f"{action} needs a version")
+        raise Answer(400, f"{action} needs a version")
     if action == "tag-failed":
         return f"tag {shlex.quote(version)} failed"
     if action == "untag":
@@ -226,14 +227,6 @@ def form_line(form: dict[str, str]) -> str:
     if action == "pin" and version:
         return f"pin {shlex.quote(version)}"
     return action
-
-
-def _refused(status: int, reason: str, headers: list[tuple[str, str]] | None = None
-             ) -> Exception:
-    """The server's short answer (app.Answer; imported here, as app.py imports us)."""
-    from buffyfs.http.app import Answer
-
-    return Answer(status, reason, headers)
 
 
 def _row(key: bytes, src_raw: bytes, state_raw: bytes | None,

@@ -26,8 +26,9 @@ index transaction): method, URL and body are the source, with the options of ``[
 defaults``; a source already registered with the same URL string, method and body is
 used instead, whatever its name. The answer is that source's ``latest`` through the
 server's byte answers (app.py: ETag, Range, 304, X-Buffy-Version, X-Buffy-Stale); a
-first download is waited for, and if it fails the answer carries the origin's status
-(``404`` stays ``404``) or ``502``/``504`` for a network failure or a timeout.
+first download with a known length is streamed as it arrives (first.py), one without is
+waited for, and if it fails before its body starts the answer carries the origin's
+status (``404`` stays ``404``) or ``502``/``504`` for a network failure or a timeout.
 
 No header of the client's request reaches the origin. The origin sees the downloader's
 request (its own User-Agent, validators, resumes) with the ``headers`` of ``[proxy]
@@ -56,7 +57,8 @@ from buffyfs import commands
 from buffyfs.config import ProxyConfig
 from buffyfs.control import Command
 from buffyfs.errors import BadInput, FetchError
-from buffyfs.http import access
+from buffyfs.http import access, first
+from buffyfs.http.answer import Answer
 from buffyfs.index import Index
 from buffyfs.options import (
     DEFAULT_OPTIONS,
@@ -264,8 +266,6 @@ class Proxy:
         return any(fnmatch.fnmatchcase(url, glob) for glob in self.config.allow)
 
     async def answer(self, req: Request, send: Send, query: bytes) -> None:
-        from buffyfs.http.app import Answer
-
         rewrite = req.raw_path.startswith(PREFIX)
         if req.method == "CONNECT":
             raise Answer(405, "CONNECT is not served: a caching proxy cannot see inside a "
@@ -314,12 +314,12 @@ class Proxy:
             found = (name, False)
         name, has_version = found
         if not has_version:
+            if await first.answer_while_downloading(self.app, req, send, name):
+                return
             await self._wait_first(name)
         await self.app._latest(req, send, name, self.app._source(name))
 
     def _allow(self, req: Request, rewrite: bool) -> None:
-        from buffyfs.http.app import Answer
-
         token = access.bearer(req.headers.get("proxy-authorization")) \
             or access.bearer(req.headers.get("authorization"))
         refused = access.decide(self.app.tokens, "read", token, req.cookie(access.COOKIE))
@@ -334,8 +334,6 @@ class Proxy:
     async def _wait_first(self, name: str) -> None:
         """Wait for the first version of a source that has none; a failed first
         download is answered with the origin's status (origin_status)."""
-        from buffyfs.http.app import Answer
-
         with self.app.index.read() as r:
             if r.latest(name) is not None or r.has_versions(name):
                 return
