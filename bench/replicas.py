@@ -204,11 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"bench.replicas: error: {reason}", file=sys.stderr)
         return 1
-    try:
-        import buffyfs.replica  # noqa: F401
-    except ImportError:
-        print("bench.replicas: error: this buffyfs has no replicas (issue 15)", file=sys.stderr)
-        return 1
     handle_sigterm()
     work = Path(tempfile.mkdtemp(prefix="bench-replicas-", dir=args.workdir))
     try:

@@ -1,6 +1,5 @@
 """bench/replicas.py runs end to end at its smoke size (no timing is asserted: figures
-on a shared machine are noise). Collected with tests/test_replicas_hosts.py, once
-buffyfs.replica exists (tests/conftest.py)."""
+on a shared machine are noise)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """Replicas across hosts (issue 15, SPEC part 2 "Replicas"): a hub, an nginx cache
 (contrib/nginx/replica-cache.conf) and three replicas, each in a host of its own
 (tests/hosts.py), each replica's daemon mounting its own FUSE filesystem inside its
-host, read by the test with ordinary file calls.
-
-Collected only once buffyfs.replica exists (tests/conftest.py's collect_ignore): the
-replica itself is issue 15 items 1-4."""
+host, read by the test with ordinary file calls."""
 
 from __future__ import annotations
 
