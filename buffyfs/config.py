@@ -56,6 +56,7 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -219,6 +220,17 @@ def _normal_keys(where: _Where, table: str, raw: dict[str, Any]) -> dict[str, tu
     return out
 
 
+def _checked_keys(where: _Where, table: str, raw: dict[str, Any],
+                  allowed: tuple[str, ...] | list[str]) -> Iterator[tuple[str, str, Any]]:
+    """(normal key, key as shown, value) of each key of ``table``; an unknown key fails
+    with a hint and the list of the keys ``allowed``."""
+    for normal, (key, value) in _normal_keys(where, table, raw).items():
+        if normal not in allowed:
+            where.fail(table, None, f"unknown key {key!r}" + _hint(normal, allowed)
+                       + ": use " + ", ".join(allowed))
+        yield normal, _key(key), value
+
+
 # --- [daemon] ---------------------------------------------------------------------------
 
 
@@ -240,11 +252,7 @@ def check_upstream(value: Any) -> list[str]:
 
 def _load_daemon(where: _Where, raw: dict[str, Any]) -> DaemonConfig:
     daemon = DaemonConfig()
-    for normal, (key, value) in _normal_keys(where, "daemon", raw).items():
-        shown = _key(key)
-        if normal not in DAEMON_KEYS:
-            where.fail("daemon", None, f"unknown key {key!r}" + _hint(normal, DAEMON_KEYS)
-                       + ": use " + ", ".join(DAEMON_KEYS))
+    for normal, shown, value in _checked_keys(where, "daemon", raw, DAEMON_KEYS):
         if normal == "cache":
             daemon.cache = _cache_dir(where, shown, value)
         elif normal == "max_cache_size":
@@ -403,11 +411,7 @@ def _locate_table_error(where: _Where, table: str, key: str, value: dict[str, An
 
 def _load_serve(where: _Where, raw: dict[str, Any]) -> ServeConfig:
     serve = ServeConfig()
-    for normal, (key, value) in _normal_keys(where, "serve", raw).items():
-        shown = _key(key)
-        if normal not in SERVE_KEYS:
-            where.fail("serve", None, f"unknown key {key!r}" + _hint(normal, SERVE_KEYS)
-                       + ": use " + ", ".join(SERVE_KEYS))
+    for normal, shown, value in _checked_keys(where, "serve", raw, SERVE_KEYS):
         if normal == "public":
             if not isinstance(value, bool):
                 where.fail("serve", shown, "must be true or false")
@@ -443,11 +447,7 @@ def _path(where: _Where, value: str) -> str:
 
 def _load_proxy(where: _Where, raw: dict[str, Any], defaults: dict[str, Any]) -> ProxyConfig:
     proxy = ProxyConfig(defaults=defaults)
-    for normal, (key, value) in _normal_keys(where, "proxy", raw).items():
-        shown = _key(key)
-        if normal not in PROXY_KEYS:
-            where.fail("proxy", None, f"unknown key {key!r}" + _hint(normal, PROXY_KEYS)
-                       + ": use " + ", ".join(PROXY_KEYS))
+    for normal, shown, value in _checked_keys(where, "proxy", raw, PROXY_KEYS):
         if normal == "allow":
             if not isinstance(value, list) or not all(
                     isinstance(g, str) and g.strip() and g.isprintable() for g in value):
