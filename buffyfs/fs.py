@@ -44,7 +44,7 @@ from buffyfs import links, revalidate, streaming, unpackfs
 from buffyfs.cache import Cache
 from buffyfs.control import help_text
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
-from buffyfs.index import SourceInode, newest_of, parse_rfc3339, resolve_latest
+from buffyfs.index import SourceInode, newest_of, parse_rfc3339, resolve_latest, tag_latest
 from buffyfs.metrics import Metrics
 from buffyfs.options import (
     NAME_RE,
@@ -225,10 +225,6 @@ class BuffyFS(pyfuse3.Operations):
         with self.index.read() as r:
             return [v for v in r.versions(name) if tag in v.get("tags", [])]
 
-    def _tag_latest(self, tagged: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """``@TAG/latest``: the newest of ``tagged`` that is not damaged."""
-        return next((v for v in tagged if not v.get("damaged")), None)
-
     # --- attributes -------------------------------------------------------------------
 
     def _attr(self, ino: int, node: Node | None = None,
@@ -408,7 +404,7 @@ class BuffyFS(pyfuse3.Operations):
             if name == "..":
                 return self.tagdirs[parent][1]
             tagged = self._tagged(node.source, node.tag)
-            newest = self._tag_latest(tagged)
+            newest = tag_latest(tagged, node.tag)
             if name == "latest" and newest:
                 return newest["ino"]
             for v in tagged:
@@ -484,7 +480,7 @@ class BuffyFS(pyfuse3.Operations):
         elif node.kind == "tagdir":
             assert node.source and node.tag
             tagged = self._tagged(node.source, node.tag)
-            newest = self._tag_latest(tagged)
+            newest = tag_latest(tagged, node.tag)
             names = [("latest", newest["ino"])] if newest else []
             names += [(v["id"], v["ino"]) for v in tagged]
         elif node.kind == "versions":
