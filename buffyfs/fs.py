@@ -227,9 +227,10 @@ class BuffyFS(pyfuse3.Operations):
 
     # --- attributes -------------------------------------------------------------------
 
-    def _attr(self, ino: int, node: Node | None = None,
-              nlink: int | None = None) -> pyfuse3.EntryAttributes:
-        """``nlink``: a version's link count when the caller has it (listings)."""
+    def _attr(self, ino: int, node: Node | None = None, nlink: int | None = None,
+              snap: Snapshot | None = None) -> pyfuse3.EntryAttributes:
+        """``nlink``: a version's link count when the caller has it (listings);
+        ``snap``: a generated file's snapshot the caller just got (getattr)."""
         if unpackfs.owns(ino):
             return self.unpacked.attr(ino)
         node = node or self._node(ino)
@@ -264,7 +265,7 @@ class BuffyFS(pyfuse3.Operations):
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
             a.attr_timeout = 0  # every stat asks getattr, which builds it if need be
-            snap = self.snapshots.usable(ino, self.index.last_commit())
+            snap = snap or self.snapshots.usable(ino, self.index.last_commit())
             if snap is not None:
                 a.st_size = len(snap.data)
                 a.st_blocks = (a.st_size + 511) // 512
@@ -297,8 +298,9 @@ class BuffyFS(pyfuse3.Operations):
         if unpackfs.owns(inode):
             return self.unpacked.attr(inode)
         node = self._node(inode)
-        if node.kind in GENERATED:
-            await self._snapshot(inode, node)
+        if node.kind in GENERATED:  # its size: of the snapshot built now, even if the
+            # index changed since (a download's state written meanwhile)
+            return self._attr(inode, node, snap=await self._snapshot(inode, node))
         return self._attr(inode, node)
 
     def _link_count(self, source: str | None, version: dict[str, Any]) -> int:
