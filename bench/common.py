@@ -685,25 +685,22 @@ def populate(index: Any, sources: int, per_source: int, *, sha256: Callable[[int
     with index.write() as w:
         for s, name in enumerate(names):
             base = w.alloc_inodes(INODES_PER_SOURCE)
-            w._put("sources", name.encode(), {"url": f"http://127.0.0.1:9/{name}",
-                                              "options": opts, "ino": base,
-                                              "added_at": rfc3339(t0), "pin": None})
+            w.put_source(name, {"url": f"http://127.0.0.1:9/{name}", "options": opts,
+                                "ino": base, "added_at": rfc3339(t0), "pin": None})
             for kind in SourceInode:
-                w._put("inodes", (base + kind).to_bytes(8, "big"),
-                       {"kind": kind.name, "source": name})
+                w.put_inode(base + kind, {"kind": kind.name, "source": name})
             last = t0
             for i in range(per_source):
                 sha = sha256(s, i)
                 last = t0 + timedelta(minutes=i)
                 vid = version_id(last, sha)
                 ino = w.alloc_inodes(1)
-                w._put("versions", name.encode() + b"\0" + vid.encode(), {
+                w.put_version(name, {
                     "id": vid, "sha256": sha, "size": size, "fetched_at": rfc3339(last),
                     "url": f"http://127.0.0.1:9/{name}", "etag": None,
                     "last_modified": None, "content_type": None, "ino": ino,
                     "tags": ["valid"] if i % 10 == 0 else []})
-                w._put("inodes", ino.to_bytes(8, "big"),
-                       {"kind": "version", "source": name, "id": vid})
+                w.put_inode(ino, {"kind": "version", "source": name, "id": vid})
                 w.ref_blob(sha, size)
             if checked:
                 w.put_state(name, last_check=rfc3339(last), last_success=rfc3339(last))

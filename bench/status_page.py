@@ -61,8 +61,7 @@ def fill_cache(root: Path, count: int, url: str = "http://127.0.0.1:9/data") -> 
                                      "fetched_at": stamp, "url": f"{url}/{name}", "etag": None,
                                      "last_modified": None, "content_type": "text/plain",
                                      "ino": ino, "tags": tags})
-                w._put("inodes", ino.to_bytes(8, "big"),
-                       {"kind": "version", "source": name, "id": vid})
+                w.put_inode(ino, {"kind": "version", "source": name, "id": vid})
                 w.ref_blob(sha, len(BLOB))
                 failing = i % 50 == 3
                 w.put_state(name, last_check=stamp, last_success=stamp,

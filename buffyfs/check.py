@@ -264,7 +264,7 @@ def repair(index: Index, blobs: BlobStore, found: Findings) -> None:
         unpacked = {sha: e["unpacked"] for sha, e in w.blob_refs().items()
                     if e.get("unpacked") and sha not in dict(found.bad_unpacked)}
         for sha in found.bad_refs:  # rebuild the counts from the versions
-            w.txn.delete(sha.encode(), db=w.dbs["blobs"])
+            w.drop_blob_ref(sha)
         total = 0
         for sha, users in uses.items():
             alive = [(s, v) for s, v in users if (s, v["id"]) not in broken]
@@ -272,9 +272,9 @@ def repair(index: Index, blobs: BlobStore, found: Findings) -> None:
                 entry = {"size": alive[0][1]["size"], "refs": len(alive)}
                 if sha in unpacked:  # a sound unpack stays (a broken one is done again)
                     entry["unpacked"] = unpacked[sha]
-                w._put("blobs", sha.encode(), entry)
+                w.put_blob_ref(sha, entry)
                 total += alive[0][1]["size"] + unpacked.get(sha, {}).get("size", 0)
-        w.txn.put(b"blob_bytes", total.to_bytes(8, "big"), db=w.dbs["meta"])
+        w.set_blob_bytes(total)
     for source, vid in found.corrupt:
         for sha, users in uses.items():
             if any(s == source and v["id"] == vid for s, v in users):

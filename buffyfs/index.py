@@ -16,6 +16,16 @@ Named databases and their keys (all values JSON unless said otherwise):
     ``seq``       8-byte big-endian counter, bumped by every change in ``changes``
     ``next_ino``  8-byte big-endian, the next unused inode number (never reused)
     ``blob_bytes`` 8-byte big-endian, the total size of the blobs in ``blobs``
+                  (their unpacked bytes included; ``check`` counts it anew)
+    ``mirror_serial`` 8-byte big-endian counter, bumped by every entry in ``mirror``
+    ``max_cache_size`` JSON integer or null: the mount's quota, for the command line
+                  and the status page (cache.py)
+    ``gc_request`` JSON ``{"id", "dry_run"}``: the last ``buffyfs gc`` asked of the
+                  running mount (cache.py); ``gc_result`` JSON, the mount's answer
+                  to it (``{"id", "report", "error"}``, mount.py)
+    ``last_control_error`` JSON string or null: why the last control write to the
+                  root (``@control``, CLI, server) failed (cache.py); a source's is in
+                  its ``state``
 ``sources``       NAME -> ``{"url", "options", "ino", "added_at", "pin"[, "mirror"]}``
                   ``mirror`` (true): a replica's copy of a hub's source (replica.py),
                   never refreshed here
@@ -26,18 +36,22 @@ Named databases and their keys (all values JSON unless said otherwise):
                   (options.normalize_options)
 ``versions``      NAME b"\\0" VERSION_ID -> ``{"id", "sha256", "size", "fetched_at",
                   "url", "etag", "last_modified", "content_type", "ino", "tags"
-                  [, "damaged"][, "held_until"][, "remote"]}``; ``remote`` (true): a
-                  replica's version whose bytes are not here yet (no blob reference
-                  until they are, replica.py); ids sort by fetch time, so a
-                  reverse prefix scan is newest first. ``damaged`` (``{"at",
-                  "reason"}``) is set on every version whose blob failed a check (see
-                  ``blobs``); ``latest`` skips it. ``held_until`` (RFC 3339 UTC) is set
-                  by ``hold``: collection and the quota leave the version alone until
-                  then (gc.py); ``release`` deletes the key, and a time in the past is
-                  no hold (the key is left as it is: nothing needs to clean it up)
+                  [, "damaged"][, "held_until"][, "validation"][, "remote"]}``;
+                  ``remote`` (true): a replica's version whose bytes are not here yet
+                  (no blob reference until they are, replica.py); ids sort by fetch
+                  time, so a reverse prefix scan is newest first. ``validation``: why
+                  the version was tagged ``failed`` (validate.py, the ``validate``
+                  command). ``damaged`` (``{"at", "reason"}``) is set on every version
+                  whose blob failed a check (see ``blobs``); ``latest`` skips it.
+                  ``held_until`` (RFC 3339 UTC) is set by ``hold``: collection and the
+                  quota leave the version alone until then (gc.py); ``release`` deletes
+                  the key, and a time in the past is no hold (the key is left as it is:
+                  nothing needs to clean it up)
 ``state``         NAME -> ``{"last_check", "last_success", "next_check",
                   "consecutive_failures", "last_error", "last_control_error",
-                  "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``),
+                  "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``;
+                  progress ``{"bytes", "total"}`` of the body under way), ``"state"``
+                  (``idle``, ``fetching`` or ``waiting`` for a retry; refresh.py),
                   and while a refresh runs ``"attempt"`` (its number) and ``"queued"``
                   (why it waits for a download slot); ``"partial"`` is the resume point
                   of ``partial/NAME.part`` (``{"key", "etag", "last_modified"}``, refresh.py,
@@ -412,7 +426,7 @@ class Writer(Reader):
         return True
 
     def _add_blob_bytes(self, delta: int) -> None:
-        self.txn.put(b"blob_bytes", _u64(max(0, self.blob_bytes() + delta)), db=self.dbs["meta"])
+        self.set_blob_bytes(self.blob_bytes() + delta)
 
     def drop_version(self, source: str, version: dict[str, Any]) -> bool:
         """Delete a version (live or garbage) for good; True if its blob lost its last user."""
@@ -435,6 +449,21 @@ class Writer(Reader):
 
     def put_version(self, name: str, version: dict[str, Any]) -> None:
         self._put("versions", name.encode() + b"\0" + version["id"].encode(), version)
+
+    def put_inode(self, ino: int, ref: dict[str, Any]) -> None:
+        """What inode ``ino`` names (``inodes`` above)."""
+        self._put("inodes", _u64(ino), ref)
+
+    def put_blob_ref(self, sha256: str, entry: dict[str, Any]) -> None:
+        """A blob's entry as it is (``check`` rebuilds them; ``ref_blob`` counts)."""
+        self._put("blobs", sha256.encode(), entry)
+
+    def drop_blob_ref(self, sha256: str) -> None:
+        self.txn.delete(sha256.encode(), db=self.dbs["blobs"])
+
+    def set_blob_bytes(self, total: int) -> None:
+        """``meta`` ``blob_bytes`` as counted anew (``check``)."""
+        self.txn.put(b"blob_bytes", _u64(max(0, total)), db=self.dbs["meta"])
 
     def add_source(
         self, name: str, url: str, options: dict[str, Any], replace: bool = False
