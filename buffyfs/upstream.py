@@ -27,7 +27,8 @@ from buffyfs.refresh import backoff
 
 log = logging.getLogger(__name__)
 
-FEED_WAIT = 25.0  # seconds a /@changes long-poll waits at the hub
+FEED_WAIT = 10.0  # seconds a /@changes long-poll waits at the hub
+FEED_SLACK = 10.0  # seconds past that wait before a silent feed counts as a cut link
 TIMEOUT = 30.0  # seconds of silence before a request to the hub fails
 CONNECT = 3.0  # seconds to connect: a hub cut off hands over to the next URL soon
 BLOB_ATTEMPTS = 5  # attempts at one blob on each URL, as a refresh's max_attempts
@@ -98,7 +99,9 @@ class Upstream:
                 return f"/@changes?since={since}&wait={wait:g}&mirror=1"
             return "/@changes?since=-1&wait=0&mirror=1"
 
-        return await self.request("GET", path, timeout=wait + TIMEOUT)
+        # A long-poll answers after ``wait`` at the latest, and its answer is small: a
+        # link cut without a reset shows after wait + FEED_SLACK (20 s), not a minute.
+        return await self.request("GET", path, timeout=wait + FEED_SLACK if wait else TIMEOUT)
 
     async def source(self, name: str, first: str | None) -> tuple[str, dict[str, Any] | None]:
         """The hub's ``@status`` of ``name`` (None: the hub has no such source)."""
