@@ -243,6 +243,9 @@ def check_upstream(value: Any) -> list[str]:
     out = []
     for url in urls:
         url = url.strip()
+        if re.match(r"https?://[^/?#]*@", url):
+            raise BadInput(f"invalid upstream URL {options.redact_url(url)!r}: no user or "
+                           "password in it; give the hub's token as upstream_token")
         if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
             raise BadInput(f"invalid upstream URL {options.redact_url(url)!r}: use "
                            "http://HOST:PORT or https://HOST[:PORT][/PATH]")

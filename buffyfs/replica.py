@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import fnmatch
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,8 @@ import trio
 from buffyfs import control
 from buffyfs.cache import Cache
 from buffyfs.errors import BadInput, BuffyError, FetchError
-from buffyfs.index import Writer, now_utc, resolve_latest, rfc3339
+from buffyfs.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
+from buffyfs.options import check_name, check_tag, normalize_options
 from buffyfs.upstream import FEED_WAIT, HubDown, Upstream, partial_dir
 
 log = logging.getLogger(__name__)
@@ -136,14 +138,21 @@ class Replica:
             n: known[n] for n in names if known and n in known}
         limit = trio.CapacityLimiter(STATUS_READS)
 
+        errors: list[BuffyError] = []
+
         async def read(name: str) -> None:
             async with limit:
-                _, found[name] = await self.upstream.source(name, hub)
+                try:
+                    _, found[name] = await self.upstream.source(name, hub)
+                except BuffyError as e:  # raised below as itself, not in a group
+                    errors.append(e)
 
         async with trio.open_nursery() as nursery:
             for name in names:
                 if name not in found:
                     nursery.start_soon(read, name)
+        if errors:
+            raise errors[0]
         changed = await trio.to_thread.run_sync(self._apply, found)
         for name in changed:
             self.on_changed(name)
@@ -156,6 +165,11 @@ class Replica:
         changed = []
         with self.index.write() as w:
             for name, status in found.items():
+                try:
+                    status = checked_status(name, status)
+                except (BadInput, ValueError, TypeError, KeyError) as e:
+                    log.warning("replica: the hub's %r skipped: %s", name[:140], e)
+                    continue
                 if _apply_source(w, name, status if self.wanted(name) else None):
                     changed.append(name)
         return changed
@@ -259,7 +273,7 @@ class Replica:
             return
         try:
             await self.hold(name, v)
-        except FetchError as e:
+        except BuffyError as e:  # CacheFull too: the prefetcher goes on
             log.warning("%s: prefetch of %s failed: %s", name, vid, e)
 
     # --- control ------------------------------------------------------------------------
@@ -294,6 +308,47 @@ class Replica:
             raise
         await trio.to_thread.run_sync(self.cache.set_control_error, source, None)
         return True
+
+
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def checked_status(name: str, status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``status`` if every field of it a replica stores is well formed, else BadInput:
+    a broken or hostile hub cannot put into this index a name, version id or sha256
+    that would become a path or another source's key, nor options the rest of
+    buffyfs does not expect."""
+    check_name(name)
+    if status is None:
+        return None
+    if not isinstance(status, dict) or not isinstance(status.get("url"), str) \
+            or not isinstance(status.get("options"), dict):
+        raise BadInput("not a source's status")
+    normalize_options(status["options"])
+    pinned = status.get("pinned")
+    if pinned is not None and not (isinstance(pinned, str) and control.VERSION_RE.fullmatch(pinned)):
+        raise BadInput("bad pinned version id")
+    versions = status.get("versions", [])
+    if not isinstance(versions, list):
+        raise BadInput("versions is not a list")
+    for v in versions:
+        if not isinstance(v, dict) or not isinstance(v.get("id"), str) \
+                or not control.VERSION_RE.fullmatch(v["id"]):
+            raise BadInput("bad version id")
+        if not isinstance(v.get("sha256"), str) or not SHA256_RE.fullmatch(v["sha256"]):
+            raise BadInput(f"version {v['id']}: bad sha256")
+        size = v.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BadInput(f"version {v['id']}: bad size")
+        parse_rfc3339(v["fetched_at"])
+        if v.get("held_until"):
+            parse_rfc3339(v["held_until"])
+        tags = v.get("tags", [])
+        if not isinstance(tags, list):
+            raise BadInput(f"version {v['id']}: bad tags")
+        for tag in tags:
+            check_tag(tag)
+    return status
 
 
 def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,8 @@ class Upstream:
         A mismatch drops the bytes and asks once more with ``Cache-Control:
         no-cache`` (a cache between us and the hub refreshes its copy), then the
         next URL. FetchError when every URL failed."""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):  # it becomes a file name
+            raise FetchError(f"not a sha256: {sha256[:80]!r}")
         errors = []
         for base in self.urls:
             extra: dict[str, str] = {}

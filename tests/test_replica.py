@@ -246,10 +246,31 @@ def test_upstream_sources_and_prefetch_modes(server, cli, origin, replica_factor
     assert blob_file(none.cache, b"A2" * 5000).exists()
 
 
+def hostile_feed(body):
+    """The hub's feed with sources added that a broken or hostile hub could send: a
+    name with a NUL (another source's key prefix), a sha256 that is a path, options of
+    the wrong type, a size that is no number."""
+    feed = json.loads(body)
+    good = (feed.get("mirror") or {}).get("a")
+    if good and good.get("versions"):
+        def bad(name, **version):
+            st = json.loads(json.dumps(good))
+            st["versions"][0].update(version)
+            feed["mirror"][name] = st
+            feed["sources"].append(name)
+            return st
+        bad("a\u0000x")
+        bad("evil", sha256="../../planted")
+        bad("evil2")["options"]["keep_versions"] = "many"
+        bad("evil3", size="big")
+    return json.dumps(feed).encode()
+
+
 class CorruptingProxy:
     """Forwards to the hub. ``flip``: flips one byte of every blob answer unless the
     request says ``Cache-Control: no-cache`` (as a stale cache would, until told to
-    refresh). ``cut``: the first blob answer stops after half its body."""
+    refresh). ``cut``: the first blob answer stops after half its body. ``hostile``:
+    the change feed also carries malformed sources (hostile_feed)."""
 
     def __init__(self, hub_url, mode="flip"):
         self.hub_url = hub_url
@@ -272,6 +293,8 @@ class CorruptingProxy:
                 except urllib.error.HTTPError as e:
                     status, body, rh = e.code, e.read(), e.headers
                 cut = False
+                if mode == "hostile" and self.path.startswith("/@changes") and status == 200:
+                    body = hostile_feed(body)
                 if self.path.startswith("/@blobs/"):
                     proxy.blob_requests.append(self.headers.get("Cache-Control"))
                     proxy.ranges.append(self.headers.get("Range"))
@@ -354,3 +377,32 @@ def test_an_interrupted_blob_resumes_with_a_range(server, cli, origin, replica_f
     finally:
         replica.close()
         proxy.close()
+
+
+def test_a_hostile_hubs_malformed_sources_are_skipped(server, cli, origin, replica_factory):
+    """Names, version ids, sha256s and options from the hub are checked before they
+    reach the index: a sha256 that is a path never becomes a file, a name with a NUL
+    never shows, and the well-formed sources beside them are mirrored as usual."""
+    body = b"good bytes " * 100
+    hub_add(server, cli, origin, "a", body)
+    proxy = CorruptingProxy(server.url, mode="hostile")
+    try:
+        replica = replica_factory(proxy.url)
+        wait_for(lambda: blob_file(replica.cache, body).exists(), PROPAGATION,
+                 what="the prefetch of the good source")
+        assert (replica / "a" / "latest").read_bytes() == body
+        assert sorted(n for n in os.listdir(replica.path) if not n.startswith("@")) == ["a"]
+        assert not (replica.cache / "planted.part").exists()
+        assert not list(replica.cache.rglob("planted*"))
+        assert "the hub's 'evil' skipped" in replica.log_text()
+    finally:
+        replica.close()
+        proxy.close()
+
+
+def test_an_upstream_url_with_credentials_is_refused(cli, tmp_path):
+    (tmp_path / "mnt").mkdir()
+    r = run_cli("mount", str(tmp_path / "mnt"), "--upstream", "http://user:pw@127.0.0.1:9",
+                "--cache", str(tmp_path / "c"))
+    assert r.returncode == 2, r
+    assert "upstream_token" in r.stderr and "pw" not in r.stderr + r.stdout
