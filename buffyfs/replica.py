@@ -28,6 +28,7 @@ import trio
 from buffyfs import control
 from buffyfs.cache import Cache
 from buffyfs.errors import BadInput, BuffyError, FetchError
+from buffyfs.gc import CommitLock
 from buffyfs.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
 from buffyfs.options import check_name, check_tag, normalize_options
 from buffyfs.upstream import FEED_WAIT, HubDown, Upstream, partial_dir
@@ -215,8 +216,18 @@ class Replica:
                     if self.make_room is not None:
                         self.make_room(size)
                     await self.upstream.fetch_blob(sha, size, partial)
-                await trio.to_thread.run_sync(self.cache.blobs.commit_partial, partial, sha)
-            if await trio.to_thread.run_sync(self._mark_held, name, version["id"]):
+            # From blob to index commit, hold the commit lock shared (as a refresh does):
+            # no collection, orphan sweep or check --repair takes the blob meanwhile.
+            lock = CommitLock(self.cache.blobs)
+            await trio.to_thread.run_sync(lock.acquire, False)
+            try:
+                if not held:  # verified bytes replace whatever sits there (damaged, orphan)
+                    await trio.to_thread.run_sync(self.cache.blobs.commit_partial, partial,
+                                                  sha, True)
+                marked = await trio.to_thread.run_sync(self._mark_held, name, version["id"])
+            finally:
+                lock.release()
+            if marked:
                 self.on_changed(name)
         finally:
             del self.fetching[sha]
@@ -326,7 +337,8 @@ def checked_status(name: str, status: dict[str, Any] | None) -> dict[str, Any] |
         raise BadInput("not a source's status")
     normalize_options(status["options"])
     pinned = status.get("pinned")
-    if pinned is not None and not (isinstance(pinned, str) and control.VERSION_RE.fullmatch(pinned)):
+    if pinned is not None and not (isinstance(pinned, str)
+                                   and control.VERSION_RE.fullmatch(pinned)):
         raise BadInput("bad pinned version id")
     versions = status.get("versions", [])
     if not isinstance(versions, list):
