@@ -375,6 +375,19 @@ class Origin:
 
 
 # the head of every nginx.conf a benchmark writes: one process, in the foreground
+def nginx_conf(prefix: Path, include: Path, *, workers: int, user: str,
+               access_log: str = "off") -> str:
+    """The main nginx.conf of a test or bench nginx under ``prefix`` (its pid, logs and
+    temp files there), in the foreground with a master, serving the site in ``include``."""
+    temps = "\n".join(f"  {kind}_temp_path {prefix}/tmp/{kind};"
+                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"daemon off;\nmaster_process on;\nworker_processes {workers};\nuser {user};\n"
+            f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log warn;\n"
+            "events { worker_connections 512; }\n"
+            f"http {{\n  access_log {access_log};\n{temps}\n"
+            f"  default_type application/octet-stream;\n  include {include};\n}}\n")
+
+
 NGINX_HEAD = """\
 daemon off;
 master_process off;
@@ -648,22 +661,25 @@ def add_blob(cache: Path, content: Path, sha256: str) -> Path:
     return target
 
 
-def add_versions(cache: Path, entries: list[tuple[str, Path, str]], url: str) -> None:
+def add_versions(cache: Path, entries: list[tuple[str, Path, str]], url: str,
+                 urls: dict[str, str] | None = None) -> None:
     """One source per entry ``(name, content, sha256)``, refresh=never, whose one version
     is ``content``: copied into the blob store and committed through the index API, so a
-    mount serves it without contacting any origin."""
+    mount serves it without contacting any origin. Its URL is ``urls[name]`` if given,
+    else ``url``."""
     from buffyfs.cache import Cache
 
     c = Cache(cache)
     try:
         when = datetime.now(UTC).replace(microsecond=0)
         for name, content, sha in entries:
+            source_url = (urls or {}).get(name, url)
             add_blob(cache, content, sha)
-            c.add_source(name, url, {"refresh": "never"})
+            c.add_source(name, source_url, {"refresh": "never"})
             c.index.commit_version(name, {
-                "sha256": sha, "size": content.stat().st_size, "url": url, "etag": None,
-                "last_modified": None, "content_type": "application/octet-stream",
-                "tags": []}, when)
+                "sha256": sha, "size": content.stat().st_size, "url": source_url,
+                "etag": None, "last_modified": None,
+                "content_type": "application/octet-stream", "tags": []}, when)
     finally:
         c.close()
 

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: python bench/proxy.py
@@ -44,7 +43,7 @@ from bench.common import (  # noqa: E402
     BenchError,
     MiB,
     NginxOrigin,
-    add_blob,
+    add_versions,
     end_process,
     free_port,
     human,
@@ -64,23 +63,9 @@ CURL_TIMEOUT = 600.0
 def build_cache(cache: Path, files: dict[str, tuple[Path, str]]) -> None:
     """One source per URL path of ``files`` (path -> (content, sha256)), named as the
     proxy names it, with the content as its one version (through the index API)."""
-    from buffyfs.cache import Cache
-    from buffyfs.http.proxy import source_name
-
-    c = Cache(cache)
-    try:
-        when = datetime.now(UTC).replace(microsecond=0)
-        for path, (content, sha) in files.items():
-            url = f"{ORIGIN}/{path}"
-            name = source_name(url)
-            add_blob(cache, content, sha)
-            c.add_source(name, url, {"refresh": "never"})
-            c.index.commit_version(name, {
-                "sha256": sha, "size": content.stat().st_size, "url": url, "etag": None,
-                "last_modified": None, "content_type": "application/octet-stream",
-                "tags": []}, when)
-    finally:
-        c.close()
+    urls = {name_of(path): f"{ORIGIN}/{path}" for path in files}
+    add_versions(cache, [(name_of(path), content, sha)
+                         for path, (content, sha) in files.items()], ORIGIN, urls)
 
 
 def name_of(path: str) -> str:

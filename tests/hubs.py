@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import nginx_conf
 from tests.hosts import Host, wait_listening
 
 CONTRIB_CACHE = Path(__file__).resolve().parent.parent / "contrib" / "nginx" / \
@@ -143,14 +144,9 @@ class NginxCache:
         site = site.replace("/var/cache/nginx/buffyfs", str(self.store))
         site = site.replace("listen 8632;", f"listen {host.address}:{CACHE_PORT};")
         (work / "site.conf").write_text(site)
-        temps = "\n".join(f"  {kind}_temp_path {work}/tmp/{kind};"
-                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (work / "nginx.conf").write_text(
-            f"daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\n"
-            f"pid {work}/nginx.pid;\nerror_log {work}/logs/error.log warn;\n"
-            "events { worker_connections 512; }\n"
-            f"http {{\n  access_log {work}/logs/access.log;\n{temps}\n"
-            f"  default_type application/octet-stream;\n  include {work}/site.conf;\n}}\n")
+        (work / "nginx.conf").write_text(nginx_conf(
+            work, work / "site.conf", workers=2, user="root",
+            access_log=f"{work}/logs/access.log"))
         self.url = f"http://{host.address}:{CACHE_PORT}"
         self.proc = host.popen([exe, "-p", f"{work}/", "-e", f"{work}/logs/error.log",
                                 "-c", str(work / "nginx.conf")], log=work / "nginx.out")

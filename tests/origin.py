@@ -9,6 +9,7 @@ while the test reads the mount.
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import struct
 import threading
@@ -290,3 +291,12 @@ class Origin:
         """Listen again, on the same port, with the same resources and request log."""
         self._listen(self.port)
         self.start()
+
+
+def slow(origin: Origin, path: str, size: int, seconds: float, **kw):
+    """A resource of ``size`` random bytes at ``path`` that ``origin`` sends over about
+    ``seconds`` (with an ETag): returns (the bytes, the resource)."""
+    body = os.urandom(size)
+    res = origin.set(path, body, etag=True, **kw)
+    res.chunk_delay = seconds / 20
+    return body, res

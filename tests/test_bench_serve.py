@@ -1,16 +1,13 @@
-"""bench/serve.py runs end to end at its smoke size (no timing is asserted: figures on
-a shared machine are noise)."""
+"""bench/serve.py runs end to end at its smoke size."""
 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.benchrun import run_smoke
 
 
 @pytest.mark.timeout(200)
@@ -18,12 +15,5 @@ ROOT = Path(__file__).resolve().parent.parent
                     and not Path("/usr/sbin/nginx").exists(),
                     reason="needs fuse3 and nginx (scripts/install.sh)")
 def test_bench_serve_smoke(tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    done = subprocess.run([sys.executable, "-m", "bench.serve", "--smoke", "--workdir",
-                           str(work)], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    for figure in ("serve-1", "front-1", "serve-16", "revalidate", "stat-p99"):
-        assert figure in done.stdout
-    assert not list(work.iterdir()), "the benchmark left files behind"
+    run_smoke("bench.serve", tmp_path / "work",
+              ["serve-1", "front-1", "serve-16", "revalidate", "stat-p99"])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import nginx_conf
 from tests.conftest import http_request, wait_for
 from tests.test_serve import BODY, add_source
 
@@ -46,15 +47,8 @@ class Nginx:
         site = site.replace("127.0.0.1:8631", upstream).replace("/var/cache/buffyfs", str(cache))
         site = re.sub(r"listen 8080;", f"listen 127.0.0.1:{self.port};", site)
         (prefix / "buffyfs.conf").write_text(site)
-        temps = "\n".join(f"  {kind}_temp_path {prefix}/tmp/{kind};"
-                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (prefix / "nginx.conf").write_text(
-            f"daemon off;\nmaster_process on;\nworker_processes 1;\n"
-            f"user {WORKER[0]} {WORKER[1]};\npid {prefix}/nginx.pid;\n"
-            f"error_log {prefix}/logs/error.log warn;\n"
-            "events { worker_connections 256; }\n"
-            f"http {{\n  access_log off;\n{temps}\n  default_type application/octet-stream;\n"
-            f"  include {prefix}/buffyfs.conf;\n}}\n")
+        (prefix / "nginx.conf").write_text(nginx_conf(
+            prefix, prefix / "buffyfs.conf", workers=1, user=f"{WORKER[0]} {WORKER[1]}"))
         self.log = prefix / "logs" / "error.log"
         self.proc = subprocess.Popen(
             ["nginx", "-p", f"{prefix}/", "-e", str(self.log), "-c", str(prefix / "nginx.conf")],

@@ -16,17 +16,10 @@ import httpx
 import pytest
 
 from tests.conftest import http_request, wait_for
+from tests.origin import slow
 from tests.test_proxy import curl, start
 
 CLIENT_TIMEOUT = 60
-
-
-def slow(origin, path, size, seconds, **kw):
-    """``size`` random bytes the origin sends over about ``seconds``."""
-    body = os.urandom(size)
-    res = origin.set(path, body, etag=True, **kw)
-    res.chunk_delay = seconds / 20
-    return body, res
 
 
 def latest_id(server, name):

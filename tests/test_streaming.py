@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.conftest import unmount, wait_for
+from tests.origin import slow
 from tests.test_mount import read, status, write_control
 
 
@@ -23,14 +24,6 @@ def sha(data: bytes) -> str:
 
 def add(mnt, name, url, options=""):
     write_control(mnt / "@control", f"add {name} {url} {options}")
-
-
-def slow(origin, path, size, seconds, **kw):
-    """A resource of ``size`` random bytes the origin sends over about ``seconds``."""
-    body = os.urandom(size)
-    res = origin.set(path, body, etag=True, **kw)
-    res.chunk_delay = seconds / 20
-    return body, res
 
 
 def test_reads_while_the_body_arrives_and_the_end_is_the_seal(origin, mnt):
