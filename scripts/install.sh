@@ -8,7 +8,8 @@ packages=(fuse3 libfuse3-dev pkg-config systemd strace rsync  # systemd-analyze,
           curl openssl nginx-light  # the server's tests: a client, a TLS certificate, the nginx front
           chromium  # the status page's tests: a real headless browser
           wget  # the proxy's tests: one more real proxy client
-          iproute2)  # replicas across hosts: network namespaces, veth, a bridge, tc (tests/hosts.py)
+          iproute2  # replicas across hosts: network namespaces, veth, a bridge, tc (tests/hosts.py)
+          squid)  # contrib/squid: Squid as the cache between hub and replicas (tests/test_replica_squid.py)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
