@@ -56,7 +56,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -258,62 +258,53 @@ def _load_daemon(where: _Where, raw: dict[str, Any]) -> DaemonConfig:
     for normal, shown, value in _checked_keys(where, "daemon", raw, DAEMON_KEYS):
         if normal == "cache":
             daemon.cache = _cache_dir(where, shown, value)
-        elif normal == "max_cache_size":
-            try:
-                size = options.parse_size(value, normal)
-            except BadInput as e:
-                where.fail("daemon", shown, str(e))
-            if size == 0:
-                where.fail("daemon", shown, f"invalid {normal} {value!r}: must be more than 0 "
-                           "(leave it out for no limit)")
-            daemon.max_cache_size = size
-        elif normal in ("max_downloads", "max_downloads_per_host", "max_connections_per_host"):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                where.fail("daemon", shown, f"invalid {normal} {value!r}: "
-                           "must be an integer >= 1")
-            setattr(daemon, normal, value)
-        elif normal == "scrub_interval":
-            try:
-                daemon.scrub_interval = check_scrub_interval(value)
-            except BadInput as e:
-                where.fail("daemon", shown, str(e))
-        elif normal == "unpack_max_size":
-            try:
-                daemon.unpack_max_size = options.parse_size(value, normal)
-            except BadInput as e:
-                where.fail("daemon", shown, str(e))
-        elif normal == "upstream":
-            try:
-                daemon.upstream = check_upstream(value)
-            except BadInput as e:
-                where.fail("daemon", shown, str(e))
-        elif normal == "upstream_token":
-            if not isinstance(value, str) or not value or any(c.isspace() for c in value):
-                where.fail("daemon", shown, "upstream_token must be a non-empty string "
-                           "without spaces")
-            daemon.upstream_token = value
-        elif normal == "upstream_sources":
-            if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
-                where.fail("daemon", shown, "upstream_sources must be a list of globs, "
-                           'e.g. ["team-*"]')
-            daemon.upstream_sources = list(value)
-        elif normal == "prefetch":
-            if value not in ("latest", "none", "all"):
-                where.fail("daemon", shown, f"invalid prefetch {value!r}: use latest, "
-                           "none or all")
-            daemon.prefetch = value
-        elif normal == "scrub_rate":
-            try:
-                daemon.scrub_rate = check_scrub_rate(value)
-            except BadInput as e:
-                where.fail("daemon", shown, str(e))
-        else:  # log_level
-            level = value.lower() if isinstance(value, str) else None
-            if level not in LOG_LEVELS:
-                where.fail("daemon", shown, f"invalid log_level {value!r}: use "
-                           + ", ".join(LOG_LEVELS))
-            daemon.log_level = level
+            continue
+        try:
+            setattr(daemon, normal, _DAEMON_CHECKS[normal](value))
+        except BadInput as e:
+            where.fail("daemon", shown, str(e))
     return daemon
+
+
+def _check_max_cache_size(value: Any) -> int:
+    size = options.parse_size(value, "max_cache_size")
+    if size == 0:
+        raise BadInput(f"invalid max_cache_size {value!r}: must be more than 0 "
+                       "(leave it out for no limit)")
+    return size
+
+
+def _check_count(key: str) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BadInput(f"invalid {key} {value!r}: must be an integer >= 1")
+        return value
+    return check
+
+
+def _check_upstream_token(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise BadInput("upstream_token must be a non-empty string without spaces")
+    return value
+
+
+def _check_upstream_sources(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
+        raise BadInput('upstream_sources must be a list of globs, e.g. ["team-*"]')
+    return list(value)
+
+
+def _check_prefetch(value: Any) -> str:
+    if value not in ("latest", "none", "all"):
+        raise BadInput(f"invalid prefetch {value!r}: use latest, none or all")
+    return value
+
+
+def _check_log_level(value: Any) -> str:
+    level = value.lower() if isinstance(value, str) else None
+    if level not in LOG_LEVELS:
+        raise BadInput(f"invalid log_level {value!r}: use " + ", ".join(LOG_LEVELS))
+    return level
 
 
 def check_scrub_interval(value: Any) -> str:
@@ -329,6 +320,22 @@ def check_scrub_rate(value: Any) -> int:
     if rate == 0:
         raise BadInput(f"invalid scrub_rate {value!r}: must be more than 0 bytes per second")
     return rate
+
+
+# How each [daemon] key (but ``cache``, relative to the file) is checked and converted.
+_DAEMON_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "max_cache_size": _check_max_cache_size,
+    **{key: _check_count(key) for key in ("max_downloads", "max_downloads_per_host",
+                                          "max_connections_per_host")},
+    "scrub_interval": check_scrub_interval,
+    "scrub_rate": check_scrub_rate,
+    "unpack_max_size": lambda value: options.parse_size(value, "unpack_max_size"),
+    "upstream": check_upstream,
+    "upstream_token": _check_upstream_token,
+    "upstream_sources": _check_upstream_sources,
+    "prefetch": _check_prefetch,
+    "log_level": _check_log_level,
+}
 
 
 def _cache_dir(where: _Where, shown: str, value: Any) -> str:

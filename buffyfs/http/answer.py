@@ -19,6 +19,12 @@ class Answer(Exception):
         self.headers = headers or []
 
 
+# Sent with every answer carrying an origin's bytes: on our origin they must never act
+# as a page of ours (no scripts, no sniffing into HTML).
+ORIGIN_BYTES_HEADERS = [("Content-Security-Policy", "sandbox"),
+                        ("X-Content-Type-Options", "nosniff")]
+
+
 def content_type_of(value: str | None) -> str:
     """The origin's type if it is a plain ``type/subtype[; params]``, else octet-stream."""
     if value and len(value) < 200 and _TYPE_RE.fullmatch(value):

@@ -46,7 +46,7 @@ from buffyfs.config import ProxyConfig
 from buffyfs.control import VERSION_RE
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
 from buffyfs.http import access, first
-from buffyfs.http.answer import Answer, content_type_of
+from buffyfs.http.answer import ORIGIN_BYTES_HEADERS, Answer, content_type_of
 from buffyfs.http.changes import ChangeFeed
 from buffyfs.http.page import StatusPage
 from buffyfs.http.proxy import Proxy, is_proxy_request, own_path
@@ -497,9 +497,7 @@ class App:
             return await send({"type": "http.response.body", "body": b""})
         start, length = (span.start, span.length) if span else (0, size)
         headers += [("Content-Type", content_type_of(content_type)),
-                    ("Content-Length", str(length)),
-                    # origin bytes on our origin: never a page that could act as us
-                    ("Content-Security-Policy", "sandbox"), ("X-Content-Type-Options", "nosniff")]
+                    ("Content-Length", str(length)), *ORIGIN_BYTES_HEADERS]
         if span:
             headers.append(("Content-Range", span.content_range()))
         await self._start(send, 206 if span else 200, headers)

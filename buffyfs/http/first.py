@@ -25,7 +25,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from buffyfs import streaming
-from buffyfs.http.answer import Answer, content_type_of
+from buffyfs.http.answer import ORIGIN_BYTES_HEADERS, Answer, content_type_of
 from buffyfs.http.ranges import BadRange, byte_span
 from buffyfs.segments import StreamFailed
 
@@ -58,7 +58,7 @@ async def answer_while_downloading(app: App, req: Request, send: Send, name: str
     headers = [("Content-Type", content_type_of(live.content_type)),
                ("Content-Length", str(length)), ("Cache-Control", "no-cache"),
                ("Accept-Ranges", "bytes"), ("X-Buffy-Stale", "0"), ("X-Buffy-Streaming", "1"),
-               ("Content-Security-Policy", "sandbox"), ("X-Content-Type-Options", "nosniff")]
+               *ORIGIN_BYTES_HEADERS]
     if span:
         headers.append(("Content-Range", span.content_range()))
     await send({"type": "http.response.start", "status": 206 if span else 200,
