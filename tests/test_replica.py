@@ -363,6 +363,29 @@ def test_a_serving_replica(serve_factory, cli, origin, replica_factory, tmp_path
     assert http_request(url, "/a/@control", "POST", f"tag {vid} gold\n".encode())[0] == 401
 
 
+def test_a_replica_of_a_replica_reads_what_its_hub_has_not_fetched(
+        serve_factory, cli, origin, replica_factory, tmp_path):
+    """The middle replica holds nothing (prefetch none): a blob its own replica asks it
+    for is fetched from the hub, verified, and then served."""
+    hub = serve_factory()
+    body = os.urandom(300_000)
+    hub_add(hub, cli, origin, "a", body)
+    middle = replica_factory(hub.url, "--serve", "127.0.0.1:0", prefetch="none")
+    url = wait_for(lambda: served_url(middle.log), what="the middle replica's server")
+    wait_for(lambda: http_request(url, "/a/@status")[0] == 200, PROPAGATION, what="a")
+    sha = hashlib.sha256(body).hexdigest()
+    assert status(middle, "a")["versions"][0]["remote"] is True
+    got = http_request(url, f"/@blobs/sha256/{sha}")
+    assert got[0] == 200 and got[2] == body
+    assert "remote" not in status(middle, "a")["versions"][0]  # now held
+    # and a replica of the middle one, with nothing held anywhere below the hub
+    hub_add(hub, cli, origin, "b", body[::-1])
+    edge = replica_factory(url, prefetch="none")
+    wait_for(lambda: (edge / "b/latest").exists(), 2 * PROPAGATION, what="b on the edge")
+    assert (edge / "b/latest").read_bytes() == body[::-1]
+    assert http_request(url, f"/@blobs/sha256/{'0' * 64}")[0] == 404
+
+
 def test_an_interrupted_blob_resumes_with_a_range(server, cli, origin, replica_factory):
     body = os.urandom(300_000)
     hub_add(server, cli, origin, "a", body)

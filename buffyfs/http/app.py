@@ -436,6 +436,8 @@ class App:
     async def _blob(self, req: Request, send: Send, sha: str) -> None:
         if not SHA256_RE.fullmatch(sha):
             raise Answer(404, "not a sha256 (64 lowercase hex digits)")
+        if getattr(self.daemon, "replica", None) is not None:
+            await self._hold_remote_blob(sha)
         with self.index.read() as r:
             ref = r.blob_ref(sha)
         if ref is None or ref.get("refs", 0) <= 0 or ref.get("damaged"):
@@ -453,6 +455,28 @@ class App:
                                   lambda: os.dup(fd))
         finally:
             os.close(fd)
+
+    async def _hold_remote_blob(self, sha: str) -> None:
+        """On a serving replica, a blob that a mirrored version names but this cache does
+        not hold yet (a replica of this replica asks for it) is fetched from the hub
+        first, as a read of that version would."""
+        if self.cache.blobs.path(sha).exists():
+            return
+
+        def find() -> tuple[str, dict[str, Any]] | None:
+            with self.index.read() as r:
+                for name in r.source_names():
+                    for v in r.versions(name):
+                        if v.get("remote") and v["sha256"] == sha:
+                            return name, v
+            return None
+
+        found = await trio.to_thread.run_sync(find)
+        if found is not None:
+            try:
+                await self.daemon.replica.hold(*found)
+            except FetchError as e:
+                raise Answer(503, f"blob {sha} is not available: {e}") from None
 
     async def _send_file(self, req: Request, send: Send, size: int, sha: str,
                          modified: datetime, mutable: bool, extra: list[tuple[str, str]],
