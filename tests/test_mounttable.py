@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from buffyfs import mounttable
+from buffyfs.mount import READAHEAD_KB
+from tests.conftest import Mount, run_cli, wait_for
 
 TABLE = """\
 22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw
@@ -42,3 +45,22 @@ def test_optional_fields_and_unnormalized_paths(table: Path) -> None:
 
 def test_the_real_table_has_the_root() -> None:
     assert mounttable.is_mounted("/")
+
+
+def test_a_mount_point_with_a_space_is_found_in_the_table(tmp_path: Path, cache_dir: Path
+                                                          ) -> None:
+    # the table writes the space as \040: the daemon's read-ahead (it finds its device
+    # there) and the CLI's umount both read it through mounttable
+    mountpoint = tmp_path / "mnt with space"
+    m = Mount(mountpoint, cache_dir, tmp_path / "mount.log", [])
+    try:
+        dev = os.stat(mountpoint).st_dev
+        setting = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        if os.geteuid() != 0 or not os.access(setting, os.W_OK):
+            pytest.skip("read-ahead is raised only by root, on a writable /sys")
+        wait_for(lambda: setting.read_text().strip() == str(READAHEAD_KB), 10,
+                 what="the daemon to raise the read-ahead of its mount")
+        run_cli("umount", str(mountpoint), check=True)
+        assert not mounttable.is_mounted(str(mountpoint))
+    finally:
+        m.close()
