@@ -228,7 +228,19 @@ def rewrite(text: str, path: Path, moves: dict[str, str]) -> str:
         text = RELATIVE.sub(relative, text)
     text = FROM_ROOT.sub(from_root, text)
     text = DOTTED.sub(dotted, text)
+    if path.suffix == ".py":
+        text = LONG_IMPORT.sub(wrapped, text)
     return PATH.sub(file_path, text)
+
+
+LONG_IMPORT = re.compile(rf"^(?P<indent>[ \t]*)from (?P<module>buffyfs[\w.]*) import "
+                         rf"(?P<body>[^(#\n]*)$(?<=.{{{LINE + 1}}})", re.M)
+
+
+def wrapped(m: re.Match[str]) -> str:
+    """A one-line import the new module path made too long, in parentheses."""
+    names, _ = parse_names(m.group("body"))
+    return import_line(m.group("indent"), m.group("module"), names)
 
 
 def packages_line(text: str) -> str:

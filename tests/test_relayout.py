@@ -75,6 +75,14 @@ def test_module_paths_in_code_strings_and_commands(relayout: ModuleType) -> None
         'from buffyfs.fs.tree import (  # noqa: F401\n    Tree,\n)\n')
 
 
+def test_an_import_made_too_long_is_wrapped(relayout: ModuleType) -> None:
+    names = "FIRST_TAGDIR_INO, ROOT, ROOT_CONTROL, ROOT_METRICS, ROOT_STATUS, BuffyFS"
+    assert len(f"from buffyfs.fs import {names}") <= 100
+    assert rewrite(relayout, f"from buffyfs.fs import {names}\n") == (
+        "from buffyfs.fs.handlers import (\n    FIRST_TAGDIR_INO,\n    ROOT,\n"
+        "    ROOT_CONTROL,\n    ROOT_METRICS,\n    ROOT_STATUS,\n    BuffyFS,\n)\n")
+
+
 def test_the_new_layout_is_left_alone(relayout: ModuleType) -> None:
     text = ("from buffyfs.fs import handlers, tree\n"
             "from buffyfs.fs import (\n    links,\n    unpackfs,\n)\n"
