@@ -340,7 +340,6 @@ def main() -> int:
             if len(line) > LINE and f.suffix == ".py" and line not in before:
                 print(f"relayout: {f.relative_to(ROOT)}:{n} is over {LINE} characters now "
                       "(before the move)")
-    sort_imports([f for f in changed if f.suffix == ".py"], args.dry_run)
     for package, doc in SUBPACKAGES.items():
         init = PKG / package / "__init__.py"
         if any(p.startswith(package + ".") for p in moves.values()) and not init.exists():
@@ -354,6 +353,9 @@ def main() -> int:
         print(f"move {src.relative_to(ROOT)} -> {dst.relative_to(ROOT)}")
         if not args.dry_run:
             subprocess.run(["git", "mv", str(src), str(dst)], cwd=ROOT, check=True)
+    moved = {PKG / f"{old}.py": PKG / (new.replace(".", "/") + ".py") for old, new in moves.items()}
+    # after the moves: ruff tells first-party modules by the files it finds
+    sort_imports([moved.get(f, f) for f in changed if f.suffix == ".py"], args.dry_run)
     readme = ROOT / "README.md"
     if readme.exists():
         mentions = sorted({m.group(0) for m in DOTTED.finditer(readme.read_text())}
