@@ -1,15 +1,10 @@
-"""The pyfuse3 filesystem: SPEC's layout over the cache.
+"""The FUSE handlers: pyfuse3's ``Operations`` over the tree (fstree.py) and the cache.
 
-Handlers stay thin: they read the index, open blobs, and turn domain errors into
-``FUSEError``. Only ``FUSEError`` may leave a handler.
-
-Inode numbers (all stable, never reused):
-
-    1, 2, 3, 4         the root, its @status, @control and @metrics
-    index-allocated    per source a block (index.SourceInode: dir, @status,
-                       @control, @versions, pending-latest), one per version
-    1<<48 and up       tag directories SOURCE/@TAG/, numbered in memory per
-                       (source block, tag) on first sight; stable for the mount's life
+Handlers stay thin: they ask the tree what an inode or a name is, open blobs, and
+answer. Each is wrapped in ``guard``, which writes the "users never see tracebacks"
+rule once: only ``FUSEError`` may leave a handler (anything else would end the mount),
+so the tree's and the cache's errors are mapped to errnos there (``ERRNOS``), and an
+unexpected one is logged and answered with EIO.
 
 Caching: a version inode never changes, so its attributes and entries are cached
 for long and its data stays in the page cache across opens (``keep_cache``); only
@@ -33,26 +28,35 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
 import trio
 
-from buffyfs import links, revalidate, streaming, unpackfs
+from buffyfs import revalidate, streaming, unpackfs
 from buffyfs.cache import Cache
 from buffyfs.control import help_text
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
-from buffyfs.index import SourceInode, newest_of, parse_rfc3339, resolve_latest, tag_latest
-from buffyfs.metrics import Metrics
-from buffyfs.options import (
-    NAME_RE,
-    RESERVED_TAGS,
-    TAG_RE,
-    parse_duration,
-    redact_url,
+from buffyfs.fstree import (  # noqa: F401 (ROOT_*, FIRST_TAGDIR_INO: asked here too)
+    CONTROLS,
+    DIRECTORIES,
+    FIRST_TAGDIR_INO,
+    GENERATED,
+    ROOT,
+    ROOT_CONTROL,
+    ROOT_FILES,
+    ROOT_METRICS,
+    ROOT_STATUS,
+    Node,
+    NoEntry,
+    NotADirectory,
+    Tree,
 )
+from buffyfs.index import SourceInode, parse_rfc3339
+from buffyfs.metrics import Metrics
+from buffyfs.options import parse_duration, redact_url
 from buffyfs.scheduler import Scheduler
 from buffyfs.snapshots import Snapshot, Snapshots
 from buffyfs.unpackfs import UnpackedHandle, UnpackedTree
@@ -60,18 +64,10 @@ from buffyfs.upstream import Forbidden
 
 log = logging.getLogger(__name__)
 
-ROOT = pyfuse3.ROOT_INODE
-ROOT_STATUS = 2
-ROOT_CONTROL = 3
-ROOT_METRICS = 4
-
 IMMUTABLE_TIMEOUT = 3600.0  # version inodes and their @versions entries
 SHORT_TIMEOUT = 1.0  # everything that can change
 
-SOURCE_FILES = {"@status": SourceInode.status, "@control": SourceInode.control}
-FIRST_TAGDIR_INO = 1 << 48
 INVALIDATE_TIMEOUT = 2.0
-GENERATED = ("root_status", "status", "root_metrics")  # built on demand (snapshots.py)
 CONTROL_HELP = {"root_control": help_text("root"), "control": help_text("source")}
 
 
@@ -80,14 +76,6 @@ class _BeingCollected(Exception):
 
     def __init__(self, done: trio.Event) -> None:
         self.done = done
-
-
-@dataclass
-class Node:
-    kind: str  # root, root_status, root_control, a SourceInode name, version or tagdir
-    source: str | None = None
-    version: dict[str, Any] | None = None
-    tag: str | None = None
 
 
 @dataclass
@@ -115,6 +103,42 @@ class DirHandle:
     entries: list[tuple[bytes, pyfuse3.EntryAttributes]] | None = None
 
 
+# What a handler answers for the errors it may meet: the tree's (a name that is not
+# there) quietly; any other BuffyError is logged and answered EIO, anything else is a bug:
+# logged with its traceback ("unexpected", which fails a test) and answered EIO.
+ERRNOS: dict[type[Exception], int] = {NoEntry: errno.ENOENT, NotADirectory: errno.ENOTDIR}
+Handler = Callable[..., Awaitable[Any]]
+
+
+def guard(handler: Handler | None = None, *,
+          errnos: dict[type[Exception], int] | None = None) -> Any:
+    """Wrap a FUSE handler (``@guard``, or ``@guard(errnos={...})`` for the errors that
+    handler answers quietly besides ``ERRNOS``): only FUSEError may leave it, anything
+    else would end the mount."""
+    table = {**(errnos or {}), **ERRNOS}  # the handler's own first
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await handler(*args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except Exception as e:
+                code = next((n for kind, n in table.items() if isinstance(e, kind)), None)
+                if code is not None:
+                    raise pyfuse3.FUSEError(code) from None
+                if isinstance(e, BuffyError):
+                    log.error("%s: %s", handler.__name__, e)
+                else:
+                    log.exception("%s failed unexpectedly", handler.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        return guarded
+
+    return wrap(handler) if handler is not None else wrap
+
+
 class BuffyFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
@@ -134,9 +158,7 @@ class BuffyFS(pyfuse3.Operations):
         self.gid = os.getgid()
         self.handles: dict[int, Any] = {}
         self.next_fh = 1
-        self.shown_latest: dict[str, int] = {}  # source -> inode last given for `latest`
-        self.tagdir_inos: dict[tuple[int, str], int] = {}  # (source base, tag) -> inode
-        self.tagdirs: dict[int, tuple[str, int, str]] = {}  # inode -> (source, base, tag)
+        self.tree = Tree(self.index)  # inodes and names (fstree.py)
         self.metrics = Metrics()
         self.open_inos: collections.Counter[int] = collections.Counter()
         # versions found damaged by this mount: their first open once repaired drops
@@ -156,75 +178,6 @@ class BuffyFS(pyfuse3.Operations):
         self.on_source_changed: Callable[[str], None] | None = None  # the unpacker's kick
         self.replica: Any = None  # replica.Replica of a mount with --upstream
 
-    # --- node resolution --------------------------------------------------------------
-
-    def _node(self, ino: int) -> Node:
-        if ino == ROOT:
-            return Node("root")
-        if ino == ROOT_STATUS:
-            return Node("root_status")
-        if ino == ROOT_CONTROL:
-            return Node("root_control")
-        if ino == ROOT_METRICS:
-            return Node("root_metrics")
-        if ino >= FIRST_TAGDIR_INO:
-            if ino not in self.tagdirs:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            source, base, tag = self.tagdirs[ino]
-            with self.index.read() as r:
-                src = r.source(source)
-            if src is None or src["ino"] != base:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return Node("tagdir", source, tag=tag)
-        with self.index.read() as r:
-            ref = r.inode(ino)
-            if ref is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            if ref["kind"] == "version":
-                found = r.version_by_inode(ino)  # also garbage a reader still holds
-                if found is None:
-                    raise pyfuse3.FUSEError(errno.ENOENT)
-                return Node("version", found[0], found[1])
-        return Node(ref["kind"], ref["source"])
-
-    def _source_base(self, name: str) -> int:
-        with self.index.read() as r:
-            src = r.source(name)
-        if src is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return src["ino"]
-
-    def _latest_ino(self, name: str, base: int) -> int:
-        with self.index.read() as r:
-            ino = _latest_target(r.source(name), r.latest(name))
-        self.shown_latest[name] = ino
-        return ino
-
-    def _newest_ino(self, name: str) -> int:
-        """``SOURCE/newest``: the newest version, tagged ``failed`` or not (ENOENT: none)."""
-        with self.index.read() as r:
-            v = newest_of(r.versions(name))
-        if v is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return v["ino"]
-
-    def _tagdir_ino(self, name: str, base: int, tag: str) -> int:
-        key = (base, tag)
-        if key not in self.tagdir_inos:
-            ino = FIRST_TAGDIR_INO + len(self.tagdir_inos)
-            self.tagdir_inos[key] = ino
-            self.tagdirs[ino] = (name, base, tag)
-        return self.tagdir_inos[key]
-
-    def _tags_in_use(self, name: str) -> list[str]:
-        with self.index.read() as r:
-            return _tags_of(r.versions(name))
-
-    def _tagged(self, name: str, tag: str) -> list[dict[str, Any]]:
-        """Versions carrying ``tag``, newest first."""
-        with self.index.read() as r:
-            return [v for v in r.versions(name) if tag in v.get("tags", [])]
-
     # --- attributes -------------------------------------------------------------------
 
     def _attr(self, ino: int, node: Node | None = None, nlink: int | None = None,
@@ -233,7 +186,7 @@ class BuffyFS(pyfuse3.Operations):
         ``snap``: a generated file's snapshot the caller just got (getattr)."""
         if unpackfs.owns(ino):
             return self.unpacked.attr(ino)
-        node = node or self._node(ino)
+        node = node or self.tree.node(ino)
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.st_uid = self.uid
@@ -243,13 +196,13 @@ class BuffyFS(pyfuse3.Operations):
         a.attr_timeout = SHORT_TIMEOUT
         a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = self.started_ns
         kind = node.kind
-        if kind in ("root", "dir", "versions", "tagdir"):
+        if kind in DIRECTORIES:
             a.st_mode = stat.S_IFDIR | 0o555
             a.st_nlink = 2
         elif kind == "version":
             assert node.version is not None
             a.st_mode = stat.S_IFREG | 0o444
-            a.st_nlink = self._link_count(node.source, node.version) if nlink is None \
+            a.st_nlink = self.tree.link_count(node.source, node.version) if nlink is None \
                 else nlink
             self.shown_links[ino] = a.st_nlink
             a.st_size = node.version["size"]
@@ -257,7 +210,7 @@ class BuffyFS(pyfuse3.Operations):
             stamp = int(parse_rfc3339(node.version["fetched_at"]).timestamp() * 1e9)
             a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
             a.entry_timeout = a.attr_timeout = IMMUTABLE_TIMEOUT
-        elif kind in ("root_control", "control"):  # writes take commands, reads a help text
+        elif kind in CONTROLS:  # writes take commands, reads a help text
             a.st_mode = stat.S_IFREG | 0o644
             a.st_nlink = 1
             a.st_size = len(CONTROL_HELP[kind])
@@ -294,36 +247,15 @@ class BuffyFS(pyfuse3.Operations):
         live = self.scheduler.refresher.live.get(name or "") if self.scheduler else None
         return live.total or 0 if live is not None and not live.done else 0
 
+    @guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if unpackfs.owns(inode):
             return self.unpacked.attr(inode)
-        node = self._node(inode)
+        node = self.tree.node(inode)
         if node.kind in GENERATED:  # its size: of the snapshot built now, even if the
             # index changed since (a download's state written meanwhile)
             return self._attr(inode, node, snap=await self._snapshot(inode, node))
         return self._attr(inode, node)
-
-    def _link_count(self, source: str | None, version: dict[str, Any]) -> int:
-        """How many names the version has (links.py); a collected one's: 1."""
-        with self.index.read() as r:
-            src = r.source(source) if source else None
-            current = r.version(source, version["id"]) if src else None
-            if src is None or current is None or current["ino"] != version["ino"]:
-                return 1
-            pin = src.get("pin")
-            pin_present = bool(pin) and r.version(source, pin) is not None
-            return links.link_count(src, current, pin_present,
-                                    r.versions_after(source, version["id"]))
-
-    def _link_counts(self, source: str) -> dict[int, int]:
-        """The link count of every version of ``source``, by inode (for a listing)."""
-        with self.index.read() as r:
-            src = r.source(source)
-            versions = r.versions(source) if src else []
-        if src is None:
-            return {}
-        counts = links.link_counts(src, versions)
-        return {v["ino"]: counts[v["id"]] for v in versions}
 
     async def _snapshot(self, ino: int, node: Node, opening: bool = False) -> Snapshot:
         """The content of a generated file as a stat or open sees it (snapshots.py)."""
@@ -337,23 +269,23 @@ class BuffyFS(pyfuse3.Operations):
 
     # --- lookup and listing -----------------------------------------------------------
 
+    @guard
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise NoEntry(name) from None
         if unpackfs.owns(parent_inode):
             attr = self._attr(await self.unpacked.lookup(parent_inode, text))
             if text == "latest":
                 attr.entry_timeout = SHORT_TIMEOUT  # moves with the source's latest
             return attr
-        ino = self._child(parent_inode, text)
+        ino = self.tree.child(parent_inode, text)
         attr = self._attr(ino)
-        if text in ("latest", "newest") or ino != parent_inode and \
-                parent_inode >= FIRST_TAGDIR_INO:
-            attr.entry_timeout = SHORT_TIMEOUT  # these names move
+        if self.tree.moves(parent_inode, text, ino):
+            attr.entry_timeout = SHORT_TIMEOUT
         return attr
 
     async def _check_on_open(self, name: str) -> None:
@@ -365,78 +297,15 @@ class BuffyFS(pyfuse3.Operations):
         wait = parse_duration(src["options"].get("open_wait", "5s"))
         await self.scheduler.check_on_open(name, wait)
 
-    def _child(self, parent: int, name: str) -> int:
-        node = self._node(parent)
-        if name == ".":
-            return parent
-        if node.kind == "root":
-            if name == "..":
-                return ROOT
-            if name == "@status":
-                return ROOT_STATUS
-            if name == "@control":
-                return ROOT_CONTROL
-            if name == "@metrics":
-                return ROOT_METRICS
-            if not NAME_RE.fullmatch(name) or name[0] in ".@":
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._source_base(name)
-        if node.kind == "dir":
-            assert node.source
-            base = parent  # a source's directory is the first inode of its block
-            if name == "..":
-                return ROOT
-            if name == "latest":
-                return self._latest_ino(node.source, base)
-            if name == "newest":
-                return self._newest_ino(node.source)
-            if name in SOURCE_FILES:
-                return base + SOURCE_FILES[name]
-            if name == "@versions":
-                return base + SourceInode.versions
-            if name == "@unpacked" and self._unpacked_shown(node.source):
-                return unpackfs.dir_ino(base)
-            tag = name[1:]
-            if name.startswith("@") and TAG_RE.fullmatch(tag) and tag not in RESERVED_TAGS \
-                    and tag in self._tags_in_use(node.source):
-                return self._tagdir_ino(node.source, base, tag)
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if node.kind == "tagdir":
-            assert node.source and node.tag
-            if name == "..":
-                return self.tagdirs[parent][1]
-            tagged = self._tagged(node.source, node.tag)
-            newest = tag_latest(tagged, node.tag)
-            if name == "latest" and newest:
-                return newest["ino"]
-            for v in tagged:
-                if v["id"] == name:
-                    return v["ino"]
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if node.kind == "versions":
-            assert node.source
-            if name == "..":
-                return parent - SourceInode.versions
-            with self.index.read() as r:
-                v = r.version(node.source, name) if "\0" not in name else None
-            if v is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return v["ino"]
-        raise pyfuse3.FUSEError(errno.ENOTDIR)
-
-    def _unpacked_shown(self, name: str) -> bool:
-        with self.index.read() as r:
-            src = r.source(name)
-        return src is not None and unpackfs.shown(src)
-
+    @guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if unpackfs.owns(inode):
             if not self.unpacked.is_dir(inode):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             return self._new_handle(DirHandle(inode))
-        node = self._node(inode)
-        if node.kind not in ("root", "dir", "versions", "tagdir"):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        node = self.tree.node(inode)
+        if node.kind not in DIRECTORIES:
+            raise NotADirectory(inode)
         return self._new_handle(DirHandle(inode))
 
     async def _list_entries(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
@@ -455,54 +324,26 @@ class BuffyFS(pyfuse3.Operations):
         return self._list(ino)
 
     def _list(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
-        node = self._node(ino)
-        names: list[tuple[str, int]] = []
-        if node.kind == "root":
-            names = [("@status", ROOT_STATUS), ("@control", ROOT_CONTROL),
-                     ("@metrics", ROOT_METRICS)]
-            with self.index.read() as r:
-                bases = [(n, src["ino"]) for n, src in r.sources()]
-            out = [(n.encode(), self._attr(ino)) for n, ino in names]
-            # source directories all look alike: no index read per entry
-            return out + [(n.encode(), self._attr(ino, Node("dir", n))) for n, ino in bases]
-        elif node.kind == "dir":
-            assert node.source
-            base = ino
-            names = [("latest", self._latest_ino(node.source, base))]
-            try:
-                names.append(("newest", self._newest_ino(node.source)))
-            except pyfuse3.FUSEError:
-                pass  # no version yet
-            names += [(n, base + off) for n, off in SOURCE_FILES.items()]
-            names.append(("@versions", base + SourceInode.versions))
-            if self.unpacked.listed(node.source):
-                names.append(("@unpacked", unpackfs.dir_ino(base)))
-            names += [("@" + tag, self._tagdir_ino(node.source, base, tag))
-                      for tag in self._tags_in_use(node.source)]
-        elif node.kind == "tagdir":
-            assert node.source and node.tag
-            tagged = self._tagged(node.source, node.tag)
-            newest = tag_latest(tagged, node.tag)
-            names = [("latest", newest["ino"])] if newest else []
-            names += [(v["id"], v["ino"]) for v in tagged]
-        elif node.kind == "versions":
-            assert node.source
-            with self.index.read() as r:
-                names = [(v["id"], v["ino"]) for v in r.versions(node.source)]
-        out = []
+        node = self.tree.node(ino)
+        names = self.tree.names(ino, node)
         # all link counts in one pass (these two run in a worker thread)
-        nlinks = self._link_counts(node.source) \
+        nlinks = self.tree.link_counts(node.source) \
             if node.kind in ("versions", "tagdir") and node.source else {}
+        out = []
         for name, child in names:
+            # source directories all look alike: no index read per entry of the root
+            shown = Node("dir", name) if node.kind == "root" and name not in ROOT_FILES \
+                else None
             try:
-                attr = self._attr(child, nlink=nlinks.get(child))
-            except pyfuse3.FUSEError:
+                attr = self._attr(child, shown, nlink=nlinks.get(child))
+            except (NoEntry, pyfuse3.FUSEError):
                 continue  # removed meanwhile
-            if name in ("latest", "newest") or node.kind == "tagdir":
-                attr.entry_timeout = SHORT_TIMEOUT  # these names move
+            if self.tree.moves(ino, name, child):
+                attr.entry_timeout = SHORT_TIMEOUT
             out.append((name.encode(), attr))
         return out
 
+    @guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.handles.get(fh)
         if not isinstance(handle, DirHandle):
@@ -514,6 +355,7 @@ class BuffyFS(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 break
 
+    @guard
     async def releasedir(self, fh: int) -> None:
         self.handles.pop(fh, None)
 
@@ -571,6 +413,7 @@ class BuffyFS(pyfuse3.Operations):
         fh = self._new_handle(BlobHandle(fd, version["size"], version["ino"], sha))
         return pyfuse3.FileInfo(fh=fh, **info)
 
+    @guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         while True:
             try:
@@ -584,7 +427,7 @@ class BuffyFS(pyfuse3.Operations):
             if writing:
                 raise pyfuse3.FUSEError(errno.EROFS)
             return await self._open_unpacked(inode)
-        node = self._node(inode)
+        node = self.tree.node(inode)
         if node.kind in ("root_control", "control"):
             if not writing:  # a help text, so that copies of the mount can read it
                 return pyfuse3.FileInfo(fh=self._new_handle(BytesHandle(CONTROL_HELP[node.kind])),
@@ -698,6 +541,7 @@ class BuffyFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
         return (json.dumps(obj, indent=2) + "\n").encode()
 
+    @guard
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         handle = self.handles.get(fh)
         if isinstance(handle, BytesHandle):
@@ -744,6 +588,7 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
         return memoryview(buf)[:n] if n == size else None
 
+    @guard
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
         if isinstance(handle, BytesHandle) and handle.snapshot is not None:
@@ -759,18 +604,17 @@ class BuffyFS(pyfuse3.Operations):
 
     # --- control files ----------------------------------------------------------------
 
+    @guard(errnos={
+        Forbidden: errno.EACCES,  # a replica without a token the hub takes (replica.py)
+        BadInput: errno.EINVAL, NotFound: errno.EINVAL,  # logged, last_control_error
+        BuffyError: errno.EIO,  # logged where it happened
+    })
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles.get(fh)
         if not isinstance(handle, ControlHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
             await self.run_control(buf, handle.source)
-        except Forbidden:  # a replica without a token the hub takes (replica.py)
-            raise pyfuse3.FUSEError(errno.EACCES) from None
-        except (BadInput, NotFound):  # logged, and shown as last_control_error
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        except BuffyError:
-            raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             self.snapshots.clear()  # applied or refused: @status shows it now
         return len(buf)
@@ -801,13 +645,14 @@ class BuffyFS(pyfuse3.Operations):
                 self.scheduler.sync(name)  # a removed source's download is cancelled
             await self.source_changed_now(name)
 
+    @guard
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         if unpackfs.owns(inode):
             raise pyfuse3.FUSEError(errno.EROFS)
-        node = self._node(inode)
+        node = self.tree.node(inode)
         only_size = fields.update_size and not any((
             fields.update_mode, fields.update_uid, fields.update_gid,
             fields.update_atime, fields.update_mtime,
@@ -821,7 +666,7 @@ class BuffyFS(pyfuse3.Operations):
     def _xattrs(self, inode: int) -> dict[bytes, bytes]:
         if unpackfs.owns(inode):
             return self.unpacked.xattrs(inode)
-        node = self._node(inode)
+        node = self.tree.node(inode)
         if node.kind == "onopen":  # the version an open would serve now
             assert node.source
             with self.index.read() as r:
@@ -851,6 +696,7 @@ class BuffyFS(pyfuse3.Operations):
             failures = r.state(source).get("consecutive_failures", 0)
         return bool(failures) and latest is not None and latest["id"] == vid
 
+    @guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not name.startswith(b"user."):
             # No ACLs, no security labels: "not supported" (not "no such attribute")
@@ -862,9 +708,11 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
+    @guard
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return list(self._xattrs(inode))
 
+    @guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         if unpackfs.owns(inode):
             return self.unpacked.readlink(inode)
@@ -902,6 +750,7 @@ class BuffyFS(pyfuse3.Operations):
     async def rename(self, *args: Any) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = os.statvfs(self.cache.root)
         out = pyfuse3.StatvfsData()
@@ -926,7 +775,7 @@ class BuffyFS(pyfuse3.Operations):
         self.snapshots.clear()
         if self.on_source_changed is not None:
             self.on_source_changed(name)
-        for parent, entry in self._stale_entries(name):
+        for parent, entry in self.tree.stale_entries(name):
             _invalidate(parent, entry)
         relinked = self._changed_links(name)
         if relinked:
@@ -943,7 +792,7 @@ class BuffyFS(pyfuse3.Operations):
         directory, so it runs in a worker thread while the loop keeps serving them.
         """
         self.snapshots.clear()
-        for parent, entry in self._stale_entries(name):
+        for parent, entry in self.tree.stale_entries(name):
             with trio.move_on_after(INVALIDATE_TIMEOUT):
                 try:
                     await trio.to_thread.run_sync(
@@ -958,7 +807,7 @@ class BuffyFS(pyfuse3.Operations):
         (``latest`` or a ``@TAG/latest`` moved, a tag came or went)."""
         if not self.shown_links:
             return []
-        changed = [ino for ino, n in self._link_counts(name).items()
+        changed = [ino for ino, n in self.tree.link_counts(name).items()
                    if self.shown_links.get(ino, n) != n]
         for ino in changed:
             del self.shown_links[ino]
@@ -983,7 +832,7 @@ class BuffyFS(pyfuse3.Operations):
             src = r.source(name)
         if src is None:
             return
-        self.shown_latest.pop(name, None)
+        self.tree.shown_latest.pop(name, None)
         with trio.move_on_after(INVALIDATE_TIMEOUT):
             try:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_entry, src["ino"], b"latest",
@@ -1000,75 +849,6 @@ class BuffyFS(pyfuse3.Operations):
         for vid in vids:
             _invalidate(src["ino"] + SourceInode.versions, vid)
         self.source_changed(source)
-
-    def _stale_entries(self, name: str) -> list[tuple[int, str]]:
-        with self.index.read() as r:
-            src = r.source(name)
-            versions = r.versions(name) if src else []
-        if src is None:
-            self.shown_latest.pop(name, None)
-            return [(ROOT, name)]
-        out = []
-        current = _latest_target(src, resolve_latest(src, versions))
-        shown = self.shown_latest.get(name)
-        if shown is not None and shown != current:
-            out.append((src["ino"], "latest"))
-            del self.shown_latest[name]
-        out.append((src["ino"], "newest"))  # a new version, a collection: it may move
-        out.append((unpackfs.dir_ino(src["ino"]), "latest"))  # may have moved: short-lived
-        in_use = set(_tags_of(versions))
-        ids = [v["id"] for v in versions]
-        for (base, tag), ino in self.tagdir_inos.items():
-            if base != src["ino"]:
-                continue
-            if tag not in in_use:
-                out.append((base, "@" + tag))
-            out += [(ino, "latest")] + [(ino, vid) for vid in ids]
-        return out
-
-
-def _tags_of(versions: list[dict[str, Any]]) -> list[str]:
-    """The tags in use among ``versions``; ``valid`` always."""
-    tags = {"valid"}
-    for v in versions:
-        tags.update(v.get("tags", []))
-    return sorted(tags)
-
-
-def _latest_target(source: dict[str, Any] | None, latest: dict[str, Any] | None) -> int:
-    """The inode the name `latest` of a source stands for."""
-    assert source is not None
-    options = source["options"]
-    if options.get("refresh") == "on-open" and not options.get("pinned"):
-        return source["ino"] + SourceInode.onopen
-    return latest["ino"] if latest else source["ino"] + SourceInode.pending
-
-
-def _guard(handler: Any) -> Any:
-    """Only FUSEError may leave a handler (anything else would end the mount): an
-    unexpected error is logged and answered with EIO."""
-
-    @functools.wraps(handler)
-    async def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except BuffyError as e:
-            log.error("%s: %s", handler.__name__, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("%s failed unexpectedly", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return guarded
-
-
-for _name in ("lookup", "getattr", "opendir", "readdir", "releasedir", "open", "read",
-              "release", "write", "setattr", "getxattr", "listxattr", "statfs",
-              "readlink"):
-    setattr(BuffyFS, _name, _guard(getattr(BuffyFS, _name)))
-
 
 def _invalidate(parent: int, name: str) -> None:
     try:

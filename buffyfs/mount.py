@@ -19,7 +19,7 @@ import httpx
 import pyfuse3
 import trio
 
-from buffyfs import __version__, downloader, gc, watchdog
+from buffyfs import __version__, downloader, gc, mounttable, watchdog
 from buffyfs.cache import Cache
 from buffyfs.errors import BuffyError, CacheError
 from buffyfs.fs import BuffyFS
@@ -483,12 +483,10 @@ async def raise_readahead(mountpoint: str) -> None:
 def _set_readahead(mountpoint: str) -> None:
     # The device comes from the mount table: a stat() of our own mount point would
     # wait for this very thread to answer it.
-    target = os.path.abspath(mountpoint)  # realpath would stat the mount point too
-    with open("/proc/self/mountinfo") as f:
-        devs = [line.split()[2] for line in f if line.split()[4] == target]
-    if not devs:
+    mounted = mounttable.topmost(mountpoint)
+    if mounted is None:
         return
-    path = f"/sys/class/bdi/{devs[-1]}/read_ahead_kb"
+    path = f"/sys/class/bdi/{mounted.device}/read_ahead_kb"
     try:
         with open(path, "w") as f:
             f.write(str(READAHEAD_KB))

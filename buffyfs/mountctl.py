@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shlex
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from buffyfs import commands, control
+from buffyfs import commands, control, mounttable
 from buffyfs.cache import Cache
 from buffyfs.control import Command
 from buffyfs.errors import BadInput, CacheError, NotFound
@@ -120,21 +119,11 @@ def control_file(cache: Cache, source: str | None) -> Path | None:
 
 def mount_source(path: str) -> str | None:
     """The source field (``buffyfs:CACHE`` for ours) of the topmost mount on ``path``."""
-    target = os.path.abspath(path)
-    found = None
     try:
-        with open("/proc/self/mountinfo") as f:  # spaces and such are written \040
-            for line in f:
-                fields = [_unescape(x) for x in line.split()]
-                if fields[4] == target:
-                    found = fields[fields.index("-", 6) + 2]
-    except (OSError, IndexError, ValueError):
+        mounted = mounttable.topmost(path)
+    except OSError:
         return None
-    return found
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    return mounted.source if mounted else None
 
 
 def control_line(cmd: Command) -> str:

@@ -257,14 +257,6 @@ class UnpackedTree:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return src["ino"]
 
-    def listed(self, source: str) -> bool:
-        with self.index.read() as r:
-            src = r.source(source)
-            if src is None or not shown(src):
-                return False
-            kinds = [(r.unpacked(v["sha256"]) or {}).get("kind") for v in r.versions(source)]
-        return listed_in(src, kinds)
-
     async def _version_entries(self, ino: int) -> list[tuple[str, int]]:
         """(name, inode) of a source's @unpacked/: ``latest`` and every version whose
         bytes are compressed or an archive (as far as looked at)."""

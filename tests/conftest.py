@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from buffyfs.cli import is_mounted  # noqa: F401 (tests import it from here)
+from buffyfs.daemon import is_mounted  # noqa: F401 (tests import it from here)
 from tests.origin import Origin
 
 MOUNT_TIMEOUT = 15.0

@@ -13,7 +13,7 @@ import argparse
 import re
 from pathlib import Path
 
-from buffyfs import cli, config, control, errors, options
+from buffyfs import cli, config, control, daemon, errors, options
 from buffyfs.cache import Cache
 from buffyfs.index import now_utc, rfc3339
 from buffyfs.metrics import SOURCE_GAUGES, Metrics
@@ -94,7 +94,7 @@ def test_daemon_keys_and_fstab_options():
                         table_names(section("`[serve]`")), "[serve] key")
     problems += compare("section '`[proxy]`'", config.PROXY_KEYS,
                         table_names(section("`[proxy]`")), "[proxy] key")
-    fstab = {*cli.FSTAB_FLAGS, *(k + "=" for k in cli.FSTAB_VALUES)}
+    fstab = {*daemon.FSTAB_FLAGS, *(k + "=" for k in daemon.FSTAB_VALUES)}
     documented = [n.split("=")[0] + "=" if "=" in n else n
                   for n in table_names(section("fstab"))]
     problems += compare("section 'fstab'", fstab, documented, "fstab option")

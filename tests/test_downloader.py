@@ -1,4 +1,5 @@
-"""Unit tests of buffyfs.downloader and buffyfs.refresh against the test origin (no mount)."""
+"""Unit tests of buffyfs.downloader and buffyfs.refresh against the test origin (no
+mount)."""
 
 from __future__ import annotations
 

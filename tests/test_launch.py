@@ -98,7 +98,7 @@ def test_daemon_inherits_the_interpreter_flags_of_the_command():
     # a script whose #! line says `python3 -s` (no user site-packages) starts a daemon
     # that sees the same packages; -P is always there
     shown = subprocess.run([sys.executable, "-s", "-c",
-                            "from buffyfs.cli import daemon_command; print(daemon_command())"],
+                            "from buffyfs.daemon import daemon_command; print(daemon_command())"],
                            capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd="/",
                            check=True).stdout
     assert shown.strip() == repr([sys.executable, "-P", "-s", "-m", "buffyfs"])

@@ -1,0 +1,328 @@
+"""The mount's tree: SPEC's layout as inode numbers and names, read from the index.
+
+What a path is, without the kernel: the FUSE handlers (fs.py) ask this module which
+inode a name in a directory stands for, what an inode is, what a directory lists and
+which kernel entries a change of a source makes stale. Nothing here calls pyfuse3;
+names that do not exist raise ``NoEntry``, lookups in a file ``NotADirectory`` (the
+handlers' guard turns them into ENOENT and ENOTDIR).
+
+Inode numbers (all stable, never reused):
+
+    1, 2, 3, 4         the root, its @status, @control and @metrics
+    index-allocated    per source a block (index.SourceInode: dir, @status,
+                       @control, @versions, pending-latest, on-open latest), one per
+                       version
+    1<<48 and up       tag directories SOURCE/@TAG/, numbered in memory per
+                       (source block, tag) on first sight; stable for the tree's life
+    1<<60 and up       SOURCE/@unpacked/ and what is below it (unpackfs.py)
+
+The name ``latest`` of a source stands for a version inode, or, while the source has no
+servable version, for its "pending" inode; for an ``on-open`` source (not pinned), for
+its "onopen" inode, which an open resolves to the version it checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from buffyfs import links, unpackfs
+from buffyfs.index import Index, SourceInode, newest_of, resolve_latest, tag_latest
+from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE
+
+ROOT = 1  # pyfuse3.ROOT_INODE
+ROOT_STATUS = 2
+ROOT_CONTROL = 3
+ROOT_METRICS = 4
+FIRST_TAGDIR_INO = 1 << 48
+
+ROOT_FILES = {"@status": ROOT_STATUS, "@control": ROOT_CONTROL, "@metrics": ROOT_METRICS}
+SOURCE_FILES = {"@status": SourceInode.status, "@control": SourceInode.control}
+DIRECTORIES = ("root", "dir", "versions", "tagdir")  # node kinds
+CONTROLS = ("root_control", "control")
+GENERATED = ("root_status", "status", "root_metrics")  # built on demand (snapshots.py)
+MOVING = ("latest", "newest")  # names whose target changes: short entry timeouts
+
+
+class NoEntry(LookupError):
+    """No such name or inode (ENOENT)."""
+
+
+class NotADirectory(LookupError):
+    """A name looked up in something that is not a directory (ENOTDIR)."""
+
+
+@dataclass
+class Node:
+    """What an inode is. ``kind``: root, root_status, root_control, root_metrics, a
+    SourceInode name (dir, status, control, versions, pending, onopen), version or
+    tagdir."""
+
+    kind: str
+    source: str | None = None
+    version: dict[str, Any] | None = None
+    tag: str | None = None
+
+
+class Tree:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.tagdir_inos: dict[tuple[int, str], int] = {}  # (source base, tag) -> inode
+        self.tagdirs: dict[int, tuple[str, int, str]] = {}  # inode -> (source, base, tag)
+        self.shown_latest: dict[str, int] = {}  # source -> inode last given for `latest`
+
+    # --- what an inode is -------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        if ino == ROOT:
+            return Node("root")
+        if ino == ROOT_STATUS:
+            return Node("root_status")
+        if ino == ROOT_CONTROL:
+            return Node("root_control")
+        if ino == ROOT_METRICS:
+            return Node("root_metrics")
+        if ino >= FIRST_TAGDIR_INO:
+            if ino not in self.tagdirs:
+                raise NoEntry(ino)
+            source, base, tag = self.tagdirs[ino]
+            with self.index.read() as r:
+                src = r.source(source)
+            if src is None or src["ino"] != base:
+                raise NoEntry(ino)
+            return Node("tagdir", source, tag=tag)
+        with self.index.read() as r:
+            ref = r.inode(ino)
+            if ref is None:
+                raise NoEntry(ino)
+            if ref["kind"] == "version":
+                found = r.version_by_inode(ino)  # also garbage a reader still holds
+                if found is None:
+                    raise NoEntry(ino)
+                return Node("version", found[0], found[1])
+        return Node(ref["kind"], ref["source"])
+
+    # --- name resolution --------------------------------------------------------------
+
+    def child(self, parent: int, name: str) -> int:
+        """The inode ``name`` in directory ``parent`` stands for (``.`` and ``..`` too)."""
+        node = self.node(parent)
+        if name == ".":
+            return parent
+        if node.kind == "root":
+            if name == "..":
+                return ROOT
+            if name in ROOT_FILES:
+                return ROOT_FILES[name]
+            if not NAME_RE.fullmatch(name) or name[0] in ".@":
+                raise NoEntry(name)
+            return self.source_base(name)
+        if node.kind == "dir":
+            assert node.source
+            base = parent  # a source's directory is the first inode of its block
+            if name == "..":
+                return ROOT
+            if name == "latest":
+                return self.latest_ino(node.source)
+            if name == "newest":
+                return self.newest_ino(node.source)
+            if name in SOURCE_FILES:
+                return base + SOURCE_FILES[name]
+            if name == "@versions":
+                return base + SourceInode.versions
+            if name == "@unpacked" and self.unpacked_shown(node.source):
+                return unpackfs.dir_ino(base)
+            tag = name[1:]
+            if name.startswith("@") and TAG_RE.fullmatch(tag) and tag not in RESERVED_TAGS \
+                    and tag in self.tags_in_use(node.source):
+                return self.tagdir_ino(node.source, base, tag)
+            raise NoEntry(name)
+        if node.kind == "tagdir":
+            assert node.source and node.tag
+            if name == "..":
+                return self.tagdirs[parent][1]
+            tagged = self.tagged(node.source, node.tag)
+            newest = tag_latest(tagged, node.tag)
+            if name == "latest" and newest:
+                return newest["ino"]
+            for v in tagged:
+                if v["id"] == name:
+                    return v["ino"]
+            raise NoEntry(name)
+        if node.kind == "versions":
+            assert node.source
+            if name == "..":
+                return parent - SourceInode.versions
+            with self.index.read() as r:
+                v = r.version(node.source, name) if "\0" not in name else None
+            if v is None:
+                raise NoEntry(name)
+            return v["ino"]
+        raise NotADirectory(name)
+
+    @staticmethod
+    def moves(parent: int, name: str, ino: int) -> bool:
+        """Whether the entry ``name`` → ``ino`` in ``parent`` may change (short-lived in
+        the kernel): ``latest``, ``newest`` and every name in a tag directory."""
+        return name in MOVING or ino != parent and parent >= FIRST_TAGDIR_INO
+
+    def source_base(self, name: str) -> int:
+        """The first inode of the source's block (its directory)."""
+        with self.index.read() as r:
+            src = r.source(name)
+        if src is None:
+            raise NoEntry(name)
+        return src["ino"]
+
+    def latest_ino(self, name: str) -> int:
+        """What ``SOURCE/latest`` stands for now; remembered as shown (``stale_entries``
+        then knows when the kernel's entry moved)."""
+        with self.index.read() as r:
+            ino = latest_target(r.source(name), r.latest(name))
+        self.shown_latest[name] = ino
+        return ino
+
+    def newest_ino(self, name: str) -> int:
+        """``SOURCE/newest``: the newest version, tagged ``failed`` or not (NoEntry: none)."""
+        with self.index.read() as r:
+            v = newest_of(r.versions(name))
+        if v is None:
+            raise NoEntry(name)
+        return v["ino"]
+
+    def tagdir_ino(self, name: str, base: int, tag: str) -> int:
+        key = (base, tag)
+        if key not in self.tagdir_inos:
+            ino = FIRST_TAGDIR_INO + len(self.tagdir_inos)
+            self.tagdir_inos[key] = ino
+            self.tagdirs[ino] = (name, base, tag)
+        return self.tagdir_inos[key]
+
+    def tags_in_use(self, name: str) -> list[str]:
+        with self.index.read() as r:
+            return tags_of(r.versions(name))
+
+    def tagged(self, name: str, tag: str) -> list[dict[str, Any]]:
+        """Versions carrying ``tag``, newest first."""
+        with self.index.read() as r:
+            return [v for v in r.versions(name) if tag in v.get("tags", [])]
+
+    def unpacked_shown(self, name: str) -> bool:
+        """Whether ``SOURCE/@unpacked`` can be looked up."""
+        with self.index.read() as r:
+            src = r.source(name)
+        return src is not None and unpackfs.shown(src)
+
+    def unpacked_listed(self, name: str) -> bool:
+        """Whether ``SOURCE/@unpacked`` appears in the source's listing."""
+        with self.index.read() as r:
+            src = r.source(name)
+            if src is None or not unpackfs.shown(src):
+                return False
+            kinds = [(r.unpacked(v["sha256"]) or {}).get("kind") for v in r.versions(name)]
+        return unpackfs.listed_in(src, kinds)
+
+    # --- listings ---------------------------------------------------------------------
+
+    def names(self, ino: int, node: Node) -> list[tuple[str, int]]:
+        """(name, inode) of what the directory ``ino`` lists, in order (not ``.``, ``..``)."""
+        if node.kind == "root":
+            with self.index.read() as r:
+                bases = [(n, src["ino"]) for n, src in r.sources()]
+            return [*ROOT_FILES.items(), *bases]
+        if node.kind == "dir":
+            assert node.source
+            base = ino
+            names = [("latest", self.latest_ino(node.source))]
+            try:
+                names.append(("newest", self.newest_ino(node.source)))
+            except NoEntry:
+                pass  # no version yet
+            names += [(n, base + off) for n, off in SOURCE_FILES.items()]
+            names.append(("@versions", base + SourceInode.versions))
+            if self.unpacked_listed(node.source):
+                names.append(("@unpacked", unpackfs.dir_ino(base)))
+            return names + [("@" + tag, self.tagdir_ino(node.source, base, tag))
+                            for tag in self.tags_in_use(node.source)]
+        if node.kind == "tagdir":
+            assert node.source and node.tag
+            tagged = self.tagged(node.source, node.tag)
+            newest = tag_latest(tagged, node.tag)
+            return ([("latest", newest["ino"])] if newest else []) + \
+                [(v["id"], v["ino"]) for v in tagged]
+        if node.kind == "versions":
+            assert node.source
+            with self.index.read() as r:
+                return [(v["id"], v["ino"]) for v in r.versions(node.source)]
+        raise NotADirectory(ino)
+
+    # --- link counts ------------------------------------------------------------------
+
+    def link_count(self, source: str | None, version: dict[str, Any]) -> int:
+        """How many names the version has (links.py); a collected one's: 1."""
+        with self.index.read() as r:
+            src = r.source(source) if source else None
+            current = r.version(source, version["id"]) if src else None
+            if src is None or current is None or current["ino"] != version["ino"]:
+                return 1
+            pin = src.get("pin")
+            pin_present = bool(pin) and r.version(source, pin) is not None
+            return links.link_count(src, current, pin_present,
+                                    r.versions_after(source, version["id"]))
+
+    def link_counts(self, source: str) -> dict[int, int]:
+        """The link count of every version of ``source``, by inode (for a listing)."""
+        with self.index.read() as r:
+            src = r.source(source)
+            versions = r.versions(source) if src else []
+        if src is None:
+            return {}
+        counts = links.link_counts(src, versions)
+        return {v["ino"]: counts[v["id"]] for v in versions}
+
+    # --- what a change makes stale ----------------------------------------------------
+
+    def stale_entries(self, name: str) -> list[tuple[int, str]]:
+        """(parent inode, name) of the kernel entries a change of source ``name`` may
+        have made wrong: its ``latest`` if it moved since shown, ``newest``, its tag
+        directories and what they hold; the source's own entry if it is gone."""
+        with self.index.read() as r:
+            src = r.source(name)
+            versions = r.versions(name) if src else []
+        if src is None:
+            self.shown_latest.pop(name, None)
+            return [(ROOT, name)]
+        out = []
+        current = latest_target(src, resolve_latest(src, versions))
+        shown = self.shown_latest.get(name)
+        if shown is not None and shown != current:
+            out.append((src["ino"], "latest"))
+            del self.shown_latest[name]
+        out.append((src["ino"], "newest"))  # a new version, a collection: it may move
+        out.append((unpackfs.dir_ino(src["ino"]), "latest"))  # may have moved: short-lived
+        in_use = set(tags_of(versions))
+        ids = [v["id"] for v in versions]
+        for (base, tag), ino in self.tagdir_inos.items():
+            if base != src["ino"]:
+                continue
+            if tag not in in_use:
+                out.append((base, "@" + tag))
+            out += [(ino, "latest")] + [(ino, vid) for vid in ids]
+        return out
+
+
+def tags_of(versions: list[dict[str, Any]]) -> list[str]:
+    """The tags in use among ``versions``; ``valid`` always."""
+    tags = {"valid"}
+    for v in versions:
+        tags.update(v.get("tags", []))
+    return sorted(tags)
+
+
+def latest_target(source: dict[str, Any] | None, latest: dict[str, Any] | None) -> int:
+    """The inode the name `latest` of a source stands for."""
+    assert source is not None
+    options = source["options"]
+    if options.get("refresh") == "on-open" and not options.get("pinned"):
+        return source["ino"] + SourceInode.onopen
+    return latest["ino"] if latest else source["ino"] + SourceInode.pending
