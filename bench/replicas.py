@@ -5,13 +5,17 @@ own (tests/hosts.py), each replica's daemon mounting its own FUSE filesystem.
     python -m bench.replicas                      # 1 GiB, 8 replicas, 20 tags (root)
     python -m bench.replicas --size 256M --replicas 4
     python -m bench.replicas --smoke              # tiny: checks the script runs
+    python -m bench.replicas --link-rate 200mbit  # each replica's link shaped (tc tbf)
 
 Prints the issue's figures:
 
 - fan-out: N replicas (``prefetch = none``) reading a new version's file at once
-  through the cache: the bytes the hub sent (its interface's counter), and the slowest
+  through the cache (timed from the open, where the fetch happens, to the last byte): the bytes the hub sent (its interface's counter), and the slowest
   replica's read against one replica alone reading another new version of the same size
-  (cold cache both times);
+  (cold cache both times). With ``--link-rate``, each replica host's link is shaped
+  to that rate both ways (``tc tbf``; the hub-to-cache link is not): the network, as
+  between real machines, is the bottleneck, not the replicas' hashing sharing this
+  machine's cores;
 - propagation: a tag at the hub until it shows on every replica (p50, p99 over all
   replicas and tags);
 - first read of a version the replica holds, against the same read on a plain mount
@@ -86,11 +90,19 @@ def new_version(hub: Hub, work: Path, size: int) -> str:
     return hub.wait_latest("t", lambda v: v is not None and v != old, timeout=READ_TIMEOUT)
 
 
+def first_read(path: Path, size: int) -> float:
+    """Seconds from the open of a version not held yet to its last byte: the open is
+    where a replica fetches (or starts streaming) the blob, so it counts."""
+    started = time.perf_counter()
+    timed_read(path, size)
+    return time.perf_counter() - started
+
+
 def timed_reads(paths: list[Path], size: int) -> list[float]:
-    """Every path read at once (one thread each): seconds each took."""
+    """Every path read at once (one thread each), open included: seconds each took."""
     import concurrent.futures
     with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
-        return list(pool.map(lambda p: timed_read(p, size), paths))
+        return list(pool.map(lambda p: first_read(p, size), paths))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -98,19 +110,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run(size: int, replicas: int, tags: int, work: Path) -> list[tuple[str, str, str, str]]:
+def run(size: int, replicas: int, tags: int, work: Path, link_rate: str | None = None
+        ) -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     net = Network()
+
+    def replica_host(name: str) -> Host:
+        host = net.add(name)
+        if link_rate:
+            host.limit_link(link_rate)
+        return host
+
     try:
         hub = Hub(net.add("hub"), work / "hub", 'control_tokens = ["bench-token"]\n')
         cache = NginxCache(net.add("cache"), work / "nginx", hub.url)
         alone_v = new_version(hub, work, size)
         config = '[daemon]\nprefetch = "none"\n'
-        alone = Replica(net.add("alone"), work / "alone", cache.url, config=config)
+        alone = Replica(replica_host("alone"), work / "alone", cache.url, config=config)
         wait(lambda: read_status(alone, "t").get("latest") == alone_v, 30, "the alone replica")
-        t_alone = timed_read(alone / "t" / "@versions" / alone_v, size)
+        t_alone = first_read(alone / "t" / "@versions" / alone_v, size)
         alone.stop()
-        many = [Replica(net.add(f"r{i}"), work / f"r{i}", cache.url, config=config)
+        many = [Replica(replica_host(f"r{i}"), work / f"r{i}", cache.url, config=config)
                 for i in range(replicas)]
         sent_before = tx_bytes(hub.host)
         vid = new_version(hub, work, size)
@@ -197,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tags", type=int, default=20, help="tags timed for propagation")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes: 8 MiB, 3 replicas")
+    p.add_argument("--link-rate", metavar="RATE",
+                   help="shape each replica's link to RATE both ways (tc tbf, e.g. 200mbit)")
     args = p.parse_args(argv)
     if args.smoke:
         args.size, args.replicas, args.tags = 8 * MiB, 3, 3
@@ -207,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     handle_sigterm()
     work = Path(tempfile.mkdtemp(prefix="bench-replicas-", dir=args.workdir))
     try:
-        print(f"{args.replicas} replicas, {human(args.size)}, {args.tags} tags", flush=True)
-        rows = run(args.size, args.replicas, args.tags, work)
+        print(f"{args.replicas} replicas, {human(args.size)}, {args.tags} tags, replica links "
+              f"{args.link_rate or 'not shaped'}", flush=True)
+        rows = run(args.size, args.replicas, args.tags, work, args.link_rate)
     except BenchError as e:
         print(f"bench.replicas: error: {e}", file=sys.stderr)
         return 1

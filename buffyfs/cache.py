@@ -85,7 +85,7 @@ class Cache:
 
         Declared options replace the stored ones; a pin made with ``pin`` survives a
         config that does not mention ``pinned``. With ``prune``, sources the config does
-        not declare are removed.
+        not declare are removed (a replica's mirrored sources are the hub's: never).
         """
         added, changed, removed = [], [], []
         with self.index.write() as w:
@@ -103,7 +103,7 @@ class Cache:
                     w.set_pin(name, True, current["id"] if current else None)
             if prune:
                 for name in existing:
-                    if name not in declared:
+                    if name not in declared and not existing[name].get("mirror"):
                         w.remove_source(name)
                         removed.append(name)
         return added, changed, removed

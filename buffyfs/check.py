@@ -260,7 +260,11 @@ def repair(index: Index, blobs: BlobStore, found: Findings) -> None:
         for users in uses.values():
             for source, v in users:
                 if (source, v["id"]) in broken:
-                    w.drop_version(source, v)
+                    if w.version(source, v["id"]) == v and (w.source(source) or {}).get(
+                            "mirror"):
+                        w.make_remote(source, v)  # a replica fetches it from the hub again
+                    else:
+                        w.drop_version(source, v)
         unpacked = {sha: e["unpacked"] for sha, e in w.blob_refs().items()
                     if e.get("unpacked") and sha not in dict(found.bad_unpacked)}
         for sha in found.bad_refs:  # rebuild the counts from the versions

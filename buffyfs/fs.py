@@ -438,8 +438,7 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.kind == "version":
             assert node.version is not None
-            await self._hold(node.source, node.version)
-            return self._open_version(node.version, keep_cache=True)
+            return await self._open_held(node.source, node.version)
         if node.kind == "pending":
             assert node.source
             return await self._open_latest(node.source)
@@ -483,9 +482,25 @@ class BuffyFS(pyfuse3.Operations):
             except pyfuse3.FUSEError:
                 with self.index.read() as r:
                     now = r.version(name, version["id"])
-                if not tries_left or not (now and now.get("damaged")):
+                if not tries_left or not (now and (now.get("damaged") or now.get("remote"))):
                     raise
         raise AssertionError("unreachable")
+
+    async def _open_held(self, name: str | None, version: dict[str, Any]) -> pyfuse3.FileInfo:
+        """Open a version; on a replica, one whose bytes turn out damaged at open is
+        remote again (index.mark_damaged): fetched from the hub and opened once more."""
+        await self._hold(name, version)
+        try:
+            return self._open_version(version, keep_cache=True)
+        except pyfuse3.FUSEError:
+            if self.replica is None or name is None:
+                raise
+            with self.index.read() as r:
+                now = r.version(name, version["id"])
+            if not (now and now.get("remote")):
+                raise
+        await self._hold(name, now)
+        return self._open_version(now, keep_cache=True)
 
     async def _hold(self, name: str | None, version: dict[str, Any]) -> None:
         """A replica's version whose bytes are not here yet: fetch them from the hub
@@ -515,6 +530,8 @@ class BuffyFS(pyfuse3.Operations):
             if self.scheduler is not None:
                 self.scheduler.kick(source)
             self.source_changed(source)
+        if self.replica is not None:  # its mirrored versions are remote again: refetched
+            self.replica.fetch_again([s for s, _ in marked])
 
     async def _wait_latest(self, name: str) -> dict[str, Any]:
         if self.scheduler is not None:

@@ -19,6 +19,9 @@ paths that move ``latest`` and cannot go stale. Versions that never served as
 ``latest`` in that way get no grace: ``failed`` or damaged ones, and (seen from a
 pin) the pin's predecessor when the pin moved ``latest`` back.
 
+A replica's mirrored version is listed as long as its hub has it: what collects it
+here drops its bytes only, and it turns ``"remote"`` again (Writer.make_remote).
+
 ``kept_reasons`` says why each version is kept; ``buffyfs gc --dry-run`` and
 ``@status`` show it.
 
@@ -212,10 +215,11 @@ def retention_garbage(r: Reader, open_inos: set[int], now: datetime | None = Non
             soonest = _next_end(reasons, soonest)
             kinds = {w.kind for w in reasons}
             if not kinds:
-                doomed.append(Doomed(name, v, "retention"))
+                if not v.get("remote"):  # remote: a replica's, no bytes here to drop
+                    doomed.append(Doomed(name, v, "retention"))
                 continue
             kept.append(Kept(name, v["id"], reasons))
-            if kinds <= EVICTABLE:
+            if kinds <= EVICTABLE and not v.get("remote"):
                 extras.append((("grace" in kinds), v["fetched_at"], Doomed(name, v, "quota")))
     for g in r.garbage():
         if g["ino"] not in open_inos:
@@ -333,6 +337,13 @@ def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None
                     continue
             entry = w.blob_ref(v["sha256"])
             report.freed.setdefault(d.source, 0)
+            if d.reason != "source removed" and (w.source(d.source) or {}).get("mirror"):
+                # a replica's version stays listed while the hub has it: its bytes go
+                if not now.get("remote") and w.make_remote(d.source, now):
+                    report.unlink.append(v["sha256"])
+                    report.freed[d.source] += entry["size"] if entry else 0
+                report.doomed.append(d)
+                continue
             if w.drop_version(d.source, v):
                 report.unlink.append(v["sha256"])
                 report.freed[d.source] += entry["size"] if entry else 0

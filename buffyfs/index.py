@@ -563,15 +563,24 @@ class Writer(Reader):
         ino = self.alloc_inodes(1)
         version = {**record, "ino": ino}
         blob = self.blob_ref(record["sha256"])
-        if blob and blob.get("refs", 0) > 0:
+        if blob and blob.get("refs", 0) > 0 and not blob.get("damaged"):
             self.ref_blob(record["sha256"], record["size"])
-            if blob.get("damaged"):
-                version["damaged"] = blob["damaged"]
-        else:
+            version.pop("damaged", None)  # the hub's mark: these bytes are sound here
+        else:  # not here, or damaged here: fetched from the hub
             version["remote"] = True
         self.put_version(name, version)
         self._put("inodes", _u64(ino), {"kind": "version", "source": name, "id": record["id"]})
         return version
+
+    def make_remote(self, name: str, version: dict[str, Any]) -> bool:
+        """A replica's mirrored version whose bytes go here (evicted, or found damaged)
+        stays listed as ``"remote"``: its bytes come from the hub again when wanted
+        (replica.py). True if its blob lost its last user (the file may then go)."""
+        v = {k: val for k, val in version.items() if k != "damaged"}
+        v["remote"] = True
+        self.put_version(name, v)
+        self.changed(name)
+        return self.unref_blob(version["sha256"])
 
     def retire_version(self, name: str, version: dict[str, Any]) -> None:
         """A version the hub dropped: garbage now, collected when no reader holds it."""
@@ -725,6 +734,9 @@ class Index:
         """Mark a blob and every version using it (of any source) damaged, in one
         transaction, and name it in each source's ``last_error``.
 
+        A replica's mirrored version is not marked: it turns ``"remote"`` again
+        (``make_remote``), its bytes to be fetched from the hub.
+
         Returns the live (source, version) pairs marked: their sources should download
         again. None when nothing was marked: the blob is marked already, or no version
         uses it any more (collected meanwhile: a missing file is then no damage).
@@ -737,6 +749,12 @@ class Index:
                 return None
             w._put("blobs", sha256.encode(), {**entry, "damaged": mark})
             for source, v, live in w.users_of_blob(sha256):
+                if v.get("remote"):
+                    continue  # a replica's version whose bytes are not here: not hit
+                if live and (w.source(source) or {}).get("mirror"):
+                    w.make_remote(source, v)  # a replica fetches it from the hub again
+                    marked.append((source, v))
+                    continue
                 v["damaged"] = mark
                 if not live:
                     w._put("garbage", _u64(v["ino"]), v)
@@ -747,6 +765,7 @@ class Index:
                     "message": f"version {v['id']} is damaged in the cache ({reason}); "
                                "it is not served and is being downloaded again"})
                 w.changed(source)
+                w.mirrored(source)  # replicas not holding it stop asking for it
                 marked.append((source, v))
         return marked
 
@@ -767,6 +786,7 @@ class Index:
                     continue
                 w._put("versions", source.encode() + b"\0" + v["id"].encode(), v)
                 w.changed(source)
+                w.mirrored(source)
                 sources.append(source)
         return sources
 

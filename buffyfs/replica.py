@@ -31,7 +31,7 @@ from buffyfs.errors import BadInput, BuffyError, FetchError
 from buffyfs.gc import CommitLock
 from buffyfs.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
 from buffyfs.options import check_name, check_tag, normalize_options
-from buffyfs.upstream import FEED_WAIT, HubDown, Upstream, partial_dir
+from buffyfs.upstream import FEED_WAIT, Answer, HubDown, Upstream, partial_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class Replica:
         self.prefetch_wanted: dict[tuple[str, str], None] = {}
         self.prefetch_wake = trio.Event()
         self.partials = partial_dir(cache.root)
+        self.applying = trio.Lock()  # one feed answer applied at a time (_take_feed)
 
     # --- which sources ----------------------------------------------------------------
 
@@ -111,24 +112,43 @@ class Replica:
     async def _follow_once(self) -> None:
         wait = 0.0 if self.hub is None or self.down else FEED_WAIT
         answer = await self.upstream.changes(self.serial, wait, self.hub)
-        if answer.status != 200:
-            raise FetchError(f"hub {answer.url}: HTTP {answer.status} for /@changes")
-        feed = answer.json()
-        if answer.url != self.hub:  # a first answer, or another hub: look at everything
-            if self.hub is not None:
-                log.warning("replica: following %s now (was %s)", answer.url, self.hub)
-            self.hub = answer.url
-            feed["complete"] = False
-        names = [n for n in feed["sources"] if self.wanted(n)]
-        if not feed.get("complete", True):
-            with self.index.read() as r:
-                mine = [n for n, s in r.sources() if s.get("mirror")]
-            names = sorted(set(names) | set(mine))  # those the hub lost go
-        await self.sync(names, answer.url, feed.get("mirror") or {})
-        self.serial = feed["serial"]
+        await self._take_feed(answer)
         if self.down:
             self.down, self.stale_message = False, None
             await trio.to_thread.run_sync(self._mark_fresh)
+
+    async def _take_feed(self, answer: Answer) -> None:
+        """Apply an answer of the hub's change feed, unless a newer one was applied
+        while it travelled (a forwarded write's re-read may overtake a long-poll taken
+        before the write: its older state must not come back)."""
+        if answer.status != 200:
+            raise FetchError(f"hub {answer.url}: HTTP {answer.status} for /@changes")
+        feed = answer.json()
+        async with self.applying:
+            if answer.url == self.hub and feed.get("complete", True) \
+                    and feed["serial"] <= self.serial:
+                return  # older than what is applied (a hub that lost its index says
+                # "complete": false, and is taken whole)
+            if answer.url != self.hub:  # a first answer, or another hub: look at everything
+                if self.hub is not None:
+                    log.warning("replica: following %s now (was %s)", answer.url, self.hub)
+                self.hub = answer.url
+                feed["complete"] = False
+            names = [n for n in feed["sources"] if self.wanted(n)]
+            if not feed.get("complete", True):
+                with self.index.read() as r:
+                    mine = [n for n, s in r.sources() if s.get("mirror")]
+                names = sorted(set(names) | set(mine))  # those the hub lost go
+            await self.sync(names, answer.url, feed.get("mirror") or {})
+            self.serial = feed["serial"]
+
+    async def _reread(self, names: list[str]) -> None:
+        """After a forwarded write: the hub's state now, through the feed (its serial
+        orders it against the long-poll under way)."""
+        if self.hub is None:  # never followed one yet: ask for these sources alone
+            await self.sync(names)
+            return
+        await self._take_feed(await self.upstream.changes(self.serial, 0, self.hub))
 
     async def sync(self, names: list[str], hub: str | None = None,
                    known: dict[str, Any] | None = None) -> None:
@@ -205,6 +225,9 @@ class Replica:
         """Make sure this cache holds the bytes of ``version`` (fetching them from the
         hub, checked, if not); FetchError when they cannot be had."""
         sha, size = version["sha256"], version["size"]
+        if version.get("remote") and version.get("damaged"):
+            raise FetchError(f"version {version['id']} is damaged at the hub: not fetched "
+                             "until the hub has its bytes again")
         while (busy := self.fetching.get(sha)) is not None:
             await busy.wait()
         done = self.fetching[sha] = trio.Event()
@@ -224,6 +247,8 @@ class Replica:
                 if not held:  # verified bytes replace whatever sits there (damaged, orphan)
                     await trio.to_thread.run_sync(self.cache.blobs.commit_partial, partial,
                                                   sha, True)
+                    for other in await trio.to_thread.run_sync(self.index.clear_damage, sha):
+                        self.on_changed(other)  # a local source's versions of these bytes
                 marked = await trio.to_thread.run_sync(self._mark_held, name, version["id"])
             finally:
                 lock.release()
@@ -263,10 +288,16 @@ class Replica:
                     latest = resolve_latest(src, versions)
                     versions = [latest] if latest else []
                 for v in versions:
-                    if v.get("remote"):
+                    if v.get("remote") and not v.get("damaged"):
                         self.prefetch_wanted[(name, v["id"])] = None
         if self.prefetch_wanted:
             self.prefetch_wake.set()
+
+    def fetch_again(self, names: list[str]) -> None:
+        """Versions of ``names`` lost their bytes here (found damaged: index.mark_damaged
+        made them remote): prefetch what ``prefetch`` asks for again; the others come
+        on their next read."""
+        self._plan_prefetch(list(dict.fromkeys(names)))
 
     async def _prefetcher(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -311,12 +342,16 @@ class Replica:
                 raise BadInput("a write mixing mirrored sources (their commands go to the "
                                "hub) and this replica's own cannot be applied as one: "
                                "write them separately")
-            await self.upstream.control(data, source)
-            await self.sync(names)
+            await self.upstream.control(data, source, self.hub)  # the hub we follow
         except BuffyError as e:
             log.warning("%s: control write refused: %s", source or "@control", e)
             await trio.to_thread.run_sync(self.cache.set_control_error, source, str(e))
             raise
+        try:
+            await self._reread(names)
+        except BuffyError as e:  # applied at the hub all the same: the feed brings it
+            log.warning("%s: control write applied at the hub; reading it back failed "
+                        "(the change feed brings it): %s", source or "@control", e)
         await trio.to_thread.run_sync(self.cache.set_control_error, source, None)
         return True
 
@@ -398,6 +433,8 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
         if hv.get("validation"):
             fields["validation"] = hv["validation"]
         v = mine.get(vid)
+        if hv.get("damaged") and (v is None or v.get("remote")):
+            fields["damaged"] = hub_damage(hv["damaged"])  # not servable until mended
         if v is None:
             w.add_mirrored_version(name, {
                 "id": vid, "sha256": hv["sha256"], "size": hv["size"],
@@ -406,8 +443,11 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
             changed = True
             continue
         now = {**v, **fields}
-        if not hv.get("held_until"):
-            now.pop("held_until", None)
+        for key in ("held_until", "validation"):  # dropped at the hub: dropped here
+            if not hv.get(key):
+                now.pop(key, None)
+        if v.get("remote") and "damaged" not in fields:
+            now.pop("damaged", None)  # the hub has sound bytes again
         if now != v:
             w.put_version(name, now)
             changed = True
@@ -415,6 +455,15 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
         w.changed(name)
         w.mirrored(name)
     return changed
+
+
+def hub_damage(mark: Any) -> dict[str, str]:
+    """A version the hub found damaged and this replica does not hold: shown as
+    damaged (not served, ``latest`` falls back as at the hub) until the hub has its
+    bytes again. A held one stays served: its bytes were verified here."""
+    at = mark.get("at") if isinstance(mark, dict) else None
+    return {"at": at if isinstance(at, str) else rfc3339(now_utc()),
+            "reason": "damaged at the hub; not fetched until the hub has it again"}
 
 
 def _give_back_memory() -> None:

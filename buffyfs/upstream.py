@@ -2,7 +2,8 @@
 control endpoint, over the ``--upstream`` URLs tried in order.
 
 Every request goes to the first URL that answers; a URL that fails (no connection,
-a 5xx) hands the request to the next one. The token (``upstream_token``) goes in an
+a 5xx; for the change feed also a 401, 403 or 404 and an answer that is no feed: a
+misconfigured cache in between) hands the request to the next one. The token (``upstream_token``) goes in an
 ``Authorization: Bearer`` header and never into a message.
 """
 
@@ -43,6 +44,10 @@ class HubDown(FetchError):
     """No URL of ``--upstream`` answered."""
 
 
+class Oversize(downloader.AttemptError):
+    """A blob answer ran past the size the hub announced for it."""
+
+
 @dataclass
 class Answer:
     url: str  # the hub URL that answered
@@ -71,11 +76,15 @@ class Upstream:
 
     async def request(self, method: str, path: str | Callable[[str], str],
                       content: bytes | None = None, timeout: float = TIMEOUT,
-                      first: str | None = None) -> Answer:
+                      first: str | None = None, only: str | None = None,
+                      refuse: Callable[[Answer], str | None] | None = None) -> Answer:
         """``method path`` at the first URL that answers (``first``, when given, is
-        asked before the others; ``path`` may depend on the URL); an answer below 500
-        counts (404 and 400 too). HubDown with every URL's error when none answers."""
+        asked before the others; ``only``: that URL alone; ``path`` may depend on the
+        URL); an answer below 500 counts (404 and 400 too) unless ``refuse`` gives a
+        reason not to take it. HubDown with every URL's error when none answers."""
         order = self.urls if first is None else [first] + [u for u in self.urls if u != first]
+        if only is not None:
+            order = [only]
         errors = []
         for base in order:
             where = path(base) if callable(path) else path
@@ -89,7 +98,12 @@ class Upstream:
             if r.status_code >= 500:
                 errors.append(f"{base}: HTTP {r.status_code}")
                 continue
-            return Answer(base, r.status_code, r.content)
+            answer = Answer(base, r.status_code, r.content)
+            if refuse is not None and (why := refuse(answer)) is not None:
+                log.info("hub %s: %s", base, why)
+                errors.append(f"{base}: {why}")
+                continue
+            return answer
         raise HubDown(self._scrub("hub unreachable: " + "; ".join(errors)))
 
     async def changes(self, since: int, wait: float, hub: str | None) -> Answer:
@@ -102,7 +116,8 @@ class Upstream:
 
         # A long-poll answers after ``wait`` at the latest, and its answer is small: a
         # link cut without a reset shows after wait + FEED_SLACK (20 s), not a minute.
-        return await self.request("GET", path, timeout=wait + FEED_SLACK if wait else TIMEOUT)
+        return await self.request("GET", path, timeout=wait + FEED_SLACK if wait else TIMEOUT,
+                                  refuse=feed_problem)
 
     async def source(self, name: str, first: str | None) -> tuple[str, dict[str, Any] | None]:
         """The hub's ``@status`` of ``name`` (None: the hub has no such source)."""
@@ -113,14 +128,15 @@ class Upstream:
             raise FetchError(f"hub {a.url}: HTTP {a.status} for {name}/@status")
         return a.url, a.json()
 
-    async def control(self, data: bytes, source: str | None) -> None:
-        """Forward a control write; returns once the hub applied it. Forbidden when
-        the hub refuses the token, BadInput with the hub's reason for a 400."""
+    async def control(self, data: bytes, source: str | None, hub: str | None = None) -> None:
+        """Forward a control write to ``hub`` (the one followed: None, the first that
+        answers); returns once the hub applied it. Forbidden when the hub refuses the
+        token, BadInput with the hub's reason for a 400."""
         if not self.token:
             raise Forbidden("this replica has no upstream_token: control commands for "
                             "mirrored sources go to the hub, which needs one")
         path = "/@control" if source is None else f"/{quote(source)}/@control"
-        a = await self.request("POST", path, content=data)
+        a = await self.request("POST", path, content=data, only=hub)
         reason = a.body.decode(errors="replace").strip()
         if a.status in (401, 403):
             raise Forbidden(f"the hub refused the control write: {reason}")
@@ -156,8 +172,19 @@ class Upstream:
                     partial.unlink(missing_ok=True)
                     resume = None
                 try:
-                    done = await downloader.download(self.client, req, partial, resume=resume,
-                                                     grow=grow)
+                    done = await downloader.download(
+                        self.client, req, partial, resume=resume,
+                        on_body=lambda start, total, *_: _check_total(total, size),
+                        grow=lambda n: _capped(n, size, grow))
+                except Oversize as e:  # a cache (or hub) sending other bytes: as a mismatch
+                    partial.unlink(missing_ok=True)
+                    log.warning("blob %s from %s: %s: dropped", sha256, base, e)
+                    errors.append(f"{base}: {e}")
+                    if extra:
+                        break
+                    extra = {"Cache-Control": "no-cache"}
+                    attempt = 0
+                    continue
                 except downloader.AttemptError as e:
                     errors.append(f"{base}: {e}")
                     if e.restart:
@@ -179,6 +206,40 @@ class Upstream:
                 attempt = 0
         raise FetchError(self._scrub(f"blob {sha256[:12]}… not fetched: "
                                      + "; ".join(errors[-3:])))
+
+
+def _check_total(total: int | None, size: int) -> None:
+    """A blob answer announcing another size than the hub's is refused at its start."""
+    if total is not None and total != size:
+        raise Oversize(f"the answer is {total} bytes, the blob {size}", True, restart=True)
+
+
+def _capped(n: int, size: int, grow: Callable[[int], int] | None) -> int:
+    """``download``'s ``grow``: never past the blob's size (a body without a length
+    that runs on is cut off there, not left to fill the disk)."""
+    if n > size:
+        raise Oversize(f"more bytes than the blob's {size}", True, restart=True)
+    return min(grow(n), size) if grow is not None else size
+
+
+def feed_problem(answer: Answer) -> str | None:
+    """Why an answer of ``/@changes`` is no change feed (then the next URL is asked):
+    a refusal (401, 403, 404: a hub that does not know us, or a cache in between
+    answering for it) or a body that is not the feed's JSON."""
+    if answer.status in (401, 403, 404):
+        return f"HTTP {answer.status} for /@changes"
+    if answer.status != 200:
+        return None  # the caller says what it is
+    try:
+        feed = answer.json()
+    except ValueError:
+        return "the answer to /@changes is not JSON"
+    if not isinstance(feed, dict) or not isinstance(feed.get("serial"), int) \
+            or isinstance(feed["serial"], bool) or not isinstance(feed.get("sources"), list) \
+            or not all(isinstance(n, str) for n in feed["sources"]) \
+            or not isinstance(feed.get("mirror") or {}, dict):
+        return "the answer to /@changes is no change feed"
+    return None
 
 
 def partial_dir(cache_root: Path) -> Path:

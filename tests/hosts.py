@@ -148,6 +148,13 @@ class Host:
     def unlimit(self) -> None:
         _run(*self.cmd(["tc", "qdisc", "del", "dev", "eth0", "root"]), check=False)
 
+    def limit_link(self, rate: str, burst: str = "256kb", latency: str = "50ms") -> None:
+        """This host's link shaped to ``rate`` both ways: what it sends (``limit``) and
+        what it receives (the bridge port's side). The burst holds a 64 KiB GSO packet."""
+        self.limit(rate, burst, latency)
+        _run("ip", "netns", "exec", self.network.bridge_ns, "tc", "qdisc", "replace", "dev",
+             self.port_name, "root", "tbf", "rate", rate, "burst", burst, "latency", latency)
+
     def close(self) -> None:
         for proc in reversed(self.procs):
             end_process(proc)

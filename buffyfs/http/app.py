@@ -80,7 +80,7 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 COOKIE_MAX_AGE = 30 * 86400
 # what /@changes?mirror=1 gives of each version (the keys of its @status entry)
 MIRRORED_VERSION_KEYS = ("id", "sha256", "size", "fetched_at", "tags", "held_until",
-                         "validation")
+                         "validation", "damaged")
 # The nginx front asks for X-Accel-Redirect answers with this request header, naming
 # its internal location of the blob directory (contrib/nginx/buffyfs.conf)
 ACCEL_HEADER = "x-buffy-accel"
