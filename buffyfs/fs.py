@@ -595,7 +595,9 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.kind == "version":
             assert node.version is not None
-            await self._hold(node.source, node.version)
+            arriving = await self._open_arriving(node.source, node.version)
+            if arriving is not None:
+                return arriving
             return self._open_version(node.version, keep_cache=True)
         if node.kind == "pending":
             assert node.source
@@ -634,7 +636,9 @@ class BuffyFS(pyfuse3.Operations):
                                         keep_cache=False)
         for tries_left in (1, 0):
             version = await self._wait_latest(name)
-            await self._hold(name, version)
+            arriving = await self._open_arriving(name, version)
+            if arriving is not None:
+                return arriving
             try:
                 return self._open_version(version, direct_io=True, keep_cache=False)
             except pyfuse3.FUSEError:
@@ -644,16 +648,22 @@ class BuffyFS(pyfuse3.Operations):
                     raise
         raise AssertionError("unreachable")
 
-    async def _hold(self, name: str | None, version: dict[str, Any]) -> None:
-        """A replica's version whose bytes are not here yet: fetch them from the hub
-        first (replica.py); EIO if they cannot be had."""
+    async def _open_arriving(self, name: str | None,
+                             version: dict[str, Any]) -> pyfuse3.FileInfo | None:
+        """A replica's version whose bytes are not here yet: served as they arrive
+        from the hub (replica.py fetches, streaming.py reads, uncached: direct_io);
+        None when they are here (after all); EIO if they cannot be had."""
         if self.replica is None or not version.get("remote") or name is None:
-            return
+            return None
         try:
-            await self.replica.hold(name, version)
+            live = await self.replica.wait_body(name, version)
         except FetchError as e:
             log.warning("%s: version %s not available: %s", name, version["id"], e)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        if live is None:
+            return None
+        handle = streaming.open_stream(live, self.cache.blobs)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)
 
     def report_damage(self, sha256: str, reason: str, check: str) -> None:
         """A blob failed a check (``check``: open, read or scrub): mark it and its versions
@@ -704,8 +714,8 @@ class BuffyFS(pyfuse3.Operations):
             return handle.data[off : off + size]
         if isinstance(handle, streaming.StreamHandle):
             data = await streaming.read(handle, off, size)
-            if not data:  # the seal: `latest` is the new version for every later lookup
-                await self._latest_moved_now(handle.live.name)
+            if not data and not handle.live.mirrored:  # the seal: `latest` is the new
+                await self._latest_moved_now(handle.live.name)  # version for every lookup
             self.metrics.bytes_served.inc(len(data))
             return data
         if isinstance(handle, UnpackedHandle):

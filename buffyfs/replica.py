@@ -31,6 +31,7 @@ from buffyfs.errors import BadInput, BuffyError, FetchError
 from buffyfs.gc import CommitLock
 from buffyfs.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
 from buffyfs.options import check_name, check_tag, normalize_options
+from buffyfs.segments import LiveDownload
 from buffyfs.upstream import FEED_WAIT, HubDown, Upstream, partial_dir
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,10 @@ class Replica:
         self.serial = -1
         self.down = True  # until the first answer: clears the stale marks of a restart
         self.stale_message: str | None = None  # the hub's error the sources show
-        self.fetching: dict[str, trio.Event] = {}  # sha256 -> set when its fetch ends
+        # sha256 -> (source, version id, what readers follow) of each blob arriving
+        self.arriving: dict[str, tuple[str, str, LiveDownload]] = {}
+        self.nursery: trio.Nursery | None = None  # where blobs arrive (run)
+        self.running = trio.Event()
         self.downloads = trio.CapacityLimiter(downloads)
         self.prefetch_wanted: dict[tuple[str, str], None] = {}
         self.prefetch_wake = trio.Event()
@@ -86,6 +90,8 @@ class Replica:
     async def run(self) -> None:
         await trio.to_thread.run_sync(self._sweep_partials)
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self.running.set()
             nursery.start_soon(self._prefetcher)
             while True:
                 try:
@@ -204,10 +210,53 @@ class Replica:
     async def hold(self, name: str, version: dict[str, Any]) -> None:
         """Make sure this cache holds the bytes of ``version`` (fetching them from the
         hub, checked, if not); FetchError when they cannot be had."""
+        while True:
+            owner, vid, live = await self.blob_arriving(name, version)
+            while not live.done:
+                await live.changed.waiter().wait()
+            if live.error is not None:
+                raise FetchError(live.error)
+            if (owner, vid) == (name, version["id"]):
+                return
+            # the same bytes came for another version: now this one is marked held
+
+    async def wait_body(self, name: str, version: dict[str, Any]) -> LiveDownload | None:
+        """For a first read of ``version``: the blob arriving from the hub, once its
+        body started (readers follow it: streaming.py), or None once the cache holds
+        the bytes; FetchError when they cannot be had."""
+        owner, vid, live = await self.blob_arriving(name, version)
+        while True:
+            waiter = live.changed.waiter()
+            if live.error is not None:
+                raise FetchError(live.error)
+            if live.done:
+                if (owner, vid) != (name, version["id"]):
+                    await self.hold(name, version)  # the same bytes: marks it held
+                return None
+            if live.started:
+                return live
+            await waiter.wait()
+
+    async def blob_arriving(self, name: str, version: dict[str, Any]
+                            ) -> tuple[str, str, LiveDownload]:
+        """The fetch of ``version``'s blob under way, or one started now for it: in
+        the replica's nursery, so that it goes on when the reader that started it
+        goes (concurrent readers and the prefetch share it)."""
+        sha = version["sha256"]
+        if sha not in self.arriving:
+            await self.running.wait()
+            assert self.nursery is not None
+        if sha not in self.arriving:  # (no await since this look)
+            live = LiveDownload(name)
+            live.path, live.mirrored = self.partials / f"{sha}.part", True
+            self.arriving[sha] = (name, version["id"], live)
+            self.nursery.start_soon(self._fetch, name, version, live)
+        return self.arriving[sha]
+
+    async def _fetch(self, name: str, version: dict[str, Any], live: LiveDownload) -> None:
+        """Fetch the blob of ``version`` (if not held already), commit it, mark the
+        version held, and seal ``live``; or fail ``live`` with the reason."""
         sha, size = version["sha256"], version["size"]
-        while (busy := self.fetching.get(sha)) is not None:
-            await busy.wait()
-        done = self.fetching[sha] = trio.Event()
         try:
             held = await trio.to_thread.run_sync(self._held, sha)
             if not held:
@@ -215,7 +264,7 @@ class Replica:
                 async with self.downloads:
                     if self.make_room is not None:
                         self.make_room(size)
-                    await self.upstream.fetch_blob(sha, size, partial)
+                    await self.upstream.fetch_blob(sha, size, partial, live=live)
             # From blob to index commit, hold the commit lock shared (as a refresh does):
             # no collection, orphan sweep or check --repair takes the blob meanwhile.
             lock = CommitLock(self.cache.blobs)
@@ -227,11 +276,16 @@ class Replica:
                 marked = await trio.to_thread.run_sync(self._mark_held, name, version["id"])
             finally:
                 lock.release()
+            live.seal(sha, version)
             if marked:
                 self.on_changed(name)
+        except (BuffyError, OSError) as e:  # CacheFull too: the readers get EIO
+            live.fail(str(e) if isinstance(e, BuffyError)
+                      else f"cannot store the blob: {e.strerror}")
         finally:
-            del self.fetching[sha]
-            done.set()
+            live.fail("the replica stopped")  # (no-op once sealed or failed)
+            if self.arriving.get(sha, (None, None, None))[2] is live:
+                del self.arriving[sha]
 
     def _held(self, sha: str) -> bool:
         with self.index.read() as r:

@@ -112,8 +112,9 @@ async def read_bytes(handle: StreamHandle, off: int, size: int,
                 continue
             if arrived and live.sha256 is None:
                 end = min(end, max(off + 1, live.written.reach(off)))
-        if off >= live.total:
-            await live.wait_sealed()  # the seal: no clean end on unverified bytes
+        if off >= live.total:  # the seal: no clean end on unverified bytes
+            if await live.wait_sealed(handle.generation) is None:
+                continue  # dropped meanwhile (a replica's blob with a wrong sha256)
         if off >= end:
             return b""
         data = await _pread(handle, off, end - off)
@@ -169,6 +170,6 @@ async def _open(handle: StreamHandle) -> int:
         if live.sha256 is not None:
             return handle.blobs.open_blob(live.sha256)
         try:
-            return open_file(handle.blobs.partial_path(live.name), os.O_RDONLY)
+            return open_file(live.path or handle.blobs.partial_path(live.name), os.O_RDONLY)
         except FileNotFoundError:
             await live.wait_sealed()

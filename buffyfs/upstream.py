@@ -25,6 +25,7 @@ from buffyfs import downloader
 from buffyfs.blobs import hash_file
 from buffyfs.errors import BadInput, FetchError, NotFound
 from buffyfs.refresh import backoff
+from buffyfs.segments import LiveDownload
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +131,26 @@ class Upstream:
             raise BadInput(f"the hub: {reason}")
 
     async def fetch_blob(self, sha256: str, size: int, partial: Path,
-                         grow: Callable[[int], int] | None = None) -> None:
+                         grow: Callable[[int], int] | None = None,
+                         live: LiveDownload | None = None) -> None:
         """Download blob ``sha256`` into ``partial``, continuing what it holds (a
         blob never changes: any prefix of it is good), until its sha256 matches.
         A mismatch drops the bytes and asks once more with ``Cache-Control:
         no-cache`` (a cache between us and the hub refreshes its copy), then the
-        next URL. FetchError when every URL failed."""
+        next URL. FetchError when every URL failed. ``live``: what readers of the
+        file as it arrives follow (streaming.py); told of every byte written and
+        of every byte dropped."""
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):  # it becomes a file name
             raise FetchError(f"not a sha256: {sha256[:80]!r}")
+        live = live or LiveDownload(sha256)
+
+        def body_starts(start: int, total: int | None, point: downloader.Resume | None,
+                        content_type: str | None) -> None:
+            live.body_starts(start, size)  # the size is known: the hub's answer is checked
+
+        async def written(fd: int, end: int) -> None:
+            live.arrived(0, end)
+
         errors = []
         for base in self.urls:
             extra: dict[str, str] = {}
@@ -153,14 +166,17 @@ class Upstream:
                     got = await trio.to_thread.run_sync(hash_file, partial)
                     if got == sha256:
                         return
+                    live.drop()
                     partial.unlink(missing_ok=True)
                     resume = None
                 try:
                     done = await downloader.download(self.client, req, partial, resume=resume,
-                                                     grow=grow)
+                                                     on_body=body_starts, grow=grow,
+                                                     on_written=written)
                 except downloader.AttemptError as e:
                     errors.append(f"{base}: {e}")
                     if e.restart:
+                        live.drop()
                         partial.unlink(missing_ok=True)
                     if not e.retryable:
                         break
@@ -169,6 +185,7 @@ class Upstream:
                 assert isinstance(done, downloader.Downloaded)
                 if done.sha256 == sha256 and done.size == size:
                     return
+                live.drop()  # readers given some of these bytes fail (EIO)
                 partial.unlink(missing_ok=True)
                 log.warning("blob %s from %s had the wrong sha256 (%s, %d bytes): dropped",
                             sha256, base, done.sha256, done.size)
