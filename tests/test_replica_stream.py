@@ -49,6 +49,7 @@ class GatedProxy:
         self.corrupt = corrupt or {}
         self.blob_requests: list[tuple[str | None, str | None]] = []
         self.rests_sent = 0  # blob answers sent past FIRST
+        self.timed_out = False  # an answer waited GATE_MAX for the gate (a failed test)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -87,7 +88,8 @@ class GatedProxy:
                 first = len(proxy.blob_requests) == 1
                 self.wfile.write(body[:FIRST])
                 self.wfile.flush()
-                proxy.gate.wait(GATE_MAX)
+                if not proxy.gate.wait(GATE_MAX):
+                    proxy.timed_out = True
                 if proxy.cut and first:
                     self.close_connection = True
                     return
@@ -188,7 +190,7 @@ def test_first_reads_stream_before_the_whole_blob_and_share_one_download(
                    Reader(replica / "a" / "@versions" / vid)]
         for r in readers:  # early bytes, while the hub's answer holds the rest back
             assert r.first(1000) == BODY[:1000]
-        assert time.monotonic() - started < GATE_MAX / 2
+        assert time.monotonic() - started < GATE_MAX / 2 and not proxy.timed_out
         assert proxy.rests_sent == 0 and not blob_file(replica.cache, BODY).exists()
         assert status(replica, "a")["versions"][0].get("remote")  # not held yet
         # a read past the bytes that arrived waits for them; the end waits for the seal
@@ -221,6 +223,7 @@ def test_a_streamed_blob_with_a_wrong_sha256_is_never_a_complete_read(
         mirrored(replica, "a", vid)
         reader = Reader(replica / "a" / "latest")
         assert reader.first(1000) == bad_once[:1000]  # early bytes (right ones, here)
+        assert proxy.rests_sent == 0 and not proxy.timed_out  # before the whole blob
         proxy.gate.set()
         try:  # the last byte came wrong: the end of the file is never reached
             reader.rest()
@@ -257,6 +260,7 @@ def test_a_hub_cut_mid_blob_then_back_resumes_by_range(server, cli, origin,
         mirrored(replica, "a", vid)
         reader = Reader(replica / "a" / "latest")
         assert reader.first(1000) == BODY[:1000]
+        assert proxy.rests_sent == 0 and not proxy.timed_out  # before the whole blob
         proxy.down.set()  # the hub goes: the answer under way is cut, retries fail
         proxy.gate.set()
         wait_for(lambda: len(proxy.blob_requests) >= 2, what="a retry")
