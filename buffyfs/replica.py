@@ -32,7 +32,7 @@ from buffyfs.gc import CommitLock
 from buffyfs.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
 from buffyfs.options import check_name, check_tag, normalize_options
 from buffyfs.segments import LiveDownload
-from buffyfs.upstream import FEED_WAIT, HubDown, Upstream, partial_dir
+from buffyfs.upstream import FEED_WAIT, Answer, HubDown, Upstream, partial_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ RETRY = 1.0  # seconds between tries of an unreachable hub (catch-up well within
 STATUS_READS = 8  # the hub's @status read at once during a sync
 PREFETCH_MODES = ("latest", "none", "all")
 BIG_SYNC = 1000  # sources: after a sync of more, freed memory goes back to the system
+FEED_PAGE = 500  # sources in one page of the hub's feed (a whole hub is read in pages)
 
 
 @dataclass
@@ -116,25 +117,41 @@ class Replica:
 
     async def _follow_once(self) -> None:
         wait = 0.0 if self.hub is None or self.down else FEED_WAIT
-        answer = await self.upstream.changes(self.serial, wait, self.hub)
-        if answer.status != 200:
-            raise FetchError(f"hub {answer.url}: HTTP {answer.status} for /@changes")
-        feed = answer.json()
+        answer = await self.upstream.changes(self.serial, wait, self.hub, limit=FEED_PAGE)
+        since = self.serial if answer.url == self.hub else -1  # what the answer is after
+        feed = await _decoded(answer)
         if answer.url != self.hub:  # a first answer, or another hub: look at everything
             if self.hub is not None:
                 log.warning("replica: following %s now (was %s)", answer.url, self.hub)
             self.hub = answer.url
             feed["complete"] = False
-        names = [n for n in feed["sources"] if self.wanted(n)]
-        if not feed.get("complete", True):
-            with self.index.read() as r:
-                mine = [n for n, s in r.sources() if s.get("mirror")]
-            names = sorted(set(names) | set(mine))  # those the hub lost go
-        await self.sync(names, answer.url, feed.get("mirror") or {})
-        self.serial = feed["serial"]
+        complete, serial = feed.get("complete", True), feed["serial"]
+        synced: set[str] = set()
+        while True:  # page by page, each in a transaction of its own
+            names = [n for n in feed["sources"] if self.wanted(n)]
+            await self.sync(names, answer.url, feed.get("mirror") or {})
+            synced.update(names)
+            if not feed.get("more") or not feed["sources"]:
+                break
+            answer = await self.upstream.changes(since, 0, self.hub, limit=FEED_PAGE,
+                                                 after=feed["sources"][-1])
+            if answer.url != self.hub:
+                raise FetchError(f"hub {self.hub} stopped answering in the middle of a sync")
+            feed = await _decoded(answer)
+        if not complete:  # everything was listed: the mirrored sources not in it go
+            gone = await trio.to_thread.run_sync(self._mirrored_besides, synced)
+            if gone:
+                await self.sync(gone, answer.url, dict.fromkeys(gone))
+        self.serial = serial
+        if len(synced) > BIG_SYNC:
+            _give_back_memory()
         if self.down:
             self.down, self.stale_message = False, None
             await trio.to_thread.run_sync(self._mark_fresh)
+
+    def _mirrored_besides(self, names: set[str]) -> list[str]:
+        with self.index.read() as r:
+            return [n for n, s in r.sources() if s.get("mirror") and n not in names]
 
     async def sync(self, names: list[str], hub: str | None = None,
                    known: dict[str, Any] | None = None) -> None:
@@ -163,7 +180,7 @@ class Replica:
         changed = await trio.to_thread.run_sync(self._apply, found)
         for name in changed:
             self.on_changed(name)
-        self._plan_prefetch(list(found))
+        await self._plan_prefetch(list(found))
         if len(found) > BIG_SYNC:
             del found, known
             _give_back_memory()
@@ -303,24 +320,29 @@ class Replica:
             w.changed(name)
         return True
 
-    def _plan_prefetch(self, names: list[str]) -> None:
-        mode = self.settings.prefetch
-        if mode == "none":
+    async def _plan_prefetch(self, names: list[str]) -> None:
+        if self.settings.prefetch == "none":
             return
+        wanted = await trio.to_thread.run_sync(self._to_prefetch, names)
+        self.prefetch_wanted.update(dict.fromkeys(wanted))
+        if self.prefetch_wanted:
+            self.prefetch_wake.set()
+
+    def _to_prefetch(self, names: list[str]) -> list[tuple[str, str]]:
+        """(source, version id) of the versions of ``names`` the prefetch mode wants
+        and this cache does not hold (in a worker thread: index reads)."""
+        wanted = []
         with self.index.read() as r:
             for name in names:
                 src = r.source(name)
                 if not src or not src.get("mirror"):
                     continue
                 versions = r.versions(name)
-                if mode == "latest":
+                if self.settings.prefetch == "latest":
                     latest = resolve_latest(src, versions)
                     versions = [latest] if latest else []
-                for v in versions:
-                    if v.get("remote"):
-                        self.prefetch_wanted[(name, v["id"])] = None
-        if self.prefetch_wanted:
-            self.prefetch_wake.set()
+                wanted += [(name, v["id"]) for v in versions if v.get("remote")]
+        return wanted
 
     async def _prefetcher(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -373,6 +395,13 @@ class Replica:
             raise
         await trio.to_thread.run_sync(self.cache.set_control_error, source, None)
         return True
+
+
+async def _decoded(answer: Answer) -> dict[str, Any]:
+    """A ``/@changes`` answer's JSON, decoded off the loop (a whole hub's is big)."""
+    if answer.status != 200:
+        raise FetchError(f"hub {answer.url}: HTTP {answer.status} for /@changes")
+    return await trio.to_thread.run_sync(answer.json)
 
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")

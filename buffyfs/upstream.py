@@ -93,13 +93,19 @@ class Upstream:
             return Answer(base, r.status_code, r.content)
         raise HubDown(self._scrub("hub unreachable: " + "; ".join(errors)))
 
-    async def changes(self, since: int, wait: float, hub: str | None) -> Answer:
+    async def changes(self, since: int, wait: float, hub: str | None,
+                      limit: int | None = None, after: str | None = None) -> Answer:
         """The change feed after ``since`` of ``hub``, the URL whose serial it is; any
-        other URL is asked for everything at once (its serials are its own)."""
+        other URL is asked for everything (its serials are its own). ``limit``: in
+        pages of that many sources, this one the page after the name ``after``
+        (http/changes.py; a hub without pages answers everything at once)."""
+        paging = "" if limit is None else f"&limit={limit}" + (
+            "" if after is None else f"&after={quote(after)}")
+
         def path(base: str) -> str:
             if base == hub:
-                return f"/@changes?since={since}&wait={wait:g}&mirror=1"
-            return "/@changes?since=-1&wait=0&mirror=1"
+                return f"/@changes?since={since}&wait={wait:g}&mirror=1{paging}"
+            return f"/@changes?since=-1&wait=0&mirror=1{paging}"
 
         # A long-poll answers after ``wait`` at the latest, and its answer is small: a
         # link cut without a reset shows after wait + FEED_SLACK (20 s), not a minute.
