@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import Any
 
 import trio
 
-from buffyfs import control
+from buffyfs import control, downloader
 from buffyfs.cache import Cache
 from buffyfs.errors import BadInput, BuffyError, FetchError
 from buffyfs.gc import CommitLock
@@ -41,6 +42,7 @@ STATUS_READS = 8  # the hub's @status read at once during a sync
 PREFETCH_MODES = ("latest", "none", "all")
 BIG_SYNC = 1000  # sources: after a sync of more, freed memory goes back to the system
 FEED_PAGE = 500  # sources in one page of the hub's feed (a whole hub is read in pages)
+TELL_AT_ONCE = 64  # changed sources a sync tells on_changed of itself (more: see sync)
 
 
 @dataclass
@@ -127,27 +129,50 @@ class Replica:
             feed["complete"] = False
         complete, serial = feed.get("complete", True), feed["serial"]
         synced: set[str] = set()
-        while True:  # page by page, each in a transaction of its own
-            names = [n for n in feed["sources"] if self.wanted(n)]
-            await self.sync(names, answer.url, feed.get("mirror") or {})
-            synced.update(names)
-            if not feed.get("more") or not feed["sources"]:
-                break
-            answer = await self.upstream.changes(since, 0, self.hub, limit=FEED_PAGE,
-                                                 after=feed["sources"][-1])
-            if answer.url != self.hub:
-                raise FetchError(f"hub {self.hub} stopped answering in the middle of a sync")
-            feed = await _decoded(answer)
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:  # page by page, each in a transaction of its own, the next
+                    ahead: list[Any] = []  # one asked for while this one is applied
+                    arrived = trio.Event()
+                    more = bool(feed.get("more") and feed["sources"])
+                    if more:
+                        nursery.start_soon(self._next_page, since, feed["sources"][-1],
+                                           ahead, arrived)
+                    names = [n for n in feed["sources"] if self.wanted(n)]
+                    await self.sync(names, self.hub, feed.get("mirror") or {})
+                    synced.update(names)
+                    if not more:
+                        break
+                    await arrived.wait()
+                    if isinstance(ahead[0], BuffyError):
+                        raise ahead[0]
+                    feed = ahead[0]
+        except BaseExceptionGroup as group:  # raised as itself (run() knows HubDown)
+            raise downloader._single(group) from None
         if not complete:  # everything was listed: the mirrored sources not in it go
             gone = await trio.to_thread.run_sync(self._mirrored_besides, synced)
             if gone:
-                await self.sync(gone, answer.url, dict.fromkeys(gone))
+                await self.sync(gone, self.hub, dict.fromkeys(gone))
         self.serial = serial
         if len(synced) > BIG_SYNC:
             _give_back_memory()
         if self.down:
             self.down, self.stale_message = False, None
             await trio.to_thread.run_sync(self._mark_fresh)
+
+    async def _next_page(self, since: int, after: str, out: list[Any],
+                         arrived: trio.Event) -> None:
+        """The feed's page after the name ``after`` (its JSON, or the BuffyError that
+        kept it) into ``out``; ``arrived`` set then."""
+        try:
+            answer = await self.upstream.changes(since, 0, self.hub, limit=FEED_PAGE,
+                                                 after=after)
+            if answer.url != self.hub:
+                raise FetchError(f"hub {self.hub} stopped answering in the middle of a sync")
+            out.append(await _decoded(answer))
+        except BuffyError as e:
+            out.append(e)
+        arrived.set()
 
     def _mirrored_besides(self, names: set[str]) -> list[str]:
         with self.index.read() as r:
@@ -178,8 +203,11 @@ class Replica:
         if errors:
             raise errors[0]
         changed = await trio.to_thread.run_sync(self._apply, found)
-        for name in changed:
-            self.on_changed(name)
+        if len(changed) <= TELL_AT_ONCE:
+            for name in changed:
+                self.on_changed(name)
+        # else: the mount's change watcher takes them (within its poll, a chunk a loop
+        # turn) from the index's change log; telling each here too would do it twice
         await self._plan_prefetch(list(found))
         if len(found) > BIG_SYNC:
             del found, known
@@ -187,10 +215,11 @@ class Replica:
 
     def _apply(self, found: dict[str, dict[str, Any] | None]) -> list[str]:
         changed = []
+        good_options: set[str] = set()
         with self.index.write() as w:
             for name, status in found.items():
                 try:
-                    status = checked_status(name, status)
+                    status = checked_status(name, status, good_options)
                 except (BadInput, ValueError, TypeError, KeyError) as e:
                     log.warning("replica: the hub's %r skipped: %s", name[:140], e)
                     continue
@@ -407,7 +436,8 @@ async def _decoded(answer: Answer) -> dict[str, Any]:
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
-def checked_status(name: str, status: dict[str, Any] | None) -> dict[str, Any] | None:
+def checked_status(name: str, status: dict[str, Any] | None,
+                   good_options: set[str] | None = None) -> dict[str, Any] | None:
     """``status`` if every field of it a replica stores is well formed, else BadInput:
     a broken or hostile hub cannot put into this index a name, version id or sha256
     that would become a path or another source's key, nor options the rest of
@@ -418,7 +448,7 @@ def checked_status(name: str, status: dict[str, Any] | None) -> dict[str, Any] |
     if not isinstance(status, dict) or not isinstance(status.get("url"), str) \
             or not isinstance(status.get("options"), dict):
         raise BadInput("not a source's status")
-    normalize_options(status["options"])
+    _check_options(status["options"], good_options)
     pinned = status.get("pinned")
     if pinned is not None and not (isinstance(pinned, str)
                                    and control.VERSION_RE.fullmatch(pinned)):
@@ -444,6 +474,17 @@ def checked_status(name: str, status: dict[str, Any] | None) -> dict[str, Any] |
         for tag in tags:
             check_tag(tag)
     return status
+
+
+def _check_options(options: dict[str, Any], good: set[str] | None) -> None:
+    """BadInput unless ``options`` are valid source options; ``good`` remembers the
+    ones found valid (most sources of a hub share theirs: checked once a page)."""
+    key = json.dumps(options, sort_keys=True)
+    if good is not None and key in good:
+        return
+    normalize_options(options)
+    if good is not None:
+        good.add(key)
 
 
 def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:

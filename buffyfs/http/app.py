@@ -593,6 +593,8 @@ class App:
             feed = changes.page(feed, after, limit)
         if req.query.get("mirror") == "1":  # a replica's sync in one answer (replica.py)
             feed["mirror"] = await trio.to_thread.run_sync(self._mirrored, feed["sources"])
+            body = await trio.to_thread.run_sync(_compact_json, feed)  # big: off the loop
+            return await self._bytes(send, 200, body, "application/json")
         await self._json(send, feed)
 
     def _mirrored(self, names: list[str]) -> dict[str, Any]:
@@ -650,6 +652,10 @@ class App:
                 f"</h1>\n<ul>\n{items}\n</ul>\n</body></html>\n")
         await self._bytes(send, 200, page.encode(), "text/html; charset=utf-8",
                           [("Content-Security-Policy", "default-src 'none'")])
+
+
+def _compact_json(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _feed_page(req: Request) -> tuple[str | None, int | None]:
