@@ -7,7 +7,11 @@ here: scheduler.py skips it), its versions with their tags and holds, its pin. A
 version whose bytes this cache does not hold yet carries ``"remote": true`` and no
 blob reference; its bytes come from ``HUB/@blobs/sha256/HEX`` on first open or by
 prefetch, are checked against the sha256 (upstream.py) and then count as any blob
-(quota, collection, scrub).
+(quota, collection, scrub). A first open reads them as they arrive (streaming.py
+follows the blob's LiveDownload; one fetch per blob, in this task's nursery).
+
+A first sync (or one with another hub) reads the whole hub in pages of FEED_PAGE
+sources, the next asked for while one is written, each page in a transaction.
 
 Control writes for mirrored sources go to the hub (``forward_control``); the
 replica pulls the result at once rather than waiting for the feed.

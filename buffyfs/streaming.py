@@ -1,5 +1,7 @@
 """Reading ``latest`` of a source whose first download is under way (SPEC part 2,
-"Reading while a download runs"); fs.py's open and read call this for such a handle.
+"Reading while a download runs"); fs.py's open and read call this for such a handle,
+and for a replica's version whose blob arrives from the hub (replica.py: its
+LiveDownload names the file, and is sealed once the blob matched its sha256).
 
 The open returns once the origin has answered with a body of known length. A read
 waits until its bytes are in the partial file (segments.LiveDownload wakes it; no
