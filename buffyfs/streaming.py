@@ -161,6 +161,12 @@ def _follow(handle: StreamHandle) -> bool:
 async def _pread(handle: StreamHandle, off: int, size: int) -> bytes:
     if handle.fd is None:
         handle.fd = await _open(handle)
+    buf = bytearray(size)
+    try:  # bytes that just arrived are in the page cache: no worker thread for them
+        if os.preadv(handle.fd, [buf], off, os.RWF_NOWAIT) == size:
+            return bytes(buf)
+    except OSError:  # not there (EAGAIN), or no RWF_NOWAIT here: read it in a thread
+        pass
     return await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
 
 
