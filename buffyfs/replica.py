@@ -96,6 +96,12 @@ class Replica:
 
     async def run(self) -> None:
         await trio.to_thread.run_sync(self._sweep_partials)
+        try:
+            await self._run()
+        finally:  # (restarted after a bug: blobs wait for the next nursery)
+            self.nursery, self.running = None, trio.Event()
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             self.running.set()
