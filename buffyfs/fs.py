@@ -476,7 +476,9 @@ class BuffyFS(pyfuse3.Operations):
                                         keep_cache=False)
         for tries_left in (1, 0):
             version = await self._wait_latest(name)
-            await self._hold(name, version)
+            arriving = await self._open_arriving(name, version)
+            if arriving is not None:
+                return arriving
             try:
                 return self._open_version(version, direct_io=True, keep_cache=False)
             except pyfuse3.FUSEError:
@@ -487,9 +489,12 @@ class BuffyFS(pyfuse3.Operations):
         raise AssertionError("unreachable")
 
     async def _open_held(self, name: str | None, version: dict[str, Any]) -> pyfuse3.FileInfo:
-        """Open a version; on a replica, one whose bytes turn out damaged at open is
-        remote again (index.mark_damaged): fetched from the hub and opened once more."""
-        await self._hold(name, version)
+        """Open a version. On a replica, one not held yet streams as it arrives, and one
+        whose bytes turn out damaged at open is remote again (index.mark_damaged): it
+        comes from the hub as if never held."""
+        arriving = await self._open_arriving(name, version)
+        if arriving is not None:
+            return arriving
         try:
             return self._open_version(version, keep_cache=True)
         except pyfuse3.FUSEError:
@@ -499,19 +504,27 @@ class BuffyFS(pyfuse3.Operations):
                 now = r.version(name, version["id"])
             if not (now and now.get("remote")):
                 raise
-        await self._hold(name, now)
+        arriving = await self._open_arriving(name, now)
+        if arriving is not None:
+            return arriving
         return self._open_version(now, keep_cache=True)
 
-    async def _hold(self, name: str | None, version: dict[str, Any]) -> None:
-        """A replica's version whose bytes are not here yet: fetch them from the hub
-        first (replica.py); EIO if they cannot be had."""
+    async def _open_arriving(self, name: str | None,
+                             version: dict[str, Any]) -> pyfuse3.FileInfo | None:
+        """A replica's version whose bytes are not here yet: served as they arrive
+        from the hub (replica.py fetches, streaming.py reads, uncached: direct_io);
+        None when they are here (after all); EIO if they cannot be had."""
         if self.replica is None or not version.get("remote") or name is None:
-            return
+            return None
         try:
-            await self.replica.hold(name, version)
+            live = await self.replica.wait_body(name, version)
         except FetchError as e:
             log.warning("%s: version %s not available: %s", name, version["id"], e)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        if live is None:
+            return None
+        handle = streaming.open_stream(live, self.cache.blobs)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)
 
     def report_damage(self, sha256: str, reason: str, check: str) -> None:
         """A blob failed a check (``check``: open, read or scrub): mark it and its versions
@@ -565,8 +578,8 @@ class BuffyFS(pyfuse3.Operations):
             return handle.data[off : off + size]
         if isinstance(handle, streaming.StreamHandle):
             data = await streaming.read(handle, off, size)
-            if not data:  # the seal: `latest` is the new version for every later lookup
-                await self._latest_moved_now(handle.live.name)
+            if not data and not handle.live.mirrored:  # the seal: `latest` is the new
+                await self._latest_moved_now(handle.live.name)  # version for every lookup
             self.metrics.bytes_served.inc(len(data))
             return data
         if isinstance(handle, UnpackedHandle):

@@ -7,7 +7,11 @@ here: scheduler.py skips it), its versions with their tags and holds, its pin. A
 version whose bytes this cache does not hold yet carries ``"remote": true`` and no
 blob reference; its bytes come from ``HUB/@blobs/sha256/HEX`` on first open or by
 prefetch, are checked against the sha256 (upstream.py) and then count as any blob
-(quota, collection, scrub).
+(quota, collection, scrub). A first open reads them as they arrive (streaming.py
+follows the blob's LiveDownload; one fetch per blob, in this task's nursery).
+
+A first sync (or one with another hub) reads the whole hub in pages of FEED_PAGE
+sources, the next asked for while one is written, each page in a transaction.
 
 Control writes for mirrored sources go to the hub (``forward_control``); the
 replica pulls the result at once rather than waiting for the feed.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -25,12 +30,13 @@ from typing import Any
 
 import trio
 
-from buffyfs import control
+from buffyfs import control, downloader
 from buffyfs.cache import Cache
 from buffyfs.errors import BadInput, BuffyError, FetchError
 from buffyfs.gc import CommitLock
 from buffyfs.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
 from buffyfs.options import check_name, check_tag, normalize_options
+from buffyfs.segments import LiveDownload
 from buffyfs.upstream import FEED_WAIT, Answer, HubDown, Upstream, partial_dir
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,8 @@ RETRY = 1.0  # seconds between tries of an unreachable hub (catch-up well within
 STATUS_READS = 8  # the hub's @status read at once during a sync
 PREFETCH_MODES = ("latest", "none", "all")
 BIG_SYNC = 1000  # sources: after a sync of more, freed memory goes back to the system
+FEED_PAGE = 500  # sources in one page of the hub's feed (a whole hub is read in pages)
+TELL_AT_ONCE = 64  # changed sources a sync tells on_changed of itself (more: see sync)
 
 
 @dataclass
@@ -64,7 +72,10 @@ class Replica:
         self.serial = -1
         self.down = True  # until the first answer: clears the stale marks of a restart
         self.stale_message: str | None = None  # the hub's error the sources show
-        self.fetching: dict[str, trio.Event] = {}  # sha256 -> set when its fetch ends
+        # sha256 -> (source, version id, what readers follow) of each blob arriving
+        self.arriving: dict[str, tuple[str, str, LiveDownload]] = {}
+        self.nursery: trio.Nursery | None = None  # where blobs arrive (run)
+        self.running = trio.Event()
         self.downloads = trio.CapacityLimiter(downloads)
         self.prefetch_wanted: dict[tuple[str, str], None] = {}
         self.prefetch_wake = trio.Event()
@@ -86,7 +97,15 @@ class Replica:
 
     async def run(self) -> None:
         await trio.to_thread.run_sync(self._sweep_partials)
+        try:
+            await self._run()
+        finally:  # (restarted after a bug: blobs wait for the next nursery)
+            self.nursery, self.running = None, trio.Event()
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self.running.set()
             nursery.start_soon(self._prefetcher)
             while True:
                 try:
@@ -111,36 +130,59 @@ class Replica:
 
     async def _follow_once(self) -> None:
         wait = 0.0 if self.hub is None or self.down else FEED_WAIT
-        answer = await self.upstream.changes(self.serial, wait, self.hub)
+        answer = await self.upstream.changes(self.serial, wait, self.hub, limit=FEED_PAGE)
         await self._take_feed(answer)
         if self.down:
             self.down, self.stale_message = False, None
             await trio.to_thread.run_sync(self._mark_fresh)
 
     async def _take_feed(self, answer: Answer) -> None:
-        """Apply an answer of the hub's change feed, unless a newer one was applied
-        while it travelled (a forwarded write's re-read may overtake a long-poll taken
-        before the write: its older state must not come back)."""
-        if answer.status != 200:
-            raise FetchError(f"hub {answer.url}: HTTP {answer.status} for /@changes")
-        feed = answer.json()
+        """Apply an answer of the hub's change feed, and the pages after it, unless a
+        newer one was applied while it travelled (a forwarded write's re-read may
+        overtake a long-poll taken before the write: its older state must not come
+        back). Page by page, each in a transaction of its own, the next one asked for
+        while this one is applied."""
+        feed = await _decoded(answer)
         async with self.applying:
             if answer.url == self.hub and feed.get("complete", True) \
                     and feed["serial"] <= self.serial:
                 return  # older than what is applied (a hub that lost its index says
                 # "complete": false, and is taken whole)
+            since = self.serial if answer.url == self.hub else -1  # what it is after
             if answer.url != self.hub:  # a first answer, or another hub: look at everything
                 if self.hub is not None:
                     log.warning("replica: following %s now (was %s)", answer.url, self.hub)
                 self.hub = answer.url
                 feed["complete"] = False
-            names = [n for n in feed["sources"] if self.wanted(n)]
-            if not feed.get("complete", True):
-                with self.index.read() as r:
-                    mine = [n for n, s in r.sources() if s.get("mirror")]
-                names = sorted(set(names) | set(mine))  # those the hub lost go
-            await self.sync(names, answer.url, feed.get("mirror") or {})
-            self.serial = feed["serial"]
+            complete, serial = feed.get("complete", True), feed["serial"]
+            synced: set[str] = set()
+            try:
+                async with trio.open_nursery() as nursery:
+                    while True:
+                        ahead: list[Any] = []
+                        arrived = trio.Event()
+                        more = bool(feed.get("more") and feed["sources"])
+                        if more:
+                            nursery.start_soon(self._next_page, since, feed["sources"][-1],
+                                               ahead, arrived)
+                        names = [n for n in feed["sources"] if self.wanted(n)]
+                        await self.sync(names, self.hub, feed.get("mirror") or {})
+                        synced.update(names)
+                        if not more:
+                            break
+                        await arrived.wait()
+                        if isinstance(ahead[0], BuffyError):
+                            raise ahead[0]
+                        feed = ahead[0]
+            except BaseExceptionGroup as group:  # raised as itself (run() knows HubDown)
+                raise downloader._single(group) from None
+            if not complete:  # everything was listed: the mirrored sources not in it go
+                gone = await trio.to_thread.run_sync(self._mirrored_besides, synced)
+                if gone:
+                    await self.sync(gone, self.hub, dict.fromkeys(gone))
+            self.serial = serial
+        if len(synced) > BIG_SYNC:
+            _give_back_memory()
 
     async def _reread(self, names: list[str]) -> None:
         """After a forwarded write: the hub's state now, through the feed (its serial
@@ -148,7 +190,26 @@ class Replica:
         if self.hub is None:  # never followed one yet: ask for these sources alone
             await self.sync(names)
             return
-        await self._take_feed(await self.upstream.changes(self.serial, 0, self.hub))
+        await self._take_feed(await self.upstream.changes(self.serial, 0, self.hub,
+                                                          limit=FEED_PAGE))
+
+    async def _next_page(self, since: int, after: str, out: list[Any],
+                         arrived: trio.Event) -> None:
+        """The feed's page after the name ``after`` (its JSON, or the BuffyError that
+        kept it) into ``out``; ``arrived`` set then."""
+        try:
+            answer = await self.upstream.changes(since, 0, self.hub, limit=FEED_PAGE,
+                                                 after=after)
+            if answer.url != self.hub:
+                raise FetchError(f"hub {self.hub} stopped answering in the middle of a sync")
+            out.append(await _decoded(answer))
+        except BuffyError as e:
+            out.append(e)
+        arrived.set()
+
+    def _mirrored_besides(self, names: set[str]) -> list[str]:
+        with self.index.read() as r:
+            return [n for n, s in r.sources() if s.get("mirror") and n not in names]
 
     async def sync(self, names: list[str], hub: str | None = None,
                    known: dict[str, Any] | None = None) -> None:
@@ -175,19 +236,23 @@ class Replica:
         if errors:
             raise errors[0]
         changed = await trio.to_thread.run_sync(self._apply, found)
-        for name in changed:
-            self.on_changed(name)
-        self._plan_prefetch(list(found))
+        if len(changed) <= TELL_AT_ONCE:
+            for name in changed:
+                self.on_changed(name)
+        # else: the mount's change watcher takes them (within its poll, a chunk a loop
+        # turn) from the index's change log; telling each here too would do it twice
+        await self._plan_prefetch(list(found))
         if len(found) > BIG_SYNC:
             del found, known
             _give_back_memory()
 
     def _apply(self, found: dict[str, dict[str, Any] | None]) -> list[str]:
         changed = []
+        good_options: set[str] = set()
         with self.index.write() as w:
             for name, status in found.items():
                 try:
-                    status = checked_status(name, status)
+                    status = checked_status(name, status, good_options)
                 except (BadInput, ValueError, TypeError, KeyError) as e:
                     log.warning("replica: the hub's %r skipped: %s", name[:140], e)
                     continue
@@ -224,13 +289,56 @@ class Replica:
     async def hold(self, name: str, version: dict[str, Any]) -> None:
         """Make sure this cache holds the bytes of ``version`` (fetching them from the
         hub, checked, if not); FetchError when they cannot be had."""
-        sha, size = version["sha256"], version["size"]
+        while True:
+            owner, vid, live = await self.blob_arriving(name, version)
+            while not live.done:
+                await live.changed.waiter().wait()
+            if live.error is not None:
+                raise FetchError(live.error)
+            if (owner, vid) == (name, version["id"]):
+                return
+            # the same bytes came for another version: now this one is marked held
+
+    async def wait_body(self, name: str, version: dict[str, Any]) -> LiveDownload | None:
+        """For a first read of ``version``: the blob arriving from the hub, once its
+        body started (readers follow it: streaming.py), or None once the cache holds
+        the bytes; FetchError when they cannot be had."""
+        owner, vid, live = await self.blob_arriving(name, version)
+        while True:
+            waiter = live.changed.waiter()
+            if live.error is not None:
+                raise FetchError(live.error)
+            if live.done:
+                if (owner, vid) != (name, version["id"]):
+                    await self.hold(name, version)  # the same bytes: marks it held
+                return None
+            if live.started:
+                return live
+            await waiter.wait()
+
+    async def blob_arriving(self, name: str, version: dict[str, Any]
+                            ) -> tuple[str, str, LiveDownload]:
+        """The fetch of ``version``'s blob under way, or one started now for it: in
+        the replica's nursery, so that it goes on when the reader that started it
+        goes (concurrent readers and the prefetch share it)."""
         if version.get("remote") and version.get("damaged"):
             raise FetchError(f"version {version['id']} is damaged at the hub: not fetched "
                              "until the hub has its bytes again")
-        while (busy := self.fetching.get(sha)) is not None:
-            await busy.wait()
-        done = self.fetching[sha] = trio.Event()
+        sha = version["sha256"]
+        if sha not in self.arriving:
+            await self.running.wait()
+            assert self.nursery is not None
+        if sha not in self.arriving:  # (no await since this look)
+            live = LiveDownload(name)
+            live.path, live.mirrored = self.partials / f"{sha}.part", True
+            self.arriving[sha] = (name, version["id"], live)
+            self.nursery.start_soon(self._fetch, name, version, live)
+        return self.arriving[sha]
+
+    async def _fetch(self, name: str, version: dict[str, Any], live: LiveDownload) -> None:
+        """Fetch the blob of ``version`` (if not held already), commit it, mark the
+        version held, and seal ``live``; or fail ``live`` with the reason."""
+        sha, size = version["sha256"], version["size"]
         try:
             held = await trio.to_thread.run_sync(self._held, sha)
             if not held:
@@ -238,7 +346,7 @@ class Replica:
                 async with self.downloads:
                     if self.make_room is not None:
                         self.make_room(size)
-                    await self.upstream.fetch_blob(sha, size, partial)
+                    await self.upstream.fetch_blob(sha, size, partial, live=live)
             # From blob to index commit, hold the commit lock shared (as a refresh does):
             # no collection, orphan sweep or check --repair takes the blob meanwhile.
             lock = CommitLock(self.cache.blobs)
@@ -252,11 +360,16 @@ class Replica:
                 marked = await trio.to_thread.run_sync(self._mark_held, name, version["id"])
             finally:
                 lock.release()
+            live.seal(sha, version)
             if marked:
                 self.on_changed(name)
+        except (BuffyError, OSError) as e:  # CacheFull too: the readers get EIO
+            live.fail(str(e) if isinstance(e, BuffyError)
+                      else f"cannot store the blob: {e.strerror}")
         finally:
-            del self.fetching[sha]
-            done.set()
+            live.fail("the replica stopped")  # (no-op once sealed or failed)
+            if self.arriving.get(sha, (None, None, None))[2] is live:
+                del self.arriving[sha]
 
     def _held(self, sha: str) -> bool:
         with self.index.read() as r:
@@ -274,30 +387,37 @@ class Replica:
             w.changed(name)
         return True
 
-    def _plan_prefetch(self, names: list[str]) -> None:
-        mode = self.settings.prefetch
-        if mode == "none":
+    async def _plan_prefetch(self, names: list[str]) -> None:
+        if self.settings.prefetch == "none":
             return
+        wanted = await trio.to_thread.run_sync(self._to_prefetch, names)
+        self.prefetch_wanted.update(dict.fromkeys(wanted))
+        if self.prefetch_wanted:
+            self.prefetch_wake.set()
+
+    def _to_prefetch(self, names: list[str]) -> list[tuple[str, str]]:
+        """(source, version id) of the versions of ``names`` the prefetch mode wants
+        and this cache does not hold (in a worker thread: index reads)."""
+        wanted = []
         with self.index.read() as r:
             for name in names:
                 src = r.source(name)
                 if not src or not src.get("mirror"):
                     continue
                 versions = r.versions(name)
-                if mode == "latest":
+                if self.settings.prefetch == "latest":
                     latest = resolve_latest(src, versions)
                     versions = [latest] if latest else []
-                for v in versions:
-                    if v.get("remote") and not v.get("damaged"):
-                        self.prefetch_wanted[(name, v["id"])] = None
-        if self.prefetch_wanted:
-            self.prefetch_wake.set()
+                wanted += [(name, v["id"]) for v in versions
+                           if v.get("remote") and not v.get("damaged")]
+        return wanted
 
     def fetch_again(self, names: list[str]) -> None:
         """Versions of ``names`` lost their bytes here (found damaged: index.mark_damaged
         made them remote): prefetch what ``prefetch`` asks for again; the others come
         on their next read."""
-        self._plan_prefetch(list(dict.fromkeys(names)))
+        if self.nursery is not None:
+            self.nursery.start_soon(self._plan_prefetch, list(dict.fromkeys(names)))
 
     async def _prefetcher(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -356,10 +476,18 @@ class Replica:
         return True
 
 
+async def _decoded(answer: Answer) -> dict[str, Any]:
+    """A ``/@changes`` answer's JSON, decoded off the loop (a whole hub's is big)."""
+    if answer.status != 200:
+        raise FetchError(f"hub {answer.url}: HTTP {answer.status} for /@changes")
+    return await trio.to_thread.run_sync(answer.json)
+
+
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
-def checked_status(name: str, status: dict[str, Any] | None) -> dict[str, Any] | None:
+def checked_status(name: str, status: dict[str, Any] | None,
+                   good_options: set[str] | None = None) -> dict[str, Any] | None:
     """``status`` if every field of it a replica stores is well formed, else BadInput:
     a broken or hostile hub cannot put into this index a name, version id or sha256
     that would become a path or another source's key, nor options the rest of
@@ -370,7 +498,7 @@ def checked_status(name: str, status: dict[str, Any] | None) -> dict[str, Any] |
     if not isinstance(status, dict) or not isinstance(status.get("url"), str) \
             or not isinstance(status.get("options"), dict):
         raise BadInput("not a source's status")
-    normalize_options(status["options"])
+    _check_options(status["options"], good_options)
     pinned = status.get("pinned")
     if pinned is not None and not (isinstance(pinned, str)
                                    and control.VERSION_RE.fullmatch(pinned)):
@@ -396,6 +524,17 @@ def checked_status(name: str, status: dict[str, Any] | None) -> dict[str, Any] |
         for tag in tags:
             check_tag(tag)
     return status
+
+
+def _check_options(options: dict[str, Any], good: set[str] | None) -> None:
+    """BadInput unless ``options`` are valid source options; ``good`` remembers the
+    ones found valid (most sources of a hub share theirs: checked once a page)."""
+    key = json.dumps(options, sort_keys=True)
+    if good is not None and key in good:
+        return
+    normalize_options(options)
+    if good is not None:
+        good.add(key)
 
 
 def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:

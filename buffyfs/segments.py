@@ -30,6 +30,7 @@ Waiters are woken by ``Broadcast`` events, never by polling.
 from __future__ import annotations
 
 import bisect
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -162,6 +163,11 @@ class LiveDownload:
         self.guard: str | None = None
         self.wanted: list[int] = []
         self.wants = Broadcast()
+        # A replica's blob arriving from its hub (replica.py): its file is not the
+        # source's partial file, and its version exists already (its tags are the
+        # hub's, no verdict of this download).
+        self.path: Path | None = None
+        self.mirrored = False
 
     @property
     def done(self) -> bool:
@@ -187,6 +193,15 @@ class LiveDownload:
         self.total = total
         self.started = True
         self.changed.notify()
+
+    def drop(self) -> None:
+        """Every byte in the file is dropped (a blob that failed its sha256): the
+        readers given some fail, the others wait for the new ones."""
+        if self.written.size():
+            self.verdicts[self.generation] = "other"
+            self.generation += 1
+            self.written.clear()
+            self.changed.notify()
 
     def want(self, offset: int) -> None:
         """A reader waits for ``offset``, far ahead of what arrived."""
@@ -242,11 +257,14 @@ class LiveDownload:
                 return
             await waiter.wait()
 
-    async def wait_sealed(self) -> dict[str, Any]:
+    async def wait_sealed(self, generation: int | None = None) -> dict[str, Any] | None:
         """Wait for the seal: the version committed, with its validation passed;
-        StreamFailed if the download failed or the version failed validation."""
+        StreamFailed if the download failed or the version failed validation. With
+        ``generation``: None as soon as the bytes of that generation are dropped."""
         while True:
             waiter = self.changed.waiter()
+            if generation is not None and generation != self.generation:
+                return None
             self.check_failed()
             if self.version is not None:
                 return self.version
@@ -256,6 +274,6 @@ class LiveDownload:
         """StreamFailed if the download failed for good or its version failed."""
         if self.error is not None:
             raise StreamFailed(self.error)
-        if self.sha256 is not None and (
-                self.version is None or "failed" in self.version.get("tags", [])):
+        if self.sha256 is not None and (self.version is None or (
+                not self.mirrored and "failed" in self.version.get("tags", []))):
             raise StreamFailed("the download did not become a valid version")

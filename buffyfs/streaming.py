@@ -1,5 +1,7 @@
 """Reading ``latest`` of a source whose first download is under way (SPEC part 2,
-"Reading while a download runs"); fs.py's open and read call this for such a handle.
+"Reading while a download runs"); fs.py's open and read call this for such a handle,
+and for a replica's version whose blob arrives from the hub (replica.py: its
+LiveDownload names the file, and is sealed once the blob matched its sha256).
 
 The open returns once the origin has answered with a body of known length. A read
 waits until its bytes are in the partial file (segments.LiveDownload wakes it; no
@@ -112,8 +114,9 @@ async def read_bytes(handle: StreamHandle, off: int, size: int,
                 continue
             if arrived and live.sha256 is None:
                 end = min(end, max(off + 1, live.written.reach(off)))
-        if off >= live.total:
-            await live.wait_sealed()  # the seal: no clean end on unverified bytes
+        if off >= live.total:  # the seal: no clean end on unverified bytes
+            if await live.wait_sealed(handle.generation) is None:
+                continue  # dropped meanwhile (a replica's blob with a wrong sha256)
         if off >= end:
             return b""
         data = await _pread(handle, off, end - off)
@@ -158,6 +161,12 @@ def _follow(handle: StreamHandle) -> bool:
 async def _pread(handle: StreamHandle, off: int, size: int) -> bytes:
     if handle.fd is None:
         handle.fd = await _open(handle)
+    buf = bytearray(size)
+    try:  # bytes that just arrived are in the page cache: no worker thread for them
+        if os.preadv(handle.fd, [buf], off, os.RWF_NOWAIT) == size:
+            return bytes(buf)
+    except OSError:  # not there (EAGAIN), or no RWF_NOWAIT here: read it in a thread
+        pass
     return await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
 
 
@@ -169,6 +178,6 @@ async def _open(handle: StreamHandle) -> int:
         if live.sha256 is not None:
             return handle.blobs.open_blob(live.sha256)
         try:
-            return open_file(handle.blobs.partial_path(live.name), os.O_RDONLY)
+            return open_file(live.path or handle.blobs.partial_path(live.name), os.O_RDONLY)
         except FileNotFoundError:
             await live.wait_sealed()

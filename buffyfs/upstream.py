@@ -26,6 +26,7 @@ from buffyfs import downloader
 from buffyfs.blobs import hash_file
 from buffyfs.errors import BadInput, FetchError, NotFound
 from buffyfs.refresh import backoff
+from buffyfs.segments import LiveDownload
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,19 @@ class Upstream:
             return answer
         raise HubDown(self._scrub("hub unreachable: " + "; ".join(errors)))
 
-    async def changes(self, since: int, wait: float, hub: str | None) -> Answer:
+    async def changes(self, since: int, wait: float, hub: str | None,
+                      limit: int | None = None, after: str | None = None) -> Answer:
         """The change feed after ``since`` of ``hub``, the URL whose serial it is; any
-        other URL is asked for everything at once (its serials are its own)."""
+        other URL is asked for everything (its serials are its own). ``limit``: in
+        pages of that many sources, this one the page after the name ``after``
+        (http/changes.py; a hub without pages answers everything at once)."""
+        paging = "" if limit is None else f"&limit={limit}" + (
+            "" if after is None else f"&after={quote(after)}")
+
         def path(base: str) -> str:
             if base == hub:
-                return f"/@changes?since={since}&wait={wait:g}&mirror=1"
-            return "/@changes?since=-1&wait=0&mirror=1"
+                return f"/@changes?since={since}&wait={wait:g}&mirror=1{paging}"
+            return f"/@changes?since=-1&wait=0&mirror=1{paging}"
 
         # A long-poll answers after ``wait`` at the latest, and its answer is small: a
         # link cut without a reset shows after wait + FEED_SLACK (20 s), not a minute.
@@ -146,14 +153,27 @@ class Upstream:
             raise BadInput(f"the hub: {reason}")
 
     async def fetch_blob(self, sha256: str, size: int, partial: Path,
-                         grow: Callable[[int], int] | None = None) -> None:
+                         grow: Callable[[int], int] | None = None,
+                         live: LiveDownload | None = None) -> None:
         """Download blob ``sha256`` into ``partial``, continuing what it holds (a
         blob never changes: any prefix of it is good), until its sha256 matches.
         A mismatch drops the bytes and asks once more with ``Cache-Control:
         no-cache`` (a cache between us and the hub refreshes its copy), then the
-        next URL. FetchError when every URL failed."""
+        next URL. FetchError when every URL failed. ``live``: what readers of the
+        file as it arrives follow (streaming.py); told of every byte written and
+        of every byte dropped."""
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):  # it becomes a file name
             raise FetchError(f"not a sha256: {sha256[:80]!r}")
+        live = live or LiveDownload(sha256)
+
+        def body_starts(start: int, total: int | None, point: downloader.Resume | None,
+                        content_type: str | None) -> None:
+            _check_total(total, size)  # another size than the hub's: refused
+            live.body_starts(start, size)
+
+        async def written(fd: int, end: int) -> None:
+            live.arrived(0, end)
+
         errors = []
         for base in self.urls:
             extra: dict[str, str] = {}
@@ -169,14 +189,16 @@ class Upstream:
                     got = await trio.to_thread.run_sync(hash_file, partial)
                     if got == sha256:
                         return
+                    live.drop()
                     partial.unlink(missing_ok=True)
                     resume = None
                 try:
-                    done = await downloader.download(
-                        self.client, req, partial, resume=resume,
-                        on_body=lambda start, total, *_: _check_total(total, size),
-                        grow=lambda n: _capped(n, size, grow))
+                    done = await downloader.download(self.client, req, partial, resume=resume,
+                                                     on_body=body_starts,
+                                                     grow=lambda n: _capped(n, size, grow),
+                                                     on_written=written)
                 except Oversize as e:  # a cache (or hub) sending other bytes: as a mismatch
+                    live.drop()  # readers given some of these bytes fail (EIO)
                     partial.unlink(missing_ok=True)
                     log.warning("blob %s from %s: %s: dropped", sha256, base, e)
                     errors.append(f"{base}: {e}")
@@ -188,6 +210,7 @@ class Upstream:
                 except downloader.AttemptError as e:
                     errors.append(f"{base}: {e}")
                     if e.restart:
+                        live.drop()
                         partial.unlink(missing_ok=True)
                     if not e.retryable:
                         break
@@ -196,6 +219,7 @@ class Upstream:
                 assert isinstance(done, downloader.Downloaded)
                 if done.sha256 == sha256 and done.size == size:
                     return
+                live.drop()  # readers given some of these bytes fail (EIO)
                 partial.unlink(missing_ok=True)
                 log.warning("blob %s from %s had the wrong sha256 (%s, %d bytes): dropped",
                             sha256, base, done.sha256, done.size)

@@ -2,7 +2,7 @@
 
     /                             HTML listing of sources; root @status as JSON
     /@status, /@metrics           as the mount's files
-    /@changes?since=N&wait=S      the change feed (changes.py)
+    /@changes?since=N&wait=S      the change feed (changes.py); &after=NAME&limit=N pages it
     /@blobs/sha256/HEX            content by its sha256
     /NAME/                        listing (HTML, or JSON by Accept)
     /NAME/latest                  bytes of what latest resolves to now (a first
@@ -45,7 +45,7 @@ import trio
 from buffyfs.config import ProxyConfig
 from buffyfs.control import VERSION_RE
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
-from buffyfs.http import access, first
+from buffyfs.http import access, changes, first
 from buffyfs.http.answer import ORIGIN_BYTES_HEADERS, Answer, content_type_of
 from buffyfs.http.changes import ChangeFeed
 from buffyfs.http.page import StatusPage
@@ -608,9 +608,14 @@ class App:
         except ValueError:
             raise Answer(400, "since must be an integer and wait a number of seconds "
                          "(at most 60 are waited)") from None
+        after, limit = _feed_page(req)
         feed = await self.feed.wait_since(since, wait)
+        if after is not None or limit is not None:  # a page of it (a replica's first sync)
+            feed = changes.page(feed, after, limit)
         if req.query.get("mirror") == "1":  # a replica's sync in one answer (replica.py)
             feed["mirror"] = await trio.to_thread.run_sync(self._mirrored, feed["sources"])
+            body = await trio.to_thread.run_sync(_compact_json, feed)  # big: off the loop
+            return await self._bytes(send, 200, body, "application/json")
         await self._json(send, feed)
 
     def _mirrored(self, names: list[str]) -> dict[str, Any]:
@@ -668,6 +673,23 @@ class App:
                 f"</h1>\n<ul>\n{items}\n</ul>\n</body></html>\n")
         await self._bytes(send, 200, page.encode(), "text/html; charset=utf-8",
                           [("Content-Security-Policy", "default-src 'none'")])
+
+
+def _compact_json(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _feed_page(req: Request) -> tuple[str | None, int | None]:
+    """``after`` and ``limit`` of a paged ``/@changes`` (changes.page); 400 if bad."""
+    after = req.query.get("after")
+    try:
+        limit = int(req.query["limit"]) if "limit" in req.query else None
+        if limit is not None and not 1 <= limit <= changes.MAX_PAGE:
+            raise ValueError(limit)
+    except ValueError:
+        raise Answer(400, f"limit must be a number of sources, 1 to {changes.MAX_PAGE}"
+                     ) from None
+    return after, limit
 
 
 def _is_name(text: str) -> bool:

@@ -7,7 +7,9 @@ of one key) and wakes every waiting request when it moved.
 
 from __future__ import annotations
 
+import bisect
 import math
+from typing import Any
 
 import trio
 
@@ -15,6 +17,7 @@ from buffyfs.index import Index
 
 POLL = 0.1  # seconds between looks at the serial: a change wakes waiters within this
 MAX_WAIT = 60.0
+MAX_PAGE = 10_000  # sources in one page of a paged feed (``limit``)
 
 
 class ChangeFeed:
@@ -53,3 +56,15 @@ class ChangeFeed:
                 return {"serial": serial, "sources": sorted(r.source_names()),
                         "complete": False}
         return {"serial": serial, "sources": sorted(names), "complete": True}
+
+
+def page(feed: dict[str, Any], after: str | None, limit: int | None) -> dict[str, Any]:
+    """The page of ``feed`` a paged request (``&after=NAME&limit=N``) asks for: its
+    sources after the name ``after`` in sorted order, at most ``limit`` of them, and
+    ``"more": true`` when names are left. The next page is asked with the same
+    ``since`` and ``after`` = this page's last name; the first page's ``serial`` is
+    the one to follow the feed from (changes made while paging come again)."""
+    names: list[str] = feed["sources"]  # sorted (wait_since)
+    start = bisect.bisect_right(names, after) if after is not None else 0
+    end = len(names) if limit is None else start + limit
+    return {**feed, "sources": names[start:end], "more": end < len(names)}
