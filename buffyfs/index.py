@@ -554,6 +554,16 @@ class Writer(Reader):
         self.changed(name)
         self.mirrored(name)
 
+    def record_refresh(self, name: str, record: dict[str, Any]) -> None:
+        """``Index.record_refresh`` inside this transaction."""
+        if self.source(name) is None:
+            return
+        self.put_state(name, last_refresh=record)
+        if record.get("error") != "interrupted":  # a stop, not an answer of the origin
+            checks = self.checks(name)[-(CHECKS_KEPT - 1):]
+            self._put("checks", name.encode(), [*checks, [round(record["started"]),
+                                                          record["result"]]])
+
     # --- a replica's mirrored sources (replica.py) ------------------------------------
 
     def add_mirrored_version(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -813,13 +823,7 @@ class Index:
         """Leave how a refresh ended as the state's ``last_refresh`` and append it to
         the source's bounded ``checks`` history, in one transaction."""
         with self.write() as w:
-            if w.source(name) is None:
-                return
-            w.put_state(name, last_refresh=record)
-            if record.get("error") != "interrupted":  # a stop, not an answer of the origin
-                checks = w.checks(name)[-(CHECKS_KEPT - 1):]
-                w._put("checks", name.encode(), [*checks, [round(record["started"]),
-                                                            record["result"]]])
+            w.record_refresh(name, record)
 
     def request_refresh(self, name: str) -> None:
         with self.write() as w:

@@ -29,6 +29,7 @@ from buffyfs.refresh import Refresher, partial_key
 from buffyfs.replica import Replica, ReplicaSettings
 from buffyfs.scheduler import Scheduler
 from buffyfs.scrub import Scrubber
+from buffyfs.writes import IndexWrites
 from buffyfs.unpacker import Unpacker
 from buffyfs.upstream import Upstream
 
@@ -308,6 +309,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
         refresher = Refresher(cache.index, cache.blobs, client, settings.max_downloads,
                               settings.max_downloads_per_host)
         refresher.max_connections_per_host = settings.max_connections_per_host
+        refresher.writes = IndexWrites(cache.index)  # downloads' index writes, off the loop
         mounted = settings.mountpoint is not None
         fs = (BuffyFS if mounted else Unmounted)(cache, None,
                                                  progress=lambda: dict(refresher.progress))
@@ -335,6 +337,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
                            restart=False)  # one try: what failed once fails again
             start_task(nursery, "signal watcher", _watch_signals, cache, settings, collector,
                        fs, stopped)
+            start_task(nursery, "index writes", refresher.writes.run)
             start_task(nursery, "change watcher", _watch_changes, cache, scheduler, fs,
                        collector)
             start_task(nursery, "collector", collector.run)

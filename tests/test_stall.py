@@ -24,7 +24,7 @@ from buffyfs import gc
 from buffyfs.cache import Cache
 from buffyfs.index import Index
 from tests.conftest import Mount, wait_for
-from tests.test_mount import write_control
+from tests.test_mount import status, write_control
 
 SOURCES = 4000  # x 5 versions: a collection on the loop held it ~2-4 s here
 STALL_BOUND = 1.0  # seconds: far above a loaded machine's noise, far below the old stalls
@@ -193,3 +193,50 @@ def test_commit_skips_what_was_protected_or_opened_since_the_plan(tmp_path: Path
                        for d in first.doomed + second.doomed + again.doomed)
     finally:
         index.close()
+
+
+def _hold_index_writer(cache_dir: Path, seconds: float, held: threading.Event) -> None:
+    """Hold the index's write lock for ``seconds``, as a long CLI write does."""
+    idx = Index(cache_dir / "index")
+    try:
+        with idx.write():
+            held.set()
+            time.sleep(seconds)
+    finally:
+        idx.close()
+
+
+def test_requests_answer_while_a_download_waits_for_the_index_writer(
+        origin, cli, cache_dir: Path, mount_factory: Callable[..., Mount]) -> None:
+    """A download's progress and state writes wait in a worker thread for the index's
+    writer lock (held here by another process, say `buffyfs gc`), not on the loop."""
+    origin.set("/a", b"a" * 1000)
+    origin.set("/b", b"b" * 1000, etag=True)
+    for name in ("a", "b"):
+        cli("add", name, origin.url(f"/{name}"), "--refresh", "never", check=True)
+        cli("fetch", name, check=True)
+    m = mount_factory("--scrub-interval", "never")
+    assert status(m / "a" / "@status")["name"] == "a"
+    slow = origin.set("/b", b"c" * (8 << 20), etag=True)
+    slow.chunk_delay = 0.25  # 20 pieces of 400 KiB: 5 s, a progress write each second
+    write_control(m / "b" / "@control", "refresh")
+    wait_for(lambda: status(m / "b" / "@status")["state"] == "fetching", 10,
+             what="the download of b")
+    held = threading.Event()
+    holder = threading.Thread(target=_hold_index_writer, args=(cache_dir, 2.5, held))
+    holder.start()
+    try:
+        assert held.wait(10)
+        worst = 0.0
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            t = time.perf_counter()
+            status(m / "a" / "@status")
+            worst = max(worst, time.perf_counter() - t)
+            time.sleep(0.02)
+    finally:
+        holder.join(timeout=30)
+    assert worst < 0.5, f"a read of a/@status waited {worst:.2f} s for the index writer"
+    wait_for(lambda: status(m / "b" / "@status")["state"] == "idle", 30,
+             what="the end of the download of b")
+    assert len(status(m / "b" / "@status")["versions"]) == 2
