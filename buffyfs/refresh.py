@@ -707,7 +707,7 @@ class Refresher:
         if version and self.on_version:
             self.on_version(name)
         if version and record.get("validation"):
-            self._post_state(name, last_error={
+            await self._write(self.index.set_state, name, last_error={
                 "at": rfc3339(started),
                 "message": f"version {version['id']} failed validation: {record['validation']}",
             })
