@@ -27,14 +27,16 @@ or failed for good when the refresh ends without one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -143,7 +145,7 @@ class Refresher:
         max_downloads: int = 4,
         max_downloads_per_host: int = 2,
         on_state: Callable[[str, str], None] | None = None,
-        make_room: Callable[[int], None] | None = None,
+        make_room: Callable[[int], Awaitable[None] | None] | None = None,
         on_version: Callable[[str], None] | None = None,
     ) -> None:
         self.index = index
@@ -153,7 +155,10 @@ class Refresher:
         self.per_host = max_downloads_per_host
         self.host_limits: dict[str, trio.CapacityLimiter] = {}
         self.on_state = on_state
-        self.make_room = make_room  # evicts so that N more bytes fit, or raises CacheFull
+        # evicts so that N more bytes fit, or raises CacheFull: the mount's is async (its
+        # collection runs off the loop), the command line's blocks
+        self.make_room = make_room
+        self.room = trio.Lock()  # one reservation at a time (it may wait for a collection)
         self.on_version = on_version  # told after each new version
         self.progress: dict[str, tuple[int, int | None]] = {}
         self.metrics: Metrics | None = None
@@ -289,20 +294,16 @@ class Refresher:
         """Clear what only a running refresh shows (no await: runs even when cancelled)."""
         self.progress.pop(name, None)
         self.reserved.pop(name, None)  # committed bytes count as blobs from now on
-        partial = self.blobs.partial_path(name)
-
-        def clear(w: Writer) -> None:
-            if w.source(name) is None:  # removed meanwhile (the mount cancelled us)
-                partial.unlink(missing_ok=True)  # drop its partial
-                return
-            state = w.state(name)
-            done = {k: None for k in ("attempt", "queued") if state.get(k) is not None}
-            if state.get("state") != "idle":  # interrupted (cancelled, killed by a
-                done.update(state="idle", progress=None)  # signal...): not fetching
-            if done:
-                w.put_state(name, **done)
-
-        self._post(clear)
+        with self.index.read() as r:  # the mount's reads see what it queued
+            exists = r.source(name) is not None
+            state = r.state(name) if exists else {}
+        done = {k: None for k in ("attempt", "queued") if state.get(k) is not None}
+        if exists and state.get("state") != "idle":  # interrupted (cancelled, killed
+            done.update(state="idle", progress=None)  # by a signal...): not fetching
+        if done:
+            self._post_state(name, **done)
+        if not exists:  # removed meanwhile (the mount cancelled us): drop its partial
+            self.blobs.partial_path(name).unlink(missing_ok=True)
 
     async def _refresh_locked(
         self, name: str, on_progress: Callable[[int, int | None], None] | None,
@@ -373,8 +374,9 @@ class Refresher:
 
         plan.on_progress = progress
 
-        def body_starts(start: int, total: int | None, point: downloader.Resume | None,
-                        content_type: str | None = None) -> None:
+        async def body_starts(start: int, total: int | None,
+                              point: downloader.Resume | None,
+                              content_type: str | None = None) -> None:
             if start < reached[0]:  # the bar goes back: say why
                 why = "the origin answered the resume with the whole body (it changed, " \
                     "or ignores ranges)" if asked[0] is not None else "the last attempt " \
@@ -386,9 +388,9 @@ class Refresher:
             self.progress[name] = (start, total)  # bytes counted from here on
             # The whole file counts against the quota, the bytes kept from before too.
             if total is not None:
-                self._reserve(name, total)
+                await self._reserve(name, total)
             else:
-                self._grow(name, start)
+                await self._grow(name, start)
             held = prefix_hash.length  # what the file held after the last attempt
             live.body_starts(start, total, (held, prefix_hash.hasher.hexdigest())
                              if held > start and prefix_hash.hasher is not None else None)
@@ -450,7 +452,7 @@ class Refresher:
                         say(logging.INFO, f"{label}: resuming at byte {resume.offset}")
                     result = await downloader.download(
                         self.client_for(options), req, partial, progress, resume, body_starts,
-                        lambda size: self._grow(name, size), written, prefix_hash, ranged,
+                        functools.partial(self._grow, name), written, prefix_hash, ranged,
                     )
             except downloader.AttemptError as e:
                 self.reserved.pop(name, None)  # no quota held while waiting to retry
@@ -530,26 +532,34 @@ class Refresher:
         if self.metrics:
             self.metrics.downloads.labels(result=result).inc()
 
-    def _reserve(self, name: str, need: int) -> None:
+    async def _reserve(self, name: str, need: int) -> None:
         """Make room under the quota for a partial file of ``need`` bytes for ``name``
         besides what the other downloads under way hold and the other partial files
         take, and hold it; or fail the attempt (not retryable, the partial dropped)."""
         if self.make_room is None:
             return
-        running = sum(n for source, n in self.reserved.items() if source != name)
-        kept = self._other_partials(name)
-        try:
-            self.make_room(need + running + kept)
-        except CacheFull as e:
-            held = [f"{human_size(running)} of it held by other downloads under way"] \
-                if running else []
-            held += [f"{human_size(kept)} by partial files kept to be resumed"] if kept else []
-            raise downloader.AttemptError(
-                f"{e} ({', '.join(held)})" if held else str(e), retryable=False, restart=True
-            ) from None
-        self.reserved[name] = need
+        async with self.room:  # what the others hold does not change under the check
+            running = sum(n for source, n in self.reserved.items() if source != name)
+            kept = self._other_partials(name)
+            try:
+                fits = self.make_room(need + running + kept)
+                if inspect.isawaitable(fits):
+                    await fits
+            except CacheFull as e:
+                self._refuse(e, running, kept)
+            self.reserved[name] = need
 
-    def _grow(self, name: str, size: int) -> int:
+    @staticmethod
+    def _refuse(e: CacheFull, running: int, kept: int) -> None:
+        """A reservation that does not fit fails the attempt, saying what holds room."""
+        held = [f"{human_size(running)} of it held by other downloads under way"] \
+            if running else []
+        held += [f"{human_size(kept)} by partial files kept to be resumed"] if kept else []
+        raise downloader.AttemptError(
+            f"{e} ({', '.join(held)})" if held else str(e), retryable=False, restart=True
+        ) from None
+
+    async def _grow(self, name: str, size: int) -> int:
         """Let the partial file of ``name`` grow to ``size`` bytes; returns the size
         granted. Room is asked for ahead (an eighth more, at least GROW_STEP), less
         when that does not fit, so that a long body asks the collector rarely."""
@@ -561,7 +571,7 @@ class Refresher:
         ahead = max(GROW_STEP, size // 8)
         while True:
             try:
-                self._reserve(name, size + ahead)
+                await self._reserve(name, size + ahead)
                 return size + ahead
             except downloader.AttemptError:
                 if ahead == 0:
@@ -652,7 +662,7 @@ class Refresher:
             return Outcome(checked=True, result="unchanged")
         if not self.blobs.exists(result.sha256) and self.reserved.get(name, 0) < result.size:
             try:
-                self._reserve(name, result.size)
+                await self._reserve(name, result.size)
             except downloader.AttemptError as e:
                 partial.unlink(missing_ok=True)
                 await self._write(self.index.record_failure, name, now_utc(), str(e))

@@ -33,6 +33,11 @@ class IndexWrites:
         self.wake = trio.Event()
         self.progressed = trio.Event()  # set (and renewed) after each batch
         self.stopped = False  # the committing task ended: posts commit on the spot
+        # set_state fields not committed yet, and the number of the post that queued
+        # them last: the mount's reads see them at once (Reader.queued_state)
+        self.queued: dict[str, dict[str, Any]] = {}
+        self.queued_by: dict[str, int] = {}
+        index.queued_state = self.queued
 
     def post(self, op: Callable[[Writer], None]) -> None:
         """Queue ``op(writer)`` for the next batch; returns at once."""
@@ -44,12 +49,16 @@ class IndexWrites:
             self.wake.set()
 
     def set_state(self, name: str, **fields: Any) -> None:
-        """Queue ``Index.set_state`` (a removed source is left alone)."""
+        """Queue ``Index.set_state`` (a removed source is left alone); the mount's
+        reads of the state see it from now on."""
 
         def op(w: Writer) -> None:
             if w.source(name) is not None:
                 w.put_state(name, **fields)
 
+        self.queued[name] = {**self.queued.get(name, {}), **fields}  # a new dict: a
+        self.queued_by[name] = self.posted + 1  # reader thread may hold the old one
+        self.index.queued_posts += 1
         self.post(op)
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -94,6 +103,9 @@ class IndexWrites:
 
     def _done(self, count: int) -> None:
         self.committed += count
+        for name in [n for n, by in self.queued_by.items() if by <= self.committed]:
+            del self.queued_by[name]  # in the index now (or dropped with its batch)
+            self.queued.pop(name, None)
         self.progressed.set()
         self.progressed = trio.Event()
 
