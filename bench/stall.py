@@ -84,7 +84,7 @@ idx.close()
 def build(cache: Path, sources: int, per_source: int, burst: int = 0,
           origin: str = "http://127.0.0.1:9") -> None:
     """``sources`` x ``per_source`` versions, each with its own blob (absent: the mount
-    runs without the scrub, and a stat never opens a blob),
+    runs without the scrub, unpack=off, and a stat never opens a blob),
     refresh=never, keep_versions=1: a collection drops two versions in five. Plus
     ``burst`` sources ``burstN`` of one version each, whose URL is ``origin``/burstN."""
     from buffyfs.cache import Cache
@@ -92,11 +92,12 @@ def build(cache: Path, sources: int, per_source: int, burst: int = 0,
     c = Cache(cache)
     try:
         populate(c.index, sources, per_source, size=4096,
-                 options={"refresh": "never", "keep_versions": 1},
+                 options={"refresh": "never", "keep_versions": 1, "unpack": "off"},
                  sha256=lambda s, i: hashlib.sha256(f"{s}-{i}".encode()).hexdigest())
         if burst:
             names = populate(c.index, burst, 1, size=BURST_SIZE, prefix="burst",
-                             options={"refresh": "never", "keep_versions": 1},
+                             options={"refresh": "never", "keep_versions": 1,
+                                      "unpack": "off"},
                              sha256=lambda s, i: hashlib.sha256(f"b{s}".encode()).hexdigest())
             with c.index.write() as w:  # their URLs: the local origin
                 for name in names:
@@ -305,7 +306,8 @@ def measure(sources: int, per_source: int, workdir: Path | None = None,
         daemon.settle()
         st = proc_status(daemon.pid)
         out["rss"] = {"mib": st.get("VmRSS", 0) / 1024, "peak_mib": st.get("VmHWM", 0) / 1024,
-                      "load": os.getloadavg()[0]}
+                      "anon_mib": st.get("RssAnon", 0) / 1024,
+                      "file_mib": st.get("RssFile", 0) / 1024, "load": os.getloadavg()[0]}
         daemon.check_alive()
         out["warnings"] = [line for line in log.read_text(errors="replace").splitlines()
                            if "event loop" in line and "test hook" not in line]
@@ -352,7 +354,8 @@ def table(m: dict[str, Any]) -> list[str]:
                  f"{'PASS' if c['ratio'] <= CAT_TARGET else 'MISS'}")
     r = m["rss"]
     lines.append(f"(f) daemon RSS after the collection and the bursts: {r['mib']:.0f} MiB "
-                 f"(peak {r['peak_mib']:.0f} MiB)  (load {r['load']:.2f})  target < "
+                 f"(anonymous {r['anon_mib']:.0f}, files {r['file_mib']:.0f} (the index's map "
+                 f"among them); peak {r['peak_mib']:.0f} MiB)  (load {r['load']:.2f})  target < "
                  f"{RSS_TARGET:g} MiB: {'PASS' if r['mib'] < RSS_TARGET else 'MISS'}")
     lines.append(f"loop monitor warnings in the daemon's log: {len(m['warnings'])}")
     return lines
