@@ -817,27 +817,45 @@ def fig_gc(s: Suite) -> list[Row]:
 
 
 def fig_stall(s: Suite) -> list[Row]:
-    """`stat` of SRC/latest every 2 ms while the daemon works hard (bench/stall.py)."""
+    """`stat` of SRC/latest every 2 ms while the daemon works hard, then cat of the burst
+    sources against plain files and the daemon's RSS (bench/stall.py)."""
     n = s.sizes.stall_sources
+    burst = stall_bench.BURST if n >= 1000 else 50
     rows: dict[str, Row] = {}
-    loads = (("idle", "nothing else"), ("status", "cat @status in a loop"),
-             ("gc", f"buffyfs gc of {n * 5:,} versions"))
+    loads = (("idle", "nothing else"), ("gc", f"buffyfs gc of {n * 5:,} versions"),
+             ("burst", f"{burst:,} sources refresh at once"),
+             ("status", "cat @status in a loop"),
+             ("hold", "another process holds the index writer"))
     for key, what in loads:
         for stat, target in (("p99", below(stall_bench.P99_TARGET, "ms")),
                              ("max", below(stall_bench.MAX_TARGET, "ms"))):
             rows[f"{key}-{stat}"] = Row(f"stall-{key}-{stat}", "stall",
                                         f"{'  ' if stat == 'max' else ''}stat {stat}, "
                                         f"while {what}", "ms",
-                                        target=target if key != "idle" else None)
-    warnings = []
+                                        target=target if key != "idle" and
+                                        (key, stat) != ("hold", "p99") else None)
+    rows["cat"] = Row("stall-cat", "stall", f"cat of {burst:,} x 4 KiB latest, 2nd time",
+                      "s", limit=[], limit_what="plain files",
+                      target=Target("ratio", "<", stall_bench.CAT_TARGET + 1e-9,
+                                    f"<= {stall_bench.CAT_TARGET:g}x"))
+    rows["rss"] = Row("stall-rss", "stall", "daemon RSS after gc and bursts", "MiB",
+                      target=below(stall_bench.RSS_TARGET, "MiB"))
+    warnings, load = [], []
     for _ in range(s.runs):
-        m = stall_bench.measure(n, 5, s.work, 1.0 if n < 1000 else stall_bench.STATUS_SECONDS)
+        m = stall_bench.measure(n, 5, s.work, 1.0 if n < 1000 else stall_bench.STATUS_SECONDS,
+                                burst)
         for key, _what in loads:
             rows[f"{key}-p99"].values.append(m[key]["p99"])
             rows[f"{key}-max"].values.append(m[key]["max"])
+            load.append(m[key]["load"])
+        rows["cat"].values.append(m["cat"]["buffyfs"])
+        assert rows["cat"].limit is not None
+        rows["cat"].limit.append(m["cat"]["plain"])
+        rows["rss"].values.append(m["rss"]["mib"])
         warnings.append(len(m["warnings"]))
     rows["idle-p99"].note = f"{n:,} sources x 5 versions; @status {m['status_bytes'] / 1e6:.1f} MB"
-    rows["gc-max"].note = f"loop monitor warnings per run: {warnings}"
+    rows["hold-max"].note = f"loop monitor warnings per run: {warnings}; load average " \
+        f"{min(load):.1f}-{max(load):.1f}"
     return list(rows.values())
 
 

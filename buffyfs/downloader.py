@@ -162,8 +162,9 @@ async def download(
     partial: Path,
     on_progress: Callable[[int, int | None], None] | None = None,
     resume: Resume | None = None,
-    on_body: Callable[[int, int | None, Resume | None, str | None], None] | None = None,
-    grow: Callable[[int], int] | None = None,
+    on_body: Callable[[int, int | None, Resume | None, str | None], Awaitable[None]]
+    | None = None,
+    grow: Callable[[int], Awaitable[int]] | None = None,
     on_written: Callable[[int, int], Awaitable[None]] | None = None,
     prefix_hash: PrefixHash | None = None,
     ranged: Callable[[httpx.Response, int, int, Resume], Awaitable[Downloaded | None]]
@@ -173,10 +174,10 @@ async def download(
 
     Raises AttemptError with a message a person understands (see its docstring for
     what becomes of the partial file). ``on_body(start, total, point, content_type)``
-    hears, as the body starts, where it starts in the file, the file's whole size if
+    hears (awaited), as the body starts, where it starts in the file, the file's whole size if
     known, how it could be resumed (None: it could not) and the origin's Content-Type, so that the caller can record it before
     anything can interrupt it (and refuse it by raising AttemptError). ``grow(size)``
-    is asked before the file grows past what it granted last; it returns the size now
+    is awaited before the file grows past what it granted last; it returns the size now
     granted (at least ``size``) or raises AttemptError (no room). ``on_written(fd,
     end)`` is awaited each time the file holds every byte of the body up to ``end``
     (the writing waits meanwhile: it may fdatasync ``fd``). ``prefix_hash`` carries
@@ -211,7 +212,7 @@ async def download(
             start, total = _accept(response, resume)
             point = _resume_point(response, max(start, 1))
             if on_body:
-                on_body(start, total, point, response.headers.get("Content-Type"))
+                await on_body(start, total, point, response.headers.get("Content-Type"))
             if ranged is not None and total is not None and point is not None:
                 done = await ranged(response, start, total, point)
                 if done is not None:
@@ -394,7 +395,7 @@ class Body:
 
     async def receive(self, response: httpx.Response, total: int | None,
                       on_progress: Callable[[int, int | None], None] | None,
-                      grow: Callable[[int], int] | None = None) -> None:
+                      grow: Callable[[int], Awaitable[int]] | None = None) -> None:
         """Append the body; a worker thread writes and hashes while the loop receives.
 
         A watchdog ends the receiving (as a retryable AttemptError, keeping what
@@ -436,7 +437,7 @@ class Body:
                                         True, restart=True)
                                 if after > granted:
                                     assert grow is not None
-                                    granted = grow(after)  # or AttemptError: no room
+                                    granted = await grow(after)  # or AttemptError: no room
                                 pending.append(chunk)
                                 pending_len += len(chunk)
                                 self.arrived = after

@@ -68,6 +68,7 @@ IMMUTABLE_TIMEOUT = 3600.0  # version inodes and their @versions entries
 SHORT_TIMEOUT = 1.0  # everything that can change
 
 INVALIDATE_TIMEOUT = 2.0
+RELINK_BATCH = 256  # sources whose link counts one worker-thread read looks at
 CONTROL_HELP = {"root_control": help_text("root"), "control": help_text("source")}
 
 
@@ -174,6 +175,8 @@ class BuffyFS(pyfuse3.Operations):
         # version inode -> the link count the kernel was last given: invalidated when
         # it changes (the attributes are cached for long)
         self.shown_links: dict[int, int] = {}
+        self.relink_pending: set[str] = set()  # sources whose link counts may have moved
+        self.relinking = False  # the task that looks at them runs
         self.unpacked = UnpackedTree(self)  # SOURCE/@unpacked/ (unpackfs.py)
         self.on_source_changed: Callable[[str], None] | None = None  # the unpacker's kick
         self.replica: Any = None  # replica.Replica of a mount with --upstream
@@ -218,7 +221,7 @@ class BuffyFS(pyfuse3.Operations):
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
             a.attr_timeout = 0  # every stat asks getattr, which builds it if need be
-            snap = snap or self.snapshots.usable(ino, self.index.last_commit())
+            snap = snap or self.snapshots.usable(ino, self.index.last_change())
             if snap is not None:
                 a.st_size = len(snap.data)
                 a.st_blocks = (a.st_size + 511) // 512
@@ -259,7 +262,7 @@ class BuffyFS(pyfuse3.Operations):
 
     async def _snapshot(self, ino: int, node: Node, opening: bool = False) -> Snapshot:
         """The content of a generated file as a stat or open sees it (snapshots.py)."""
-        commit = self.index.last_commit()  # before building: a later change builds again
+        commit = self.index.last_change()  # before building: a later change builds again
         if node.kind == "root_metrics":
             build = functools.partial(self.metrics.render, self.index)
         else:
@@ -531,8 +534,21 @@ class BuffyFS(pyfuse3.Operations):
         damaged, stop serving them (``latest`` falls back), and download their sources
         again. Blobs are shared: every version with that sha256, of any source, is hit."""
         marked = self.index.mark_damaged(sha256, reason)
-        if marked is None:
-            return  # marked already, or no version uses the blob any more
+        if marked is not None:  # else marked already, or no version uses the blob any more
+            self._damaged(sha256, reason, check, marked)
+
+    async def report_damage_many(self, reasons: dict[str, str], check: str) -> None:
+        """``report_damage`` of many blobs (sha256 -> reason; a scrub's batch): one
+        index transaction in a worker thread, then the kernel and scheduler catch up a
+        blob per loop step."""
+        marked = await trio.to_thread.run_sync(self.index.mark_damaged_many, reasons)
+        for sha256, pairs in marked.items():
+            self._damaged(sha256, reasons[sha256], check, pairs)
+            await trio.lowlevel.checkpoint()
+
+    def _damaged(self, sha256: str, reason: str, check: str,
+                 marked: list[tuple[str, dict[str, Any]]]) -> None:
+        """After a blob was marked damaged: count, log, and download its sources again."""
         self.metrics.damage_found.labels(check=check).inc()
         log.error("blob %s is damaged (%s, found at %s): versions %s not served; "
                   "downloading again", sha256, reason, check,
@@ -807,12 +823,27 @@ class BuffyFS(pyfuse3.Operations):
             self.on_source_changed(name)
         for parent, entry in self.tree.stale_entries(name):
             _invalidate(parent, entry)
-        relinked = self._changed_links(name)
-        if relinked:
-            try:
-                trio.lowlevel.spawn_system_task(self._invalidate_attrs, relinked)
-            except RuntimeError:  # not in trio (unit tests)
-                pass
+        if self.shown_links:  # the kernel holds link counts of versions
+            self.relink_pending.add(name)
+            if not self.relinking:
+                try:
+                    trio.lowlevel.spawn_system_task(self._relink)
+                    self.relinking = True
+                except RuntimeError:  # not in trio (unit tests)
+                    pass
+
+    async def _relink(self) -> None:
+        """Have the kernel ask again for the link counts that changed, for the sources
+        ``source_changed`` named: read in a worker thread, a batch of sources per read
+        (a collection or a refresh burst names thousands)."""
+        try:
+            while self.relink_pending:
+                names = [self.relink_pending.pop()
+                         for _ in range(min(RELINK_BATCH, len(self.relink_pending)))]
+                counts = await trio.to_thread.run_sync(self._link_counts_of, names)
+                await self._invalidate_attrs(self._changed_links(counts))
+        finally:
+            self.relinking = False
 
     async def source_changed_now(self, name: str) -> None:
         """Like ``source_changed``, but returns once the kernel has dropped the entries,
@@ -830,15 +861,22 @@ class BuffyFS(pyfuse3.Operations):
                     )
                 except OSError:
                     pass  # ENOENT: the kernel did not have it cached
-        await self._invalidate_attrs(self._changed_links(name))
+        if self.shown_links:
+            counts = await trio.to_thread.run_sync(self._link_counts_of, [name])
+            await self._invalidate_attrs(self._changed_links(counts))
 
-    def _changed_links(self, name: str) -> list[int]:
-        """Version inodes of ``name`` whose link count changed since the kernel got it
-        (``latest`` or a ``@TAG/latest`` moved, a tag came or went)."""
-        if not self.shown_links:
-            return []
-        changed = [ino for ino, n in self.tree.link_counts(name).items()
-                   if self.shown_links.get(ino, n) != n]
+    def _link_counts_of(self, names: list[str]) -> dict[int, int]:
+        """The tree's link counts of several sources (in a worker thread)."""
+        out: dict[int, int] = {}
+        for name in names:
+            out.update(self.tree.link_counts(name))
+        return out
+
+    def _changed_links(self, counts: dict[int, int]) -> list[int]:
+        """Of the version inodes in ``counts`` (their link counts now), those whose link
+        count changed since the kernel got it (``latest`` or a ``@TAG/latest`` moved, a
+        tag came or went); forgotten, so the kernel's next look records them again."""
+        changed = [ino for ino, n in counts.items() if self.shown_links.get(ino, n) != n]
         for ino in changed:
             del self.shown_links[ino]
         return changed

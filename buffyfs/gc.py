@@ -92,6 +92,8 @@ class Report:
     unlink: list[str] = field(default_factory=list)  # blobs whose last user went
     kept: list[Kept] = field(default_factory=list)  # what stays and why (dry runs only)
     wake_at: str | None = None  # the earliest end of a hold or grace: collect again then
+    # entries (after, upto] of the index's changes log that the commits wrote
+    changes: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -312,6 +314,7 @@ def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None
     report = Report()
     skipped = 0
     with index.write() as w:
+        first = w.seq()
         protected: dict[str, set[str]] = {}  # source -> protected ids, now
         for d in doomed:
             v = d.version
@@ -348,6 +351,7 @@ def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None
                 report.unlink.append(v["sha256"])
                 report.freed[d.source] += entry["size"] if entry else 0
             report.doomed.append(d)
+        report.changes.append((first, w.seq()))
     for d in report.doomed:
         log.info("%s: collected version %s (%s)", d.source, d.version["id"], d.reason)
     if skipped:
@@ -360,6 +364,7 @@ def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None
 def merge(into: Report, part: Report) -> None:
     into.doomed += part.doomed
     into.unlink += part.unlink
+    into.changes += part.changes
     for source, n in part.freed.items():
         into.freed[source] = into.freed.get(source, 0) + n
 

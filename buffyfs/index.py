@@ -98,8 +98,9 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -213,6 +214,11 @@ def _dumps(obj: Any) -> bytes:
 class Reader:
     """Typed reads inside one transaction (read or write)."""
 
+    # state fields the mount has queued and not committed yet (writes.IndexWrites), by
+    # source: a read transaction of the mount sees them over the index's (its own
+    # writes, read back at once); None elsewhere, and in write transactions
+    queued_state: dict[str, dict[str, Any]] | None = None
+
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
         self.txn = txn
         self.dbs = dbs
@@ -267,6 +273,12 @@ class Reader:
         return self._get("versions", name.encode() + b"\0" + vid.encode())
 
     def state(self, name: str) -> dict[str, Any]:
+        queued = self.queued_state.get(name) if self.queued_state is not None else None
+        if queued is not None:
+            return {**self._stored_state(name), **queued}
+        return self._stored_state(name)
+
+    def _stored_state(self, name: str) -> dict[str, Any]:
         return self._get("state", name.encode()) or {
             "last_check": None,
             "last_success": None,
@@ -345,14 +357,22 @@ class Reader:
     def users_of_blob(self, sha256: str) -> list[tuple[str, dict[str, Any], bool]]:
         """(source, version, live) of every version using the blob, garbage included.
         A scan of every version: for rare events (damage found), not for serving."""
-        out = []
+        return self.users_of_blobs({sha256})[sha256]
+
+    def users_of_blobs(self, shas: Collection[str]
+                       ) -> dict[str, list[tuple[str, dict[str, Any], bool]]]:
+        """``users_of_blob`` of several blobs in one scan of every version."""
+        out: dict[str, list[tuple[str, dict[str, Any], bool]]] = {sha: [] for sha in shas}
+        marker = re.compile(b"|".join(re.escape(sha.encode()) for sha in out) or b"(?!)")
         with self.txn.cursor(db=self.dbs["versions"]) as cur:
             for key, raw in cur:
-                if sha256.encode() in raw:  # cheap filter before the JSON parse
+                if marker.search(raw):  # cheap filter before the JSON parse
                     v = json.loads(raw)
-                    if v["sha256"] == sha256:
-                        out.append((key.split(b"\0", 1)[0].decode(), v, True))
-        out += [(g["source"], g, False) for g in self.garbage() if g["sha256"] == sha256]
+                    if v["sha256"] in out:
+                        out[v["sha256"]].append((key.split(b"\0", 1)[0].decode(), v, True))
+        for g in self.garbage():
+            if g["sha256"] in out:
+                out[g["sha256"]].append((g["source"], g, False))
         return out
 
 
@@ -554,6 +574,52 @@ class Writer(Reader):
         self.changed(name)
         self.mirrored(name)
 
+    def mark_damaged(self, reasons: dict[str, str], at: datetime | None = None
+                     ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+        """``Index.mark_damaged_many`` inside this transaction."""
+        stamp = rfc3339(at or now_utc())
+        todo = {}
+        for sha256, reason in reasons.items():
+            entry = self.blob_ref(sha256)
+            if entry is not None and not entry.get("damaged"):
+                todo[sha256] = {"at": stamp, "reason": reason}
+                self._put("blobs", sha256.encode(), {**entry, "damaged": todo[sha256]})
+        marked: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for sha256, users in self.users_of_blobs(todo).items() if todo else ():
+            mark = todo[sha256]
+            marked[sha256] = []
+            for source, v, live in users:
+                if v.get("remote"):
+                    continue  # a replica's version whose bytes are not here: not hit
+                if live and (self.source(source) or {}).get("mirror"):
+                    self.make_remote(source, v)  # a replica fetches it from the hub again
+                    marked[sha256].append((source, v))
+                    continue
+                v["damaged"] = mark
+                if not live:
+                    self._put("garbage", _u64(v["ino"]), v)
+                    continue
+                self._put("versions", source.encode() + b"\0" + v["id"].encode(), v)
+                self.put_state(source, last_error={
+                    "at": mark["at"],
+                    "message": f"version {v['id']} is damaged in the cache "
+                               f"({mark['reason']}); it is not served and is being "
+                               "downloaded again"})
+                self.changed(source)
+                self.mirrored(source)  # replicas not holding it stop asking for it
+                marked[sha256].append((source, v))
+        return marked
+
+    def record_refresh(self, name: str, record: dict[str, Any]) -> None:
+        """``Index.record_refresh`` inside this transaction."""
+        if self.source(name) is None:
+            return
+        self.put_state(name, last_refresh=record)
+        if record.get("error") != "interrupted":  # a stop, not an answer of the origin
+            checks = self.checks(name)[-(CHECKS_KEPT - 1):]
+            self._put("checks", name.encode(), [*checks, [round(record["started"]),
+                                                          record["result"]]])
+
     # --- a replica's mirrored sources (replica.py) ------------------------------------
 
     def add_mirrored_version(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -608,6 +674,9 @@ class Index:
         names = ("meta", "sources", "versions", "state", "inodes", "changes", "requests",
                  "blobs", "garbage", "mirror", "checks")
         self.dbs = {n: self.env.open_db(n.encode()) for n in names}
+        # the mount's queued state (writes.IndexWrites): seen by its read transactions
+        self.queued_state: dict[str, dict[str, Any]] | None = None
+        self.queued_posts = 0  # changes of it so far
         with self.write() as w:
             fmt = w.txn.get(b"format", db=self.dbs["meta"])
             if fmt is None:
@@ -621,6 +690,10 @@ class Index:
     def close(self) -> None:
         self.env.close()
 
+    def last_change(self) -> int:
+        """``last_commit``, also moved by state the mount queued (``queued_state``)."""
+        return self.last_commit() + self.queued_posts
+
     def last_commit(self) -> int:
         """The id of the last committed write transaction, by any process: it differs
         whenever anything in the index changed (cheap: no transaction)."""
@@ -630,6 +703,7 @@ class Index:
     def read(self) -> Iterator[Reader]:
         with self.env.begin(write=False) as txn:
             reader = Reader(txn, self.dbs)
+            reader.queued_state = self.queued_state
             try:
                 yield reader
             finally:
@@ -741,33 +815,16 @@ class Index:
         again. None when nothing was marked: the blob is marked already, or no version
         uses it any more (collected meanwhile: a missing file is then no damage).
         """
-        mark = {"at": rfc3339(at or now_utc()), "reason": reason}
-        marked = []
         with self.write() as w:
-            entry = w.blob_ref(sha256)
-            if entry is None or entry.get("damaged"):
-                return None
-            w._put("blobs", sha256.encode(), {**entry, "damaged": mark})
-            for source, v, live in w.users_of_blob(sha256):
-                if v.get("remote"):
-                    continue  # a replica's version whose bytes are not here: not hit
-                if live and (w.source(source) or {}).get("mirror"):
-                    w.make_remote(source, v)  # a replica fetches it from the hub again
-                    marked.append((source, v))
-                    continue
-                v["damaged"] = mark
-                if not live:
-                    w._put("garbage", _u64(v["ino"]), v)
-                    continue
-                w._put("versions", source.encode() + b"\0" + v["id"].encode(), v)
-                w.put_state(source, last_error={
-                    "at": mark["at"],
-                    "message": f"version {v['id']} is damaged in the cache ({reason}); "
-                               "it is not served and is being downloaded again"})
-                w.changed(source)
-                w.mirrored(source)  # replicas not holding it stop asking for it
-                marked.append((source, v))
-        return marked
+            return w.mark_damaged({sha256: reason}, at).get(sha256)
+
+    def mark_damaged_many(self, reasons: dict[str, str], at: datetime | None = None
+                          ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+        """``mark_damaged`` of several blobs (sha256 -> reason) in one transaction and
+        one scan of the versions (a scrub pass); only the blobs marked now are in the
+        answer."""
+        with self.write() as w:
+            return w.mark_damaged(reasons, at)
 
     def clear_damage(self, sha256: str) -> list[str]:
         """Fresh bytes replaced the blob file: drop the marks (blob and versions).
@@ -833,13 +890,7 @@ class Index:
         """Leave how a refresh ended as the state's ``last_refresh`` and append it to
         the source's bounded ``checks`` history, in one transaction."""
         with self.write() as w:
-            if w.source(name) is None:
-                return
-            w.put_state(name, last_refresh=record)
-            if record.get("error") != "interrupted":  # a stop, not an answer of the origin
-                checks = w.checks(name)[-(CHECKS_KEPT - 1):]
-                w._put("checks", name.encode(), [*checks, [round(record["started"]),
-                                                            record["result"]]])
+            w.record_refresh(name, record)
 
     def request_refresh(self, name: str) -> None:
         with self.write() as w:
@@ -853,8 +904,10 @@ class Index:
                 w.txn.delete(n.encode(), db=self.dbs["requests"])
         return names
 
-    def changes_since(self, seq: int) -> tuple[int, set[str] | None]:
-        """The current seq and the names changed after ``seq``; None if too old to tell."""
+    def changes_since(self, seq: int, skip: Callable[[int], bool] | None = None
+                      ) -> tuple[int, set[str] | None]:
+        """The current seq and the names changed after ``seq``; None if too old to tell.
+        Entries whose seq ``skip`` accepts are left out."""
         with self.read() as r:
             now = r.seq()
             if now == seq:
@@ -864,8 +917,9 @@ class Index:
             names = set()
             with r.txn.cursor(db=self.dbs["changes"]) as cur:
                 if cur.set_range(_u64(seq + 1)):
-                    for _k, v in cur:
-                        names.add(v.decode())
+                    for k, v in cur:
+                        if skip is None or not skip(_from_u64(k)):
+                            names.add(v.decode())
             return now, names
 
     def mirror_changes_since(self, serial: int) -> tuple[int, set[str] | None]:

@@ -6,6 +6,7 @@ is told to a kernel."""
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from buffyfs.scheduler import Scheduler
 from buffyfs.scrub import Scrubber
 from buffyfs.unpacker import Unpacker
 from buffyfs.upstream import Upstream
+from buffyfs.writes import IndexWrites
 
 log = logging.getLogger(__name__)
 
@@ -148,27 +150,28 @@ class Collector:
         self.nursery = nursery
         self.wake = trio.Event()
         self.lock = trio.Lock()  # one collection at a time
+        self.unlinking = trio.CapacityLimiter(1)  # one batch of blob unlinks at a time
+        # entries (after, upto] of the index's changes log our commits wrote: their
+        # sources are brought up to date here (versions_removed), not again by the
+        # change watcher (a collection touches thousands)
+        self.own_changes: list[tuple[int, int]] = []
         self.asked = False  # a `buffyfs gc` request may be waiting
         self.answering = False
 
     def kick(self, name: str = "") -> None:
         self.wake.set()
 
-    def make_room(self, need: int) -> None:
-        """Evict so that ``need`` more bytes fit under the quota (CacheFull if not).
-
-        Called by the refresher on the loop, as a download grows: when the bytes fit
-        already (one index read) it returns at once; only a quota that must evict
-        plans and commits here, on the loop (the refresher's call is not async)."""
+    async def make_room(self, need: int) -> None:
+        """Evict so that ``need`` more bytes fit under the quota (CacheFull if not), for
+        downloads, unpacks and a replica's blobs. When they do not fit, the eviction is
+        a collection like any other (plan in a worker thread, batches committed in
+        worker threads): the loop never plans."""
         if self.max_size is None:
             return
-        with self.cache.index.read() as r:
-            used = r.blob_bytes()
-        if used + need <= self.max_size:
-            return
-        report = gc.collect(self.cache.index, self.cache.blobs, set(self.fs.open_inos),
-                            need, self.max_size)
-        self._collected(report)
+        with self.cache.index.read() as r:  # one read: the common case, no await
+            if r.blob_bytes() + need <= self.max_size:
+                return
+        await self.collect(need)
 
     async def collect(self, need: int = 0, dry_run: bool = False) -> gc.Report:
         async with self.lock:
@@ -194,23 +197,34 @@ class Collector:
                                                  open_now)
         finally:
             self.fs.end_collecting(done)
+        self.own_changes += part.changes
         await self._collected_async(part)
         return part
 
-    def _collected(self, report: gc.Report) -> None:
-        """After a commit: unlink the blob files (a worker thread) and drop the kernel's
-        entries of the collected versions."""
-        for _ in self._forget(report):
-            pass
+    def own_change(self) -> Callable[[int], bool]:
+        """Whether an entry of the changes log is one of our commits' (for
+        ``Index.changes_since``); ranges up to the watcher's last look are dropped."""
+        ranges = sorted(self.own_changes)
+        starts = [after for after, _ in ranges]
+
+        def ours(seq: int) -> bool:
+            i = bisect.bisect_left(starts, seq) - 1
+            return i >= 0 and ranges[i][0] < seq <= ranges[i][1]
+
+        return ours
+
+    def seen_changes(self, upto: int) -> None:
+        """The change watcher looked at the log up to ``upto``."""
+        self.own_changes = [r for r in self.own_changes if r[1] > upto]
 
     async def _collected_async(self, report: gc.Report) -> None:
-        """``_collected``, a chunk of sources per loop turn."""
+        """After a commit: unlink the blob files (a worker thread) and drop the kernel's
+        entries of the collected versions, a chunk of sources per loop turn."""
         for _ in self._forget(report):
             await trio.lowlevel.checkpoint()
 
     def _forget(self, report: gc.Report) -> Iterator[None]:
-        start_task(self.nursery, "blob unlinking", trio.to_thread.run_sync, gc.unlink_blobs,
-                   self.cache.index, self.cache.blobs, report.unlink,
+        start_task(self.nursery, "blob unlinking", self._unlink, report.unlink,
                    restart=False)  # what is left is swept as orphans at the next start
         removed: dict[str, list[str]] = {}
         for d in report.doomed:
@@ -219,6 +233,13 @@ class Collector:
             if i and i % SYNC_CHUNK == 0:
                 yield
             self.fs.versions_removed(source, vids)
+
+    async def _unlink(self, shas: list[str]) -> None:
+        """Unlink a batch's blob files in a worker thread, one batch at a time: a
+        collection of 100,000 versions queues hundreds of batches, which must not take
+        every worker thread (control writes, @status and index writes need them)."""
+        await trio.to_thread.run_sync(gc.unlink_blobs, self.cache.index, self.cache.blobs,
+                                      shas, limiter=self.unlinking)
 
     async def run(self) -> None:
         # Orphans a crash left are swept at start, retried while a commit is under way.
@@ -308,15 +329,17 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
         refresher = Refresher(cache.index, cache.blobs, client, settings.max_downloads,
                               settings.max_downloads_per_host)
         refresher.max_connections_per_host = settings.max_connections_per_host
+        refresher.writes = IndexWrites(cache.index)  # downloads' index writes, off the loop
         mounted = settings.mountpoint is not None
         fs = (BuffyFS if mounted else Unmounted)(cache, None,
                                                  progress=lambda: dict(refresher.progress))
         refresher.metrics = fs.metrics
         collector = Collector(cache, fs, settings.max_cache_size, nursery)
-        refresher.make_room = collector.make_room
+        refresher.make_room = collector.make_room  # async: its collections off the loop
         refresher.on_version = collector.kick
         fs.on_retention = collector.kick
-        scheduler = Scheduler(cache.index, refresher, nursery, on_changed=fs.source_changed)
+        scheduler = Scheduler(cache.index, refresher, nursery, on_changed=fs.source_changed,
+                              writes=refresher.writes)
         fs.scheduler = scheduler
         # fsname names the cache (a bare "buffyfs" would be read as a path by mount(8))
         options = set(pyfuse3.default_options) | {f"fsname=buffyfs:{cache.root}",
@@ -335,12 +358,13 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
                            restart=False)  # one try: what failed once fails again
             start_task(nursery, "signal watcher", _watch_signals, cache, settings, collector,
                        fs, stopped)
+            start_task(nursery, "index writes", refresher.writes.run)
             start_task(nursery, "change watcher", _watch_changes, cache, scheduler, fs,
                        collector)
             start_task(nursery, "collector", collector.run)
             start_task(nursery, "scrub", Scrubber(cache.index, cache.blobs,
                                                   settings.scrub_interval, settings.scrub_rate,
-                                                  fs.report_damage, fs.metrics).run)
+                                                  fs.report_damage_many, fs.metrics).run)
             start_task(nursery, "unpacker", _start_unpacker(cache, fs, collector,
                                                              settings.unpack_max_size).run)
             scheduler.start_all()
@@ -556,7 +580,8 @@ async def _apply_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,
                          collector: Collector, seq: int) -> int:
     """One round of the change watcher; returns the new change counter. Many changed
     sources (a collection touches thousands) are synced a chunk per loop turn."""
-    seq, names = cache.index.changes_since(seq)
+    seq, names = cache.index.changes_since(seq, skip=collector.own_change())
+    collector.seen_changes(seq)
     if names is None:  # too far behind to tell: look at everything
         with cache.index.read() as r:
             names = set(r.source_names()) | scheduler.known | {""}

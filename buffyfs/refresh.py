@@ -27,18 +27,20 @@ or failed for good when the refresh ends without one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import trio
@@ -47,11 +49,13 @@ from buffyfs import crash, downloader, parallel, ranges, segments, validate
 from buffyfs.blobs import BlobStore, SourceLock
 from buffyfs.errors import FetchError, NotFound
 from buffyfs.gc import CacheFull, CommitLock
-from buffyfs.index import Index, now_utc, rfc3339
+from buffyfs.index import Index, Writer, now_utc, rfc3339
 from buffyfs.metrics import Metrics
 from buffyfs.options import DEFAULT_OPTIONS, human_size, parse_duration, parse_size, redact_url
+from buffyfs.writes import IndexWrites
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROGRESS_EVERY = 1.0  # seconds between progress writes to the index
 LOCK_POLL = 0.2
@@ -141,7 +145,7 @@ class Refresher:
         max_downloads: int = 4,
         max_downloads_per_host: int = 2,
         on_state: Callable[[str, str], None] | None = None,
-        make_room: Callable[[int], None] | None = None,
+        make_room: Callable[[int], Awaitable[None] | None] | None = None,
         on_version: Callable[[str], None] | None = None,
     ) -> None:
         self.index = index
@@ -151,7 +155,10 @@ class Refresher:
         self.per_host = max_downloads_per_host
         self.host_limits: dict[str, trio.CapacityLimiter] = {}
         self.on_state = on_state
-        self.make_room = make_room  # evicts so that N more bytes fit, or raises CacheFull
+        # evicts so that N more bytes fit, or raises CacheFull: the mount's is async (its
+        # collection runs off the loop), the command line's blocks
+        self.make_room = make_room
+        self.room = trio.Lock()  # one reservation at a time (it may wait for a collection)
         self.on_version = on_version  # told after each new version
         self.progress: dict[str, tuple[int, int | None]] = {}
         self.metrics: Metrics | None = None
@@ -162,6 +169,8 @@ class Refresher:
         self.live_changed = segments.Broadcast()  # a refresh started, ended, or its body
         self.max_connections_per_host = 8  # TCP connections to one host, all downloads
         self.host_connections: dict[str, trio.CapacityLimiter] = {}
+        # the mount's queue of index writes (writes.py); None: write on the spot (CLI)
+        self.writes: IndexWrites | None = None
 
     def wake(self, name: str) -> None:
         """Cut short the backoff of ``name``, if it is waiting to retry."""
@@ -169,9 +178,30 @@ class Refresher:
             self.wakes[name].set()
 
     def _set_state(self, name: str, state: str, **fields: Any) -> None:
-        self.index.set_state(name, state=state, **fields)
+        self._post_state(name, state=state, **fields)
         if self.on_state:
             self.on_state(name, state)
+
+    def _post_state(self, name: str, **fields: Any) -> None:
+        """``Index.set_state``, off the loop in the mount (queued, in order)."""
+        if self.writes is None:
+            self.index.set_state(name, **fields)
+        else:
+            self.writes.set_state(name, **fields)
+
+    def _post(self, op: Callable[[Writer], None]) -> None:
+        """Run ``op`` in an index write, off the loop in the mount (queued, in order)."""
+        if self.writes is None:
+            with self.index.write() as w:
+                op(w)
+        else:
+            self.writes.post(op)
+
+    async def _write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A whole index write, in a worker thread in the mount (after what is queued)."""
+        if self.writes is None:
+            return fn(*args, **kwargs)
+        return await self.writes.call(fn, *args, **kwargs)
 
     def _host_limit(self, url: str) -> trio.CapacityLimiter:
         host = httpx.URL(url).host
@@ -197,6 +227,8 @@ class Refresher:
 
         The outcome is also left in the state as ``last_refresh`` (``Outcome.record``),
         stamped with the wall-clock time the refresh started."""
+        if self.writes is not None:
+            await self.writes.flush()  # what the last refresh recorded (its resume point)
         lock = SourceLock(self.blobs.lock_path(name))
         while not lock.try_acquire():  # noqa: ASYNC110 (held by another process)
             await trio.sleep(LOCK_POLL)
@@ -218,7 +250,8 @@ class Refresher:
             outcome = Outcome(error=str(e))
             raise
         finally:
-            self.index.record_refresh(name, outcome.record(started))
+            record = outcome.record(started)
+            self._post(lambda w: w.record_refresh(name, record))
             try:
                 self._after_refresh(name)
             finally:  # whatever the clean-up met, the source is not left locked
@@ -261,14 +294,14 @@ class Refresher:
         """Clear what only a running refresh shows (no await: runs even when cancelled)."""
         self.progress.pop(name, None)
         self.reserved.pop(name, None)  # committed bytes count as blobs from now on
-        with self.index.read() as r:
+        with self.index.read() as r:  # the mount's reads see what it queued
             exists = r.source(name) is not None
             state = r.state(name) if exists else {}
         done = {k: None for k in ("attempt", "queued") if state.get(k) is not None}
         if exists and state.get("state") != "idle":  # interrupted (cancelled, killed
             done.update(state="idle", progress=None)  # by a signal...): not fetching
         if done:
-            self.index.set_state(name, **done)
+            self._post_state(name, **done)
         if not exists:  # removed meanwhile (the mount cancelled us): drop its partial
             self.blobs.partial_path(name).unlink(missing_ok=True)
 
@@ -288,7 +321,7 @@ class Refresher:
             force = force or bool(r.state(name).get("force"))
         newest = versions[0] if versions else None
         if force:  # validators that lie: ask without them, and resume nothing
-            self.index.set_state(name, force=None)
+            self._post_state(name, force=None)
             newest = None
         if newest and newest.get("url") != redact_url(source["url"]):
             newest = None  # validators of another URL say nothing about this one
@@ -304,7 +337,7 @@ class Refresher:
             """Whole segments, on disk, into the map (a restart keeps every one)."""
             if saved_point[0] is not None:
                 saved_point[0] = {**saved_point[0], "segments": segments.segment_ranges(done)}
-                self.index.set_state(name, partial=saved_point[0])
+                self._post_state(name, partial=saved_point[0])
 
         # whole segments the saved map vouches for (fdatasync'd before they were mapped)
         plan = parallel.Plan(
@@ -337,12 +370,13 @@ class Refresher:
                 on_progress(done, total)
             if trio.current_time() - last_write[0] >= PROGRESS_EVERY:
                 last_write[0] = trio.current_time()
-                self.index.set_state(name, progress={"bytes": done, "total": total})
+                self._post_state(name, progress={"bytes": done, "total": total})
 
         plan.on_progress = progress
 
-        def body_starts(start: int, total: int | None, point: downloader.Resume | None,
-                        content_type: str | None = None) -> None:
+        async def body_starts(start: int, total: int | None,
+                              point: downloader.Resume | None,
+                              content_type: str | None = None) -> None:
             if start < reached[0]:  # the bar goes back: say why
                 why = "the origin answered the resume with the whole body (it changed, " \
                     "or ignores ranges)" if asked[0] is not None else "the last attempt " \
@@ -354,9 +388,9 @@ class Refresher:
             self.progress[name] = (start, total)  # bytes counted from here on
             # The whole file counts against the quota, the bytes kept from before too.
             if total is not None:
-                self._reserve(name, total)
+                await self._reserve(name, total)
             else:
-                self._grow(name, start)
+                await self._grow(name, start)
             held = prefix_hash.length  # what the file held after the last attempt
             live.body_starts(start, total, (held, prefix_hash.hasher.hexdigest())
                              if held > start and prefix_hash.hasher is not None else None)
@@ -376,7 +410,7 @@ class Refresher:
                 "segment_size": segments.SEGMENT_SIZE, "total": total,
                 "segments": segments.segment_ranges(plan.done)}
             saved_point[0] = saved
-            self.index.set_state(name, partial=saved)
+            self._post_state(name, partial=saved)
 
         async def written(fd: int, end: int) -> None:
             """Bytes [0, end) are in the file: readers may have them; each segment
@@ -413,12 +447,12 @@ class Refresher:
             try:
                 async with self._slot(name, req.url, say):
                     offset = resume.offset if resume is not None else 0
-                    self.index.set_state(name, progress={"bytes": offset, "total": None})
+                    self._post_state(name, progress={"bytes": offset, "total": None})
                     if resume is not None:
                         say(logging.INFO, f"{label}: resuming at byte {resume.offset}")
                     result = await downloader.download(
                         self.client_for(options), req, partial, progress, resume, body_starts,
-                        lambda size: self._grow(name, size), written, prefix_hash, ranged,
+                        functools.partial(self._grow, name), written, prefix_hash, ranged,
                     )
             except downloader.AttemptError as e:
                 self.reserved.pop(name, None)  # no quota held while waiting to retry
@@ -429,10 +463,10 @@ class Refresher:
                     resume = e.resume
                     if saved_point[0] is not None:  # on disk: a restart resumes there too
                         saved_point[0] = {**saved_point[0], "prefix": e.resume.offset}
-                        self.index.set_state(name, partial=saved_point[0])
+                        self._post_state(name, partial=saved_point[0])
                 elif e.restart:  # worthless now: the next attempt starts over
                     resume = None
-                    self.index.set_state(name, partial=None)
+                    self._post_state(name, partial=None)
                     partial.unlink(missing_ok=True)
                 # else: the partial is as it was, and so is where to continue it
                 if not e.retryable or attempt == max_attempts:
@@ -452,14 +486,15 @@ class Refresher:
                     await wake.wait()  # or until asked to try now (`refresh`)
                 del self.wakes[name]
                 continue
-            self.index.set_state(name, partial=None)
+            # durable before the blob is renamed: a crash then must not resume it
+            await self._write(self.index.set_state, name, partial=None)
             return await self._commit(name, source, result, started)
         if resume is None:
             partial.unlink(missing_ok=True)
         else:
             say(logging.INFO, f"keeping the {resume.offset} bytes in hand: the next refresh "
                 "resumes there")
-        failures = self.index.record_failure(name, now_utc(), error)
+        failures = await self._write(self.index.record_failure, name, now_utc(), error)
         self._set_state(name, "idle", queued=None)
         self._count("failed")
         log.error("%s: refresh gave up (%d in a row): %s", name, failures, error)
@@ -483,11 +518,11 @@ class Refresher:
                 except trio.WouldBlock:
                     why = f"waiting for a download slot: {limit.borrowed_tokens} of " \
                         f"{what} ({limit.total_tokens:g}) in use"
-                    self.index.set_state(name, queued=why)
+                    self._post_state(name, queued=why)
                     say(logging.INFO, f"queued, {why}")
                     await limit.acquire()
                 held.append(limit)
-            self.index.set_state(name, queued=None)
+            self._post_state(name, queued=None)
             yield
         finally:
             for limit in reversed(held):
@@ -497,26 +532,34 @@ class Refresher:
         if self.metrics:
             self.metrics.downloads.labels(result=result).inc()
 
-    def _reserve(self, name: str, need: int) -> None:
+    async def _reserve(self, name: str, need: int) -> None:
         """Make room under the quota for a partial file of ``need`` bytes for ``name``
         besides what the other downloads under way hold and the other partial files
         take, and hold it; or fail the attempt (not retryable, the partial dropped)."""
         if self.make_room is None:
             return
-        running = sum(n for source, n in self.reserved.items() if source != name)
-        kept = self._other_partials(name)
-        try:
-            self.make_room(need + running + kept)
-        except CacheFull as e:
-            held = [f"{human_size(running)} of it held by other downloads under way"] \
-                if running else []
-            held += [f"{human_size(kept)} by partial files kept to be resumed"] if kept else []
-            raise downloader.AttemptError(
-                f"{e} ({', '.join(held)})" if held else str(e), retryable=False, restart=True
-            ) from None
-        self.reserved[name] = need
+        async with self.room:  # what the others hold does not change under the check
+            running = sum(n for source, n in self.reserved.items() if source != name)
+            kept = self._other_partials(name)
+            try:
+                fits = self.make_room(need + running + kept)
+                if inspect.isawaitable(fits):
+                    await fits
+            except CacheFull as e:
+                self._refuse(e, running, kept)
+            self.reserved[name] = need
 
-    def _grow(self, name: str, size: int) -> int:
+    @staticmethod
+    def _refuse(e: CacheFull, running: int, kept: int) -> None:
+        """A reservation that does not fit fails the attempt, saying what holds room."""
+        held = [f"{human_size(running)} of it held by other downloads under way"] \
+            if running else []
+        held += [f"{human_size(kept)} by partial files kept to be resumed"] if kept else []
+        raise downloader.AttemptError(
+            f"{e} ({', '.join(held)})" if held else str(e), retryable=False, restart=True
+        ) from None
+
+    async def _grow(self, name: str, size: int) -> int:
         """Let the partial file of ``name`` grow to ``size`` bytes; returns the size
         granted. Room is asked for ahead (an eighth more, at least GROW_STEP), less
         when that does not fit, so that a long body asks the collector rarely."""
@@ -528,7 +571,7 @@ class Refresher:
         ahead = max(GROW_STEP, size // 8)
         while True:
             try:
-                self._reserve(name, size + ahead)
+                await self._reserve(name, size + ahead)
                 return size + ahead
             except downloader.AttemptError:
                 if ahead == 0:
@@ -599,9 +642,9 @@ class Refresher:
         started: Any,
     ) -> Outcome:
         if isinstance(result, downloader.NotModified):
-            self.index.record_check(
-                name, started, last_success=rfc3339(started), consecutive_failures=0,
-                last_error=None, progress=None,
+            await self._write(
+                self.index.record_check, name, started, last_success=rfc3339(started),
+                consecutive_failures=0, last_error=None, progress=None,
             )
             self._set_state(name, "idle")
             self._count("not_modified")
@@ -611,17 +654,18 @@ class Refresher:
         damaged = self.index.blob_damaged(result.sha256)  # fresh bytes must replace it
         if self.index.newest_sha256(name) == result.sha256 and not damaged:
             partial.unlink(missing_ok=True)  # same bytes as the newest version: a check only
-            self.index.commit_version(name, {"sha256": result.sha256}, started)
+            await self._write(self.index.commit_version, name, {"sha256": result.sha256},
+                              started)
             self._set_state(name, "idle")
             self._count("unchanged")
             log.info("%s: checked, content unchanged", name)
             return Outcome(checked=True, result="unchanged")
         if not self.blobs.exists(result.sha256) and self.reserved.get(name, 0) < result.size:
             try:
-                self._reserve(name, result.size)
+                await self._reserve(name, result.size)
             except downloader.AttemptError as e:
                 partial.unlink(missing_ok=True)
-                self.index.record_failure(name, now_utc(), str(e))
+                await self._write(self.index.record_failure, name, now_utc(), str(e))
                 self._set_state(name, "idle")
                 log.error("%s: %s", name, e)
                 return Outcome(error=str(e))
@@ -646,11 +690,11 @@ class Refresher:
             blob = await trio.to_thread.run_sync(self.blobs.commit_partial, partial,
                                                  result.sha256, damaged or unreferenced)
             if damaged:  # the fresh bytes replaced the damaged file
-                self.index.clear_damage(result.sha256)
+                await self._write(self.index.clear_damage, result.sha256)
         except OSError as e:
             partial.unlink(missing_ok=True)
             message = f"cannot store the download: {e.strerror}"
-            self.index.record_failure(name, now_utc(), message)
+            await self._write(self.index.record_failure, name, now_utc(), message)
             self._set_state(name, "idle")
             raise FetchError(message) from None
         crash.point("after-blob-rename")
@@ -668,12 +712,12 @@ class Refresher:
             if why:
                 record["validation"] = why
                 log.warning("%s: new version fails validation: %s", name, why)
-        version = self.index.commit_version(name, record, started)
+        version = await self._write(self.index.commit_version, name, record, started)
         crash.point("after-version-commit")
         if version and self.on_version:
             self.on_version(name)
         if version and record.get("validation"):
-            self.index.set_state(name, last_error={
+            await self._write(self.index.set_state, name, last_error={
                 "at": rfc3339(started),
                 "message": f"version {version['id']} failed validation: {record['validation']}",
             })

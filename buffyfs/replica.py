@@ -24,7 +24,7 @@ import fnmatch
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +60,7 @@ class ReplicaSettings:
 class Replica:
     def __init__(self, cache: Cache, settings: ReplicaSettings, upstream: Upstream,
                  on_changed: Callable[[str], None] = lambda name: None,
-                 make_room: Callable[[int], None] | None = None,
+                 make_room: Callable[[int], Awaitable[None]] | None = None,
                  downloads: int = 4) -> None:
         self.cache = cache
         self.index = cache.index
@@ -345,7 +345,7 @@ class Replica:
                 partial = self.partials / f"{sha}.part"
                 async with self.downloads:
                     if self.make_room is not None:
-                        self.make_room(size)
+                        await self.make_room(size)
                     await self.upstream.fetch_blob(sha, size, partial, live=live)
             # From blob to index commit, hold the commit lock shared (as a refresh does):
             # no collection, orphan sweep or check --repair takes the blob meanwhile.

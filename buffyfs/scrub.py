@@ -8,7 +8,10 @@ its versions damaged and has their sources download again: fs.BuffyFS.report_dam
 
 Reads are paced to at most ``rate`` bytes per second over the pass, one chunk at a
 time in a worker thread, so the scrub neither blocks the event loop nor starves
-readers of the disk. Blobs already marked damaged are skipped (they wait for fresh
+readers of the disk. What it finds is reported in batches (``DAMAGE_BATCH``, and at the
+end of the pass): a cache whose blobs were all deleted is one index transaction per
+batch, in a worker thread, not one per blob on the loop; so are the pass's list of
+blobs and its record. Blobs already marked damaged are skipped (they wait for fresh
 bytes, not for another look).
 """
 
@@ -19,7 +22,7 @@ import errno
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import IO
@@ -33,6 +36,7 @@ from buffyfs.metrics import Metrics
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes read and hashed per worker-thread call
+DAMAGE_BATCH = 256  # damaged blobs reported at once
 
 
 @dataclass
@@ -46,13 +50,13 @@ class Pass:
 
 class Scrubber:
     def __init__(self, index: Index, blobs: BlobStore, interval: float | None, rate: int,
-                 on_damage: Callable[[str, str, str], None],
+                 on_damage: Callable[[dict[str, str], str], Awaitable[None]],
                  metrics: Metrics | None = None) -> None:
         self.index = index
         self.blobs = blobs
         self.interval = interval  # seconds between passes; None: no scrub
         self.rate = rate  # bytes per second, at most
-        self.on_damage = on_damage  # (sha256, reason, check)
+        self.on_damage = on_damage  # ({sha256: reason}, check)
         self.metrics = metrics
 
     async def run(self) -> None:
@@ -78,11 +82,10 @@ class Scrubber:
     async def scrub(self) -> Pass:
         """One pass over every blob in use."""
         started = now_utc()
-        with self.index.read() as r:
-            blobs = sorted((sha, entry["size"]) for sha, entry in r.blob_refs().items()
-                           if not entry.get("damaged"))
+        blobs = await trio.to_thread.run_sync(self._blobs)
         seen = Pass()
         pace = _Pace(self.rate)
+        found: dict[str, str] = {}  # sha256 -> why, not reported yet
         for sha, size in blobs:
             reason = await self._check(sha, size, pace)
             seen.blobs += 1
@@ -93,18 +96,32 @@ class Scrubber:
             if entry is None:
                 continue  # collected while we looked: no damage
             seen.damaged += 1
-            self.on_damage(sha, reason, "scrub")
+            found[sha] = reason
+            if len(found) >= DAMAGE_BATCH:
+                await self.on_damage(found, "scrub")
+                found = {}
+        if found:
+            await self.on_damage(found, "scrub")
         seen.bytes = pace.done
         finished = now_utc()
-        with self.index.write() as w:
-            w.put_meta_json("scrub", {"started": rfc3339(started), "finished": rfc3339(finished),
-                                      "blobs": seen.blobs, "bytes": seen.bytes,
-                                      "damaged": seen.damaged})
+        record = {"started": rfc3339(started), "finished": rfc3339(finished),
+                  "blobs": seen.blobs, "bytes": seen.bytes, "damaged": seen.damaged}
+        await trio.to_thread.run_sync(self._record, record)
         if seen.blobs:
             log.log(logging.WARNING if seen.damaged else logging.INFO,
                     "scrub: %d blobs, %d bytes checked in %ds, %d damaged", seen.blobs,
                     seen.bytes, (finished - started).total_seconds(), seen.damaged)
         return seen
+
+    def _blobs(self) -> list[tuple[str, int]]:
+        """(sha256, size) of every blob in use and not known damaged, in order."""
+        with self.index.read() as r:
+            return sorted((sha, entry["size"]) for sha, entry in r.blob_refs().items()
+                          if not entry.get("damaged"))
+
+    def _record(self, record: dict[str, object]) -> None:
+        with self.index.write() as w:
+            w.put_meta_json("scrub", record)
 
     async def _check(self, sha: str, size: int, pace: _Pace) -> str | None:
         """Why the blob is damaged, or None if its bytes hash to its name."""

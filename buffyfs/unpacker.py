@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -51,7 +51,7 @@ CHILD_MEMORY = 2 << 30  # address space of a child (a decoder asking more fails 
 
 class Unpacker:
     def __init__(self, cache: Cache, max_size: int,
-                 make_room: Callable[[int], None] | None = None) -> None:
+                 make_room: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.cache = cache
         self.index = cache.index
         self.derived = DerivedStore(cache.root)
@@ -290,24 +290,24 @@ class Unpacker:
                     size, last_growth = now_size, now
                 elif now - last_growth > STALL_TIMEOUT:
                     fail(f"the unpacker wrote nothing for {STALL_TIMEOUT:g}s")
-                if not self._fits(now_size, fail):
+                if not await self._fits(now_size, fail):
                     break
                 if now - last_record >= PROGRESS_EVERY:
                     last_record = now
                     await trio.to_thread.run_sync(  # an index commit: not on the loop
                         self._record, sha, {"state": "running", "kind": cmd[4], "bytes": size})
         if "error" not in result:  # the whole of it, members list included
-            self._fits(self.derived.partial_size(sha), fail)
+            await self._fits(self.derived.partial_size(sha), fail)
         return result
 
-    def _fits(self, size: int, fail: Callable[[str], None]) -> bool:
+    async def _fits(self, size: int, fail: Callable[[str], None]) -> bool:
         """Whether ``size`` bytes of a partial unpack fit under the quota (not yet in
         ``blob_bytes``), evicting what may go; else ``fail``. An index read when they
         fit: asked at every poll."""
         if size == 0 or self.make_room is None:
             return True
         try:
-            self.make_room(size)
+            await self.make_room(size)
         except BuffyError as e:
             fail(f"the unpacked data does not fit: {e}")
             return False

@@ -31,3 +31,20 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert {r["figure"] for r in rows} == set(FIGURES)
     assert not [r for r in rows if r["result"] == "ERROR"]
     assert not list((tmp_path / "work").iterdir()), "the suite left work files behind"
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(shutil.which("fusermount3") is None, reason="needs fuse3 (fusermount3)")
+def test_stall_smoke_prints_every_row(tmp_path: Path) -> None:
+    """bench.stall at its smoke size prints every row of issue 12's table, each with
+    its target and a verdict (figures themselves are noise here)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.stall", "--smoke", "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    lines = done.stdout.splitlines()
+    for row in ("(a) buffyfs gc", "(b) 50 sources refresh", "(c) cat @status",
+                "(d) writer held", "(e) cat of 50", "(f) daemon RSS"):
+        line = next((x for x in lines if x.startswith(row)), None)
+        assert line is not None and ("PASS" in line or "MISS" in line), done.stdout
+    assert not list(tmp_path.iterdir()), "bench.stall left work files behind"

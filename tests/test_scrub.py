@@ -243,8 +243,11 @@ def test_scrubber_reports_damage_and_keeps_to_its_rate(tmp_path):
     os.truncate(blobs.path(sha(contents["short"])), 10)
     blobs.path(sha(contents["gone"])).unlink()
     found: dict[str, str] = {}
-    scrubber = Scrubber(index, blobs, 1.0, 1 << 20,
-                        lambda digest, reason, check: found.setdefault(digest, reason))
+
+    async def report(reasons: dict[str, str], check: str) -> None:
+        found.update(reasons)
+
+    scrubber = Scrubber(index, blobs, 1.0, 1 << 20, report)
 
     async def main() -> tuple[object, float]:
         start = trio.current_time()
@@ -268,6 +271,6 @@ def test_scrubber_reports_damage_and_keeps_to_its_rate(tmp_path):
 
 def test_no_scrub_when_never(tmp_path):
     index = Index(tmp_path / "index")
-    scrubber = Scrubber(index, BlobStore(tmp_path), None, 1, lambda *a: None)
+    scrubber = Scrubber(index, BlobStore(tmp_path), None, 1, None)  # type: ignore[arg-type]
     trio.run(scrubber.run)  # returns at once
     index.close()

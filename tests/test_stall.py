@@ -24,7 +24,7 @@ from buffyfs import gc
 from buffyfs.cache import Cache
 from buffyfs.index import Index
 from tests.conftest import Mount, wait_for
-from tests.test_mount import write_control
+from tests.test_mount import status, write_control
 
 SOURCES = 4000  # x 5 versions: a collection on the loop held it ~2-4 s here
 STALL_BOUND = 1.0  # seconds: far above a loaded machine's noise, far below the old stalls
@@ -193,3 +193,110 @@ def test_commit_skips_what_was_protected_or_opened_since_the_plan(tmp_path: Path
                        for d in first.doomed + second.doomed + again.doomed)
     finally:
         index.close()
+
+
+def _hold_index_writer(cache_dir: Path, seconds: float, held: threading.Event) -> None:
+    """Hold the index's write lock for ``seconds``, as a long CLI write does."""
+    idx = Index(cache_dir / "index")
+    try:
+        with idx.write():
+            held.set()
+            time.sleep(seconds)
+    finally:
+        idx.close()
+
+
+def test_requests_answer_while_a_download_waits_for_the_index_writer(
+        origin, cli, cache_dir: Path, mount_factory: Callable[..., Mount]) -> None:
+    """A download's progress and state writes wait in a worker thread for the index's
+    writer lock (held here by another process, say `buffyfs gc`), not on the loop."""
+    origin.set("/a", b"a" * 1000)
+    origin.set("/b", b"b" * 1000, etag=True)
+    for name in ("a", "b"):
+        cli("add", name, origin.url(f"/{name}"), "--refresh", "never", check=True)
+        cli("fetch", name, check=True)
+    m = mount_factory("--scrub-interval", "never")
+    assert status(m / "a" / "@status")["name"] == "a"
+    slow = origin.set("/b", b"c" * (8 << 20), etag=True)
+    slow.chunk_delay = 0.25  # 20 pieces of 400 KiB: 5 s, a progress write each second
+    write_control(m / "b" / "@control", "refresh")
+    wait_for(lambda: status(m / "b" / "@status")["state"] == "fetching", 10,
+             what="the download of b")
+    held = threading.Event()
+    holder = threading.Thread(target=_hold_index_writer, args=(cache_dir, 2.5, held))
+    holder.start()
+    try:
+        assert held.wait(10)
+        worst = 0.0
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            t = time.perf_counter()
+            status(m / "a" / "@status")
+            worst = max(worst, time.perf_counter() - t)
+            time.sleep(0.02)
+    finally:
+        holder.join(timeout=30)
+    assert worst < 0.5, f"a read of a/@status waited {worst:.2f} s for the index writer"
+    wait_for(lambda: status(m / "b" / "@status")["state"] == "idle", 30,
+             what="the end of the download of b")
+    assert len(status(m / "b" / "@status")["versions"]) == 2
+
+
+# --- issue 12, the rest of the loop (make_room, the scheduler) ---------------------------
+
+
+def test_stat_answers_while_a_download_makes_room_under_the_quota(
+        origin, cli, cache_dir: Path, mount_factory: Callable[..., Mount]) -> None:
+    """A download that must evict under ``max_cache_size`` plans and commits that
+    eviction off the loop: it is a collection like any other (make_room)."""
+    build(cache_dir)  # 4,000 x 5 versions of 100 bytes: 2,000,000 bytes of blobs
+    m = mount_factory("--scrub-interval", "never", "--max-cache-size", "2000K")
+    os.stat(m / "src0" / "latest")
+    origin.set("/big", b"x" * (200 << 10))  # fits only once the old versions go
+    with Prober(m.path, SOURCES) as prober:
+        time.sleep(0.2)
+        cli("add", "big", origin.url("/big"), "--refresh", "never", check=True)
+        wait_for(lambda: status(m / "big" / "@status")["latest"], 120,
+                 what="the download of big")
+        time.sleep(0.2)
+    worst = max(prober.times)
+    assert worst < STALL_BOUND, f"a stat waited {worst:.2f} s while a download made room"
+    assert len(os.listdir(m / "src1" / "@versions")) == 3  # keep_versions=1: 2 in 5 went
+    assert (m / "big" / "latest").read_bytes() == b"x" * (200 << 10)
+
+
+def test_stat_answers_while_the_scheduler_plans_with_the_index_writer_held(
+        origin, cli, cache_dir: Path, mount_factory: Callable[..., Mount]) -> None:
+    """An open of an ``on-open`` source plans its check (a ``next_check`` write) while
+    another process holds the index's writer: the write waits in a worker thread, and
+    requests keep being answered."""
+    origin.set("/a", b"a" * 1000)
+    origin.set("/o", b"o" * 1000)
+    cli("add", "a", origin.url("/a"), "--refresh", "never", check=True)
+    cli("add", "o", origin.url("/o"), "--refresh", "on-open", "--open-wait", "1s",
+        check=True)
+    for name in ("a", "o"):
+        cli("fetch", name, check=True)
+    m = mount_factory("--scrub-interval", "never")
+    assert status(m / "a" / "@status")["name"] == "a"
+    held = threading.Event()
+    holder = threading.Thread(target=_hold_index_writer, args=(cache_dir, 2.5, held))
+    holder.start()
+    try:
+        assert held.wait(10)
+        opener = threading.Thread(target=lambda: (m / "o" / "latest").read_bytes(),
+                                  daemon=True)
+        opener.start()  # kicks o: the scheduler plans it now
+        worst = 0.0
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            t = time.perf_counter()
+            os.stat(m / "a" / "latest")
+            status(m / "a" / "@status")
+            worst = max(worst, time.perf_counter() - t)
+            time.sleep(0.02)
+    finally:
+        holder.join(timeout=30)
+    opener.join(timeout=30)
+    assert not opener.is_alive()
+    assert worst < 0.5, f"a request waited {worst:.2f} s for the index writer"
