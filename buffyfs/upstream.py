@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ class Upstream:
             raise BadInput(f"the hub: {reason}")
 
     async def fetch_blob(self, sha256: str, size: int, partial: Path,
-                         grow: Callable[[int], int] | None = None,
+                         grow: Callable[[int], Awaitable[int]] | None = None,
                          live: LiveDownload | None = None) -> None:
         """Download blob ``sha256`` into ``partial``, continuing what it holds (a
         blob never changes: any prefix of it is good), until its sha256 matches.
@@ -166,8 +166,9 @@ class Upstream:
             raise FetchError(f"not a sha256: {sha256[:80]!r}")
         live = live or LiveDownload(sha256)
 
-        def body_starts(start: int, total: int | None, point: downloader.Resume | None,
-                        content_type: str | None) -> None:
+        async def body_starts(start: int, total: int | None,
+                              point: downloader.Resume | None,
+                              content_type: str | None) -> None:
             _check_total(total, size)  # another size than the hub's: refused
             live.body_starts(start, size)
 
@@ -238,12 +239,12 @@ def _check_total(total: int | None, size: int) -> None:
         raise Oversize(f"the answer is {total} bytes, the blob {size}", True, restart=True)
 
 
-def _capped(n: int, size: int, grow: Callable[[int], int] | None) -> int:
+async def _capped(n: int, size: int, grow: Callable[[int], Awaitable[int]] | None) -> int:
     """``download``'s ``grow``: never past the blob's size (a body without a length
     that runs on is cut off there, not left to fill the disk)."""
     if n > size:
         raise Oversize(f"more bytes than the blob's {size}", True, restart=True)
-    return min(grow(n), size) if grow is not None else size
+    return min(await grow(n), size) if grow is not None else size
 
 
 def feed_problem(answer: Answer) -> str | None:
