@@ -667,7 +667,7 @@ def add_versions(cache: Path, entries: list[tuple[str, Path, str]], url: str,
     is ``content``: copied into the blob store and committed through the index API, so a
     mount serves it without contacting any origin. Its URL is ``urls[name]`` if given,
     else ``url``."""
-    from buffyfs.cache import Cache
+    from buffyfs.store.cache import Cache
 
     c = Cache(cache)
     try:
@@ -692,8 +692,8 @@ def populate(index: Any, sources: int, per_source: int, *, sha256: Callable[[int
     Index.commit_version would. ``sha256(s, i)`` names the blob of version ``i`` of
     source ``s`` (blobs are not created here). With ``checked``, each source's state
     records a successful check, so refresh=never sources start no download."""
-    from buffyfs.index import INODES_PER_SOURCE, SourceInode, rfc3339, version_id
     from buffyfs.options import normalize_options
+    from buffyfs.store.index import INODES_PER_SOURCE, SourceInode, rfc3339, version_id
 
     opts = normalize_options(options)
     t0 = datetime(2026, 1, 1, tzinfo=UTC)

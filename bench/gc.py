@@ -24,9 +24,9 @@ if __package__ in (None, ""):  # run as a script: python bench/gc.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import populate  # noqa: E402
-from buffyfs import gc  # noqa: E402
-from buffyfs.blobs import BlobStore  # noqa: E402
-from buffyfs.index import Index  # noqa: E402
+from buffyfs.store import gc  # noqa: E402
+from buffyfs.store.blobs import BlobStore  # noqa: E402
+from buffyfs.store.index import Index  # noqa: E402
 
 TARGET = 10.0
 

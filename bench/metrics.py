@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # run as a script: python bench/metrics.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import populate  # noqa: E402
-from buffyfs import metrics  # noqa: E402
-from buffyfs.index import Index  # noqa: E402
+from buffyfs.store import metrics  # noqa: E402
+from buffyfs.store.index import Index  # noqa: E402
 
 
 def best_cpu(render: Callable[[], object], rounds: int = 5) -> float:

@@ -50,7 +50,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-replica-"))
     hub = replica = None
     try:
-        from buffyfs.index import Index
+        from buffyfs.store.index import Index
 
         index = Index(work / "hub" / "index")
         names = populate(index, args.sources, 1, size=1000, options={"refresh": "never"},

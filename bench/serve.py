@@ -169,7 +169,7 @@ def run(size: int, each: int, runs: int, workdir: Path) -> list[tuple[str, str, 
             entries.append((f"p{i}", files / f"p{i}", make_random_file(files / f"p{i}", each)))
         cache = work / "cache"
         add_versions(cache, entries, "http://127.0.0.1:9/")
-        from buffyfs.cache import Cache
+        from buffyfs.store.cache import Cache
 
         c = Cache(cache)
         try:

@@ -72,7 +72,7 @@ CAT_RUNS = 5  # the best of these
 # Held by a separate process, as a `buffyfs` command would: ready once it holds the lock.
 HOLDER = """
 import sys, time
-from buffyfs.index import Index
+from buffyfs.store.index import Index
 idx = Index(__import__("pathlib").Path(sys.argv[1]))
 with idx.write():
     print("held", flush=True)
@@ -87,7 +87,7 @@ def build(cache: Path, sources: int, per_source: int, burst: int = 0,
     runs without the scrub, unpack=off, and a stat never opens a blob),
     refresh=never, keep_versions=1: a collection drops two versions in five. Plus
     ``burst`` sources ``burstN`` of one version each, whose URL is ``origin``/burstN."""
-    from buffyfs.cache import Cache
+    from buffyfs.store.cache import Cache
 
     c = Cache(cache)
     try:
@@ -285,7 +285,7 @@ def measure(sources: int, per_source: int, workdir: Path | None = None,
 
         names = [f"burst{i}" for i in range(burst)]
         daemon.settle()
-        from buffyfs.index import Index
+        from buffyfs.store.index import Index
 
         index = Index(cache / "index")  # opened now: opening takes the writer a moment
         out["burst"] = burst_round(daemon, cache, index, sources, names, hold=False)

@@ -29,9 +29,9 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from buffyfs.cache import Cache
-from buffyfs.index import Index, now_utc, rfc3339, version_id
 from buffyfs.options import normalize_options
+from buffyfs.store.cache import Cache
+from buffyfs.store.index import Index, now_utc, rfc3339, version_id
 
 BLOB = b"status page bench\n" * 64
 SERVE_TIMEOUT = 30.0

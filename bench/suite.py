@@ -251,7 +251,7 @@ class Suite:
         """A cache with sizes.sources sources x sizes.per_source versions (refresh=never,
         checked), all sharing one small blob that exists: the mount starts no download."""
         if self._many is None:
-            from buffyfs.cache import Cache
+            from buffyfs.store.cache import Cache
 
             cache = self.work / "cache-many"
             c = Cache(cache)
@@ -435,7 +435,7 @@ class LatestInIndex:
         self.index: Any = None
 
     def __call__(self) -> dict[str, Any] | None:
-        from buffyfs.index import Index
+        from buffyfs.store.index import Index
 
         if self.index is None:
             self.index = Index(self.cache / "index")

@@ -234,8 +234,8 @@ READ_ONLY = ("list", "status", "versions", "gc", "check")
 
 
 def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from buffyfs.cache import Cache, resolve_cache_dir
     from buffyfs.config import load_config
+    from buffyfs.store.cache import Cache, resolve_cache_dir
 
     configured = load_config(Path(args.config)).daemon.cache if args.config else None
     root = resolve_cache_dir(args.cache, configured)
@@ -253,7 +253,6 @@ def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from buffyfs import log
-    from buffyfs.cache import resolve_cache_dir
     from buffyfs.config import (
         DaemonConfig,
         check_scrub_interval,
@@ -261,6 +260,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         load_config,
     )
     from buffyfs.options import parse_duration, parse_size
+    from buffyfs.store.cache import resolve_cache_dir
 
     config_path = Path(args.config).absolute() if args.config else None
     config = load_config(config_path) if config_path else None
@@ -296,7 +296,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def _replica_settings(args: argparse.Namespace, daemon: Any) -> Any:
     """``--upstream`` over ``[daemon] upstream``: None when this is no replica."""
     from buffyfs.config import check_upstream
-    from buffyfs.replica import ReplicaSettings
+    from buffyfs.fetch.replica import ReplicaSettings
 
     urls = check_upstream(args.upstream) if getattr(args, "upstream", None) else daemon.upstream
     if not urls:
@@ -485,7 +485,7 @@ def _age(fetched_at: str | None) -> str:
     """How long ago ``fetched_at`` (RFC 3339) was, in its two largest units: 3h12m."""
     if not fetched_at:
         return "-"
-    from buffyfs.index import now_utc, parse_rfc3339
+    from buffyfs.store.index import now_utc, parse_rfc3339
 
     seconds = max(0, int((now_utc() - parse_rfc3339(fetched_at)).total_seconds()))
     units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
@@ -714,7 +714,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     if cache.running_mount():
         asked = time.time()
         if not mountctl.through_mount(cache, cmd, args.name):
-            from buffyfs import commands
+            from buffyfs.store import commands
 
             commands.run(cache.index, [cmd], args.name, refresh="request")
         if not args.wait:
@@ -735,8 +735,8 @@ def _run_refresh(cache: Any, name: str, on_progress: Any, on_note: Any = None,
                  force: bool = False) -> Any:
     import trio
 
-    from buffyfs import downloader
-    from buffyfs.refresh import Refresher
+    from buffyfs.fetch import downloader
+    from buffyfs.fetch.refresh import Refresher
 
     async def go() -> Any:
         async with downloader.new_client() as client:
@@ -765,13 +765,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
             raise CacheError(result["error"])
         report = result["report"]
     else:
-        from buffyfs import gc
         from buffyfs.mount import report_json
+        from buffyfs.store import gc
 
         found = gc.collect_now(cache.index, cache.blobs, set(), 0, cache.max_cache_size(),
                                args.dry_run)
         if not args.dry_run:
-            from buffyfs.refresh import partial_key
+            from buffyfs.fetch.refresh import partial_key
 
             swept = gc.sweep_orphans(cache.index, cache.blobs, partial_key)
             if swept is None:  # a download is committing: its partials are its own
@@ -797,7 +797,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-    from buffyfs import check
+    from buffyfs.store import check
 
     cache = _cache(args)
     with Progress(TextColumn("checking"), BarColumn(), DownloadColumn(), transient=True,
@@ -836,7 +836,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _room_maker(cache: Any) -> Any:
     """The quota rule for downloads made by the command line."""
-    from buffyfs import gc
+    from buffyfs.store import gc
 
     max_size = cache.max_cache_size()
     if max_size is None:

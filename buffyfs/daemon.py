@@ -65,7 +65,7 @@ def start_detached(mountpoint: str, cache_dir: Path, flags: list[str]) -> int:
     return its pid once the mount is live (it writes ``ready`` on a pipe); CacheError
     with the daemon's own last words when it does not get there."""
     from buffyfs import safeio
-    from buffyfs.cache import Cache
+    from buffyfs.store.cache import Cache
 
     Cache(cache_dir).close()  # a cache directory we cannot use is one clear error, here
     read_end, write_end = os.pipe()

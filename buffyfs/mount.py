@@ -20,19 +20,21 @@ import httpx
 import pyfuse3
 import trio
 
-from buffyfs import __version__, downloader, gc, mounttable, watchdog
-from buffyfs.cache import Cache
+from buffyfs import __version__, mounttable, watchdog
 from buffyfs.errors import BuffyError, CacheError
-from buffyfs.fs import BuffyFS
+from buffyfs.fetch import downloader
+from buffyfs.fetch.refresh import Refresher, partial_key
+from buffyfs.fetch.replica import Replica, ReplicaSettings
+from buffyfs.fetch.scheduler import Scheduler
+from buffyfs.fetch.upstream import Upstream
+from buffyfs.fs.handlers import BuffyFS
 from buffyfs.http import ServeSettings
-from buffyfs.index import now_utc, rfc3339
-from buffyfs.refresh import Refresher, partial_key
-from buffyfs.replica import Replica, ReplicaSettings
-from buffyfs.scheduler import Scheduler
-from buffyfs.scrub import Scrubber
-from buffyfs.unpacker import Unpacker
-from buffyfs.upstream import Upstream
-from buffyfs.writes import IndexWrites
+from buffyfs.store import gc
+from buffyfs.store.cache import Cache
+from buffyfs.store.index import now_utc, rfc3339
+from buffyfs.store.scrub import Scrubber
+from buffyfs.store.unpacker import Unpacker
+from buffyfs.store.writes import IndexWrites
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from buffyfs import commands, control, mounttable
-from buffyfs.cache import Cache
+from buffyfs import control, mounttable
 from buffyfs.control import Command
 from buffyfs.errors import BadInput, CacheError, NotFound
+from buffyfs.store import commands
+from buffyfs.store.cache import Cache
 
 # How long the mount may take to answer a control write. A control write answers in
 # milliseconds, except ``revalidate`` that runs the validation command (its own

@@ -224,8 +224,8 @@ def test_detached_mount_never_writes_through_planted_links(origin, cli, cache_di
 
 
 def test_a_commit_never_renames_a_link_into_the_store(tmp_path):
-    from buffyfs.blobs import BlobStore
     from buffyfs.safeio import NotRegularFile
+    from buffyfs.store.blobs import BlobStore
 
     store = BlobStore(tmp_path / "cache")
     target = victim(tmp_path)

@@ -237,7 +237,7 @@ def _alive(pid: int) -> bool:
 # with the kernel's attribute cache (1 s) must not depend on how fast Python starts.
 WARM_CLI = """\
 import sys
-import buffyfs.cache, buffyfs.config, buffyfs.log, buffyfs.options
+import buffyfs.store.cache, buffyfs.config, buffyfs.log, buffyfs.options
 from buffyfs.cli import main
 print("ready", flush=True)
 sys.stdin.readline()

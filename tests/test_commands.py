@@ -1,4 +1,4 @@
-"""Unit tests of buffyfs.commands: the rules of the commands, shared by the control
+"""Unit tests of buffyfs.store.commands: the rules of the commands, shared by the control
 files (Cache.run_control) and the command line (Cache.tag, pin...)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from buffyfs import commands
-from buffyfs.cache import Cache
 from buffyfs.control import Command
 from buffyfs.errors import BadInput, BuffyError, NotFound
+from buffyfs.store import commands
+from buffyfs.store.cache import Cache
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 OLDER, NEWER = "20260101T000000Z-aaaaaaaa", "20260101T000100Z-bbbbbbbb"

@@ -93,7 +93,7 @@ def test_a_failing_root_line_adds_and_removes_nothing(origin, mnt):
 
 HOLD_WRITE = r"""
 import sys
-from buffyfs.index import Index
+from buffyfs.store.index import Index
 index = Index(__import__("pathlib").Path(sys.argv[1]))
 with index.write() as w:
     newest = w.versions("t")[0]

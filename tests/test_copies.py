@@ -11,8 +11,8 @@ import subprocess
 from hypothesis import given
 from hypothesis import strategies as st
 
-from buffyfs import links
-from buffyfs.index import newest_of, resolve_latest
+from buffyfs.fs import links
+from buffyfs.store.index import newest_of, resolve_latest
 from tests.conftest import run_cli, wait_for
 from tests.test_mount import read, status, write_control
 

@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 
 from buffyfs import cli, config, control, daemon, errors, options
-from buffyfs.cache import Cache
-from buffyfs.index import now_utc, rfc3339
-from buffyfs.metrics import SOURCE_GAUGES, Metrics
+from buffyfs.store.cache import Cache
+from buffyfs.store.index import now_utc, rfc3339
+from buffyfs.store.metrics import SOURCE_GAUGES, Metrics
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REFERENCE = DOCS / "reference.md"

@@ -1,4 +1,4 @@
-"""Unit tests of buffyfs.downloader and buffyfs.refresh against the test origin (no
+"""Unit tests of buffyfs.fetch.downloader and buffyfs.fetch.refresh against the test origin (no
 mount)."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from buffyfs import downloader, refresh
-from buffyfs.blobs import BlobStore
-from buffyfs.downloader import AttemptError, Downloaded, NotModified, Request
-from buffyfs.index import Index, latest_of
+from buffyfs.fetch import downloader, refresh
+from buffyfs.fetch.downloader import AttemptError, Downloaded, NotModified, Request
 from buffyfs.options import normalize_options
+from buffyfs.store.blobs import BlobStore
+from buffyfs.store.index import Index, latest_of
 from tests.origin import Origin
 
 SECRET = "sekrit-token-123"
@@ -575,7 +575,7 @@ async def test_a_refused_resume_starts_over_and_says_so(
 async def test_partial_files_count_against_the_quota(
     origin: Origin, cache: Cache, fast_backoff: FakeRandom
 ) -> None:
-    from buffyfs import gc
+    from buffyfs.store import gc
 
     quota = 3 << 20
     cache.refresher.make_room = lambda need: gc.collect_now(

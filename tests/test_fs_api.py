@@ -20,9 +20,16 @@ from typing import Any
 import pyfuse3
 import pytest
 
-from buffyfs.cache import Cache
-from buffyfs.fs import FIRST_TAGDIR_INO, ROOT, ROOT_CONTROL, ROOT_METRICS, ROOT_STATUS, BuffyFS
-from buffyfs.index import SourceInode
+from buffyfs.fs.handlers import (
+    FIRST_TAGDIR_INO,
+    ROOT,
+    ROOT_CONTROL,
+    ROOT_METRICS,
+    ROOT_STATUS,
+    BuffyFS,
+)
+from buffyfs.store.cache import Cache
+from buffyfs.store.index import SourceInode
 
 T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
 

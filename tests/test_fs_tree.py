@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from buffyfs import unpackfs
-from buffyfs.cache import Cache
-from buffyfs.fstree import (
+from buffyfs.fs import unpackfs
+from buffyfs.fs.tree import (
     FIRST_TAGDIR_INO,
     ROOT,
     ROOT_CONTROL,
@@ -23,7 +22,8 @@ from buffyfs.fstree import (
     latest_target,
     tags_of,
 )
-from buffyfs.index import SourceInode
+from buffyfs.store.cache import Cache
+from buffyfs.store.index import SourceInode
 from tests.test_fs_api import put_version, three_versions
 
 

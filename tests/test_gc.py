@@ -210,9 +210,9 @@ def test_offline_start_serves_everything_at_once(origin, cli, mount_factory):
 
 def test_over_quota_still_collects_garbage(tmp_path):
     """A quota lowered below what protected versions take must not stop collection."""
-    from buffyfs import gc
-    from buffyfs.cache import Cache
-    from buffyfs.index import now_utc
+    from buffyfs.store import gc
+    from buffyfs.store.cache import Cache
+    from buffyfs.store.index import now_utc
 
     cache = Cache(tmp_path / "c")
     cache.add_source("q", "http://127.0.0.1:9/", {"keep_versions": 0})
@@ -269,9 +269,9 @@ def test_quota_is_shared_by_downloads_under_way(origin, mount_factory):
 def test_check_ignores_blobs_collected_while_it_runs(tmp_path):
     """Deterministic: the versions (and blobs) of all but ``latest`` are collected
     right after the first blob is hashed; what vanished is no damage."""
-    from buffyfs import check, gc
-    from buffyfs.cache import Cache
-    from buffyfs.index import now_utc
+    from buffyfs.store import check, gc
+    from buffyfs.store.cache import Cache
+    from buffyfs.store.index import now_utc
 
     cache = Cache(tmp_path / "c")
     cache.add_source("q", "http://127.0.0.1:9/", {"keep_versions": 10})

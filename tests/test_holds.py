@@ -179,7 +179,7 @@ def record(vid_time: str, tags=(), **extra) -> dict:
 def test_grace_starts_when_the_next_servable_version_arrives():
     from datetime import UTC, datetime
 
-    from buffyfs import gc
+    from buffyfs.store import gc
 
     src = {"options": {"keep_versions": 0, "keep_for": "1h"}, "pin": None}
     newest, failed, middle, oldest = (record("120000"), record("110000", ["failed"]),

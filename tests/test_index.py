@@ -1,4 +1,4 @@
-"""Unit tests of buffyfs.index: the LMDB index on a temporary directory."""
+"""Unit tests of buffyfs.store.index: the LMDB index on a temporary directory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from buffyfs.errors import BadInput, CacheError, NotFound
-from buffyfs.index import (
+from buffyfs.options import normalize_options
+from buffyfs.store.index import (
     FIRST_DYNAMIC_INO,
     INODES_PER_SOURCE,
     Index,
@@ -25,7 +26,6 @@ from buffyfs.index import (
     rfc3339,
     version_id,
 )
-from buffyfs.options import normalize_options
 
 ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
 T0 = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -67,7 +67,7 @@ def run_in_other_process(index_dir: Path, code: str) -> str:
         f"""
         import json, sys
         from pathlib import Path
-        from buffyfs.index import Index
+        from buffyfs.store.index import Index
         idx = Index(Path({str(index_dir)!r}))
         """
     ) + textwrap.dedent(code)

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from buffyfs import policy
 from buffyfs.errors import BadInput
+from buffyfs.fetch import policy
 from buffyfs.options import (
     DEFAULT_OPTIONS,
     RESERVED_TAGS,

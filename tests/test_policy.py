@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from buffyfs.index import rfc3339
+from buffyfs.fetch.policy import NO_VERSION_CAP, next_check, retry_delay
 from buffyfs.options import normalize_options
-from buffyfs.policy import NO_VERSION_CAP, next_check, retry_delay
+from buffyfs.store.index import rfc3339
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
 

@@ -11,8 +11,8 @@ import os
 import re
 
 from bench.common import populate
-from buffyfs.index import Index
-from buffyfs.replica import FEED_PAGE
+from buffyfs.fetch.replica import FEED_PAGE
+from buffyfs.store.index import Index
 from tests.conftest import http_request, wait_for
 
 NO_SCRUB = ("--scrub-interval", "never")  # the hub's blobs are not there

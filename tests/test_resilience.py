@@ -195,9 +195,9 @@ def test_gc_sweeps_partials_no_download_owns(origin, cli, mnt):
 
 
 def test_sweep_partials_keeps_only_what_a_source_will_resume(tmp_path):
-    from buffyfs import gc
-    from buffyfs.cache import Cache
-    from buffyfs.refresh import partial_key
+    from buffyfs.fetch.refresh import partial_key
+    from buffyfs.store import gc
+    from buffyfs.store.cache import Cache
 
     cache = Cache(tmp_path / "c")
     try:

@@ -8,7 +8,7 @@ import errno
 
 import pytest
 
-from buffyfs.index import parse_rfc3339
+from buffyfs.store.index import parse_rfc3339
 from tests.conftest import wait_for
 from tests.test_mount import read, status, write_control
 

@@ -6,9 +6,10 @@ import logging
 
 import pytest
 
-from buffyfs import gc, log
+from buffyfs import log
 from buffyfs.errors import BadInput
 from buffyfs.options import check_url
+from buffyfs.store import gc
 
 
 def test_a_refused_url_never_quotes_what_may_be_a_password():
@@ -65,7 +66,7 @@ def test_damage_seen_through_an_old_file_is_not_the_current_blobs(tmp_path):
     import hashlib
     import os
 
-    from buffyfs.blobs import BlobStore
+    from buffyfs.store.blobs import BlobStore
 
     store = BlobStore(tmp_path / "cache")
     body = b"good bytes"

@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from buffyfs.errors import FetchError
-from buffyfs.index import Index, now_utc, rfc3339
+from buffyfs.fetch.scheduler import ERROR_BACKOFF, MAX_SLEEP, Scheduler
 from buffyfs.options import normalize_options
-from buffyfs.scheduler import ERROR_BACKOFF, MAX_SLEEP, Scheduler
+from buffyfs.store.index import Index, now_utc, rfc3339
 
 
 class TrioWallClock:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from buffyfs.blobs import BlobStore
-from buffyfs.index import Index, resolve_latest
-from buffyfs.scrub import Scrubber
+from buffyfs.store.blobs import BlobStore
+from buffyfs.store.index import Index, resolve_latest
+from buffyfs.store.scrub import Scrubber
 from tests.conftest import wait_for
 from tests.test_mount import read, status, write_control
 

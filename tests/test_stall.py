@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from bench.common import populate
-from buffyfs import gc
-from buffyfs.cache import Cache
-from buffyfs.index import Index
+from buffyfs.store import gc
+from buffyfs.store.cache import Cache
+from buffyfs.store.index import Index
 from tests.conftest import Mount, wait_for
 from tests.test_mount import status, write_control
 

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 import pytest
 
 from bench.status_page import fill_cache
-from buffyfs.index import Index
+from buffyfs.store.index import Index
 from tests.browser import Browser
 from tests.conftest import http_request, wait_for
 
@@ -276,8 +276,8 @@ def test_form_lines_and_chart_marks():
 
 def test_check_history_is_bounded(tmp_path):
     """The chart's checks: the last CHECKS_KEPT, not the stops, gone with the source."""
-    from buffyfs.index import CHECKS_KEPT
     from buffyfs.options import normalize_options
+    from buffyfs.store.index import CHECKS_KEPT
 
     index = Index(tmp_path / "index")
     try:

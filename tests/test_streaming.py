@@ -211,7 +211,7 @@ def test_unzip_lists_a_zip_still_downloading(origin, mnt, tmp_path):
 # --- the pieces, without a mount ---------------------------------------------------------
 
 def test_byte_ranges_merge_and_cover():
-    from buffyfs.segments import ByteRanges
+    from buffyfs.fetch.segments import ByteRanges
 
     r = ByteRanges()
     r.add(10, 20)
@@ -226,7 +226,7 @@ def test_byte_ranges_merge_and_cover():
 
 
 def test_a_map_vouches_for_whole_segments_and_recorded_prefixes():
-    from buffyfs.segments import SEGMENT_SIZE, map_prefix, segments_below
+    from buffyfs.fetch.segments import SEGMENT_SIZE, map_prefix, segments_below
 
     assert map_prefix({"key": "k"}) is None  # saved before segments: the file size counts
     saved = {"segment_size": 1024, "total": 5000, "segments": [[0, 3], [4, 5]]}

@@ -64,7 +64,7 @@ def test_a_failing_collector_is_logged_and_restarted_and_the_mount_stays_up(
         origin, cli, tmp_path, monkeypatch, mount_factory):
     origin.set("/a", b"one")
     cli("add", "a", origin.url("/a"), check=True)
-    m, calls = planted_mount(tmp_path, monkeypatch, mount_factory, "buffyfs.gc:plan_snapshot")
+    m, calls = planted_mount(tmp_path, monkeypatch, mount_factory, "buffyfs.store.gc:plan_snapshot")
     assert (m / "a/latest").read_bytes() == b"one"  # a new version: the collector runs
     wait_for(lambda: unexpected(m, "collector"), what="the collector's failure in the log")
     assert m.proc.poll() is None, "the mount ended with its collector"
@@ -88,7 +88,7 @@ def test_a_failing_scheduler_is_restarted_and_plans_every_source_again(
     cli("add", "a", origin.url("/a"), check=True)
     cli("add", "b", origin.url("/b"), check=True)
     m, calls = planted_mount(tmp_path, monkeypatch, mount_factory,
-                             "buffyfs.scheduler:Scheduler._evaluate")
+                             "buffyfs.fetch.scheduler:Scheduler._evaluate")
     # the first evaluation (of both sources) fails; the restarted scheduler plans them
     assert (m / "a/latest").read_bytes() == b"one"
     assert (m / "b/latest").read_bytes() == b"bee"
@@ -99,12 +99,12 @@ def test_a_failing_scheduler_is_restarted_and_plans_every_source_again(
 def test_the_log_check_finds_tracebacks_and_unexpected_errors():
     log = textwrap.dedent("""\
         2026-01-01T00:00:00Z INFO buffyfs.mount: mounted
-        2026-01-01T00:00:01Z ERROR buffyfs.fs: lookup failed unexpectedly
+        2026-01-01T00:00:01Z ERROR buffyfs.fs.handlers: lookup failed unexpectedly
             Traceback (most recent call last):
               File "fs.py", line 1, in lookup
             KeyError: 'ino'
-        2026-01-01T00:00:02Z ERROR buffyfs.refresh: a: HTTP 500
-        2026-01-01T00:00:03Z WARNING buffyfs.fs: @control: refused: unexpected ':x'
+        2026-01-01T00:00:02Z ERROR buffyfs.fetch.refresh: a: HTTP 500
+        2026-01-01T00:00:03Z WARNING buffyfs.fs.handlers: @control: refused: unexpected ':x'
         2026-01-01T00:00:04Z ERROR buffyfs.mount: scrub failed unexpectedly again (OSError)
         Exception ignored in: <function Foo.__del__>
         Traceback (most recent call last):

@@ -262,7 +262,7 @@ def unpack_children(cache) -> list[int]:
                     cmdline = f.read()
             except OSError:
                 continue
-            if b"buffyfs.unpack\0" in cmdline and str(cache).encode() in cmdline:
+            if b"buffyfs.store.unpack\0" in cmdline and str(cache).encode() in cmdline:
                 pids.append(int(entry))
     return pids
 

@@ -45,6 +45,7 @@ import trio
 from buffyfs.config import ProxyConfig
 from buffyfs.control import VERSION_RE
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
+from buffyfs.fetch.upstream import Forbidden
 from buffyfs.http import access, changes, first
 from buffyfs.http.answer import ORIGIN_BYTES_HEADERS, Answer, content_type_of
 from buffyfs.http.changes import ChangeFeed
@@ -58,7 +59,6 @@ from buffyfs.http.ranges import (
     if_range_holds,
     not_modified,
 )
-from buffyfs.index import newest_of, resolve_latest, tag_latest
 from buffyfs.options import (
     NAME_RE,
     RESERVED_TAGS,
@@ -67,7 +67,7 @@ from buffyfs.options import (
     public_options,
     redact_url,
 )
-from buffyfs.upstream import Forbidden
+from buffyfs.store.index import newest_of, resolve_latest, tag_latest
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from buffyfs.index import Index
+from buffyfs.store.index import Index
 
 POLL = 0.1  # seconds between looks at the serial: a change wakes waiters within this
 MAX_WAIT = 60.0

@@ -24,10 +24,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from buffyfs import streaming
+from buffyfs.fetch import streaming
+from buffyfs.fetch.segments import StreamFailed
 from buffyfs.http.answer import ORIGIN_BYTES_HEADERS, Answer, content_type_of
 from buffyfs.http.ranges import BadRange, byte_span
-from buffyfs.segments import StreamFailed
 
 if TYPE_CHECKING:
     from buffyfs.http.app import App, Request, Send

@@ -37,8 +37,8 @@ from buffyfs import __version__
 from buffyfs.errors import BadInput, BuffyError, NotFound
 from buffyfs.http import access
 from buffyfs.http.answer import Answer
-from buffyfs.index import now_utc, parse_rfc3339, resolve_latest
 from buffyfs.options import redact_url
+from buffyfs.store.index import now_utc, parse_rfc3339, resolve_latest
 
 if TYPE_CHECKING:
     from buffyfs.http.app import App, Request, Send

@@ -53,18 +53,18 @@ from urllib.parse import unquote
 
 import trio
 
-from buffyfs import commands
 from buffyfs.config import ProxyConfig
 from buffyfs.control import Command
 from buffyfs.errors import BadInput, FetchError
 from buffyfs.http import access, first
 from buffyfs.http.answer import Answer
-from buffyfs.index import Index
 from buffyfs.options import (
     DEFAULT_OPTIONS,
     check_url,
     normalize_options,
 )
+from buffyfs.store import commands
+from buffyfs.store.index import Index
 
 if TYPE_CHECKING:
     from buffyfs.http.app import App, Request, Send

@@ -24,12 +24,13 @@ from typing import Any
 
 import platformdirs
 
-from buffyfs import commands, control, status
-from buffyfs.blobs import BlobStore, SourceLock
+from buffyfs import control
 from buffyfs.control import Command
 from buffyfs.errors import BadInput, BuffyError, CacheError, NotFound
-from buffyfs.index import Index, Writer
 from buffyfs.safeio import entry_kind, make_dir, open_file, opener, read_text
+from buffyfs.store import commands, status
+from buffyfs.store.blobs import BlobStore, SourceLock
+from buffyfs.store.index import Index, Writer
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class Cache:
         """Run the checks of the ``revalidate`` commands of ``parsed`` (revalidate.py)."""
         import trio
 
-        from buffyfs import revalidate
+        from buffyfs.store import revalidate
 
         trio.run(revalidate.judge, self.index, self.blobs, parsed, source)
 

@@ -30,14 +30,15 @@ from typing import Any
 
 import trio
 
-from buffyfs import control, downloader
-from buffyfs.cache import Cache
+from buffyfs import control
 from buffyfs.errors import BadInput, BuffyError, FetchError
-from buffyfs.gc import CommitLock
-from buffyfs.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
+from buffyfs.fetch import downloader
+from buffyfs.fetch.segments import LiveDownload
+from buffyfs.fetch.upstream import FEED_WAIT, Answer, HubDown, Upstream, partial_dir
 from buffyfs.options import check_name, check_tag, normalize_options
-from buffyfs.segments import LiveDownload
-from buffyfs.upstream import FEED_WAIT, Answer, HubDown, Upstream, partial_dir
+from buffyfs.store.cache import Cache
+from buffyfs.store.gc import CommitLock
+from buffyfs.store.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from buffyfs import links, unpackfs
-from buffyfs.index import Index, SourceInode, newest_of, resolve_latest, tag_latest
+from buffyfs.fs import links, unpackfs
 from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE
+from buffyfs.store.index import Index, SourceInode, newest_of, resolve_latest, tag_latest
 
 ROOT = 1  # pyfuse3.ROOT_INODE
 ROOT_STATUS = 2

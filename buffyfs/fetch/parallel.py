@@ -38,10 +38,10 @@ from typing import Any
 import httpx
 import trio
 
-from buffyfs import downloader
-from buffyfs.downloader import AttemptError, Downloaded, Request, Resume
+from buffyfs.fetch import downloader
+from buffyfs.fetch.downloader import AttemptError, Downloaded, Request, Resume
+from buffyfs.fetch.segments import ByteRanges, LiveDownload
 from buffyfs.safeio import open_file
-from buffyfs.segments import ByteRanges, LiveDownload
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from buffyfs import __version__
-from buffyfs.gc import Why, kept_reasons
-from buffyfs.index import Index, Reader, held_until, now_utc, resolve_latest, rfc3339
 from buffyfs.options import public_options, redact_url
+from buffyfs.store.gc import Why, kept_reasons
+from buffyfs.store.index import Index, Reader, held_until, now_utc, resolve_latest, rfc3339
 
 
 def source_status(

@@ -35,11 +35,14 @@ from typing import Any
 import pyfuse3
 import trio
 
-from buffyfs import revalidate, streaming, unpackfs
-from buffyfs.cache import Cache
 from buffyfs.control import help_text
 from buffyfs.errors import BadInput, BuffyError, FetchError, NotFound
-from buffyfs.fstree import (  # noqa: F401 (ROOT_*, FIRST_TAGDIR_INO: asked here too)
+from buffyfs.fetch import streaming
+from buffyfs.fetch.scheduler import Scheduler
+from buffyfs.fetch.upstream import Forbidden
+from buffyfs.fs import unpackfs
+from buffyfs.fs.snapshots import Snapshot, Snapshots
+from buffyfs.fs.tree import (  # noqa: F401 (ROOT_*, FIRST_TAGDIR_INO: asked here too)
     CONTROLS,
     DIRECTORIES,
     FIRST_TAGDIR_INO,
@@ -54,13 +57,12 @@ from buffyfs.fstree import (  # noqa: F401 (ROOT_*, FIRST_TAGDIR_INO: asked here
     NotADirectory,
     Tree,
 )
-from buffyfs.index import SourceInode, parse_rfc3339
-from buffyfs.metrics import Metrics
+from buffyfs.fs.unpackfs import UnpackedHandle, UnpackedTree
 from buffyfs.options import parse_duration, redact_url
-from buffyfs.scheduler import Scheduler
-from buffyfs.snapshots import Snapshot, Snapshots
-from buffyfs.unpackfs import UnpackedHandle, UnpackedTree
-from buffyfs.upstream import Forbidden
+from buffyfs.store import revalidate
+from buffyfs.store.cache import Cache
+from buffyfs.store.index import SourceInode, parse_rfc3339
+from buffyfs.store.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

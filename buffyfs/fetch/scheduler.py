@@ -29,10 +29,10 @@ from datetime import UTC, datetime
 import trio
 
 from buffyfs.errors import FetchError
-from buffyfs.index import Index, Writer, rfc3339
-from buffyfs.policy import next_check
-from buffyfs.refresh import Refresher
-from buffyfs.writes import IndexWrites
+from buffyfs.fetch.policy import next_check
+from buffyfs.fetch.refresh import Refresher
+from buffyfs.store.index import Index, Writer, rfc3339
+from buffyfs.store.writes import IndexWrites
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,9 @@ from typing import Any
 import httpx
 import trio
 
-from buffyfs import crash, httplog
+from buffyfs import crash
 from buffyfs.errors import FetchError
+from buffyfs.fetch import httplog
 from buffyfs.safeio import open_file
 
 BATCH = 1 << 20

@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import trio
 
-from buffyfs import downloader
+from buffyfs.fetch import downloader
+from buffyfs.fetch.segments import SEGMENT_SIZE, LiveDownload
 from buffyfs.safeio import open_file
-from buffyfs.segments import SEGMENT_SIZE, LiveDownload
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from typing import IO
 
 import trio
 
-from buffyfs.blobs import BlobStore
-from buffyfs.index import Index, now_utc, parse_rfc3339, rfc3339
-from buffyfs.metrics import Metrics
+from buffyfs.store.blobs import BlobStore
+from buffyfs.store.index import Index, now_utc, parse_rfc3339, rfc3339
+from buffyfs.store.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -45,14 +45,16 @@ from typing import Any, TypeVar
 import httpx
 import trio
 
-from buffyfs import crash, downloader, parallel, ranges, segments, validate
-from buffyfs.blobs import BlobStore, SourceLock
+from buffyfs import crash
 from buffyfs.errors import FetchError, NotFound
-from buffyfs.gc import CacheFull, CommitLock
-from buffyfs.index import Index, Writer, now_utc, rfc3339
-from buffyfs.metrics import Metrics
+from buffyfs.fetch import downloader, parallel, ranges, segments
 from buffyfs.options import DEFAULT_OPTIONS, human_size, parse_duration, parse_size, redact_url
-from buffyfs.writes import IndexWrites
+from buffyfs.store import validate
+from buffyfs.store.blobs import BlobStore, SourceLock
+from buffyfs.store.gc import CacheFull, CommitLock
+from buffyfs.store.index import Index, Writer, now_utc, rfc3339
+from buffyfs.store.metrics import Metrics
+from buffyfs.store.writes import IndexWrites
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

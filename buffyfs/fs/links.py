@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from buffyfs.index import servable
+from buffyfs.store.index import servable
 
 
 def names_latest(source: dict[str, Any]) -> bool:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from buffyfs import commands, validate
-from buffyfs.blobs import BlobStore
 from buffyfs.control import Command
 from buffyfs.errors import NotFound
-from buffyfs.index import Index
+from buffyfs.store import commands, validate
+from buffyfs.store.blobs import BlobStore
+from buffyfs.store.index import Index
 
 
 async def judge(index: Index, blobs: BlobStore, parsed: list[Command],

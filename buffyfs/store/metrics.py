@@ -26,7 +26,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from buffyfs.index import Index, now_utc, resolve_latest
+from buffyfs.store.index import Index, now_utc, resolve_latest
 
 # name -> help of the per-source gauges; each has the one label ``source``
 SOURCE_GAUGES = {

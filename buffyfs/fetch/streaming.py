@@ -32,13 +32,13 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from buffyfs import ranges
-from buffyfs.blobs import BlobStore
 from buffyfs.errors import FetchError
-from buffyfs.index import Index
+from buffyfs.fetch import ranges
+from buffyfs.fetch.scheduler import Scheduler
+from buffyfs.fetch.segments import LiveDownload, StreamFailed
 from buffyfs.safeio import open_file
-from buffyfs.scheduler import Scheduler
-from buffyfs.segments import LiveDownload, StreamFailed
+from buffyfs.store.blobs import BlobStore
+from buffyfs.store.index import Index
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from buffyfs import crash
-from buffyfs.blobs import BlobStore, FileLock, SourceLock
 from buffyfs.errors import BuffyError
-from buffyfs.index import (
+from buffyfs.options import human_size, parse_duration
+from buffyfs.store.blobs import BlobStore, FileLock, SourceLock
+from buffyfs.store.index import (
     Index,
     Reader,
     Writer,
@@ -60,8 +61,7 @@ from buffyfs.index import (
     rfc3339,
     servable,
 )
-from buffyfs.options import human_size, parse_duration
-from buffyfs.unpack import DerivedStore
+from buffyfs.store.unpack import DerivedStore
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from buffyfs import gc
-from buffyfs.blobs import BlobStore, hash_file
 from buffyfs.errors import CacheError
-from buffyfs.index import Index
 from buffyfs.safeio import NotRegularFile, describe, entry_kind
-from buffyfs.unpack import DerivedStore, data_sha256
+from buffyfs.store import gc
+from buffyfs.store.blobs import BlobStore, hash_file
+from buffyfs.store.index import Index
+from buffyfs.store.unpack import DerivedStore, data_sha256
 
 ORPHAN_LOCK_WAIT = 2.0  # seconds to wait for downloads' commits before judging orphans
 

@@ -3,7 +3,7 @@ index records of the outcome (``blobs[SHA].unpacked``, index.py).
 
 After a version is committed (``kick``), its blob is looked at (magic bytes,
 unpack.detect) and, if compressed or an archive, queued; ``WORKERS`` child processes
-(``python -m buffyfs.unpack``, niced) unpack one blob each into
+(``python -m buffyfs.store.unpack``, niced) unpack one blob each into
 ``unpacked/partial/SHA``, which is renamed into place when complete and only then
 recorded ``done``. The version itself never waits for any of it.
 
@@ -32,10 +32,10 @@ from typing import Any
 
 import trio
 
-from buffyfs.cache import Cache
 from buffyfs.errors import BuffyError
-from buffyfs.index import now_utc, rfc3339
-from buffyfs.unpack import DerivedStore, detect
+from buffyfs.store.cache import Cache
+from buffyfs.store.index import now_utc, rfc3339
+from buffyfs.store.unpack import DerivedStore, detect
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class Unpacker:
         log.info("unpacking blob %s (%s)", sha, kind)
         started = trio.current_time()
         summary = await self._run_child(sha, [
-            sys.executable, "-m", "buffyfs.unpack", str(blob), kind, str(partial),
+            sys.executable, "-m", "buffyfs.store.unpack", str(blob), kind, str(partial),
             str(self.max_size), str(os.getpid()), str(CHILD_MEMORY)])
         if "error" in summary:
             await trio.to_thread.run_sync(self.derived.remove_partial, sha)

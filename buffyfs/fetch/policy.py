@@ -15,8 +15,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from buffyfs.index import parse_rfc3339
 from buffyfs.options import DEFAULT_OPTIONS, cron_fields, parse_duration
+from buffyfs.store.index import parse_rfc3339
 
 NO_VERSION_CAP = 3600.0  # seconds: the longest wait between retries of a source with no version
 JITTER = (0.5, 1.0)  # the delay is multiplied by a random factor in this range

@@ -22,11 +22,11 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from buffyfs import downloader
-from buffyfs.blobs import hash_file
 from buffyfs.errors import BadInput, FetchError, NotFound
-from buffyfs.refresh import backoff
-from buffyfs.segments import LiveDownload
+from buffyfs.fetch import downloader
+from buffyfs.fetch.refresh import backoff
+from buffyfs.fetch.segments import LiveDownload
+from buffyfs.store.blobs import hash_file
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Unpacked views: what a version's bytes are (by their magic bytes), and the unpacking
-itself, which runs in a child process (``python -m buffyfs.unpack``).
+itself, which runs in a child process (``python -m buffyfs.store.unpack``).
 
 Representation (chosen by measurement, bench/unpack.py): a compressed file is
 decompressed once into a *derived file*; reads at any offset are then plain ``pread``
@@ -541,7 +541,7 @@ def _check_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m buffyfs.unpack BLOB KIND OUT_DIR LIMIT PARENT_PID MEMORY``."""
+    """``python -m buffyfs.store.unpack BLOB KIND OUT_DIR LIMIT PARENT_PID MEMORY``."""
     import resource
 
     global _PARENT

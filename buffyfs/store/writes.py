@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import trio
 
 from buffyfs.errors import CacheError
-from buffyfs.index import Index, Writer
+from buffyfs.store.index import Index, Writer
 
 log = logging.getLogger(__name__)
 

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
-from buffyfs.index import parse_rfc3339
 from buffyfs.safeio import open_file
-from buffyfs.unpack import COMPRESSED, DerivedStore
+from buffyfs.store.index import parse_rfc3339
+from buffyfs.store.unpack import COMPRESSED, DerivedStore
 
 if TYPE_CHECKING:
-    from buffyfs.fs import BuffyFS
-    from buffyfs.unpacker import Unpacker
+    from buffyfs.fs.handlers import BuffyFS
+    from buffyfs.store.unpacker import Unpacker
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 from buffyfs.control import Command, check_version_ref
 from buffyfs.errors import BadInput, NotFound
-from buffyfs.index import Index, Reader, Writer, newest_of
 from buffyfs.options import (
     check_name,
     check_tag,
@@ -40,6 +39,7 @@ from buffyfs.options import (
     normalize_options,
     parse_duration,
 )
+from buffyfs.store.index import Index, Reader, Writer, newest_of
 
 # How ``refresh`` takes effect in the transaction:
 #   "mount"    the mount runs the write: the source shows ``fetching`` at once and the
