@@ -149,11 +149,14 @@ class Replica:
                     and feed["serial"] <= self.serial:
                 return  # older than what is applied (a hub that lost its index says
                 # "complete": false, and is taken whole)
-            since = self.serial if answer.url == self.hub else -1  # what it is after
+            # Later pages are asked after the serial this answer was asked after (not
+            # self.serial: another answer may have been applied while it travelled).
+            since = answer.since if answer.since is not None else -1
+            paged_complete = feed.get("complete", True)  # what each page must say too
             if answer.url != self.hub:  # a first answer, or another hub: look at everything
                 if self.hub is not None:
                     log.warning("replica: following %s now (was %s)", answer.url, self.hub)
-                self.hub = answer.url
+                self.hub, self.serial = answer.url, -1  # a sync cut short starts over
                 feed["complete"] = False
             complete, serial = feed.get("complete", True), feed["serial"]
             synced: set[str] = set()
@@ -175,6 +178,9 @@ class Replica:
                         if isinstance(ahead[0], BuffyError):
                             raise ahead[0]
                         feed = ahead[0]
+                        if feed.get("complete", True) != paged_complete:
+                            raise FetchError(f"hub {self.hub}: its change feed changed in "
+                                             "the middle of a sync")
             except BaseExceptionGroup as group:  # raised as itself (run() knows HubDown)
                 raise downloader._single(group) from None
             if not complete:  # everything was listed: the mirrored sources not in it go

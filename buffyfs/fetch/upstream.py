@@ -54,6 +54,7 @@ class Answer:
     url: str  # the hub URL that answered
     status: int
     body: bytes
+    since: int | None = None  # a change feed's: the serial it was asked after
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -123,8 +124,10 @@ class Upstream:
 
         # A long-poll answers after ``wait`` at the latest, and its answer is small: a
         # link cut without a reset shows after wait + FEED_SLACK (20 s), not a minute.
-        return await self.request("GET", path, timeout=wait + FEED_SLACK if wait else TIMEOUT,
-                                  refuse=feed_problem)
+        answer = await self.request("GET", path, timeout=wait + FEED_SLACK if wait else TIMEOUT,
+                                    refuse=feed_problem)
+        answer.since = since if answer.url == hub else -1  # its later pages: the same
+        return answer
 
     async def source(self, name: str, first: str | None) -> tuple[str, dict[str, Any] | None]:
         """The hub's ``@status`` of ``name`` (None: the hub has no such source)."""
