@@ -369,6 +369,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
                                                   fs.report_damage_many, fs.metrics).run)
             start_task(nursery, "unpacker", _start_unpacker(cache, fs, collector,
                                                              settings.unpack_max_size).run)
+            await scheduler.reset_interrupted()  # before pyfuse3.main serves a request
             scheduler.start_all()
             start_task(nursery, "scheduler", scheduler.run)
             heartbeat = watchdog.watchdog_interval()

@@ -76,15 +76,22 @@ class Scheduler:
         """Plan every source of the index; the scheduling task evaluates them.
 
         Only the names are read here, on the loop (tens of ms for 20,000 sources); the
-        states a crash left ``fetching`` are set back to idle by a queued write, which
-        lands before any refresh of this mount records its own state."""
+        states a crash left ``fetching`` were set back to idle before
+        (``reset_interrupted``)."""
         with self.index.read() as r:
             names = r.source_names()
-        self._write(_reset_interrupted)
         self.known.update(names)
         self.unstarted.update(names)
         self.pending.update(dict.fromkeys(names))
         self.wake.set()
+
+    async def reset_interrupted(self) -> None:
+        """Before the mount serves: the states a crash left ``fetching`` or ``waiting``
+        are idle again (one write, in a worker thread), so no reader sees them."""
+        def reset() -> None:
+            with self.index.write() as w:
+                _reset_interrupted(w)
+        await trio.to_thread.run_sync(reset)
 
     def sync(self, name: str) -> None:
         """Match ``name`` to the index: plan it, forget it, or evaluate it again."""
