@@ -173,6 +173,11 @@ def test_buttons_for_control_tokens_only(serve_factory, cli, origin, tmp_path, b
     browser.click_and_wait("form:has(input[name=do][value=unpin]) button")
     assert status_of(server, "t", READ)["pinned"] is None
     checks = len(browser.js("[...document.querySelectorAll('svg.chart line.check')]"))
+    # times have whole seconds: let the clock leave the second of the fetch, so the
+    # refresh's check is later than it even when this test runs within one second
+    fetched_at = status_of(server, "t", READ)["versions"][0]["fetched_at"]
+    wait_for(lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) > fetched_at,
+             timeout=3, what="the next second")
     browser.click_and_wait("form:has(input[name=do][value=refresh]) button")
     wait_for(lambda: (status_of(server, "t", READ).get("last_check") or "") >
              status_of(server, "t", READ)["versions"][0]["fetched_at"], what="the refresh")
