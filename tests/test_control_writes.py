@@ -97,8 +97,7 @@ from buffyfs.store.index import Index
 index = Index(__import__("pathlib").Path(sys.argv[1]))
 with index.write() as w:
     newest = w.versions("t")[0]
-    newest["tags"] = ["failed"]
-    w._put("versions", b"t\0" + newest["id"].encode(), newest)
+    w.put_version("t", __import__("dataclasses").replace(newest, tags=["failed"]))
     w.changed("t")
     print("holding", flush=True)
     sys.stdin.readline()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -16,6 +17,7 @@ import pytest
 
 from buffyfs.errors import BadInput, CacheError, NotFound
 from buffyfs.options import normalize_options
+from buffyfs.store.records import InodeRef, Version
 from buffyfs.store.index import (
     FIRST_DYNAMIC_INO,
     INODES_PER_SOURCE,
@@ -99,11 +101,15 @@ def test_rfc3339_round_trip() -> None:
     assert parse_rfc3339(rfc3339(T0)) == T0
 
 
+def _v(vid: str, tags: list[str]) -> Version:
+    return Version(id=vid, sha256="ab" * 32, size=0, fetched_at="", tags=tags)
+
+
 def test_latest_of_skips_failed() -> None:
-    vs = [{"id": "3", "tags": ["failed"]}, {"id": "2", "tags": ["valid"]}, {"id": "1", "tags": []}]
-    assert latest_of(vs)["id"] == "2"
-    assert latest_of([{"id": "1", "tags": []}])["id"] == "1"
-    assert latest_of([{"id": "2", "tags": ["failed"]}, {"id": "1", "tags": ["failed"]}]) is None
+    vs = [_v("3", ["failed"]), _v("2", ["valid"]), _v("1", [])]
+    assert latest_of(vs).id == "2"
+    assert latest_of([_v("1", [])]).id == "1"
+    assert latest_of([_v("2", ["failed"]), _v("1", ["failed"])]) is None
     assert latest_of([]) is None
 
 
@@ -165,11 +171,11 @@ def test_remove_source_returns_versions_and_forgets_everything(idx: Index) -> No
     with idx.read() as r:
         assert r.source_names() == []
         # the version waits as garbage (a reader may hold it) until collected
-        assert r.version_by_inode(v["ino"]) == ("a", {**v, "source": "a"})
+        assert r.version_by_inode(v.ino) == ("a", dataclasses.replace(v, source="a"))
         assert [g["id"] for g in r.garbage()] == [v["id"]]
         assert r.blob_ref(v["sha256"])["refs"] == 1
     with idx.write() as w:
-        assert w.drop_version("a", {**v, "source": "a"}) is True  # its last user
+        assert w.drop_version("a", dataclasses.replace(v, source="a")) is True  # its last user
     with idx.read() as r:
         assert r.inode(v["ino"]) is None and r.garbage() == []
         assert r.blob_ref(v["sha256"]) is None and r.blob_bytes() == 0
@@ -183,8 +189,8 @@ def test_inode_blocks_distinct(idx: Index) -> None:
     assert abs(a - b) >= INODES_PER_SOURCE
     with idx.read() as r:
         for kind in SourceInode:
-            assert r.inode(a + kind) == {"kind": kind.name, "source": "a"}
-            assert r.inode(b + kind) == {"kind": kind.name, "source": "b"}
+            assert r.inode(a + kind) == InodeRef(kind=kind.name, source="a")
+            assert r.inode(b + kind) == InodeRef(kind=kind.name, source="b")
 
 
 def test_inodes_never_reused_after_remove_and_re_add(idx: Index) -> None:
@@ -244,7 +250,7 @@ def test_commit_version_assigns_id_and_inode(idx: Index) -> None:
     assert v["etag"] == '"e"' and v["content_type"] == "text/plain"
     assert v["tags"] == []
     with idx.read() as r:
-        assert r.inode(v["ino"]) == {"kind": "version", "source": "a", "id": v["id"]}
+        assert r.inode(v.ino) == InodeRef(kind="version", source="a", id=v.id)
         assert r.version("a", v["id"]) == v
     st = state(idx, "a")
     assert st["last_check"] == st["last_success"] == "2024-05-06T07:08:09Z"
@@ -454,13 +460,14 @@ def test_other_process_sees_committed_writes(idx: Index, index_dir: Path) -> Non
         index_dir,
         """
         with idx.read() as r:
-            print(json.dumps({"names": r.source_names(), "versions": r.versions("a")}))
+            print(json.dumps({"names": r.source_names(),
+                              "versions": [v.id for v in r.versions("a")]}))
         print(json.dumps(idx.take_refresh_requests()))
         """,
     )
     seen, taken = (json.loads(line) for line in out.splitlines())
     assert seen["names"] == ["a"]
-    assert [x["id"] for x in seen["versions"]] == [v["id"]]
+    assert seen["versions"] == [v.id]
     assert taken == ["a"]
     assert idx.take_refresh_requests() == []  # the other process took it
 

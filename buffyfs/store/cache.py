@@ -31,6 +31,7 @@ from buffyfs.safeio import entry_kind, make_dir, open_file, opener, read_text
 from buffyfs.store import commands, status
 from buffyfs.store.blobs import BlobStore, SourceLock
 from buffyfs.store.index import Index, Writer
+from buffyfs.store.records import Version
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,18 @@ class Cache:
             existing = {n: src for n, src in w.sources()}
             for name, (url, options) in declared.items():
                 old = existing.get(name)
-                if old is not None and old["options"].get("pinned") and not options["pinned"]:
+                if old is not None and old.options.get("pinned") and not options["pinned"]:
                     options = {**options, "pinned": True}  # pinned at run time: keep the pin
-                newly_pinned = options["pinned"] and not (old or {}).get("options", {}).get(
-                    "pinned")
+                newly_pinned = options["pinned"] and not (old is not None
+                                                          and old.options.get("pinned"))
                 if w.add_source(name, url, options, replace=True):
                     (changed if old is not None else added).append(name)
                 if newly_pinned and old is not None:
                     current = w.latest(name)
-                    w.set_pin(name, True, current["id"] if current else None)
+                    w.set_pin(name, True, current.id if current else None)
             if prune:
                 for name in existing:
-                    if name not in declared and not existing[name].get("mirror"):
+                    if name not in declared and not existing[name].mirror:
                         w.remove_source(name)
                         removed.append(name)
         return added, changed, removed
@@ -129,11 +130,11 @@ class Cache:
         """Change options (``url`` included) of an existing source."""
         commands.run(self.index, [Command("set", [], raw_options)], name)
 
-    def tag(self, name: str, ref: str, tag: str) -> dict[str, Any]:
+    def tag(self, name: str, ref: str, tag: str) -> Version:
         """Tag a version (an id or ``latest``); returns it as tagged."""
         return commands.run(self.index, [Command("tag", [ref, tag])], name).results[0]
 
-    def untag(self, name: str, ref: str, tag: str) -> dict[str, Any]:
+    def untag(self, name: str, ref: str, tag: str) -> Version:
         return commands.run(self.index, [Command("untag", [ref, tag])], name).results[0]
 
     def pin(self, name: str, ref: str | None = None) -> str | None:
@@ -144,12 +145,12 @@ class Cache:
     def unpin(self, name: str) -> None:
         commands.run(self.index, [Command("unpin", [])], name)
 
-    def hold(self, name: str, ref: str, duration: str) -> dict[str, Any]:
+    def hold(self, name: str, ref: str, duration: str) -> Version:
         """Hold a version (an id or ``latest``, resolved now) for ``duration``; returns
         it as held."""
         return commands.run(self.index, [Command("hold", [ref, duration])], name).results[0]
 
-    def release(self, name: str, ref: str) -> dict[str, Any]:
+    def release(self, name: str, ref: str) -> Version:
         return commands.run(self.index, [Command("release", [ref])], name).results[0]
 
     def request_refresh(self, name: str, by: commands.RefreshBy) -> None:

@@ -24,13 +24,13 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from buffyfs.errors import CacheError
 from buffyfs.safeio import NotRegularFile, describe, entry_kind
 from buffyfs.store import gc
 from buffyfs.store.blobs import BlobStore, hash_file
 from buffyfs.store.index import Index
+from buffyfs.store.records import BlobEntry, Version
 from buffyfs.store.unpack import DerivedStore, data_sha256
 
 ORPHAN_LOCK_WAIT = 2.0  # seconds to wait for downloads' commits before judging orphans
@@ -64,17 +64,17 @@ class Findings:
                     or self.bad_refs or self.strays or self.bad_unpacked)
 
 
-def _uses(index: Index) -> tuple[dict[str, list[tuple[str, dict[str, Any]]]], dict]:
+def _uses(index: Index) -> tuple[dict[str, list[tuple[str, Version]]], dict]:
     """sha256 -> [(source, version)] over live and garbage versions; and the ref table."""
-    uses: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    uses: dict[str, list[tuple[str, Version]]] = {}
     with index.read() as r:
         for name in r.source_names():
             for v in r.versions(name):
-                if not v.get("remote"):  # a replica's, bytes not fetched: uses no blob
-                    uses.setdefault(v["sha256"], []).append((name, v))
+                if not v.remote:  # a replica's, bytes not fetched: uses no blob
+                    uses.setdefault(v.sha256, []).append((name, v))
         for g in r.garbage():
-            if not g.get("remote"):
-                uses.setdefault(g["sha256"], []).append((g["source"], g))
+            if not g.remote:
+                uses.setdefault(g.sha256, []).append((g.source, g))
         refs = r.blob_refs()
     return uses, refs
 
@@ -96,12 +96,12 @@ def _blob_entries(blobs: BlobStore) -> dict[str, tuple[str, int]]:
     return entries
 
 
-def _still_used(index: Index, sha: str, users: list[tuple[str, dict[str, Any]]]
+def _still_used(index: Index, sha: str, users: list[tuple[str, Version]]
                 ) -> list[tuple[str, str]]:
     """Which of ``users`` the index still holds: a blob that vanished because its
     versions were collected while we checked is no damage."""
-    now = {(s, v["id"]) for s, v in _uses(index)[0].get(sha, [])}
-    return [(s, v["id"]) for s, v in users if (s, v["id"]) in now]
+    now = {(s, v.id) for s, v in _uses(index)[0].get(sha, [])}
+    return [(s, v.id) for s, v in users if (s, v.id) in now]
 
 
 def check(index: Index, blobs: BlobStore,
@@ -135,13 +135,13 @@ def check(index: Index, blobs: BlobStore,
             found.not_regular += [(s, vid, kind) for s, vid in _still_used(index, sha, users)]
             continue
         if not intact:
-            found.corrupt += [(s, v["id"]) for s, v in users]
+            found.corrupt += [(s, v.id) for s, v in users]
         done += size
         found.checked += 1
         if progress:
             progress(done, total)
         entry = refs.get(sha)
-        if entry is None or entry["refs"] != len(users):
+        if entry is None or entry.refs != len(users):
             found.bad_refs.append(sha)
     found.bad_refs += [sha for sha in refs if sha not in uses]
     found.orphans = _confirmed_orphans(index, blobs, sorted(
@@ -201,7 +201,7 @@ def check_unpacked(index: Index, derived: DerivedStore
     match its record; and derived entries no blob has (orphans, under the cache)."""
     bad = []
     with index.read() as r:
-        records = {sha: e["unpacked"] for sha, e in r.blob_refs().items() if e.get("unpacked")}
+        records = {sha: e.unpacked for sha, e in r.blob_refs().items() if e.unpacked}
     for sha, record in sorted(records.items()):
         if record["state"] != "done":
             continue
@@ -259,29 +259,28 @@ def repair(index: Index, blobs: BlobStore, found: Findings) -> None:
     with index.write() as w:
         for users in uses.values():
             for source, v in users:
-                if (source, v["id"]) in broken:
-                    if w.version(source, v["id"]) == v and (w.source(source) or {}).get(
-                            "mirror"):
+                if (source, v.id) in broken:
+                    if w.version(source, v.id) == v and getattr(w.source(source), "mirror",
+                                                                 False):
                         w.make_remote(source, v)  # a replica fetches it from the hub again
                     else:
                         w.drop_version(source, v)
-        unpacked = {sha: e["unpacked"] for sha, e in w.blob_refs().items()
-                    if e.get("unpacked") and sha not in dict(found.bad_unpacked)}
+        unpacked = {sha: e.unpacked for sha, e in w.blob_refs().items()
+                    if e.unpacked and sha not in dict(found.bad_unpacked)}
         for sha in found.bad_refs:  # rebuild the counts from the versions
             w.drop_blob_ref(sha)
         total = 0
         for sha, users in uses.items():
-            alive = [(s, v) for s, v in users if (s, v["id"]) not in broken]
+            alive = [(s, v) for s, v in users if (s, v.id) not in broken]
             if alive:
-                entry = {"size": alive[0][1]["size"], "refs": len(alive)}
-                if sha in unpacked:  # a sound unpack stays (a broken one is done again)
-                    entry["unpacked"] = unpacked[sha]
-                w.put_blob_ref(sha, entry)
-                total += alive[0][1]["size"] + unpacked.get(sha, {}).get("size", 0)
+                # a sound unpack stays (a broken one is done again)
+                w.put_blob_ref(sha, BlobEntry(size=alive[0][1].size, refs=len(alive),
+                                              unpacked=unpacked.get(sha)))
+                total += alive[0][1].size + unpacked.get(sha, {}).get("size", 0)
         w.set_blob_bytes(total)
     for source, vid in found.corrupt:
         for sha, users in uses.items():
-            if any(s == source and v["id"] == vid for s, v in users):
+            if any(s == source and v.id == vid for s, v in users):
                 blobs.path(sha).unlink(missing_ok=True)
     derived = DerivedStore(blobs.root)
     for sha, _why in found.bad_unpacked:

@@ -26,7 +26,7 @@ event loop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ from buffyfs.options import (
     parse_duration,
 )
 from buffyfs.store.index import Index, Reader, Writer, newest_of
+from buffyfs.store.records import Source, Version
 
 # How ``refresh`` takes effect in the transaction:
 #   "mount"    the mount runs the write: the source shows ``fetching`` at once and the
@@ -146,10 +147,10 @@ def _set(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> No
     """``set KEY=VALUE ...``; ``pinned`` pins or unpins as ``pin`` and ``unpin`` do."""
     src = _source(w, source)
     raw = dict(cmd.options)
-    url = check_url(raw.pop("url")) if "url" in raw else src["url"]
-    options = normalize_options(raw, base=src["options"])
+    url = check_url(raw.pop("url")) if "url" in raw else src.url
+    options = normalize_options(raw, base=src.options)
     pinned = options["pinned"]
-    options["pinned"] = src["options"].get("pinned", False)  # the pin moves it, below
+    options["pinned"] = src.options.get("pinned", False)  # the pin moves it, below
     w.add_source(source, url, options, replace=True)
     if pinned and not options["pinned"]:
         w.set_pin(source, True, _pin_target(w, source, None))
@@ -158,12 +159,12 @@ def _set(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> No
     out.touch(source)
 
 
-def _tag(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> dict[str, Any]:
+def _tag(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> Version:
     """``tag VERSION TAG`` / ``untag VERSION TAG``; the result is the version as tagged."""
     ref, tag = cmd.args
     check_tag(tag)
     _source(w, source)
-    vid = version(w, source, ref)["id"]
+    vid = version(w, source, ref).id
     change = {"add": tag} if cmd.word == "tag" else {"remove": tag}
     v = w.change_tag(source, vid, **change)
     out.touch(source)
@@ -185,14 +186,14 @@ def _unpin(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> 
     out.touch(source)
 
 
-def _hold(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> dict[str, Any]:
+def _hold(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> Version:
     """``hold VERSION DURATION``: neither collection nor the quota takes the version
     before now + DURATION (a later hold extends, never shortens); ``latest`` is
     resolved now, once. The result is the version as held (the CLI prints its id)."""
     ref, duration = cmd.args
     seconds = parse_duration(duration, "hold duration")
     _source(w, source)
-    vid = version(w, source, ref)["id"]
+    vid = version(w, source, ref).id
     v = w.hold(source, vid, _round_up(datetime.now(UTC)) + timedelta(seconds=seconds))
     out.touch(source)
     return v
@@ -205,11 +206,11 @@ def _round_up(t: datetime) -> datetime:
     return whole if whole == t else whole + timedelta(seconds=1)
 
 
-def _release(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> dict[str, Any]:
+def _release(w: Writer, cmd: Command, source: str, out: Outcome, _: RefreshBy) -> Version:
     """``release VERSION``: end its hold now; the result is the version."""
     [ref] = cmd.args
     _source(w, source)
-    v = w.release(source, version(w, source, ref)["id"])
+    v = w.release(source, version(w, source, ref).id)
     out.touch(source)
     return v
 
@@ -218,7 +219,7 @@ def _refresh(w: Writer, cmd: Command, source: str, out: Outcome, by: RefreshBy) 
     """``refresh [--force]``: check the origin now; refused while the source is pinned.
     ``--force``: the next refresh asks without validators (an unconditional GET)."""
     src = _source(w, source)
-    if src["options"].get("pinned"):
+    if src.options.get("pinned"):
         raise BadInput(f"source {source!r} is pinned: unpin it first")
     if cmd.args == ["--force"] and by != "check":
         w.put_state(source, force=True)  # the refresher takes it (refresh.py)
@@ -231,7 +232,7 @@ def _refresh(w: Writer, cmd: Command, source: str, out: Outcome, by: RefreshBy) 
 
 
 def _revalidate(w: Writer, cmd: Command, source: str, out: Outcome,
-                _: RefreshBy) -> dict[str, Any]:
+                _: RefreshBy) -> Version:
     """``revalidate VERSION``: tag it ``valid`` or ``failed`` as ``cmd.verdict`` (the
     source's current checks, run before the transaction: revalidate.py) says; without a
     verdict (``dry_run``) only checked. The result is the version as it is now."""
@@ -240,14 +241,11 @@ def _revalidate(w: Writer, cmd: Command, source: str, out: Outcome,
     v = version(w, source, ref)
     if cmd.verdict is None:
         return v
-    if cmd.verdict["id"] != v["id"]:
+    if cmd.verdict["id"] != v.id:
         raise BadInput(f"{ref!r} named another version while its checks ran; try again")
     failure = cmd.verdict["failure"]
-    v = w.change_tag(source, v["id"], add="failed" if failure else "valid")
-    if failure:
-        v["validation"] = failure
-    else:
-        v.pop("validation", None)
+    v = w.change_tag(source, v.id, add="failed" if failure else "valid")
+    v = replace(v, validation=failure or None)
     w.put_version(source, v)
     out.touch(source)
     return v
@@ -264,7 +262,7 @@ ROOT_WORDS = {"add", "remove"}
 # --- references ---------------------------------------------------------------------------
 
 
-def version(r: Reader, source: str, ref: str) -> dict[str, Any]:
+def version(r: Reader, source: str, ref: str) -> Version:
     """A version of ``source`` by id, ``latest`` or ``newest`` (as the transaction sees
     it now)."""
     check_version_ref(ref)
@@ -284,7 +282,7 @@ def version(r: Reader, source: str, ref: str) -> dict[str, Any]:
     return v
 
 
-def _source(r: Reader, name: str) -> dict[str, Any]:
+def _source(r: Reader, name: str) -> Source:
     src = r.source(name)
     if src is None:
         raise NotFound(f"no source named {name!r}")

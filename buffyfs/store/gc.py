@@ -44,7 +44,6 @@ import shutil
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from buffyfs import crash
 from buffyfs.errors import BuffyError
@@ -61,6 +60,7 @@ from buffyfs.store.index import (
     rfc3339,
     servable,
 )
+from buffyfs.store.records import Source, Version
 from buffyfs.store.unpack import DerivedStore
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class CacheFull(BuffyError):
 @dataclass
 class Doomed:
     source: str
-    version: dict[str, Any]
+    version: Version
     reason: str  # "retention", "source removed" or "quota"
 
 
@@ -115,11 +115,11 @@ class Why:
 EVICTABLE = frozenset({"keep_versions", "grace"})  # the quota may evict these (grace last)
 
 
-def grace_ends(src: dict[str, Any], versions: list[dict[str, Any]]) -> dict[str, datetime]:
+def grace_ends(src: Source, versions: list[Version]) -> dict[str, datetime]:
     """When the ``keep_for`` grace of each superseded servable version ends, by id
     (``versions`` newest first): ``keep_for`` after the ``fetched_at`` of the next
     newer servable version, the moment it took over as ``latest``."""
-    keep_for = parse_duration(src["options"].get("keep_for", "0s"), "keep_for",
+    keep_for = parse_duration(src.options.get("keep_for", "0s"), "keep_for",
                               allow_zero=True)
     if not keep_for:
         return {}
@@ -129,50 +129,50 @@ def grace_ends(src: dict[str, Any], versions: list[dict[str, Any]]) -> dict[str,
         if not servable(v):
             continue
         if successor is not None:
-            ends[v["id"]] = parse_rfc3339(successor) + timedelta(seconds=keep_for)
-        successor = v["fetched_at"]
+            ends[v.id] = parse_rfc3339(successor) + timedelta(seconds=keep_for)
+        successor = v.fetched_at
     return ends
 
 
-def kept_reasons(src: dict[str, Any], versions: list[dict[str, Any]], now: datetime,
+def kept_reasons(src: Source, versions: list[Version], now: datetime,
                  open_inos: Collection[int] = ()) -> dict[str, list[Why]]:
     """Why each version of a source is kept, by id (``versions`` newest first); an
     empty list: the version is garbage."""
-    why: dict[str, list[Why]] = {v["id"]: [] for v in versions}
+    why: dict[str, list[Why]] = {v.id: [] for v in versions}
     latest = resolve_latest(src, versions)
     if latest:
-        why[latest["id"]].append(Why("latest"))
-    if src.get("pin") in why:
-        why[src["pin"]].append(Why("pinned"))
-    newest_valid = next((v for v in versions if "valid" in v.get("tags", ())), None)
+        why[latest.id].append(Why("latest"))
+    if src.pin in why:
+        why[src.pin].append(Why("pinned"))
+    newest_valid = next((v for v in versions if "valid" in v.tags), None)
     if newest_valid:
-        why[newest_valid["id"]].append(Why("valid"))
+        why[newest_valid.id].append(Why("valid"))
     for v in versions:
-        if "keep" in v.get("tags", ()):
-            why[v["id"]].append(Why("keep tag"))
+        if "keep" in v.tags:
+            why[v.id].append(Why("keep tag"))
         until = held_until(v, now)
         if until:
-            why[v["id"]].append(Why("held", until))
+            why[v.id].append(Why("held", until))
     grace = grace_ends(src, versions)
-    limit = src["options"].get("keep_versions", 5)
+    limit = src.options.get("keep_versions", 5)
     others = 0
     for v in versions:
-        reasons = why[v["id"]]
+        reasons = why[v.id]
         if reasons:
             continue  # kept whatever the counts say
         if others < limit:
             reasons.append(Why("keep_versions"))
         others += 1
-        end = grace.get(v["id"])
+        end = grace.get(v.id)
         if end is not None and end > now:
             reasons.append(Why("grace", rfc3339(end)))
     for v in versions:
-        if v["ino"] in open_inos:
-            why[v["id"]].append(Why("open"))
+        if v.ino in open_inos:
+            why[v.id].append(Why("open"))
     return why
 
 
-def protected_ids(source: dict[str, Any], versions: list[dict[str, Any]],
+def protected_ids(source: Source, versions: list[Version],
                   now: datetime | None = None) -> set[str]:
     """Ids neither rule nor quota may collect: latest, the pin, the newest valid
     version, the keep-tagged and the held ones."""
@@ -213,19 +213,19 @@ def retention_garbage(r: Reader, open_inos: set[int], now: datetime | None = Non
         versions = r.versions(name)
         why = kept_reasons(src, versions, now, open_inos)
         for v in versions:
-            reasons = why[v["id"]]
+            reasons = why[v.id]
             soonest = _next_end(reasons, soonest)
             kinds = {w.kind for w in reasons}
             if not kinds:
-                if not v.get("remote"):  # remote: a replica's, no bytes here to drop
+                if not v.remote:  # remote: a replica's, no bytes here to drop
                     doomed.append(Doomed(name, v, "retention"))
                 continue
-            kept.append(Kept(name, v["id"], reasons))
-            if kinds <= EVICTABLE and not v.get("remote"):
-                extras.append((("grace" in kinds), v["fetched_at"], Doomed(name, v, "quota")))
+            kept.append(Kept(name, v.id, reasons))
+            if kinds <= EVICTABLE and not v.remote:
+                extras.append((("grace" in kinds), v.fetched_at, Doomed(name, v, "quota")))
     for g in r.garbage():
-        if g["ino"] not in open_inos:
-            doomed.append(Doomed(g["source"], g, "source removed"))
+        if g.ino not in open_inos:
+            doomed.append(Doomed(g.source, g, "source removed"))
     extras.sort(key=lambda e: (e[0], e[1]))
     return Retention(doomed, [d for _, _, d in extras], kept, soonest)
 
@@ -240,16 +240,17 @@ def seconds_until(stamp: str | None, longest: float) -> float:
 
 def _freed_by(r: Reader, doomed: Iterable[Doomed]) -> dict[str, int]:
     """Bytes freed per source if ``doomed`` go (a blob counts when its last user goes)."""
-    refs = {sha: dict(e) for sha, e in r.blob_refs().items()}
+    entries = r.blob_refs()
+    refs = {sha: e.refs for sha, e in entries.items()}
     freed: dict[str, int] = {}
     for d in doomed:
-        entry = refs.get(d.version["sha256"])
+        sha = d.version.sha256
         freed.setdefault(d.source, 0)
-        if entry is None:
+        if sha not in refs:
             continue
-        entry["refs"] -= 1
-        if entry["refs"] == 0:
-            freed[d.source] += entry["size"]
+        refs[sha] -= 1
+        if refs[sha] == 0:
+            freed[d.source] += entries[sha].size
     return freed
 
 
@@ -277,7 +278,7 @@ def plan(r: Reader, open_inos: set[int], need: int = 0,
         if used > max_size:
             log.warning("cache over max_cache_size by %d bytes of protected versions",
                         used - max_size)
-    evicted = {(d.source, d.version["id"]) for d in doomed if d.reason == "quota"}
+    evicted = {(d.source, d.version.id) for d in doomed if d.reason == "quota"}
     kept = [k for k in retention.kept if (k.source, k.id) not in evicted]
     return Report(doomed=doomed, freed=freed, kept=kept, wake_at=retention.wake_at)
 
@@ -318,42 +319,42 @@ def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None
         protected: dict[str, set[str]] = {}  # source -> protected ids, now
         for d in doomed:
             v = d.version
-            if open_inos is not None and v["ino"] in open_inos:
+            if open_inos is not None and v.ino in open_inos:
                 skipped += 1
                 continue
             if d.reason == "source removed":
-                still = w.version_by_inode(v["ino"])
+                still = w.version_by_inode(v.ino)
                 if still is None or still[0] != d.source:
                     skipped += 1  # collected meanwhile
                     continue
             else:
-                now = w.version(d.source, v["id"])
-                if now is None or now["ino"] != v["ino"]:
+                now = w.version(d.source, v.id)
+                if now is None or now.ino != v.ino:
                     skipped += 1
                     continue
                 if d.source not in protected:
                     src = w.source(d.source)
                     protected[d.source] = protected_ids(src, w.versions(d.source)) \
                         if src else set()
-                if v["id"] in protected[d.source]:
+                if v.id in protected[d.source]:
                     skipped += 1  # tagged keep, pinned, or latest again since the plan
                     continue
-            entry = w.blob_ref(v["sha256"])
+            entry = w.blob_ref(v.sha256)
             report.freed.setdefault(d.source, 0)
-            if d.reason != "source removed" and (w.source(d.source) or {}).get("mirror"):
+            if d.reason != "source removed" and getattr(w.source(d.source), "mirror", False):
                 # a replica's version stays listed while the hub has it: its bytes go
-                if not now.get("remote") and w.make_remote(d.source, now):
-                    report.unlink.append(v["sha256"])
-                    report.freed[d.source] += entry["size"] if entry else 0
+                if not now.remote and w.make_remote(d.source, now):
+                    report.unlink.append(v.sha256)
+                    report.freed[d.source] += entry.size if entry else 0
                 report.doomed.append(d)
                 continue
             if w.drop_version(d.source, v):
-                report.unlink.append(v["sha256"])
-                report.freed[d.source] += entry["size"] if entry else 0
+                report.unlink.append(v.sha256)
+                report.freed[d.source] += entry.size if entry else 0
             report.doomed.append(d)
         report.changes.append((first, w.seq()))
     for d in report.doomed:
-        log.info("%s: collected version %s (%s)", d.source, d.version["id"], d.reason)
+        log.info("%s: collected version %s (%s)", d.source, d.version.id, d.reason)
     if skipped:
         log.info("collection: %d version(s) kept after all (open, protected or gone "
                  "since the plan)", skipped)
@@ -422,12 +423,12 @@ def _drop(w: Writer, doomed: list[Doomed]) -> list[str]:
     gone = []
     for d in doomed:
         if w.drop_version(d.source, d.version):
-            gone.append(d.version["sha256"])
+            gone.append(d.version.sha256)
     return gone
 
 
 def sweep_orphans(index: Index, blobs: BlobStore,
-                  key_of: Callable[[dict[str, Any]], str] | None = None) -> list[str] | None:
+                  key_of: Callable[[Source], str] | None = None) -> list[str] | None:
     """Remove blob files no version uses and partial files no download will resume.
 
     Returns what it removed, or None when it had to skip: some download is between
@@ -480,7 +481,7 @@ def sweep_strays(blobs: BlobStore) -> list[str]:
 
 
 def sweep_partials(index: Index, blobs: BlobStore,
-                   key_of: Callable[[dict[str, Any]], str] | None = None) -> list[str]:
+                   key_of: Callable[[Source], str] | None = None) -> list[str]:
     """Remove the partial files no download owns and none will resume.
 
     A partial file ``partial/NAME.part`` is kept while its download runs (someone holds
@@ -502,7 +503,7 @@ def sweep_partials(index: Index, blobs: BlobStore,
         try:
             with index.read() as r:  # read under the lock: no download starts meanwhile
                 source = r.source(name)
-                saved = r.state(name).get("partial") if source is not None else None
+                saved = r.state(name).partial if source is not None else None
             stale = key_of is not None and saved and saved.get("key") != key_of(source)
             present = partial.exists() or partial.is_symlink()
             if (source is None or not saved or stale) and present:

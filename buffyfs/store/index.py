@@ -96,6 +96,7 @@ Named databases and their keys (all values JSON unless said otherwise):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import re
@@ -109,6 +110,16 @@ from typing import Any
 import lmdb
 
 from buffyfs.errors import BadInput, CacheError, NotFound
+from buffyfs.store.records import (
+    BlobEntry,
+    InodeRef,
+    Source,
+    SourceState,
+    Version,
+    decode,
+    encode,
+    from_dict,
+)
 
 FORMAT = b"1"
 FIRST_DYNAMIC_INO = 16
@@ -145,12 +156,12 @@ def version_id(fetched_at: datetime, sha256: str) -> str:
     return fetched_at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + sha256[:8]
 
 
-def servable(version: dict[str, Any]) -> bool:
+def servable(version: Version) -> bool:
     """May the version be served as a ``latest``: not tagged ``failed``, not damaged."""
-    return "failed" not in version.get("tags", ()) and not version.get("damaged")
+    return "failed" not in version.tags and not version.damaged
 
 
-def latest_of(versions: list[dict[str, Any]]) -> dict[str, Any] | None:
+def latest_of(versions: list[Version]) -> Version | None:
     """The newest servable version (``versions`` newest first)."""
     for v in versions:
         if servable(v):
@@ -158,35 +169,34 @@ def latest_of(versions: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def newest_of(versions: list[dict[str, Any]]) -> dict[str, Any] | None:
+def newest_of(versions: list[Version]) -> Version | None:
     """What the word ``newest`` names: the newest version that is not damaged, tagged
     ``failed`` or not (``versions`` newest first)."""
-    return next((v for v in versions if not v.get("damaged")), None)
+    return next((v for v in versions if not v.damaged), None)
 
 
-def resolve_latest(source: dict[str, Any], versions: list[dict[str, Any]]) -> dict[str, Any] | None:
+def resolve_latest(source: Source, versions: list[Version]) -> Version | None:
     """What ``latest`` means for a source: its pinned version, else the newest servable
     one (not tagged ``failed``, not damaged).
 
     A pinned version tagged ``failed`` (or damaged) falls back like any other, but only
     to older versions: a pin never moves ``latest`` forward in time.
     """
-    pin = source.get("pin")
-    if pin and any(v["id"] == pin for v in versions):
-        return latest_of([v for v in versions if v["id"] <= pin])
+    pin = source.pin
+    if pin and any(v.id == pin for v in versions):
+        return latest_of([v for v in versions if v.id <= pin])
     return latest_of(versions)
 
 
-def tag_latest(versions: list[dict[str, Any]], tag: str) -> dict[str, Any] | None:
+def tag_latest(versions: list[Version], tag: str) -> Version | None:
     """What ``@TAG/latest`` means: the newest version carrying ``tag`` that is not
     damaged (``versions`` newest first)."""
-    return next((v for v in versions if tag in v.get("tags", ()) and not v.get("damaged")),
-                None)
+    return next((v for v in versions if tag in v.tags and not v.damaged), None)
 
 
-def held_until(version: dict[str, Any], now: datetime) -> str | None:
+def held_until(version: Version, now: datetime) -> str | None:
     """The end of the version's hold (RFC 3339), or None if it is not held at ``now``."""
-    until = version.get("held_until")
+    until = version.held_until
     return until if until is not None and until > rfc3339(now) else None
 
 
@@ -211,6 +221,10 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+def _version_key(name: str, vid: str) -> bytes:
+    return name.encode() + b"\0" + vid.encode()
+
+
 class Reader:
     """Typed reads inside one transaction (read or write)."""
 
@@ -227,18 +241,22 @@ class Reader:
         raw = self.txn.get(key, db=self.dbs[db])
         return None if raw is None else json.loads(raw)
 
-    def source(self, name: str) -> dict[str, Any] | None:
-        return self._get("sources", name.encode())
+    def _record(self, cls: Any, db: str, key: bytes) -> Any:
+        raw = self.txn.get(key, db=self.dbs[db])
+        return None if raw is None else decode(cls, raw)
 
-    def sources(self) -> list[tuple[str, dict[str, Any]]]:
+    def source(self, name: str) -> Source | None:
+        return self._record(Source, "sources", name.encode())
+
+    def sources(self) -> list[tuple[str, Source]]:
         with self.txn.cursor(db=self.dbs["sources"]) as cur:
-            return [(k.decode(), json.loads(v)) for k, v in cur]
+            return [(k.decode(), decode(Source, v)) for k, v in cur]
 
     def source_names(self) -> list[str]:
         with self.txn.cursor(db=self.dbs["sources"]) as cur:
             return [k.decode() for k in cur.iternext(keys=True, values=False)]
 
-    def versions(self, name: str) -> list[dict[str, Any]]:
+    def versions(self, name: str) -> list[Version]:
         """All versions of a source, newest first."""
         prefix = name.encode() + b"\0"
         out = []
@@ -248,11 +266,11 @@ class Reader:
             for k, v in cur:
                 if not k.startswith(prefix):
                     break
-                out.append(json.loads(v))
+                out.append(decode(Version, v))
         out.reverse()
         return out
 
-    def versions_after(self, name: str, vid: str) -> Iterator[dict[str, Any]]:
+    def versions_after(self, name: str, vid: str) -> Iterator[Version]:
         """The versions of a source newer than ``vid``, oldest first, read lazily (use
         it inside the transaction; stop when you have what you need)."""
         prefix = name.encode() + b"\0"
@@ -262,35 +280,27 @@ class Reader:
             for k, v in cur:
                 if not k.startswith(prefix):
                     break
-                yield json.loads(v)
+                yield decode(Version, v)
 
     def has_versions(self, name: str) -> bool:
         prefix = name.encode() + b"\0"
         with self.txn.cursor(db=self.dbs["versions"]) as cur:
             return cur.set_range(prefix) and cur.key().startswith(prefix)
 
-    def version(self, name: str, vid: str) -> dict[str, Any] | None:
-        return self._get("versions", name.encode() + b"\0" + vid.encode())
+    def version(self, name: str, vid: str) -> Version | None:
+        return self._record(Version, "versions", name.encode() + b"\0" + vid.encode())
 
-    def state(self, name: str) -> dict[str, Any]:
+    def state(self, name: str) -> SourceState:
         queued = self.queued_state.get(name) if self.queued_state is not None else None
         if queued is not None:
-            return {**self._stored_state(name), **queued}
+            return dataclasses.replace(self._stored_state(name), **queued)
         return self._stored_state(name)
 
-    def _stored_state(self, name: str) -> dict[str, Any]:
-        return self._get("state", name.encode()) or {
-            "last_check": None,
-            "last_success": None,
-            "next_check": None,
-            "consecutive_failures": 0,
-            "last_error": None,
-            "last_control_error": None,
-            "progress": None,
-        }
+    def _stored_state(self, name: str) -> SourceState:
+        return self._record(SourceState, "state", name.encode()) or SourceState()
 
-    def inode(self, ino: int) -> dict[str, Any] | None:
-        return self._get("inodes", _u64(ino))
+    def inode(self, ino: int) -> InodeRef | None:
+        return self._record(InodeRef, "inodes", _u64(ino))
 
     def raw_items(self, db: str) -> list[tuple[bytes, bytes]]:
         """Every key and value of a table, in key order, not decoded: a cheap scan for a
@@ -314,34 +324,36 @@ class Reader:
         raw = self.txn.get(b"mirror_serial", db=self.dbs["meta"])
         return _from_u64(raw) if raw else 0
 
-    def latest(self, name: str) -> dict[str, Any] | None:
+    def latest(self, name: str) -> Version | None:
         src = self.source(name)
         return resolve_latest(src, self.versions(name)) if src else None
 
-    def version_by_inode(self, ino: int) -> tuple[str, dict[str, Any]] | None:
-        """(source, version) of a version inode, including garbage not yet collected."""
+    def version_by_inode(self, ino: int) -> tuple[str, Version] | None:
+        """(source, version) of a version inode, including garbage not yet collected
+        (a garbage version has its ``source`` set)."""
         ref = self.inode(ino)
-        if ref is None or ref["kind"] != "version":
+        if ref is None or ref.kind != "version" or ref.id is None:
             return None
-        v = self.version(ref["source"], ref["id"])
-        if v is not None and v["ino"] == ino:
-            return ref["source"], v
-        g = self._get("garbage", _u64(ino))
-        return (g["source"], g) if g else None
+        v = self.version(ref.source, ref.id)
+        if v is not None and v.ino == ino:
+            return ref.source, v
+        g = self._record(Version, "garbage", _u64(ino))
+        return (g.source, g) if g else None
 
-    def garbage(self) -> list[dict[str, Any]]:
+    def garbage(self) -> list[Version]:
+        """The versions of removed sources (each with its ``source``)."""
         with self.txn.cursor(db=self.dbs["garbage"]) as cur:
-            return [json.loads(v) for v in cur.iternext(keys=False, values=True)]
+            return [decode(Version, v) for v in cur.iternext(keys=False, values=True)]
 
-    def blob_refs(self) -> dict[str, dict[str, Any]]:
+    def blob_refs(self) -> dict[str, BlobEntry]:
         with self.txn.cursor(db=self.dbs["blobs"]) as cur:
-            return {k.decode(): json.loads(v) for k, v in cur}
+            return {k.decode(): decode(BlobEntry, v) for k, v in cur}
 
     def version_count(self) -> int:
         return self.txn.stat(self.dbs["versions"])["entries"]
 
-    def blob_ref(self, sha256: str) -> dict[str, Any] | None:
-        return self._get("blobs", sha256.encode())
+    def blob_ref(self, sha256: str) -> BlobEntry | None:
+        return self._record(BlobEntry, "blobs", sha256.encode())
 
     def unpacked(self, sha256: str) -> dict[str, Any] | None:
         """What the blob unpacks to (``blobs`` above), None if not looked at yet."""
@@ -354,25 +366,25 @@ class Reader:
         raw = self.txn.get(b"blob_bytes", db=self.dbs["meta"])
         return _from_u64(raw) if raw else 0
 
-    def users_of_blob(self, sha256: str) -> list[tuple[str, dict[str, Any], bool]]:
+    def users_of_blob(self, sha256: str) -> list[tuple[str, Version, bool]]:
         """(source, version, live) of every version using the blob, garbage included.
         A scan of every version: for rare events (damage found), not for serving."""
         return self.users_of_blobs({sha256})[sha256]
 
     def users_of_blobs(self, shas: Collection[str]
-                       ) -> dict[str, list[tuple[str, dict[str, Any], bool]]]:
+                       ) -> dict[str, list[tuple[str, Version, bool]]]:
         """``users_of_blob`` of several blobs in one scan of every version."""
-        out: dict[str, list[tuple[str, dict[str, Any], bool]]] = {sha: [] for sha in shas}
+        out: dict[str, list[tuple[str, Version, bool]]] = {sha: [] for sha in shas}
         marker = re.compile(b"|".join(re.escape(sha.encode()) for sha in out) or b"(?!)")
         with self.txn.cursor(db=self.dbs["versions"]) as cur:
             for key, raw in cur:
                 if marker.search(raw):  # cheap filter before the JSON parse
-                    v = json.loads(raw)
-                    if v["sha256"] in out:
-                        out[v["sha256"]].append((key.split(b"\0", 1)[0].decode(), v, True))
+                    v = decode(Version, raw)
+                    if v.sha256 in out:
+                        out[v.sha256].append((key.split(b"\0", 1)[0].decode(), v, True))
         for g in self.garbage():
-            if g["sha256"] in out:
-                out[g["sha256"]].append((g["source"], g, False))
+            if g.sha256 in out:
+                out[g.sha256].append((g.source, g, False))
         return out
 
 
@@ -381,6 +393,9 @@ class Writer(Reader):
 
     def _put(self, db: str, key: bytes, value: Any) -> None:
         self.txn.put(key, _dumps(value), db=self.dbs[db])
+
+    def _put_record(self, db: str, key: bytes, record: Any) -> None:
+        self.txn.put(key, encode(record), db=self.dbs[db])
 
     def changed(self, name: str) -> None:
         """Record that the mount must look at ``name`` again ("" for the root)."""
@@ -404,79 +419,80 @@ class Writer(Reader):
         self.txn.put(b"next_ino", _u64(first + count), db=self.dbs["meta"])
         return first
 
-    def put_state(self, name: str, **fields: Any) -> dict[str, Any]:
-        state = self.state(name)
-        state.update(fields)
-        self._put("state", name.encode(), state)
+    def put_state(self, name: str, **fields: Any) -> SourceState:
+        """Change fields of the source's state (``SourceState``'s names)."""
+        state = dataclasses.replace(self.state(name), **fields)
+        self._put_record("state", name.encode(), state)
         return state
 
     def put_meta_json(self, key: str, value: Any) -> None:
         self._put("meta", key.encode(), value)
 
     def ref_blob(self, sha256: str, size: int) -> None:
-        entry = self._get("blobs", sha256.encode()) or {"size": size, "refs": 0}
-        if entry["refs"] == 0:
+        entry = self.blob_ref(sha256) or BlobEntry(size=size, refs=0)
+        if entry.refs == 0:
             self._add_blob_bytes(size)
-        entry["refs"] += 1
-        self._put("blobs", sha256.encode(), entry)
+        self.put_blob_ref(sha256, dataclasses.replace(entry, refs=entry.refs + 1))
 
     def unref_blob(self, sha256: str) -> bool:
         """Drop one reference; True when it was the last (the file may then go)."""
-        entry = self._get("blobs", sha256.encode())
+        entry = self.blob_ref(sha256)
         if entry is None:
             return False
-        entry["refs"] -= 1
-        if entry["refs"] > 0:
-            self._put("blobs", sha256.encode(), entry)
+        if entry.refs > 1:
+            self.put_blob_ref(sha256, dataclasses.replace(entry, refs=entry.refs - 1))
             return False
         self.txn.delete(sha256.encode(), db=self.dbs["blobs"])
-        self._add_blob_bytes(-entry["size"] - (entry.get("unpacked") or {}).get("size", 0))
+        self._add_blob_bytes(-entry.size - (entry.unpacked or {}).get("size", 0))
         return True
 
     def put_unpacked(self, sha256: str, record: dict[str, Any]) -> bool:
         """Record what the blob unpacks to (its derived bytes counted in ``blob_bytes``);
         False when no version uses the blob any more (the derived data must go)."""
-        entry = self._get("blobs", sha256.encode())
+        entry = self.blob_ref(sha256)
         if entry is None:
             return False
-        old = (entry.get("unpacked") or {}).get("size", 0)
-        entry["unpacked"] = record
+        old = (entry.unpacked or {}).get("size", 0)
         self._add_blob_bytes(record.get("size", 0) - old)
-        self._put("blobs", sha256.encode(), entry)
+        self.put_blob_ref(sha256, dataclasses.replace(entry, unpacked=record))
         return True
 
     def _add_blob_bytes(self, delta: int) -> None:
         self.set_blob_bytes(self.blob_bytes() + delta)
 
-    def drop_version(self, source: str, version: dict[str, Any]) -> bool:
+    def drop_version(self, source: str, version: Version) -> bool:
         """Delete a version (live or garbage) for good; True if its blob lost its last user."""
-        key = source.encode() + b"\0" + version["id"].encode()
-        live = self.txn.get(key, db=self.dbs["versions"])
-        if live is not None and json.loads(live)["ino"] == version["ino"]:
-            self.txn.delete(key, db=self.dbs["versions"])
+        live = self.version(source, version.id)
+        if live is not None and live.ino == version.ino:
+            self.txn.delete(_version_key(source, version.id), db=self.dbs["versions"])
             self.changed(source)
             self.mirrored(source)
-        self.txn.delete(_u64(version["ino"]), db=self.dbs["garbage"])
-        self.txn.delete(_u64(version["ino"]), db=self.dbs["inodes"])
-        if version.get("remote"):  # a replica's version never fetched holds no reference
+        self.txn.delete(_u64(version.ino), db=self.dbs["garbage"])
+        self.txn.delete(_u64(version.ino), db=self.dbs["inodes"])
+        if version.remote:  # a replica's version never fetched holds no reference
             return False
-        return self.unref_blob(version["sha256"])
+        return self.unref_blob(version.sha256)
 
     # --- sources, tags and pins (the rules in commands.py call these) -----------------
 
-    def put_source(self, name: str, record: dict[str, Any]) -> None:
-        self._put("sources", name.encode(), record)
+    def put_source(self, name: str, record: Source | dict[str, Any]) -> None:
+        self._put_record("sources", name.encode(), from_dict(Source, record))
 
-    def put_version(self, name: str, version: dict[str, Any]) -> None:
-        self._put("versions", name.encode() + b"\0" + version["id"].encode(), version)
+    def put_version(self, name: str, version: Version | dict[str, Any]) -> None:
+        version = from_dict(Version, version)
+        self._put_record("versions", _version_key(name, version.id), version)
 
-    def put_inode(self, ino: int, ref: dict[str, Any]) -> None:
+    def put_garbage(self, version: Version) -> None:
+        """A version of a removed source (its ``source`` set), until it is collected."""
+        self._put_record("garbage", _u64(version.ino), version)
+
+    def put_inode(self, ino: int, ref: InodeRef | dict[str, Any]) -> None:
         """What inode ``ino`` names (``inodes`` above)."""
-        self._put("inodes", _u64(ino), ref)
+        self._put_record("inodes", _u64(ino), from_dict(InodeRef, ref))
 
-    def put_blob_ref(self, sha256: str, entry: dict[str, Any]) -> None:
+    def put_blob_ref(self, sha256: str, entry: BlobEntry | dict[str, Any]) -> None:
         """A blob's entry as it is (``check`` rebuilds them; ``ref_blob`` counts)."""
-        self._put("blobs", sha256.encode(), entry)
+        self._put_record("blobs", sha256.encode(), from_dict(BlobEntry, entry))
 
     def drop_blob_ref(self, sha256: str) -> None:
         self.txn.delete(sha256.encode(), db=self.dbs["blobs"])
@@ -493,32 +509,31 @@ class Writer(Reader):
         if old is not None:
             if not replace:
                 raise BadInput(f"a source named {name!r} exists already")
-            if old["url"] == url and old["options"] == options:
+            if old.url == url and old.options == options:
                 return False
-            rec = {**old, "url": url, "options": options}
+            rec = dataclasses.replace(old, url=url, options=options)
         else:
             base = self.alloc_inodes(INODES_PER_SOURCE)
-            rec = {"url": url, "options": options, "ino": base,
-                   "added_at": rfc3339(now_utc()), "pin": None}
+            rec = Source(url=url, options=options, ino=base, added_at=rfc3339(now_utc()))
             for kind in SourceInode:
-                self._put("inodes", _u64(base + kind), {"kind": kind.name, "source": name})
+                self.put_inode(base + kind, InodeRef(kind=kind.name, source=name))
         self.put_source(name, rec)
         self.changed(name)
         self.changed("")
         self.mirrored(name)
         return True
 
-    def remove_source(self, name: str) -> list[dict[str, Any]]:
+    def remove_source(self, name: str) -> list[Version]:
         """Unregister a source; returns its versions (now garbage)."""
         src = self.source(name)
         if src is None:
             raise NotFound(f"no source named {name!r}")
         versions = self.versions(name)
         for v in versions:  # garbage now; collected when no reader holds them
-            self.txn.delete(name.encode() + b"\0" + v["id"].encode(), db=self.dbs["versions"])
-            self._put("garbage", _u64(v["ino"]), {**v, "source": name})
+            self.txn.delete(_version_key(name, v.id), db=self.dbs["versions"])
+            self.put_garbage(dataclasses.replace(v, source=name))
         for kind in SourceInode:
-            self.txn.delete(_u64(src["ino"] + kind), db=self.dbs["inodes"])
+            self.txn.delete(_u64(src.ino + kind), db=self.dbs["inodes"])
         for db in ("sources", "state", "requests", "checks"):
             self.txn.delete(name.encode(), db=self.dbs[db])
         self.changed(name)
@@ -527,37 +542,38 @@ class Writer(Reader):
         return versions
 
     def change_tag(self, name: str, vid: str, add: str | None = None,
-                   remove: str | None = None) -> dict[str, Any]:
+                   remove: str | None = None) -> Version:
         """Add or remove one tag of a version; returns the version as it is now."""
         v = self.version(name, vid)
         if v is None:
             raise NotFound(f"source {name!r} has no version {vid!r}")
-        v["tags"] = tags_after(v.get("tags", []), add, remove)
+        v = dataclasses.replace(v, tags=tags_after(v.tags, add, remove))
         self.put_version(name, v)
         self.changed(name)
         self.mirrored(name)
         return v
 
-    def hold(self, name: str, vid: str, until: datetime) -> dict[str, Any]:
+    def hold(self, name: str, vid: str, until: datetime) -> Version:
         """Hold a version until ``until``, or longer if an earlier hold reaches further
         (a hold only ever extends); returns the version as it is now."""
         v = self.version(name, vid)
         if v is None:
             raise NotFound(f"source {name!r} has no version {vid!r}")
         stamp = rfc3339(until)
-        if v.get("held_until") is None or v["held_until"] < stamp:  # RFC 3339 UTC sorts
-            v["held_until"] = stamp
+        if v.held_until is None or v.held_until < stamp:  # RFC 3339 UTC sorts
+            v = dataclasses.replace(v, held_until=stamp)
             self.put_version(name, v)
             self.changed(name)
             self.mirrored(name)  # replicas show holds
         return v
 
-    def release(self, name: str, vid: str) -> dict[str, Any]:
+    def release(self, name: str, vid: str) -> Version:
         """End a version's hold (none: nothing to do); returns the version as it is now."""
         v = self.version(name, vid)
         if v is None:
             raise NotFound(f"source {name!r} has no version {vid!r}")
-        if v.pop("held_until", None) is not None:
+        if v.held_until is not None:
+            v = dataclasses.replace(v, held_until=None)
             self.put_version(name, v)
             self.changed(name)
             self.mirrored(name)
@@ -568,41 +584,41 @@ class Writer(Reader):
         src = self.source(name)
         if src is None:
             raise NotFound(f"no source named {name!r}")
-        src["options"]["pinned"] = pinned
-        src["pin"] = vid if pinned else None
-        self.put_source(name, src)
+        self.put_source(name, dataclasses.replace(
+            src, options={**src.options, "pinned": pinned}, pin=vid if pinned else None))
         self.changed(name)
         self.mirrored(name)
 
     def mark_damaged(self, reasons: dict[str, str], at: datetime | None = None
-                     ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+                     ) -> dict[str, list[tuple[str, Version]]]:
         """``Index.mark_damaged_many`` inside this transaction."""
         stamp = rfc3339(at or now_utc())
         todo = {}
         for sha256, reason in reasons.items():
             entry = self.blob_ref(sha256)
-            if entry is not None and not entry.get("damaged"):
+            if entry is not None and not entry.damaged:
                 todo[sha256] = {"at": stamp, "reason": reason}
-                self._put("blobs", sha256.encode(), {**entry, "damaged": todo[sha256]})
-        marked: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+                self.put_blob_ref(sha256, dataclasses.replace(entry, damaged=todo[sha256]))
+        marked: dict[str, list[tuple[str, Version]]] = {}
         for sha256, users in self.users_of_blobs(todo).items() if todo else ():
             mark = todo[sha256]
             marked[sha256] = []
             for source, v, live in users:
-                if v.get("remote"):
+                if v.remote:
                     continue  # a replica's version whose bytes are not here: not hit
-                if live and (self.source(source) or {}).get("mirror"):
+                src = self.source(source) if live else None
+                if src is not None and src.mirror:
                     self.make_remote(source, v)  # a replica fetches it from the hub again
                     marked[sha256].append((source, v))
                     continue
-                v["damaged"] = mark
+                v = dataclasses.replace(v, damaged=mark)
                 if not live:
-                    self._put("garbage", _u64(v["ino"]), v)
+                    self.put_garbage(v)
                     continue
-                self._put("versions", source.encode() + b"\0" + v["id"].encode(), v)
+                self.put_version(source, v)
                 self.put_state(source, last_error={
                     "at": mark["at"],
-                    "message": f"version {v['id']} is damaged in the cache "
+                    "message": f"version {v.id} is damaged in the cache "
                                f"({mark['reason']}); it is not served and is being "
                                "downloaded again"})
                 self.changed(source)
@@ -622,36 +638,35 @@ class Writer(Reader):
 
     # --- a replica's mirrored sources (replica.py) ------------------------------------
 
-    def add_mirrored_version(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    def add_mirrored_version(self, name: str, record: Version | dict[str, Any]) -> Version:
         """Add a version a hub has, under the hub's id. Bytes this cache holds already
         (the same sha256) count at once; else the version is ``"remote"``: no blob
         reference until its bytes arrive (replica.Replica.hold)."""
         ino = self.alloc_inodes(1)
-        version = {**record, "ino": ino}
-        blob = self.blob_ref(record["sha256"])
-        if blob and blob.get("refs", 0) > 0 and not blob.get("damaged"):
-            self.ref_blob(record["sha256"], record["size"])
-            version.pop("damaged", None)  # the hub's mark: these bytes are sound here
+        version = dataclasses.replace(from_dict(Version, record), ino=ino)
+        blob = self.blob_ref(version.sha256)
+        if blob and blob.refs > 0 and not blob.damaged:
+            self.ref_blob(version.sha256, version.size)
+            # the hub's mark: these bytes are sound here
+            version = dataclasses.replace(version, damaged=None)
         else:  # not here, or damaged here: fetched from the hub
-            version["remote"] = True
+            version = dataclasses.replace(version, remote=True)
         self.put_version(name, version)
-        self._put("inodes", _u64(ino), {"kind": "version", "source": name, "id": record["id"]})
+        self.put_inode(ino, InodeRef(kind="version", source=name, id=version.id))
         return version
 
-    def make_remote(self, name: str, version: dict[str, Any]) -> bool:
+    def make_remote(self, name: str, version: Version) -> bool:
         """A replica's mirrored version whose bytes go here (evicted, or found damaged)
         stays listed as ``"remote"``: its bytes come from the hub again when wanted
         (replica.py). True if its blob lost its last user (the file may then go)."""
-        v = {k: val for k, val in version.items() if k != "damaged"}
-        v["remote"] = True
-        self.put_version(name, v)
+        self.put_version(name, dataclasses.replace(version, damaged=None, remote=True))
         self.changed(name)
-        return self.unref_blob(version["sha256"])
+        return self.unref_blob(version.sha256)
 
-    def retire_version(self, name: str, version: dict[str, Any]) -> None:
+    def retire_version(self, name: str, version: Version) -> None:
         """A version the hub dropped: garbage now, collected when no reader holds it."""
-        self.txn.delete(name.encode() + b"\0" + version["id"].encode(), db=self.dbs["versions"])
-        self._put("garbage", _u64(version["ino"]), {**version, "source": name})
+        self.txn.delete(_version_key(name, version.id), db=self.dbs["versions"])
+        self.put_garbage(dataclasses.replace(version, source=name))
 
     def request_refresh(self, name: str) -> None:
         """Ask the running mount to check ``name`` now (its change watcher takes it)."""
@@ -725,7 +740,7 @@ class Index:
 
     # --- one-transaction conveniences -------------------------------------------------
 
-    def get_source(self, name: str) -> dict[str, Any]:
+    def get_source(self, name: str) -> Source:
         with self.read() as r:
             src = r.source(name)
         if src is None:
@@ -739,7 +754,7 @@ class Index:
         with self.write() as w:
             return w.add_source(name, url, options, replace)
 
-    def remove_source(self, name: str) -> list[dict[str, Any]]:
+    def remove_source(self, name: str) -> list[Version]:
         """Unregister a source; returns its versions (now garbage)."""
         with self.write() as w:
             return w.remove_source(name)
@@ -751,14 +766,13 @@ class Index:
             src = w.source(name)
             if src is None:
                 raise NotFound(f"no source named {name!r}")
-            src["options"] = update(src["options"])
-            w._put("sources", name.encode(), src)
+            w.put_source(name, dataclasses.replace(src, options=update(src.options)))
             w.changed(name)
             w.mirrored(name)
 
     def commit_version(
         self, name: str, record: dict[str, Any], fetched_at: datetime
-    ) -> dict[str, Any] | None:
+    ) -> Version | None:
         """Add a version and record the successful check, in one transaction.
 
         Returns the new version, or None when the content equals the newest
@@ -774,26 +788,27 @@ class Index:
                 name, last_check=stamp, last_success=stamp, consecutive_failures=0,
                 last_error=None, progress=None,
             )
-            if versions and versions[0]["sha256"] == record["sha256"]:
+            if versions and versions[0].sha256 == record["sha256"]:
                 return None
             # Ids are unique within the source; content seen earlier in the same
             # second (A, B, A) moves the stamp on by a second.
             when = fetched_at
-            if versions and versions[0]["fetched_at"] >= rfc3339(when):
-                when = parse_rfc3339(versions[0]["fetched_at"]) + timedelta(seconds=1)
+            if versions and versions[0].fetched_at >= rfc3339(when):
+                when = parse_rfc3339(versions[0].fetched_at) + timedelta(seconds=1)
             vid = version_id(when, record["sha256"])
             ino = w.alloc_inodes(1)
-            version = {**record, "id": vid, "fetched_at": rfc3339(when), "ino": ino,
-                       "tags": list(record.get("tags", []))}
-            blob = w.blob_ref(version["sha256"])
-            if blob and blob.get("damaged"):  # every user of a damaged blob is damaged
-                version["damaged"] = blob["damaged"]
-            w._put("versions", name.encode() + b"\0" + vid.encode(), version)
-            w._put("inodes", _u64(ino), {"kind": "version", "source": name, "id": vid})
-            w.ref_blob(version["sha256"], version["size"])
-            if src["options"].get("pinned") and not src.get("pin"):
-                src["pin"] = vid  # pinned before any version: the first one holds
-                w._put("sources", name.encode(), src)
+            blob = w.blob_ref(record["sha256"])
+            version = from_dict(Version, {
+                **record, "id": vid, "fetched_at": rfc3339(when), "ino": ino,
+                "tags": list(record.get("tags", [])),
+                # every user of a damaged blob is damaged
+                "damaged": blob.damaged if blob else None})
+            w.put_version(name, version)
+            w.put_inode(ino, InodeRef(kind="version", source=name, id=vid))
+            w.ref_blob(version.sha256, version.size)
+            if src.options.get("pinned") and not src.pin:
+                # pinned before any version: the first one holds
+                w.put_source(name, dataclasses.replace(src, pin=vid))
             w.changed(name)
             w.mirrored(name)
         return version
@@ -801,10 +816,10 @@ class Index:
     def blob_damaged(self, sha256: str) -> bool:
         with self.read() as r:
             entry = r.blob_ref(sha256)
-        return bool(entry and entry.get("damaged"))
+        return bool(entry and entry.damaged)
 
     def mark_damaged(self, sha256: str, reason: str, at: datetime | None = None
-                     ) -> list[tuple[str, dict[str, Any]]] | None:
+                     ) -> list[tuple[str, Version]] | None:
         """Mark a blob and every version using it (of any source) damaged, in one
         transaction, and name it in each source's ``last_error``.
 
@@ -819,7 +834,7 @@ class Index:
             return w.mark_damaged({sha256: reason}, at).get(sha256)
 
     def mark_damaged_many(self, reasons: dict[str, str], at: datetime | None = None
-                          ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+                          ) -> dict[str, list[tuple[str, Version]]]:
         """``mark_damaged`` of several blobs (sha256 -> reason) in one transaction and
         one scan of the versions (a scrub pass); only the blobs marked now are in the
         answer."""
@@ -832,16 +847,15 @@ class Index:
         sources = []
         with self.write() as w:
             entry = w.blob_ref(sha256)
-            if entry is None or not entry.get("damaged"):
+            if entry is None or not entry.damaged:
                 return []
-            del entry["damaged"]
-            w._put("blobs", sha256.encode(), entry)
+            w.put_blob_ref(sha256, dataclasses.replace(entry, damaged=None))
             for source, v, live in w.users_of_blob(sha256):
-                v.pop("damaged", None)
+                v = dataclasses.replace(v, damaged=None)
                 if not live:
-                    w._put("garbage", _u64(v["ino"]), v)
+                    w.put_garbage(v)
                     continue
-                w._put("versions", source.encode() + b"\0" + v["id"].encode(), v)
+                w.put_version(source, v)
                 w.changed(source)
                 w.mirrored(source)
                 sources.append(source)
@@ -850,10 +864,10 @@ class Index:
     def newest_sha256(self, name: str) -> str | None:
         with self.read() as r:
             versions = r.versions(name)
-        return versions[0]["sha256"] if versions else None
+        return versions[0].sha256 if versions else None
 
     def change_tag(self, name: str, vid: str, add: str | None = None,
-                   remove: str | None = None) -> dict[str, Any]:
+                   remove: str | None = None) -> Version:
         """Add or remove one tag of a version, in one transaction."""
         with self.write() as w:
             return w.change_tag(name, vid, add, remove)
@@ -873,7 +887,7 @@ class Index:
             if w.source(name) is None:
                 return 0
             state = w.state(name)
-            failures = state["consecutive_failures"] + 1
+            failures = state.consecutive_failures + 1
             w.put_state(
                 name, last_check=rfc3339(at), consecutive_failures=failures,
                 last_error={"at": rfc3339(at), "message": message}, progress=None,

@@ -16,7 +16,6 @@ needs. Source names need no escaping in a label value (options.NAME_RE).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,6 +26,7 @@ from prometheus_client import (
 )
 
 from buffyfs.store.index import Index, now_utc, resolve_latest
+from buffyfs.store.records import SourceState, Version
 
 # name -> help of the per-source gauges; each has the one label ``source``
 SOURCE_GAUGES = {
@@ -90,9 +90,9 @@ class Metrics:
                 kept = r.versions(name)
                 latest = resolve_latest(src, kept)
                 versions += len(kept)
-                damaged += sum(1 for v in kept if v.get("damaged"))
+                damaged += sum(1 for v in kept if v.damaged)
                 stale += _add_source_samples(per_source, name, state, latest, now)
-                fetching += state.get("state") == "fetching"
+                fetching += state.state == "fetching"
             self.cache_size.set(r.blob_bytes())
             self.max_cache_size.set(r.meta_json("max_cache_size") or 0)
         self.versions.set(versions)
@@ -103,11 +103,11 @@ class Metrics:
         return generate_latest(self.registry) + _source_text(per_source)
 
 
-def _add_source_samples(out: dict[str, dict[str, float]], name: str, state: dict[str, Any],
-                        latest: dict[str, Any] | None, now: float) -> bool:
+def _add_source_samples(out: dict[str, dict[str, float]], name: str, state: SourceState,
+                        latest: Version | None, now: float) -> bool:
     """Add the source's per-source samples to ``out`` (gauge name -> {source: value});
     a source without a latest has no age or size. Returns whether it is stale."""
-    failures = state.get("consecutive_failures", 0)
+    failures = state.consecutive_failures
     for key, gauge in (("last_success", "last_success_timestamp_seconds"),
                        ("last_check", "last_check_timestamp_seconds")):
         if state.get(key):
@@ -116,9 +116,9 @@ def _add_source_samples(out: dict[str, dict[str, float]], name: str, state: dict
     out["buffyfs_source_stale"][name] = float(stale)
     out["buffyfs_source_consecutive_failures"][name] = float(failures)
     if latest:
-        age = now - _epoch(latest["fetched_at"])
+        age = now - _epoch(latest.fetched_at)
         out["buffyfs_source_latest_age_seconds"][name] = max(0.0, age)
-        out["buffyfs_source_latest_size_bytes"][name] = float(latest["size"])
+        out["buffyfs_source_latest_size_bytes"][name] = float(latest.size)
     return stale
 
 

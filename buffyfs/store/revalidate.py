@@ -9,13 +9,12 @@ made sure the version it names is still the one judged.
 
 from __future__ import annotations
 
-from typing import Any
-
 from buffyfs.control import Command
 from buffyfs.errors import NotFound
 from buffyfs.store import commands, validate
 from buffyfs.store.blobs import BlobStore
 from buffyfs.store.index import Index
+from buffyfs.store.records import Source, Version
 
 
 async def judge(index: Index, blobs: BlobStore, parsed: list[Command],
@@ -30,12 +29,12 @@ async def judge(index: Index, blobs: BlobStore, parsed: list[Command],
             if src is None:
                 raise NotFound(f"no source named {source!r}")
             v = commands.version(r, source, cmd.args[0])
-        cmd.verdict = {"id": v["id"], "failure": await check(src, v, blobs)}
+        cmd.verdict = {"id": v.id, "failure": await check(src, v, blobs)}
 
 
-async def check(source: dict[str, Any], version: dict[str, Any],
+async def check(source: Source, version: Version,
                 blobs: BlobStore) -> str | None:
     """Why ``version`` fails ``source``'s current checks, or None."""
-    rules = source["options"].get("validate") or {}
-    return await validate.failure(rules, blobs.path(version["sha256"]), version["size"],
-                                  version["sha256"], version.get("content_type"))
+    rules = source.options.get("validate") or {}
+    return await validate.failure(rules, blobs.path(version.sha256), version.size,
+                                  version.sha256, version.content_type)

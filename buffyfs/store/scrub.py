@@ -116,8 +116,8 @@ class Scrubber:
     def _blobs(self) -> list[tuple[str, int]]:
         """(sha256, size) of every blob in use and not known damaged, in order."""
         with self.index.read() as r:
-            return sorted((sha, entry["size"]) for sha, entry in r.blob_refs().items()
-                          if not entry.get("damaged"))
+            return sorted((sha, entry.size) for sha, entry in r.blob_refs().items()
+                          if not entry.damaged)
 
     def _record(self, record: dict[str, object]) -> None:
         with self.index.write() as w:

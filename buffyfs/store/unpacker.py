@@ -79,17 +79,17 @@ class Unpacker:
         with self.index.read() as r:
             for name in sorted(names):
                 src = r.source(name)
-                if src is None or src["options"].get("unpack", "auto") == "off":
+                if src is None or src.options.get("unpack", "auto") == "off":
                     continue
                 for v in r.versions(name):
-                    if v.get("damaged") or v.get("remote"):  # remote: no bytes here yet
+                    if v.damaged or v.remote:  # remote: no bytes here yet
                         continue
-                    record = r.unpacked(v["sha256"])
+                    record = r.unpacked(v.sha256)
                     if record is None:
-                        out[v["sha256"]] = None
+                        out[v.sha256] = None
                     elif record["state"] in ("pending", "running") or \
                             self.starting and record.get("retry"):
-                        out[v["sha256"]] = record["kind"]
+                        out[v.sha256] = record["kind"]
         return list(out.items())
 
     def detect_now(self, sha256: str) -> str | None:
