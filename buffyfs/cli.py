@@ -531,9 +531,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
         latest = r.latest(args.name)
     table = Table("version", "size", "fetched", "tags", "note", box=None)
     for v in versions:
-        note = "latest" if latest and v["id"] == latest["id"] else \
-            ("damaged: " + v["damaged"]["reason"]) if v.get("damaged") else ""
-        table.add_row(v["id"], _human(v["size"]), v["fetched_at"], ",".join(v.get("tags", [])),
+        note = "latest" if latest and v.id == latest.id else \
+            ("damaged: " + v.damaged["reason"]) if v.damaged else ""
+        table.add_row(v.id, _human(v.size), v.fetched_at, ",".join(v.tags),
                       note)
     _console().print(table)
     return 0
@@ -547,7 +547,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     check_tag(args.tag)
     check_version_ref(args.version)
     v = _apply(_cache(args), args.command, [args.version, args.tag], source=args.name)
-    print(f"{args.name}: {v['id']} tags: {','.join(v['tags']) or '-'}")
+    print(f"{args.name}: {v.id} tags: {','.join(v.tags) or '-'}")
     return 0
 
 
@@ -575,7 +575,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
     parse_duration(args.duration, "hold duration")
     cache = _cache(args)
     v = _unknown_version_is_bad_input(cache, args.name, "hold", [args.version, args.duration])
-    print(v["id"])
+    print(v.id)
     return 0
 
 
@@ -617,10 +617,10 @@ def cmd_revalidate(args: argparse.Namespace) -> int:
     check_name(args.name)
     check_version_ref(args.version)
     v = _apply(_cache(args), "revalidate", [args.version], source=args.name)
-    if "failed" in v.get("tags", []):
-        print(f"{args.name}: {v['id']} failed: {v.get('validation') or 'failed'}")
+    if "failed" in v.tags:
+        print(f"{args.name}: {v.id} failed: {v.validation or 'failed'}")
         return 1
-    print(f"{args.name}: {v['id']} valid")
+    print(f"{args.name}: {v.id} valid")
     return 0
 
 
@@ -661,7 +661,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     check_name(args.name)
     cache = _cache(args)
     with cache.index.read() as r:
-        pinned_with_version = (r.source(args.name) or {}).get("pin")
+        src = r.source(args.name)
+        pinned_with_version = src.pin if src is not None else None
     cache.index.get_source(args.name)
     from buffyfs.mountctl import refuse_mirrored
 
@@ -691,7 +692,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         raise FetchError(f"{args.name}: {outcome.error}")
     if outcome.version:
         v = outcome.version
-        print(f"{args.name}: new version {v['id']} ({_human(v['size'])})")
+        print(f"{args.name}: new version {v.id} ({_human(v.size)})")
     else:
         print(f"{args.name}: up to date")
     return 0

@@ -192,8 +192,8 @@ class Collector:
         # No await between the re-check and marking the batch: an open either counted
         # already (kept) or waits for the commit (fs.open).
         open_now = set(self.fs.open_inos)
-        batch = [d for d in batch if d.version["ino"] not in open_now]
-        done = self.fs.start_collecting({d.version["ino"] for d in batch})
+        batch = [d for d in batch if d.version.ino not in open_now]
+        done = self.fs.start_collecting({d.version.ino for d in batch})
         try:
             part = await trio.to_thread.run_sync(gc.commit, self.cache.index, batch,
                                                  open_now)
@@ -230,7 +230,7 @@ class Collector:
                    restart=False)  # what is left is swept as orphans at the next start
         removed: dict[str, list[str]] = {}
         for d in report.doomed:
-            removed.setdefault(d.source, []).append(d.version["id"])
+            removed.setdefault(d.source, []).append(d.version.id)
         for i, (source, vids) in enumerate(removed.items()):
             if i and i % SYNC_CHUNK == 0:
                 yield
@@ -316,7 +316,7 @@ class Collector:
 
 def report_json(report: gc.Report) -> dict:
     return {
-        "versions": [{"source": d.source, "id": d.version["id"], "reason": d.reason}
+        "versions": [{"source": d.source, "id": d.version.id, "reason": d.reason}
                      for d in report.doomed],
         "freed": report.freed,
         "total": report.total,

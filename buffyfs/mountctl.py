@@ -34,6 +34,7 @@ from buffyfs.control import Command
 from buffyfs.errors import BadInput, CacheError, NotFound
 from buffyfs.store import commands
 from buffyfs.store.cache import Cache
+from buffyfs.store.records import Version
 
 # How long the mount may take to answer a control write. A control write answers in
 # milliseconds, except ``revalidate`` that runs the validation command (its own
@@ -55,7 +56,7 @@ def apply(cache: Cache, cmd: Command, source: str | None = None) -> Any:
     if path is not None and _write(path, line, cache, cmd, source):
         if cmd.word == "revalidate":  # the mount's verdict, as it applied it
             with cache.index.read() as r:
-                return r.version(source or "", result["id"]) or result
+                return r.version(source or "", result.id) or result
         return result
     refuse_mirrored(cache, source if source is not None else
                     (cmd.args[0] if cmd.word == "remove" else None))
@@ -73,7 +74,8 @@ def refuse_mirrored(cache: Cache, name: str | None) -> None:
     if name is None:
         return
     with cache.index.read() as r:
-        mirrored = (r.source(name) or {}).get("mirror")
+        src = r.source(name)
+    mirrored = src is not None and src.mirror
     if mirrored:
         raise CacheError(f"source {name!r} is mirrored from a hub: its commands go "
                          "through the running replica mount (which forwards them to "
@@ -99,7 +101,7 @@ def wait_refresh(cache: Cache, name: str, asked: float) -> dict[str, Any]:
         with cache.index.read() as r:
             if r.source(name) is None:
                 raise NotFound(f"source {name!r} was removed before its check finished")
-            last = r.state(name).get("last_refresh")
+            last = r.state(name).last_refresh
         if last and last["started"] >= asked:
             return last
         if cache.running_mount() is None:
@@ -155,7 +157,7 @@ def _resolved(cmd: Command, result: Any) -> Command:
     """``cmd`` with a ``latest``/``newest`` argument replaced by the id it names now."""
     if cmd.word not in VERSION_ARG or not cmd.args:
         return cmd
-    vid = result.get("id") if isinstance(result, dict) else result
+    vid = result.id if isinstance(result, Version) else result
     if not isinstance(vid, str):
         return cmd
     return Command(cmd.word, [vid, *cmd.args[1:]], dict(cmd.options))
@@ -197,7 +199,7 @@ def _write(path: Path, line: str, cache: Cache, cmd: Command, source: str | None
     commands.dry_run(cache.index, [cmd], source)
     with cache.index.read() as r:
         reason = r.meta_json("last_control_error") if source is None else \
-            r.state(source).get("last_control_error")
+            r.state(source).last_control_error
     reason = (reason or os.strerror(done[0])).removeprefix("line 1: ")
     if done[0] == errno.EINVAL:
         raise (NotFound if reason.startswith("no source") else BadInput)(reason)

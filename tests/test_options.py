@@ -20,6 +20,7 @@ from buffyfs.options import (
     public_options,
     redact_url,
 )
+from buffyfs.store.records import SourceState
 
 # --- names -------------------------------------------------------------------------------
 
@@ -382,7 +383,7 @@ def test_accepted_refresh_duration_is_usable_by_the_policy(duration: str) -> Non
     except BadInput:
         return
     now = datetime(2024, 1, 1, tzinfo=UTC)
-    state = {"last_check": "2024-01-01T00:00:00Z"}
+    state = SourceState(last_check="2024-01-01T00:00:00Z")
     due = policy.next_check(opts, state, True, now)
     assert due is None or due >= now
 

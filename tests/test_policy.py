@@ -9,6 +9,7 @@ import pytest
 from buffyfs.fetch.policy import NO_VERSION_CAP, next_check, retry_delay
 from buffyfs.options import normalize_options
 from buffyfs.store.index import rfc3339
+from buffyfs.store.records import SourceState
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
 
@@ -18,7 +19,7 @@ def opts(**raw):
 
 
 def state(last_check=None, failures=0):
-    return {"last_check": last_check, "consecutive_failures": failures}
+    return SourceState(last_check=last_check, consecutive_failures=failures)
 
 
 @pytest.mark.parametrize("policy", ["1d", "never", "on-open", "cron:0 3 * * *"])

@@ -17,6 +17,7 @@ from typing import Any
 
 from buffyfs.options import DEFAULT_OPTIONS, cron_fields, parse_duration
 from buffyfs.store.index import parse_rfc3339
+from buffyfs.store.records import SourceState
 
 NO_VERSION_CAP = 3600.0  # seconds: the longest wait between retries of a source with no version
 JITTER = (0.5, 1.0)  # the delay is multiplied by a random factor in this range
@@ -24,7 +25,7 @@ MAX_DELAY = 3650 * 86400.0  # seconds: the longest duration an option may give
 
 
 def next_check(
-    options: dict[str, Any], state: dict[str, Any],
+    options: dict[str, Any], state: SourceState,
     has_version: bool | Callable[[], bool], now: datetime
 ) -> datetime | None:
     """The time of the next automatic check, or None for "not until asked".
@@ -40,11 +41,11 @@ def next_check(
     """
     if options.get("pinned") and _ask(has_version):
         return None  # pinned: the origin is not contacted
-    last = state.get("last_check")
+    last = state.last_check
     if last is None:
         return now
     last_at = parse_rfc3339(last)
-    failures = state.get("consecutive_failures") or 0
+    failures = state.consecutive_failures or 0
     policy = options.get("refresh", "1d")
     if policy in ("never", "on-open"):
         planned = None  # after the first download, only `refresh` or an open checks

@@ -54,6 +54,7 @@ from buffyfs.store.blobs import BlobStore, SourceLock
 from buffyfs.store.gc import CacheFull, CommitLock
 from buffyfs.store.index import Index, Writer, now_utc, rfc3339
 from buffyfs.store.metrics import Metrics
+from buffyfs.store.records import Source, Version
 from buffyfs.store.writes import IndexWrites
 
 log = logging.getLogger(__name__)
@@ -89,18 +90,18 @@ def _request_key(req: downloader.Request) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def request_for(source: dict[str, Any], newest: dict[str, Any] | None = None
+def request_for(source: Source, newest: Version | None = None
                 ) -> downloader.Request:
     """The request a refresh of ``source`` makes (conditional on ``newest``'s validators)."""
-    options = {**DEFAULT_OPTIONS, **source["options"]}  # stored before an option existed
-    url = source["url"]
+    options = {**DEFAULT_OPTIONS, **source.options}  # stored before an option existed
+    url = source.url
     if any(k.lower() == "authorization" for k in options["headers"]):
         url = str(httpx.URL(url).copy_with(username=None, password=None))  # header wins
     return downloader.Request(
         url=url, method=options["method"], body=options["body"],
         headers=options["headers"],
-        etag=newest.get("etag") if newest else None,
-        last_modified=newest.get("last_modified") if newest else None,
+        etag=newest.etag if newest else None,
+        last_modified=newest.last_modified if newest else None,
         attempt_timeout=float(parse_duration(options["attempt_timeout"])),
         min_speed=parse_size(options["min_speed"]),
         min_speed_time=float(parse_duration(options["min_speed_time"])),
@@ -108,7 +109,7 @@ def request_for(source: dict[str, Any], newest: dict[str, Any] | None = None
     )
 
 
-def partial_key(source: dict[str, Any]) -> str:
+def partial_key(source: Source) -> str:
     """The key a saved partial of ``source`` must carry to be resumed (gc sweeps others)."""
     return _request_key(request_for(source))
 
@@ -125,7 +126,7 @@ def _same_body(saved: dict[str, Any] | None, point: downloader.Resume | None) ->
 
 @dataclass
 class Outcome:
-    version: dict[str, Any] | None = None  # the new version, if one was made
+    version: Version | None = None  # the new version, if one was made
     error: str | None = None  # why the refresh gave up
     checked: bool = False  # the origin answered (new version, 304 or same bytes)
     # new_version, unchanged (the same bytes), not_modified (304) or failed
@@ -134,7 +135,7 @@ class Outcome:
     def record(self, started: float) -> dict[str, Any]:
         """The state's ``last_refresh``: what ``buffyfs refresh --wait`` waits for."""
         return {"started": started, "result": self.result,
-                "version": self.version["id"] if self.version else None,
+                "version": self.version.id if self.version else None,
                 "error": self.error}
 
 
@@ -264,7 +265,7 @@ class Refresher:
                   outcome: Outcome | None) -> None:
         """Seal ``live`` with the version made, or fail it for good (no await)."""
         if outcome is not None and outcome.version is not None:
-            live.seal(outcome.version["sha256"], outcome.version)
+            live.seal(outcome.version.sha256, outcome.version)
         else:
             live.fail(outcome.error if outcome is not None and outcome.error
                       else "the download ended without a new version")
@@ -279,7 +280,7 @@ class Refresher:
         except NotFound:
             return
         req = request_for(source)
-        await ranges.fetch_wanted(live, self.client_for(source["options"]), req,
+        await ranges.fetch_wanted(live, self.client_for(source.options), req,
                                   self.blobs.partial_path(name), self.connections_to(req.url))
 
     async def wait_body(self, name: str) -> segments.LiveDownload:
@@ -300,7 +301,7 @@ class Refresher:
             exists = r.source(name) is not None
             state = r.state(name) if exists else {}
         done = {k: None for k in ("attempt", "queued") if state.get(k) is not None}
-        if exists and state.get("state") != "idle":  # interrupted (cancelled, killed
+        if exists and state.state != "idle":  # interrupted (cancelled, killed
             done.update(state="idle", progress=None)  # by a signal...): not fetching
         if done:
             self._post_state(name, **done)
@@ -317,17 +318,17 @@ class Refresher:
             source = self.index.get_source(name)
         except NotFound:
             return Outcome(error="source removed")
-        options = source["options"]
+        options = source.options
         with self.index.read() as r:
             versions = r.versions(name)
-            force = force or bool(r.state(name).get("force"))
+            force = force or bool(r.state(name).force)
         newest = versions[0] if versions else None
         if force:  # validators that lie: ask without them, and resume nothing
             self._post_state(name, force=None)
             newest = None
-        if newest and newest.get("url") != redact_url(source["url"]):
+        if newest and newest.url != redact_url(source.url):
             newest = None  # validators of another URL say nothing about this one
-        if newest and newest.get("damaged"):
+        if newest and newest.damaged:
             newest = None  # its blob is damaged (scrub.py): a 304 would not repair it
         req = request_for(source, newest)
         partial = self.blobs.partial_path(name)
@@ -348,7 +349,7 @@ class Refresher:
             done=set() if force else self._saved_map(name, key), on_map=record_map,
             backoff=backoff, live=live)
         with self.index.read() as r:
-            saved_point[0] = r.state(name).get("partial") if plan.done else None
+            saved_point[0] = r.state(name).partial if plan.done else None
         single = [False]  # the origin answered a range with 200: one stream from now on
         in_parallel = [False]  # the attempt under way fetches over several connections
         prefix_hash = downloader.PrefixHash()  # no second read of bytes hashed already
@@ -606,7 +607,7 @@ class Refresher:
     def _saved_map(self, name: str, key: str) -> set[int]:
         """The whole segments a saved map of the request ``key`` holds."""
         with self.index.read() as r:
-            saved = r.state(name).get("partial") or {}
+            saved = r.state(name).partial or {}
         if saved.get("key") != key or self.blobs.partial_size(name) == 0:
             return set()
         return segments.saved_segments(saved)
@@ -614,7 +615,7 @@ class Refresher:
     def _saved_resume(self, name: str, key: str) -> downloader.Resume | None:
         """Where a download interrupted earlier (maybe by a restart) may continue."""
         with self.index.read() as r:
-            saved = r.state(name).get("partial")
+            saved = r.state(name).partial
         size = self.blobs.partial_size(name)
         if not saved or saved.get("key") != key or size == 0:
             return None
@@ -639,7 +640,7 @@ class Refresher:
     async def _commit(
         self,
         name: str,
-        source: dict[str, Any],
+        source: Source,
         result: downloader.Downloaded | downloader.NotModified,
         started: Any,
     ) -> Outcome:
@@ -680,7 +681,7 @@ class Refresher:
         finally:
             lock.release()
 
-    async def _commit_blob(self, name: str, source: dict[str, Any],
+    async def _commit_blob(self, name: str, source: Source,
                            result: downloader.Downloaded, started: Any,
                            partial: Any) -> Outcome:
         damaged = self.index.blob_damaged(result.sha256)
@@ -701,11 +702,11 @@ class Refresher:
             raise FetchError(message) from None
         crash.point("after-blob-rename")
         record = {
-            "sha256": result.sha256, "size": result.size, "url": redact_url(source["url"]),
+            "sha256": result.sha256, "size": result.size, "url": redact_url(source.url),
             "etag": result.etag, "last_modified": result.last_modified,
             "content_type": result.content_type, "tags": [],
         }
-        rules = source["options"].get("validate") or {}
+        rules = source.options.get("validate") or {}
         if rules:
             # Judged before the commit, so no reader ever sees an unjudged version.
             why = await validate.failure(rules, blob, result.size, result.sha256,
@@ -721,13 +722,13 @@ class Refresher:
         if version and record.get("validation"):
             await self._write(self.index.set_state, name, last_error={
                 "at": rfc3339(started),
-                "message": f"version {version['id']} failed validation: {record['validation']}",
+                "message": f"version {version.id} failed validation: {record['validation']}",
             })
         self._set_state(name, "idle")
         self._count("new_version" if version else "unchanged")
         if version:
-            tags = f", tagged {','.join(version['tags'])}" if version["tags"] else ""
-            log.info("%s: new version %s (%d bytes%s)", name, version["id"], version["size"],
+            tags = f", tagged {','.join(version.tags)}" if version.tags else ""
+            log.info("%s: new version %s (%d bytes%s)", name, version.id, version.size,
                      tags)
         else:
             log.info("%s: checked, content unchanged", name)

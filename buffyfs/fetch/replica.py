@@ -20,6 +20,7 @@ replica pulls the result at once rather than waiting for the feed.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -39,6 +40,7 @@ from buffyfs.options import check_name, check_tag, normalize_options
 from buffyfs.store.cache import Cache
 from buffyfs.store.gc import CommitLock
 from buffyfs.store.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
+from buffyfs.store.records import Version
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class Replica:
     def owns(self, name: str) -> bool:
         with self.index.read() as r:
             src = r.source(name)
-        return bool(src and src.get("mirror"))
+        return bool(src and src.mirror)
 
     # --- following the hub ------------------------------------------------------------
 
@@ -123,8 +125,8 @@ class Replica:
         """At start: drop the arriving blobs no version waits for any more (the hub
         dropped it meanwhile); the others resume where they stopped."""
         with self.index.read() as r:
-            wanted = {v["sha256"] for name, src in r.sources() if src.get("mirror")
-                      for v in r.versions(name) if v.get("remote")}
+            wanted = {v.sha256 for name, src in r.sources() if src.mirror
+                      for v in r.versions(name) if v.remote}
         for path in self.partials.glob("*.part"):
             if path.name.removesuffix(".part") not in wanted:
                 path.unlink(missing_ok=True)
@@ -216,7 +218,7 @@ class Replica:
 
     def _mirrored_besides(self, names: set[str]) -> list[str]:
         with self.index.read() as r:
-            return [n for n, s in r.sources() if s.get("mirror") and n not in names]
+            return [n for n, s in r.sources() if s.mirror and n not in names]
 
     async def sync(self, names: list[str], hub: str | None = None,
                    known: dict[str, Any] | None = None) -> None:
@@ -274,8 +276,8 @@ class Replica:
         at = rfc3339(now_utc())
         with self.index.write() as w:
             for name, src in w.sources():
-                if src.get("mirror"):
-                    failures = w.state(name).get("consecutive_failures", 0)
+                if src.mirror:
+                    failures = w.state(name).consecutive_failures
                     w.put_state(name, consecutive_failures=max(1, failures),
                                 last_error={"at": at, "message": message})
         if not self.down:
@@ -286,14 +288,14 @@ class Replica:
         at = rfc3339(now_utc())
         with self.index.write() as w:
             for name, src in w.sources():
-                if src.get("mirror"):
+                if src.mirror:
                     w.put_state(name, consecutive_failures=0, last_error=None,
                                 last_check=at, last_success=at)
         log.info("replica: following %s", self.hub)
 
     # --- bytes --------------------------------------------------------------------------
 
-    async def hold(self, name: str, version: dict[str, Any]) -> None:
+    async def hold(self, name: str, version: Version) -> None:
         """Make sure this cache holds the bytes of ``version`` (fetching them from the
         hub, checked, if not); FetchError when they cannot be had."""
         while True:
@@ -302,11 +304,11 @@ class Replica:
                 await live.changed.waiter().wait()
             if live.error is not None:
                 raise FetchError(live.error)
-            if (owner, vid) == (name, version["id"]):
+            if (owner, vid) == (name, version.id):
                 return
             # the same bytes came for another version: now this one is marked held
 
-    async def wait_body(self, name: str, version: dict[str, Any]) -> LiveDownload | None:
+    async def wait_body(self, name: str, version: Version) -> LiveDownload | None:
         """For a first read of ``version``: the blob arriving from the hub, once its
         body started (readers follow it: streaming.py), or None once the cache holds
         the bytes; FetchError when they cannot be had."""
@@ -316,36 +318,36 @@ class Replica:
             if live.error is not None:
                 raise FetchError(live.error)
             if live.done:
-                if (owner, vid) != (name, version["id"]):
+                if (owner, vid) != (name, version.id):
                     await self.hold(name, version)  # the same bytes: marks it held
                 return None
             if live.started:
                 return live
             await waiter.wait()
 
-    async def blob_arriving(self, name: str, version: dict[str, Any]
+    async def blob_arriving(self, name: str, version: Version
                             ) -> tuple[str, str, LiveDownload]:
         """The fetch of ``version``'s blob under way, or one started now for it: in
         the replica's nursery, so that it goes on when the reader that started it
         goes (concurrent readers and the prefetch share it)."""
-        if version.get("remote") and version.get("damaged"):
-            raise FetchError(f"version {version['id']} is damaged at the hub: not fetched "
+        if version.remote and version.damaged:
+            raise FetchError(f"version {version.id} is damaged at the hub: not fetched "
                              "until the hub has its bytes again")
-        sha = version["sha256"]
+        sha = version.sha256
         if sha not in self.arriving:
             await self.running.wait()
             assert self.nursery is not None
         if sha not in self.arriving:  # (no await since this look)
             live = LiveDownload(name)
             live.path, live.mirrored = self.partials / f"{sha}.part", True
-            self.arriving[sha] = (name, version["id"], live)
+            self.arriving[sha] = (name, version.id, live)
             self.nursery.start_soon(self._fetch, name, version, live)
         return self.arriving[sha]
 
-    async def _fetch(self, name: str, version: dict[str, Any], live: LiveDownload) -> None:
+    async def _fetch(self, name: str, version: Version, live: LiveDownload) -> None:
         """Fetch the blob of ``version`` (if not held already), commit it, mark the
         version held, and seal ``live``; or fail ``live`` with the reason."""
-        sha, size = version["sha256"], version["size"]
+        sha, size = version.sha256, version.size
         try:
             held = await trio.to_thread.run_sync(self._held, sha)
             if not held:
@@ -364,7 +366,7 @@ class Replica:
                                                   sha, True)
                     for other in await trio.to_thread.run_sync(self.index.clear_damage, sha):
                         self.on_changed(other)  # a local source's versions of these bytes
-                marked = await trio.to_thread.run_sync(self._mark_held, name, version["id"])
+                marked = await trio.to_thread.run_sync(self._mark_held, name, version.id)
             finally:
                 lock.release()
             live.seal(sha, version)
@@ -381,16 +383,16 @@ class Replica:
     def _held(self, sha: str) -> bool:
         with self.index.read() as r:
             ref = r.blob_ref(sha)
-        return bool(ref and ref.get("refs", 0) > 0 and not ref.get("damaged")
+        return bool(ref and ref.refs > 0 and not ref.damaged
                     and self.cache.blobs.exists(sha))
 
     def _mark_held(self, name: str, vid: str) -> bool:
         with self.index.write() as w:
             v = w.version(name, vid)
-            if v is None or not v.pop("remote", False):
+            if v is None or not v.remote:
                 return False
-            w.ref_blob(v["sha256"], v["size"])
-            w.put_version(name, v)
+            w.ref_blob(v.sha256, v.size)
+            w.put_version(name, dataclasses.replace(v, remote=False))
             w.changed(name)
         return True
 
@@ -409,14 +411,14 @@ class Replica:
         with self.index.read() as r:
             for name in names:
                 src = r.source(name)
-                if not src or not src.get("mirror"):
+                if not src or not src.mirror:
                     continue
                 versions = r.versions(name)
                 if self.settings.prefetch == "latest":
                     latest = resolve_latest(src, versions)
                     versions = [latest] if latest else []
-                wanted += [(name, v["id"]) for v in versions
-                           if v.get("remote") and not v.get("damaged")]
+                wanted += [(name, v.id) for v in versions
+                           if v.remote and not v.damaged]
         return wanted
 
     def fetch_again(self, names: list[str]) -> None:
@@ -438,7 +440,7 @@ class Replica:
     async def _prefetch(self, name: str, vid: str) -> None:
         with self.index.read() as r:
             v = r.version(name, vid)
-        if v is None or not v.get("remote"):
+        if v is None or not v.remote:
             return
         try:
             await self.hold(name, v)
@@ -548,7 +550,7 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
     """Write the hub's ``@status`` of ``name`` (None: the hub has none, or we do not
     mirror it) into the index; True if anything changed."""
     local = w.source(name)
-    if local is not None and not local.get("mirror"):
+    if local is not None and not local.mirror:
         return False  # a source of this replica's own: the hub's of that name is not shown
     if status is None:
         if local is None:
@@ -561,13 +563,13 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
         local = w.source(name)
         assert local is not None
     changed = False
-    wanted = {**local, "url": status["url"], "options": options, "mirror": True,
-              "pin": status.get("pinned")}
+    wanted = dataclasses.replace(local, url=status["url"], options=options, mirror=True,
+                                 pin=status.get("pinned"))
     if wanted != local:
         w.put_source(name, wanted)
         changed = True
     hub_versions = {v["id"]: v for v in status.get("versions", [])}
-    mine = {v["id"]: v for v in w.versions(name)}
+    mine = {v.id: v for v in w.versions(name)}
     for vid, v in mine.items():
         if vid not in hub_versions:
             w.retire_version(name, v)
@@ -579,21 +581,20 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
         if hv.get("validation"):
             fields["validation"] = hv["validation"]
         v = mine.get(vid)
-        if hv.get("damaged") and (v is None or v.get("remote")):
+        if hv.get("damaged") and (v is None or v.remote):
             fields["damaged"] = hub_damage(hv["damaged"])  # not servable until mended
         if v is None:
-            w.add_mirrored_version(name, {
-                "id": vid, "sha256": hv["sha256"], "size": hv["size"],
-                "fetched_at": hv["fetched_at"], "url": status["url"], "etag": None,
-                "last_modified": None, "content_type": None, **fields})
+            w.add_mirrored_version(name, Version(
+                id=vid, sha256=hv["sha256"], size=hv["size"], fetched_at=hv["fetched_at"],
+                url=status["url"], **fields))
             changed = True
             continue
-        now = {**v, **fields}
+        now = dataclasses.replace(v, **fields)
         for key in ("held_until", "validation"):  # dropped at the hub: dropped here
             if not hv.get(key):
-                now.pop(key, None)
-        if v.get("remote") and "damaged" not in fields:
-            now.pop("damaged", None)  # the hub has sound bytes again
+                now = dataclasses.replace(now, **{key: None})
+        if v.remote and "damaged" not in fields:
+            now = dataclasses.replace(now, damaged=None)  # the hub has sound bytes again
         if now != v:
             w.put_version(name, now)
             changed = True

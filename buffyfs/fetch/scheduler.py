@@ -147,7 +147,7 @@ class Scheduler:
                 latest = r.latest(name)
             if latest is not None:
                 return
-            if versions and not any(v.get("damaged") for v in versions):
+            if versions and not any(v.damaged for v in versions):
                 raise FetchError("every version is tagged failed")  # (a damaged one is
                 # being downloaded again: wait for that like for a first version)
             if name not in self.known:  # added by another process a moment ago
@@ -155,7 +155,7 @@ class Scheduler:
             if name not in self.known:
                 raise FetchError("no such source")
             if not self.busy(name):
-                error = state.get("last_error") or {}
+                error = state.last_error or {}
                 raise FetchError(error.get("message") or "no version downloaded yet")
             await self._round(name).wait()
 
@@ -203,7 +203,7 @@ class Scheduler:
                 if source is None:
                     self._forget(name)
                     continue
-                if source.get("mirror"):  # a replica's: the hub refreshes it (replica.py)
+                if source.mirror:  # a replica's: the hub refreshes it (replica.py)
                     self.forced.discard(name)
                     self.unstarted.discard(name)
                     self._plan(name, None)
@@ -217,10 +217,10 @@ class Scheduler:
                 self.unstarted.discard(name)
                 try:
                     # A download interrupted by a stop or crash is finished at once on start.
-                    resume = first and bool(state.get("partial")) and \
-                        not (source["options"].get("pinned") and has_version())
+                    resume = first and bool(state.partial) and \
+                        not (source.options.get("pinned") and has_version())
                     due = now if name in self.forced or resume else next_check(
-                        source["options"], state, has_version, now
+                        source.options, state, has_version, now
                     )
                     planned = None if due is None else due.timestamp()
                 except Exception:  # a bug, or a record it cannot read: not the others' fault
@@ -233,7 +233,7 @@ class Scheduler:
                     planned = max(planned, hold)
                 stamp = None if planned is None else rfc3339(
                     datetime.fromtimestamp(planned, UTC))
-                if state.get("next_check") != stamp:
+                if state.next_check != stamp:
                     updates[name] = stamp
                 self._plan(name, planned)
         if self.writes is not None:  # queued: committed together, seen at once
@@ -321,5 +321,5 @@ class Scheduler:
 def _reset_interrupted(w: Writer) -> None:
     """Sources a crash (or a kill) left ``fetching`` or ``waiting``: idle now."""
     for name in w.source_names():
-        if w.state(name).get("state", "idle") != "idle":
+        if w.state(name).state != "idle":
             w.put_state(name, state="idle", progress=None)

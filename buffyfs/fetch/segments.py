@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import bisect
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    from buffyfs.store.records import Version
 
 SEGMENT_SIZE = 8 << 20
 
@@ -148,7 +151,7 @@ class LiveDownload:
         self.generation = 0  # + 1 each time the bytes in the file are dropped
         self.written = ByteRanges()  # bytes of the file that are written
         self.sha256: str | None = None  # set when sealed
-        self.version: dict[str, Any] | None = None
+        self.version: Version | None = None
         self.error: str | None = None  # set when failed for good
         self.changed = Broadcast()
         # A download that starts over (an origin that ignores ranges, a reset) drops
@@ -235,7 +238,7 @@ class LiveDownload:
         self.written.add(start, end)
         self.changed.notify()
 
-    def seal(self, sha256: str, version: dict[str, Any] | None) -> None:
+    def seal(self, sha256: str, version: Version | None) -> None:
         """Committed: ``version`` is what it became (None: no servable version)."""
         self.sha256, self.version = sha256, version
         self.changed.notify()
@@ -257,7 +260,7 @@ class LiveDownload:
                 return
             await waiter.wait()
 
-    async def wait_sealed(self, generation: int | None = None) -> dict[str, Any] | None:
+    async def wait_sealed(self, generation: int | None = None) -> Version | None:
         """Wait for the seal: the version committed, with its validation passed;
         StreamFailed if the download failed or the version failed validation. With
         ``generation``: None as soon as the bytes of that generation are dropped."""
@@ -275,5 +278,5 @@ class LiveDownload:
         if self.error is not None:
             raise StreamFailed(self.error)
         if self.sha256 is not None and (self.version is None or (
-                not self.mirrored and "failed" in self.version.get("tags", []))):
+                not self.mirrored and "failed" in self.version.tags)):
             raise StreamFailed("the download did not become a valid version")

@@ -63,6 +63,7 @@ from buffyfs.store import revalidate
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import SourceInode, parse_rfc3339
 from buffyfs.store.metrics import Metrics
+from buffyfs.store.records import Version
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,9 @@ class BuffyFS(pyfuse3.Operations):
             a.st_nlink = self.tree.link_count(node.source, node.version) if nlink is None \
                 else nlink
             self.shown_links[ino] = a.st_nlink
-            a.st_size = node.version["size"]
+            a.st_size = node.version.size
             a.st_blocks = (a.st_size + 511) // 512
-            stamp = int(parse_rfc3339(node.version["fetched_at"]).timestamp() * 1e9)
+            stamp = int(parse_rfc3339(node.version.fetched_at).timestamp() * 1e9)
             a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
             a.entry_timeout = a.attr_timeout = IMMUTABLE_TIMEOUT
         elif kind in CONTROLS:  # writes take commands, reads a help text
@@ -236,8 +237,8 @@ class BuffyFS(pyfuse3.Operations):
             a.st_nlink = 1
             a.attr_timeout = 0
             if v:
-                a.st_size = v["size"]
-                stamp = int(parse_rfc3339(v["fetched_at"]).timestamp() * 1e9)
+                a.st_size = v.size
+                stamp = int(parse_rfc3339(v.fetched_at).timestamp() * 1e9)
                 a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
         else:  # pending latest: contents not known ahead, served direct_io
             a.st_mode = stat.S_IFREG | 0o444
@@ -299,7 +300,7 @@ class BuffyFS(pyfuse3.Operations):
             src = r.source(name)
         if src is None or self.scheduler is None:
             return
-        wait = parse_duration(src["options"].get("open_wait", "5s"))
+        wait = parse_duration(src.options.get("open_wait", "5s"))
         await self.scheduler.check_on_open(name, wait)
 
     @guard
@@ -324,7 +325,7 @@ class BuffyFS(pyfuse3.Operations):
             return await trio.to_thread.run_sync(self._list, ino)
         with self.index.read() as r:
             ref = r.inode(ino)
-        if ref is not None and ref["kind"] == SourceInode.versions.name:
+        if ref is not None and ref.kind == SourceInode.versions.name:
             return await trio.to_thread.run_sync(self._list, ino)
         return self._list(ino)
 
@@ -385,37 +386,37 @@ class BuffyFS(pyfuse3.Operations):
         self.collecting = set()
         done.set()
 
-    def _open_version(self, version: dict[str, Any], **info: Any) -> pyfuse3.FileInfo:
+    def _open_version(self, version: Version, **info: Any) -> pyfuse3.FileInfo:
         """Open a version's blob, after a cheap check (exists, right size): a damaged
         version fails with EIO, never serves wrong bytes (the scrub checks the hash).
         A version being collected right now raises _BeingCollected (``open`` waits)."""
-        if version["ino"] in self.collecting:
+        if version.ino in self.collecting:
             raise _BeingCollected(self.collected)
-        if version.get("damaged"):
-            log.warning("version %s is damaged (%s): not served", version["id"],
-                        version["damaged"]["reason"])
+        if version.damaged:
+            log.warning("version %s is damaged (%s): not served", version.id,
+                        version.damaged["reason"])
             raise pyfuse3.FUSEError(errno.EIO)
-        sha = version["sha256"]
+        sha = version.sha256
         try:
             fd = self.cache.blobs.open_blob(sha)
         except FileNotFoundError:
             self.report_damage(sha, "blob file missing", "open")
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as e:
-            log.error("blob of version %s unreadable: %s", version["id"], e.strerror)
+            log.error("blob of version %s unreadable: %s", version.id, e.strerror)
             raise pyfuse3.FUSEError(errno.EIO) from None
         size = os.fstat(fd).st_size
-        if size != version["size"]:
+        if size != version.size:
             os.close(fd)
-            self.report_damage(sha, f"blob file has {size} bytes, {version['size']} expected",
+            self.report_damage(sha, f"blob file has {size} bytes, {version.size} expected",
                                "open")
             raise pyfuse3.FUSEError(errno.EIO)
-        if version["ino"] in self.repaired_inos:  # the kernel may hold pages of the bad file
-            self.repaired_inos.discard(version["ino"])
+        if version.ino in self.repaired_inos:  # the kernel may hold pages of the bad file
+            self.repaired_inos.discard(version.ino)
             info["keep_cache"] = False  # an open without keep_cache drops them
         self.metrics.opens.inc()
-        self.open_inos[version["ino"]] += 1  # collection waits for the last close
-        fh = self._new_handle(BlobHandle(fd, version["size"], version["ino"], sha))
+        self.open_inos[version.ino] += 1  # collection waits for the last close
+        fh = self._new_handle(BlobHandle(fd, version.size, version.ino, sha))
         return pyfuse3.FileInfo(fh=fh, **info)
 
     @guard
@@ -488,12 +489,12 @@ class BuffyFS(pyfuse3.Operations):
                 return self._open_version(version, direct_io=True, keep_cache=False)
             except pyfuse3.FUSEError:
                 with self.index.read() as r:
-                    now = r.version(name, version["id"])
-                if not tries_left or not (now and (now.get("damaged") or now.get("remote"))):
+                    now = r.version(name, version.id)
+                if not tries_left or not (now and (now.damaged or now.remote)):
                     raise
         raise AssertionError("unreachable")
 
-    async def _open_held(self, name: str | None, version: dict[str, Any]) -> pyfuse3.FileInfo:
+    async def _open_held(self, name: str | None, version: Version) -> pyfuse3.FileInfo:
         """Open a version. On a replica, one not held yet streams as it arrives, and one
         whose bytes turn out damaged at open is remote again (index.mark_damaged): it
         comes from the hub as if never held."""
@@ -506,8 +507,8 @@ class BuffyFS(pyfuse3.Operations):
             if self.replica is None or name is None:
                 raise
             with self.index.read() as r:
-                now = r.version(name, version["id"])
-            if not (now and now.get("remote")):
+                now = r.version(name, version.id)
+            if not (now and now.remote):
                 raise
         arriving = await self._open_arriving(name, now)
         if arriving is not None:
@@ -515,16 +516,16 @@ class BuffyFS(pyfuse3.Operations):
         return self._open_version(now, keep_cache=True)
 
     async def _open_arriving(self, name: str | None,
-                             version: dict[str, Any]) -> pyfuse3.FileInfo | None:
+                             version: Version) -> pyfuse3.FileInfo | None:
         """A replica's version whose bytes are not here yet: served as they arrive
         from the hub (replica.py fetches, streaming.py reads, uncached: direct_io);
         None when they are here (after all); EIO if they cannot be had."""
-        if self.replica is None or not version.get("remote") or name is None:
+        if self.replica is None or not version.remote or name is None:
             return None
         try:
             live = await self.replica.wait_body(name, version)
         except FetchError as e:
-            log.warning("%s: version %s not available: %s", name, version["id"], e)
+            log.warning("%s: version %s not available: %s", name, version.id, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         if live is None:
             return None
@@ -549,14 +550,14 @@ class BuffyFS(pyfuse3.Operations):
             await trio.lowlevel.checkpoint()
 
     def _damaged(self, sha256: str, reason: str, check: str,
-                 marked: list[tuple[str, dict[str, Any]]]) -> None:
+                 marked: list[tuple[str, Version]]) -> None:
         """After a blob was marked damaged: count, log, and download its sources again."""
         self.metrics.damage_found.labels(check=check).inc()
         log.error("blob %s is damaged (%s, found at %s): versions %s not served; "
                   "downloading again", sha256, reason, check,
-                  ", ".join(f"{s}/{v['id']}" for s, v in marked) or "(removed sources only)")
+                  ", ".join(f"{s}/{v.id}" for s, v in marked) or "(removed sources only)")
         for _source, v in marked:
-            self.repaired_inos.add(v["ino"])
+            self.repaired_inos.add(v.ino)
         for source in dict.fromkeys(s for s, _ in marked):
             if self.scheduler is not None:
                 self.scheduler.kick(source)
@@ -564,7 +565,7 @@ class BuffyFS(pyfuse3.Operations):
         if self.replica is not None:  # its mirrored versions are remote again: refetched
             self.replica.fetch_again([s for s, _ in marked])
 
-    async def _wait_latest(self, name: str) -> dict[str, Any]:
+    async def _wait_latest(self, name: str) -> Version:
         if self.scheduler is not None:
             try:
                 await self.scheduler.wait_first_version(name)
@@ -727,12 +728,12 @@ class BuffyFS(pyfuse3.Operations):
         v = node.version
         assert v is not None and node.source is not None
         out = {
-            "source": node.source, "version": v["id"], "url": redact_url(v.get("url") or ""),
-            "sha256": v["sha256"], "fetched_at": v["fetched_at"],
-            "tags": ",".join(v.get("tags", [])),
-            "etag": v.get("etag"), "last_modified": v.get("last_modified"),
-            "content_type": v.get("content_type"),
-            "stale": "1" if self._is_stale(node.source, v["id"]) else "0",
+            "source": node.source, "version": v.id, "url": redact_url(v.url or ""),
+            "sha256": v.sha256, "fetched_at": v.fetched_at,
+            "tags": ",".join(v.tags),
+            "etag": v.etag, "last_modified": v.last_modified,
+            "content_type": v.content_type,
+            "stale": "1" if self._is_stale(node.source, v.id) else "0",
         }
         return {f"user.buffy.{k}".encode(): val.encode() for k, val in out.items()
                 if val is not None}
@@ -741,8 +742,8 @@ class BuffyFS(pyfuse3.Operations):
         """Served as latest while the origin is failing."""
         with self.index.read() as r:
             latest = r.latest(source)
-            failures = r.state(source).get("consecutive_failures", 0)
-        return bool(failures) and latest is not None and latest["id"] == vid
+            failures = r.state(source).consecutive_failures
+        return bool(failures) and latest is not None and latest.id == vid
 
     @guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -905,7 +906,7 @@ class BuffyFS(pyfuse3.Operations):
         self.tree.shown_latest.pop(name, None)
         with trio.move_on_after(INVALIDATE_TIMEOUT):
             try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, src["ino"], b"latest",
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, src.ino, b"latest",
                                               abandon_on_cancel=True)
             except OSError:
                 pass  # ENOENT: the kernel did not have it cached
@@ -917,7 +918,7 @@ class BuffyFS(pyfuse3.Operations):
         if src is None:
             return
         for vid in vids:
-            _invalidate(src["ino"] + SourceInode.versions, vid)
+            _invalidate(src.ino + SourceInode.versions, vid)
         self.source_changed(source)
 
 def _invalidate(parent: int, name: str) -> None:

@@ -24,11 +24,11 @@ its "onopen" inode, which an open resolves to the version it checked.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from buffyfs.fs import links, unpackfs
 from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE
 from buffyfs.store.index import Index, SourceInode, newest_of, resolve_latest, tag_latest
+from buffyfs.store.records import Source, Version
 
 ROOT = 1  # pyfuse3.ROOT_INODE
 ROOT_STATUS = 2
@@ -60,7 +60,7 @@ class Node:
 
     kind: str
     source: str | None = None
-    version: dict[str, Any] | None = None
+    version: Version | None = None
     tag: str | None = None
 
 
@@ -88,19 +88,19 @@ class Tree:
             source, base, tag = self.tagdirs[ino]
             with self.index.read() as r:
                 src = r.source(source)
-            if src is None or src["ino"] != base:
+            if src is None or src.ino != base:
                 raise NoEntry(ino)
             return Node("tagdir", source, tag=tag)
         with self.index.read() as r:
             ref = r.inode(ino)
             if ref is None:
                 raise NoEntry(ino)
-            if ref["kind"] == "version":
+            if ref.kind == "version":
                 found = r.version_by_inode(ino)  # also garbage a reader still holds
                 if found is None:
                     raise NoEntry(ino)
                 return Node("version", found[0], found[1])
-        return Node(ref["kind"], ref["source"])
+        return Node(ref.kind, ref.source)
 
     # --- name resolution --------------------------------------------------------------
 
@@ -144,10 +144,10 @@ class Tree:
             tagged = self.tagged(node.source, node.tag)
             newest = tag_latest(tagged, node.tag)
             if name == "latest" and newest:
-                return newest["ino"]
+                return newest.ino
             for v in tagged:
-                if v["id"] == name:
-                    return v["ino"]
+                if v.id == name:
+                    return v.ino
             raise NoEntry(name)
         if node.kind == "versions":
             assert node.source
@@ -157,7 +157,7 @@ class Tree:
                 v = r.version(node.source, name) if "\0" not in name else None
             if v is None:
                 raise NoEntry(name)
-            return v["ino"]
+            return v.ino
         raise NotADirectory(name)
 
     @staticmethod
@@ -172,7 +172,7 @@ class Tree:
             src = r.source(name)
         if src is None:
             raise NoEntry(name)
-        return src["ino"]
+        return src.ino
 
     def latest_ino(self, name: str) -> int:
         """What ``SOURCE/latest`` stands for now; remembered as shown (``stale_entries``
@@ -188,7 +188,7 @@ class Tree:
             v = newest_of(r.versions(name))
         if v is None:
             raise NoEntry(name)
-        return v["ino"]
+        return v.ino
 
     def tagdir_ino(self, name: str, base: int, tag: str) -> int:
         key = (base, tag)
@@ -202,10 +202,10 @@ class Tree:
         with self.index.read() as r:
             return tags_of(r.versions(name))
 
-    def tagged(self, name: str, tag: str) -> list[dict[str, Any]]:
+    def tagged(self, name: str, tag: str) -> list[Version]:
         """Versions carrying ``tag``, newest first."""
         with self.index.read() as r:
-            return [v for v in r.versions(name) if tag in v.get("tags", [])]
+            return [v for v in r.versions(name) if tag in v.tags]
 
     def unpacked_shown(self, name: str) -> bool:
         """Whether ``SOURCE/@unpacked`` can be looked up."""
@@ -219,7 +219,7 @@ class Tree:
             src = r.source(name)
             if src is None or not unpackfs.shown(src):
                 return False
-            kinds = [(r.unpacked(v["sha256"]) or {}).get("kind") for v in r.versions(name)]
+            kinds = [(r.unpacked(v.sha256) or {}).get("kind") for v in r.versions(name)]
         return unpackfs.listed_in(src, kinds)
 
     # --- listings ---------------------------------------------------------------------
@@ -228,7 +228,7 @@ class Tree:
         """(name, inode) of what the directory ``ino`` lists, in order (not ``.``, ``..``)."""
         if node.kind == "root":
             with self.index.read() as r:
-                bases = [(n, src["ino"]) for n, src in r.sources()]
+                bases = [(n, src.ino) for n, src in r.sources()]
             return [*ROOT_FILES.items(), *bases]
         if node.kind == "dir":
             assert node.source
@@ -248,27 +248,27 @@ class Tree:
             assert node.source and node.tag
             tagged = self.tagged(node.source, node.tag)
             newest = tag_latest(tagged, node.tag)
-            return ([("latest", newest["ino"])] if newest else []) + \
-                [(v["id"], v["ino"]) for v in tagged]
+            return ([("latest", newest.ino)] if newest else []) + \
+                [(v.id, v.ino) for v in tagged]
         if node.kind == "versions":
             assert node.source
             with self.index.read() as r:
-                return [(v["id"], v["ino"]) for v in r.versions(node.source)]
+                return [(v.id, v.ino) for v in r.versions(node.source)]
         raise NotADirectory(ino)
 
     # --- link counts ------------------------------------------------------------------
 
-    def link_count(self, source: str | None, version: dict[str, Any]) -> int:
+    def link_count(self, source: str | None, version: Version) -> int:
         """How many names the version has (links.py); a collected one's: 1."""
         with self.index.read() as r:
             src = r.source(source) if source else None
-            current = r.version(source, version["id"]) if src else None
-            if src is None or current is None or current["ino"] != version["ino"]:
+            current = r.version(source, version.id) if src else None
+            if src is None or current is None or current.ino != version.ino:
                 return 1
-            pin = src.get("pin")
+            pin = src.pin
             pin_present = bool(pin) and r.version(source, pin) is not None
             return links.link_count(src, current, pin_present,
-                                    r.versions_after(source, version["id"]))
+                                    r.versions_after(source, version.id))
 
     def link_counts(self, source: str) -> dict[int, int]:
         """The link count of every version of ``source``, by inode (for a listing)."""
@@ -278,7 +278,7 @@ class Tree:
         if src is None:
             return {}
         counts = links.link_counts(src, versions)
-        return {v["ino"]: counts[v["id"]] for v in versions}
+        return {v.ino: counts[v.id] for v in versions}
 
     # --- what a change makes stale ----------------------------------------------------
 
@@ -296,14 +296,14 @@ class Tree:
         current = latest_target(src, resolve_latest(src, versions))
         shown = self.shown_latest.get(name)
         if shown is not None and shown != current:
-            out.append((src["ino"], "latest"))
+            out.append((src.ino, "latest"))
             del self.shown_latest[name]
-        out.append((src["ino"], "newest"))  # a new version, a collection: it may move
-        out.append((unpackfs.dir_ino(src["ino"]), "latest"))  # may have moved: short-lived
+        out.append((src.ino, "newest"))  # a new version, a collection: it may move
+        out.append((unpackfs.dir_ino(src.ino), "latest"))  # may have moved: short-lived
         in_use = set(tags_of(versions))
-        ids = [v["id"] for v in versions]
+        ids = [v.id for v in versions]
         for (base, tag), ino in self.tagdir_inos.items():
-            if base != src["ino"]:
+            if base != src.ino:
                 continue
             if tag not in in_use:
                 out.append((base, "@" + tag))
@@ -311,18 +311,18 @@ class Tree:
         return out
 
 
-def tags_of(versions: list[dict[str, Any]]) -> list[str]:
+def tags_of(versions: list[Version]) -> list[str]:
     """The tags in use among ``versions``; ``valid`` always."""
     tags = {"valid"}
     for v in versions:
-        tags.update(v.get("tags", []))
+        tags.update(v.tags)
     return sorted(tags)
 
 
-def latest_target(source: dict[str, Any] | None, latest: dict[str, Any] | None) -> int:
+def latest_target(source: Source | None, latest: Version | None) -> int:
     """The inode the name `latest` of a source stands for."""
     assert source is not None
-    options = source["options"]
+    options = source.options
     if options.get("refresh") == "on-open" and not options.get("pinned"):
-        return source["ino"] + SourceInode.onopen
-    return latest["ino"] if latest else source["ino"] + SourceInode.pending
+        return source.ino + SourceInode.onopen
+    return latest.ino if latest else source.ino + SourceInode.pending

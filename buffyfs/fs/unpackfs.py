@@ -33,6 +33,7 @@ import trio
 
 from buffyfs.safeio import open_file
 from buffyfs.store.index import parse_rfc3339
+from buffyfs.store.records import Source, Version
 from buffyfs.store.unpack import COMPRESSED, DerivedStore
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class UnpackedHandle:
 @dataclass
 class View:
     source: str
-    version: dict[str, Any]
+    version: Version
     record: dict[str, Any] | None  # blobs[SHA].unpacked
     member: int  # -1: the view itself
 
@@ -103,10 +104,10 @@ class UnpackedTree:
         base = ino - FIRST_INO
         with self.index.read() as r:
             ref = r.inode(base)
-            src = r.source(ref["source"]) if ref and ref["kind"] == "dir" else None
-        if src is None or src["ino"] != base or not shown(src):
+            src = r.source(ref.source) if ref and ref.kind == "dir" else None
+        if src is None or src.ino != base or not shown(src):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return ref["source"], base
+        return ref.source, base
 
     def _view(self, ino: int) -> View:
         rel = ino - VIEW_BASE
@@ -114,11 +115,11 @@ class UnpackedTree:
             found = r.version_by_inode(rel >> MEMBER_BITS)
             if found is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            record = r.unpacked(found[1]["sha256"])
+            record = r.unpacked(found[1].sha256)
         return View(found[0], found[1], record, (rel & MEMBER_MASK) - 1)
 
     def _members(self, view: View) -> Members:
-        sha = view.version["sha256"]
+        sha = view.version.sha256
         if sha in self.member_lists:
             self.member_lists.move_to_end(sha)
             return self.member_lists[sha]
@@ -137,10 +138,10 @@ class UnpackedTree:
         record = view.record
         if (record is None or record["state"] not in ("done", "error", "none")) \
                 and self.unpacker is not None:
-            record = await self.unpacker.wait_done(view.version["sha256"])
+            record = await self.unpacker.wait_done(view.version.sha256)
         if record is None or record["state"] == "none":
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if record["state"] != "done" or view.version.get("damaged"):
+        if record["state"] != "done" or view.version.damaged:
             raise pyfuse3.FUSEError(errno.EIO)
         view.record = record
         return record
@@ -154,7 +155,7 @@ class UnpackedTree:
 
     async def _members_soon(self, view: View) -> Members:
         """The member list: from memory, else loaded in a worker thread."""
-        members = self.member_lists.get(view.version["sha256"])
+        members = self.member_lists.get(view.version.sha256)
         return members or await trio.to_thread.run_sync(self._members, view)
 
     # --- attributes -------------------------------------------------------------------
@@ -171,7 +172,7 @@ class UnpackedTree:
             a.st_mode, a.st_nlink = stat.S_IFDIR | 0o555, 2
             return a
         view = self._view(ino)
-        stamp = int(parse_rfc3339(view.version["fetched_at"]).timestamp() * 1e9)
+        stamp = int(parse_rfc3339(view.version.fetched_at).timestamp() * 1e9)
         a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
         record = view.record
         if record is None or record.get("kind") is None:
@@ -227,13 +228,13 @@ class UnpackedTree:
             if v is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if self.unpacker is not None:
-                kind = await trio.to_thread.run_sync(self.unpacker.detect_now, v["sha256"])
+                kind = await trio.to_thread.run_sync(self.unpacker.detect_now, v.sha256)
             else:
                 with self.index.read() as r:
-                    kind = (r.unpacked(v["sha256"]) or {}).get("kind")
+                    kind = (r.unpacked(v.sha256) or {}).get("kind")
             if kind is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return view_ino(v["ino"])
+            return view_ino(v.ino)
         view = self._view(parent)
         members, entry = await self._member_view(view)
         if name == ".":
@@ -242,20 +243,20 @@ class UnpackedTree:
             if entry is None:
                 return dir_ino(self._source_base(view.source))
             up = posixpath.dirname(entry[0])
-            return view_ino(view.version["ino"], members.by_path[up]) if up else \
-                view_ino(view.version["ino"])
+            return view_ino(view.version.ino, members.by_path[up]) if up else \
+                view_ino(view.version.ino)
         path = f"{entry[0]}/{name}" if entry is not None else name
         i = members.by_path.get(path)
         if i is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return view_ino(view.version["ino"], i)
+        return view_ino(view.version.ino, i)
 
     def _source_base(self, source: str) -> int:
         with self.index.read() as r:
             src = r.source(source)
         if src is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return src["ino"]
+        return src.ino
 
     async def _version_entries(self, ino: int) -> list[tuple[str, int]]:
         """(name, inode) of a source's @unpacked/: ``latest`` and every version whose
@@ -265,11 +266,11 @@ class UnpackedTree:
             latest = r.latest(source)
             out = []
             for v in r.versions(source):
-                record = r.unpacked(v["sha256"])
+                record = r.unpacked(v.sha256)
                 if record is not None and record.get("kind"):
-                    out.append((v["id"], view_ino(v["ino"])))
-                    if latest is not None and v["id"] == latest["id"]:
-                        out.insert(0, ("latest", view_ino(v["ino"])))
+                    out.append((v.id, view_ino(v.ino)))
+                    if latest is not None and v.id == latest.id:
+                        out.insert(0, ("latest", view_ino(v.ino)))
         return out
 
     async def listing(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
@@ -286,7 +287,7 @@ class UnpackedTree:
 
         def build() -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
             children = members.children.get(view.member if entry is not None else -1, [])
-            base = view_ino(view.version["ino"])
+            base = view_ino(view.version.ino)
             return [(posixpath.basename(members.entries[i][0]).encode(),
                      self._member_attr(base + 1 + i, members.entries[i])) for i in children]
 
@@ -306,7 +307,7 @@ class UnpackedTree:
         view = self._view(ino)
         waited = view.record is None or view.record["state"] != "done"
         record = await self._finished(view)
-        sha = view.version["sha256"]
+        sha = view.version.sha256
         if view.member < 0:
             if record["kind"] not in COMPRESSED:
                 raise pyfuse3.FUSEError(errno.EISDIR)
@@ -324,9 +325,9 @@ class UnpackedTree:
             fd = open_file(path, os.O_RDONLY)
         except OSError as e:
             log.error("unpacked data of version %s unreadable (%s): run buffyfs check",
-                      view.version["id"], e)
+                      view.version.id, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        return UnpackedHandle(fd, start, size, view.version["ino"]), waited
+        return UnpackedHandle(fd, start, size, view.version.ino), waited
 
     async def read(self, handle: UnpackedHandle, off: int, size: int) -> bytes | memoryview:
         size = max(0, min(size, handle.size - off))
@@ -355,18 +356,18 @@ class UnpackedTree:
         if ino < VIEW_BASE:
             return {}
         view = self._view(ino)
-        out = self.fs._xattrs(view.version["ino"])
-        out[b"user.buffy.unpacked_from"] = view.version["id"].encode()
+        out = self.fs._xattrs(view.version.ino)
+        out[b"user.buffy.unpacked_from"] = view.version.id.encode()
         return out
 
 
-def listed_in(source: dict[str, Any], kinds: list[str | None]) -> bool:
+def listed_in(source: Source, kinds: list[str | None]) -> bool:
     """Whether ``@unpacked`` appears in the listing of a source's directory: when it is
     shown and some version has something to unpack (``kinds``: what each version's
     bytes are, as far as looked at). A plain source's directory stays as it was."""
     return shown(source) and any(kinds)
 
 
-def shown(source: dict[str, Any]) -> bool:
+def shown(source: Source) -> bool:
     """Whether a source has ``@unpacked/`` (its ``unpack`` option is not ``off``)."""
-    return source["options"].get("unpack", "auto") != "off"
+    return source.options.get("unpack", "auto") != "off"

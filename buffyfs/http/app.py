@@ -68,6 +68,7 @@ from buffyfs.options import (
     redact_url,
 )
 from buffyfs.store.index import newest_of, resolve_latest, tag_latest
+from buffyfs.store.records import Source, Version
 
 log = logging.getLogger(__name__)
 
@@ -308,26 +309,26 @@ class App:
                 return await self._version_listing(req, send, head, tag)
             if len(tail) == 1:
                 with self.index.read() as r:
-                    tagged = [v for v in r.versions(head) if tag in v.get("tags", ())]
+                    tagged = [v for v in r.versions(head) if tag in v.tags]
                 if tail[0] == "latest":
                     v = tag_latest(tagged, tag)
                     if v is None:
                         raise Answer(404, f"no usable version of {head!r} is tagged {tag!r}")
                     return await self._version(req, send, head, v, mutable=True)
                 for v in tagged:
-                    if v["id"] == tail[0]:
+                    if v.id == tail[0]:
                         return await self._version(req, send, head, v)
                 raise Answer(404, f"{head!r} has no version {tail[0][:40]!r} tagged {tag!r}")
         raise Answer(404, "no such name")
 
-    def _source(self, name: str) -> dict[str, Any]:
+    def _source(self, name: str) -> Source:
         with self.index.read() as r:
             src = r.source(name)
         if src is None:
             raise Answer(404, f"no source named {name!r}")
         return src
 
-    def _version_of(self, name: str, vid: str) -> dict[str, Any]:
+    def _version_of(self, name: str, vid: str) -> Version:
         v = None
         if VERSION_RE.fullmatch(vid):
             with self.index.read() as r:
@@ -338,11 +339,11 @@ class App:
 
     # --- bytes -----------------------------------------------------------------------
 
-    async def _latest(self, req: Request, send: Send, name: str, src: dict[str, Any]) -> None:
+    async def _latest(self, req: Request, send: Send, name: str, src: Source) -> None:
         """What ``latest`` resolves to now: as an open of the mount's ``latest`` (an
         on-open source checks first; no version yet waits for the first download)."""
         scheduler = self.daemon.scheduler
-        options = src["options"]
+        options = src.options
         if scheduler is not None and options.get("refresh") == "on-open" \
                 and not options.get("pinned"):
             await scheduler.check_on_open(name, parse_duration(options.get("open_wait", "5s")))
@@ -350,7 +351,7 @@ class App:
             with self.index.read() as r:  # one transaction: this runs for every revalidation
                 src = r.source(name) or src
                 versions = r.versions(name)
-                failures = r.state(name).get("consecutive_failures", 0)
+                failures = r.state(name).consecutive_failures
             v = resolve_latest(src, versions)
             if v is None and not versions and \
                     await first.answer_while_downloading(self, req, send, name):
@@ -364,7 +365,7 @@ class App:
                              "it is being downloaded again")
         raise AssertionError("unreachable")
 
-    async def _wait_latest(self, name: str) -> dict[str, Any]:
+    async def _wait_latest(self, name: str) -> Version:
         with self.index.read() as r:  # (it came while we waited for a stream: first.py)
             v = r.latest(name)
         if v is not None:
@@ -383,55 +384,55 @@ class App:
         reason = (status.get("last_error") or {}).get("message") or "no usable version"
         raise Answer(503, f"{name}: latest cannot be served: {reason}")
 
-    async def _version(self, req: Request, send: Send, name: str, v: dict[str, Any],
+    async def _version(self, req: Request, send: Send, name: str, v: Version,
                        mutable: bool = False) -> None:
         with self.index.read() as r:
-            stale = r.state(name).get("consecutive_failures", 0) > 0 and bool(r.latest(name))
+            stale = r.state(name).consecutive_failures > 0 and bool(r.latest(name))
         if not await self._send_version(req, send, name, v, stale, mutable):
-            raise Answer(503, f"version {v['id']} of {name!r} is damaged in the cache; it is "
+            raise Answer(503, f"version {v.id} of {name!r} is damaged in the cache; it is "
                          "being downloaded again")
 
-    def _open(self, name: str, v: dict[str, Any]) -> int | None:
+    def _open(self, name: str, v: Version) -> int | None:
         """An fd of the version's blob after the cheap checks the mount makes (there,
         right size); None if damaged (then marked so, and downloaded again). No await
         between the index read that found ``v`` and this open: a collection commits
         in a worker thread, but unlinks only after it, on the loop."""
-        if v.get("damaged"):
+        if v.damaged:
             return None
-        sha = v["sha256"]
+        sha = v.sha256
         try:
             fd = self.cache.blobs.open_blob(sha)
         except FileNotFoundError:
             with self.index.read() as r:
-                still = r.version(name, v["id"])
+                still = r.version(name, v.id)
             if still is None:  # collected between the read and the open
-                raise Answer(404, f"version {v['id']} of {name!r} was just collected") from None
+                raise Answer(404, f"version {v.id} of {name!r} was just collected") from None
             self.daemon.report_damage(sha, "blob file missing", "open")
             return None
         except OSError as e:
-            log.error("blob of version %s unreadable: %s", v["id"], e.strerror)
+            log.error("blob of version %s unreadable: %s", v.id, e.strerror)
             return None
         size = os.fstat(fd).st_size
-        if size != v["size"]:
+        if size != v.size:
             os.close(fd)
-            self.daemon.report_damage(sha, f"blob file has {size} bytes, {v['size']} expected",
+            self.daemon.report_damage(sha, f"blob file has {size} bytes, {v.size} expected",
                                       "open")
             return None
         return fd
 
-    async def _send_version(self, req: Request, send: Send, name: str, v: dict[str, Any],
+    async def _send_version(self, req: Request, send: Send, name: str, v: Version,
                             stale: bool, mutable: bool) -> bool:
         """Answer with the version; False (nothing sent) if its blob is damaged."""
-        if v.get("remote") and getattr(self.daemon, "replica", None) is not None:
+        if v.remote and getattr(self.daemon, "replica", None) is not None:
             try:  # a replica's version not held yet: its bytes come from the hub first
                 await self.daemon.replica.hold(name, v)
             except FetchError as e:
-                raise Answer(503, f"version {v['id']} of {name!r} is not available: {e}"
+                raise Answer(503, f"version {v.id} of {name!r} is not available: {e}"
                              ) from None
-        extra = [("X-Buffy-Version", v["id"]), ("X-Buffy-Stale", "1" if stale else "0")]
-        return await self._send_file(req, send, v["size"], v["sha256"],
-                                     datetime.fromisoformat(v["fetched_at"]), mutable, extra,
-                                     v.get("content_type"), lambda: self._open(name, v))
+        extra = [("X-Buffy-Version", v.id), ("X-Buffy-Stale", "1" if stale else "0")]
+        return await self._send_file(req, send, v.size, v.sha256,
+                                     datetime.fromisoformat(v.fetched_at), mutable, extra,
+                                     v.content_type, lambda: self._open(name, v))
 
     async def _blob(self, req: Request, send: Send, sha: str) -> None:
         if not SHA256_RE.fullmatch(sha):
@@ -440,7 +441,7 @@ class App:
             await self._hold_remote_blob(sha)
         with self.index.read() as r:
             ref = r.blob_ref(sha)
-        if ref is None or ref.get("refs", 0) <= 0 or ref.get("damaged"):
+        if ref is None or ref.refs <= 0 or ref.damaged:
             raise Answer(404, f"no blob {sha}")
         try:
             fd = self.cache.blobs.open_blob(sha)
@@ -448,7 +449,7 @@ class App:
             raise Answer(404, f"no blob {sha}") from None
         try:
             st = os.fstat(fd)
-            if st.st_size != ref["size"]:
+            if st.st_size != ref.size:
                 raise Answer(503, f"blob {sha} is damaged in the cache")
             await self._send_file(req, send, st.st_size, sha,
                                   datetime.fromtimestamp(st.st_mtime, UTC), False, [], None,
@@ -463,11 +464,11 @@ class App:
         if self.cache.blobs.path(sha).exists():
             return
 
-        def find() -> tuple[str, dict[str, Any]] | None:
+        def find() -> tuple[str, Version] | None:
             with self.index.read() as r:
                 for name in r.source_names():
                     for v in r.versions(name):
-                        if v.get("remote") and v["sha256"] == sha:
+                        if v.remote and v.sha256 == sha:
                             return name, v
             return None
 
@@ -547,14 +548,14 @@ class App:
         await self._json(send, data)
 
     async def _source_listing(self, req: Request, send: Send, name: str,
-                              src: dict[str, Any]) -> None:
+                              src: Source) -> None:
         with self.index.read() as r:
             versions = r.versions(name)
             latest = r.latest(name)
-        tags = sorted({"valid", *(t for v in versions for t in v.get("tags", ()))})
+        tags = sorted({"valid", *(t for v in versions for t in v.tags)})
         entries = ["latest", "@status", "@control", "@versions/", *(f"@{t}/" for t in tags)]
         if req.wants_json():
-            return await self._json(send, {"name": name, "latest": latest["id"] if latest
+            return await self._json(send, {"name": name, "latest": latest.id if latest
                                            else None, "tags": tags, "entries": entries})
         await self.page.source(req, send, name)  # the source's status page (page.py)
 
@@ -563,20 +564,20 @@ class App:
         with self.index.read() as r:
             versions = r.versions(name)
         if tag is not None:
-            versions = [v for v in versions if tag in v.get("tags", ())]
+            versions = [v for v in versions if tag in v.tags]
             if not versions and tag != "valid":
                 raise Answer(404, f"no version of {name!r} is tagged {tag!r}")
-        entries = [{k: v[k] for k in ("id", "size", "sha256", "fetched_at")}
-                   | {"tags": v.get("tags", [])} for v in versions]
+        entries = [{"id": v.id, "size": v.size, "sha256": v.sha256, "fetched_at": v.fetched_at,
+                    "tags": v.tags} for v in versions]
         newest = tag_latest(versions, tag) if tag is not None else None
         if req.wants_json():
             obj: dict[str, Any] = {"name": name, "versions": entries}
             if tag is not None:
-                obj = {"name": name, "tag": tag, "latest": newest["id"] if newest else None,
+                obj = {"name": name, "tag": tag, "latest": newest.id if newest else None,
                        "versions": entries}
             return await self._json(send, obj)
         base = f"/{quote(name)}/{'@' + tag if tag else '@versions'}/"
-        rows = [(base + "latest", "latest", newest["id"])] if newest else []
+        rows = [(base + "latest", "latest", newest.id)] if newest else []
         rows += [(base + e["id"], e["id"], f"{e['size']} bytes, {','.join(e['tags'])}")
                  for e in entries]
         await self._html(send, f"{name}/{'@' + tag if tag else '@versions'}", rows)
@@ -630,10 +631,10 @@ class App:
                     out[name] = None
                     continue
                 out[name] = {
-                    "url": redact_url(src["url"]),
-                    "options": public_options(src["options"]),
-                    "pinned": src.get("pin") if src["options"].get("pinned") else None,
-                    "versions": [{k: v.get(k) for k in MIRRORED_VERSION_KEYS}
+                    "url": redact_url(src.url),
+                    "options": public_options(src.options),
+                    "pinned": src.pin if src.options.get("pinned") else None,
+                    "versions": [{k: getattr(v, k) for k in MIRRORED_VERSION_KEYS}
                                  for v in r.versions(name)],
                 }
         return out

@@ -22,7 +22,6 @@ buttons, and a read token's form POST is refused like any read token's control.
 from __future__ import annotations
 
 import hmac
-import json
 import secrets
 import shlex
 from datetime import datetime
@@ -38,7 +37,9 @@ from buffyfs.errors import BadInput, BuffyError, NotFound
 from buffyfs.http import access
 from buffyfs.http.answer import Answer
 from buffyfs.options import redact_url
+from buffyfs.store import records
 from buffyfs.store.index import now_utc, parse_rfc3339, resolve_latest
+from buffyfs.store.records import Source, SourceState, Version
 
 if TYPE_CHECKING:
     from buffyfs.http.app import App, Request, Send
@@ -232,21 +233,21 @@ def form_line(form: dict[str, str]) -> str:
 def _row(key: bytes, src_raw: bytes, state_raw: bytes | None,
          versions_raw: list[bytes]) -> dict[str, Any]:
     """A source's row of the overview, from its index records (index.py)."""
-    src = json.loads(src_raw)
-    state = json.loads(state_raw) if state_raw else {}
-    versions = [json.loads(v) for v in reversed(versions_raw)]  # newest first
+    src = records.decode(Source, src_raw)
+    state = records.decode(SourceState, state_raw) if state_raw else SourceState()
+    versions = [records.decode(Version, v) for v in reversed(versions_raw)]  # newest first
     latest = resolve_latest(src, versions)
-    failures = state.get("consecutive_failures", 0)
-    run_state = state.get("state", "idle")
-    row = {"name": key.decode(), "url": redact_url(src["url"]),
-           "latest": latest["id"] if latest else None,
-           "latest_fetched_at": latest["fetched_at"] if latest else None,
+    failures = state.consecutive_failures
+    run_state = state.state
+    row = {"name": key.decode(), "url": redact_url(src.url),
+           "latest": latest.id if latest else None,
+           "latest_fetched_at": latest.fetched_at if latest else None,
            "state": run_state, "consecutive_failures": failures,
            "stale": bool(latest) and failures > 0,
-           "last_error": (state.get("last_error") or {}).get("message"),
+           "last_error": (state.last_error or {}).get("message"),
            # versions, yet none usable: every one is tagged failed (or damaged)
            "all_failed": latest is None and bool(versions),
-           "progress": state.get("progress") if run_state == "fetching" else None}
+           "progress": state.progress if run_state == "fetching" else None}
     row["rank"], row["health"] = _health(row)
     return row
 

@@ -65,6 +65,7 @@ from buffyfs.options import (
 )
 from buffyfs.store import commands
 from buffyfs.store.index import Index
+from buffyfs.store.records import Source
 
 if TYPE_CHECKING:
     from buffyfs.http.app import App, Request, Send
@@ -194,9 +195,9 @@ def source_name(url: str, method: str = "GET", body: str | None = None) -> str:
     return f"{stem}-{digest}"
 
 
-def _same_request(src: dict[str, Any], url: str, method: str, body: str | None) -> bool:
-    opts = src.get("options", {})
-    return src.get("url") == url and opts.get("method", "GET") == method \
+def _same_request(src: Source, url: str, method: str, body: str | None) -> bool:
+    opts = src.options
+    return src.url == url and opts.get("method", "GET") == method \
         and (opts.get("body") or None) == (body or None)
 
 
@@ -345,5 +346,5 @@ class Proxy:
         except FetchError as e:
             message = str(e)
             with self.app.index.read() as r:
-                message = (r.state(name).get("last_error") or {}).get("message") or message
+                message = (r.state(name).last_error or {}).get("message") or message
             raise Answer(origin_status(message), f"{name}: no version: {message}") from None

@@ -294,4 +294,4 @@ def _pin_target(w: Writer, source: str, ref: str | None) -> str | None:
     source with no version yet (the first to arrive holds)."""
     if ref is None and not w.has_versions(source):
         return None
-    return version(w, source, ref or "latest")["id"]
+    return version(w, source, ref or "latest").id

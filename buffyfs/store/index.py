@@ -360,7 +360,7 @@ class Reader:
         raw = self.txn.get(sha256.encode(), db=self.dbs["blobs"])
         if raw is None or b'"unpacked"' not in raw:  # most blobs: no JSON parse (@status)
             return None
-        return json.loads(raw).get("unpacked")
+        return decode(BlobEntry, raw).unpacked
 
     def blob_bytes(self) -> int:
         raw = self.txn.get(b"blob_bytes", db=self.dbs["meta"])
