@@ -694,6 +694,7 @@ def populate(index: Any, sources: int, per_source: int, *, sha256: Callable[[int
     records a successful check, so refresh=never sources start no download."""
     from buffyfs.options import normalize_options
     from buffyfs.store.index import INODES_PER_SOURCE, SourceInode, rfc3339, version_id
+    from buffyfs.store.records import InodeRef, Source, Version
 
     opts = normalize_options(options)
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -701,22 +702,21 @@ def populate(index: Any, sources: int, per_source: int, *, sha256: Callable[[int
     with index.write() as w:
         for s, name in enumerate(names):
             base = w.alloc_inodes(INODES_PER_SOURCE)
-            w.put_source(name, {"url": f"http://127.0.0.1:9/{name}", "options": opts,
-                                "ino": base, "added_at": rfc3339(t0), "pin": None})
+            w.put_source(name, Source(url=f"http://127.0.0.1:9/{name}", options=opts,
+                                      ino=base, added_at=rfc3339(t0)))
             for kind in SourceInode:
-                w.put_inode(base + kind, {"kind": kind.name, "source": name})
+                w.put_inode(base + kind, InodeRef(kind=kind.name, source=name))
             last = t0
             for i in range(per_source):
                 sha = sha256(s, i)
                 last = t0 + timedelta(minutes=i)
                 vid = version_id(last, sha)
                 ino = w.alloc_inodes(1)
-                w.put_version(name, {
-                    "id": vid, "sha256": sha, "size": size, "fetched_at": rfc3339(last),
-                    "url": f"http://127.0.0.1:9/{name}", "etag": None,
-                    "last_modified": None, "content_type": None, "ino": ino,
-                    "tags": ["valid"] if i % 10 == 0 else []})
-                w.put_inode(ino, {"kind": "version", "source": name, "id": vid})
+                w.put_version(name, Version(
+                    id=vid, sha256=sha, size=size, fetched_at=rfc3339(last),
+                    url=f"http://127.0.0.1:9/{name}", ino=ino,
+                    tags=["valid"] if i % 10 == 0 else []))
+                w.put_inode(ino, InodeRef(kind="version", source=name, id=vid))
                 w.ref_blob(sha, size)
             if checked:
                 w.put_state(name, last_check=rfc3339(last), last_success=rfc3339(last))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -102,7 +103,7 @@ def build(cache: Path, sources: int, per_source: int, burst: int = 0,
             with c.index.write() as w:  # their URLs: the local origin
                 for name in names:
                     src = w.source(name)
-                    w.put_source(name, {**src, "url": f"{origin}/{name}"})
+                    w.put_source(name, dataclasses.replace(src, url=f"{origin}/{name}"))
     finally:
         c.close()
 

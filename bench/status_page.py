@@ -32,6 +32,7 @@ from pathlib import Path
 from buffyfs.options import normalize_options
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import Index, now_utc, rfc3339, version_id
+from buffyfs.store.records import InodeRef, Version
 
 BLOB = b"status page bench\n" * 64
 SERVE_TIMEOUT = 30.0
@@ -57,11 +58,10 @@ def fill_cache(root: Path, count: int, url: str = "http://127.0.0.1:9/data") -> 
                 vid = version_id(fetched, sha)
                 ino = w.alloc_inodes(1)
                 tags = ["failed"] if i % 100 == 7 else []
-                w.put_version(name, {"id": vid, "sha256": sha, "size": len(BLOB),
-                                     "fetched_at": stamp, "url": f"{url}/{name}", "etag": None,
-                                     "last_modified": None, "content_type": "text/plain",
-                                     "ino": ino, "tags": tags})
-                w.put_inode(ino, {"kind": "version", "source": name, "id": vid})
+                w.put_version(name, Version(id=vid, sha256=sha, size=len(BLOB),
+                                            fetched_at=stamp, url=f"{url}/{name}",
+                                            content_type="text/plain", ino=ino, tags=tags))
+                w.put_inode(ino, InodeRef(kind="version", source=name, id=vid))
                 w.ref_blob(sha, len(BLOB))
                 failing = i % 50 == 3
                 w.put_state(name, last_check=stamp, last_success=stamp,

@@ -3,6 +3,7 @@ files (Cache.run_control) and the command line (Cache.tag, pin...)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +36,7 @@ def make_cache(root: Path, versions: int = 2) -> Cache:
 def snapshot(cache: Cache) -> dict[str, Any]:
     """What the commands may change: sources (but their add time), versions, requests."""
     with cache.index.read() as r:
-        return {name: ({k: v for k, v in src.items() if k != "added_at"}, r.versions(name))
+        return {name: (dataclasses.replace(src, added_at=None), r.versions(name))
                 for name, src in r.sources()}
 
 
@@ -114,14 +115,14 @@ def test_cli_and_control_file_refuse_the_same_unknowns(caches):
 
 
 def tags(cache: Cache) -> dict[str, list[str]]:
-    return {v["id"]: v["tags"] for v in snapshot(cache)["t"][1]}
+    return {v.id: v.tags for v in snapshot(cache)["t"][1]}
 
 
 def test_latest_is_resolved_as_the_earlier_lines_left_it(tmp_path):
     cache = make_cache(tmp_path / "c")
     out = cache.run_control(b"tag latest keep\ntag latest failed\ntag latest mytag\n", "t")
     assert tags(cache) == {NEWER: ["keep", "failed"], OLDER: ["mytag"]}
-    assert [v["id"] for v in out.results] == [NEWER, NEWER, OLDER]
+    assert [v.id for v in out.results] == [NEWER, NEWER, OLDER]
     assert out.changed == ["t"] and out.refresh == [] and out.removed == []
 
 
@@ -135,11 +136,11 @@ def test_a_failing_line_aborts_the_whole_transaction(tmp_path):
     assert snapshot(cache) == before
     with cache.index.read() as r:
         assert r.seq() == seq  # no change recorded (the error record is state only)
-        assert r.state("t")["last_control_error"] == \
+        assert r.state("t").last_control_error == \
             "line 3: source 't' has no usable version"
     cache.run_control(b"\n", "t")  # a write that succeeds clears it, in its transaction
     with cache.index.read() as r:
-        assert r.state("t")["last_control_error"] is None
+        assert r.state("t").last_control_error is None
 
 
 def test_root_commands_see_each_other(tmp_path):
@@ -157,7 +158,7 @@ def test_refresh_modes(tmp_path):
     out = commands.run(cache.index, [Command("refresh", [])], "t", refresh="mount")
     assert out.refresh == ["t"]
     with cache.index.read() as r:
-        assert r.state("t")["state"] == "fetching"
+        assert r.state("t").state == "fetching"
     cache.request_refresh("t", "request")
     assert cache.index.take_refresh_requests() == ["t"]
     cache.request_refresh("t", "check")

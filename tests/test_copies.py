@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from buffyfs.fs import links
 from buffyfs.store.index import newest_of, resolve_latest
+from buffyfs.store.records import Source, Version
 from tests.conftest import run_cli, wait_for
 from tests.test_mount import read, status, write_control
 
@@ -121,26 +122,28 @@ _version = st.fixed_dictionaries({
 def test_link_counts_match_the_layout(specs, pin_at, refresh, pinned_option):
     """Every version's link count is the number of names fs.py's layout gives it; the
     one-version scan agrees with the all-versions pass."""
-    versions = [{"id": f"2026010{i}T000000Z-0000000{i}", "ino": 100 + i, "tags": s["tags"],
-                 **({"damaged": {"at": "", "reason": ""}} if s["damaged"] else {})}
+    versions = [Version(id=f"2026010{i}T000000Z-0000000{i}", sha256="0" * 64, size=0,
+                        fetched_at="", ino=100 + i, tags=s["tags"],
+                        damaged={"at": "", "reason": ""} if s["damaged"] else None)
                 for i, s in enumerate(specs)][::-1]  # newest first
     pin = f"2026010{pin_at}T000000Z-0000000{pin_at}" if pin_at >= 0 else None
-    source = {"pin": pin, "options": {"refresh": refresh, "pinned": pinned_option}}
+    source = Source(url="http://h/s", ino=16, pin=pin,
+                    options={"refresh": refresh, "pinned": pinned_option})
     latest = resolve_latest(source, versions)
-    names: dict[str, int] = {v["id"]: 1 for v in versions}  # @versions/ID
+    names: dict[str, int] = {v.id: 1 for v in versions}  # @versions/ID
     if newest_of(versions):
-        names[newest_of(versions)["id"]] += 1  # SOURCE/newest
+        names[newest_of(versions).id] += 1  # SOURCE/newest
     if latest and not (refresh == "on-open" and not pinned_option):
-        names[latest["id"]] += 1  # SOURCE/latest
-    for tag in {t for v in versions for t in v["tags"]}:
-        tagged = [v for v in versions if tag in v["tags"]]
+        names[latest.id] += 1  # SOURCE/latest
+    for tag in {t for v in versions for t in v.tags}:
+        tagged = [v for v in versions if tag in v.tags]
         for v in tagged:
-            names[v["id"]] += 1  # @TAG/ID
-        newest = next((v for v in tagged if not v.get("damaged")), None)
+            names[v.id] += 1  # @TAG/ID
+        newest = next((v for v in tagged if not v.damaged), None)
         if newest:
-            names[newest["id"]] += 1  # @TAG/latest
+            names[newest.id] += 1  # @TAG/latest
     assert links.link_counts(source, versions) == names
-    pin_present = any(v["id"] == pin for v in versions)
+    pin_present = any(v.id == pin for v in versions)
     for i, v in enumerate(versions):
         newer = versions[:i][::-1]  # oldest first
-        assert links.link_count(source, v, pin_present, iter(newer)) == names[v["id"]]
+        assert links.link_count(source, v, pin_present, iter(newer)) == names[v.id]

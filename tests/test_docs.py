@@ -17,6 +17,7 @@ from buffyfs import cli, config, control, daemon, errors, options
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import now_utc, rfc3339
 from buffyfs.store.metrics import SOURCE_GAUGES, Metrics
+from buffyfs.store.records import Version
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REFERENCE = DOCS / "reference.md"
@@ -119,11 +120,11 @@ def _status_objects(tmp_path: Path) -> tuple[dict, dict]:
     with cache.index.write() as w:
         ino = w.alloc_inodes(1)
         w.ref_blob(sha, 3)
-        w.put_version("s", {"id": "20260101T000000Z-abababab", "sha256": sha, "size": 3,
-                            "fetched_at": rfc3339(now_utc()), "url": "http://127.0.0.1:9/s",
-                            "ino": ino, "tags": ["failed"], "validation": "too small",
-                            "damaged": {"at": rfc3339(now_utc()), "reason": "test"},
-                            "remote": True})
+        w.put_version("s", Version(id="20260101T000000Z-abababab", sha256=sha, size=3,
+                                   fetched_at=rfc3339(now_utc()), url="http://127.0.0.1:9/s",
+                                   ino=ino, tags=["failed"], validation="too small",
+                                   damaged={"at": rfc3339(now_utc()), "reason": "test"},
+                                   remote=True))
         w.put_unpacked(sha, {"kind": "gzip", "state": "error", "error": "truncated"})
     try:
         return cache.source_status("s"), cache.root_status()

@@ -281,31 +281,31 @@ async def test_refresh_first_version_then_unchanged_then_changed(
     assert first.error is None and first.checked
     v1 = first.version
     assert v1 is not None
-    assert v1["sha256"] == hashlib.sha256(b"version one").hexdigest()
-    assert v1["size"] == len(b"version one")
-    blob = cache.blobs.path(v1["sha256"])
+    assert v1.sha256 == hashlib.sha256(b"version one").hexdigest()
+    assert v1.size == len(b"version one")
+    blob = cache.blobs.path(v1.sha256)
     assert blob.is_file()
     assert blob.parent.parent == cache.root / "blobs"
     assert contents(blob) == b"version one"
     assert not cache.blobs.partial_path("d").exists()
-    assert [v["id"] for v in cache.versions("d")] == [v1["id"]]
+    assert [v.id for v in cache.versions("d")] == [v1.id]
     st = cache.state("d")
-    assert st["last_success"] is not None and st["consecutive_failures"] == 0
-    assert st["state"] == "idle"
+    assert st.last_success is not None and st.consecutive_failures == 0
+    assert st.state == "idle"
     assert ("d", "fetching") in cache.states and cache.states[-1] == ("d", "idle")
 
     second = await cache.refresher.refresh("d")  # no validators: same bytes
     assert second.version is None and second.checked and second.error is None
-    assert [v["id"] for v in cache.versions("d")] == [v1["id"]]
+    assert [v.id for v in cache.versions("d")] == [v1.id]
     assert len(origin.seen("/d")) == 2
 
     origin.set("/d", b"version two")
     third = await cache.refresher.refresh("d")
     assert third.version is not None
-    assert third.version["id"] != v1["id"]
-    assert contents(cache.blobs.path(third.version["sha256"])) == b"version two"
-    assert [v["id"] for v in cache.versions("d")] == [third.version["id"], v1["id"]]
-    assert latest_of(cache.versions("d"))["id"] == third.version["id"]
+    assert third.version.id != v1.id
+    assert contents(cache.blobs.path(third.version.sha256)) == b"version two"
+    assert [v.id for v in cache.versions("d")] == [third.version.id, v1.id]
+    assert latest_of(cache.versions("d")).id == third.version.id
     assert contents(blob) == b"version one"  # the old blob is untouched
 
 
@@ -313,14 +313,14 @@ async def test_refresh_uses_conditional_request(origin: Origin, cache: Cache) ->
     res = origin.set("/c", b"cached body", etag=True)
     cache.add("c", origin.url("/c"), max_attempts=1)
     first = await cache.refresher.refresh("c")
-    assert first.version["etag"] == res.etag
+    assert first.version.etag == res.etag
     second = await cache.refresher.refresh("c")
     assert second.checked and second.version is None and second.error is None
     seen = origin.seen("/c")
     assert len(seen) == 2
     assert header(seen[1].headers, "If-None-Match") == res.etag
     assert len(cache.versions("c")) == 1
-    assert cache.state("c")["consecutive_failures"] == 0
+    assert cache.state("c").consecutive_failures == 0
 
 
 async def test_refresh_same_content_as_other_source_shares_blob(
@@ -332,8 +332,8 @@ async def test_refresh_same_content_as_other_source_shares_blob(
     cache.add("b", origin.url("/b"))
     va = (await cache.refresher.refresh("a")).version
     vb = (await cache.refresher.refresh("b")).version
-    assert va and vb and va["sha256"] == vb["sha256"]
-    assert contents(cache.blobs.path(va["sha256"])) == b"shared"
+    assert va and vb and va.sha256 == vb.sha256
+    assert contents(cache.blobs.path(va.sha256)) == b"shared"
     assert not cache.blobs.partial_path("b").exists()
 
 
@@ -347,11 +347,11 @@ async def test_refresh_retries_5xx_then_succeeds(
         out = await cache.refresher.refresh("r")
     assert out.error is None
     assert out.version is not None
-    assert contents(cache.blobs.path(out.version["sha256"])) == b"finally"
+    assert contents(cache.blobs.path(out.version.sha256)) == b"finally"
     assert len(origin.seen("/r")) == 3
     assert fast_backoff.calls == [(0.5, 1.0), (0.5, 1.0)]  # jitter between attempts
     assert ("r", "waiting") in cache.states
-    assert cache.state("r")["consecutive_failures"] == 0
+    assert cache.state("r").consecutive_failures == 0
 
 
 async def test_refresh_real_backoff_is_bounded(origin: Origin, cache: Cache) -> None:
@@ -377,20 +377,20 @@ async def test_refresh_gives_up_after_max_attempts(
     assert out.error and "502" in out.error
     assert len(origin.seen("/g")) == 2
     st = cache.state("g")
-    assert st["consecutive_failures"] == 1
-    assert st["last_error"]["message"] == out.error
-    assert st["state"] == "idle"
+    assert st.consecutive_failures == 1
+    assert st.last_error["message"] == out.error
+    assert st.state == "idle"
     assert cache.versions("g") == []
     assert not cache.blobs.partial_path("g").exists()
 
     out = await cache.refresher.refresh("g")
     assert out.error
-    assert cache.state("g")["consecutive_failures"] == 2
+    assert cache.state("g").consecutive_failures == 2
 
     out = await cache.refresher.refresh("g")  # the failures queue is empty now
     assert out.version is not None
     st = cache.state("g")
-    assert st["consecutive_failures"] == 0 and st["last_error"] is None
+    assert st.consecutive_failures == 0 and st.last_error is None
 
 
 async def test_refresh_404_fails_at_once(
@@ -401,7 +401,7 @@ async def test_refresh_404_fails_at_once(
     assert out.error and "404" in out.error
     assert len(origin.seen("/missing")) == 1
     assert fast_backoff.calls == []
-    assert cache.state("m")["consecutive_failures"] == 1
+    assert cache.state("m").consecutive_failures == 1
 
 
 async def test_refresh_short_body_retried(
@@ -411,8 +411,8 @@ async def test_refresh_short_body_retried(
     origin.fail("/sb", "short")
     cache.add("sb", origin.url("/sb"), max_attempts=2)
     out = await cache.refresher.refresh("sb")
-    assert out.version is not None and out.version["size"] == 50_000
-    assert contents(cache.blobs.path(out.version["sha256"])) == b"q" * 50_000
+    assert out.version is not None and out.version.size == 50_000
+    assert contents(cache.blobs.path(out.version.sha256)) == b"q" * 50_000
 
 
 async def test_refresh_failure_keeps_the_cached_version(
@@ -425,8 +425,8 @@ async def test_refresh_failure_keeps_the_cached_version(
     origin.fail("/k", 500)
     out = await cache.refresher.refresh("k")
     assert out.error
-    assert [x["id"] for x in cache.versions("k")] == [v["id"]]
-    assert contents(cache.blobs.path(v["sha256"])) == b"good"
+    assert [x.id for x in cache.versions("k")] == [v.id]
+    assert contents(cache.blobs.path(v.sha256)) == b"good"
 
 
 async def test_refresh_removed_source(cache: Cache) -> None:
@@ -479,7 +479,7 @@ async def test_header_values_never_shown(
     assert len(seen) == 2
     assert all(header(s.headers, "Authorization") == f"Bearer {SECRET}" for s in seen)
     st = cache.state("s")
-    assert st["last_error"] and SECRET not in repr(st)
+    assert st.last_error and SECRET not in repr(st)
     assert SECRET not in buffyfs_log(caplog)
     records = _index_records_outside_sources(cache.index)
     assert records  # the scan did read the index
@@ -499,8 +499,8 @@ async def test_url_credentials_never_shown(
     cache.add("u", url)
     out = await cache.refresher.refresh("u")
     assert out.version is not None
-    assert SECRET not in out.version["url"]
-    assert out.version["url"] == origin.url("/u")
+    assert SECRET not in out.version.url
+    assert out.version.url == origin.url("/u")
     [seen] = origin.seen("/u")
     assert (header(seen.headers, "Authorization") or "").startswith("Basic ")
     # now a failure: the message and the log hide the password too
@@ -544,7 +544,7 @@ async def test_a_connection_error_keeps_the_resume_point(
     origin.fail("/cr", "reset", 503, 500)  # cut mid-body, then two attempts without a body
     cache.add("cr", origin.url("/cr"), max_attempts=4)
     out = await cache.refresher.refresh("cr")
-    assert out.version is not None and out.version["sha256"] == hashlib.sha256(body).hexdigest()
+    assert out.version is not None and out.version.sha256 == hashlib.sha256(body).hexdigest()
     seen = origin.seen("/cr")
     offset = seen[1].headers["Range"]
     assert [header(s.headers, "Range") for s in seen[1:]] == [offset] * 3
@@ -625,6 +625,6 @@ async def test_a_source_waiting_for_its_host_holds_no_slot_of_another_host(
                 nursery.start_soon(take, name)
                 await trio.testing.wait_all_tasks_blocked()
             assert got == ["a1", "b1"]
-            assert "max_downloads_per_host for a.invalid" in cache.state("a2")["queued"]
+            assert "max_downloads_per_host for a.invalid" in cache.state("a2").queued
             release.set()
     assert got == ["a1", "b1", "a2"]

@@ -82,7 +82,7 @@ def put_version(cache: Cache, name: str, data: bytes, minutes: int = 0,
     partial.write_bytes(data)
     cache.blobs.commit_partial(partial, sha)
     with cache.index.read() as r:
-        url = r.source(name)["url"]
+        url = r.source(name).url
     version = cache.index.commit_version(
         name, {"sha256": sha, "size": len(data), "tags": list(tags), "url": url},
         T0 + timedelta(minutes=minutes))
@@ -159,44 +159,44 @@ async def test_unknown_or_invalid_names_at_the_root_are_enoent(fs, cache, name):
 async def test_latest_is_the_newest_version_and_the_same_file_as_its_versions_entry(fs, cache):
     v1, v2, v3 = three_versions(cache)
     latest = await lookup(fs, "s", "latest")
-    assert latest.st_ino == v3["ino"]
-    assert (await lookup(fs, "s", "@versions", v3["id"])).st_ino == v3["ino"]
+    assert latest.st_ino == v3.ino
+    assert (await lookup(fs, "s", "@versions", v3.id)).st_ino == v3.ino
     assert latest.st_size == 5 and latest.st_mode == stat.S_IFREG | 0o444
     assert latest.st_mtime_ns == int((T0 + timedelta(minutes=2)).timestamp() * 1e9)
     assert await read_all(fs, latest.st_ino) == b"three"
-    assert await read_all(fs, v1["ino"]) == b"one"
+    assert await read_all(fs, v1.ino) == b"one"
     versions = await listdir(fs, (await lookup(fs, "s", "@versions")).st_ino)
-    assert sorted(versions) == sorted(v["id"] for v in (v1, v2, v3))
+    assert sorted(versions) == sorted(v.id for v in (v1, v2, v3))
 
 
 async def test_latest_falls_back_past_failed_versions_and_is_eio_when_all_failed(fs, cache):
     v1, v2, v3 = three_versions(cache)
-    cache.tag("s", v3["id"], "failed")
-    assert (await lookup(fs, "s", "latest")).st_ino == v2["ino"]
-    cache.tag("s", v2["id"], "failed")
-    cache.tag("s", v1["id"], "failed")
+    cache.tag("s", v3.id, "failed")
+    assert (await lookup(fs, "s", "latest")).st_ino == v2.ino
+    cache.tag("s", v2.id, "failed")
+    cache.tag("s", v1.id, "failed")
     pending = await lookup(fs, "s", "latest")
     assert pending.st_ino == (await lookup(fs, "s")).st_ino + SourceInode.pending
     assert await errno_of(fs.open(pending.st_ino, os.O_RDONLY, CTX)) == errno.EIO
     # the versions themselves stay readable under @versions
-    assert await read_all(fs, (await lookup(fs, "s", "@versions", v3["id"])).st_ino) == b"three"
+    assert await read_all(fs, (await lookup(fs, "s", "@versions", v3.id)).st_ino) == b"three"
 
 
 async def test_a_pinned_source_keeps_its_latest_when_newer_versions_come(fs, cache):
     v1, v2, v3 = three_versions(cache)
-    cache.pin("s", v2["id"])
-    assert (await lookup(fs, "s", "latest")).st_ino == v2["ino"]
+    cache.pin("s", v2.id)
+    assert (await lookup(fs, "s", "latest")).st_ino == v2.ino
     v4 = put_version(cache, "s", b"four", 3)
-    assert (await lookup(fs, "s", "latest")).st_ino == v2["ino"]
+    assert (await lookup(fs, "s", "latest")).st_ino == v2.ino
     cache.unpin("s")
-    assert (await lookup(fs, "s", "latest")).st_ino == v4["ino"]
+    assert (await lookup(fs, "s", "latest")).st_ino == v4.ino
 
 
 async def test_versions_directory_knows_only_kept_ids(fs, cache):
     v1, _, _ = three_versions(cache)
-    assert (await lookup(fs, "s", "@versions", v1["id"])).st_ino == v1["ino"]
+    assert (await lookup(fs, "s", "@versions", v1.id)).st_ino == v1.ino
     versions = (await lookup(fs, "s", "@versions")).st_ino
-    for name in (b"20990101T000000Z-00000000", b"latest", v1["id"].encode() + b"x", b""):
+    for name in (b"20990101T000000Z-00000000", b"latest", v1.id.encode() + b"x", b""):
         assert await errno_of(fs.lookup(versions, name, CTX)) == errno.ENOENT
     assert (await fs.lookup(versions, b"..", CTX)).st_ino == (await lookup(fs, "s")).st_ino
 
@@ -208,17 +208,17 @@ async def test_tag_directories_exist_while_a_version_carries_the_tag(fs, cache):
                               "newest"]
     keep = await lookup(fs, "s", "@keep")
     assert keep.st_ino >= FIRST_TAGDIR_INO and stat.S_ISDIR(keep.st_mode)
-    assert sorted(await listdir(fs, keep.st_ino)) == sorted(["latest", v1["id"]])
-    assert (await lookup(fs, "s", "@keep", "latest")).st_ino == v1["ino"]
-    assert (await lookup(fs, "s", "@keep", v1["id"])).st_ino == v1["ino"]
+    assert sorted(await listdir(fs, keep.st_ino)) == sorted(["latest", v1.id])
+    assert (await lookup(fs, "s", "@keep", "latest")).st_ino == v1.ino
+    assert (await lookup(fs, "s", "@keep", v1.id)).st_ino == v1.ino
     # a version without the tag is not in its directory
-    assert await errno_of(fs.lookup(keep.st_ino, v2["id"].encode(), CTX)) == errno.ENOENT
-    cache.untag("s", v1["id"], "keep")
+    assert await errno_of(fs.lookup(keep.st_ino, v2.id.encode(), CTX)) == errno.ENOENT
+    cache.untag("s", v1.id, "keep")
     assert await errno_of(lookup(fs, "s", "@keep")) == errno.ENOENT
     # the same tag used again later gets its directory (and inode) back
-    cache.tag("s", v2["id"], "keep")
+    cache.tag("s", v2.id, "keep")
     assert (await lookup(fs, "s", "@keep")).st_ino == keep.st_ino
-    assert (await lookup(fs, "s", "@keep", "latest")).st_ino == v2["ino"]
+    assert (await lookup(fs, "s", "@keep", "latest")).st_ino == v2.ino
 
 
 async def test_tag_latest_is_the_newest_carrying_the_tag_and_absent_when_none(fs, cache):
@@ -226,9 +226,9 @@ async def test_tag_latest_is_the_newest_carrying_the_tag_and_absent_when_none(fs
     valid = await lookup(fs, "s", "@valid")  # always present
     assert await listdir(fs, valid.st_ino) == {}
     assert await errno_of(fs.lookup(valid.st_ino, b"latest", CTX)) == errno.ENOENT
-    cache.tag("s", v1["id"], "valid")
-    cache.tag("s", v2["id"], "valid")
-    assert (await lookup(fs, "s", "@valid", "latest")).st_ino == v2["ino"]
+    cache.tag("s", v1.id, "valid")
+    cache.tag("s", v2.id, "valid")
+    assert (await lookup(fs, "s", "@valid", "latest")).st_ino == v2.ino
     assert (await fs.lookup(valid.st_ino, b"..", CTX)).st_ino == (await lookup(fs, "s")).st_ino
 
 
@@ -254,10 +254,10 @@ async def test_on_open_latest_is_its_own_inode_showing_the_cached_version(fs, ca
     _, _, v3 = three_versions(cache, refresh="on-open")
     latest = await lookup(fs, "s", "latest")
     assert latest.st_ino == (await lookup(fs, "s")).st_ino + SourceInode.onopen
-    assert latest.st_size == v3["size"]
+    assert latest.st_size == v3.size
     xattrs = await fs.listxattr(latest.st_ino, CTX)
     assert b"user.buffy.version" in xattrs
-    assert await fs.getxattr(latest.st_ino, b"user.buffy.version", CTX) == v3["id"].encode()
+    assert await fs.getxattr(latest.st_ino, b"user.buffy.version", CTX) == v3.id.encode()
 
 
 # --- files, attributes, refusals -------------------------------------------------------------
@@ -268,7 +268,7 @@ async def test_xattrs_of_a_version(fs, cache):
     v = put_version(cache, "s", b"data", tags=("keep",))
     ino = (await lookup(fs, "s", "latest")).st_ino
     assert await fs.getxattr(ino, b"user.buffy.source", CTX) == b"s"
-    assert await fs.getxattr(ino, b"user.buffy.sha256", CTX) == v["sha256"].encode()
+    assert await fs.getxattr(ino, b"user.buffy.sha256", CTX) == v.sha256.encode()
     assert await fs.getxattr(ino, b"user.buffy.tags", CTX) == b"keep"
     assert await errno_of(fs.getxattr(ino, b"user.buffy.nope", CTX)) == pyfuse3.ENOATTR
     assert await errno_of(fs.getxattr(ino, b"security.selinux", CTX)) == errno.EOPNOTSUPP
@@ -280,7 +280,7 @@ async def test_xattrs_of_a_version(fs, cache):
 async def test_writes_anywhere_but_control_files_are_refused(fs, cache):
     v1, _, _ = three_versions(cache)
     base = (await lookup(fs, "s")).st_ino
-    for ino in (v1["ino"], ROOT_STATUS, base + SourceInode.status, ROOT_METRICS):
+    for ino in (v1.ino, ROOT_STATUS, base + SourceInode.status, ROOT_METRICS):
         assert await errno_of(fs.open(ino, os.O_WRONLY, CTX)) in (errno.EROFS, errno.EACCES)
         assert await errno_of(fs.open(ino, os.O_RDWR, CTX)) in (errno.EROFS, errno.EACCES)
     for ino in (ROOT_CONTROL, base + SourceInode.control):  # reads give a help text
@@ -292,14 +292,14 @@ async def test_writes_anywhere_but_control_files_are_refused(fs, cache):
     for call in (fs.mkdir(base, b"d", 0o755, CTX), fs.create(base, b"f", 0o644, 0, CTX),
                  fs.unlink(base, b"latest", CTX), fs.rmdir(ROOT, b"s", CTX),
                  fs.rename(base, b"latest", base, b"x", 0, CTX),
-                 fs.symlink(base, b"l", b"latest", CTX), fs.link(v1["ino"], base, b"h", CTX),
-                 fs.setxattr(v1["ino"], b"user.x", b"1", CTX),
-                 fs.removexattr(v1["ino"], b"user.buffy.tags", CTX)):
+                 fs.symlink(base, b"l", b"latest", CTX), fs.link(v1.ino, base, b"h", CTX),
+                 fs.setxattr(v1.ino, b"user.x", b"1", CTX),
+                 fs.removexattr(v1.ino, b"user.buffy.tags", CTX)):
         assert await errno_of(call) == errno.EROFS
     chmod, truncate = setattr_fields(update_mode=True), setattr_fields(update_size=True)
-    assert await errno_of(fs.setattr(v1["ino"], pyfuse3.EntryAttributes(), chmod, None,
+    assert await errno_of(fs.setattr(v1.ino, pyfuse3.EntryAttributes(), chmod, None,
                                      CTX)) == errno.EROFS
-    assert await errno_of(fs.setattr(v1["ino"], pyfuse3.EntryAttributes(), truncate, None,
+    assert await errno_of(fs.setattr(v1.ino, pyfuse3.EntryAttributes(), truncate, None,
                                      CTX)) == errno.EROFS
     # O_TRUNC of a control file (`echo cmd > @control`) is allowed, and does nothing
     assert (await fs.setattr(ROOT_CONTROL, pyfuse3.EntryAttributes(), truncate, None,
@@ -315,8 +315,8 @@ def setattr_fields(**update: bool) -> Any:
 
 async def test_wrong_kinds_of_nodes_give_their_errnos(fs, cache):
     v1, _, _ = three_versions(cache)
-    assert await errno_of(fs.lookup(v1["ino"], b"x", CTX)) == errno.ENOTDIR
-    assert await errno_of(fs.opendir(v1["ino"], CTX)) == errno.ENOTDIR
+    assert await errno_of(fs.lookup(v1.ino, b"x", CTX)) == errno.ENOTDIR
+    assert await errno_of(fs.opendir(v1.ino, CTX)) == errno.ENOTDIR
     assert await errno_of(fs.open((await lookup(fs, "s")).st_ino, os.O_RDONLY, CTX)) \
         == errno.EISDIR
     assert await errno_of(fs.getattr(1 << 40, CTX)) == errno.ENOENT

@@ -24,6 +24,7 @@ from buffyfs.fs.tree import (
 )
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import SourceInode
+from buffyfs.store.records import Source, Version
 from tests.test_fs_api import put_version, three_versions
 
 
@@ -76,21 +77,21 @@ def test_unknown_or_invalid_names_at_the_root(tree: Tree, cache: Cache, name: st
 
 def test_latest_newest_and_version_ids(tree: Tree, cache: Cache) -> None:
     v1, v2, v3 = three_versions(cache)
-    assert resolve(tree, "s/latest") == v3["ino"] == resolve(tree, "s/newest")
+    assert resolve(tree, "s/latest") == v3.ino == resolve(tree, "s/newest")
     for v in (v1, v2, v3):
-        assert resolve(tree, f"s/@versions/{v['id']}") == v["ino"]
-        node = tree.node(v["ino"])
-        assert (node.kind, node.source, node.version["id"]) == ("version", "s", v["id"])
-    cache.tag("s", v3["id"], "failed")  # latest falls back; newest does not
-    assert resolve(tree, "s/latest") == v2["ino"] and resolve(tree, "s/newest") == v3["ino"]
+        assert resolve(tree, f"s/@versions/{v.id}") == v.ino
+        node = tree.node(v.ino)
+        assert (node.kind, node.source, node.version.id) == ("version", "s", v.id)
+    cache.tag("s", v3.id, "failed")  # latest falls back; newest does not
+    assert resolve(tree, "s/latest") == v2.ino and resolve(tree, "s/newest") == v3.ino
     for v in (v1, v2):
-        cache.tag("s", v["id"], "failed")
+        cache.tag("s", v.id, "failed")
     base = resolve(tree, "s")
     assert resolve(tree, "s/latest") == base + SourceInode.pending
     assert kind(tree, "s/latest") == "pending"
     versions = resolve(tree, "s/@versions")
     assert tree.child(versions, "..") == base
-    for name in ("latest", "20990101T000000Z-00000000", v1["id"] + "x", v1["id"] + "\0", ""):
+    for name in ("latest", "20990101T000000Z-00000000", v1.id + "x", v1.id + "\0", ""):
         with pytest.raises(NoEntry):
             tree.child(versions, name)
 
@@ -105,26 +106,26 @@ def test_pending_and_on_open_latest(tree: Tree, cache: Cache) -> None:
     v = put_version(cache, "o", b"x")
     assert kind(tree, "o/latest") == "onopen"
     cache.pin("o")  # pinned: latest is the version, the origin is not asked
-    assert resolve(tree, "o/latest") == v["ino"]
+    assert resolve(tree, "o/latest") == v.ino
 
 
 def test_tag_directories_and_their_latest(tree: Tree, cache: Cache) -> None:
     v1, v2, v3 = three_versions(cache)
-    cache.tag("s", v2["id"], "prod")
-    cache.tag("s", v1["id"], "prod")
+    cache.tag("s", v2.id, "prod")
+    cache.tag("s", v1.id, "prod")
     prod = resolve(tree, "s/@prod")
     assert prod >= FIRST_TAGDIR_INO and kind(tree, "s/@prod") == "tagdir"
-    assert resolve(tree, "s/@prod/latest") == v2["ino"]  # the newest carrying the tag
-    assert resolve(tree, f"s/@prod/{v1['id']}") == v1["ino"]
-    assert resolve(tree, "s/@keep/latest") == v1["ino"]
+    assert resolve(tree, "s/@prod/latest") == v2.ino  # the newest carrying the tag
+    assert resolve(tree, f"s/@prod/{v1.id}") == v1.ino
+    assert resolve(tree, "s/@keep/latest") == v1.ino
     assert resolve(tree, "s/@prod") == prod  # numbered once
     assert tree.child(prod, "..") == resolve(tree, "s")
-    for name in (v3["id"], "newest", "nope"):
+    for name in (v3.id, "newest", "nope"):
         with pytest.raises(NoEntry):
             tree.child(prod, name)
     names = dict(tree.names(prod, tree.node(prod)))
-    assert names == {"latest": v2["ino"], v2["id"]: v2["ino"], v1["id"]: v1["ino"]}
-    assert tree.moves(prod, v1["id"], v1["ino"]) and tree.moves(prod, "latest", v2["ino"])
+    assert names == {"latest": v2.ino, v2.id: v2.ino, v1.id: v1.ino}
+    assert tree.moves(prod, v1.id, v1.ino) and tree.moves(prod, "latest", v2.ino)
     # @valid is always there, even empty; no tag directory for an unused tag, a reserved
     # word or an invalid tag
     valid = resolve(tree, "s/@valid")
@@ -162,7 +163,7 @@ def test_a_source_directory_lists_in_order(tree: Tree, cache: Cache) -> None:
     names = [n for n, _ in tree.names(base, tree.node(base))]
     assert names == ["latest", "newest", "@status", "@control", "@versions", "@keep",
                      "@valid"]
-    assert tree.moves(base, "latest", v3["ino"]) and not tree.moves(base, "@status", base + 1)
+    assert tree.moves(base, "latest", v3.ino) and not tree.moves(base, "@status", base + 1)
 
 
 def test_unpacked_is_looked_up_unless_off(tree: Tree, cache: Cache) -> None:
@@ -178,15 +179,15 @@ def test_stale_entries_after_latest_moved_and_after_removal(tree: Tree, cache: C
     v1, v2, v3 = three_versions(cache)
     base = resolve(tree, "s")
     keep = resolve(tree, "s/@keep")
-    assert resolve(tree, "s/latest") == v3["ino"]  # shown to the kernel
+    assert resolve(tree, "s/latest") == v3.ino  # shown to the kernel
     stale = tree.stale_entries("s")
     assert (base, "latest") not in stale  # it did not move
-    assert (keep, "latest") in stale and (keep, v1["id"]) in stale
-    cache.tag("s", v3["id"], "failed")
+    assert (keep, "latest") in stale and (keep, v1.id) in stale
+    cache.tag("s", v3.id, "failed")
     stale = tree.stale_entries("s")
     assert (base, "latest") in stale
     assert (base, "latest") not in tree.stale_entries("s")  # said once
-    cache.untag("s", v1["id"], "keep")
+    cache.untag("s", v1.id, "keep")
     assert (base, "@keep") in tree.stale_entries("s")  # the tag went
     cache.remove_source("s")
     assert tree.stale_entries("s") == [(ROOT, "s")]
@@ -195,16 +196,21 @@ def test_stale_entries_after_latest_moved_and_after_removal(tree: Tree, cache: C
 def test_link_counts_match_the_names(tree: Tree, cache: Cache) -> None:
     v1, v2, v3 = three_versions(cache)
     counts = tree.link_counts("s")
-    assert counts == {v["ino"]: tree.link_count("s", v) for v in (v1, v2, v3)}
-    assert counts[v3["ino"]] > counts[v2["ino"]]  # latest (and newest) lead to v3
+    assert counts == {v.ino: tree.link_count("s", v) for v in (v1, v2, v3)}
+    assert counts[v3.ino] > counts[v2.ino]  # latest (and newest) lead to v3
     assert tree.link_count("nope", v1) == 1
 
 
 def test_helpers() -> None:
     assert tags_of([]) == ["valid"]
-    assert tags_of([{"tags": ["b", "a"]}, {"tags": ["valid"]}, {}]) == ["a", "b", "valid"]
-    source = {"ino": 100, "options": {}}
+    def version(ino: int = 0, tags: list[str] | None = None) -> Version:
+        return Version(id="v", sha256="ab" * 32, size=0, fetched_at="", ino=ino,
+                       tags=tags or [])
+
+    assert tags_of([version(tags=["b", "a"]), version(tags=["valid"]), version()]) == \
+        ["a", "b", "valid"]
+    source = Source(url="http://h/s", ino=100, options={})
     assert latest_target(source, None) == 100 + SourceInode.pending
-    assert latest_target(source, {"ino": 7}) == 7
-    assert latest_target({"ino": 100, "options": {"refresh": "on-open"}}, {"ino": 7}) == \
-        100 + SourceInode.onopen
+    assert latest_target(source, version(7)) == 7
+    assert latest_target(Source(url="http://h/s", ino=100, options={"refresh": "on-open"}),
+                         version(7)) == 100 + SourceInode.onopen

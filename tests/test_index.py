@@ -17,7 +17,6 @@ import pytest
 
 from buffyfs.errors import BadInput, CacheError, NotFound
 from buffyfs.options import normalize_options
-from buffyfs.store.records import InodeRef, Version
 from buffyfs.store.index import (
     FIRST_DYNAMIC_INO,
     INODES_PER_SOURCE,
@@ -28,6 +27,7 @@ from buffyfs.store.index import (
     rfc3339,
     version_id,
 )
+from buffyfs.store.records import InodeRef, Version
 
 ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
 T0 = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -119,10 +119,10 @@ def test_latest_of_skips_failed() -> None:
 def test_add_and_get_source(idx: Index) -> None:
     assert idx.add_source("a", "http://h/a", OPTS) is True
     src = idx.get_source("a")
-    assert src["url"] == "http://h/a"
-    assert src["options"] == OPTS
-    assert isinstance(src["ino"], int)
-    parse_rfc3339(src["added_at"])
+    assert src.url == "http://h/a"
+    assert src.options == OPTS
+    assert isinstance(src.ino, int)
+    parse_rfc3339(src.added_at)
     with idx.read() as r:
         assert r.source_names() == ["a"]
         assert [n for n, _ in r.sources()] == ["a"]
@@ -134,19 +134,19 @@ def test_duplicate_add_is_bad_input_and_changes_nothing(idx: Index) -> None:
         seq = r.seq()
     with pytest.raises(BadInput):
         idx.add_source("a", "http://h/other", OPTS)
-    assert idx.get_source("a")["url"] == "http://h/a"
+    assert idx.get_source("a").url == "http://h/a"
     with idx.read() as r:
         assert r.seq() == seq
 
 
 def test_add_replace(idx: Index) -> None:
     idx.add_source("a", "http://h/a", OPTS)
-    ino = idx.get_source("a")["ino"]
+    ino = idx.get_source("a").ino
     assert idx.add_source("a", "http://h/a", OPTS, replace=True) is False
     new_opts = normalize_options({"max_attempts": 2})
     assert idx.add_source("a", "http://h/b", new_opts, replace=True) is True
     src = idx.get_source("a")
-    assert (src["url"], src["options"], src["ino"]) == ("http://h/b", new_opts, ino)
+    assert (src.url, src.options, src.ino) == ("http://h/b", new_opts, ino)
 
 
 def test_remove_unknown_is_not_found(idx: Index) -> None:
@@ -162,29 +162,29 @@ def test_remove_source_returns_versions_and_forgets_everything(idx: Index) -> No
     idx.request_refresh("a")
     idx.record_failure("a", T0, "boom")
     removed = idx.remove_source("a")
-    assert [x["id"] for x in removed] == [v["id"]]
+    assert [x.id for x in removed] == [v.id]
     with pytest.raises(NotFound):
         idx.get_source("a")
     assert versions(idx, "a") == []
-    assert state(idx, "a")["consecutive_failures"] == 0
+    assert state(idx, "a").consecutive_failures == 0
     assert idx.take_refresh_requests() == []
     with idx.read() as r:
         assert r.source_names() == []
         # the version waits as garbage (a reader may hold it) until collected
         assert r.version_by_inode(v.ino) == ("a", dataclasses.replace(v, source="a"))
-        assert [g["id"] for g in r.garbage()] == [v["id"]]
-        assert r.blob_ref(v["sha256"])["refs"] == 1
+        assert [g.id for g in r.garbage()] == [v.id]
+        assert r.blob_ref(v.sha256).refs == 1
     with idx.write() as w:
         assert w.drop_version("a", dataclasses.replace(v, source="a")) is True  # its last user
     with idx.read() as r:
-        assert r.inode(v["ino"]) is None and r.garbage() == []
-        assert r.blob_ref(v["sha256"]) is None and r.blob_bytes() == 0
+        assert r.inode(v.ino) is None and r.garbage() == []
+        assert r.blob_ref(v.sha256) is None and r.blob_bytes() == 0
 
 
 def test_inode_blocks_distinct(idx: Index) -> None:
     idx.add_source("a", "http://h/a", OPTS)
     idx.add_source("b", "http://h/b", OPTS)
-    a, b = idx.get_source("a")["ino"], idx.get_source("b")["ino"]
+    a, b = idx.get_source("a").ino, idx.get_source("b").ino
     assert a >= FIRST_DYNAMIC_INO and b >= FIRST_DYNAMIC_INO
     assert abs(a - b) >= INODES_PER_SOURCE
     with idx.read() as r:
@@ -197,32 +197,32 @@ def test_inodes_never_reused_after_remove_and_re_add(idx: Index) -> None:
     used: set[int] = set()
 
     def block(name: str) -> set[int]:
-        base = idx.get_source(name)["ino"]
+        base = idx.get_source(name).ino
         return set(range(base, base + INODES_PER_SOURCE))
 
     idx.add_source("a", "http://h/a", OPTS)
     used |= block("a")
     v1 = idx.commit_version("a", record(b"one"), T0)
-    assert v1["ino"] not in used
-    used.add(v1["ino"])
+    assert v1.ino not in used
+    used.add(v1.ino)
     idx.remove_source("a")
     idx.add_source("a", "http://h/a", OPTS)
     assert not block("a") & used
     used |= block("a")
     v2 = idx.commit_version("a", record(b"one"), T0)
-    assert v2["ino"] not in used
+    assert v2.ino not in used
 
 
 def test_inode_counter_survives_reopen(index_dir: Path) -> None:
     first = Index(index_dir)
     first.add_source("a", "http://h/a", OPTS)
-    a = first.get_source("a")["ino"]
+    a = first.get_source("a").ino
     first.remove_source("a")
     first.close()
     second = Index(index_dir)
     try:
         second.add_source("a", "http://h/a", OPTS)
-        assert second.get_source("a")["ino"] >= a + INODES_PER_SOURCE
+        assert second.get_source("a").ino >= a + INODES_PER_SOURCE
     finally:
         second.close()
 
@@ -230,7 +230,7 @@ def test_inode_counter_survives_reopen(index_dir: Path) -> None:
 def test_update_source_options(idx: Index) -> None:
     idx.add_source("a", "http://h/a", OPTS)
     idx.update_source_options("a", lambda o: {**o, "max_attempts": 9})
-    assert idx.get_source("a")["options"]["max_attempts"] == 9
+    assert idx.get_source("a").options["max_attempts"] == 9
     with pytest.raises(NotFound):
         idx.update_source_options("nope", lambda o: o)
 
@@ -243,17 +243,17 @@ def test_commit_version_assigns_id_and_inode(idx: Index) -> None:
     rec = record(b"hello", etag='"e"', content_type="text/plain")
     v = idx.commit_version("a", rec, T0)
     assert v is not None
-    assert ID_RE.fullmatch(v["id"])
-    assert v["id"] == "20240506T070809Z-" + rec["sha256"][:8]
-    assert v["fetched_at"] == "2024-05-06T07:08:09Z"
-    assert v["sha256"] == rec["sha256"] and v["size"] == 5
-    assert v["etag"] == '"e"' and v["content_type"] == "text/plain"
-    assert v["tags"] == []
+    assert ID_RE.fullmatch(v.id)
+    assert v.id == "20240506T070809Z-" + rec["sha256"][:8]
+    assert v.fetched_at == "2024-05-06T07:08:09Z"
+    assert v.sha256 == rec["sha256"] and v.size == 5
+    assert v.etag == '"e"' and v.content_type == "text/plain"
+    assert v.tags == []
     with idx.read() as r:
         assert r.inode(v.ino) == InodeRef(kind="version", source="a", id=v.id)
-        assert r.version("a", v["id"]) == v
+        assert r.version("a", v.id) == v
     st = state(idx, "a")
-    assert st["last_check"] == st["last_success"] == "2024-05-06T07:08:09Z"
+    assert st.last_check == st.last_success == "2024-05-06T07:08:09Z"
 
 
 def test_commit_version_identical_content_records_check_only(idx: Index) -> None:
@@ -261,10 +261,10 @@ def test_commit_version_identical_content_records_check_only(idx: Index) -> None
     v = idx.commit_version("a", record(b"same"), T0)
     later = T0 + timedelta(minutes=5)
     assert idx.commit_version("a", record(b"same"), later) is None
-    assert [x["id"] for x in versions(idx, "a")] == [v["id"]]
+    assert [x.id for x in versions(idx, "a")] == [v.id]
     st = state(idx, "a")
-    assert st["last_check"] == rfc3339(later)
-    assert st["last_success"] == rfc3339(later)
+    assert st.last_check == rfc3339(later)
+    assert st.last_success == rfc3339(later)
 
 
 def test_identical_content_to_failed_newest_creates_no_version(idx: Index) -> None:
@@ -287,21 +287,21 @@ def test_a_b_a_in_the_same_second_gives_unique_ids(idx: Index) -> None:
     idx.add_source("a", "http://h/a", OPTS)
     made = [idx.commit_version("a", record(c), T0) for c in (b"A", b"B", b"A")]
     assert all(made)
-    ids = [v["id"] for v in made]
+    ids = [v.id for v in made]
     assert len(set(ids)) == 3
     assert all(ID_RE.fullmatch(i) for i in ids)
     for v in made:
-        assert v["id"] == version_id(parse_rfc3339(v["fetched_at"]), v["sha256"])
+        assert v.id == version_id(parse_rfc3339(v.fetched_at), v.sha256)
     # newest first, and the newest is the last committed
-    assert [v["id"] for v in versions(idx, "a")] == ids[::-1]
+    assert [v.id for v in versions(idx, "a")] == ids[::-1]
 
 
 def test_clock_going_back_keeps_order(idx: Index) -> None:
     idx.add_source("a", "http://h/a", OPTS)
     v1 = idx.commit_version("a", record(b"A"), T0)
     v2 = idx.commit_version("a", record(b"B"), T0 - timedelta(hours=1))
-    assert v2["id"] != v1["id"]
-    assert versions(idx, "a")[0]["id"] == v2["id"]
+    assert v2.id != v1.id
+    assert versions(idx, "a")[0].id == v2.id
 
 
 def test_versions_newest_first_and_per_source(idx: Index) -> None:
@@ -309,11 +309,11 @@ def test_versions_newest_first_and_per_source(idx: Index) -> None:
     idx.add_source("a.b", "http://h/ab", OPTS)
     ids = []
     for i in range(4):
-        ids.append(idx.commit_version("a", record(b"%d" % i), T0 + timedelta(hours=i))["id"])
+        ids.append(idx.commit_version("a", record(b"%d" % i), T0 + timedelta(hours=i)).id)
     other = idx.commit_version("a.b", record(b"x"), T0)
-    got = [v["id"] for v in versions(idx, "a")]
+    got = [v.id for v in versions(idx, "a")]
     assert got == ids[::-1]
-    assert [v["id"] for v in versions(idx, "a.b")] == [other["id"]]
+    assert [v.id for v in versions(idx, "a.b")] == [other.id]
     assert versions(idx, "nope") == []
 
 
@@ -322,8 +322,8 @@ def test_latest_skips_versions_tagged_failed(idx: Index) -> None:
     good = idx.commit_version("a", record(b"good"), T0)
     idx.commit_version("a", record(b"bad", tags=["failed"]), T0 + timedelta(seconds=1))
     vs = versions(idx, "a")
-    assert vs[0]["tags"] == ["failed"]
-    assert latest_of(vs)["id"] == good["id"]
+    assert vs[0].tags == ["failed"]
+    assert latest_of(vs).id == good.id
 
 
 def test_commit_on_removed_source_is_ignored(idx: Index) -> None:
@@ -337,8 +337,8 @@ def test_commit_on_removed_source_is_ignored(idx: Index) -> None:
 def test_default_state(idx: Index) -> None:
     idx.add_source("a", "http://h/a", OPTS)
     st = state(idx, "a")
-    assert st["consecutive_failures"] == 0
-    assert st["last_check"] is None and st["last_error"] is None
+    assert st.consecutive_failures == 0
+    assert st.last_check is None and st.last_error is None
 
 
 def test_record_failure_counts_and_commit_resets(idx: Index) -> None:
@@ -346,13 +346,13 @@ def test_record_failure_counts_and_commit_resets(idx: Index) -> None:
     assert idx.record_failure("a", T0, "HTTP 500") == 1
     assert idx.record_failure("a", T0 + timedelta(seconds=1), "HTTP 502") == 2
     st = state(idx, "a")
-    assert st["consecutive_failures"] == 2
-    assert st["last_error"] == {"at": "2024-05-06T07:08:10Z", "message": "HTTP 502"}
-    assert st["last_check"] == "2024-05-06T07:08:10Z"
+    assert st.consecutive_failures == 2
+    assert st.last_error == {"at": "2024-05-06T07:08:10Z", "message": "HTTP 502"}
+    assert st.last_check == "2024-05-06T07:08:10Z"
     idx.commit_version("a", record(b"x"), T0 + timedelta(seconds=2))
     st = state(idx, "a")
-    assert st["consecutive_failures"] == 0
-    assert st["last_error"] is None
+    assert st.consecutive_failures == 0
+    assert st.last_error is None
     assert idx.record_failure("a", T0 + timedelta(seconds=3), "again") == 1
 
 
@@ -361,7 +361,7 @@ def test_unchanged_commit_also_resets_failures(idx: Index) -> None:
     idx.commit_version("a", record(b"x"), T0)
     idx.record_failure("a", T0 + timedelta(seconds=1), "boom")
     assert idx.commit_version("a", record(b"x"), T0 + timedelta(seconds=2)) is None
-    assert state(idx, "a")["consecutive_failures"] == 0
+    assert state(idx, "a").consecutive_failures == 0
 
 
 def test_record_failure_on_unknown_source(idx: Index) -> None:
@@ -373,8 +373,8 @@ def test_record_check_and_set_state(idx: Index) -> None:
     idx.record_check("a", T0, last_success=rfc3339(T0))
     idx.set_state("a", state="fetching", progress={"bytes": 1, "total": 2})
     st = state(idx, "a")
-    assert st["last_check"] == rfc3339(T0) == st["last_success"]
-    assert st["state"] == "fetching" and st["progress"] == {"bytes": 1, "total": 2}
+    assert st.last_check == rfc3339(T0) == st.last_success
+    assert st.state == "fetching" and st.progress == {"bytes": 1, "total": 2}
     idx.set_state("ghost", state="idle")  # no source: nothing written
     with idx.read() as r:
         assert r._get("state", b"ghost") is None
@@ -431,7 +431,7 @@ def test_reopen_keeps_data(index_dir: Path) -> None:
     first.close()
     second = Index(index_dir)
     try:
-        assert [x["id"] for x in versions(second, "a")] == [v["id"]]
+        assert [x.id for x in versions(second, "a")] == [v.id]
     finally:
         second.close()
 
@@ -487,12 +487,12 @@ def test_open_index_sees_writes_of_other_process(idx: Index, index_dir: Path) ->
     )
     _, names = idx.changes_since(seq)
     assert names == {"b", ""}
-    assert idx.get_source("b")["url"] == "http://h/b"
+    assert idx.get_source("b").url == "http://h/b"
     [v] = versions(idx, "b")
-    assert v["id"] == "20240101T000000Z-abababab"
+    assert v.id == "20240101T000000Z-abababab"
     assert idx.take_refresh_requests() == ["b"]
     # inodes allocated by the other process are not handed out again here
     idx.add_source("c", "http://h/c", OPTS)
-    b_ino = idx.get_source("b")["ino"]
-    c_ino = idx.get_source("c")["ino"]
-    assert c_ino >= max(b_ino + INODES_PER_SOURCE, v["ino"] + 1)
+    b_ino = idx.get_source("b").ino
+    c_ino = idx.get_source("c").ino
+    assert c_ino >= max(b_ino + INODES_PER_SOURCE, v.ino + 1)

@@ -111,8 +111,8 @@ async def test_due_sources_refresh_once_and_idle_ones_take_no_task(idx, autojump
         assert len(scheduler.nursery.child_tasks) == 1
         assert len(scheduler.known) == 303
         with idx.read() as r:  # the next check of every source is recorded
-            assert r.state("idle7")["next_check"] is not None
-            assert r.state("never")["next_check"] is None
+            assert r.state("idle7").next_check is not None
+            assert r.state("never").next_check is None
 
 
 async def test_kick_forces_a_check_and_a_kick_while_running_runs_once_more(idx, autojump_clock):

@@ -211,19 +211,19 @@ def test_mark_damaged_marks_every_user_of_the_blob(tmp_path):
     assert index.mark_damaged(digest, "again") is None  # once
     with index.read() as r:
         a, b = r.versions("a"), r.versions("b")
-        assert a[0]["damaged"] == {"at": "2026-11-30T12:00:00Z", "reason": "blob file missing"}
-        assert resolve_latest(r.source("a"), a)["sha256"] == sha(b"older")  # falls back
+        assert a[0].damaged == {"at": "2026-11-30T12:00:00Z", "reason": "blob file missing"}
+        assert resolve_latest(r.source("a"), a).sha256 == sha(b"older")  # falls back
         assert resolve_latest(r.source("b"), b) is None
-        assert [g["damaged"]["reason"] for g in r.garbage()] == ["blob file missing"]
-        assert "damaged" in r.state("b")["last_error"]["message"]
+        assert [g.damaged["reason"] for g in r.garbage()] == ["blob file missing"]
+        assert "damaged" in r.state("b").last_error["message"]
     # a new version of the same bytes (another source) is damaged with them
     index.add_source("c", "http://h/c", {"refresh": "1d"})
-    assert index.commit_version("c", {"sha256": digest, "size": 6, "tags": []}, T0)["damaged"]
+    assert index.commit_version("c", {"sha256": digest, "size": 6, "tags": []}, T0).damaged
     assert index.blob_damaged(digest)
     assert sorted(index.clear_damage(digest)) == ["a", "b", "c"]
     with index.read() as r:
-        assert not any(v.get("damaged") for n in "abc" for v in r.versions(n))
-        assert not any(g.get("damaged") for g in r.garbage())
+        assert not any(v.damaged for n in "abc" for v in r.versions(n))
+        assert not any(g.damaged for g in r.garbage())
     assert not index.blob_damaged(digest)
     assert index.mark_damaged(sha(b"no such blob"), "blob file missing") is None
     index.close()

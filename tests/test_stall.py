@@ -173,23 +173,23 @@ def test_commit_skips_what_was_protected_or_opened_since_the_plan(tmp_path: Path
     index = Index(tmp_path / "index")
     try:
         planned = gc.plan_snapshot(index, set())
-        doomed = {(d.source, d.version["id"]): d for d in planned.doomed}
+        doomed = {(d.source, d.version.id): d for d in planned.doomed}
         assert len(doomed) == 6  # 2 in each of 3 sources
         (s0, keep_id), (s1, open_id) = [k for k in doomed if k[0] == "src0"][0], \
             [k for k in doomed if k[0] == "src1"][0]
         index.change_tag(s0, keep_id, add="keep")  # tagged keep after the plan
-        opened = doomed[(s1, open_id)].version["ino"]
+        opened = doomed[(s1, open_id)].version.ino
         first = gc.commit(index, planned.doomed[:3], open_inos={opened})
         second = gc.commit(index, planned.doomed[3:], open_inos={opened})
         again = gc.commit(index, planned.doomed, open_inos=set())  # all gone or kept
-        dropped = {(d.source, d.version["id"]) for d in first.doomed + second.doomed}
+        dropped = {(d.source, d.version.id) for d in first.doomed + second.doomed}
         assert dropped == set(doomed) - {(s0, keep_id), (s1, open_id)}
-        assert [(d.source, d.version["id"]) for d in again.doomed] == [(s1, open_id)]
+        assert [(d.source, d.version.id) for d in again.doomed] == [(s1, open_id)]
         with index.read() as r:
             assert r.version(s0, keep_id) is not None
             assert r.version(s1, open_id) is None
             # every blob reference counted once: the freed blobs are gone from the table
-            assert all(r.blob_ref(d.version["sha256"]) is None
+            assert all(r.blob_ref(d.version.sha256) is None
                        for d in first.doomed + second.doomed + again.doomed)
     finally:
         index.close()

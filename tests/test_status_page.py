@@ -294,7 +294,7 @@ def test_check_history_is_bounded(tmp_path):
                                    "error": "interrupted"})
         with index.read() as r:
             checks = r.checks("s")
-            assert r.state("s")["last_refresh"]["error"] == "interrupted"
+            assert r.state("s").last_refresh["error"] == "interrupted"
         assert len(checks) == CHECKS_KEPT and checks[0] == [1020, "unchanged"]
         assert checks[-1] == [1000 + CHECKS_KEPT + 19, "unchanged"]
         index.remove_source("s")

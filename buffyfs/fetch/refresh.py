@@ -299,9 +299,10 @@ class Refresher:
         self.reserved.pop(name, None)  # committed bytes count as blobs from now on
         with self.index.read() as r:  # the mount's reads see what it queued
             exists = r.source(name) is not None
-            state = r.state(name) if exists else {}
-        done = {k: None for k in ("attempt", "queued") if state.get(k) is not None}
-        if exists and state.state != "idle":  # interrupted (cancelled, killed
+            state = r.state(name) if exists else None
+        done: dict[str, Any] = {k: None for k in ("attempt", "queued")
+                                if state is not None and getattr(state, k) is not None}
+        if state is not None and state.state != "idle":  # interrupted (cancelled, killed
             done.update(state="idle", progress=None)  # by a signal...): not fetching
         if done:
             self._post_state(name, **done)

@@ -475,24 +475,23 @@ class Writer(Reader):
 
     # --- sources, tags and pins (the rules in commands.py call these) -----------------
 
-    def put_source(self, name: str, record: Source | dict[str, Any]) -> None:
-        self._put_record("sources", name.encode(), from_dict(Source, record))
+    def put_source(self, name: str, record: Source) -> None:
+        self._put_record("sources", name.encode(), record)
 
-    def put_version(self, name: str, version: Version | dict[str, Any]) -> None:
-        version = from_dict(Version, version)
+    def put_version(self, name: str, version: Version) -> None:
         self._put_record("versions", _version_key(name, version.id), version)
 
     def put_garbage(self, version: Version) -> None:
         """A version of a removed source (its ``source`` set), until it is collected."""
         self._put_record("garbage", _u64(version.ino), version)
 
-    def put_inode(self, ino: int, ref: InodeRef | dict[str, Any]) -> None:
+    def put_inode(self, ino: int, ref: InodeRef) -> None:
         """What inode ``ino`` names (``inodes`` above)."""
-        self._put_record("inodes", _u64(ino), from_dict(InodeRef, ref))
+        self._put_record("inodes", _u64(ino), ref)
 
-    def put_blob_ref(self, sha256: str, entry: BlobEntry | dict[str, Any]) -> None:
+    def put_blob_ref(self, sha256: str, entry: BlobEntry) -> None:
         """A blob's entry as it is (``check`` rebuilds them; ``ref_blob`` counts)."""
-        self._put_record("blobs", sha256.encode(), from_dict(BlobEntry, entry))
+        self._put_record("blobs", sha256.encode(), entry)
 
     def drop_blob_ref(self, sha256: str) -> None:
         self.txn.delete(sha256.encode(), db=self.dbs["blobs"])
@@ -638,12 +637,12 @@ class Writer(Reader):
 
     # --- a replica's mirrored sources (replica.py) ------------------------------------
 
-    def add_mirrored_version(self, name: str, record: Version | dict[str, Any]) -> Version:
+    def add_mirrored_version(self, name: str, record: Version) -> Version:
         """Add a version a hub has, under the hub's id. Bytes this cache holds already
         (the same sha256) count at once; else the version is ``"remote"``: no blob
         reference until its bytes arrive (replica.Replica.hold)."""
         ino = self.alloc_inodes(1)
-        version = dataclasses.replace(from_dict(Version, record), ino=ino)
+        version = dataclasses.replace(record, ino=ino)
         blob = self.blob_ref(version.sha256)
         if blob and blob.refs > 0 and not blob.damaged:
             self.ref_blob(version.sha256, version.size)

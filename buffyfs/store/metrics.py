@@ -110,8 +110,9 @@ def _add_source_samples(out: dict[str, dict[str, float]], name: str, state: Sour
     failures = state.consecutive_failures
     for key, gauge in (("last_success", "last_success_timestamp_seconds"),
                        ("last_check", "last_check_timestamp_seconds")):
-        if state.get(key):
-            out[f"buffyfs_source_{gauge}"][name] = _epoch(state[key])
+        stamp = getattr(state, key)
+        if stamp:
+            out[f"buffyfs_source_{gauge}"][name] = _epoch(stamp)
     stale = bool(latest) and failures > 0
     out["buffyfs_source_stale"][name] = float(stale)
     out["buffyfs_source_consecutive_failures"][name] = float(failures)

@@ -18,16 +18,12 @@ intermediate dict): 100,000 version records decode 3x faster than with
 Nested values (a damage mark, the last error, progress, a resume point, the last
 refresh) stay plain JSON objects; their keys are in the field comments.
 
-Until every module reads attributes, records also answer the dict reads of the code
-before them (``rec["id"]``, ``rec.get("tags")``, ``{**rec}``): ``_DictReads``. Writes
-through the index take records, or dicts (converted with ``as_*``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import msgspec
@@ -35,34 +31,8 @@ import msgspec
 OMIT = {"omit": True}  # field metadata: left out of the JSON while at its default
 
 
-class _DictReads:
-    """Dict-style reads of a record, for code not converted to attributes yet."""
-
-    __slots__ = ()
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in _FIELDS[type(self)]:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key not in _FIELDS[type(self)]:
-            return default
-        value = getattr(self, key)
-        return default if value is None else value
-
-    def __contains__(self, key: str) -> bool:
-        return key in to_dict(self)
-
-    def keys(self) -> Iterator[str]:
-        return iter(to_dict(self))
-
-    def items(self) -> Iterator[tuple[str, Any]]:
-        return iter(to_dict(self).items())
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
-class Source(_DictReads):
+class Source:
     """``sources`` NAME -> a registered source."""
 
     url: str
@@ -77,7 +47,7 @@ class Source(_DictReads):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Version(_DictReads):
+class Version:
     """``versions`` NAME \\0 ID -> a version of a source; in ``garbage`` (8-byte inode ->)
     also with ``source``: a version of a removed source, kept until no reader holds it."""
 
@@ -107,7 +77,7 @@ class Version(_DictReads):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class SourceState(_DictReads):
+class SourceState:
     """``state`` NAME -> how a source's refreshes go (refresh.py, scheduler.py); a
     source with no entry has the defaults. Times are RFC 3339 UTC."""
 
@@ -136,7 +106,7 @@ class SourceState(_DictReads):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class InodeRef(_DictReads):
+class InodeRef:
     """``inodes`` 8-byte inode -> what the inode names."""
 
     kind: str  # a name of index.SourceInode, or "version"
@@ -145,7 +115,7 @@ class InodeRef(_DictReads):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class BlobEntry(_DictReads):
+class BlobEntry:
     """``blobs`` SHA256 -> a blob file and its users. A blob file whose entry is gone is
     an orphan (gc.py removes it)."""
 
