@@ -155,7 +155,7 @@ def refreshed_since(index: Any, names: list[str], since: float) -> int:
     with index.read() as r:
         done = 0
         for name in names:
-            last = r.state(name).get("last_refresh") or {}
+            last = r.state(name).last_refresh or {}
             if last.get("started", 0) >= since and last.get("result") == "new_version":
                 done += 1
         return done

@@ -466,13 +466,13 @@ def mount_download(s: Suite, size: int, path: Path, url: str) -> dict[str, Any]:
     finally:
         done.close()
     v = got["value"]
-    if v["size"] != size:
-        raise BenchError(f"the mount downloaded {v['size']} bytes, expected {size}")
+    if v.size != size:
+        raise BenchError(f"the mount downloaded {v.size} bytes, expected {size}")
     served = _served(s._origin, started)  # the GET may start before we see the mount
     shutil.rmtree(cache, ignore_errors=True)
     return {"seconds": got["done_at"] - t0, "peak_vmrss_kib": got["peak_vmrss_kib"],
             "peak_rssanon_kib": got["peak_rssanon_kib"], "vmhwm_kib": hwm, "cpu": cpu,
-            "phases": _phases(t0, served, got["done_at"]), "sha256": v["sha256"]}
+            "phases": _phases(t0, served, got["done_at"]), "sha256": v.sha256}
 
 
 def fig_fetch(s: Suite) -> list[Row]:

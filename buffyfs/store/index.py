@@ -5,7 +5,11 @@ that safe (one writer at a time across processes, readers never blocked). Every
 change that touches several keys is one write transaction, so a crash leaves
 either all of it or none.
 
-Named databases and their keys (all values JSON unless said otherwise):
+Named databases and their keys. This is every key any module writes, and only this
+module and writes.py (through ``Writer``) write them. The records of ``sources``,
+``versions``, ``garbage``, ``state``, ``inodes`` and ``blobs`` are the dataclasses of
+records.py: their fields and the comments on them are the schema of those values (JSON,
+optional keys left out while at their default; records.encode / records.decode).
 
 ``meta``
     ``format``    b"1", the layout version (a later layout migrates from it)
@@ -22,60 +26,22 @@ Named databases and their keys (all values JSON unless said otherwise):
                   and the status page (cache.py)
     ``gc_request`` JSON ``{"id", "dry_run"}``: the last ``buffyfs gc`` asked of the
                   running mount (cache.py); ``gc_result`` JSON, the mount's answer
-                  to it (``{"id", "report", "error"}``, mount.py)
+                  to it: ``{"id", "report", "error"}``, the report ``{"versions":
+                  [{"source", "id", "reason"}], "freed": {SOURCE: bytes}, "total",
+                  "orphans", "kept": [{"source", "id", "reasons"}]}`` (mount.py)
     ``last_control_error`` JSON string or null: why the last control write to the
                   root (``@control``, CLI, server) failed (cache.py); a source's is in
                   its ``state``
-``sources``       NAME -> ``{"url", "options", "ino", "added_at", "pin"[, "mirror"]}``
-                  ``mirror`` (true): a replica's copy of a hub's source (replica.py),
-                  never refreshed here
-                  ``pin`` is the pinned version id (None: not pinned, or pinned
-                  with no version yet: the first version commits as the pin)
-                  ``ino`` is the first of INODES_PER_SOURCE numbers owned by the
-                  source (see ``SourceInode``); ``options`` is normalized
-                  (options.normalize_options)
-``versions``      NAME b"\\0" VERSION_ID -> ``{"id", "sha256", "size", "fetched_at",
-                  "url", "etag", "last_modified", "content_type", "ino", "tags"
-                  [, "damaged"][, "held_until"][, "validation"][, "remote"]}``;
-                  ``remote`` (true): a replica's version whose bytes are not here yet
-                  (no blob reference until they are, replica.py); ids sort by fetch
-                  time, so a reverse prefix scan is newest first. ``validation``: why
-                  the version was tagged ``failed`` (validate.py, the ``validate``
-                  command). ``damaged`` (``{"at", "reason"}``) is set on every version
-                  whose blob failed a check (see ``blobs``); ``latest`` skips it.
-                  ``held_until`` (RFC 3339 UTC) is set by ``hold``: collection and the
-                  quota leave the version alone until then (gc.py); ``release`` deletes
-                  the key, and a time in the past is no hold (the key is left as it is:
-                  nothing needs to clean it up)
-``state``         NAME -> ``{"last_check", "last_success", "next_check",
-                  "consecutive_failures", "last_error", "last_control_error",
-                  "progress"}`` (times RFC 3339 UTC; last_error ``{"at", "message"}``;
-                  progress ``{"bytes", "total"}`` of the body under way), ``"state"``
-                  (``idle``, ``fetching`` or ``waiting`` for a retry; refresh.py),
-                  and while a refresh runs ``"attempt"`` (its number) and ``"queued"``
-                  (why it waits for a download slot); ``"partial"`` is the resume point
-                  of ``partial/NAME.part`` (``{"key", "etag", "last_modified"}``, refresh.py,
-                  with its map of arrived segments: ``"segment_size", "total",
-                  "segments"``, segments.py); ``"force"``: the next refresh is
-                  unconditional (``refresh --force``); ``"last_refresh"``: how the last
-                  refresh ended (``{"started"``: epoch seconds, ``"result"``,
-                  ``"version"``, ``"error"}``, refresh.Outcome)
-``inodes``        8-byte inode -> ``{"kind", "source"[, "id"]}``, kind one of
-                  SourceInode's names or ``"version"``
-``blobs``         SHA256 -> ``{"size", "refs"[, "damaged"]}``: how many versions (in
-                  ``versions`` and ``garbage``) use the blob; a blob file whose entry
-                  is gone is an orphan (gc.py removes it). ``damaged`` (``{"at",
-                  "reason"}``): the file is missing, has the wrong size or the wrong
-                  hash (fs.py's open, scrub.py); the same mark is on every version
-                  that uses the blob, and both go when fresh bytes replace the file
-                  (``clear_damage``). ``unpacked`` (unpacker.py): what the blob
-                  unpacks to, ``{"state", "kind"[, "size", "file_size", "data_sha256",
-                  "source", "members", "bytes", "error", "at"]}``; state ``none`` (not
-                  compressed, no archive), ``pending``, ``running`` (``bytes`` written
-                  so far), ``done`` or ``error``. Its ``size`` (the derived files'
-                  bytes) counts in ``blob_bytes``; it goes with the blob's last user
-``garbage``       8-byte inode -> a version record plus ``"source"``: versions of
-                  removed sources, kept until no reader holds them (gc.py)
+``sources``       NAME -> ``records.Source``
+``versions``      NAME b"\\0" VERSION_ID -> ``records.Version``; ids sort by fetch time,
+                  so a reverse prefix scan is newest first
+``state``         NAME -> ``records.SourceState`` (absent: the defaults)
+``inodes``        8-byte inode -> ``records.InodeRef``; a source owns INODES_PER_SOURCE
+                  numbers from its ``ino`` (offsets: ``SourceInode``), a version one
+``blobs``         SHA256 -> ``records.BlobEntry``
+``garbage``       8-byte inode -> ``records.Version`` with its ``source`` set: versions
+                  of removed sources (and of a hub's, dropped), kept until no reader
+                  holds them (gc.py)
 ``changes``       8-byte seq -> NAME (b"" for the root): which source changed in a
                   way the mount must see (sources, versions, requests). Trimmed to
                   the last CHANGES_KEPT entries.

@@ -12,8 +12,9 @@ order. Unknown keys (written by a newer buffyfs) are dropped on decode: a record
 rewritten here loses them.
 
 Decoding uses msgspec, which builds the dataclass straight from the JSON bytes (no
-intermediate dict): 100,000 version records decode 3x faster than with
-``json.loads`` and a constructor call (bench/records.py).
+intermediate dict): version records decode about twice as fast as with ``json.loads``
+and a constructor call, and faster than ``json.loads`` to a dict did before
+(bench/records.py). A value of the wrong type (a damaged record) is a ValueError.
 
 Nested values (a damage mark, the last error, progress, a resume point, the last
 refresh) stay plain JSON objects; their keys are in the field comments.
@@ -98,8 +99,9 @@ class SourceState:
     # (refresh.py) and its map of arrived segments: "segment_size", "total",
     # "segments", "prefix" (segments.py)
     partial: dict[str, Any] | None = dataclasses.field(default=None, metadata=OMIT)
-    # the next refresh is unconditional (``refresh --force``)
-    force: bool = dataclasses.field(default=False, metadata=OMIT)
+    # the next refresh is unconditional (``refresh --force``; the refresh clears it to
+    # null, written as such before these types)
+    force: bool | None = dataclasses.field(default=None, metadata=OMIT)
     # how the last refresh ended: {"started" (epoch seconds), "result", "version",
     # "error"} (refresh.Outcome)
     last_refresh: dict[str, Any] | None = dataclasses.field(default=None, metadata=OMIT)
@@ -126,9 +128,10 @@ class BlobEntry:
     # go when fresh bytes replace the file (index.clear_damage)
     damaged: dict[str, Any] | None = dataclasses.field(default=None, metadata=OMIT)
     # what the blob unpacks to (unpacker.py): {"state", "kind"[, "size", "file_size",
-    # "data_sha256", "source", "members", "bytes", "error", "at"]}; state none (not
-    # compressed, no archive), pending, running (``bytes`` so far), done or error. Its
-    # ``size`` (the derived files' bytes) counts in ``blob_bytes``
+    # "data_sha256", "source", "members", "skipped", "bytes", "error", "retry", "at"]};
+    # state none (not compressed, no archive), pending, running (``bytes`` so far), done
+    # or error (``retry``: try again at the next start). Its ``size`` (the derived
+    # files' bytes) counts in ``blob_bytes``
     unpacked: dict[str, Any] | None = dataclasses.field(default=None, metadata=OMIT)
 
 
