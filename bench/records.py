@@ -4,10 +4,11 @@
     python -m bench.records --smoke      # 2,000, to prove the script works
 
 Decoding every version is what collection planning, ``@status`` and a start-up do,
-so the codec was chosen by this figure. Prints records/s (best of three) and bytes per
-record for: ``json.loads`` to a dict (the code before typed records), ``json.loads``
-plus the dataclass constructor, and msgspec decoding straight into the dataclass; and
-for encoding: ``json.dumps`` and msgspec of the record's JSON object.
+so the codec was chosen by these figures. Prints records/s (best of three) for decoding
+with ``json.loads`` to a dict (the code before typed records), ``json.loads`` plus the
+dataclass constructor, and msgspec straight into the dataclass; for encoding with
+``json.dumps`` and msgspec of the record's JSON object; then bytes per stored record and
+the memory one decoded record holds (a dict, a Version).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"json": len(records.encode(typed[0])), "msgspec": len(encoder.encode(objs[0]))}
     print(f"  bytes per record: json {sizes['json']}, msgspec {sizes['msgspec']} "
           "(the same JSON)")
+    for label, decode in (("a dict (before)", json.loads), ("a Version", decoder.decode)):
+        tracemalloc.start()
+        held = [decode(r) for r in raws]
+        size = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del held
+        print(f"  memory of a decoded record, {label}: {size / count:,.0f} bytes")
     return 0
 
 
