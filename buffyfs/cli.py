@@ -424,7 +424,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     cache = _cache(args)
     with cache.index.read() as r:
         for name, src in r.sources():
-            print(f"{name}\t{redact_url(src['url'])}")
+            print(f"{name}\t{redact_url(src.url)}")
     return 0
 
 

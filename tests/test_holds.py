@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from buffyfs.store.records import Source, Version
 from tests.conftest import run_cli, wait_for
 from tests.test_gc import make_versions
 from tests.test_mount import control_error, read, status, write_control
@@ -169,11 +170,11 @@ def test_gc_dry_run_and_status_say_why_each_version_is_kept(origin, mnt):
 # --- the retention rules, without a mount ------------------------------------------------
 
 
-def record(vid_time: str, tags=(), **extra) -> dict:
+def record(vid_time: str, tags=(), **extra) -> Version:
     """A version record fetched at ``vid_time`` (HHMMSS on 2026-11-30)."""
-    return {"id": f"20261130T{vid_time}Z-0000000{len(tags)}", "ino": int(vid_time),
-            "fetched_at": f"2026-11-30T{vid_time[:2]}:{vid_time[2:4]}:{vid_time[4:]}Z",
-            "tags": list(tags), "sha256": vid_time * 6, "size": 1, **extra}
+    return Version(id=f"20261130T{vid_time}Z-0000000{len(tags)}", ino=int(vid_time),
+                   fetched_at=f"2026-11-30T{vid_time[:2]}:{vid_time[2:4]}:{vid_time[4:]}Z",
+                   tags=list(tags), sha256=vid_time * 6, size=1, **extra)
 
 
 def test_grace_starts_when_the_next_servable_version_arrives():
@@ -181,24 +182,24 @@ def test_grace_starts_when_the_next_servable_version_arrives():
 
     from buffyfs.store import gc
 
-    src = {"options": {"keep_versions": 0, "keep_for": "1h"}, "pin": None}
+    src = Source(url="http://h/s", ino=16, options={"keep_versions": 0, "keep_for": "1h"})
     newest, failed, middle, oldest = (record("120000"), record("110000", ["failed"]),
                                       record("100000"), record("090000"))
     vs = [newest, failed, middle, oldest]
     now = datetime(2026, 11, 30, 12, 30, tzinfo=UTC)
     why = {vid: [str(w) for w in reasons]
            for vid, reasons in gc.kept_reasons(src, vs, now).items()}
-    assert why[newest["id"]] == ["latest"]
+    assert why[newest.id] == ["latest"]
     # middle stopped being latest when newest came (the failed one never took over)
-    assert why[middle["id"]] == ["grace until 2026-11-30T13:00:00Z"]
-    assert why[failed["id"]] == []  # never latest: no grace
-    assert why[oldest["id"]] == []  # its grace ended at 11:00
+    assert why[middle.id] == ["grace until 2026-11-30T13:00:00Z"]
+    assert why[failed.id] == []  # never latest: no grace
+    assert why[oldest.id] == []  # its grace ended at 11:00
     # keep_for=0s: no grace at all, as in part 1
-    src0 = {"options": {"keep_versions": 0, "keep_for": "0s"}, "pin": None}
-    assert gc.kept_reasons(src0, vs, now)[middle["id"]] == []
+    src0 = Source(url="http://h/s", ino=16, options={"keep_versions": 0, "keep_for": "0s"})
+    assert gc.kept_reasons(src0, vs, now)[middle.id] == []
     # an expired hold is no hold
     held = record("080000", held_until="2026-11-30T12:29:59Z")
-    assert gc.kept_reasons(src0, [newest, held], now)[held["id"]] == []
+    assert gc.kept_reasons(src0, [newest, held], now)[held.id] == []
 
 
 def test_release_on_the_control_file_collects_at_once(origin, mnt):
