@@ -15,10 +15,10 @@ import json
 import os
 import threading
 import time
-import urllib.request
 
 from tests.conftest import wait_for
 from tests.hubproxy import HubProxy
+from tests.test_replica import hub_add
 
 PROPAGATION = 5.0
 FIRST = 1 << 20  # bytes of a blob answer sent before the gate
@@ -120,18 +120,6 @@ class Reader:
 
     def close(self) -> None:
         self.file.close()
-
-
-def hub_add(server, cli, origin, name, body):
-    origin.set(f"/{name}", body)
-    cli("add", name, origin.url(f"/{name}"), check=True)
-    return wait_for(lambda: (st := hub_status(server, name)) and st["latest"],
-                    what=f"the hub's first version of {name}")
-
-
-def hub_status(server, name):
-    with urllib.request.urlopen(f"{server.url}/{name}/@status", timeout=10) as r:
-        return json.loads(r.read())
 
 
 def status(mnt, name):
