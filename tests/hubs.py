@@ -202,3 +202,42 @@ class Replica:
     def status(self, name: str | None = None) -> dict:
         path = self.path / name / "@status" if name else self.path / "@status"
         return json.loads(path.read_text())
+
+
+def fetch_all(client: Host, url: str, out: Path, n: int, *curl_args: str) -> list[bytes]:
+    """``n`` curl processes fetching ``url`` at once from ``client``; their bodies."""
+    procs = [client.popen(["curl", "-sf", "--max-time", "60", *curl_args, "-o",
+                           str(out / f"c{i}"), url]) for i in range(n)]
+    for proc in procs:
+        assert proc.wait(timeout=90) == 0
+    return [(out / f"c{i}").read_bytes() for i in range(n)]
+
+
+def check_latest_status_changes_reach_the_hub(hub: Hub, cache_url: str, client: Host,
+                                              body1: bytes, body2: bytes,
+                                              validators_counted: bool = False) -> None:
+    """What an HTTP cache between hub and clients must pass through uncached: ``latest``
+    (a client's validator included), ``@changes``, ``@status`` and POST; shared by the
+    nginx and Squid tests. ``validators_counted``: also count the hub's 304 answers."""
+    hub.add("t", body1)
+    status, h, body = client.http(cache_url + "/t/latest")
+    assert (status, body, h["cache-control"]) == (200, body1, "no-cache")
+    etag = h["etag"]
+    status, _, _ = client.http(cache_url + "/t/latest", "-H", f"If-None-Match: {etag}")
+    assert status == 304  # the client's validator reached the hub
+    if validators_counted:
+        assert hub.requests(r"GET /t/latest 304") >= 1
+    hub.new_version("t", body2)
+    status, h, body = client.http(cache_url + "/t/latest")
+    assert (status, body) == (200, body2)  # at once: nothing of latest was kept
+    assert client.http(cache_url + "/t/latest", "-r", "0-3")[2] == body2[:4]
+    before = hub.requests(r"GET /@changes")
+    for _ in range(2):
+        assert client.http(cache_url + "/@changes?since=0&wait=0")[0] == 200
+    assert hub.count(r"GET /@changes", before + 2) == before + 2
+    before = hub.requests(r"GET /t/@status")
+    for _ in range(2):
+        assert client.http(cache_url + "/t/@status")[0] == 200
+    assert hub.count(r"GET /t/@status", before + 2) == before + 2
+    # POST passes through (and is refused by the hub: no control token)
+    assert client.http(cache_url + "/t/@control", "--data-binary", "refresh")[0] == 401

@@ -4,9 +4,6 @@ it; the mount tests the same through the kernel."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from buffyfs.fs import unpackfs
@@ -25,14 +22,7 @@ from buffyfs.fs.tree import (
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import SourceInode
 from buffyfs.store.records import Source, Version
-from tests.test_fs_api import put_version, three_versions
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Iterator[Cache]:
-    c = Cache(tmp_path / "cache")
-    yield c
-    c.close()
+from tests.test_fs_api import cache, put_version, three_versions  # noqa: F401 (fixture)
 
 
 @pytest.fixture

@@ -8,12 +8,11 @@ import errno
 import hashlib
 import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.conftest import http_request, run_cli, served_url, wait_for
+from tests.hubproxy import HubProxy
 
 PROPAGATION = 5.0  # SPEC: a change at the hub shows in the replica within 5 s
 
@@ -266,62 +265,35 @@ def hostile_feed(body):
     return json.dumps(feed).encode()
 
 
-class CorruptingProxy:
+class CorruptingProxy(HubProxy):
     """Forwards to the hub. ``flip``: flips one byte of every blob answer unless the
     request says ``Cache-Control: no-cache`` (as a stale cache would, until told to
     refresh). ``cut``: the first blob answer stops after half its body. ``hostile``:
     the change feed also carries malformed sources (hostile_feed)."""
 
     def __init__(self, hub_url, mode="flip"):
-        self.hub_url = hub_url
+        self.mode = mode
         self.blob_requests = []
         self.ranges = []
-        proxy = self
+        super().__init__(hub_url)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                import urllib.request
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() in ("range", "if-range", "authorization", "accept")}
-                req = urllib.request.Request(proxy.hub_url + self.path, headers=headers)
-                try:
-                    with urllib.request.urlopen(req, timeout=40) as r:
-                        status, body, rh = r.status, r.read(), r.headers
-                except urllib.error.HTTPError as e:
-                    status, body, rh = e.code, e.read(), e.headers
-                cut = False
-                if mode == "hostile" and self.path.startswith("/@changes") and status == 200:
-                    body = hostile_feed(body)
-                if self.path.startswith("/@blobs/"):
-                    proxy.blob_requests.append(self.headers.get("Cache-Control"))
-                    proxy.ranges.append(self.headers.get("Range"))
-                    if mode == "flip" and self.headers.get("Cache-Control") != "no-cache" \
-                            and body:
-                        body = bytes([body[0] ^ 0xFF]) + body[1:]
-                    cut = mode == "cut" and len(proxy.ranges) == 1
-                self.send_response(status)
-                for k in ("Content-Type", "Content-Range", "ETag", "Accept-Ranges"):
-                    if rh.get(k):
-                        self.send_header(k, rh[k])
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:len(body) // 2] if cut else body)
-                if cut:
-                    self.wfile.flush()
-                    self.close_connection = True
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+    def get(self, h):
+        mode = self.mode
+        status, rh, body = self.forward(h)
+        cut = False
+        if mode == "hostile" and h.path.startswith("/@changes") and status == 200:
+            body = hostile_feed(body)
+        if h.path.startswith("/@blobs/"):
+            self.blob_requests.append(h.headers.get("Cache-Control"))
+            self.ranges.append(h.headers.get("Range"))
+            if mode == "flip" and h.headers.get("Cache-Control") != "no-cache" and body:
+                body = bytes([body[0] ^ 0xFF]) + body[1:]
+            cut = mode == "cut" and len(self.ranges) == 1
+        self.send_head(h, status, rh, len(body))
+        h.wfile.write(body[:len(body) // 2] if cut else body)
+        if cut:
+            h.wfile.flush()
+            h.close_connection = True
 
 
 def test_corrupted_bytes_are_caught_retried_past_the_cache_and_never_served(

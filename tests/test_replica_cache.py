@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.hosts import Network, network  # noqa: F401 (fixture)
-from tests.hubs import Hub, NginxCache, nginx_exe
+from tests.hubs import (
+    Hub,
+    NginxCache,
+    check_latest_status_changes_reach_the_hub,
+    fetch_all,
+    nginx_exe,
+)
 
 pytestmark = pytest.mark.skipif(nginx_exe() is None, reason="nginx is not installed "
                                 "(scripts/install.sh installs nginx-light)")
@@ -34,15 +40,6 @@ def setup(network: Network, tmp_path: Path, hub_config: str = ""):
     hub = Hub(network.add("hub"), tmp_path / "hub", hub_config)
     cache = NginxCache(network.add("cache"), tmp_path / "nginx", hub.url)
     return hub, cache, network.add("client")
-
-
-def fetch_all(client, url: str, out: Path, n: int, *curl_args: str) -> list[bytes]:
-    """``n`` curl processes fetching ``url`` at once from ``client``; their bodies."""
-    procs = [client.popen(["curl", "-sf", "--max-time", "60", *curl_args, "-o",
-                           str(out / f"c{i}"), url]) for i in range(n)]
-    for proc in procs:
-        assert proc.wait(timeout=90) == 0
-    return [(out / f"c{i}").read_bytes() for i in range(n)]
 
 
 def test_each_blob_sent_once_ranges_from_cache(network: Network, tmp_path: Path) -> None:
@@ -68,26 +65,7 @@ def test_each_blob_sent_once_ranges_from_cache(network: Network, tmp_path: Path)
 
 def test_latest_status_changes_reach_the_hub(network: Network, tmp_path: Path) -> None:
     hub, cache, client = setup(network, tmp_path)
-    hub.add("t", BODY1)
-    status, h, body = client.http(cache.url + "/t/latest")
-    assert (status, body, h["cache-control"]) == (200, BODY1, "no-cache")
-    etag = h["etag"]
-    status, _, _ = client.http(cache.url + "/t/latest", "-H", f"If-None-Match: {etag}")
-    assert status == 304  # the client's validator reached the hub
-    hub.new_version("t", BODY2)
-    status, h, body = client.http(cache.url + "/t/latest")
-    assert (status, body) == (200, BODY2)  # at once: nothing of latest was kept
-    assert client.http(cache.url + "/t/latest", "-r", "0-3")[2] == BODY2[:4]
-    before = hub.requests(r"GET /@changes")
-    for _ in range(2):
-        assert client.http(cache.url + "/@changes?since=0&wait=0")[0] == 200
-    assert hub.count(r"GET /@changes", before + 2) == before + 2
-    before = hub.requests(r"GET /t/@status")
-    for _ in range(2):
-        assert client.http(cache.url + "/t/@status")[0] == 200
-    assert hub.count(r"GET /t/@status", before + 2) == before + 2
-    # POST passes through (and is refused by the hub: no control token)
-    assert client.http(cache.url + "/t/@control", "--data-binary", "refresh")[0] == 401
+    check_latest_status_changes_reach_the_hub(hub, cache.url, client, BODY1, BODY2)
 
 
 def test_no_cache_replaces_a_corrupted_entry(network: Network, tmp_path: Path) -> None:

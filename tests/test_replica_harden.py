@@ -10,15 +10,12 @@ import errno
 import json
 import os
 import signal
-import threading
 import time
-import urllib.error
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.conftest import http_request, run_cli, wait_for
+from tests.hubproxy import FORWARDED, HubProxy
 from tests.test_replica import (
     PROPAGATION,
     blob_file,
@@ -32,7 +29,7 @@ from tests.test_replica import (
 TOKEN = "hub-ctl-5ecret"
 
 
-class HubFront:
+class HubFront(HubProxy):
     """An HTTP front of a hub that passes requests on, unless told to misbehave:
     ``feed`` answers ``/@changes`` itself ("401", "403", "404": that status; "html":
     a page; "malformed": JSON that is no feed); ``poll_delay`` holds each long-poll's
@@ -42,8 +39,9 @@ class HubFront:
 
     JUNK = 32 << 20  # bytes an endless answer sends past the blob at most
 
+    protocol_version = "HTTP/1.1"
+
     def __init__(self, hub_url):
-        self.hub_url = hub_url
         self.feed = None
         self.poll_delay = 0.0
         self.reread_fails = False
@@ -51,27 +49,9 @@ class HubFront:
         self.edit_feed = None
         self.seen = []  # (method, path, feed mode) of every request
         self.blob_sent = []  # bytes sent of each blob answer
-        front = self
+        super().__init__(hub_url)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                front._get(self)
-
-            def do_POST(self):
-                front._pass(self, self.rfile.read(int(self.headers.get("Content-Length", 0))))
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def _get(self, h):
+    def get(self, h):
         path, mode = h.path, self.feed
         self.seen.append(("GET", path, mode))
         if path.startswith("/@changes") and mode is not None:
@@ -79,49 +59,32 @@ class HubFront:
                     "malformed": b'{"serial": "twelve", "sources": 3}'}.get(mode, b"no")
             status = int(mode) if mode.isdigit() else 200
             kind = "text/html" if mode == "html" else "application/json"
-            return self._send(h, status, {"Content-Type": kind}, body)
+            return self.send(h, status, {"Content-Type": kind}, body)
         polling = path.startswith("/@changes") and "wait=0&" not in path
         if self.reread_fails and not polling:
-            return self._send(h, 502, {}, b"bad gateway")
+            return self.send(h, 502, {}, b"bad gateway")
         if path.startswith("/@blobs/") and self.endless \
                 and h.headers.get("Cache-Control") != "no-cache":
             return self._run_on(h)
-        status, headers, body = self._fetch(h, "GET", None)
+        status, headers, body = self._fetch(h)
         if polling and self.poll_delay:
             time.sleep(self.poll_delay)
         if path.startswith("/@changes") and self.edit_feed and status == 200:
             body = json.dumps(self.edit_feed(json.loads(body))).encode()
-        self._send(h, status, headers, body)
+        self.send(h, status, headers, body)
 
-    def _pass(self, h, data):
+    def post(self, h, data):
         self.seen.append(("POST", h.path, None))
         status, headers, body = self._fetch(h, "POST", data)
-        self._send(h, status, headers, body)
+        self.send(h, status, headers, body)
 
-    def _fetch(self, h, method, data):
-        keep = ("range", "if-range", "authorization", "accept", "cache-control")
-        headers = {k: v for k, v in h.headers.items() if k.lower() in keep}
-        req = urllib.request.Request(self.hub_url + h.path, data=data, method=method,
-                                     headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=40) as r:
-                return r.status, r.headers, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.headers, e.read()
-
-    def _send(self, h, status, headers, body):
-        h.send_response(status)
-        for k in ("Content-Type", "Content-Range", "ETag", "Accept-Ranges"):
-            if headers.get(k):
-                h.send_header(k, headers[k])
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
+    def _fetch(self, h, method="GET", data=None):
+        return self.forward(h, method, data, FORWARDED + ("cache-control",))
 
     def _run_on(self, h):
         """The blob, then junk until the reader hangs up (or JUNK bytes): no length,
         the end of the answer is the end of the connection."""
-        _, headers, body = self._fetch(h, "GET", None)
+        _, headers, body = self._fetch(h)
         h.close_connection = True
         h.send_response(200)
         h.send_header("Content-Type", "application/octet-stream")
@@ -138,11 +101,6 @@ class HubFront:
         except OSError:
             pass
         self.blob_sent.append(sent)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture

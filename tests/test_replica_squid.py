@@ -19,7 +19,14 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.hosts import Host, Network, network, wait_listening  # noqa: F401 (fixture)
-from tests.hubs import CACHE_PORT, START_TIMEOUT, Hub, Replica
+from tests.hubs import (
+    CACHE_PORT,
+    START_TIMEOUT,
+    Hub,
+    Replica,
+    check_latest_status_changes_reach_the_hub,
+    fetch_all,
+)
 
 CONTRIB_SQUID = Path(__file__).resolve().parent.parent / "contrib" / "squid" / \
     "replica-cache.conf"
@@ -94,15 +101,6 @@ def setup(network: Network, tmp_path: Path, hub_config: str = "",
     return hub, cache, network.add("client")
 
 
-def fetch_all(client: Host, url: str, out: Path, n: int) -> list[bytes]:
-    """``n`` curl processes fetching ``url`` at once from ``client``; their bodies."""
-    procs = [client.popen(["curl", "-sf", "--max-time", "60", "-o", str(out / f"c{i}"), url])
-             for i in range(n)]
-    for proc in procs:
-        assert proc.wait(timeout=90) == 0
-    return [(out / f"c{i}").read_bytes() for i in range(n)]
-
-
 def test_each_blob_sent_once_ranges_from_cache(network: Network, tmp_path: Path) -> None:
     hub, cache, client = setup(network, tmp_path)
     vid = hub.add("t", BODY1)
@@ -126,28 +124,8 @@ def test_each_blob_sent_once_ranges_from_cache(network: Network, tmp_path: Path)
 
 def test_latest_status_changes_reach_the_hub(network: Network, tmp_path: Path) -> None:
     hub, cache, client = setup(network, tmp_path)
-    hub.add("t", BODY1)
-    status, h, body = client.http(cache.url + "/t/latest")
-    assert (status, body, h["cache-control"]) == (200, BODY1, "no-cache")
-    etag = h["etag"]
-    status, _, _ = client.http(cache.url + "/t/latest", "-H", f"If-None-Match: {etag}")
-    assert status == 304
-    before = hub.requests(r"GET /t/latest 304")
-    assert before >= 1  # the client's validator reached the hub
-    hub.new_version("t", BODY2)
-    status, h, body = client.http(cache.url + "/t/latest")
-    assert (status, body) == (200, BODY2)  # at once: nothing of latest was kept
-    assert client.http(cache.url + "/t/latest", "-r", "0-3")[2] == BODY2[:4]
-    before = hub.requests(r"GET /@changes")
-    for _ in range(2):
-        assert client.http(cache.url + "/@changes?since=0&wait=0")[0] == 200
-    assert hub.count(r"GET /@changes", before + 2) == before + 2
-    before = hub.requests(r"GET /t/@status")
-    for _ in range(2):
-        assert client.http(cache.url + "/t/@status")[0] == 200
-    assert hub.count(r"GET /t/@status", before + 2) == before + 2
-    # POST passes through (and is refused by the hub: no control token)
-    assert client.http(cache.url + "/t/@control", "--data-binary", "refresh")[0] == 401
+    check_latest_status_changes_reach_the_hub(hub, cache.url, client, BODY1, BODY2,
+                                              validators_counted=True)
 
 
 def test_no_cache_replaces_a_corrupted_entry(network: Network, tmp_path: Path) -> None:

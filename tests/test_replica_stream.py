@@ -15,11 +15,10 @@ import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tests.conftest import wait_for
+from tests.hubproxy import HubProxy
+from tests.test_replica import hub_add
 
 PROPAGATION = 5.0
 FIRST = 1 << 20  # bytes of a blob answer sent before the gate
@@ -32,7 +31,7 @@ def sha(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-class GatedProxy:
+class GatedProxy(HubProxy):
     """Forwards to the hub. A blob answer sends its first FIRST bytes, then waits for
     ``gate`` (set: sends the rest at once). ``cut``: the first blob answer ends at the
     gate instead (a hub cut mid-blob). ``down``: blob requests get their connection
@@ -42,7 +41,6 @@ class GatedProxy:
 
     def __init__(self, hub_url: str, cut: bool = False,
                  corrupt: dict[str, str] | None = None) -> None:
-        self.hub_url = hub_url
         self.gate = threading.Event()
         self.down = threading.Event()
         self.cut = cut
@@ -50,63 +48,38 @@ class GatedProxy:
         self.blob_requests: list[tuple[str | None, str | None]] = []
         self.rests_sent = 0  # blob answers sent past FIRST
         self.timed_out = False  # an answer waited GATE_MAX for the gate (a failed test)
-        proxy = self
+        super().__init__(hub_url)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                blob = self.path.startswith("/@blobs/sha256/")
-                if blob:
-                    proxy.blob_requests.append((self.headers.get("Range"),
-                                                self.headers.get("Cache-Control")))
-                    if proxy.down.is_set():
-                        self.close_connection = True
-                        return
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() in ("range", "if-range", "authorization", "accept")}
-                req = urllib.request.Request(proxy.hub_url + self.path, headers=headers)
-                try:
-                    with urllib.request.urlopen(req, timeout=40) as r:
-                        status, body, rh = r.status, r.read(), r.headers
-                except urllib.error.HTTPError as e:
-                    status, body, rh = e.code, e.read(), e.headers
-                mode = proxy.corrupt.get(self.path.rsplit("/", 1)[-1]) if blob else None
-                if body and (mode == "always" or mode == "cached"
-                             and self.headers.get("Cache-Control") != "no-cache"):
-                    body = body[:-1] + bytes([body[-1] ^ 0xFF])
-                self.send_response(status)
-                for k in ("Content-Type", "Content-Range", "ETag", "Accept-Ranges"):
-                    if rh.get(k):
-                        self.send_header(k, rh[k])
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not blob or status not in (200, 206) or proxy.gate.is_set():
-                    self.wfile.write(body)
-                    return
-                first = len(proxy.blob_requests) == 1
-                self.wfile.write(body[:FIRST])
-                self.wfile.flush()
-                if not proxy.gate.wait(GATE_MAX):
-                    proxy.timed_out = True
-                if proxy.cut and first:
-                    self.close_connection = True
-                    return
-                self.wfile.write(body[FIRST:])
-                proxy.rests_sent += 1
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    def get(self, h) -> None:
+        blob = h.path.startswith("/@blobs/sha256/")
+        if blob:
+            self.blob_requests.append((h.headers.get("Range"), h.headers.get("Cache-Control")))
+            if self.down.is_set():
+                h.close_connection = True
+                return
+        status, rh, body = self.forward(h)
+        mode = self.corrupt.get(h.path.rsplit("/", 1)[-1]) if blob else None
+        if body and (mode == "always" or mode == "cached"
+                     and h.headers.get("Cache-Control") != "no-cache"):
+            body = body[:-1] + bytes([body[-1] ^ 0xFF])
+        self.send_head(h, status, rh, len(body))
+        if not blob or status not in (200, 206) or self.gate.is_set():
+            h.wfile.write(body)
+            return
+        first = len(self.blob_requests) == 1
+        h.wfile.write(body[:FIRST])
+        h.wfile.flush()
+        if not self.gate.wait(GATE_MAX):
+            self.timed_out = True
+        if self.cut and first:
+            h.close_connection = True
+            return
+        h.wfile.write(body[FIRST:])
+        self.rests_sent += 1
 
     def close(self) -> None:
         self.gate.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        super().close()
 
 
 class Reader:
@@ -147,18 +120,6 @@ class Reader:
 
     def close(self) -> None:
         self.file.close()
-
-
-def hub_add(server, cli, origin, name, body):
-    origin.set(f"/{name}", body)
-    cli("add", name, origin.url(f"/{name}"), check=True)
-    return wait_for(lambda: (st := hub_status(server, name)) and st["latest"],
-                    what=f"the hub's first version of {name}")
-
-
-def hub_status(server, name):
-    with urllib.request.urlopen(f"{server.url}/{name}/@status", timeout=10) as r:
-        return json.loads(r.read())
 
 
 def status(mnt, name):
