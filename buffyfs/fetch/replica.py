@@ -256,6 +256,7 @@ class Replica:
     def _apply(self, found: dict[str, dict[str, Any] | None]) -> list[str]:
         changed = []
         good_options: set[str] = set()
+        new: list[dict[str, Any]] = []  # sources this index has not: written at once
         with self.index.write() as w:
             for name, status in found.items():
                 try:
@@ -263,9 +264,12 @@ class Replica:
                 except (BadInput, ValueError, TypeError, KeyError) as e:
                     log.warning("replica: the hub's %r skipped: %s", name[:140], e)
                     continue
-                if _apply_source(w, name, status if self.wanted(name) else None):
+                if status is not None and self.wanted(name) and w.source(name) is None:
+                    new.append(_new_source(name, status))
+                elif _apply_source(w, name, status if self.wanted(name) else None):
                     changed.append(name)
-        return changed
+            w.add_mirrored_sources(new)
+        return changed + [s["name"] for s in new]
 
     def _mark_stale(self, message: str) -> None:
         if self.down and message == self.stale_message:
@@ -573,19 +577,12 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
             w.retire_version(name, v)
             changed = True
     for vid, hv in hub_versions.items():
-        fields = {"tags": list(hv.get("tags", []))}
-        if hv.get("held_until"):
-            fields["held_until"] = hv["held_until"]
-        if hv.get("validation"):
-            fields["validation"] = hv["validation"]
+        fields = _version_fields(hv)
         v = mine.get(vid)
         if hv.get("damaged") and (v is None or v.get("remote")):
             fields["damaged"] = hub_damage(hv["damaged"])  # not servable until mended
         if v is None:
-            w.add_mirrored_version(name, {
-                "id": vid, "sha256": hv["sha256"], "size": hv["size"],
-                "fetched_at": hv["fetched_at"], "url": status["url"], "etag": None,
-                "last_modified": None, "content_type": None, **fields})
+            w.add_mirrored_version(name, _version_record(status["url"], hv, fields))
             changed = True
             continue
         now = {**v, **fields}
@@ -601,6 +598,36 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
         w.changed(name)
         w.mirrored(name)
     return changed
+
+
+def _version_fields(hv: dict[str, Any]) -> dict[str, Any]:
+    """What a version's record takes over from the hub's (tags, hold, validation)."""
+    fields = {"tags": list(hv.get("tags", []))}
+    if hv.get("held_until"):
+        fields["held_until"] = hv["held_until"]
+    if hv.get("validation"):
+        fields["validation"] = hv["validation"]
+    return fields
+
+
+def _version_record(url: str, hv: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """The record of a version the hub has and this index not yet (no ``ino``)."""
+    return {"id": hv["id"], "sha256": hv["sha256"], "size": hv["size"],
+            "fetched_at": hv["fetched_at"], "url": url, "etag": None,
+            "last_modified": None, "content_type": None, **fields}
+
+
+def _new_source(name: str, status: dict[str, Any]) -> dict[str, Any]:
+    """A source of the hub this index has not, as ``Writer.add_mirrored_sources``
+    takes it (what ``_apply_source`` would write for it, in one go)."""
+    versions = {}  # by id: one record each, as _apply_source keeps them
+    for hv in status.get("versions", []):
+        fields = _version_fields(hv)
+        if hv.get("damaged"):
+            fields["damaged"] = hub_damage(hv["damaged"])  # not servable until mended
+        versions[hv["id"]] = _version_record(status["url"], hv, fields)
+    return {"name": name, "url": status["url"], "options": dict(status["options"]),
+            "pin": status.get("pinned"), "versions": list(versions.values())}
 
 
 def hub_damage(mark: Any) -> dict[str, str]:

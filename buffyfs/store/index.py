@@ -638,6 +638,67 @@ class Writer(Reader):
         self._put("inodes", _u64(ino), {"kind": "version", "source": name, "id": record["id"]})
         return version
 
+    def add_mirrored_sources(self, sources: list[dict[str, Any]]) -> None:
+        """Add sources a hub has and this index has not, each ``{"name", "url",
+        "options", "pin", "versions"}`` (versions as ``add_mirrored_version`` takes
+        them), with their versions, in few operations: a replica's first sync writes a
+        whole hub (10,000 sources) a page at a time. One inode range for them all, one
+        ``changes`` and one ``mirror`` entry per source (and one root entry), each
+        counter written once."""
+        count = sum(INODES_PER_SOURCE + len(s["versions"]) for s in sources)
+        ino = self.alloc_inodes(count) if sources else 0
+        added_at = rfc3339(now_utc())
+        inodes, blobs = self.dbs["inodes"], self.dbs["blobs"]
+        for s in sources:
+            name = s["name"]
+            key = name.encode()
+            self.put_source(name, {"url": s["url"], "options": s["options"], "ino": ino,
+                                   "added_at": added_at, "pin": s["pin"], "mirror": True})
+            quoted = json.dumps(name)
+            for kind in SourceInode:
+                self.txn.put(_u64(ino + kind), b'{"kind":"%s","source":%s}'
+                             % (kind.name.encode(), quoted.encode()), db=inodes)
+            ino += INODES_PER_SOURCE
+            for record in s["versions"]:
+                version = {**record, "ino": ino}
+                sha = record["sha256"].encode()
+                raw = self.txn.get(sha, db=blobs)  # bytes held already: they count at once
+                blob = json.loads(raw) if raw is not None else None
+                if blob and blob.get("refs", 0) > 0 and not blob.get("damaged"):
+                    self.ref_blob(record["sha256"], record["size"])
+                    version.pop("damaged", None)
+                else:
+                    version["remote"] = True
+                self._put("versions", key + b"\0" + record["id"].encode(), version)
+                self.txn.put(_u64(ino), b'{"kind":"version","source":%s,"id":%s}'
+                             % (quoted.encode(), json.dumps(record["id"]).encode()),
+                             db=inodes)
+                ino += 1
+        names = [s["name"] for s in sources]
+        self.changed_many([*names, ""] if names else [])
+        self.mirrored_many(names)
+
+    def changed_many(self, names: list[str]) -> None:
+        """``changed`` of each of ``names``, in order, the counter written once."""
+        self._log_many("changes", b"seq", self.seq(), names)
+
+    def mirrored_many(self, names: list[str]) -> None:
+        """``mirrored`` of each of ``names``, in order, the serial written once."""
+        self._log_many("mirror", b"mirror_serial", self.mirror_serial(), names)
+
+    def _log_many(self, db: str, counter: bytes, last: int, names: list[str]) -> None:
+        """Append ``names`` to the feed ``db`` (``changes`` or ``mirror``) after entry
+        ``last``, move ``meta`` ``counter`` on, and trim it to CHANGES_KEPT entries."""
+        if not names:
+            return
+        table = self.dbs[db]
+        for i, name in enumerate(names, last + 1):
+            self.txn.put(_u64(i), name.encode(), db=table)
+        now = last + len(names)
+        self.txn.put(counter, _u64(now), db=self.dbs["meta"])
+        for old in range(max(1, last + 1 - CHANGES_KEPT), now - CHANGES_KEPT + 1):
+            self.txn.delete(_u64(old), db=table)
+
     def make_remote(self, name: str, version: dict[str, Any]) -> bool:
         """A replica's mirrored version whose bytes go here (evicted, or found damaged)
         stays listed as ``"remote"``: its bytes come from the hub again when wanted
