@@ -166,3 +166,28 @@ def test_a_replica_shows_a_big_hub_with_its_tags_and_pins(serve_factory, cli, ca
     wait_for(lambda: (replica / target / "@late" / vid).exists(), PROPAGATION,
              interval=0.1, what="the tag on the replica")
     assert time.monotonic() - t0 < PROPAGATION
+
+
+def test_sources_the_kernel_never_looked_into_have_no_stale_entries(tmp_path):
+    """The change watcher reads nothing more of the thousands of sources a replica's
+    sync adds than whether they exist: the kernel holds no entry below them."""
+    from buffyfs.fs.tree import ROOT, Tree
+    from tests.test_fs_api import three_versions
+
+    cache = Cache(tmp_path / "c")
+    try:
+        three_versions(cache)  # source "s"
+        cache.add_source("t", "http://127.0.0.1:9/t", {})
+        tree = Tree(cache.index)
+        base = tree.child(ROOT, "s")  # the root's entry: nothing below it yet
+        assert tree.stale_entries("s") == [] and tree.stale_entries("t") == []
+        tree.child(base, "latest")  # looked into: its entries may go stale now
+        assert (base, "newest") in tree.stale_entries("s")
+        tree.names(tree.child(ROOT, "t"), tree.node(tree.child(ROOT, "t")))  # a listing
+        assert tree.stale_entries("t")
+        for name in ("s", "t"):
+            cache.remove_source(name)
+            assert tree.stale_entries(name) == [(ROOT, name)]
+        assert not tree.entered
+    finally:
+        cache.close()

@@ -230,9 +230,24 @@ class Reader:
     def source(self, name: str) -> dict[str, Any] | None:
         return self._get("sources", name.encode())
 
+    def has_source(self, name: str) -> bool:
+        """Whether ``name`` is a source (no JSON decoded: the change watcher asks it
+        of every source a replica's sync adds)."""
+        return self.txn.get(name.encode(), db=self.dbs["sources"]) is not None
+
     def sources(self) -> list[tuple[str, dict[str, Any]]]:
         with self.txn.cursor(db=self.dbs["sources"]) as cur:
             return [(k.decode(), json.loads(v)) for k, v in cur]
+
+    def mirrored_names(self) -> list[str]:
+        """The names of a replica's mirrored sources (``"mirror": true``), each record
+        decoded on its own: no list of every source's record at once (10,000)."""
+        out = []
+        with self.txn.cursor(db=self.dbs["sources"]) as cur:
+            for key, raw in cur:
+                if b'"mirror":true' in raw and json.loads(raw).get("mirror"):
+                    out.append(key.decode())
+        return out
 
     def source_names(self) -> list[str]:
         with self.txn.cursor(db=self.dbs["sources"]) as cur:
