@@ -216,7 +216,7 @@ class Replica:
 
     def _mirrored_besides(self, names: set[str]) -> list[str]:
         with self.index.read() as r:
-            return [n for n, s in r.sources() if s.get("mirror") and n not in names]
+            return [n for n in r.mirrored_names() if n not in names]
 
     async def sync(self, names: list[str], hub: str | None = None,
                    known: dict[str, Any] | None = None) -> None:
@@ -277,11 +277,10 @@ class Replica:
         self.stale_message = message
         at = rfc3339(now_utc())
         with self.index.write() as w:
-            for name, src in w.sources():
-                if src.get("mirror"):
-                    failures = w.state(name).get("consecutive_failures", 0)
-                    w.put_state(name, consecutive_failures=max(1, failures),
-                                last_error={"at": at, "message": message})
+            for name in w.mirrored_names():
+                failures = w.state(name).get("consecutive_failures", 0)
+                w.put_state(name, consecutive_failures=max(1, failures),
+                            last_error={"at": at, "message": message})
         if not self.down:
             log.error("replica: %s", message)
         self.down = True
@@ -289,10 +288,9 @@ class Replica:
     def _mark_fresh(self) -> None:
         at = rfc3339(now_utc())
         with self.index.write() as w:
-            for name, src in w.sources():
-                if src.get("mirror"):
-                    w.put_state(name, consecutive_failures=0, last_error=None,
-                                last_check=at, last_success=at)
+            for name in w.mirrored_names():
+                w.put_state(name, consecutive_failures=0, last_error=None,
+                            last_check=at, last_success=at)
         log.info("replica: following %s", self.hub)
 
     # --- bytes --------------------------------------------------------------------------
