@@ -26,6 +26,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import trio
@@ -38,7 +39,7 @@ from buffyfs.fetch.upstream import FEED_WAIT, Answer, HubDown, Upstream, partial
 from buffyfs.options import check_name, check_tag, normalize_options
 from buffyfs.store.cache import Cache
 from buffyfs.store.gc import CommitLock
-from buffyfs.store.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
+from buffyfs.store.index import Writer, now_utc, resolve_latest, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -524,15 +525,27 @@ def checked_status(name: str, status: dict[str, Any] | None,
         size = v.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise BadInput(f"version {v['id']}: bad size")
-        parse_rfc3339(v["fetched_at"])
+        _check_time(v["fetched_at"])
         if v.get("held_until"):
-            parse_rfc3339(v["held_until"])
+            _check_time(v["held_until"])
         tags = v.get("tags", [])
         if not isinstance(tags, list):
             raise BadInput(f"version {v['id']}: bad tags")
         for tag in tags:
             check_tag(tag)
     return status
+
+
+RFC3339_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def _check_time(text: Any) -> None:
+    """ValueError unless ``text`` is a time as the index writes them (what
+    ``parse_rfc3339`` reads), checked without strptime: 40 us each, and a whole hub
+    has tens of thousands."""
+    if not isinstance(text, str) or not RFC3339_RE.fullmatch(text):
+        raise ValueError(f"bad time {str(text)[:40]!r}")
+    datetime.fromisoformat(text[:-1])  # the ranges: no month 13
 
 
 def _check_options(options: dict[str, Any], good: set[str] | None) -> None:
