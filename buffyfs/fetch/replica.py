@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -550,8 +549,10 @@ def _check_time(text: Any) -> None:
 
 def _check_options(options: dict[str, Any], good: set[str] | None) -> None:
     """BadInput unless ``options`` are valid source options; ``good`` remembers the
-    ones found valid (most sources of a hub share theirs: checked once a page)."""
-    key = json.dumps(options, sort_keys=True)
+    ones found valid (most sources of a hub share theirs: checked once a page). The
+    key is their repr: it tells 1 from true and 1.0 as JSON does, at a fraction of
+    json.dumps's cost (another order of the same keys is only checked again)."""
+    key = repr(options)
     if good is not None and key in good:
         return
     normalize_options(options)
