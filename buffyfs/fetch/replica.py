@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import trio
@@ -38,7 +38,7 @@ from buffyfs.fetch.upstream import FEED_WAIT, Answer, HubDown, Upstream, partial
 from buffyfs.options import check_name, check_tag, normalize_options
 from buffyfs.store.cache import Cache
 from buffyfs.store.gc import CommitLock
-from buffyfs.store.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
+from buffyfs.store.index import Writer, now_utc, resolve_latest, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class Replica:
 
     def _mirrored_besides(self, names: set[str]) -> list[str]:
         with self.index.read() as r:
-            return [n for n, s in r.sources() if s.get("mirror") and n not in names]
+            return [n for n in r.mirrored_names() if n not in names]
 
     async def sync(self, names: list[str], hub: str | None = None,
                    known: dict[str, Any] | None = None) -> None:
@@ -256,6 +256,7 @@ class Replica:
     def _apply(self, found: dict[str, dict[str, Any] | None]) -> list[str]:
         changed = []
         good_options: set[str] = set()
+        new: list[dict[str, Any]] = []  # sources this index has not: written at once
         with self.index.write() as w:
             for name, status in found.items():
                 try:
@@ -263,9 +264,12 @@ class Replica:
                 except (BadInput, ValueError, TypeError, KeyError) as e:
                     log.warning("replica: the hub's %r skipped: %s", name[:140], e)
                     continue
-                if _apply_source(w, name, status if self.wanted(name) else None):
+                if status is not None and self.wanted(name) and w.source(name) is None:
+                    new.append(_new_source(name, status))
+                elif _apply_source(w, name, status if self.wanted(name) else None):
                     changed.append(name)
-        return changed
+            w.add_mirrored_sources(new)
+        return changed + [s["name"] for s in new]
 
     def _mark_stale(self, message: str) -> None:
         if self.down and message == self.stale_message:
@@ -273,11 +277,10 @@ class Replica:
         self.stale_message = message
         at = rfc3339(now_utc())
         with self.index.write() as w:
-            for name, src in w.sources():
-                if src.get("mirror"):
-                    failures = w.state(name).get("consecutive_failures", 0)
-                    w.put_state(name, consecutive_failures=max(1, failures),
-                                last_error={"at": at, "message": message})
+            for name in w.mirrored_names():
+                failures = w.state(name).get("consecutive_failures", 0)
+                w.put_state(name, consecutive_failures=max(1, failures),
+                            last_error={"at": at, "message": message})
         if not self.down:
             log.error("replica: %s", message)
         self.down = True
@@ -285,10 +288,9 @@ class Replica:
     def _mark_fresh(self) -> None:
         at = rfc3339(now_utc())
         with self.index.write() as w:
-            for name, src in w.sources():
-                if src.get("mirror"):
-                    w.put_state(name, consecutive_failures=0, last_error=None,
-                                last_check=at, last_success=at)
+            for name in w.mirrored_names():
+                w.put_state(name, consecutive_failures=0, last_error=None,
+                            last_check=at, last_success=at)
         log.info("replica: following %s", self.hub)
 
     # --- bytes --------------------------------------------------------------------------
@@ -522,9 +524,9 @@ def checked_status(name: str, status: dict[str, Any] | None,
         size = v.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise BadInput(f"version {v['id']}: bad size")
-        parse_rfc3339(v["fetched_at"])
+        _check_time(v["fetched_at"])
         if v.get("held_until"):
-            parse_rfc3339(v["held_until"])
+            _check_time(v["held_until"])
         tags = v.get("tags", [])
         if not isinstance(tags, list):
             raise BadInput(f"version {v['id']}: bad tags")
@@ -533,10 +535,24 @@ def checked_status(name: str, status: dict[str, Any] | None,
     return status
 
 
+RFC3339_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def _check_time(text: Any) -> None:
+    """ValueError unless ``text`` is a time as the index writes them (what
+    ``parse_rfc3339`` reads), checked without strptime: 40 us each, and a whole hub
+    has tens of thousands."""
+    if not isinstance(text, str) or not RFC3339_RE.fullmatch(text):
+        raise ValueError(f"bad time {str(text)[:40]!r}")
+    datetime.fromisoformat(text[:-1])  # the ranges: no month 13
+
+
 def _check_options(options: dict[str, Any], good: set[str] | None) -> None:
     """BadInput unless ``options`` are valid source options; ``good`` remembers the
-    ones found valid (most sources of a hub share theirs: checked once a page)."""
-    key = json.dumps(options, sort_keys=True)
+    ones found valid (most sources of a hub share theirs: checked once a page). The
+    key is their repr: it tells 1 from true and 1.0 as JSON does, at a fraction of
+    json.dumps's cost (another order of the same keys is only checked again)."""
+    key = repr(options)
     if good is not None and key in good:
         return
     normalize_options(options)
@@ -573,19 +589,12 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
             w.retire_version(name, v)
             changed = True
     for vid, hv in hub_versions.items():
-        fields = {"tags": list(hv.get("tags", []))}
-        if hv.get("held_until"):
-            fields["held_until"] = hv["held_until"]
-        if hv.get("validation"):
-            fields["validation"] = hv["validation"]
+        fields = _version_fields(hv)
         v = mine.get(vid)
         if hv.get("damaged") and (v is None or v.get("remote")):
             fields["damaged"] = hub_damage(hv["damaged"])  # not servable until mended
         if v is None:
-            w.add_mirrored_version(name, {
-                "id": vid, "sha256": hv["sha256"], "size": hv["size"],
-                "fetched_at": hv["fetched_at"], "url": status["url"], "etag": None,
-                "last_modified": None, "content_type": None, **fields})
+            w.add_mirrored_version(name, _version_record(status["url"], hv, fields))
             changed = True
             continue
         now = {**v, **fields}
@@ -601,6 +610,36 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
         w.changed(name)
         w.mirrored(name)
     return changed
+
+
+def _version_fields(hv: dict[str, Any]) -> dict[str, Any]:
+    """What a version's record takes over from the hub's (tags, hold, validation)."""
+    fields = {"tags": list(hv.get("tags", []))}
+    if hv.get("held_until"):
+        fields["held_until"] = hv["held_until"]
+    if hv.get("validation"):
+        fields["validation"] = hv["validation"]
+    return fields
+
+
+def _version_record(url: str, hv: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """The record of a version the hub has and this index not yet (no ``ino``)."""
+    return {"id": hv["id"], "sha256": hv["sha256"], "size": hv["size"],
+            "fetched_at": hv["fetched_at"], "url": url, "etag": None,
+            "last_modified": None, "content_type": None, **fields}
+
+
+def _new_source(name: str, status: dict[str, Any]) -> dict[str, Any]:
+    """A source of the hub this index has not, as ``Writer.add_mirrored_sources``
+    takes it (what ``_apply_source`` would write for it, in one go)."""
+    versions = {}  # by id: one record each, as _apply_source keeps them
+    for hv in status.get("versions", []):
+        fields = _version_fields(hv)
+        if hv.get("damaged"):
+            fields["damaged"] = hub_damage(hv["damaged"])  # not servable until mended
+        versions[hv["id"]] = _version_record(status["url"], hv, fields)
+    return {"name": name, "url": status["url"], "options": dict(status["options"]),
+            "pin": status.get("pinned"), "versions": list(versions.values())}
 
 
 def hub_damage(mark: Any) -> dict[str, str]:

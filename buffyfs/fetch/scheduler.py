@@ -96,7 +96,7 @@ class Scheduler:
     def sync(self, name: str) -> None:
         """Match ``name`` to the index: plan it, forget it, or evaluate it again."""
         with self.index.read() as r:
-            exists = r.source(name) is not None
+            exists = r.has_source(name)
         if not exists:
             if name in self.known:
                 self._forget(name)

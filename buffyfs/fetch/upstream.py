@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -55,9 +55,14 @@ class Answer:
     status: int
     body: bytes
     since: int | None = None  # a change feed's: the serial it was asked after
+    decoded: Any = field(default=None, repr=False)  # json(), once taken
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        """The body's JSON, decoded once (feed_problem looks at a feed page, the
+        replica then takes it: one decode of a big page, not two)."""
+        if self.decoded is None:
+            self.decoded = json.loads(self.body)
+        return self.decoded
 
 
 class Upstream:

@@ -70,6 +70,9 @@ class Tree:
         self.tagdir_inos: dict[tuple[int, str], int] = {}  # (source base, tag) -> inode
         self.tagdirs: dict[int, tuple[str, int, str]] = {}  # inode -> (source, base, tag)
         self.shown_latest: dict[str, int] = {}  # source -> inode last given for `latest`
+        # sources the kernel looked into (a lookup or a listing in their directory):
+        # only these can hold entries a change makes stale (stale_entries)
+        self.entered: set[str] = set()
 
     # --- what an inode is -------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class Tree:
             return self.source_base(name)
         if node.kind == "dir":
             assert node.source
+            self.entered.add(node.source)
             base = parent  # a source's directory is the first inode of its block
             if name == "..":
                 return ROOT
@@ -232,6 +236,7 @@ class Tree:
             return [*ROOT_FILES.items(), *bases]
         if node.kind == "dir":
             assert node.source
+            self.entered.add(node.source)
             base = ino
             names = [("latest", self.latest_ino(node.source))]
             try:
@@ -285,13 +290,20 @@ class Tree:
     def stale_entries(self, name: str) -> list[tuple[int, str]]:
         """(parent inode, name) of the kernel entries a change of source ``name`` may
         have made wrong: its ``latest`` if it moved since shown, ``newest``, its tag
-        directories and what they hold; the source's own entry if it is gone."""
+        directories and what they hold; the source's own entry if it is gone. Nothing
+        for a source the kernel never looked into (a replica's first sync adds
+        thousands): it has no entries below it."""
+        entered = name in self.entered
         with self.index.read() as r:
-            src = r.source(name)
+            src = r.source(name) if entered else None
+            exists = src is not None if entered else r.has_source(name)
             versions = r.versions(name) if src else []
-        if src is None:
+        if not exists:
             self.shown_latest.pop(name, None)
+            self.entered.discard(name)
             return [(ROOT, name)]
+        if src is None:  # not entered
+            return []
         out = []
         current = latest_target(src, resolve_latest(src, versions))
         shown = self.shown_latest.get(name)
