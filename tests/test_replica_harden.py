@@ -38,7 +38,8 @@ class HubFront:
     a page; "malformed": JSON that is no feed); ``poll_delay`` holds each long-poll's
     answer that long; ``reread_fails`` answers 502 to every other read; ``endless``
     sends each blob answer without a length and runs on past its end (unless asked
-    with no-cache); ``edit_feed`` rewrites the feed's JSON."""
+    with no-cache); ``edit_feed`` rewrites the feed's JSON; ``page_delay`` holds each
+    answer of a feed's later page (``&after=``) that long."""
 
     JUNK = 32 << 20  # bytes an endless answer sends past the blob at most
 
@@ -49,6 +50,7 @@ class HubFront:
         self.reread_fails = False
         self.endless = False
         self.edit_feed = None
+        self.page_delay = 0.0
         self.seen = []  # (method, path, feed mode) of every request
         self.blob_sent = []  # bytes sent of each blob answer
         front = self
@@ -89,6 +91,8 @@ class HubFront:
         status, headers, body = self._fetch(h, "GET", None)
         if polling and self.poll_delay:
             time.sleep(self.poll_delay)
+        if path.startswith("/@changes") and "&after=" in path and self.page_delay:
+            time.sleep(self.page_delay)
         if path.startswith("/@changes") and self.edit_feed and status == 200:
             body = json.dumps(self.edit_feed(json.loads(body))).encode()
         self._send(h, status, headers, body)
