@@ -14,7 +14,9 @@ A first sync (or one with another hub) reads the whole hub in pages of FEED_PAGE
 sources, the next asked for while one is written, each page in a transaction.
 
 Control writes for mirrored sources go to the hub (``forward_control``); the
-replica pulls the result at once rather than waiting for the feed.
+replica pulls the result at once rather than waiting for the feed: the hub's serial,
+then the written sources' status, applied without waiting for a sync under way; a
+feed answer up to that serial is not applied to them (``reread_at``).
 """
 
 from __future__ import annotations
