@@ -14,7 +14,9 @@ A first sync (or one with another hub) reads the whole hub in pages of FEED_PAGE
 sources, the next asked for while one is written, each page in a transaction.
 
 Control writes for mirrored sources go to the hub (``forward_control``); the
-replica pulls the result at once rather than waiting for the feed.
+replica pulls the result at once rather than waiting for the feed: the hub's serial,
+then the written sources' status, applied without waiting for a sync under way; a
+feed answer up to that serial is not applied to them (``reread_at``).
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ class Replica:
         self.prefetch_wake = trio.Event()
         self.partials = partial_dir(cache.root)
         self.applying = trio.Lock()  # one feed answer applied at a time (_take_feed)
+        # source -> the hub's serial its state was read after, by a forwarded write's
+        # re-read (_reread): a feed answer up to that serial is older for it (sync)
+        self.reread_at: dict[str, int] = {}
+        self.writing = trio.Lock()  # a sync's look at reread_at and its index write
+        self.refetch: set[str] = set()  # fetch_again while the task restarts (_run)
+        self.plan_error: str | None = None  # the last prefetch planning failure, logged
 
     # --- which sources ----------------------------------------------------------------
 
@@ -108,6 +116,9 @@ class Replica:
             self.nursery = nursery
             self.running.set()
             nursery.start_soon(self._prefetcher)
+            if self.refetch:  # damage found while the task restarted
+                nursery.start_soon(self._plan_prefetch, sorted(self.refetch))
+                self.refetch = set()
             while True:
                 try:
                     await self._follow_once()
@@ -158,6 +169,8 @@ class Replica:
                     log.warning("replica: following %s now (was %s)", answer.url, self.hub)
                 self.hub, self.serial = answer.url, -1  # a sync cut short starts over
                 feed["complete"] = False
+            if not feed.get("complete", True):  # serials of another hub, or another index
+                self.reread_at.clear()
             complete, serial = feed.get("complete", True), feed["serial"]
             synced: set[str] = set()
             try:
@@ -170,7 +183,8 @@ class Replica:
                             nursery.start_soon(self._next_page, since, feed["sources"][-1],
                                                ahead, arrived)
                         names = [n for n in feed["sources"] if self.wanted(n)]
-                        await self.sync(names, self.hub, feed.get("mirror") or {})
+                        await self.sync(names, self.hub, feed.get("mirror") or {},
+                                        serial=feed["serial"])
                         synced.update(names)
                         if not more:
                             break
@@ -188,17 +202,26 @@ class Replica:
                 if gone:
                     await self.sync(gone, self.hub, dict.fromkeys(gone))
             self.serial = serial
+            self.reread_at = {n: s for n, s in self.reread_at.items() if s > serial}
         if len(synced) > BIG_SYNC:
             _give_back_memory()
 
     async def _reread(self, names: list[str]) -> None:
-        """After a forwarded write: the hub's state now, through the feed (its serial
-        orders it against the long-poll under way)."""
-        if self.hub is None:  # never followed one yet: ask for these sources alone
+        """After a forwarded write: the hub's state of ``names`` now, read at once (not
+        after a sync under way: a first one reads the whole hub). The hub's serial is
+        asked first, so the state read is at least that new: a feed answer up to that
+        serial (a long-poll taken before the write) is not applied to these sources."""
+        hub = self.hub
+        if hub is None:  # never followed one yet: ask for these sources alone
             await self.sync(names)
             return
-        await self._take_feed(await self.upstream.changes(self.serial, 0, self.hub,
-                                                          limit=FEED_PAGE))
+        serial = await self.upstream.serial(hub)
+        found = {}
+        for name in names:
+            url, found[name] = await self.upstream.source(name, hub)
+            if url != hub:
+                serial = None  # another hub's state: no serial of the one followed
+        await self.sync(names, hub, found, reread=serial if self.hub == hub else None)
 
     async def _next_page(self, since: int, after: str, out: list[Any],
                          arrived: trio.Event) -> None:
@@ -219,10 +242,13 @@ class Replica:
             return [n for n in r.mirrored_names() if n not in names]
 
     async def sync(self, names: list[str], hub: str | None = None,
-                   known: dict[str, Any] | None = None) -> None:
+                   known: dict[str, Any] | None = None, serial: int | None = None,
+                   reread: int | None = None) -> None:
         """Bring ``names`` up to the hub's state: ``known`` has the hub's ``@status``
         of some (the feed's answer); the others are asked for (HubDown if the hub
-        does not answer)."""
+        does not answer). ``serial``: the feed answer's (a source re-read after it is
+        left as it is); ``reread``: the serial a forwarded write's re-read was asked
+        after."""
         found: dict[str, dict[str, Any] | None] = {
             n: known[n] for n in names if known and n in known}
         limit = trio.CapacityLimiter(STATUS_READS)
@@ -242,7 +268,14 @@ class Replica:
                     nursery.start_soon(read, name)
         if errors:
             raise errors[0]
-        changed = await trio.to_thread.run_sync(self._apply, found)
+        async with self.writing:  # no re-read lands between this look and the write
+            if serial is not None:
+                found = {n: st for n, st in found.items()
+                         if self.reread_at.get(n, -1) < serial}
+            if reread is not None:
+                for name in found:
+                    self.reread_at[name] = max(reread, self.reread_at.get(name, -1))
+            changed = await trio.to_thread.run_sync(self._apply, found)
         if len(changed) <= TELL_AT_ONCE:
             for name in changed:
                 self.on_changed(name)
@@ -399,34 +432,61 @@ class Replica:
     async def _plan_prefetch(self, names: list[str]) -> None:
         if self.settings.prefetch == "none":
             return
-        wanted = await trio.to_thread.run_sync(self._to_prefetch, names)
+        arriving = sum(live.total or 0 for _, _, live in self.arriving.values())
+        try:
+            wanted = await trio.to_thread.run_sync(self._to_prefetch, names, arriving)
+        except Exception as e:  # noqa: BLE001 (an index read error, a broken record:
+            # the replica keeps following, and the next sync plans again)
+            message = f"{type(e).__name__}: {e}"
+            if message != self.plan_error:
+                log.error("replica: planning the prefetch failed: %s", message)
+            self.plan_error = message
+            return
+        self.plan_error = None
         self.prefetch_wanted.update(dict.fromkeys(wanted))
         if self.prefetch_wanted:
             self.prefetch_wake.set()
 
-    def _to_prefetch(self, names: list[str]) -> list[tuple[str, str]]:
+    def _to_prefetch(self, names: list[str], arriving: int = 0) -> list[tuple[str, str]]:
         """(source, version id) of the versions of ``names`` the prefetch mode wants
-        and this cache does not hold (in a worker thread: index reads)."""
+        and this cache does not hold (in a worker thread: index reads). ``latest``
+        always; with ``all`` the others newest first as long as they fit in the room
+        left under the quota: a prefetch never evicts one it fetched before (a quota
+        smaller than the hub would have them evict each other at every sync);
+        ``arriving``: bytes of blobs under way, not in the cache yet."""
         wanted = []
         with self.index.read() as r:
+            quota = r.meta_json("max_cache_size")
+            room = None if quota is None else quota - r.blob_bytes() - arriving
             for name in names:
                 src = r.source(name)
                 if not src or not src.get("mirror"):
                     continue
                 versions = r.versions(name)
-                if self.settings.prefetch == "latest":
-                    latest = resolve_latest(src, versions)
-                    versions = [latest] if latest else []
-                wanted += [(name, v["id"]) for v in versions
-                           if v.get("remote") and not v.get("damaged")]
+                latest = resolve_latest(src, versions)
+                if latest is not None and latest.get("remote") and not latest.get("damaged"):
+                    wanted.append((name, latest["id"]))
+                    room = None if room is None else room - latest["size"]
+                if self.settings.prefetch != "all":
+                    continue
+                for v in sorted(versions, key=lambda v: v["fetched_at"], reverse=True):
+                    if not v.get("remote") or v.get("damaged") or v is latest:
+                        continue
+                    if room is not None:
+                        if v["size"] > room:
+                            continue
+                        room -= v["size"]
+                    wanted.append((name, v["id"]))
         return wanted
 
     def fetch_again(self, names: list[str]) -> None:
         """Versions of ``names`` lost their bytes here (found damaged: index.mark_damaged
         made them remote): prefetch what ``prefetch`` asks for again; the others come
         on their next read."""
-        if self.nursery is not None:
-            self.nursery.start_soon(self._plan_prefetch, list(dict.fromkeys(names)))
+        if self.nursery is None:  # restarting: planned once the task is back (_run)
+            self.refetch.update(names)
+            return
+        self.nursery.start_soon(self._plan_prefetch, list(dict.fromkeys(names)))
 
     async def _prefetcher(self) -> None:
         async with trio.open_nursery() as nursery:
