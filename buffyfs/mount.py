@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -29,7 +30,7 @@ from buffyfs.fetch.scheduler import Scheduler
 from buffyfs.fetch.upstream import Upstream
 from buffyfs.fs.handlers import BuffyFS
 from buffyfs.http import ServeSettings
-from buffyfs.store import gc
+from buffyfs.store import gc, offload
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import now_utc, rfc3339
 from buffyfs.store.scrub import Scrubber
@@ -177,15 +178,17 @@ class Collector:
 
     async def collect(self, need: int = 0, dry_run: bool = False) -> gc.Report:
         async with self.lock:
-            planned = await trio.to_thread.run_sync(
-                gc.plan_snapshot, self.cache.index, set(self.fs.open_inos), need,
-                self.max_size)
-            if dry_run:
-                return planned
+            # planned in a worker process (offload.py): not even the GIL is taken from
+            # the loop; its batches are decoded one at a time, as they are committed
+            planned = await offload.plan_collection(
+                self.cache.index, set(self.fs.open_inos), need, self.max_size, dry_run)
+            self.fs.metrics.worker_runs.labels(task="gc_plan").inc()
+            log.debug("collection planned in process %d", planned.pid)
+            if planned.report is not None:  # a dry run: the whole report, for its answer
+                return await trio.to_thread.run_sync(pickle.loads, planned.report)
             report = gc.Report(wake_at=planned.wake_at)
-            for start in range(0, len(planned.doomed), gc.COMMIT_BATCH):
-                batch = planned.doomed[start:start + gc.COMMIT_BATCH]
-                gc.merge(report, await self._commit(batch))
+            for batch in planned.batches:
+                gc.merge(report, await self._commit(pickle.loads(batch)))
             return report
 
     async def _commit(self, batch: list[gc.Doomed]) -> gc.Report:

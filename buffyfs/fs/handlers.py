@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import errno
 import functools
-import json
 import logging
 import os
 import stat
@@ -59,7 +58,7 @@ from buffyfs.fs.tree import (  # noqa: F401 (ROOT_*, FIRST_TAGDIR_INO: asked her
 )
 from buffyfs.fs.unpackfs import UnpackedHandle, UnpackedTree
 from buffyfs.options import parse_duration, redact_url
-from buffyfs.store import revalidate
+from buffyfs.store import offload, revalidate
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import SourceInode, parse_rfc3339
 from buffyfs.store.metrics import Metrics
@@ -266,11 +265,29 @@ class BuffyFS(pyfuse3.Operations):
         """The content of a generated file as a stat or open sees it (snapshots.py)."""
         commit = self.index.last_change()  # before building: a later change builds again
         if node.kind == "root_metrics":
-            build = functools.partial(self.metrics.render, self.index)
+            build = self._build_metrics
+        elif node.kind == "root_status":
+            build = self._build_root_status
         else:
-            build = functools.partial(self._render_status, node.source, self.live_progress(),
-                                      set(self.open_inos))
+            build = functools.partial(trio.to_thread.run_sync, functools.partial(
+                self._render_status, node.source, self.live_progress(), set(self.open_inos)))
         return await self.snapshots.get(ino, commit, build, opening)
+
+    async def _build_root_status(self) -> bytes:
+        """The root ``@status``: of a big cache, in a worker process (offload.py)."""
+        if offload.is_small(self.index):
+            return await trio.to_thread.run_sync(self._render_status, None, {}, set())
+        data = await offload.root_status(self.index, self.cache.root)
+        self.metrics.worker_runs.labels(task="status").inc()
+        return data
+
+    async def _build_metrics(self) -> bytes:
+        """``@metrics``: what it reads from a big cache's index, in a worker process."""
+        if offload.is_small(self.index):
+            return await trio.to_thread.run_sync(self.metrics.render, self.index)
+        figures = await offload.metrics_figures(self.index)
+        self.metrics.worker_runs.labels(task="metrics").inc()
+        return self.metrics.render_with(figures)
 
     # --- lookup and listing -----------------------------------------------------------
 
@@ -587,7 +604,7 @@ class BuffyFS(pyfuse3.Operations):
                 obj = self.cache.source_status(source, progress, open_inos)
             except BuffyError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
-        return (json.dumps(obj, indent=2) + "\n").encode()
+        return offload.encode_status(obj)
 
     @guard
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
