@@ -67,6 +67,11 @@ log = logging.getLogger(__name__)
 
 IMMUTABLE_TIMEOUT = 3600.0  # version inodes and their @versions entries
 SHORT_TIMEOUT = 1.0  # everything that can change
+# SOURCE/latest naming a version, and a source's directory: dropped from the kernel as
+# soon as they change (tree.stale_entries, from source_changed; the change watcher sees
+# every other process's change), so this only bounds a drop that went missing. A
+# second `cat` of many `latest` files then costs an open and a release each, no lookup.
+LATEST_TIMEOUT = 60.0
 
 INVALIDATE_TIMEOUT = 2.0
 RELINK_BATCH = 256  # sources whose link counts one worker-thread read looks at
@@ -121,9 +126,10 @@ def guard(handler: Handler | None = None, *,
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
-        async def guarded(*args: Any, **kwargs: Any) -> Any:
+        async def guarded(self: BuffyFS, *args: Any, **kwargs: Any) -> Any:
+            self.metrics.fuse_requests.labels(op=handler.__name__).inc()
             try:
-                return await handler(*args, **kwargs)
+                return await handler(self, *args, **kwargs)
             except pyfuse3.FUSEError:
                 raise
             except Exception as e:
@@ -203,6 +209,8 @@ class BuffyFS(pyfuse3.Operations):
         if kind in DIRECTORIES:
             a.st_mode = stat.S_IFDIR | 0o555
             a.st_nlink = 2
+            if kind in ("dir", "versions"):  # a source's, its @versions: same until removed
+                a.entry_timeout = a.attr_timeout = LATEST_TIMEOUT
         elif kind == "version":
             assert node.version is not None
             a.st_mode = stat.S_IFREG | 0o444
@@ -305,9 +313,13 @@ class BuffyFS(pyfuse3.Operations):
                 attr.entry_timeout = SHORT_TIMEOUT  # moves with the source's latest
             return attr
         ino = self.tree.child(parent_inode, text)
-        attr = self._attr(ino)
+        node = self.tree.node(ino)
+        attr = self._attr(ino, node)
         if self.tree.moves(parent_inode, text, ino):
-            attr.entry_timeout = SHORT_TIMEOUT
+            # a source's latest naming a version is dropped when it moves; the pending
+            # and on-open inodes, a tag directory's names: short-lived
+            attr.entry_timeout = LATEST_TIMEOUT if text == "latest" and \
+                node.kind == "version" and parent_inode < FIRST_TAGDIR_INO else SHORT_TIMEOUT
         return attr
 
     async def _check_on_open(self, name: str) -> None:

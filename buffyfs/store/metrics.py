@@ -74,6 +74,9 @@ class Metrics:
             self.damage_found.labels(check=check)  # shown as 0 before the first
         self.scrubbed_bytes = Counter("buffyfs_scrubbed_bytes", "Bytes re-hashed by the "
                                       "background scrub", registry=r)
+        self.fuse_requests = Counter("buffyfs_fuse_requests", "Requests of the kernel "
+                                     "answered by the mount, by op (lookup, getattr, "
+                                     "open, read, release...)", ["op"], registry=r)
         self.worker_runs = Counter("buffyfs_worker_process_runs", "Collection plans "
                                    "and large @status/@metrics answers built in a worker "
                                    "process, by task", ["task"], registry=r)
