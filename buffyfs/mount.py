@@ -341,6 +341,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
         refresher.metrics = fs.metrics
         collector = Collector(cache, fs, settings.max_cache_size, nursery)
         refresher.make_room = collector.make_room  # async: its collections off the loop
+        refresher.has_quota = lambda: collector.max_size is not None
         refresher.on_version = collector.kick
         fs.on_retention = collector.kick
         scheduler = Scheduler(cache.index, refresher, nursery, on_changed=fs.source_changed,

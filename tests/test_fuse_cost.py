@@ -108,3 +108,31 @@ async def test_a_cached_latest_and_version_need_no_index_read(
     cache.index.change_tag("s", v2["id"], add="failed")  # a change: read afresh
     attr = await lookup(fs, "s", "latest")
     assert attr.st_ino != v2["ino"]
+
+
+# --- a refresh burst without a quota -----------------------------------------------------
+
+
+async def test_a_reservation_without_a_quota_scans_no_partial_files(
+        cache: Cache) -> None:  # noqa: F811 (the fixture)
+    """Each download reserves room under the quota, which scanned ``partial/`` (1,000
+    files in a burst of 1,000 refreshes) on the loop even with no quota set."""
+    from buffyfs.fetch.refresh import Refresher
+
+    asked: list[int] = []
+    refresher = Refresher(cache.index, cache.blobs, None,  # type: ignore[arg-type]
+                          make_room=asked.append)
+    scanned: list[str] = []
+
+    def other_partials(name: str) -> int:
+        scanned.append(name)
+        return 0
+
+    refresher._other_partials = other_partials  # type: ignore[method-assign]
+    refresher.has_quota = lambda: False
+    await refresher._reserve("a", 100)
+    assert (scanned, asked) == ([], [])
+    assert refresher.reserved["a"] == 100
+    refresher.has_quota = lambda: True  # with a quota: as before
+    await refresher._reserve("b", 100)
+    assert scanned == ["b"] and asked[0] >= 100
