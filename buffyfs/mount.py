@@ -106,6 +106,7 @@ def run(settings: Settings) -> None:
         # to the switch interval for the GIL each time it wakes. 5 ms by default, several
         # times per request; 0.5 ms keeps a request's wait to a few ms.
         sys.setswitchinterval(SWITCH_INTERVAL)
+        offload.configure_workers()
         with watchdog.LoopMonitor() as monitor:
             trio.run(_serve, cache, settings, client, instruments=[monitor])
         if _stuck_exit is not None:
@@ -182,8 +183,8 @@ class Collector:
             # the loop; its batches are decoded one at a time, as they are committed
             planned = await offload.plan_collection(
                 self.cache.index, set(self.fs.open_inos), need, self.max_size, dry_run)
-            self.fs.metrics.worker_runs.labels(task="gc_plan").inc()
-            log.debug("collection planned in process %d", planned.pid)
+            if planned.pid != os.getpid():
+                self.fs.metrics.worker_runs.labels(task="gc_plan").inc()
             if planned.report is not None:  # a dry run: the whole report, for its answer
                 return await trio.to_thread.run_sync(pickle.loads, planned.report)
             report = gc.Report(wake_at=planned.wake_at)

@@ -63,6 +63,17 @@ async def test_the_worker_sees_the_mounts_queued_state_and_plans_elsewhere(
         assert by_name["src1"]["state"] == "fetching"
         assert by_name["src1"]["progress"] == {"bytes": 5, "total": 9}
         assert by_name["src0"]["state"] == "idle"
+        plan = await offload.plan_collection(index, set())  # 15 versions: in a thread
+        assert plan.pid == os.getpid()
+    finally:
+        offload._own.clear()
+        index.close()
+
+
+async def test_a_big_collection_is_planned_in_another_process(tmp_path: Path) -> None:
+    build(tmp_path, sources=250)  # 1,250 versions
+    index = Index(tmp_path / "index")
+    try:
         plan = await offload.plan_collection(index, set())
         assert plan.pid not in (0, os.getpid())
         doomed = [d for batch in plan.batches for d in pickle.loads(batch)]
@@ -73,4 +84,24 @@ async def test_the_worker_sees_the_mounts_queued_state_and_plans_elsewhere(
         plan = await offload.plan_collection(index, {ino})
         assert ino not in {d.version["ino"] for b in plan.batches for d in pickle.loads(b)}
     finally:
+        index.close()
+
+
+async def test_a_failed_worker_process_leaves_the_work_to_a_thread(
+        tmp_path: Path, monkeypatch, caplog) -> None:
+    import trio_parallel
+
+    build(tmp_path, sources=3)
+    index = Index(tmp_path / "index")  # open here, as the mount's: LMDB opens it once
+
+    async def broken(*args, **kwargs):
+        raise trio_parallel.BrokenWorkerError("killed")
+
+    monkeypatch.setattr(trio_parallel, "run_sync", broken)
+    try:
+        shown = json.loads(await offload.root_status(index, tmp_path))
+        assert [s["name"] for s in shown["sources"]] == ["src0", "src1", "src2"]
+        assert "a worker process failed" in caplog.text
+    finally:
+        offload._own.clear()
         index.close()

@@ -38,13 +38,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SMALL_SOURCES = 200  # a root @status or @metrics of fewer sources is built in a thread
+SMALL_VERSIONS = 1000  # a collection of fewer versions is planned in a thread
 
 # --- in the worker process ------------------------------------------------------------
 
 _indexes: dict[Path, Index] = {}  # opened once per worker process, by path
+# the mount's own, open already (LMDB: once per process): the work done in a thread
+# when a worker process failed reads it, with its live queued state
+_own: dict[Path, Index] = {}
 
 
 def _index(path: Path, queued_state: dict[str, dict[str, Any]] | None = None) -> Index:
+    if path in _own:
+        return _own[path]
     index = _indexes.get(path)
     if index is None:
         index = _indexes[path] = Index(path, readonly=True)
@@ -86,26 +92,47 @@ def _metrics(path: Path, queued_state: dict[str, dict[str, Any]] | None) -> Inde
 
 # --- in the mount ----------------------------------------------------------------------
 
+WORKER_IDLE = 60.0  # seconds an idle worker process lives on (one that planned a
+# collection of 100,000 versions holds ~190 MiB until it ends; trio-parallel's default
+# is 10 minutes)
+WORKER_GRACE = 5.0  # seconds the daemon's exit waits for its workers before killing them
+
+
+def configure_workers() -> None:
+    """Set up the worker processes; once, in the main thread, before any is used."""
+    trio_parallel.configure_default_context(idle_timeout=WORKER_IDLE,
+                                            grace_period=WORKER_GRACE)
+
+
 
 def encode_status(obj: dict[str, Any]) -> bytes:
     """The bytes of an ``@status`` file."""
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-async def _run(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a worker process (killed if the caller is cancelled); in a
-    thread if the worker died (a bug or out of memory there: the mount goes on)."""
+async def _run(fn: Callable[..., T], index: Index, *args: Any) -> T:
+    """``fn(index.path, *args)`` in a worker process (killed if the caller is
+    cancelled); in a thread, on ``index`` itself, if the worker died (a bug or out of
+    memory there: the mount goes on)."""
     try:
-        return await trio_parallel.run_sync(fn, *args, kill_on_cancel=True)
+        return await trio_parallel.run_sync(fn, index.path, *args, kill_on_cancel=True)
     except trio_parallel.BrokenWorkerError as e:
         log.warning("a worker process failed (%s): doing the work in a thread", e)
-        return await trio.to_thread.run_sync(fn, *args)
+        _own[index.path] = index
+        return await trio.to_thread.run_sync(fn, index.path, *args)
 
 
 async def plan_collection(index: Index, open_inos: set[int], need: int = 0,
                           max_size: int | None = None, dry_run: bool = False) -> Plan:
-    """``gc.plan_snapshot`` in a worker process (CacheFull as there)."""
-    return await _run(_plan, index.path, open_inos, need, max_size, dry_run)
+    """``gc.plan_snapshot`` in a worker process (CacheFull as there); of a small
+    cache in a thread (no process is started for it)."""
+    with index.read() as r:
+        small = r.version_count() < SMALL_VERSIONS
+    if small:
+        _own[index.path] = index
+        return await trio.to_thread.run_sync(_plan, index.path, open_inos, need, max_size,
+                                             dry_run)
+    return await _run(_plan, index, open_inos, need, max_size, dry_run)
 
 
 def is_small(index: Index) -> bool:
@@ -115,12 +142,12 @@ def is_small(index: Index) -> bool:
 
 async def root_status(index: Index, cache_dir: Path) -> bytes:
     """The root ``@status`` file's bytes, built in a worker process."""
-    return await _run(_root_status, index.path, _queued(index), cache_dir)
+    return await _run(_root_status, index, _queued(index), cache_dir)
 
 
 async def metrics_figures(index: Index) -> IndexFigures:
     """What ``@metrics`` reads from the index, in a worker process."""
-    return await _run(_metrics, index.path, _queued(index))
+    return await _run(_metrics, index, _queued(index))
 
 
 def _queued(index: Index) -> dict[str, dict[str, Any]] | None:
