@@ -313,6 +313,8 @@ class BuffyFS(pyfuse3.Operations):
                 attr.entry_timeout = SHORT_TIMEOUT  # moves with the source's latest
             return attr
         ino = self.tree.child(parent_inode, text)
+        if unpackfs.owns(ino):  # SOURCE/@unpacked
+            return self._attr(ino)
         node = self.tree.node(ino)
         attr = self._attr(ino, node)
         if self.tree.moves(parent_inode, text, ino):
