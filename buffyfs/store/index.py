@@ -359,6 +359,9 @@ class Reader:
     def version_count(self) -> int:
         return self.txn.stat(self.dbs["versions"])["entries"]
 
+    def source_count(self) -> int:
+        return self.txn.stat(self.dbs["sources"])["entries"]
+
     def blob_ref(self, sha256: str) -> dict[str, Any] | None:
         return self._get("blobs", sha256.encode())
 
@@ -750,21 +753,27 @@ class Writer(Reader):
 
 
 class Index:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        """``readonly``: for a reader that must never wait for the writer lock, not
+        even at open (a worker process of the mount, offload.py); the index exists."""
+        self.path = path
         try:
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not readonly:
+                path.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.env = lmdb.open(
                 str(path), map_size=MAP_SIZE, max_dbs=12, max_readers=1024, subdir=True,
-                mode=0o600
+                mode=0o600, readonly=readonly
             )
         except (OSError, lmdb.Error) as e:
             raise CacheError(f"cannot open the index in {path}: {e}") from None
         names = ("meta", "sources", "versions", "state", "inodes", "changes", "requests",
                  "blobs", "garbage", "mirror", "checks")
-        self.dbs = {n: self.env.open_db(n.encode()) for n in names}
+        self.dbs = {n: self.env.open_db(n.encode(), create=not readonly) for n in names}
         # the mount's queued state (writes.IndexWrites): seen by its read transactions
         self.queued_state: dict[str, dict[str, Any]] | None = None
         self.queued_posts = 0  # changes of it so far
+        if readonly:
+            return
         with self.write() as w:
             fmt = w.txn.get(b"format", db=self.dbs["meta"])
             if fmt is None:
