@@ -4,7 +4,6 @@ it; the mount tests the same through the kernel."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from buffyfs.fs import unpackfs

@@ -10,8 +10,15 @@ import time
 
 from buffyfs.fetch.replica import FEED_PAGE
 from tests.conftest import wait_for
-from tests.test_replica import PROPAGATION, blob_file, hub_add, hub_config, hub_control, \
-    hub_status, status
+from tests.test_replica import (
+    PROPAGATION,
+    blob_file,
+    hub_add,
+    hub_config,
+    hub_control,
+    hub_status,
+    status,
+)
 from tests.test_replica_harden import TOKEN, front_factory, versions  # noqa: F401 (fixture)
 from tests.test_replica_pages import NO_SCRUB, hub_with
 
