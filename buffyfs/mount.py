@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -29,7 +30,7 @@ from buffyfs.fetch.scheduler import Scheduler
 from buffyfs.fetch.upstream import Upstream
 from buffyfs.fs.handlers import BuffyFS
 from buffyfs.http import ServeSettings
-from buffyfs.store import gc
+from buffyfs.store import gc, offload
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import now_utc, rfc3339
 from buffyfs.store.scrub import Scrubber
@@ -105,6 +106,7 @@ def run(settings: Settings) -> None:
         # to the switch interval for the GIL each time it wakes. 5 ms by default, several
         # times per request; 0.5 ms keeps a request's wait to a few ms.
         sys.setswitchinterval(SWITCH_INTERVAL)
+        offload.configure_workers()
         with watchdog.LoopMonitor() as monitor:
             trio.run(_serve, cache, settings, client, instruments=[monitor])
         if _stuck_exit is not None:
@@ -177,15 +179,17 @@ class Collector:
 
     async def collect(self, need: int = 0, dry_run: bool = False) -> gc.Report:
         async with self.lock:
-            planned = await trio.to_thread.run_sync(
-                gc.plan_snapshot, self.cache.index, set(self.fs.open_inos), need,
-                self.max_size)
-            if dry_run:
-                return planned
+            # planned in a worker process (offload.py): not even the GIL is taken from
+            # the loop; its batches are decoded one at a time, as they are committed
+            planned = await offload.plan_collection(
+                self.cache.index, set(self.fs.open_inos), need, self.max_size, dry_run)
+            if planned.pid != os.getpid():
+                self.fs.metrics.worker_runs.labels(task="gc_plan").inc()
+            if planned.report is not None:  # a dry run: the whole report, for its answer
+                return await trio.to_thread.run_sync(pickle.loads, planned.report)
             report = gc.Report(wake_at=planned.wake_at)
-            for start in range(0, len(planned.doomed), gc.COMMIT_BATCH):
-                batch = planned.doomed[start:start + gc.COMMIT_BATCH]
-                gc.merge(report, await self._commit(batch))
+            for batch in planned.batches:
+                gc.merge(report, await self._commit(pickle.loads(batch)))
             return report
 
     async def _commit(self, batch: list[gc.Doomed]) -> gc.Report:
@@ -338,6 +342,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
         refresher.metrics = fs.metrics
         collector = Collector(cache, fs, settings.max_cache_size, nursery)
         refresher.make_room = collector.make_room  # async: its collections off the loop
+        refresher.has_quota = lambda: collector.max_size is not None
         refresher.on_version = collector.kick
         fs.on_retention = collector.kick
         scheduler = Scheduler(cache.index, refresher, nursery, on_changed=fs.source_changed,

@@ -35,7 +35,8 @@ class HubFront(HubProxy):
     a page; "malformed": JSON that is no feed); ``poll_delay`` holds each long-poll's
     answer that long; ``reread_fails`` answers 502 to every other read; ``endless``
     sends each blob answer without a length and runs on past its end (unless asked
-    with no-cache); ``edit_feed`` rewrites the feed's JSON."""
+    with no-cache); ``edit_feed`` rewrites the feed's JSON; ``page_delay`` holds each
+    answer of a feed's later page (``&after=``) that long."""
 
     JUNK = 32 << 20  # bytes an endless answer sends past the blob at most
 
@@ -47,6 +48,7 @@ class HubFront(HubProxy):
         self.reread_fails = False
         self.endless = False
         self.edit_feed = None
+        self.page_delay = 0.0
         self.seen = []  # (method, path, feed mode) of every request
         self.blob_sent = []  # bytes sent of each blob answer
         super().__init__(hub_url)
@@ -69,6 +71,8 @@ class HubFront(HubProxy):
         status, headers, body = self._fetch(h)
         if polling and self.poll_delay:
             time.sleep(self.poll_delay)
+        if path.startswith("/@changes") and "&after=" in path and self.page_delay:
+            time.sleep(self.page_delay)
         if path.startswith("/@changes") and self.edit_feed and status == 200:
             body = json.dumps(self.edit_feed(json.loads(body))).encode()
         self.send(h, status, headers, body)

@@ -259,3 +259,32 @@ async def test_a_source_that_cannot_be_planned_does_not_stop_the_others(idx, aut
         await trio.sleep(ERROR_BACKOFF * 2.5)  # tried again, twice, and not more often
     failed = [r for r in caplog.records if "bad: planning the next check failed" in r.msg % r.args]
     assert len(failed) == 3 and all(r.exc_info for r in failed)
+
+
+async def test_a_burst_of_due_refreshes_starts_a_chunk_per_loop_turn(idx, autojump_clock):
+    """1,000 refreshes due at once (a burst of `refresh` writes) do not all take their
+    first step in one loop turn: FUSE requests are read between turns (issue 12)."""
+    from buffyfs.fetch.scheduler import START_CHUNK
+
+    for i in range(100):
+        add(idx, f"s{i}", None, refresh="1d")  # never checked: all due now
+    refresher = FakeRefresher(idx, hold=1.0)
+    most = [0]
+
+    async def another_task() -> None:  # as pyfuse3's: one step per loop turn
+        seen = 0
+        for _ in range(100_000):  # until every refresh started (the clock stands still)
+            if seen == 100:
+                return
+            await trio.lowlevel.checkpoint()
+            most[0] = max(most[0], len(refresher.calls) - seen)
+            seen = len(refresher.calls)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(another_task)
+        async with running(idx, refresher) as scheduler:
+            await settle(refresher, scheduler)
+    assert len(refresher.calls) == 100
+    # between two steps of another task: one turn's starts, or parts of two (trio may
+    # run a turn's tasks in either order); all 100 at once before
+    assert 0 < most[0] <= 2 * START_CHUNK, most

@@ -161,6 +161,10 @@ class Refresher:
         # evicts so that N more bytes fit, or raises CacheFull: the mount's is async (its
         # collection runs off the loop), the command line's blocks
         self.make_room = make_room
+        # whether a quota is set now (the mount's collector): without one, a reservation
+        # neither scans partial/ nor waits for the lock (a burst of 1,000 refreshes did
+        # that on the loop for each)
+        self.has_quota: Callable[[], bool] = lambda: True
         self.room = trio.Lock()  # one reservation at a time (it may wait for a collection)
         self.on_version = on_version  # told after each new version
         self.progress: dict[str, tuple[int, int | None]] = {}
@@ -541,6 +545,9 @@ class Refresher:
         besides what the other downloads under way hold and the other partial files
         take, and hold it; or fail the attempt (not retryable, the partial dropped)."""
         if self.make_room is None:
+            return
+        if not self.has_quota():
+            self.reserved[name] = need
             return
         async with self.room:  # what the others hold does not change under the check
             running = sum(n for source, n in self.reserved.items() if source != name)

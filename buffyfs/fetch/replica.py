@@ -14,7 +14,9 @@ A first sync (or one with another hub) reads the whole hub in pages of FEED_PAGE
 sources, the next asked for while one is written, each page in a transaction.
 
 Control writes for mirrored sources go to the hub (``forward_control``); the
-replica pulls the result at once rather than waiting for the feed.
+replica pulls the result at once rather than waiting for the feed: the hub's serial,
+then the written sources' status, applied without waiting for a sync under way; a
+feed answer up to that serial is not applied to them (``reread_at``).
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fnmatch
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import trio
@@ -39,8 +41,8 @@ from buffyfs.fetch.upstream import FEED_WAIT, Answer, HubDown, Upstream, partial
 from buffyfs.options import check_name, check_tag, normalize_options
 from buffyfs.store.cache import Cache
 from buffyfs.store.gc import CommitLock
-from buffyfs.store.index import Writer, now_utc, parse_rfc3339, resolve_latest, rfc3339
-from buffyfs.store.records import Version
+from buffyfs.store.index import Writer, now_utc, resolve_latest, rfc3339
+from buffyfs.store.records import Version, from_dict
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,12 @@ class Replica:
         self.prefetch_wake = trio.Event()
         self.partials = partial_dir(cache.root)
         self.applying = trio.Lock()  # one feed answer applied at a time (_take_feed)
+        # source -> the hub's serial its state was read after, by a forwarded write's
+        # re-read (_reread): a feed answer up to that serial is older for it (sync)
+        self.reread_at: dict[str, int] = {}
+        self.writing = trio.Lock()  # a sync's look at reread_at and its index write
+        self.refetch: set[str] = set()  # fetch_again while the task restarts (_run)
+        self.plan_error: str | None = None  # the last prefetch planning failure, logged
 
     # --- which sources ----------------------------------------------------------------
 
@@ -110,6 +118,9 @@ class Replica:
             self.nursery = nursery
             self.running.set()
             nursery.start_soon(self._prefetcher)
+            if self.refetch:  # damage found while the task restarted
+                nursery.start_soon(self._plan_prefetch, sorted(self.refetch))
+                self.refetch = set()
             while True:
                 try:
                     await self._follow_once()
@@ -160,6 +171,8 @@ class Replica:
                     log.warning("replica: following %s now (was %s)", answer.url, self.hub)
                 self.hub, self.serial = answer.url, -1  # a sync cut short starts over
                 feed["complete"] = False
+            if not feed.get("complete", True):  # serials of another hub, or another index
+                self.reread_at.clear()
             complete, serial = feed.get("complete", True), feed["serial"]
             synced: set[str] = set()
             try:
@@ -172,7 +185,8 @@ class Replica:
                             nursery.start_soon(self._next_page, since, feed["sources"][-1],
                                                ahead, arrived)
                         names = [n for n in feed["sources"] if self.wanted(n)]
-                        await self.sync(names, self.hub, feed.get("mirror") or {})
+                        await self.sync(names, self.hub, feed.get("mirror") or {},
+                                        serial=feed["serial"])
                         synced.update(names)
                         if not more:
                             break
@@ -190,17 +204,26 @@ class Replica:
                 if gone:
                     await self.sync(gone, self.hub, dict.fromkeys(gone))
             self.serial = serial
+            self.reread_at = {n: s for n, s in self.reread_at.items() if s > serial}
         if len(synced) > BIG_SYNC:
             _give_back_memory()
 
     async def _reread(self, names: list[str]) -> None:
-        """After a forwarded write: the hub's state now, through the feed (its serial
-        orders it against the long-poll under way)."""
-        if self.hub is None:  # never followed one yet: ask for these sources alone
+        """After a forwarded write: the hub's state of ``names`` now, read at once (not
+        after a sync under way: a first one reads the whole hub). The hub's serial is
+        asked first, so the state read is at least that new: a feed answer up to that
+        serial (a long-poll taken before the write) is not applied to these sources."""
+        hub = self.hub
+        if hub is None:  # never followed one yet: ask for these sources alone
             await self.sync(names)
             return
-        await self._take_feed(await self.upstream.changes(self.serial, 0, self.hub,
-                                                          limit=FEED_PAGE))
+        serial = await self.upstream.serial(hub)
+        found = {}
+        for name in names:
+            url, found[name] = await self.upstream.source(name, hub)
+            if url != hub:
+                serial = None  # another hub's state: no serial of the one followed
+        await self.sync(names, hub, found, reread=serial if self.hub == hub else None)
 
     async def _next_page(self, since: int, after: str, out: list[Any],
                          arrived: trio.Event) -> None:
@@ -218,13 +241,16 @@ class Replica:
 
     def _mirrored_besides(self, names: set[str]) -> list[str]:
         with self.index.read() as r:
-            return [n for n, s in r.sources() if s.mirror and n not in names]
+            return [n for n in r.mirrored_names() if n not in names]
 
     async def sync(self, names: list[str], hub: str | None = None,
-                   known: dict[str, Any] | None = None) -> None:
+                   known: dict[str, Any] | None = None, serial: int | None = None,
+                   reread: int | None = None) -> None:
         """Bring ``names`` up to the hub's state: ``known`` has the hub's ``@status``
         of some (the feed's answer); the others are asked for (HubDown if the hub
-        does not answer)."""
+        does not answer). ``serial``: the feed answer's (a source re-read after it is
+        left as it is); ``reread``: the serial a forwarded write's re-read was asked
+        after."""
         found: dict[str, dict[str, Any] | None] = {
             n: known[n] for n in names if known and n in known}
         limit = trio.CapacityLimiter(STATUS_READS)
@@ -244,7 +270,14 @@ class Replica:
                     nursery.start_soon(read, name)
         if errors:
             raise errors[0]
-        changed = await trio.to_thread.run_sync(self._apply, found)
+        async with self.writing:  # no re-read lands between this look and the write
+            if serial is not None:
+                found = {n: st for n, st in found.items()
+                         if self.reread_at.get(n, -1) < serial}
+            if reread is not None:
+                for name in found:
+                    self.reread_at[name] = max(reread, self.reread_at.get(name, -1))
+            changed = await trio.to_thread.run_sync(self._apply, found)
         if len(changed) <= TELL_AT_ONCE:
             for name in changed:
                 self.on_changed(name)
@@ -258,6 +291,7 @@ class Replica:
     def _apply(self, found: dict[str, dict[str, Any] | None]) -> list[str]:
         changed = []
         good_options: set[str] = set()
+        new: list[dict[str, Any]] = []  # sources this index has not: written at once
         with self.index.write() as w:
             for name, status in found.items():
                 try:
@@ -265,9 +299,12 @@ class Replica:
                 except (BadInput, ValueError, TypeError, KeyError) as e:
                     log.warning("replica: the hub's %r skipped: %s", name[:140], e)
                     continue
-                if _apply_source(w, name, status if self.wanted(name) else None):
+                if status is not None and self.wanted(name) and w.source(name) is None:
+                    new.append(_new_source(name, status))
+                elif _apply_source(w, name, status if self.wanted(name) else None):
                     changed.append(name)
-        return changed
+            w.add_mirrored_sources(new)
+        return changed + [s["name"] for s in new]
 
     def _mark_stale(self, message: str) -> None:
         if self.down and message == self.stale_message:
@@ -275,11 +312,10 @@ class Replica:
         self.stale_message = message
         at = rfc3339(now_utc())
         with self.index.write() as w:
-            for name, src in w.sources():
-                if src.mirror:
-                    failures = w.state(name).consecutive_failures
-                    w.put_state(name, consecutive_failures=max(1, failures),
-                                last_error={"at": at, "message": message})
+            for name in w.mirrored_names():
+                failures = w.state(name).consecutive_failures
+                w.put_state(name, consecutive_failures=max(1, failures),
+                            last_error={"at": at, "message": message})
         if not self.down:
             log.error("replica: %s", message)
         self.down = True
@@ -287,10 +323,9 @@ class Replica:
     def _mark_fresh(self) -> None:
         at = rfc3339(now_utc())
         with self.index.write() as w:
-            for name, src in w.sources():
-                if src.mirror:
-                    w.put_state(name, consecutive_failures=0, last_error=None,
-                                last_check=at, last_success=at)
+            for name in w.mirrored_names():
+                w.put_state(name, consecutive_failures=0, last_error=None,
+                            last_check=at, last_success=at)
         log.info("replica: following %s", self.hub)
 
     # --- bytes --------------------------------------------------------------------------
@@ -399,34 +434,61 @@ class Replica:
     async def _plan_prefetch(self, names: list[str]) -> None:
         if self.settings.prefetch == "none":
             return
-        wanted = await trio.to_thread.run_sync(self._to_prefetch, names)
+        arriving = sum(live.total or 0 for _, _, live in self.arriving.values())
+        try:
+            wanted = await trio.to_thread.run_sync(self._to_prefetch, names, arriving)
+        except Exception as e:  # noqa: BLE001 (an index read error, a broken record:
+            # the replica keeps following, and the next sync plans again)
+            message = f"{type(e).__name__}: {e}"
+            if message != self.plan_error:
+                log.error("replica: planning the prefetch failed: %s", message)
+            self.plan_error = message
+            return
+        self.plan_error = None
         self.prefetch_wanted.update(dict.fromkeys(wanted))
         if self.prefetch_wanted:
             self.prefetch_wake.set()
 
-    def _to_prefetch(self, names: list[str]) -> list[tuple[str, str]]:
+    def _to_prefetch(self, names: list[str], arriving: int = 0) -> list[tuple[str, str]]:
         """(source, version id) of the versions of ``names`` the prefetch mode wants
-        and this cache does not hold (in a worker thread: index reads)."""
+        and this cache does not hold (in a worker thread: index reads). ``latest``
+        always; with ``all`` the others newest first as long as they fit in the room
+        left under the quota: a prefetch never evicts one it fetched before (a quota
+        smaller than the hub would have them evict each other at every sync);
+        ``arriving``: bytes of blobs under way, not in the cache yet."""
         wanted = []
         with self.index.read() as r:
+            quota = r.meta_json("max_cache_size")
+            room = None if quota is None else quota - r.blob_bytes() - arriving
             for name in names:
                 src = r.source(name)
                 if not src or not src.mirror:
                     continue
                 versions = r.versions(name)
-                if self.settings.prefetch == "latest":
-                    latest = resolve_latest(src, versions)
-                    versions = [latest] if latest else []
-                wanted += [(name, v.id) for v in versions
-                           if v.remote and not v.damaged]
+                latest = resolve_latest(src, versions)
+                if latest is not None and latest.remote and not latest.damaged:
+                    wanted.append((name, latest.id))
+                    room = None if room is None else room - latest.size
+                if self.settings.prefetch != "all":
+                    continue
+                for v in sorted(versions, key=lambda v: v.fetched_at, reverse=True):
+                    if not v.remote or v.damaged or v is latest:
+                        continue
+                    if room is not None:
+                        if v.size > room:
+                            continue
+                        room -= v.size
+                    wanted.append((name, v.id))
         return wanted
 
     def fetch_again(self, names: list[str]) -> None:
         """Versions of ``names`` lost their bytes here (found damaged: index.mark_damaged
         made them remote): prefetch what ``prefetch`` asks for again; the others come
         on their next read."""
-        if self.nursery is not None:
-            self.nursery.start_soon(self._plan_prefetch, list(dict.fromkeys(names)))
+        if self.nursery is None:  # restarting: planned once the task is back (_run)
+            self.refetch.update(names)
+            return
+        self.nursery.start_soon(self._plan_prefetch, list(dict.fromkeys(names)))
 
     async def _prefetcher(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -524,9 +586,9 @@ def checked_status(name: str, status: dict[str, Any] | None,
         size = v.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise BadInput(f"version {v['id']}: bad size")
-        parse_rfc3339(v["fetched_at"])
+        _check_time(v["fetched_at"])
         if v.get("held_until"):
-            parse_rfc3339(v["held_until"])
+            _check_time(v["held_until"])
         tags = v.get("tags", [])
         if not isinstance(tags, list):
             raise BadInput(f"version {v['id']}: bad tags")
@@ -535,10 +597,24 @@ def checked_status(name: str, status: dict[str, Any] | None,
     return status
 
 
+RFC3339_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def _check_time(text: Any) -> None:
+    """ValueError unless ``text`` is a time as the index writes them (what
+    ``parse_rfc3339`` reads), checked without strptime: 40 us each, and a whole hub
+    has tens of thousands."""
+    if not isinstance(text, str) or not RFC3339_RE.fullmatch(text):
+        raise ValueError(f"bad time {str(text)[:40]!r}")
+    datetime.fromisoformat(text[:-1])  # the ranges: no month 13
+
+
 def _check_options(options: dict[str, Any], good: set[str] | None) -> None:
     """BadInput unless ``options`` are valid source options; ``good`` remembers the
-    ones found valid (most sources of a hub share theirs: checked once a page)."""
-    key = json.dumps(options, sort_keys=True)
+    ones found valid (most sources of a hub share theirs: checked once a page). The
+    key is their repr: it tells 1 from true and 1.0 as JSON does, at a fraction of
+    json.dumps's cost (another order of the same keys is only checked again)."""
+    key = repr(options)
     if good is not None and key in good:
         return
     normalize_options(options)
@@ -575,18 +651,13 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
             w.retire_version(name, v)
             changed = True
     for vid, hv in hub_versions.items():
-        fields = {"tags": list(hv.get("tags", []))}
-        if hv.get("held_until"):
-            fields["held_until"] = hv["held_until"]
-        if hv.get("validation"):
-            fields["validation"] = hv["validation"]
+        fields = _version_fields(hv)
         v = mine.get(vid)
         if hv.get("damaged") and (v is None or v.remote):
             fields["damaged"] = hub_damage(hv["damaged"])  # not servable until mended
         if v is None:
-            w.add_mirrored_version(name, Version(
-                id=vid, sha256=hv["sha256"], size=hv["size"], fetched_at=hv["fetched_at"],
-                url=status["url"], **fields))
+            w.add_mirrored_version(name, from_dict(Version, _version_record(status["url"], hv,
+                                                                             fields)))
             changed = True
             continue
         now = dataclasses.replace(v, **fields)
@@ -602,6 +673,36 @@ def _apply_source(w: Writer, name: str, status: dict[str, Any] | None) -> bool:
         w.changed(name)
         w.mirrored(name)
     return changed
+
+
+def _version_fields(hv: dict[str, Any]) -> dict[str, Any]:
+    """What a version's record takes over from the hub's (tags, hold, validation)."""
+    fields = {"tags": list(hv.get("tags", []))}
+    if hv.get("held_until"):
+        fields["held_until"] = hv["held_until"]
+    if hv.get("validation"):
+        fields["validation"] = hv["validation"]
+    return fields
+
+
+def _version_record(url: str, hv: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """The record of a version the hub has and this index not yet (no ``ino``)."""
+    return {"id": hv["id"], "sha256": hv["sha256"], "size": hv["size"],
+            "fetched_at": hv["fetched_at"], "url": url, "etag": None,
+            "last_modified": None, "content_type": None, **fields}
+
+
+def _new_source(name: str, status: dict[str, Any]) -> dict[str, Any]:
+    """A source of the hub this index has not, as ``Writer.add_mirrored_sources``
+    takes it (what ``_apply_source`` would write for it, in one go)."""
+    versions = {}  # by id: one record each, as _apply_source keeps them
+    for hv in status.get("versions", []):
+        fields = _version_fields(hv)
+        if hv.get("damaged"):
+            fields["damaged"] = hub_damage(hv["damaged"])  # not servable until mended
+        versions[hv["id"]] = _version_record(status["url"], hv, fields)
+    return {"name": name, "url": status["url"], "options": dict(status["options"]),
+            "pin": status.get("pinned"), "versions": list(versions.values())}
 
 
 def hub_damage(mark: Any) -> dict[str, str]:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 ERROR_BACKOFF = 60.0  # after an unexpected error, before the source is looked at again
 MAX_SLEEP = 3600.0  # look at the heap at least this often (clock changes)
 BATCH = 256  # sources evaluated per index transaction before other tasks get a turn
+START_CHUNK = 16  # refreshes started per loop turn (each first step reads the index)
 
 
 class Scheduler:
@@ -96,7 +97,7 @@ class Scheduler:
     def sync(self, name: str) -> None:
         """Match ``name`` to the index: plan it, forget it, or evaluate it again."""
         with self.index.read() as r:
-            exists = r.source(name) is not None
+            exists = r.has_source(name)
         if not exists:
             if name in self.known:
                 self._forget(name)
@@ -179,11 +180,15 @@ class Scheduler:
                     self.pending.pop(name, None)
                 await trio.lowlevel.checkpoint()  # let FUSE requests through a long start
             now = self.clock()
+            started = 0
             while self.heap and self.heap[0][0] <= now:
                 due, name = heapq.heappop(self.heap)
                 if self.due.get(name) == due and name not in self.running:
                     del self.due[name]
                     self._start(name)
+                    started += 1
+                    if started % START_CHUNK == 0:  # the first steps of 1,000 refreshes
+                        await trio.lowlevel.checkpoint()  # in one loop turn: FUSE waited
             if self.pending:
                 continue
             delay = self.heap[0][0] - now if self.heap else MAX_SLEEP

@@ -2,8 +2,9 @@
 control endpoint, over the ``--upstream`` URLs tried in order.
 
 Every request goes to the first URL that answers; a URL that fails (no connection,
-a 5xx; for the change feed also a 401, 403 or 404 and an answer that is no feed: a
-misconfigured cache in between) hands the request to the next one. The token (``upstream_token``) goes in an
+a 5xx; for the change feed and a source's status also a 401, 403 or 404 and an
+answer that is no feed or status: a misconfigured cache in between) hands the request
+to the next one. The token (``upstream_token``) goes in an
 ``Authorization: Bearer`` header and never into a message.
 """
 
@@ -14,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -55,9 +56,14 @@ class Answer:
     status: int
     body: bytes
     since: int | None = None  # a change feed's: the serial it was asked after
+    decoded: Any = field(default=None, repr=False)  # json(), once taken
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        """The body's JSON, decoded once (feed_problem looks at a feed page, the
+        replica then takes it: one decode of a big page, not two)."""
+        if self.decoded is None:
+            self.decoded = json.loads(self.body)
+        return self.decoded
 
 
 class Upstream:
@@ -129,11 +135,34 @@ class Upstream:
         answer.since = since if answer.url == hub else -1  # its later pages: the same
         return answer
 
+    async def serial(self, hub: str) -> int:
+        """The serial of ``hub``'s change feed now (HubDown if it does not answer)."""
+        a = await self.request("GET", "/@changes?since=-1&wait=0&limit=1", only=hub,
+                               refuse=feed_problem)
+        if a.status != 200:
+            raise FetchError(f"hub {a.url}: HTTP {a.status} for /@changes")
+        return int(a.json()["serial"])
+
     async def source(self, name: str, first: str | None) -> tuple[str, dict[str, Any] | None]:
-        """The hub's ``@status`` of ``name`` (None: the hub has no such source)."""
-        a = await self.request("GET", f"/{quote(name)}/@status", first=first)
-        if a.status == 404:
-            return a.url, None
+        """The hub's ``@status`` of ``name`` (None: the hub has no such source). As for
+        the feed, a refusal (401, 403) or an answer that is no source's status hands
+        over to the next URL; so does a 404, and the source counts as gone only when
+        no URL that answered has it."""
+        gone: list[str] = []  # the URLs that answered 404
+
+        def refuse(answer: Answer) -> str | None:
+            if answer.status == 404:
+                gone.append(answer.url)
+                return f"HTTP 404 for {name}/@status"
+            return status_problem(answer)
+
+        try:
+            a = await self.request("GET", f"/{quote(name)}/@status", first=first,
+                                   refuse=refuse)
+        except HubDown:
+            if gone:
+                return gone[0], None
+            raise
         if a.status != 200:
             raise FetchError(f"hub {a.url}: HTTP {a.status} for {name}/@status")
         return a.url, a.json()
@@ -267,6 +296,22 @@ def feed_problem(answer: Answer) -> str | None:
             or not all(isinstance(n, str) for n in feed["sources"]) \
             or not isinstance(feed.get("mirror") or {}, dict):
         return "the answer to /@changes is no change feed"
+    return None
+
+
+def status_problem(answer: Answer) -> str | None:
+    """Why an answer of ``NAME/@status`` is no source's status (then the next URL is
+    asked): a refusal, or a body that is not a JSON object (feed_problem's rule)."""
+    if answer.status in (401, 403):
+        return f"HTTP {answer.status} for @status"
+    if answer.status != 200:
+        return None  # the caller says what it is
+    try:
+        status = answer.json()
+    except ValueError:
+        return "the answer to @status is not JSON"
+    if not isinstance(status, dict):
+        return "the answer to @status is no source's status"
     return None
 
 

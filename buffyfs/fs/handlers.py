@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import errno
 import functools
-import json
 import logging
 import os
 import stat
@@ -59,7 +58,7 @@ from buffyfs.fs.tree import (  # noqa: F401 (ROOT_*, FIRST_TAGDIR_INO: asked her
 )
 from buffyfs.fs.unpackfs import UnpackedHandle, UnpackedTree
 from buffyfs.options import parse_duration, redact_url
-from buffyfs.store import revalidate
+from buffyfs.store import offload, revalidate
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import SourceInode, parse_rfc3339
 from buffyfs.store.metrics import Metrics
@@ -69,6 +68,11 @@ log = logging.getLogger(__name__)
 
 IMMUTABLE_TIMEOUT = 3600.0  # version inodes and their @versions entries
 SHORT_TIMEOUT = 1.0  # everything that can change
+# SOURCE/latest naming a version, and a source's directory: dropped from the kernel as
+# soon as they change (tree.stale_entries, from source_changed; the change watcher sees
+# every other process's change), so this only bounds a drop that went missing. A
+# second `cat` of many `latest` files then costs an open and a release each, no lookup.
+LATEST_TIMEOUT = 60.0
 
 INVALIDATE_TIMEOUT = 2.0
 RELINK_BATCH = 256  # sources whose link counts one worker-thread read looks at
@@ -123,9 +127,10 @@ def guard(handler: Handler | None = None, *,
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
-        async def guarded(*args: Any, **kwargs: Any) -> Any:
+        async def guarded(self: BuffyFS, *args: Any, **kwargs: Any) -> Any:
+            self.metrics.fuse_requests.labels(op=handler.__name__).inc()
             try:
-                return await handler(*args, **kwargs)
+                return await handler(self, *args, **kwargs)
             except pyfuse3.FUSEError:
                 raise
             except Exception as e:
@@ -205,6 +210,8 @@ class BuffyFS(pyfuse3.Operations):
         if kind in DIRECTORIES:
             a.st_mode = stat.S_IFDIR | 0o555
             a.st_nlink = 2
+            if kind in ("dir", "versions"):  # a source's, its @versions: same until removed
+                a.entry_timeout = a.attr_timeout = LATEST_TIMEOUT
         elif kind == "version":
             assert node.version is not None
             a.st_mode = stat.S_IFREG | 0o444
@@ -267,11 +274,29 @@ class BuffyFS(pyfuse3.Operations):
         """The content of a generated file as a stat or open sees it (snapshots.py)."""
         commit = self.index.last_change()  # before building: a later change builds again
         if node.kind == "root_metrics":
-            build = functools.partial(self.metrics.render, self.index)
+            build = self._build_metrics
+        elif node.kind == "root_status":
+            build = self._build_root_status
         else:
-            build = functools.partial(self._render_status, node.source, self.live_progress(),
-                                      set(self.open_inos))
+            build = functools.partial(trio.to_thread.run_sync, functools.partial(
+                self._render_status, node.source, self.live_progress(), set(self.open_inos)))
         return await self.snapshots.get(ino, commit, build, opening)
+
+    async def _build_root_status(self) -> bytes:
+        """The root ``@status``: of a big cache, in a worker process (offload.py)."""
+        if offload.is_small(self.index):
+            return await trio.to_thread.run_sync(self._render_status, None, {}, set())
+        data = await offload.root_status(self.index, self.cache.root)
+        self.metrics.worker_runs.labels(task="status").inc()
+        return data
+
+    async def _build_metrics(self) -> bytes:
+        """``@metrics``: what it reads from a big cache's index, in a worker process."""
+        if offload.is_small(self.index):
+            return await trio.to_thread.run_sync(self.metrics.render, self.index)
+        figures = await offload.metrics_figures(self.index)
+        self.metrics.worker_runs.labels(task="metrics").inc()
+        return self.metrics.render_with(figures)
 
     # --- lookup and listing -----------------------------------------------------------
 
@@ -289,9 +314,15 @@ class BuffyFS(pyfuse3.Operations):
                 attr.entry_timeout = SHORT_TIMEOUT  # moves with the source's latest
             return attr
         ino = self.tree.child(parent_inode, text)
-        attr = self._attr(ino)
+        if unpackfs.owns(ino):  # SOURCE/@unpacked
+            return self._attr(ino)
+        node = self.tree.node(ino)
+        attr = self._attr(ino, node)
         if self.tree.moves(parent_inode, text, ino):
-            attr.entry_timeout = SHORT_TIMEOUT
+            # a source's latest naming a version is dropped when it moves; the pending
+            # and on-open inodes, a tag directory's names: short-lived
+            attr.entry_timeout = LATEST_TIMEOUT if text == "latest" and \
+                node.kind == "version" and parent_inode < FIRST_TAGDIR_INO else SHORT_TIMEOUT
         return attr
 
     async def _check_on_open(self, name: str) -> None:
@@ -588,7 +619,7 @@ class BuffyFS(pyfuse3.Operations):
                 obj = self.cache.source_status(source, progress, open_inos)
             except BuffyError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
-        return (json.dumps(obj, indent=2) + "\n").encode()
+        return offload.encode_status(obj)
 
     @guard
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:

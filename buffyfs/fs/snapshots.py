@@ -20,10 +20,8 @@ files an attribute timeout of 0), and reads bypass the page cache (``direct_io``
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-import trio
 
 SNAPSHOT_TTL = 1.0  # seconds a snapshot serves new stats and opens
 OPEN_AFTER_STAT = 0.5  # an open this soon after a stat reads what the stat saw
@@ -61,13 +59,13 @@ class Snapshots:
             return snap
         return None
 
-    async def get(self, ino: int, commit: int, build: Callable[[], bytes],
+    async def get(self, ino: int, commit: int, build: Callable[[], Awaitable[bytes]],
                   opening: bool = False) -> Snapshot:
-        """The usable snapshot of ``ino``, or a new one from ``build`` (run in a worker
-        thread: a big cache's ``@status`` takes seconds)."""
+        """The usable snapshot of ``ino``, or a new one from ``build`` (off the loop: a
+        worker thread, or a worker process for a big cache's, which takes seconds)."""
         snap = self.usable(ino, commit, opening)
         if snap is None:
-            data = await trio.to_thread.run_sync(build)
+            data = await build()
             snap = Snapshot(data, time.monotonic(), commit, time.time_ns())
             self._drop_stale()
             self.current[ino] = snap

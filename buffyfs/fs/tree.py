@@ -24,6 +24,7 @@ its "onopen" inode, which an open resolves to the version it checked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from buffyfs.fs import links, unpackfs
 from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE
@@ -64,12 +65,45 @@ class Node:
     tag: str | None = None
 
 
+NODES_KEPT = 4096  # inodes and `latest` answers kept between two changes of the index
+
+
+class UntilChange:
+    """Answers read from the index, kept until it changes (a commit by any process, or
+    a state write the mount queued: ``Index.last_change``), NODES_KEPT at most: a
+    second ``cat`` of many files reads nothing more. Worker threads use it too: an
+    answer is kept only if nothing changed since the caller's ``get``."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.at = -1
+        self.kept: dict[Any, Any] = {}
+
+    def get(self, key: Any) -> tuple[Any, int]:
+        """(the answer kept for ``key`` or None, the change to pass to ``keep``)."""
+        now = self.index.last_change()
+        if now != self.at:
+            self.kept = {}  # a new dict: a thread may be reading the old one
+            self.at = now
+        return self.kept.get(key), now
+
+    def keep(self, key: Any, answer: Any, at: int) -> Any:
+        if at == self.at and len(self.kept) < NODES_KEPT:
+            self.kept[key] = answer
+        return answer
+
+
 class Tree:
     def __init__(self, index: Index) -> None:
         self.index = index
+        self.answers = UntilChange(index)  # of node() and latest_ino()
         self.tagdir_inos: dict[tuple[int, str], int] = {}  # (source base, tag) -> inode
         self.tagdirs: dict[int, tuple[str, int, str]] = {}  # inode -> (source, base, tag)
         self.shown_latest: dict[str, int] = {}  # source -> inode last given for `latest`
+        # sources the kernel looked into (a lookup or a listing in their directory):
+        # only these can hold entries a change makes stale (stale_entries)
+        self.entered: set[str] = set()
+        self.shown_dirs: dict[str, int] = {}  # source -> its directory's inode, as given
 
     # --- what an inode is -------------------------------------------------------------
 
@@ -91,6 +125,9 @@ class Tree:
             if src is None or src.ino != base:
                 raise NoEntry(ino)
             return Node("tagdir", source, tag=tag)
+        node, at = self.answers.get(ino)
+        if node is not None:
+            return node
         with self.index.read() as r:
             ref = r.inode(ino)
             if ref is None:
@@ -99,8 +136,8 @@ class Tree:
                 found = r.version_by_inode(ino)  # also garbage a reader still holds
                 if found is None:
                     raise NoEntry(ino)
-                return Node("version", found[0], found[1])
-        return Node(ref.kind, ref.source)
+                return self.answers.keep(ino, Node("version", found[0], found[1]), at)
+        return self.answers.keep(ino, Node(ref.kind, ref.source), at)
 
     # --- name resolution --------------------------------------------------------------
 
@@ -119,6 +156,7 @@ class Tree:
             return self.source_base(name)
         if node.kind == "dir":
             assert node.source
+            self.entered.add(node.source)
             base = parent  # a source's directory is the first inode of its block
             if name == "..":
                 return ROOT
@@ -168,17 +206,24 @@ class Tree:
 
     def source_base(self, name: str) -> int:
         """The first inode of the source's block (its directory)."""
-        with self.index.read() as r:
-            src = r.source(name)
-        if src is None:
-            raise NoEntry(name)
-        return src.ino
+        base, at = self.answers.get(("base", name))
+        if base is None:
+            with self.index.read() as r:
+                src = r.source(name)
+            if src is None:
+                raise NoEntry(name)
+            base = self.answers.keep(("base", name), src.ino, at)
+        self.shown_dirs[name] = base
+        return base
 
     def latest_ino(self, name: str) -> int:
         """What ``SOURCE/latest`` stands for now; remembered as shown (``stale_entries``
         then knows when the kernel's entry moved)."""
-        with self.index.read() as r:
-            ino = latest_target(r.source(name), r.latest(name))
+        ino, at = self.answers.get(("latest", name))
+        if ino is None:
+            with self.index.read() as r:
+                ino = self.answers.keep(("latest", name),
+                                        latest_target(r.source(name), r.latest(name)), at)
         self.shown_latest[name] = ino
         return ino
 
@@ -229,9 +274,11 @@ class Tree:
         if node.kind == "root":
             with self.index.read() as r:
                 bases = [(n, src.ino) for n, src in r.sources()]
+            self.shown_dirs.update(bases)
             return [*ROOT_FILES.items(), *bases]
         if node.kind == "dir":
             assert node.source
+            self.entered.add(node.source)
             base = ino
             names = [("latest", self.latest_ino(node.source))]
             try:
@@ -285,14 +332,25 @@ class Tree:
     def stale_entries(self, name: str) -> list[tuple[int, str]]:
         """(parent inode, name) of the kernel entries a change of source ``name`` may
         have made wrong: its ``latest`` if it moved since shown, ``newest``, its tag
-        directories and what they hold; the source's own entry if it is gone."""
+        directories and what they hold; the source's own entry if it is gone. Nothing
+        for a source the kernel never looked into (a replica's first sync adds
+        thousands): it has no entries below it."""
+        entered = name in self.entered or name in self.shown_dirs
         with self.index.read() as r:
-            src = r.source(name)
+            src = r.source(name) if entered else None
+            exists = src is not None if entered else r.has_source(name)
             versions = r.versions(name) if src else []
-        if src is None:
+        if not exists:
             self.shown_latest.pop(name, None)
+            self.entered.discard(name)
+            self.shown_dirs.pop(name, None)
             return [(ROOT, name)]
+        if src is None:  # not entered, its directory never given
+            return []
         out = []
+        if self.shown_dirs.get(name, src["ino"]) != src["ino"]:  # removed, added again
+            out.append((ROOT, name))
+            del self.shown_dirs[name]
         current = latest_target(src, resolve_latest(src, versions))
         shown = self.shown_latest.get(name)
         if shown is not None and shown != current:

@@ -423,22 +423,52 @@ class App:
     async def _send_version(self, req: Request, send: Send, name: str, v: Version,
                             stale: bool, mutable: bool) -> bool:
         """Answer with the version; False (nothing sent) if its blob is damaged."""
-        if v.remote and getattr(self.daemon, "replica", None) is not None:
-            try:  # a replica's version not held yet: its bytes come from the hub first
-                await self.daemon.replica.hold(name, v)
-            except FetchError as e:
-                raise Answer(503, f"version {v.id} of {name!r} is not available: {e}"
-                             ) from None
         extra = [("X-Buffy-Version", v.id), ("X-Buffy-Stale", "1" if stale else "0")]
+        if v.remote and getattr(self.daemon, "replica", None) is not None \
+                and await self._send_remote(req, send, name, v, mutable, extra,
+                                            f"version {v.id} of {name!r}"):
+            return True  # a replica's version not held yet: as it came from the hub
         return await self._send_file(req, send, v.size, v.sha256,
                                      datetime.fromisoformat(v.fetched_at), mutable, extra,
                                      v.content_type, lambda: self._open(name, v))
+
+    async def _send_remote(self, req: Request, send: Send, name: str, v: Version,
+                           mutable: bool, extra: list[tuple[str, str]], what: str) -> bool:
+        """A replica's version whose bytes are not here yet: answered as they arrive
+        from the hub (first.send_arriving: the headers once the hub's answer starts,
+        the last chunk only once the sha256 matched, else the answer is cut short; a
+        Range waits for its bytes to arrive). False (nothing sent) once the cache holds
+        the bytes: the caller sends them from there. The nginx front is sent the blob
+        file, so it waits for the whole blob."""
+        sha, size = v.sha256, v.size
+        modified = datetime.fromisoformat(v.fetched_at)
+        if not_modified(req.headers, f'"{sha}"', modified):  # 304: no bytes needed
+            return await self._send_file(req, send, size, sha, modified, mutable, extra,
+                                         None, lambda: None)
+        headers = self._file_headers(sha, modified, mutable, extra)
+        span = self._span(req, size, sha, modified, headers)
+        try:
+            if req.headers.get(ACCEL_HEADER) is not None:
+                await self.daemon.replica.hold(name, v)
+                return False
+            live = await self.daemon.replica.wait_body(name, v)
+        except FetchError as e:
+            raise Answer(503, f"{what} is not available: {e}") from None
+        if live is None:
+            return False
+        headers += [("Content-Type", content_type_of(v.content_type)),
+                    ("X-Buffy-Streaming", "1"), *ORIGIN_BYTES_HEADERS]
+        await first.send_arriving(self, req, send, live, name, span, headers)
+        return True
 
     async def _blob(self, req: Request, send: Send, sha: str) -> None:
         if not SHA256_RE.fullmatch(sha):
             raise Answer(404, "not a sha256 (64 lowercase hex digits)")
         if getattr(self.daemon, "replica", None) is not None:
-            await self._hold_remote_blob(sha)
+            found = await self._remote_version_of(sha)
+            if found is not None and await self._send_remote(req, send, *found, False, [],
+                                                             f"blob {sha}"):
+                return
         with self.index.read() as r:
             ref = r.blob_ref(sha)
         if ref is None or ref.refs <= 0 or ref.damaged:
@@ -457,12 +487,12 @@ class App:
         finally:
             os.close(fd)
 
-    async def _hold_remote_blob(self, sha: str) -> None:
-        """On a serving replica, a blob that a mirrored version names but this cache does
-        not hold yet (a replica of this replica asks for it) is fetched from the hub
-        first, as a read of that version would."""
+    async def _remote_version_of(self, sha: str) -> tuple[str, dict[str, Any]] | None:
+        """On a serving replica, a mirrored version naming a blob this cache does not
+        hold yet (a replica of this replica asks for it): its bytes come from the hub,
+        as a read of that version's would."""
         if self.cache.blobs.path(sha).exists():
-            return
+            return None
 
         def find() -> tuple[str, Version] | None:
             with self.index.read() as r:
@@ -472,12 +502,7 @@ class App:
                             return name, v
             return None
 
-        found = await trio.to_thread.run_sync(find)
-        if found is not None:
-            try:
-                await self.daemon.replica.hold(*found)
-            except FetchError as e:
-                raise Answer(503, f"blob {sha} is not available: {e}") from None
+        return await trio.to_thread.run_sync(find)
 
     async def _send_file(self, req: Request, send: Send, size: int, sha: str,
                          modified: datetime, mutable: bool, extra: list[tuple[str, str]],
@@ -485,21 +510,12 @@ class App:
         """Answer with the bytes of a file (304, 416, 200 or 206, or the X-Accel-Redirect
         for the nginx front), opened with ``open_fd`` only when bytes are to be sent
         (and before the answer starts); False if it gives None (nothing sent)."""
-        etag = f'"{sha}"'
-        headers = [("ETag", etag), ("Last-Modified", http_date(modified)),
-                   ("Cache-Control", "no-cache" if mutable else IMMUTABLE),
-                   ("Accept-Ranges", "bytes"), *extra]
-        if not_modified(req.headers, etag, modified):
+        headers = self._file_headers(sha, modified, mutable, extra)
+        if not_modified(req.headers, f'"{sha}"', modified):
             await self._start(send, 304, headers)
             await send({"type": "http.response.body", "body": b""})
             return True
-        span = None
-        if if_range_holds(req.headers.get("if-range"), etag, modified):
-            try:
-                span = byte_span(req.headers.get("range"), size)
-            except BadRange as e:
-                raise Answer(416, f"range not satisfiable: {e}",
-                             [("Content-Range", f"bytes */{size}"), *headers]) from None
+        span = self._span(req, size, sha, modified, headers)
         fd = open_fd()
         if fd is None:
             return False
@@ -508,6 +524,25 @@ class App:
         finally:
             os.close(fd)
         return True
+
+    @staticmethod
+    def _file_headers(sha: str, modified: datetime, mutable: bool,
+                      extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [("ETag", f'"{sha}"'), ("Last-Modified", http_date(modified)),
+                ("Cache-Control", "no-cache" if mutable else IMMUTABLE),
+                ("Accept-Ranges", "bytes"), *extra]
+
+    @staticmethod
+    def _span(req: Request, size: int, sha: str, modified: datetime,
+              headers: list[tuple[str, str]]) -> Span | None:
+        """The bytes a ``Range`` asks for (None: all of them); 416 if none can be."""
+        if not if_range_holds(req.headers.get("if-range"), f'"{sha}"', modified):
+            return None
+        try:
+            return byte_span(req.headers.get("range"), size)
+        except BadRange as e:
+            raise Answer(416, f"range not satisfiable: {e}",
+                         [("Content-Range", f"bytes */{size}"), *headers]) from None
 
     async def _send_open(self, req: Request, send: Send, fd: int, size: int, sha: str,
                          span: Span | None, headers: list[tuple[str, str]],

@@ -25,9 +25,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from buffyfs.fetch import streaming
-from buffyfs.fetch.segments import StreamFailed
+from buffyfs.fetch.segments import LiveDownload, StreamFailed
 from buffyfs.http.answer import ORIGIN_BYTES_HEADERS, Answer, content_type_of
-from buffyfs.http.ranges import BadRange, byte_span
+from buffyfs.http.ranges import BadRange, Span, byte_span
 
 if TYPE_CHECKING:
     from buffyfs.http.app import App, Request, Send
@@ -54,11 +54,23 @@ async def answer_while_downloading(app: App, req: Request, send: Send, name: str
     except BadRange as e:
         raise Answer(416, f"range not satisfiable: {e}",
                      [("Content-Range", f"bytes */{total}")]) from None
-    start, length = (span.start, span.length) if span else (0, total)
-    headers = [("Content-Type", content_type_of(live.content_type)),
-               ("Content-Length", str(length)), ("Cache-Control", "no-cache"),
+    headers = [("Content-Type", content_type_of(live.content_type)), ("Cache-Control", "no-cache"),
                ("Accept-Ranges", "bytes"), ("X-Buffy-Stale", "0"), ("X-Buffy-Streaming", "1"),
                *ORIGIN_BYTES_HEADERS]
+    await send_arriving(app, req, send, live, name, span, headers)
+    return True
+
+
+async def send_arriving(app: App, req: Request, send: Send, live: LiveDownload, name: str,
+                        span: Span | None, headers: list[tuple[str, str]]) -> None:
+    """Answer with the bytes of ``live`` as they arrive (``span`` of them, or all):
+    ``headers`` plus the length (and ``Content-Range``) at once, the last chunk only
+    after the seal; the answer is cut short if the download fails or its bytes were
+    not the ones sent. Also a replica's version arriving from its hub (app.py)."""
+    total = live.total
+    assert total is not None
+    start, length = (span.start, span.length) if span else (0, total)
+    headers = [*headers, ("Content-Length", str(length))]
     if span:
         headers.append(("Content-Range", span.content_range()))
     await send({"type": "http.response.start", "status": 206 if span else 200,
@@ -66,11 +78,11 @@ async def answer_while_downloading(app: App, req: Request, send: Send, name: str
                             for k, v in headers]})
     if req.method == "HEAD":
         await send({"type": "http.response.body", "body": b""})
-        return True
+        return
     if not length:  # an empty body is a clean end too: after the seal only
         if await _sealed(streaming.open_stream(live, app.cache.blobs), name):
             await send({"type": "http.response.body", "body": b""})
-        return True
+        return
     handle = streaming.open_stream(live, app.cache.blobs)
     try:
         offset, end = start, start + length
@@ -79,14 +91,13 @@ async def answer_while_downloading(app: App, req: Request, send: Send, name: str
                                               arrived=True)
             offset += len(data)
             if offset >= end and not await _sealed(handle, name):
-                return True  # cut short: the client sees fewer bytes than announced
+                return  # cut short: the client sees fewer bytes than announced
             await send({"type": "http.response.body", "body": data, "more_body": offset < end})
             app.daemon.metrics.bytes_served.inc(len(data))
     except StreamFailed as e:
         log.info("%s: answer while it downloads cut short: %s", name, e)
     finally:
         handle.close()
-    return True
 
 
 async def _sealed(handle: streaming.StreamHandle, name: str) -> bool:

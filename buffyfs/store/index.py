@@ -191,6 +191,10 @@ def _version_key(name: str, vid: str) -> bytes:
     return name.encode() + b"\0" + vid.encode()
 
 
+# _dumps's encoding (str) without building an encoder per call (add_mirrored_sources)
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class Reader:
     """Typed reads inside one transaction (read or write)."""
 
@@ -214,9 +218,24 @@ class Reader:
     def source(self, name: str) -> Source | None:
         return self._record(Source, "sources", name.encode())
 
+    def has_source(self, name: str) -> bool:
+        """Whether ``name`` is a source (no JSON decoded: the change watcher asks it
+        of every source a replica's sync adds)."""
+        return self.txn.get(name.encode(), db=self.dbs["sources"]) is not None
+
     def sources(self) -> list[tuple[str, Source]]:
         with self.txn.cursor(db=self.dbs["sources"]) as cur:
             return [(k.decode(), decode(Source, v)) for k, v in cur]
+
+    def mirrored_names(self) -> list[str]:
+        """The names of a replica's mirrored sources (``"mirror": true``), each record
+        decoded on its own: no list of every source's record at once (10,000)."""
+        out = []
+        with self.txn.cursor(db=self.dbs["sources"]) as cur:
+            for key, raw in cur:
+                if b'"mirror":true' in raw and decode(Source, raw).mirror:
+                    out.append(key.decode())
+        return out
 
     def source_names(self) -> list[str]:
         with self.txn.cursor(db=self.dbs["sources"]) as cur:
@@ -317,6 +336,9 @@ class Reader:
 
     def version_count(self) -> int:
         return self.txn.stat(self.dbs["versions"])["entries"]
+
+    def source_count(self) -> int:
+        return self.txn.stat(self.dbs["sources"])["entries"]
 
     def blob_ref(self, sha256: str) -> BlobEntry | None:
         return self._record(BlobEntry, "blobs", sha256.encode())
@@ -620,6 +642,76 @@ class Writer(Reader):
         self.put_inode(ino, InodeRef(kind="version", source=name, id=version.id))
         return version
 
+    def add_mirrored_sources(self, sources: list[dict[str, Any]]) -> None:
+        """Add sources a hub has and this index has not, each ``{"name", "url",
+        "options", "pin", "versions"}`` (versions as ``add_mirrored_version`` takes
+        them), with their versions, in few operations: a replica's first sync writes a
+        whole hub (10,000 sources) a page at a time. One inode range for them all, one
+        ``changes`` and one ``mirror`` entry per source (and one root entry), each
+        counter written once."""
+        count = sum(INODES_PER_SOURCE + len(s["versions"]) for s in sources)
+        ino = self.alloc_inodes(count) if sources else 0
+        added_at = _compact(rfc3339(now_utc()))
+        inodes, blobs = self.dbs["inodes"], self.dbs["blobs"]
+        kinds = [(int(kind), kind.name) for kind in SourceInode]
+        options, options_json = None, ""  # most sources of a hub share their options
+        for s in sources:
+            name = s["name"]
+            key = name.encode()
+            quoted = _compact(name)
+            if s["options"] != options or repr(s["options"]) != repr(options):
+                options, options_json = s["options"], _compact(s["options"])
+            # the record put_source writes (records.Source), encoded by hand: 10,000 of
+            # them in a sync (test_records checks it against the codec)
+            self.txn.put(key, ('{"url":%s,"options":%s,"ino":%d,"added_at":%s,"pin":%s,'
+                               '"mirror":true}' % (_compact(s["url"]), options_json, ino,
+                                                   added_at, _compact(s["pin"]))).encode(),
+                         db=self.dbs["sources"])
+            for offset, kind in kinds:
+                self.txn.put(_u64(ino + offset), ('{"kind":"%s","source":%s}'
+                                                  % (kind, quoted)).encode(), db=inodes)
+            ino += INODES_PER_SOURCE
+            for record in s["versions"]:
+                version = {**record, "ino": ino}
+                sha = record["sha256"].encode()
+                raw = self.txn.get(sha, db=blobs)  # bytes held already: they count at once
+                blob = decode(BlobEntry, raw) if raw is not None else None
+                if blob and blob.refs > 0 and not blob.damaged:
+                    self.ref_blob(record["sha256"], record["size"])
+                    version.pop("damaged", None)
+                else:
+                    version["remote"] = True
+                self.txn.put(key + b"\0" + record["id"].encode(),
+                             _compact(version).encode(), db=self.dbs["versions"])
+                self.txn.put(_u64(ino), ('{"kind":"version","source":%s,"id":%s}'
+                                         % (quoted, _compact(record["id"]))).encode(),
+                             db=inodes)
+                ino += 1
+        names = [s["name"] for s in sources]
+        self.changed_many([*names, ""] if names else [])
+        self.mirrored_many(names)
+
+    def changed_many(self, names: list[str]) -> None:
+        """``changed`` of each of ``names``, in order, the counter written once."""
+        self._log_many("changes", b"seq", self.seq(), names)
+
+    def mirrored_many(self, names: list[str]) -> None:
+        """``mirrored`` of each of ``names``, in order, the serial written once."""
+        self._log_many("mirror", b"mirror_serial", self.mirror_serial(), names)
+
+    def _log_many(self, db: str, counter: bytes, last: int, names: list[str]) -> None:
+        """Append ``names`` to the feed ``db`` (``changes`` or ``mirror``) after entry
+        ``last``, move ``meta`` ``counter`` on, and trim it to CHANGES_KEPT entries."""
+        if not names:
+            return
+        table = self.dbs[db]
+        for i, name in enumerate(names, last + 1):
+            self.txn.put(_u64(i), name.encode(), db=table)
+        now = last + len(names)
+        self.txn.put(counter, _u64(now), db=self.dbs["meta"])
+        for old in range(max(1, last + 1 - CHANGES_KEPT), now - CHANGES_KEPT + 1):
+            self.txn.delete(_u64(old), db=table)
+
     def make_remote(self, name: str, version: Version) -> bool:
         """A replica's mirrored version whose bytes go here (evicted, or found damaged)
         stays listed as ``"remote"``: its bytes come from the hub again when wanted
@@ -642,21 +734,27 @@ class Writer(Reader):
 
 
 class Index:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        """``readonly``: for a reader that must never wait for the writer lock, not
+        even at open (a worker process of the mount, offload.py); the index exists."""
+        self.path = path
         try:
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not readonly:
+                path.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.env = lmdb.open(
                 str(path), map_size=MAP_SIZE, max_dbs=12, max_readers=1024, subdir=True,
-                mode=0o600
+                mode=0o600, readonly=readonly
             )
         except (OSError, lmdb.Error) as e:
             raise CacheError(f"cannot open the index in {path}: {e}") from None
         names = ("meta", "sources", "versions", "state", "inodes", "changes", "requests",
                  "blobs", "garbage", "mirror", "checks")
-        self.dbs = {n: self.env.open_db(n.encode()) for n in names}
+        self.dbs = {n: self.env.open_db(n.encode(), create=not readonly) for n in names}
         # the mount's queued state (writes.IndexWrites): seen by its read transactions
         self.queued_state: dict[str, dict[str, Any]] | None = None
         self.queued_posts = 0  # changes of it so far
+        if readonly:
+            return
         with self.write() as w:
             fmt = w.txn.get(b"format", db=self.dbs["meta"])
             if fmt is None:

@@ -74,33 +74,55 @@ class Metrics:
             self.damage_found.labels(check=check)  # shown as 0 before the first
         self.scrubbed_bytes = Counter("buffyfs_scrubbed_bytes", "Bytes re-hashed by the "
                                       "background scrub", registry=r)
+        self.fuse_requests = Counter("buffyfs_fuse_requests", "Requests of the kernel "
+                                     "answered by the mount, by op (lookup, getattr, "
+                                     "open, read, release...)", ["op"], registry=r)
+        self.worker_runs = Counter("buffyfs_worker_process_runs", "Collection plans "
+                                   "and large @status/@metrics answers built in a worker "
+                                   "process, by task", ["task"], registry=r)
         self.damaged = Gauge("buffyfs_damaged_versions", "Versions whose blob is damaged "
                              "(not served; their sources download again)", registry=r)
 
     def render(self, index: Index) -> bytes:
         """The exposition text. One pass over the index: each source's record, state
         and versions are read once (a big cache's render is seconds of JSON)."""
-        per_source: dict[str, dict[str, float]] = {name: {} for name in SOURCE_GAUGES}
-        versions = damaged = stale = fetching = 0
-        now = now_utc().timestamp()
-        with index.read() as r:
-            sources = r.sources()
-            for name, src in sources:
-                state = r.state(name)
-                kept = r.versions(name)
-                latest = resolve_latest(src, kept)
-                versions += len(kept)
-                damaged += sum(1 for v in kept if v.damaged)
-                stale += _add_source_samples(per_source, name, state, latest, now)
-                fetching += state.state == "fetching"
-            self.cache_size.set(r.blob_bytes())
-            self.max_cache_size.set(r.meta_json("max_cache_size") or 0)
-        self.versions.set(versions)
-        self.damaged.set(damaged)
-        self.stale.set(stale)
-        self.sources.set(len(sources))
-        self.fetching.set(fetching)
-        return generate_latest(self.registry) + _source_text(per_source)
+        return self.render_with(index_figures(index))
+
+    def render_with(self, figures: IndexFigures) -> bytes:
+        """The exposition text from what ``index_figures`` read (in a worker process,
+        offload.py, for a big cache): the counters of this process, its gauges."""
+        gauges, source_text = figures
+        for name, value in gauges.items():
+            getattr(self, name).set(value)
+        return generate_latest(self.registry) + source_text
+
+
+# (gauge attribute of Metrics -> value, the per-source gauges' text): what a render
+# reads from the index
+IndexFigures = tuple[dict[str, float], bytes]
+
+
+def index_figures(index: Index) -> IndexFigures:
+    """The gauges read from the index and the per-source text, in one pass."""
+    per_source: dict[str, dict[str, float]] = {name: {} for name in SOURCE_GAUGES}
+    versions = damaged = stale = fetching = 0
+    now = now_utc().timestamp()
+    with index.read() as r:
+        sources = r.sources()
+        for name, src in sources:
+            state = r.state(name)
+            kept = r.versions(name)
+            latest = resolve_latest(src, kept)
+            versions += len(kept)
+            damaged += sum(1 for v in kept if v.damaged)
+            stale += _add_source_samples(per_source, name, state, latest, now)
+            fetching += state.state == "fetching"
+        cache_size = r.blob_bytes()
+        max_cache_size = r.meta_json("max_cache_size") or 0
+    gauges = {"cache_size": cache_size, "max_cache_size": max_cache_size,
+              "versions": versions, "damaged": damaged, "stale": stale,
+              "sources": len(sources), "fetching": fetching}
+    return gauges, _source_text(per_source)
 
 
 def _add_source_samples(out: dict[str, dict[str, float]], name: str, state: SourceState,

@@ -9,6 +9,7 @@ as many to a transaction as have queued up meanwhile.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -32,6 +33,10 @@ class IndexWrites:
         self.writer = trio.CapacityLimiter(1)  # one index writer of ours at a time
         self.wake = trio.Event()
         self.progressed = trio.Event()  # set (and renewed) after each batch
+        # (post number, tie, event) of the flushes waiting: each is woken when its own
+        # posts are in, not at every batch (1,000 refreshes of a burst, each waiting for
+        # its flush, took 500 loop steps per batch)
+        self.flushing: list[tuple[int, int, trio.Event]] = []
         self.stopped = False  # the committing task ended: posts commit on the spot
         # set_state fields not committed yet, and the number of the post that queued
         # them last: the mount's reads see them at once (Reader.queued_state)
@@ -75,8 +80,11 @@ class IndexWrites:
     async def flush(self) -> None:
         """Wait until everything posted so far is committed."""
         target = self.posted
-        while self.committed < target and not self.stopped:
-            await self.progressed.wait()
+        if self.committed >= target or self.stopped:
+            return
+        done = trio.Event()
+        heapq.heappush(self.flushing, (target, id(done), done))
+        await done.wait()
 
     async def run(self) -> None:
         """Commit what is posted, batch by batch (the mount's task)."""
@@ -93,6 +101,7 @@ class IndexWrites:
         finally:
             self.stopped = True
             self.drain()  # stopping: what is queued still lands, here and now
+            self._wake_flushes()
 
     def drain(self) -> None:
         """Commit what is queued on the calling thread (at shutdown)."""
@@ -108,6 +117,11 @@ class IndexWrites:
             self.queued.pop(name, None)
         self.progressed.set()
         self.progressed = trio.Event()
+        self._wake_flushes()
+
+    def _wake_flushes(self) -> None:
+        while self.flushing and (self.flushing[0][0] <= self.committed or self.stopped):
+            heapq.heappop(self.flushing)[2].set()
 
     def _commit(self, batch: list[Callable[[Writer], None]]) -> None:
         try:

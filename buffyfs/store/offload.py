@@ -1,0 +1,156 @@
+"""Heavy read-only work of the mount in a worker process, not a worker thread.
+
+A worker thread that runs Python (a collection plan over 100,000 versions, the JSON
+of 10,000 sources' ``@status``) holds the GIL the event loop's thread needs: every
+FUSE request then waits its turn for it. A worker process has its own GIL. The worker
+opens the index read-only itself (LMDB is safe across processes, and a read-only
+open never waits for the writer lock) and sends back only bytes: the encoded answer,
+or the plan in pickled batches that the mount decodes one at a time as it commits
+them (unpickling 40,000 versions at once would hold the loop's GIL just the same).
+
+The processes are trio-parallel's (spawned, kept for reuse, killed on cancel); a
+worker that dies is reported and the work is done in a thread instead. What the
+mount holds in memory and the index does not (its queued state writes, writes.py;
+its open versions) is passed along. Small answers (one source's ``@status``, a root
+``@status`` of a few sources) stay in a thread: the hop costs more than they do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+import trio_parallel
+
+from buffyfs.store import gc, status
+from buffyfs.store.index import Index
+from buffyfs.store.metrics import IndexFigures, index_figures
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SMALL_SOURCES = 200  # a root @status or @metrics of fewer sources is built in a thread
+SMALL_VERSIONS = 1000  # a collection of fewer versions is planned in a thread
+
+# --- in the worker process ------------------------------------------------------------
+
+_indexes: dict[Path, Index] = {}  # opened once per worker process, by path
+# the mount's own, open already (LMDB: once per process): the work done in a thread
+# when a worker process failed reads it, with its live queued state
+_own: dict[Path, Index] = {}
+
+
+def _index(path: Path, queued_state: dict[str, dict[str, Any]] | None = None) -> Index:
+    if path in _own:
+        return _own[path]
+    index = _indexes.get(path)
+    if index is None:
+        index = _indexes[path] = Index(path, readonly=True)
+    index.queued_state = queued_state
+    return index
+
+
+@dataclass
+class Plan:
+    """A collection plan as the worker sends it back."""
+
+    wake_at: str | None
+    batches: list[bytes] = field(default_factory=list)  # pickled lists of gc.Doomed
+    report: bytes | None = None  # a dry run: the whole pickled gc.Report
+    pid: int = 0  # the process that planned
+
+
+def _plan(path: Path, open_inos: set[int], need: int, max_size: int | None,
+          dry_run: bool) -> Plan:
+    report = gc.plan_snapshot(_index(path), open_inos, need, max_size)
+    if dry_run:
+        return Plan(report.wake_at, report=pickle.dumps(report), pid=os.getpid())
+    batches = [pickle.dumps(report.doomed[i:i + gc.COMMIT_BATCH])
+               for i in range(0, len(report.doomed), gc.COMMIT_BATCH)]
+    return Plan(report.wake_at, batches, pid=os.getpid())
+
+
+def _root_status(path: Path, queued_state: dict[str, dict[str, Any]] | None,
+                 cache_dir: Path) -> bytes:
+    index = _index(path, queued_state)
+    with index.read() as r:
+        size, quota = r.blob_bytes(), r.meta_json("max_cache_size")
+    return encode_status(status.root_status(index, cache_dir, size, quota))
+
+
+def _metrics(path: Path, queued_state: dict[str, dict[str, Any]] | None) -> IndexFigures:
+    return index_figures(_index(path, queued_state))
+
+
+# --- in the mount ----------------------------------------------------------------------
+
+WORKER_IDLE = 60.0  # seconds an idle worker process lives on (one that planned a
+# collection of 100,000 versions holds ~190 MiB until it ends; trio-parallel's default
+# is 10 minutes)
+WORKER_GRACE = 5.0  # seconds the daemon's exit waits for its workers before killing them
+
+
+def configure_workers() -> None:
+    """Set up the worker processes; once, in the main thread, before any is used."""
+    trio_parallel.configure_default_context(idle_timeout=WORKER_IDLE,
+                                            grace_period=WORKER_GRACE)
+
+
+
+def encode_status(obj: dict[str, Any]) -> bytes:
+    """The bytes of an ``@status`` file."""
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+async def _run(fn: Callable[..., T], index: Index, *args: Any) -> T:
+    """``fn(index.path, *args)`` in a worker process (killed if the caller is
+    cancelled); in a thread, on ``index`` itself, if the worker died (a bug or out of
+    memory there: the mount goes on)."""
+    try:
+        return await trio_parallel.run_sync(fn, index.path, *args, kill_on_cancel=True)
+    except trio_parallel.BrokenWorkerError as e:
+        log.warning("a worker process failed (%s): doing the work in a thread", e)
+        _own[index.path] = index
+        return await trio.to_thread.run_sync(fn, index.path, *args)
+
+
+async def plan_collection(index: Index, open_inos: set[int], need: int = 0,
+                          max_size: int | None = None, dry_run: bool = False) -> Plan:
+    """``gc.plan_snapshot`` in a worker process (CacheFull as there); of a small
+    cache in a thread (no process is started for it)."""
+    with index.read() as r:
+        small = r.version_count() < SMALL_VERSIONS
+    if small:
+        _own[index.path] = index
+        return await trio.to_thread.run_sync(_plan, index.path, open_inos, need, max_size,
+                                             dry_run)
+    return await _run(_plan, index, open_inos, need, max_size, dry_run)
+
+
+def is_small(index: Index) -> bool:
+    with index.read() as r:
+        return r.source_count() < SMALL_SOURCES
+
+
+async def root_status(index: Index, cache_dir: Path) -> bytes:
+    """The root ``@status`` file's bytes, built in a worker process."""
+    return await _run(_root_status, index, _queued(index), cache_dir)
+
+
+async def metrics_figures(index: Index) -> IndexFigures:
+    """What ``@metrics`` reads from the index, in a worker process."""
+    return await _run(_metrics, index, _queued(index))
+
+
+def _queued(index: Index) -> dict[str, dict[str, Any]] | None:
+    """The state writes the mount queued and has not committed (writes.py): the
+    worker's reads see them too (a copy: the mount changes its own meanwhile)."""
+    return dict(index.queued_state) if index.queued_state else None

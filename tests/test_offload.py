@@ -1,0 +1,107 @@
+"""Issue 12, never stall: collection plans and big ``@status``/``@metrics`` answers are
+built in a worker process (store/offload.py), off the event loop's GIL."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from buffyfs.store import gc, offload
+from buffyfs.store.index import Index
+from tests.conftest import Mount
+from tests.test_stall import build
+
+SOURCES = 300  # above offload.SMALL_SOURCES: the root's answers go to a worker process
+
+
+def worker_runs(m: Mount) -> dict[str, float]:
+    text = (m / "@metrics").read_text()
+    return {task: float(n) for task, n in
+            re.findall(r'^buffyfs_worker_process_runs_total\{task="(\w+)"\} (\S+)$', text,
+                       re.MULTILINE)}
+
+
+def test_plans_and_big_answers_come_from_a_worker_process(
+        cache_dir: Path, mount_factory: Callable[..., Mount]) -> None:
+    build(cache_dir, SOURCES, 5)
+    m = mount_factory("--scrub-interval", "never")
+    shown = json.loads((m / "@status").read_text())
+    assert [s["name"] for s in shown["sources"]] == sorted(f"src{i}" for i in range(SOURCES))
+    assert shown["cache"] == str(cache_dir)
+    done = subprocess.run([sys.executable, "-m", "buffyfs", "gc", "--cache", str(m.cache)],
+                          capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("2 version(s)") == SOURCES  # keep_versions=1: 2 in 5 go
+    assert len(os.listdir(m / "src1" / "@versions")) == 3
+    (m / "@metrics").read_bytes()  # one render counted before the next shows it
+    runs = worker_runs(m)
+    assert runs.get("gc_plan", 0) >= 1, runs
+    assert runs.get("status", 0) >= 1, runs
+    assert runs.get("metrics", 0) >= 1, runs
+    assert "buffyfs_versions 900.0" in (m / "@metrics").read_text()  # 300 x 3 left
+    # one source's @status is small: built in a thread, right as ever
+    assert len(json.loads((m / "src1" / "@status").read_text())["versions"]) == 3
+
+
+async def test_the_worker_sees_the_mounts_queued_state_and_plans_elsewhere(
+        tmp_path: Path) -> None:
+    build(tmp_path, sources=3)
+    index = Index(tmp_path / "index")
+    try:
+        # a state write the mount queued and has not committed (writes.IndexWrites)
+        index.queued_state = {"src1": {"state": "fetching", "progress": {"bytes": 5,
+                                                                         "total": 9}}}
+        shown = json.loads(await offload.root_status(index, tmp_path))
+        by_name = {s["name"]: s for s in shown["sources"]}
+        assert by_name["src1"]["state"] == "fetching"
+        assert by_name["src1"]["progress"] == {"bytes": 5, "total": 9}
+        assert by_name["src0"]["state"] == "idle"
+        plan = await offload.plan_collection(index, set())  # 15 versions: in a thread
+        assert plan.pid == os.getpid()
+    finally:
+        offload._own.clear()
+        index.close()
+
+
+async def test_a_big_collection_is_planned_in_another_process(tmp_path: Path) -> None:
+    build(tmp_path, sources=250)  # 1,250 versions
+    index = Index(tmp_path / "index")
+    try:
+        plan = await offload.plan_collection(index, set())
+        assert plan.pid not in (0, os.getpid())
+        doomed = [d for batch in plan.batches for d in pickle.loads(batch)]
+        assert sorted((d.source, d.version.id) for d in doomed) == sorted(
+            (d.source, d.version.id) for d in gc.plan_snapshot(index, set()).doomed)
+        with index.read() as r:  # an open version is never planned
+            ino = r.versions("src0")[-1].ino
+        plan = await offload.plan_collection(index, {ino})
+        assert ino not in {d.version.ino for b in plan.batches for d in pickle.loads(b)}
+    finally:
+        index.close()
+
+
+async def test_a_failed_worker_process_leaves_the_work_to_a_thread(
+        tmp_path: Path, monkeypatch, caplog) -> None:
+    import trio_parallel
+
+    build(tmp_path, sources=3)
+    index = Index(tmp_path / "index")  # open here, as the mount's: LMDB opens it once
+
+    async def broken(*args, **kwargs):
+        raise trio_parallel.BrokenWorkerError("killed")
+
+    monkeypatch.setattr(trio_parallel, "run_sync", broken)
+    try:
+        shown = json.loads(await offload.root_status(index, tmp_path))
+        assert [s["name"] for s in shown["sources"]] == ["src0", "src1", "src2"]
+        assert "a worker process failed" in caplog.text
+    finally:
+        offload._own.clear()
+        index.close()
