@@ -348,7 +348,7 @@ class Tree:
         if src is None:  # not entered, its directory never given
             return []
         out = []
-        if self.shown_dirs.get(name, src["ino"]) != src["ino"]:  # removed, added again
+        if self.shown_dirs.get(name, src.ino) != src.ino:  # removed, added again
             out.append((ROOT, name))
             del self.shown_dirs[name]
         current = latest_target(src, resolve_latest(src, versions))
