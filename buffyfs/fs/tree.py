@@ -334,22 +334,23 @@ class Tree:
         directories and what they hold; the source's own entry if it is gone. Nothing
         for a source the kernel never looked into (a replica's first sync adds
         thousands): it has no entries below it."""
-        entered = name in self.entered or name in self.shown_dirs
+        entered = name in self.entered
+        shown = entered or name in self.shown_dirs  # its record is needed
         with self.index.read() as r:
-            src = r.source(name) if entered else None
-            exists = src is not None if entered else r.has_source(name)
-            versions = r.versions(name) if src else []
+            src = r.source(name) if shown else None
+            exists = src is not None if shown else r.has_source(name)
+            versions = r.versions(name) if src and entered else []
         if not exists:
             self.shown_latest.pop(name, None)
             self.entered.discard(name)
             self.shown_dirs.pop(name, None)
             return [(ROOT, name)]
-        if src is None:  # not entered, its directory never given
-            return []
         out = []
-        if self.shown_dirs.get(name, src["ino"]) != src["ino"]:  # removed, added again
-            out.append((ROOT, name))
+        if src is not None and self.shown_dirs.get(name, src["ino"]) != src["ino"]:
+            out.append((ROOT, name))  # removed, added again: a new directory inode
             del self.shown_dirs[name]
+        if not entered:  # the kernel holds nothing below it
+            return out
         current = latest_target(src, resolve_latest(src, versions))
         shown = self.shown_latest.get(name)
         if shown is not None and shown != current:
