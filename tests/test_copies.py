@@ -65,6 +65,11 @@ def test_generated_files_report_their_real_size(origin, mnt):
     origin.set("/s", b"s")
     write_control(mnt / "@control", f"add s {origin.url('/s')}")
     read(mnt / "s/latest")
+    # A change in the index between a stat and the open builds a new snapshot (so a
+    # command-line tag shows at once): let the refresh's trailing state writes (its
+    # planned next check) land first, as nothing else writes after them.
+    wait_for(lambda: (st := status(mnt / "s/@status")).get("next_check") and st["state"] == "idle",
+             10, what="the refresh's last state write")
     for name in ("@status", "@metrics", "s/@status", "@control", "s/@control"):
         size = os.stat(mnt / name).st_size
         data = read(mnt / name)
