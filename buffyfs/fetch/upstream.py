@@ -279,40 +279,42 @@ async def _capped(n: int, size: int, grow: Callable[[int], Awaitable[int]] | Non
     return min(await grow(n), size) if grow is not None else size
 
 
-def feed_problem(answer: Answer) -> str | None:
-    """Why an answer of ``/@changes`` is no change feed (then the next URL is asked):
-    a refusal (401, 403, 404: a hub that does not know us, or a cache in between
-    answering for it) or a body that is not the feed's JSON."""
-    if answer.status in (401, 403, 404):
-        return f"HTTP {answer.status} for /@changes"
+def answer_problem(answer: Answer, what: str, refusals: tuple[int, ...],
+                   is_valid: Callable[[Any], bool], invalid: str) -> str | None:
+    """Why ``answer`` (to ``what``) is not what was asked, so the next URL is asked: a
+    refusal (``refusals``: a hub that does not know us, or a cache in between answering
+    for it), a body that is not JSON, or JSON that ``is_valid`` rejects (``invalid``
+    says what it is not). None for an acceptable answer, or another status (the caller
+    says what it is)."""
+    if answer.status in refusals:
+        return f"HTTP {answer.status} for {what}"
     if answer.status != 200:
-        return None  # the caller says what it is
+        return None
     try:
-        feed = answer.json()
+        body = answer.json()
     except ValueError:
-        return "the answer to /@changes is not JSON"
-    if not isinstance(feed, dict) or not isinstance(feed.get("serial"), int) \
-            or isinstance(feed["serial"], bool) or not isinstance(feed.get("sources"), list) \
-            or not all(isinstance(n, str) for n in feed["sources"]) \
-            or not isinstance(feed.get("mirror") or {}, dict):
-        return "the answer to /@changes is no change feed"
-    return None
+        return f"the answer to {what} is not JSON"
+    return None if is_valid(body) else f"the answer to {what} is no {invalid}"
+
+
+def is_feed(feed: Any) -> bool:
+    """A ``/@changes`` page: a serial, the source names, the mirror part."""
+    return isinstance(feed, dict) and isinstance(feed.get("serial"), int) \
+        and not isinstance(feed["serial"], bool) and isinstance(feed.get("sources"), list) \
+        and all(isinstance(n, str) for n in feed["sources"]) \
+        and isinstance(feed.get("mirror") or {}, dict)
+
+
+def feed_problem(answer: Answer) -> str | None:
+    """Why an answer of ``/@changes`` is no change feed (then the next URL is asked)."""
+    return answer_problem(answer, "/@changes", (401, 403, 404), is_feed, "change feed")
 
 
 def status_problem(answer: Answer) -> str | None:
-    """Why an answer of ``NAME/@status`` is no source's status (then the next URL is
-    asked): a refusal, or a body that is not a JSON object (feed_problem's rule)."""
-    if answer.status in (401, 403):
-        return f"HTTP {answer.status} for @status"
-    if answer.status != 200:
-        return None  # the caller says what it is
-    try:
-        status = answer.json()
-    except ValueError:
-        return "the answer to @status is not JSON"
-    if not isinstance(status, dict):
-        return "the answer to @status is no source's status"
-    return None
+    """Why an answer of ``NAME/@status`` is no source's status (a 404 is the
+    caller's: Upstream.source)."""
+    return answer_problem(answer, "@status", (401, 403), lambda body: isinstance(body, dict),
+                          "source's status")
 
 
 def partial_dir(cache_root: Path) -> Path:
