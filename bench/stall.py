@@ -346,7 +346,8 @@ def measure(sources: int, per_source: int, workdir: Path | None = None,
                       "file_mib": st.get("RssFile", 0) / 1024, "load": os.getloadavg()[0]}
         daemon.check_alive()
         out["warnings"] = [line for line in log.read_text(errors="replace").splitlines()
-                           if "event loop" in line and "test hook" not in line]
+                           if ("event loop" in line or "garbage collection" in line)
+                           and "test hook" not in line]
         return out
     finally:
         if reader is not None and reader.poll() is None:

@@ -24,6 +24,7 @@ SIGUSR2 keeps its default action.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -68,15 +69,19 @@ class LoopMonitor(trio.abc.Instrument):
         self.loop_thread = threading.get_ident()
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
+        self._collection_started = 0.0  # perf_counter() when Python's collector began
 
     def __enter__(self) -> LoopMonitor:
         self.loop_thread = threading.get_ident()
         self._sampler = threading.Thread(target=self._sample_loop, name="loop-monitor",
                                          daemon=True)
         self._sampler.start()
+        gc.callbacks.append(self._collection)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._collection in gc.callbacks:
+            gc.callbacks.remove(self._collection)
         self._stop.set()
         if self._sampler is not None:
             self._sampler.join(timeout=1.0)
@@ -113,6 +118,19 @@ class LoopMonitor(trio.abc.Instrument):
             log.warning("event loop turn took %.0f ms: %d task steps, the longest %.0f ms "
                         "in task %s", took * 1000, self.turn_steps,
                         self.slowest[0] * 1000, self.slowest[1])
+
+    def _collection(self, phase: str, info: dict[str, int]) -> None:
+        """Python's cyclic garbage collector holds the GIL, so every thread and the
+        loop, for as long as it runs: a long one is logged as what it is (its stack
+        would name whatever allocated last)."""
+        if phase == "start":
+            self._collection_started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._collection_started
+        if took > self.threshold / 2:
+            log.warning("garbage collection of generation %d took %.0f ms (%d objects "
+                        "freed)", info.get("generation", -1), took * 1000,
+                        info.get("collected", 0))
 
     # the sampler thread
 

@@ -3,6 +3,7 @@ from the loop (a daemon whose loop is blocked stops its heartbeats)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -68,6 +69,27 @@ def test_monitor_is_quiet_when_the_loop_turns(caplog: pytest.LogCaptureFixture) 
     with watchdog.LoopMonitor(threshold=0.1) as monitor:
         trio.run(_quick_work, instruments=[monitor])
     assert not [r for r in caplog.records if "event loop" in r.getMessage()]
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_monitor_names_a_long_garbage_collection(caplog: pytest.LogCaptureFixture) -> None:
+    """A pause of Python's collector is named as such (its stack would name whatever
+    allocated last), and the hook is gone after the monitor."""
+    caplog.set_level(logging.WARNING, logger="buffyfs.watchdog")
+    keep = [[{"n": i}] for i in range(300_000)]  # objects the collector walks through
+    with watchdog.LoopMonitor(threshold=0.0) as monitor:
+        _ = _Cycle()
+        del _
+        gc.collect()
+        assert monitor._collection in gc.callbacks
+    assert monitor._collection not in gc.callbacks
+    lines = [r.getMessage() for r in caplog.records if "garbage collection" in r.getMessage()]
+    assert lines and "generation 2 took" in lines[-1] and "freed" in lines[-1], lines
+    assert keep
 
 
 # --- the systemd watchdog ---------------------------------------------------------------
