@@ -400,6 +400,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
             if settings.ready_fd is not None:
                 os.write(settings.ready_fd, b"ready\n")
                 os.close(settings.ready_fd)
+            watchdog.tune_collector()
             watchdog.notify_systemd(b"READY=1")
             if mounted:
                 await pyfuse3.main()

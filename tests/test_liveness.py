@@ -4,10 +4,13 @@ from the loop (a daemon whose loop is blocked stops its heartbeats)."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -90,6 +93,24 @@ def test_monitor_names_a_long_garbage_collection(caplog: pytest.LogCaptureFixtur
     lines = [r.getMessage() for r in caplog.records if "garbage collection" in r.getMessage()]
     assert lines and "generation 2 took" in lines[-1] and "freed" in lines[-1], lines
     assert keep
+
+
+def test_the_daemons_collector_skips_start_up_objects_and_runs_full_collections_rarely(
+) -> None:
+    """What the mount does before it serves (watchdog.tune_collector), in a process of
+    its own: the objects alive then are frozen, and a full collection waits for 100
+    middle ones."""
+    code = ("import gc, json; from buffyfs import watchdog, mount; "
+            "before = (gc.get_freeze_count(), gc.get_threshold()); "
+            "watchdog.tune_collector(); "
+            "print(json.dumps([before, gc.get_freeze_count(), gc.get_threshold()]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    (frozen_before, threshold_before), frozen, threshold = json.loads(done.stdout)
+    assert frozen_before == 0 and threshold_before[2] == 10
+    assert frozen > 10_000  # the modules of a mount, at least
+    assert threshold == [threshold_before[0], threshold_before[1],
+                         watchdog.FULL_COLLECTION_EVERY]
 
 
 # --- the systemd watchdog ---------------------------------------------------------------
