@@ -126,9 +126,11 @@ def guard(handler: Handler | None = None, *,
     table = {**(errnos or {}), **ERRNOS}  # the handler's own first
 
     def wrap(handler: Handler) -> Handler:
+        op = handler.__name__
+
         @functools.wraps(handler)
         async def guarded(self: BuffyFS, *args: Any, **kwargs: Any) -> Any:
-            self.metrics.fuse_requests.labels(op=handler.__name__).inc()
+            self.metrics.fuse_request(op).inc()
             try:
                 return await handler(self, *args, **kwargs)
             except pyfuse3.FUSEError:
@@ -429,14 +431,13 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         sha = version.sha256
         try:
-            fd = self.cache.blobs.open_blob(sha)
+            fd, size = self.cache.blobs.open_blob_sized(sha)
         except FileNotFoundError:
             self.report_damage(sha, "blob file missing", "open")
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as e:
             log.error("blob of version %s unreadable: %s", version.id, e.strerror)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        size = os.fstat(fd).st_size
         if size != version.size:
             os.close(fd)
             self.report_damage(sha, f"blob file has {size} bytes, {version.size} expected",
