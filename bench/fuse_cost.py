@@ -2,12 +2,12 @@
 
     python -m bench.fuse_cost                   # 1,000 sources, ~20 s
     python -m bench.fuse_cost --profile         # also a cProfile of the daemon's cat
-    python -m bench.fuse_cost --sources 200 --runs 3
+    python -m bench.fuse_cost --sources 200
 
 Builds a cache of SOURCES sources with one 4 KiB version each (blobs written, no
 download), mounts it, ``cat``s every ``latest`` once (the kernel learns the names and
-keeps the pages), then takes the best of RUNS ``cat`` of them all against the best of
-RUNS ``cat`` of the same bytes as plain files. Prints the time (per file too), the
+keeps the pages), then takes the best of CAT_RUNS (5) ``cat`` of them all against the
+best of as many ``cat`` of the same bytes as plain files (bench.stall's ``cat_seconds``). Prints the time (per file too), the
 daemon's CPU time per file (steadier than times on a loaded machine), the FUSE requests
 it answered per file (``buffyfs_fuse_requests_total`` by op) and the load average.
 (The first ``cat`` after one that read from the daemon also makes a ``getattr`` per
@@ -32,7 +32,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python bench/fuse_cost.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CLI_TIMEOUT, Daemon, bounded, cpu_seconds, populate  # noqa: E402
+from bench.common import Daemon, bounded, cpu_seconds, populate  # noqa: E402
+from bench.stall import CAT_RUNS, cat_seconds  # noqa: E402
 
 SIZE = 4096
 
@@ -79,16 +80,6 @@ class ProfiledDaemon(Daemon):
         self.pid = self.proc.pid
 
 
-def cat_seconds(paths: list[Path], runs: int) -> float:
-    best = float("inf")
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True,
-                       timeout=CLI_TIMEOUT, stdin=subprocess.DEVNULL)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def requests(mnt: Path) -> dict[str, float]:
     (mnt / "@control").write_text("# drops the snapshot of @metrics\n")
     text = (mnt / "@metrics").read_text()
@@ -99,7 +90,6 @@ def requests(mnt: Path) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sources", type=int, default=1000)
-    ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--profile", action="store_true",
                     help="run the daemon under cProfile; print its top functions")
     ap.add_argument("--workdir", default="/var/tmp")
@@ -117,21 +107,20 @@ def main() -> int:
         daemon.settle()
         latest = [daemon.mnt / n / "latest" for n in names]
         plain = [work / "plain" / n for n in names]
-        bounded(lambda: cat_seconds(latest, 1), 120, "first cat")
-        bounded(lambda: cat_seconds(latest, 1), 120, "second cat")  # the fstat after reads
+        bounded(lambda: cat_seconds(latest), 120, "first cats")  # and the fstat after reads
         before = requests(daemon.mnt)
         cpu = cpu_seconds(daemon.pid)
-        buffy = bounded(lambda: cat_seconds(latest, args.runs), 300, "cat of latest")
+        buffy = bounded(lambda: cat_seconds(latest), 300, "cat of latest")
         cpu = cpu_seconds(daemon.pid) - cpu
         after = requests(daemon.mnt)
-        files = bounded(lambda: cat_seconds(plain, args.runs), 300, "cat of plain files")
+        files = bounded(lambda: cat_seconds(plain), 300, "cat of plain files")
         n = len(names)
-        made = {op: (after.get(op, 0) - before.get(op, 0)) / (args.runs * n)
+        made = {op: (after.get(op, 0) - before.get(op, 0)) / (CAT_RUNS * n)
                 for op in after if after.get(op, 0) - before.get(op, 0) > 0}
         print(f"cat of {n:,} x 4 KiB latest, 2nd time: {buffy * 1e3:.1f} ms "
               f"({buffy / n * 1e6:.0f} us/file) vs plain {files * 1e3:.1f} ms = "
               f"{buffy / files:.1f}x; load {os.getloadavg()[0]:.2f}")
-        print(f"daemon CPU per file: {cpu / (args.runs * n) * 1e6:.0f} us")
+        print(f"daemon CPU per file: {cpu / (CAT_RUNS * n) * 1e6:.0f} us")
         print("requests per file: " + ", ".join(f"{op} {k:.2f}" for op, k in sorted(made.items())))
     finally:
         if daemon is not None:
