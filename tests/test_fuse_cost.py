@@ -183,3 +183,27 @@ async def test_an_open_of_a_version_stats_its_blob_once(
     finally:
         await fs.release(info.fh)
     assert calls == ["fstat", "fcntl"], calls
+
+
+async def test_a_versions_timestamp_is_parsed_once_for_many_getattrs(
+        fs: BuffyFS, cache: Cache, monkeypatch) -> None:  # noqa: F811 (the fixture)
+    """A version's mtime comes from its RFC 3339 ``fetched_at``: strptime on every
+    lookup and getattr of it was microseconds each; its answer is remembered."""
+    from buffyfs.fs import handlers
+    from buffyfs.store import index as index_module
+
+    cache.add_source("s", "http://127.0.0.1:9/s", {})
+    v = put_version(cache, "s", b"one", 0)
+    fetched_ns = int(index_module.parse_rfc3339(v.fetched_at).timestamp()) * 10**9
+    parsed: list[str] = []
+    for module in (handlers, index_module):  # wherever the handlers call it from
+        real = getattr(module, "parse_rfc3339", None)
+        if real is not None:
+            monkeypatch.setattr(module, "parse_rfc3339",
+                                lambda s, real=real: parsed.append(s) or real(s))
+    first = await lookup(fs, "s", "latest")
+    for _ in range(10):
+        attr = await fs.getattr(v.ino, CTX)
+        assert attr.st_mtime_ns == first.st_mtime_ns
+    assert first.st_mtime_ns == fetched_ns
+    assert len(parsed) <= 1, parsed
