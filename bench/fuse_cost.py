@@ -2,14 +2,19 @@
 
     python -m bench.fuse_cost                   # 1,000 sources, ~20 s
     python -m bench.fuse_cost --profile         # also a cProfile of the daemon's cat
+    python -m bench.fuse_cost --floor           # also a no-op pyfuse3 file system's
     python -m bench.fuse_cost --sources 200
 
 Builds a cache of SOURCES sources with one 4 KiB version each (blobs written, no
 download), mounts it, ``cat``s every ``latest`` once (the kernel learns the names and
 keeps the pages), then takes the best of CAT_RUNS (5) ``cat`` of them all against the
-best of as many ``cat`` of the same bytes as plain files (bench.stall's ``cat_seconds``). Prints the time (per file too), the
-daemon's CPU time per file (steadier than times on a loaded machine), the FUSE requests
-it answered per file (``buffyfs_fuse_requests_total`` by op) and the load average.
+best of as many ``cat`` of the same bytes as plain files (bench.stall's ``cat_seconds``).
+Prints the time (per file too), the daemon's CPU time per file (steadier than times on
+a loaded machine), the FUSE requests it answered per file
+(``buffyfs_fuse_requests_total`` by op) and the load average.
+With ``--floor``, also the same ``cat`` of a pyfuse3 file system on trio whose
+handlers do nothing, without and with buffyfs's loop monitor: what pyfuse3's dispatch
+and the monitor cost per file, whatever the handlers do.
 (The first ``cat`` after one that read from the daemon also makes a ``getattr`` per
 file: a FUSE read marks the atime stale, and ``cat`` ``fstat``s each file: not
 measured.) With ``--profile`` the daemon runs under cProfile (its whole run) and the top
@@ -32,7 +37,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python bench/fuse_cost.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Daemon, bounded, cpu_seconds, populate  # noqa: E402
+from bench.common import (  # noqa: E402
+    BenchError,
+    Daemon,
+    bounded,
+    cpu_seconds,
+    end_process,
+    is_mounted,
+    populate,
+    run_quiet,
+    wait_until,
+)
 from bench.stall import CAT_RUNS, cat_seconds  # noqa: E402
 
 SIZE = 4096
@@ -97,6 +112,74 @@ class ProfiledDaemon(Daemon):
         self.pid = self.proc.pid
 
 
+# The floor: a pyfuse3 file system on trio whose handlers do nothing (files f0, f1...
+# of 4 KiB; open and release answer at once), optionally with buffyfs's loop monitor.
+NOOP_FS = """
+import errno, stat, sys
+import pyfuse3, trio
+mnt, monitored = sys.argv[1], sys.argv[2] == "1"
+DATA = bytes(4096)
+
+class NoOp(pyfuse3.Operations):
+    def _attr(self, ino):
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.entry_timeout = a.attr_timeout = 3600
+        a.st_mode = stat.S_IFDIR | 0o555 if ino == 1 else stat.S_IFREG | 0o444
+        a.st_size = 0 if ino == 1 else len(DATA)
+        return a
+    async def getattr(self, ino, ctx=None):
+        return self._attr(ino)
+    async def lookup(self, parent, name, ctx=None):
+        if parent != 1 or not name.startswith(b"f") or not name[1:].isdigit():
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(int(name[1:]) + 2)
+    async def open(self, ino, flags, ctx):
+        return pyfuse3.FileInfo(fh=ino, keep_cache=True)
+    async def read(self, fh, off, size):
+        return DATA[off:off + size]
+    async def release(self, fh):
+        pass
+
+pyfuse3.init(NoOp(), mnt, set(pyfuse3.default_options))
+try:
+    if monitored:
+        from buffyfs.watchdog import LoopMonitor
+        with LoopMonitor() as monitor:
+            trio.run(pyfuse3.main, instruments=[monitor])
+    else:
+        trio.run(pyfuse3.main)
+finally:
+    pyfuse3.close()
+"""
+
+
+def floor(work: Path, files: int, monitored: bool) -> tuple[float, float]:
+    """(best cat seconds, CPU seconds per file) of ``files`` files of the no-op file
+    system (NOOP_FS), mounted on ``work``/``noop``."""
+    mnt = work / ("noop-monitored" if monitored else "noop")
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", NOOP_FS, str(mnt), str(int(monitored))],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        if not wait_until(lambda: is_mounted(mnt) or proc.poll() is not None, 30) \
+                or not is_mounted(mnt):
+            raise BenchError("the no-op file system did not mount")
+        paths = [mnt / f"f{i}" for i in range(files)]
+        bounded(lambda: cat_seconds(paths), 120, "first cats of the no-op file system")
+        cpu = cpu_seconds(proc.pid)
+        best = bounded(lambda: cat_seconds(paths), 300, "cat of the no-op file system")
+        return best, (cpu_seconds(proc.pid) - cpu) / (CAT_RUNS * files)
+    finally:
+        run_quiet(["fusermount3", "-u", str(mnt)])
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            end_process(proc)
+        if is_mounted(mnt):
+            run_quiet(["fusermount3", "-uz", str(mnt)])
+
+
 def requests(mnt: Path) -> dict[str, float]:
     (mnt / "@control").write_text("# drops the snapshot of @metrics\n")
     text = (mnt / "@metrics").read_text()
@@ -109,6 +192,9 @@ def main() -> int:
     ap.add_argument("--sources", type=int, default=1000)
     ap.add_argument("--profile", action="store_true",
                     help="run the daemon under cProfile; print its top functions")
+    ap.add_argument("--floor", action="store_true",
+                    help="also the same cat of a pyfuse3 file system whose handlers do "
+                         "nothing, with and without buffyfs's loop monitor")
     ap.add_argument("--workdir", default="/var/tmp")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="buffyfs-bench-fuse-cost-", dir=args.workdir))
@@ -139,6 +225,11 @@ def main() -> int:
               f"{buffy / files:.1f}x; load {os.getloadavg()[0]:.2f}")
         print(f"daemon CPU per file: {cpu / (CAT_RUNS * n) * 1e6:.0f} us")
         print("requests per file: " + ", ".join(f"{op} {k:.2f}" for op, k in sorted(made.items())))
+        for monitored in (False, True) if args.floor else ():
+            best, per_file = floor(work, n, monitored)
+            print(f"no-op pyfuse3 file system{' + loop monitor' if monitored else ''}: "
+                  f"{best * 1e3:.1f} ms = {best / files:.1f}x plain, CPU per file "
+                  f"{per_file * 1e6:.0f} us; load {os.getloadavg()[0]:.2f}")
     finally:
         if daemon is not None:
             daemon.stop()
