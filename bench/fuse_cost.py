@@ -160,7 +160,8 @@ def floor(work: Path, files: int, monitored: bool) -> tuple[float, float]:
     mnt = work / ("noop-monitored" if monitored else "noop")
     mnt.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", NOOP_FS, str(mnt), str(int(monitored))],
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # (the monitor's warnings)
     try:
         if not wait_until(lambda: is_mounted(mnt) or proc.poll() is not None, 30) \
                 or not is_mounted(mnt):
