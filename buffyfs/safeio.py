@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import NoReturn
 
 from buffyfs.errors import CacheError
 
@@ -64,6 +65,22 @@ def open_file(path: Path | str, flags: int, mode: int = 0o600, replace: bool = F
     With ``replace`` (for files buffyfs creates, flags with ``O_CREAT``), an entry that
     is not a regular file is removed, with a warning, and a new file created instead.
     """
+    opened = _open_regular(path, flags, mode)
+    if isinstance(opened, str):  # what is there instead
+        return _replace(path, opened, flags, mode) if replace else _refuse(path, opened)
+    return opened[0]
+
+
+def open_regular(path: Path | str) -> tuple[int, os.stat_result]:
+    """``open_file(path, O_RDONLY)`` and the file's stat, from the one ``fstat`` the
+    check makes (an open of a version, per FUSE open: its size is checked too)."""
+    opened = _open_regular(path, os.O_RDONLY, 0)
+    return _refuse(path, opened) if isinstance(opened, str) else opened
+
+
+def _open_regular(path: Path | str, flags: int,
+                  mode: int) -> tuple[int, os.stat_result] | str:
+    """(fd, its stat) of the regular file at ``path``, or what is there instead."""
     # O_NONBLOCK: opening a fifo must not wait for a writer; dropped again below.
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
@@ -72,17 +89,18 @@ def open_file(path: Path | str, flags: int, mode: int = 0o600, replace: bool = F
         what = entry_kind(path) if e.errno != errno.ENOENT else None
         if what is None or what == "regular file":
             raise
-        return _replace(path, what, flags, mode) if replace else _refuse(path, what)
+        return what
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        what = describe(st.st_mode)
-        return _replace(path, what, flags, mode) if replace else _refuse(path, what)
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    return fd
+        return describe(st.st_mode)
+    # F_SETFL sets only the status flags (O_APPEND, O_NONBLOCK...): those of ``flags``
+    # are the fd's, so no F_GETFL is needed first
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    return fd, st
 
 
-def _refuse(path: Path | str, what: str) -> int:
+def _refuse(path: Path | str, what: str) -> NoReturn:
     raise NotRegularFile(path, what)
 
 

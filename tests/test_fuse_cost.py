@@ -136,3 +136,74 @@ async def test_a_reservation_without_a_quota_scans_no_partial_files(
     refresher.has_quota = lambda: True  # with a quota: as before
     await refresher._reserve("b", 100)
     assert scanned == ["b"] and asked[0] >= 100
+
+
+# --- what one open and release of a cached version costs ---------------------------------
+
+
+async def test_the_request_counters_children_are_made_once(
+        fs: BuffyFS, cache: Cache, monkeypatch) -> None:  # noqa: F811 (the fixture)
+    """``labels(op=...)`` on every request (a lock, a tuple of label values) was a few
+    microseconds of each open and release: the children are kept."""
+    cache.add_source("s", "http://127.0.0.1:9/s", {})
+    v = put_version(cache, "s", b"one", 0)
+    await lookup(fs, "s", "latest")
+    info = await fs.open(v.ino, os.O_RDONLY, CTX)
+    await fs.release(info.fh)
+    made: list[dict[str, str]] = []
+    real = fs.metrics.fuse_requests.labels
+    monkeypatch.setattr(fs.metrics.fuse_requests, "labels",
+                        lambda **kw: made.append(kw) or real(**kw))
+    for _ in range(10):
+        info = await fs.open(v.ino, os.O_RDONLY, CTX)
+        await fs.release(info.fh)
+    assert made == []
+    assert fs.metrics.fuse_requests.labels(op="open")._value.get() == 11
+    assert fs.metrics.fuse_requests.labels(op="release")._value.get() == 11
+
+
+async def test_an_open_of_a_version_stats_its_blob_once(
+        fs: BuffyFS, cache: Cache, monkeypatch) -> None:  # noqa: F811 (the fixture)
+    """Opening a version checks that its blob is a regular file of the right size: one
+    ``fstat`` answers both, and O_NONBLOCK is dropped with one ``fcntl``."""
+    import fcntl
+
+    cache.add_source("s", "http://127.0.0.1:9/s", {})
+    v = put_version(cache, "s", b"one", 0)
+    await lookup(fs, "s", "latest")
+    calls: list[str] = []
+    real_fstat, real_fcntl = os.fstat, fcntl.fcntl
+    monkeypatch.setattr(os, "fstat", lambda fd: calls.append("fstat") or real_fstat(fd))
+    monkeypatch.setattr(fcntl, "fcntl", lambda *a: calls.append("fcntl") or real_fcntl(*a))
+    info = await fs.open(v.ino, os.O_RDONLY, CTX)
+    monkeypatch.undo()
+    try:
+        assert os.pread(fs.handles[info.fh].fd, 10, 0) == b"one"
+        assert not fcntl.fcntl(fs.handles[info.fh].fd, fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        await fs.release(info.fh)
+    assert calls == ["fstat", "fcntl"], calls
+
+
+async def test_a_versions_timestamp_is_parsed_once_for_many_getattrs(
+        fs: BuffyFS, cache: Cache, monkeypatch) -> None:  # noqa: F811 (the fixture)
+    """A version's mtime comes from its RFC 3339 ``fetched_at``: strptime on every
+    lookup and getattr of it was microseconds each; its answer is remembered."""
+    from buffyfs.fs import handlers
+    from buffyfs.store import index as index_module
+
+    cache.add_source("s", "http://127.0.0.1:9/s", {})
+    v = put_version(cache, "s", b"one", 0)
+    fetched_ns = int(index_module.parse_rfc3339(v.fetched_at).timestamp()) * 10**9
+    parsed: list[str] = []
+    for module in (handlers, index_module):  # wherever the handlers call it from
+        real = getattr(module, "parse_rfc3339", None)
+        if real is not None:
+            monkeypatch.setattr(module, "parse_rfc3339",
+                                lambda s, real=real: parsed.append(s) or real(s))
+    first = await lookup(fs, "s", "latest")
+    for _ in range(10):
+        attr = await fs.getattr(v.ino, CTX)
+        assert attr.st_mtime_ns == first.st_mtime_ns
+    assert first.st_mtime_ns == fetched_ns
+    assert len(parsed) <= 1, parsed

@@ -60,7 +60,7 @@ from buffyfs.fs.unpackfs import UnpackedHandle, UnpackedTree
 from buffyfs.options import parse_duration, redact_url
 from buffyfs.store import offload, revalidate
 from buffyfs.store.cache import Cache
-from buffyfs.store.index import SourceInode, parse_rfc3339
+from buffyfs.store.index import SourceInode, rfc3339_ns
 from buffyfs.store.metrics import Metrics
 from buffyfs.store.records import Version
 
@@ -126,9 +126,11 @@ def guard(handler: Handler | None = None, *,
     table = {**(errnos or {}), **ERRNOS}  # the handler's own first
 
     def wrap(handler: Handler) -> Handler:
+        op = handler.__name__
+
         @functools.wraps(handler)
         async def guarded(self: BuffyFS, *args: Any, **kwargs: Any) -> Any:
-            self.metrics.fuse_requests.labels(op=handler.__name__).inc()
+            self.metrics.fuse_request(op).inc()
             try:
                 return await handler(self, *args, **kwargs)
             except pyfuse3.FUSEError:
@@ -220,7 +222,7 @@ class BuffyFS(pyfuse3.Operations):
             self.shown_links[ino] = a.st_nlink
             a.st_size = node.version.size
             a.st_blocks = (a.st_size + 511) // 512
-            stamp = int(parse_rfc3339(node.version.fetched_at).timestamp() * 1e9)
+            stamp = rfc3339_ns(node.version.fetched_at)
             a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
             a.entry_timeout = a.attr_timeout = IMMUTABLE_TIMEOUT
         elif kind in CONTROLS:  # writes take commands, reads a help text
@@ -245,7 +247,7 @@ class BuffyFS(pyfuse3.Operations):
             a.attr_timeout = 0
             if v:
                 a.st_size = v.size
-                stamp = int(parse_rfc3339(v.fetched_at).timestamp() * 1e9)
+                stamp = rfc3339_ns(v.fetched_at)
                 a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
         else:  # pending latest: contents not known ahead, served direct_io
             a.st_mode = stat.S_IFREG | 0o444
@@ -429,14 +431,13 @@ class BuffyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         sha = version.sha256
         try:
-            fd = self.cache.blobs.open_blob(sha)
+            fd, size = self.cache.blobs.open_blob_sized(sha)
         except FileNotFoundError:
             self.report_damage(sha, "blob file missing", "open")
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as e:
             log.error("blob of version %s unreadable: %s", version.id, e.strerror)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        size = os.fstat(fd).st_size
         if size != version.size:
             os.close(fd)
             self.report_damage(sha, f"blob file has {size} bytes, {version.size} expected",

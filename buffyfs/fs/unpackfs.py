@@ -32,7 +32,7 @@ import pyfuse3
 import trio
 
 from buffyfs.safeio import open_file
-from buffyfs.store.index import parse_rfc3339
+from buffyfs.store.index import rfc3339_ns
 from buffyfs.store.records import Source, Version
 from buffyfs.store.unpack import COMPRESSED, DerivedStore
 
@@ -172,7 +172,7 @@ class UnpackedTree:
             a.st_mode, a.st_nlink = stat.S_IFDIR | 0o555, 2
             return a
         view = self._view(ino)
-        stamp = int(parse_rfc3339(view.version.fetched_at).timestamp() * 1e9)
+        stamp = rfc3339_ns(view.version.fetched_at)
         a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = stamp
         record = view.record
         if record is None or record.get("kind") is None:

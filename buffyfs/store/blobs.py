@@ -22,7 +22,15 @@ import os
 import stat
 from pathlib import Path
 
-from buffyfs.safeio import NotRegularFile, entry_kind, fsync_dir, is_regular, make_dir, open_file
+from buffyfs.safeio import (
+    NotRegularFile,
+    entry_kind,
+    fsync_dir,
+    is_regular,
+    make_dir,
+    open_file,
+    open_regular,
+)
 
 
 class BlobStore:
@@ -31,6 +39,7 @@ class BlobStore:
         symlink, not owned by this user, or writable by others."""
         self.root = root
         self.blob_dir = root / "blobs"
+        self.blob_dir_str = str(self.blob_dir)
         self.partial_dir = root / "partial"
         make_dir(root)
         make_dir(self.blob_dir, root)
@@ -96,6 +105,12 @@ class BlobStore:
         """An O_RDONLY file descriptor of the blob (the caller closes it); never
         through a symlink (NotRegularFile, an OSError)."""
         return open_file(self.path(sha256), os.O_RDONLY)
+
+    def open_blob_sized(self, sha256: str) -> tuple[int, int]:
+        """``open_blob`` and the blob file's size (per FUSE open of a version: a path
+        made without pathlib, one fstat)."""
+        fd, st = open_regular(f"{self.blob_dir_str}/{sha256[:2]}/{sha256}")
+        return fd, st.st_size
 
     def is_current(self, sha256: str, fd: int) -> bool:
         """Whether ``fd`` is still the file stored under ``sha256`` (a repair renames

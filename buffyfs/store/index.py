@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import re
 import struct
@@ -116,6 +117,14 @@ def rfc3339(t: datetime) -> str:
 
 def parse_rfc3339(s: str) -> datetime:
     return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+@functools.lru_cache(maxsize=8192)
+def rfc3339_ns(s: str) -> int:
+    """``parse_rfc3339`` as nanoseconds since the epoch, remembered: a version's
+    timestamps in its attributes, on every lookup and getattr of it (strptime takes
+    microseconds)."""
+    return int(parse_rfc3339(s).timestamp()) * 1_000_000_000
 
 
 def version_id(fetched_at: datetime, sha256: str) -> str:
