@@ -151,3 +151,68 @@ async def test_a_burst_of_refreshes_runs_few_refresh_steps_per_loop_turn(tmp_pat
     results = await burst_of_refreshes(tmp_path, counter)
     assert results == ["new_version"] * BURST, results[:3]
     assert counter.most <= 12, counter.most  # all 200 at once before
+
+
+async def test_writes_pile_up_while_another_writer_holds_the_index(tmp_path: Path) -> None:
+    """While another writer holds LMDB's lock (a `buffyfs` command's long write), the
+    mount's queued state and whole writes wait in memory, in order, the loop runs on,
+    and its reads see the queued state; all of it lands, in order, once the lock is
+    free (issue 12's writer-held row)."""
+    import threading
+
+    index = Index(tmp_path / "index")
+    try:
+        index.add_source("a", "http://127.0.0.1:9/a", {})
+        writes = IndexWrites(index)
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # as another process: the writer lock is the file's
+            with index.write():
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(10)
+        order: list[str] = []
+        turns = [0]
+
+        async def whole_write(tag: str) -> None:
+            def fn() -> str:
+                order.append(tag)
+                index.set_state("a", last_error={"at": "now", "message": tag})
+                return tag
+            assert await writes.call(fn) == tag
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writes.run)
+                writes.set_state("a", progress={"bytes": 1, "total": 2})
+                for n in range(10):
+                    nursery.start_soon(whole_write, f"w{n}")
+                    await trio.testing.wait_all_tasks_blocked()
+                writes.set_state("a", queued="behind the others")
+                for _ in range(20):  # the loop turns while the writes wait
+                    await trio.sleep(0.01)
+                    turns[0] += 1
+                assert order == []  # nothing could commit
+                with index.read() as r:  # the queued state is seen at once
+                    state = r.state("a")
+                assert state.progress == {"bytes": 1, "total": 2}
+                assert state.queued == "behind the others"
+                release.set()
+                with trio.fail_after(30):
+                    while writes.committed < writes.posted:
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        finally:
+            release.set()
+            holder.join(10)
+        assert turns[0] == 20
+        assert order == [f"w{n}" for n in range(10)]  # each in its turn, in order
+        with index.read() as r:
+            state = r.state("a")
+        assert state.last_error == {"at": "now", "message": "w9"}
+        assert state.queued == "behind the others" and writes.queued == {}
+    finally:
+        index.close()

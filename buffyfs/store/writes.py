@@ -174,21 +174,19 @@ class IndexWrites:
             heapq.heappop(self.flushing)[2].set()
 
     def _commit(self, batch: list[Callable[[Writer], None] | _Call]) -> None:
-        """The ops of ``batch`` in one transaction between its whole writes, each of
-        those in its own, in order."""
-        ops: list[Callable[[Writer], None]] = []
+        """The ops of ``batch`` in one transaction, then its whole writes in order, each
+        in its own: a whole write comes after everything posted before it (and maybe
+        after some posted since, as when it waited for a flush). One transaction per
+        stretch of ops between whole writes made a burst's commits (fsyncs) twice as
+        many."""
+        ops = [item for item in batch if not isinstance(item, _Call)]
+        if ops:
+            self._commit_ops(ops)
         for item in batch:
             if isinstance(item, _Call):
-                self._commit_ops(ops)
-                ops = []
                 item.run()
-            else:
-                ops.append(item)
-        self._commit_ops(ops)
 
     def _commit_ops(self, ops: list[Callable[[Writer], None]]) -> None:
-        if not ops:
-            return
         try:
             with self.index.write() as w:
                 for op in ops:
