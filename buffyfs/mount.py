@@ -390,7 +390,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
                 from buffyfs import http
 
                 start_task(nursery, "HTTP server", http.serve, settings.serve, fs)
-            with cache.index.read() as r:  # counts kept by LMDB: no scan
+            with cache.index.read() as r:  # a count LMDB keeps: no scan
                 versions = r.version_count()
             log.info("buffyfs %s %s, cache %s, %d sources, %d versions", __version__,
                      f"mounted on {settings.mountpoint}" if mounted else "running without a mount",
