@@ -216,3 +216,32 @@ async def test_writes_pile_up_while_another_writer_holds_the_index(tmp_path: Pat
         assert state.queued == "behind the others" and writes.queued == {}
     finally:
         index.close()
+
+
+async def test_a_bug_in_a_queued_op_does_not_leave_a_whole_write_waiting(tmp_path: Path
+                                                                          ) -> None:
+    """An op that raises (a bug) ends the committing task (the mount logs it and starts
+    it again), but the whole write queued with it still runs and its caller is answered:
+    the caller waits shielded, it would wait forever."""
+    index = Index(tmp_path / "index")
+    try:
+        writes = IndexWrites(index)
+        failed: list[str] = []
+
+        def bug(w: object) -> None:
+            raise RuntimeError("a bug")
+
+        async def committing() -> None:
+            try:
+                await writes.run()
+            except RuntimeError as e:
+                failed.append(str(e))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(committing)
+            writes.post(bug)
+            with trio.fail_after(10):
+                assert await writes.call(lambda: "answered") == "answered"
+        assert failed == ["a bug"]
+    finally:
+        index.close()

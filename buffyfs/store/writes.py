@@ -129,9 +129,11 @@ class IndexWrites:
                 self.wake = trio.Event()
                 while self.queue:
                     batch = self._take()
-                    async with self.writer:
-                        await trio.to_thread.run_sync(self._commit, batch)
-                    self._done(batch)
+                    try:
+                        async with self.writer:
+                            await trio.to_thread.run_sync(self._commit, batch)
+                    finally:  # even after a bug in an op: its callers are not left waiting
+                        self._done(batch)
         finally:
             self.stopped = True
             self.drain()  # stopping: what is queued still lands, here and now
@@ -180,11 +182,13 @@ class IndexWrites:
         stretch of ops between whole writes made a burst's commits (fsyncs) twice as
         many."""
         ops = [item for item in batch if not isinstance(item, _Call)]
-        if ops:
-            self._commit_ops(ops)
-        for item in batch:
-            if isinstance(item, _Call):
-                item.run()
+        try:
+            if ops:
+                self._commit_ops(ops)
+        finally:  # a bug in an op (raised on) does not keep the whole writes from running
+            for item in batch:
+                if isinstance(item, _Call):
+                    item.run()
 
     def _commit_ops(self, ops: list[Callable[[Writer], None]]) -> None:
         try:
