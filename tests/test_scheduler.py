@@ -288,3 +288,33 @@ async def test_a_burst_of_due_refreshes_starts_a_chunk_per_loop_turn(idx, autoju
     # between two steps of another task: one turn's starts, or parts of two (trio may
     # run a turn's tasks in either order); all 100 at once before
     assert 0 < most[0] <= 2 * START_CHUNK, most
+
+
+async def test_evaluations_end_their_loop_turn_after_a_time_slice(idx, autojump_clock,
+                                                                  monkeypatch):
+    """The scheduler's start evaluates 20,000 sources (records decoded, policies parsed):
+    a batch of 256 held the loop ~100 ms. It now stops after EVALUATE_SLICE seconds and
+    goes on in the next turn; with a slice of 0, one source per turn (issue 12)."""
+    from buffyfs.fetch import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "EVALUATE_SLICE", 0.0, raising=False)
+    for i in range(50):
+        add(idx, f"s{i}", timedelta(hours=1), refresh="1d")  # checked: none due
+    refresher = FakeRefresher(idx)
+    most = [0]
+
+    async def another_task(scheduler: Scheduler) -> None:  # one step per loop turn
+        left = len(scheduler.pending)
+        for _ in range(100_000):
+            if not scheduler.pending:
+                return
+            await trio.lowlevel.checkpoint()
+            most[0] = max(most[0], left - len(scheduler.pending))
+            left = len(scheduler.pending)
+
+    async with running(idx, refresher) as scheduler:
+        await another_task(scheduler)
+        await settle(refresher, scheduler)
+        assert len(scheduler.due) == 50  # every one planned
+    assert refresher.calls == []
+    assert 0 < most[0] <= 2, most  # all 50 in one turn before

@@ -812,6 +812,12 @@ class Index:
 
     # --- one-transaction conveniences -------------------------------------------------
 
+    def source_names(self) -> list[str]:
+        """Every source's name (20,000 take ~0.1 s: the mount reads them in a worker
+        thread, not on its loop)."""
+        with self.read() as r:
+            return r.source_names()
+
     def get_source(self, name: str) -> Source:
         with self.read() as r:
             src = r.source(name)

@@ -171,8 +171,7 @@ class Unpacker:
         async with trio.open_nursery() as nursery:
             for _ in range(WORKERS):
                 nursery.start_soon(self._worker)
-            with self.index.read() as r:
-                names = set(r.source_names())
+            names = set(await trio.to_thread.run_sync(self.index.source_names))
             self.starting = True  # the first round also retries what failed for want of room
             while True:
                 ordered = sorted(names)

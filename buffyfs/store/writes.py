@@ -5,6 +5,14 @@ commit (an fsync, and a wait for the single writer lock that a command-line proc
 hold). On the loop, every file request would wait for them. Here they are queued without
 waiting and committed by one worker thread at a time, in the order they were posted,
 as many to a transaction as have queued up meanwhile.
+
+A whole write that answers (``call``: a version's commit, a recorded failure) joins the
+same queue and runs in the same worker thread, in its own transaction, when its turn
+comes; only its caller is woken when it is done. (It used to wait for everything posted
+before it, then for the writer: a burst of 1,000 refreshes woke hundreds of such waits
+in one loop turn, and each took its own trip to a thread.) A trip to the thread takes at
+most CALLS_PER_TRIP of them, so that a trip wakes few callers at once: each goes on with
+its refresh in the loop turn that follows.
 """
 
 from __future__ import annotations
@@ -23,11 +31,30 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+CALLS_PER_TRIP = 4  # whole writes (``call``) run per trip to the worker thread
+
+
+class _Call:
+    """A whole write waiting in the queue, and then its answer."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # noqa: BLE001 (raised again in the caller)
+            self.error = e
+
 
 class IndexWrites:
     def __init__(self, index: Index) -> None:
         self.index = index
-        self.queue: list[Callable[[Writer], None]] = []
+        # ops (``post``) and whole writes (``call``), in the order they came
+        self.queue: list[Callable[[Writer], None] | _Call] = []
         self.posted = 0  # ops posted so far
         self.committed = 0  # ops committed (or dropped by a failed commit) so far
         self.writer = trio.CapacityLimiter(1)  # one index writer of ours at a time
@@ -67,15 +94,22 @@ class IndexWrites:
         self.post(op)
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a whole write ``fn(*args)`` (its own transaction) in a worker thread,
-        after everything posted before it. Shielded: a commit under way is not cut
-        short (the blob it names is on disk already)."""
+        """Run a whole write ``fn(*args)`` (its own transaction) in the committing
+        worker thread, after everything posted before it; returns its answer or raises
+        its error. Shielded: a commit under way is not cut short (the blob it names is
+        on disk already)."""
+        if self.stopped:
+            self.drain()
+            return fn(*args, **kwargs)
+        call = _Call(lambda: fn(*args, **kwargs))
+        self.queue.append(call)
+        self.posted += 1
+        self.wake.set()
         with trio.CancelScope(shield=True):
-            await self.flush()
-            if self.stopped:
-                return fn(*args, **kwargs)
-            async with self.writer:
-                return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+            await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[no-any-return]
 
     async def flush(self) -> None:
         """Wait until everything posted so far is committed."""
@@ -94,10 +128,12 @@ class IndexWrites:
                 await self.wake.wait()
                 self.wake = trio.Event()
                 while self.queue:
-                    batch, self.queue = self.queue, []
-                    async with self.writer:
-                        await trio.to_thread.run_sync(self._commit, batch)
-                    self._done(len(batch))
+                    batch = self._take()
+                    try:
+                        async with self.writer:
+                            await trio.to_thread.run_sync(self._commit, batch)
+                    finally:  # even after a bug in an op: its callers are not left waiting
+                        self._done(batch)
         finally:
             self.stopped = True
             self.drain()  # stopping: what is queued still lands, here and now
@@ -108,10 +144,26 @@ class IndexWrites:
         if self.queue:
             batch, self.queue = self.queue, []
             self._commit(batch)
-            self._done(len(batch))
+            self._done(batch)
 
-    def _done(self, count: int) -> None:
-        self.committed += count
+    def _take(self) -> list[Callable[[Writer], None] | _Call]:
+        """The next trip's share of the queue: up to CALLS_PER_TRIP whole writes and
+        the ops among and before them."""
+        calls = 0
+        for i, item in enumerate(self.queue):
+            if isinstance(item, _Call):
+                calls += 1
+                if calls > CALLS_PER_TRIP:
+                    batch, self.queue = self.queue[:i], self.queue[i:]
+                    return batch
+        batch, self.queue = self.queue, []
+        return batch
+
+    def _done(self, batch: list[Callable[[Writer], None] | _Call]) -> None:
+        for item in batch:
+            if isinstance(item, _Call):
+                item.done.set()
+        self.committed += len(batch)
         for name in [n for n, by in self.queued_by.items() if by <= self.committed]:
             del self.queued_by[name]  # in the index now (or dropped with its batch)
             self.queued.pop(name, None)
@@ -123,10 +175,25 @@ class IndexWrites:
         while self.flushing and (self.flushing[0][0] <= self.committed or self.stopped):
             heapq.heappop(self.flushing)[2].set()
 
-    def _commit(self, batch: list[Callable[[Writer], None]]) -> None:
+    def _commit(self, batch: list[Callable[[Writer], None] | _Call]) -> None:
+        """The ops of ``batch`` in one transaction, then its whole writes in order, each
+        in its own: a whole write comes after everything posted before it (and maybe
+        after some posted since, as when it waited for a flush). One transaction per
+        stretch of ops between whole writes made a burst's commits (fsyncs) twice as
+        many."""
+        ops = [item for item in batch if not isinstance(item, _Call)]
+        try:
+            if ops:
+                self._commit_ops(ops)
+        finally:  # a bug in an op (raised on) does not keep the whole writes from running
+            for item in batch:
+                if isinstance(item, _Call):
+                    item.run()
+
+    def _commit_ops(self, ops: list[Callable[[Writer], None]]) -> None:
         try:
             with self.index.write() as w:
-                for op in batch:
+                for op in ops:
                     op(w)
         except CacheError as e:  # the index is full or broken: the next write says so too
             log.error("could not record the state of downloads: %s", e)
