@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from buffyfs.errors import BadInput, CacheError, NotFound
 from buffyfs.options import normalize_options
@@ -496,3 +498,20 @@ def test_open_index_sees_writes_of_other_process(idx: Index, index_dir: Path) ->
     b_ino = idx.get_source("b").ino
     c_ino = idx.get_source("c").ino
     assert c_ino >= max(b_ino + INODES_PER_SOURCE, v.ino + 1)
+
+
+@given(st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(9999, 12, 31)))
+def test_parse_rfc3339_reads_what_rfc3339_wrote(t: datetime) -> None:
+    """The fast path (fromisoformat) gives what the strict strptime gives."""
+    text = rfc3339(t.replace(tzinfo=UTC))
+    assert parse_rfc3339(text) == \
+        datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert parse_rfc3339(text).utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize("bad", ["2026-13-01T00:00:00Z", "2026-01-01T00:00:0xZ",
+                                 "2026-01-01 00:00:00Z", "abcd-01-01T00:00:00Z",
+                                 "2026-01-01T00:00:00+0", "2026-01-01", ""])
+def test_parse_rfc3339_refuses_other_shapes(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_rfc3339(bad)
