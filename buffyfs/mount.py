@@ -138,12 +138,14 @@ class Collector:
     """Garbage collection inside the mount: after each new version, periodically, and
     when ``buffyfs gc`` asks.
 
-    Off the event loop: the plan reads a snapshot in a worker thread, and each batch of
-    it commits in a worker thread (``gc.commit``, which re-checks protection). What is
-    open may change meanwhile, so just before each batch's commit, on the loop, the
-    versions opened since the plan are taken out of it, and the batch's inodes are
-    marked ``fs.collecting``: an open of one of them waits for the commit and then
-    resolves again (the version is gone, or was kept).
+    Off the event loop: the plan reads a snapshot in a worker process, and each batch
+    of it commits in that kind of process too (``gc.commit``, which re-checks
+    protection, reading every version of the batch's sources: neither the loop's GIL
+    nor the daemon's memory pays for it; a small plan uses threads). What is open may
+    change meanwhile, so just before each batch's commit, on the loop, the versions
+    opened since the plan are left out of it, and the batch's inodes are marked
+    ``fs.collecting``: an open of one of them waits for the commit and then resolves
+    again (the version is gone, or was kept).
     """
 
     def __init__(self, cache: Cache, fs: BuffyFS, max_size: int | None,
@@ -180,7 +182,7 @@ class Collector:
     async def collect(self, need: int = 0, dry_run: bool = False) -> gc.Report:
         async with self.lock:
             # planned in a worker process (offload.py): not even the GIL is taken from
-            # the loop; its batches are decoded one at a time, as they are committed
+            # the loop; its batches are committed there too, one at a time
             planned = await offload.plan_collection(
                 self.cache.index, set(self.fs.open_inos), need, self.max_size, dry_run)
             if planned.pid != os.getpid():
@@ -188,21 +190,24 @@ class Collector:
             if planned.report is not None:  # a dry run: the whole report, for its answer
                 return await trio.to_thread.run_sync(pickle.loads, planned.report)
             report = gc.Report(wake_at=planned.wake_at)
-            for batch in planned.batches:
-                gc.merge(report, await self._commit(pickle.loads(batch)))
+            for batch, inos in zip(planned.batches, planned.inos, strict=True):
+                gc.merge(report, await self._commit(planned, batch, inos))
             return report
 
-    async def _commit(self, batch: list[gc.Doomed]) -> gc.Report:
+    async def _commit(self, planned: offload.Plan, batch: bytes, inos: list[int]
+                      ) -> gc.Report:
+        """Commit one batch of the plan where it was made (``offload.commit_batch``):
+        the loop only marks its inodes and, after, drops the kernel's entries."""
         # No await between the re-check and marking the batch: an open either counted
         # already (kept) or waits for the commit (fs.open).
         open_now = set(self.fs.open_inos)
-        batch = [d for d in batch if d.version.ino not in open_now]
-        done = self.fs.start_collecting({d.version.ino for d in batch})
+        done = self.fs.start_collecting({ino for ino in inos if ino not in open_now})
         try:
-            part = await trio.to_thread.run_sync(gc.commit, self.cache.index, batch,
-                                                 open_now)
+            part = await offload.commit_batch(self.cache.index, planned, batch, open_now)
         finally:
             self.fs.end_collecting(done)
+        if planned.pid != os.getpid():
+            self.fs.metrics.worker_runs.labels(task="gc_commit").inc()
         self.own_changes += part.changes
         await self._collected_async(part)
         return part
@@ -233,8 +238,8 @@ class Collector:
         start_task(self.nursery, "blob unlinking", self._unlink, report.unlink,
                    restart=False)  # what is left is swept as orphans at the next start
         removed: dict[str, list[str]] = {}
-        for d in report.doomed:
-            removed.setdefault(d.source, []).append(d.version.id)
+        for source, vid, _ in report.collected():
+            removed.setdefault(source, []).append(vid)
         for i, (source, vids) in enumerate(removed.items()):
             if i and i % SYNC_CHUNK == 0:
                 yield
@@ -320,8 +325,8 @@ class Collector:
 
 def report_json(report: gc.Report) -> dict:
     return {
-        "versions": [{"source": d.source, "id": d.version.id, "reason": d.reason}
-                     for d in report.doomed],
+        "versions": [{"source": source, "id": vid, "reason": reason}
+                     for source, vid, reason in report.collected()],
         "freed": report.freed,
         "total": report.total,
         "orphans": report.orphans,

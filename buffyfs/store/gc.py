@@ -94,10 +94,24 @@ class Report:
     wake_at: str | None = None  # the earliest end of a hold or grace: collect again then
     # entries (after, upto] of the index's changes log that the commits wrote
     changes: list[tuple[int, int]] = field(default_factory=list)
+    # (source, version id, reason) of what a commit in a worker process dropped: its
+    # records stay there (``slim``), the mount needs no more (offload.py)
+    gone: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return sum(self.freed.values())
+
+    def collected(self) -> list[tuple[str, str, str]]:
+        """(source, version id, reason) of every version dropped (or, in a plan, to
+        drop)."""
+        return [(d.source, d.version.id, d.reason) for d in self.doomed] + self.gone
+
+    def slim(self) -> Report:
+        """This report with its dropped versions as ``gone`` names, not records: what a
+        worker process sends back (a few bytes per version, nothing to decode)."""
+        return Report(freed=self.freed, orphans=self.orphans, unlink=self.unlink,
+                      wake_at=self.wake_at, changes=self.changes, gone=self.collected())
 
 
 @dataclass(frozen=True)
@@ -364,6 +378,7 @@ def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None
 
 def merge(into: Report, part: Report) -> None:
     into.doomed += part.doomed
+    into.gone += part.gone
     into.unlink += part.unlink
     into.changes += part.changes
     for source, n in part.freed.items():

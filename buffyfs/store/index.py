@@ -738,6 +738,7 @@ class Index:
         """``readonly``: for a reader that must never wait for the writer lock, not
         even at open (a worker process of the mount, offload.py); the index exists."""
         self.path = path
+        self.readonly = readonly
         try:
             if not readonly:
                 path.mkdir(parents=True, exist_ok=True, mode=0o700)
