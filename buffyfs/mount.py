@@ -16,6 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pyfuse3
@@ -163,6 +164,8 @@ class Collector:
         self.own_changes: list[tuple[int, int]] = []
         self.asked = False  # a `buffyfs gc` request may be waiting
         self.answering = False
+        self.request: int | None = None  # the `buffyfs gc` request being answered
+        self.rounds = 0  # collections so far (in gc_progress: each one's batches differ)
 
     def kick(self, name: str = "") -> None:
         self.wake.set()
@@ -190,12 +193,16 @@ class Collector:
             if planned.report is not None:  # a dry run: the whole report, for its answer
                 return await trio.to_thread.run_sync(pickle.loads, planned.report)
             report = gc.Report(wake_at=planned.wake_at)
-            for batch, inos in zip(planned.batches, planned.inos, strict=True):
-                gc.merge(report, await self._commit(planned, batch, inos))
+            self.rounds += 1
+            for i, (batch, inos) in enumerate(zip(planned.batches, planned.inos,
+                                                  strict=True)):
+                progress = {"request": self.request, "round": self.rounds, "done": i + 1,
+                            "of": len(planned.batches)}
+                gc.merge(report, await self._commit(planned, batch, inos, progress))
             return report
 
-    async def _commit(self, planned: offload.Plan, batch: bytes, inos: list[int]
-                      ) -> gc.Report:
+    async def _commit(self, planned: offload.Plan, batch: bytes, inos: list[int],
+                      progress: dict[str, Any]) -> gc.Report:
         """Commit one batch of the plan where it was made (``offload.commit_batch``):
         the loop only marks its inodes and, after, drops the kernel's entries."""
         # No await between the re-check and marking the batch: an open either counted
@@ -203,7 +210,8 @@ class Collector:
         open_now = set(self.fs.open_inos)
         done = self.fs.start_collecting({ino for ino in inos if ino not in open_now})
         try:
-            part = await offload.commit_batch(self.cache.index, planned, batch, open_now)
+            part = await offload.commit_batch(self.cache.index, planned, batch, open_now,
+                                              progress)
         finally:
             self.fs.end_collecting(done)
         if planned.pid != os.getpid():
@@ -308,13 +316,23 @@ class Collector:
         if not request or done.get("id") == request["id"]:
             return
         report, error = None, None
+        # the CLI waits while gc_progress moves: now (the plan), then each batch's commit
+        await trio.to_thread.run_sync(self._put_progress, {"request": request["id"],
+                                                           "done": 0, "of": None})
+        self.request = request["id"]
         try:
             report = await self.collect(dry_run=request["dry_run"])
             if not request["dry_run"]:
                 report.orphans += await trio.to_thread.run_sync(self.sweep_partials)
         except BuffyError as e:
             error = str(e)
+        finally:
+            self.request = None
         await trio.to_thread.run_sync(self._put_result, request["id"], report, error)
+
+    def _put_progress(self, progress: dict[str, Any]) -> None:
+        with self.cache.index.write() as w:
+            w.put_meta_json("gc_progress", progress)
 
     def _put_result(self, rid: str, report: gc.Report | None, error: str | None) -> None:
         result = {"id": rid, "report": report_json(report) if report else None,

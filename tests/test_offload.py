@@ -45,6 +45,14 @@ def test_plans_and_big_answers_come_from_a_worker_process(
     assert runs.get("gc_plan", 0) >= 1, runs
     # 600 doomed versions: 3 batches, each committed in a worker process as well
     assert runs.get("gc_commit", 0) >= 3, runs
+    index = Index(m.cache / "index", readonly=True)
+    try:
+        with index.read() as r:  # what `buffyfs gc` watched while it waited
+            progress = r.meta_json("gc_progress")
+            asked = r.meta_json("gc_request")["id"]
+    finally:
+        index.close()
+    assert progress == {"request": asked, "round": progress["round"], "done": 3, "of": 3}
     assert runs.get("status", 0) >= 1, runs
     assert runs.get("metrics", 0) >= 1, runs
     assert "buffyfs_versions 900.0" in (m / "@metrics").read_text()  # 300 x 3 left

@@ -44,6 +44,7 @@ import shutil
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from buffyfs import crash
 from buffyfs.errors import BuffyError
@@ -317,14 +318,17 @@ def plan_snapshot(index: Index, open_inos: set[int], need: int = 0,
         return plan(r, open_inos, need, max_size)
 
 
-def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None) -> Report:
+def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None,
+           progress: dict[str, Any] | None = None) -> Report:
     """Drop ``doomed`` (a plan made earlier, in a snapshot) in ONE write transaction,
     re-checking each version against the index as it is now: it must still exist (same
     inode), not be protected (latest, newest valid, keep, pin: ``protected_ids`` over
     the source's versions now) and not be in ``open_inos``. The others are skipped.
 
     Keep ``doomed`` short (``COMMIT_BATCH``): the transaction holds the writer lock.
-    Returns what was dropped, with the blob files to unlink (``unlink_blobs``).
+    ``progress``, if given, is written as ``meta`` ``gc_progress`` in the same
+    transaction (what a waiting ``buffyfs gc`` watches). Returns what was dropped,
+    with the blob files to unlink (``unlink_blobs``).
     """
     report = Report()
     skipped = 0
@@ -366,6 +370,8 @@ def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None
                 report.unlink.append(v.sha256)
                 report.freed[d.source] += entry.size if entry else 0
             report.doomed.append(d)
+        if progress is not None:
+            w.put_meta_json("gc_progress", progress)
         report.changes.append((first, w.seq()))
     for d in report.doomed:
         log.info("%s: collected version %s (%s)", d.source, d.version.id, d.reason)

@@ -99,11 +99,13 @@ def _plan(path: Path, open_inos: set[int], need: int, max_size: int | None,
     return Plan(report.wake_at, batches, inos, pid=os.getpid())
 
 
-def _commit(path: Path, batch: bytes, open_inos: set[int]) -> gc.Report:
+def _commit(path: Path, batch: bytes, open_inos: set[int],
+            progress: dict[str, Any] | None) -> gc.Report:
     """``gc.commit`` of one pickled batch of a plan, here: the re-check reads every
     version of the batch's sources, which the mount then never maps nor decodes. The
     answer names what went (``Report.slim``)."""
-    return gc.commit(_writable_index(path), pickle.loads(batch), open_inos).slim()
+    return gc.commit(_writable_index(path), pickle.loads(batch), open_inos,
+                     progress).slim()
 
 
 def _root_status(path: Path, queued_state: dict[str, dict[str, Any]] | None,
@@ -163,14 +165,15 @@ async def plan_collection(index: Index, open_inos: set[int], need: int = 0,
     return await _run(_plan, index, open_inos, need, max_size, dry_run)
 
 
-async def commit_batch(index: Index, plan: Plan, batch: bytes, open_inos: set[int]
-                       ) -> gc.Report:
+async def commit_batch(index: Index, plan: Plan, batch: bytes, open_inos: set[int],
+                       progress: dict[str, Any] | None = None) -> gc.Report:
     """``gc.commit`` of one batch of ``plan`` where the plan was made: a worker
     process (a thread if the plan was small, or if the worker died)."""
     if plan.pid == os.getpid():
         _own[index.path] = index
-        return await trio.to_thread.run_sync(_commit, index.path, batch, open_inos)
-    return await _run(_commit, index, batch, open_inos)
+        return await trio.to_thread.run_sync(_commit, index.path, batch, open_inos,
+                                             progress)
+    return await _run(_commit, index, batch, open_inos, progress)
 
 
 def is_small(index: Index) -> bool:
