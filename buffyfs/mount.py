@@ -31,7 +31,7 @@ from buffyfs.fetch.scheduler import Scheduler
 from buffyfs.fetch.upstream import Upstream
 from buffyfs.fs.handlers import BuffyFS
 from buffyfs.http import ServeSettings
-from buffyfs.store import gc, offload
+from buffyfs.store import gc, memory, offload
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import now_utc, rfc3339
 from buffyfs.store.scrub import Scrubber
@@ -125,7 +125,7 @@ class Unmounted(BuffyFS):
     """The filesystem object of a daemon without a mount (``buffyfs serve``): there is
     no kernel cache to drop entries from."""
 
-    def source_changed(self, name: str) -> None:
+    def source_changed(self, name: str, kick: bool = True) -> None:
         pass
 
     async def source_changed_now(self, name: str) -> None:
@@ -264,6 +264,7 @@ class Collector:
         # Orphans a crash left are swept at start, retried while a commit is under way.
         while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110 (a flock)
             await trio.sleep(SWEEP_RETRY)
+        await self.give_back()  # the sweep read every blob's entry
         wait = GC_INTERVAL
         while True:
             with trio.move_on_after(wait) as periodic:
@@ -280,6 +281,13 @@ class Collector:
                     await trio.to_thread.run_sync(self.sweep_partials)
             except BuffyError as e:
                 log.error("collection failed: %s", e)
+            await self.give_back()
+
+    async def give_back(self) -> None:
+        """After a collection (or the start-up sweep): the index pages it and what
+        came before it (lookups, a refresh burst) mapped, and the heap they freed,
+        go back to the system (store/memory.py), in a worker thread."""
+        await trio.to_thread.run_sync(memory.give_back, self.cache.index.path)
 
     def sweep(self) -> list[str] | None:
         return gc.sweep_orphans(self.cache.index, self.cache.blobs, partial_key)
@@ -329,6 +337,8 @@ class Collector:
         finally:
             self.request = None
         await trio.to_thread.run_sync(self._put_result, request["id"], report, error)
+        del report
+        await self.give_back()
 
     def _put_progress(self, progress: dict[str, Any]) -> None:
         with self.cache.index.write() as w:
