@@ -5,8 +5,10 @@ of 10,000 sources' ``@status``) holds the GIL the event loop's thread needs: eve
 FUSE request then waits its turn for it. A worker process has its own GIL. The worker
 opens the index read-only itself (LMDB is safe across processes, and a read-only
 open never waits for the writer lock) and sends back only bytes: the encoded answer,
-or the plan in pickled batches that the mount decodes one at a time as it commits
-them (unpickling 40,000 versions at once would hold the loop's GIL just the same).
+or the plan in pickled batches. The mount hands each batch back to a worker to
+commit (``commit_batch``: the worker then opens the index for writing; LMDB's writer
+lock holds across processes) and gets the names of what went: the mount never
+decodes the plan's versions nor maps the pages the commit's re-check reads.
 
 The processes are trio-parallel's (spawned, kept for reuse, killed on cancel); a
 worker that dies is reported and the work is done in a thread instead. What the
