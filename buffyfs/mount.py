@@ -45,6 +45,7 @@ GC_INTERVAL = 600.0  # periodic collection, besides the one after each new versi
 SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
 SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval of the daemon (see run)
 SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, collector)
+TRIM_AFTER = 1000  # versions: a collection of more gives glibc's free heap back
 
 
 @dataclass
@@ -264,13 +265,14 @@ class Collector:
         # Orphans a crash left are swept at start, retried while a commit is under way.
         while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110 (a flock)
             await trio.sleep(SWEEP_RETRY)
-        await self.give_back()  # the sweep read every blob's entry
+        await self.give_back(trim=True)  # the sweep read every blob's entry
         wait = GC_INTERVAL
         while True:
             with trio.move_on_after(wait) as periodic:
                 await self.wake.wait()
             self.wake = trio.Event()
             wait = GC_INTERVAL
+            report = None
             try:
                 report = await self.collect()
                 wait = gc.seconds_until(report.wake_at, GC_INTERVAL)  # a hold or grace ends
@@ -281,13 +283,18 @@ class Collector:
                     await trio.to_thread.run_sync(self.sweep_partials)
             except BuffyError as e:
                 log.error("collection failed: %s", e)
-            await self.give_back()
+            big = report is not None and len(report.collected()) >= TRIM_AFTER
+            await self.give_back(trim=big)
 
-    async def give_back(self) -> None:
+    async def give_back(self, trim: bool) -> None:
         """After a collection (or the start-up sweep): the index pages it and what
-        came before it (lookups, a refresh burst) mapped, and the heap they freed,
-        go back to the system (store/memory.py), in a worker thread."""
-        await trio.to_thread.run_sync(memory.give_back, self.cache.index.path)
+        came before it (lookups, a refresh burst) mapped go back to the system
+        (store/memory.py), in a worker thread; with ``trim``, glibc's free heap too
+        (malloc_trim holds the heap's lock for up to tens of ms, during which the
+        loop's bigger allocations wait: only after a big collection)."""
+        await trio.to_thread.run_sync(memory.unmap_index, self.cache.index.path)
+        if trim:
+            await trio.to_thread.run_sync(memory.trim_heap)
 
     def sweep(self) -> list[str] | None:
         return gc.sweep_orphans(self.cache.index, self.cache.blobs, partial_key)
@@ -338,7 +345,7 @@ class Collector:
             self.request = None
         await trio.to_thread.run_sync(self._put_result, request["id"], report, error)
         del report
-        await self.give_back()
+        await self.give_back(trim=True)
 
     def _put_progress(self, progress: dict[str, Any]) -> None:
         with self.cache.index.write() as w:

@@ -71,9 +71,3 @@ def unmap_index(index_dir: Path) -> None:
     for start, end in mappings_of(index_dir / "data.mdb"):
         if libc.madvise(start, end - start, MADV_DONTNEED) != 0:
             log.debug("madvise of the index map: %s", os.strerror(ctypes.get_errno()))
-
-
-def give_back(index_dir: Path) -> None:
-    """After bulk work: both of the above."""
-    unmap_index(index_dir)
-    trim_heap()
