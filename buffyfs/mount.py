@@ -45,6 +45,7 @@ GC_INTERVAL = 600.0  # periodic collection, besides the one after each new versi
 SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
 SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval of the daemon (see run)
 SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, collector)
+FORGET_CHUNK = 4  # collected sources whose kernel entries are dropped per loop turn
 TRIM_AFTER = 1000  # versions: a collection of more gives glibc's free heap back
 
 
@@ -250,7 +251,7 @@ class Collector:
         for source, vid, _ in report.collected():
             removed.setdefault(source, []).append(vid)
         for i, (source, vids) in enumerate(removed.items()):
-            if i and i % SYNC_CHUNK == 0:
+            if i and i % FORGET_CHUNK == 0:
                 yield
             self.fs.versions_removed(source, vids)
 
