@@ -750,18 +750,16 @@ def _run_refresh(cache: Any, name: str, on_progress: Any, on_note: Any = None,
 
 # --- collection and checks -------------------------------------------------------------
 
-GC_WAIT = 60.0
+GC_WAIT = 60.0  # seconds `buffyfs gc` waits for a mount that shows no progress
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     cache = _cache(args)
     if cache.running_mount():  # the mount knows which versions are open: it collects
+        from buffyfs import mountctl
+
         rid = cache.request_gc(args.dry_run)
-        deadline = time.monotonic() + GC_WAIT
-        while (result := cache.gc_result(rid)) is None:
-            if time.monotonic() > deadline:
-                raise CacheError("the running mount did not answer the gc request")
-            time.sleep(0.1)
+        result = mountctl.wait_gc(cache, rid, GC_WAIT)
         if result["error"]:
             raise CacheError(result["error"])
         report = result["report"]

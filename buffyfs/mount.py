@@ -16,6 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pyfuse3
@@ -30,7 +31,7 @@ from buffyfs.fetch.scheduler import Scheduler
 from buffyfs.fetch.upstream import Upstream
 from buffyfs.fs.handlers import BuffyFS
 from buffyfs.http import ServeSettings
-from buffyfs.store import gc, offload
+from buffyfs.store import gc, memory, offload
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import now_utc, rfc3339
 from buffyfs.store.scrub import Scrubber
@@ -44,6 +45,8 @@ GC_INTERVAL = 600.0  # periodic collection, besides the one after each new versi
 SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
 SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval of the daemon (see run)
 SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, collector)
+FORGET_CHUNK = 4  # collected sources whose kernel entries are dropped per loop turn
+TRIM_AFTER = 1000  # versions: a collection of more gives glibc's free heap back
 
 
 @dataclass
@@ -124,7 +127,7 @@ class Unmounted(BuffyFS):
     """The filesystem object of a daemon without a mount (``buffyfs serve``): there is
     no kernel cache to drop entries from."""
 
-    def source_changed(self, name: str) -> None:
+    def source_changed(self, name: str, kick: bool = True) -> None:
         pass
 
     async def source_changed_now(self, name: str) -> None:
@@ -138,12 +141,14 @@ class Collector:
     """Garbage collection inside the mount: after each new version, periodically, and
     when ``buffyfs gc`` asks.
 
-    Off the event loop: the plan reads a snapshot in a worker thread, and each batch of
-    it commits in a worker thread (``gc.commit``, which re-checks protection). What is
-    open may change meanwhile, so just before each batch's commit, on the loop, the
-    versions opened since the plan are taken out of it, and the batch's inodes are
-    marked ``fs.collecting``: an open of one of them waits for the commit and then
-    resolves again (the version is gone, or was kept).
+    Off the event loop: the plan reads a snapshot in a worker process, and each batch
+    of it commits in that kind of process too (``gc.commit``, which re-checks
+    protection, reading every version of the batch's sources: neither the loop's GIL
+    nor the daemon's memory pays for it; a small plan uses threads). What is open may
+    change meanwhile, so just before each batch's commit, on the loop, the versions
+    opened since the plan are left out of it, and the batch's inodes are marked
+    ``fs.collecting``: an open of one of them waits for the commit and then resolves
+    again (the version is gone, or was kept).
     """
 
     def __init__(self, cache: Cache, fs: BuffyFS, max_size: int | None,
@@ -161,6 +166,8 @@ class Collector:
         self.own_changes: list[tuple[int, int]] = []
         self.asked = False  # a `buffyfs gc` request may be waiting
         self.answering = False
+        self.request: int | None = None  # the `buffyfs gc` request being answered
+        self.rounds = 0  # collections so far (in gc_progress: each one's batches differ)
 
     def kick(self, name: str = "") -> None:
         self.wake.set()
@@ -180,7 +187,7 @@ class Collector:
     async def collect(self, need: int = 0, dry_run: bool = False) -> gc.Report:
         async with self.lock:
             # planned in a worker process (offload.py): not even the GIL is taken from
-            # the loop; its batches are decoded one at a time, as they are committed
+            # the loop; its batches are committed there too, one at a time
             planned = await offload.plan_collection(
                 self.cache.index, set(self.fs.open_inos), need, self.max_size, dry_run)
             if planned.pid != os.getpid():
@@ -188,21 +195,29 @@ class Collector:
             if planned.report is not None:  # a dry run: the whole report, for its answer
                 return await trio.to_thread.run_sync(pickle.loads, planned.report)
             report = gc.Report(wake_at=planned.wake_at)
-            for batch in planned.batches:
-                gc.merge(report, await self._commit(pickle.loads(batch)))
+            self.rounds += 1
+            for i, (batch, inos) in enumerate(zip(planned.batches, planned.inos,
+                                                  strict=True)):
+                progress = {"request": self.request, "round": self.rounds, "done": i + 1,
+                            "of": len(planned.batches)}
+                gc.merge(report, await self._commit(planned, batch, inos, progress))
             return report
 
-    async def _commit(self, batch: list[gc.Doomed]) -> gc.Report:
+    async def _commit(self, planned: offload.Plan, batch: bytes, inos: list[int],
+                      progress: dict[str, Any]) -> gc.Report:
+        """Commit one batch of the plan where it was made (``offload.commit_batch``):
+        the loop only marks its inodes and, after, drops the kernel's entries."""
         # No await between the re-check and marking the batch: an open either counted
         # already (kept) or waits for the commit (fs.open).
         open_now = set(self.fs.open_inos)
-        batch = [d for d in batch if d.version.ino not in open_now]
-        done = self.fs.start_collecting({d.version.ino for d in batch})
+        done = self.fs.start_collecting({ino for ino in inos if ino not in open_now})
         try:
-            part = await trio.to_thread.run_sync(gc.commit, self.cache.index, batch,
-                                                 open_now)
+            part = await offload.commit_batch(self.cache.index, planned, batch, open_now,
+                                              progress)
         finally:
             self.fs.end_collecting(done)
+        if planned.pid != os.getpid():
+            self.fs.metrics.worker_runs.labels(task="gc_commit").inc()
         self.own_changes += part.changes
         await self._collected_async(part)
         return part
@@ -233,10 +248,10 @@ class Collector:
         start_task(self.nursery, "blob unlinking", self._unlink, report.unlink,
                    restart=False)  # what is left is swept as orphans at the next start
         removed: dict[str, list[str]] = {}
-        for d in report.doomed:
-            removed.setdefault(d.source, []).append(d.version.id)
+        for source, vid, _ in report.collected():
+            removed.setdefault(source, []).append(vid)
         for i, (source, vids) in enumerate(removed.items()):
-            if i and i % SYNC_CHUNK == 0:
+            if i and i % FORGET_CHUNK == 0:
                 yield
             self.fs.versions_removed(source, vids)
 
@@ -251,12 +266,14 @@ class Collector:
         # Orphans a crash left are swept at start, retried while a commit is under way.
         while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110 (a flock)
             await trio.sleep(SWEEP_RETRY)
+        await self.give_back(trim=True)  # the sweep read every blob's entry
         wait = GC_INTERVAL
         while True:
             with trio.move_on_after(wait) as periodic:
                 await self.wake.wait()
             self.wake = trio.Event()
             wait = GC_INTERVAL
+            report = None
             try:
                 report = await self.collect()
                 wait = gc.seconds_until(report.wake_at, GC_INTERVAL)  # a hold or grace ends
@@ -267,6 +284,18 @@ class Collector:
                     await trio.to_thread.run_sync(self.sweep_partials)
             except BuffyError as e:
                 log.error("collection failed: %s", e)
+            big = report is not None and len(report.collected()) >= TRIM_AFTER
+            await self.give_back(trim=big)
+
+    async def give_back(self, trim: bool) -> None:
+        """After a collection (or the start-up sweep): the index pages it and what
+        came before it (lookups, a refresh burst) mapped go back to the system
+        (store/memory.py), in a worker thread; with ``trim``, glibc's free heap too
+        (malloc_trim holds the heap's lock for up to tens of ms, during which the
+        loop's bigger allocations wait: only after a big collection)."""
+        await trio.to_thread.run_sync(memory.unmap_index, self.cache.index.path)
+        if trim:
+            await trio.to_thread.run_sync(memory.trim_heap)
 
     def sweep(self) -> list[str] | None:
         return gc.sweep_orphans(self.cache.index, self.cache.blobs, partial_key)
@@ -303,13 +332,25 @@ class Collector:
         if not request or done.get("id") == request["id"]:
             return
         report, error = None, None
+        # the CLI waits while gc_progress moves: now (the plan), then each batch's commit
+        await trio.to_thread.run_sync(self._put_progress, {"request": request["id"],
+                                                           "done": 0, "of": None})
+        self.request = request["id"]
         try:
             report = await self.collect(dry_run=request["dry_run"])
             if not request["dry_run"]:
                 report.orphans += await trio.to_thread.run_sync(self.sweep_partials)
         except BuffyError as e:
             error = str(e)
+        finally:
+            self.request = None
         await trio.to_thread.run_sync(self._put_result, request["id"], report, error)
+        del report
+        await self.give_back(trim=True)
+
+    def _put_progress(self, progress: dict[str, Any]) -> None:
+        with self.cache.index.write() as w:
+            w.put_meta_json("gc_progress", progress)
 
     def _put_result(self, rid: str, report: gc.Report | None, error: str | None) -> None:
         result = {"id": rid, "report": report_json(report) if report else None,
@@ -320,8 +361,8 @@ class Collector:
 
 def report_json(report: gc.Report) -> dict:
     return {
-        "versions": [{"source": d.source, "id": d.version.id, "reason": d.reason}
-                     for d in report.doomed],
+        "versions": [{"source": source, "id": vid, "reason": reason}
+                     for source, vid, reason in report.collected()],
         "freed": report.freed,
         "total": report.total,
         "orphans": report.orphans,

@@ -109,6 +109,31 @@ def wait_refresh(cache: Cache, name: str, asked: float) -> dict[str, Any]:
         time.sleep(REFRESH_POLL)
 
 
+GC_POLL = 0.1  # seconds between looks at the index while the mount collects
+
+
+def wait_gc(cache: Cache, rid: int, stalled_after: float) -> dict[str, Any]:
+    """Wait for the mount's answer to ``buffyfs gc`` request ``rid`` (``gc_result``):
+    as long as the mount shows progress (``gc_progress`` moves: the plan began, a
+    batch was committed; a collection of 100,000 versions takes a minute on a busy
+    machine), at most ``stalled_after`` seconds without any, and not at all once the
+    mount stopped."""
+    seen: Any = None
+    since = time.monotonic()
+    while (result := cache.gc_result(rid)) is None:
+        with cache.index.read() as r:
+            progress = r.meta_json("gc_progress")
+        if progress != seen:
+            seen, since = progress, time.monotonic()
+        elif time.monotonic() - since > stalled_after:
+            raise CacheError(f"the running mount did not answer the gc request (no "
+                             f"progress for {stalled_after:g}s)")
+        if cache.running_mount() is None and cache.gc_result(rid) is None:
+            raise CacheError("the mount stopped before answering the gc request")
+        time.sleep(GC_POLL)
+    return result
+
+
 def control_file(cache: Cache, source: str | None) -> Path | None:
     """The ``@control`` file of the mount running on ``cache`` (``source`` None: the
     root's), or None when no mount of this cache is reachable from here."""

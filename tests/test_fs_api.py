@@ -331,3 +331,17 @@ async def test_status_files_are_json_of_the_tree(fs, cache):
     assert "s" in json.dumps(root)
     source = json.loads(await read_all(fs, (await lookup(fs, "s", "@status")).st_ino))
     assert len(source["versions"]) == 3
+
+
+async def test_collected_versions_do_not_wake_the_unpacker(fs, cache):
+    """A collection names thousands of sources: removed versions leave nothing to
+    unpack, so the unpacker (``on_source_changed``) is not told of them; any other
+    change of a source is told."""
+    versions = three_versions(cache)
+    await lookup(fs, "s", "latest")  # the kernel holds entries below it
+    told: list[str] = []
+    fs.on_source_changed = told.append
+    fs.versions_removed("s", [versions[1].id])
+    assert told == []
+    fs.source_changed("s")
+    assert told == ["s"]

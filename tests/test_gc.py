@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -336,3 +337,97 @@ def test_check_racing_collection_never_fails_or_tracebacks(origin, cli, mount_fa
              what="the downloads to end")
     done = cli("check")
     assert done.returncode == 0, done.stdout
+
+
+# Plays a running mount for `buffyfs gc` in a process of its own (it holds the mount
+# lock): answers the request after BATCHES progress steps STEP seconds apart; with
+# "stall", it shows progress once and then nothing, and never answers.
+SLOW_MOUNT = """
+import sys, time
+from pathlib import Path
+from buffyfs.store.cache import Cache
+cache = Cache(Path(sys.argv[1]))
+fd = cache.claim_mount(None)
+batches, step, stall = int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "stall"
+print("mounted", flush=True)
+deadline = time.monotonic() + 30
+while True:
+    with cache.index.read() as r:
+        rid = (r.meta_json("gc_request") or {}).get("id")
+    if rid or time.monotonic() > deadline:
+        break
+    time.sleep(0.02)
+for i in range(batches):
+    time.sleep(step)
+    if stall and i:
+        continue
+    with cache.index.write() as w:
+        w.put_meta_json("gc_progress", {"request": rid, "done": i + 1, "of": batches})
+if stall:
+    sys.stdin.read()
+else:
+    with cache.index.write() as w:
+        w.put_meta_json("gc_result", {"id": rid, "error": None, "report": {
+            "versions": [], "freed": {}, "total": 0, "orphans": [], "kept": []}})
+    sys.stdin.read()
+"""
+
+
+class SlowMount:
+    def __init__(self, cache_dir, batches: int, step: float, stall: bool = False) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SLOW_MOUNT, str(cache_dir), str(batches), str(step),
+             "stall" if stall else "answer"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> SlowMount:
+        assert self.proc.stdout.readline().strip() == "mounted"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.stdin.close()  # it ends: the mount lock goes with it
+        try:
+            self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def run_gc_in_process(cache_dir, capsys) -> tuple[int, str]:
+    from buffyfs import cli
+
+    code = cli.main(["gc", "--cache", str(cache_dir)])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_gc_waits_while_the_mount_shows_progress(cache_dir, monkeypatch, capsys):
+    """A long collection (100,000 versions: a minute on a busy machine) is waited for
+    as long as each of its batches commits within the bound."""
+    from buffyfs import cli
+
+    monkeypatch.setattr(cli, "GC_WAIT", 0.6)
+    with SlowMount(cache_dir, batches=12, step=0.2):  # 2.4 s in all, 4x the bound
+        code, out = run_gc_in_process(cache_dir, capsys)
+    assert code == 0, out
+    assert "total: freed 0 B" in out
+
+
+def test_gc_gives_up_on_a_mount_that_shows_no_progress(cache_dir, monkeypatch, capsys):
+    from buffyfs import cli
+
+    monkeypatch.setattr(cli, "GC_WAIT", 0.6)
+    with SlowMount(cache_dir, batches=3, step=0.2, stall=True):
+        code, out = run_gc_in_process(cache_dir, capsys)
+    assert code != 0
+    assert out.strip() == ("buffyfs: error: the running mount did not answer the gc "
+                           "request (no progress for 0.6s)")
+
+
+def test_gc_stops_waiting_when_the_mount_stops(cache_dir, capsys):
+    with SlowMount(cache_dir, batches=3, step=0.2, stall=True) as mount:
+        threading.Timer(1.0, mount.proc.stdin.close).start()  # it ends, not answering
+        code, out = run_gc_in_process(cache_dir, capsys)
+    assert code != 0
+    assert out.strip() == "buffyfs: error: the mount stopped before answering the gc request"

@@ -43,6 +43,16 @@ def test_plans_and_big_answers_come_from_a_worker_process(
     (m / "@metrics").read_bytes()  # one render counted before the next shows it
     runs = worker_runs(m)
     assert runs.get("gc_plan", 0) >= 1, runs
+    # 600 doomed versions: 3 batches, each committed in a worker process as well
+    assert runs.get("gc_commit", 0) >= 3, runs
+    index = Index(m.cache / "index", readonly=True)
+    try:
+        with index.read() as r:  # what `buffyfs gc` watched while it waited
+            progress = r.meta_json("gc_progress")
+            asked = r.meta_json("gc_request")["id"]
+    finally:
+        index.close()
+    assert progress == {"request": asked, "round": progress["round"], "done": 3, "of": 3}
     assert runs.get("status", 0) >= 1, runs
     assert runs.get("metrics", 0) >= 1, runs
     assert "buffyfs_versions 900.0" in (m / "@metrics").read_text()  # 300 x 3 left
@@ -83,6 +93,41 @@ async def test_a_big_collection_is_planned_in_another_process(tmp_path: Path) ->
             ino = r.versions("src0")[-1].ino
         plan = await offload.plan_collection(index, {ino})
         assert ino not in {d.version.ino for b in plan.batches for d in pickle.loads(b)}
+    finally:
+        index.close()
+
+
+async def test_a_big_collection_is_committed_in_another_process(
+        tmp_path: Path, monkeypatch) -> None:
+    """The commits re-read every version of the batch's sources: in the worker process,
+    so this process (the mount's) decodes no version and gets names back."""
+    from buffyfs.store import records
+
+    build(tmp_path, sources=250)  # 1,250 versions, 500 of them garbage
+    index = Index(tmp_path / "index")
+    decoded: list[type] = []
+    real_decode = records.decode
+
+    def counting(cls, raw):  # type: ignore[no-untyped-def]
+        decoded.append(cls)
+        return real_decode(cls, raw)
+
+    try:
+        plan = await offload.plan_collection(index, set())
+        opened = next(d.version for b in plan.batches for d in pickle.loads(b)
+                      if d.source == "src7")  # garbage, but open now
+        monkeypatch.setattr("buffyfs.store.index.decode", counting)
+        report = gc.Report()
+        for batch in plan.batches:
+            gc.merge(report, await offload.commit_batch(index, plan, batch, {opened.ino}))
+        assert records.Version not in decoded
+        assert report.doomed == []  # names only, no records
+        assert len(report.gone) == 499 and len(report.unlink) == 499
+        assert ("src7", opened.id, "retention") not in report.gone
+        monkeypatch.setattr("buffyfs.store.index.decode", real_decode)
+        with index.read() as r:
+            assert r.version_count() == 1250 - 499
+            assert r.version("src7", opened.id) is not None
     finally:
         index.close()
 

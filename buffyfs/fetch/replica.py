@@ -21,7 +21,6 @@ feed answer up to that serial is not applied to them (``reread_at``).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import fnmatch
 import logging
@@ -39,6 +38,7 @@ from buffyfs.fetch import downloader
 from buffyfs.fetch.segments import LiveDownload
 from buffyfs.fetch.upstream import FEED_WAIT, Answer, HubDown, Upstream, partial_dir
 from buffyfs.options import check_name, check_tag, normalize_options
+from buffyfs.store import memory
 from buffyfs.store.cache import Cache
 from buffyfs.store.gc import CommitLock
 from buffyfs.store.index import Writer, now_utc, resolve_latest, rfc3339
@@ -717,7 +717,4 @@ def hub_damage(mark: Any) -> dict[str, str]:
 def _give_back_memory() -> None:
     """A whole hub read at once (10,000 sources: tens of MiB of JSON and dicts) leaves
     glibc's heap grown; malloc_trim returns the freed part (the replica's RSS)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    memory.trim_heap()

@@ -851,10 +851,12 @@ class BuffyFS(pyfuse3.Operations):
             self.scheduler.sync(name)
         self.source_changed(name)
 
-    def source_changed(self, name: str) -> None:
-        """Drop kernel entries that changed for ``name`` (the kernel catches up soon)."""
+    def source_changed(self, name: str, kick: bool = True) -> None:
+        """Drop kernel entries that changed for ``name`` (the kernel catches up soon);
+        ``kick``: tell ``on_source_changed`` too (not for collected versions: nothing
+        to unpack, and its look at 20,000 sources after a collection mapped them)."""
         self.snapshots.clear()
-        if self.on_source_changed is not None:
+        if kick and self.on_source_changed is not None:
             self.on_source_changed(name)
         for parent, entry in self.tree.stale_entries(name):
             _invalidate(parent, entry)
@@ -951,7 +953,7 @@ class BuffyFS(pyfuse3.Operations):
             return
         for vid in vids:
             _invalidate(src.ino + SourceInode.versions, vid)
-        self.source_changed(source)
+        self.source_changed(source, kick=False)
 
 def _invalidate(parent: int, name: str) -> None:
     try:

@@ -44,6 +44,7 @@ import shutil
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from buffyfs import crash
 from buffyfs.errors import BuffyError
@@ -94,10 +95,24 @@ class Report:
     wake_at: str | None = None  # the earliest end of a hold or grace: collect again then
     # entries (after, upto] of the index's changes log that the commits wrote
     changes: list[tuple[int, int]] = field(default_factory=list)
+    # (source, version id, reason) of what a commit in a worker process dropped: its
+    # records stay there (``slim``), the mount needs no more (offload.py)
+    gone: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return sum(self.freed.values())
+
+    def collected(self) -> list[tuple[str, str, str]]:
+        """(source, version id, reason) of every version dropped (or, in a plan, to
+        drop)."""
+        return [(d.source, d.version.id, d.reason) for d in self.doomed] + self.gone
+
+    def slim(self) -> Report:
+        """This report with its dropped versions as ``gone`` names, not records: what a
+        worker process sends back (a few bytes per version, nothing to decode)."""
+        return Report(freed=self.freed, orphans=self.orphans, unlink=self.unlink,
+                      wake_at=self.wake_at, changes=self.changes, gone=self.collected())
 
 
 @dataclass(frozen=True)
@@ -303,14 +318,17 @@ def plan_snapshot(index: Index, open_inos: set[int], need: int = 0,
         return plan(r, open_inos, need, max_size)
 
 
-def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None) -> Report:
+def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None,
+           progress: dict[str, Any] | None = None) -> Report:
     """Drop ``doomed`` (a plan made earlier, in a snapshot) in ONE write transaction,
     re-checking each version against the index as it is now: it must still exist (same
     inode), not be protected (latest, newest valid, keep, pin: ``protected_ids`` over
     the source's versions now) and not be in ``open_inos``. The others are skipped.
 
     Keep ``doomed`` short (``COMMIT_BATCH``): the transaction holds the writer lock.
-    Returns what was dropped, with the blob files to unlink (``unlink_blobs``).
+    ``progress``, if given, is written as ``meta`` ``gc_progress`` in the same
+    transaction (what a waiting ``buffyfs gc`` watches). Returns what was dropped,
+    with the blob files to unlink (``unlink_blobs``).
     """
     report = Report()
     skipped = 0
@@ -352,6 +370,8 @@ def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None
                 report.unlink.append(v.sha256)
                 report.freed[d.source] += entry.size if entry else 0
             report.doomed.append(d)
+        if progress is not None:
+            w.put_meta_json("gc_progress", progress)
         report.changes.append((first, w.seq()))
     for d in report.doomed:
         log.info("%s: collected version %s (%s)", d.source, d.version.id, d.reason)
@@ -364,6 +384,7 @@ def commit(index: Index, doomed: list[Doomed], open_inos: set[int] | None = None
 
 def merge(into: Report, part: Report) -> None:
     into.doomed += part.doomed
+    into.gone += part.gone
     into.unlink += part.unlink
     into.changes += part.changes
     for source, n in part.freed.items():

@@ -29,6 +29,11 @@ optional keys left out while at their default; records.encode / records.decode).
                   to it: ``{"id", "report", "error"}``, the report ``{"versions":
                   [{"source", "id", "reason"}], "freed": {SOURCE: bytes}, "total",
                   "orphans", "kept": [{"source", "id", "reasons"}]}`` (mount.py)
+    ``gc_progress`` JSON ``{"request", "round", "done", "of"}``: how far the mount's
+                  collection is (``request``: the ``gc_request`` id it answers, or null;
+                  ``done`` of ``of`` batches committed; written when a request's plan
+                  starts and with each batch): ``buffyfs gc`` waits while it moves
+                  (mountctl.py)
     ``last_control_error`` JSON string or null: why the last control write to the
                   root (``@control``, CLI, server) failed (cache.py); a source's is in
                   its ``state``
@@ -752,6 +757,7 @@ class Index:
         """``readonly``: for a reader that must never wait for the writer lock, not
         even at open (a worker process of the mount, offload.py); the index exists."""
         self.path = path
+        self.readonly = readonly
         try:
             if not readonly:
                 path.mkdir(parents=True, exist_ok=True, mode=0o700)

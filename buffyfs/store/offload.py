@@ -5,8 +5,10 @@ of 10,000 sources' ``@status``) holds the GIL the event loop's thread needs: eve
 FUSE request then waits its turn for it. A worker process has its own GIL. The worker
 opens the index read-only itself (LMDB is safe across processes, and a read-only
 open never waits for the writer lock) and sends back only bytes: the encoded answer,
-or the plan in pickled batches that the mount decodes one at a time as it commits
-them (unpickling 40,000 versions at once would hold the loop's GIL just the same).
+or the plan in pickled batches. The mount hands each batch back to a worker to
+commit (``commit_batch``: the worker then opens the index for writing; LMDB's writer
+lock holds across processes) and gets the names of what went: the mount never
+decodes the plan's versions nor maps the pages the commit's re-check reads.
 
 The processes are trio-parallel's (spawned, kept for reuse, killed on cancel); a
 worker that dies is reported and the work is done in a thread instead. What the
@@ -58,12 +60,30 @@ def _index(path: Path, queued_state: dict[str, dict[str, Any]] | None = None) ->
     return index
 
 
+def _writable_index(path: Path) -> Index:
+    """The index opened for writing in this worker: a read-only one opened before is
+    closed first (LMDB: one environment per file and process). Opening for writing
+    waits for LMDB's writer lock, which a commit takes anyway."""
+    if path in _own:
+        return _own[path]
+    index = _indexes.get(path)
+    if index is not None and index.readonly:
+        index.close()
+        del _indexes[path]
+        index = None
+    if index is None:
+        index = _indexes[path] = Index(path)
+    index.queued_state = None
+    return index
+
+
 @dataclass
 class Plan:
     """A collection plan as the worker sends it back."""
 
     wake_at: str | None
     batches: list[bytes] = field(default_factory=list)  # pickled lists of gc.Doomed
+    inos: list[list[int]] = field(default_factory=list)  # each batch's version inodes
     report: bytes | None = None  # a dry run: the whole pickled gc.Report
     pid: int = 0  # the process that planned
 
@@ -73,9 +93,21 @@ def _plan(path: Path, open_inos: set[int], need: int, max_size: int | None,
     report = gc.plan_snapshot(_index(path), open_inos, need, max_size)
     if dry_run:
         return Plan(report.wake_at, report=pickle.dumps(report), pid=os.getpid())
-    batches = [pickle.dumps(report.doomed[i:i + gc.COMMIT_BATCH])
-               for i in range(0, len(report.doomed), gc.COMMIT_BATCH)]
-    return Plan(report.wake_at, batches, pid=os.getpid())
+    batches, inos = [], []
+    for i in range(0, len(report.doomed), gc.COMMIT_BATCH):
+        batch = report.doomed[i:i + gc.COMMIT_BATCH]
+        batches.append(pickle.dumps(batch))
+        inos.append([d.version.ino for d in batch])
+    return Plan(report.wake_at, batches, inos, pid=os.getpid())
+
+
+def _commit(path: Path, batch: bytes, open_inos: set[int],
+            progress: dict[str, Any] | None) -> gc.Report:
+    """``gc.commit`` of one pickled batch of a plan, here: the re-check reads every
+    version of the batch's sources, which the mount then never maps nor decodes. The
+    answer names what went (``Report.slim``)."""
+    return gc.commit(_writable_index(path), pickle.loads(batch), open_inos,
+                     progress).slim()
 
 
 def _root_status(path: Path, queued_state: dict[str, dict[str, Any]] | None,
@@ -133,6 +165,17 @@ async def plan_collection(index: Index, open_inos: set[int], need: int = 0,
         return await trio.to_thread.run_sync(_plan, index.path, open_inos, need, max_size,
                                              dry_run)
     return await _run(_plan, index, open_inos, need, max_size, dry_run)
+
+
+async def commit_batch(index: Index, plan: Plan, batch: bytes, open_inos: set[int],
+                       progress: dict[str, Any] | None = None) -> gc.Report:
+    """``gc.commit`` of one batch of ``plan`` where the plan was made: a worker
+    process (a thread if the plan was small, or if the worker died)."""
+    if plan.pid == os.getpid():
+        _own[index.path] = index
+        return await trio.to_thread.run_sync(_commit, index.path, batch, open_inos,
+                                             progress)
+    return await _run(_commit, index, batch, open_inos, progress)
 
 
 def is_small(index: Index) -> bool:

@@ -1,0 +1,64 @@
+"""Issue 12, daemon RSS: after bulk work the daemon gives back the index pages it
+mapped and the heap it freed (store/memory.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from buffyfs.store import memory
+from buffyfs.store.index import Index
+from tests.conftest import Mount, wait_for
+from tests.test_stall import build
+
+
+def mapped_kib(pid: int | str, path: Path) -> int:
+    """KiB of ``path`` mapped in the RSS of process ``pid``."""
+    target = os.path.realpath(path)
+    total, inside = 0, False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                inside = len(fields) >= 6 and fields[5] == target
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_unmapping_the_index_keeps_it_readable(tmp_path: Path) -> None:
+    build(tmp_path, sources=200)
+    index = Index(tmp_path / "index")
+    data = tmp_path / "index" / "data.mdb"
+    try:
+        with index.read() as r:
+            before = [(n, [v.id for v in r.versions(n)]) for n in r.source_names()]
+        assert mapped_kib("self", data) >= 256
+        memory.unmap_index(tmp_path / "index")
+        assert mapped_kib("self", data) < 64
+        with index.read() as r:  # mapped again as read: the same records
+            assert [(n, [v.id for v in r.versions(n)]) for n in r.source_names()] == before
+        memory.trim_heap()
+    finally:
+        index.close()
+
+
+def test_a_collection_gives_back_the_index_pages(
+        cache_dir: Path, mount_factory: Callable[..., Mount]) -> None:
+    build(cache_dir, 300, 5)
+    m = mount_factory("--scrub-interval", "never")
+    for i in range(300):  # every source looked up: their records mapped in the daemon
+        os.stat(m / f"src{i}" / "latest")
+    data = cache_dir / "index" / "data.mdb"
+    looked = mapped_kib(m.proc.pid, data)
+    assert looked >= 512
+    done = subprocess.run([sys.executable, "-m", "buffyfs", "gc", "--cache", str(cache_dir)],
+                          capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: mapped_kib(m.proc.pid, data) < looked // 4, 30,
+             what="the daemon to unmap the index pages")
+    assert os.stat(m / "src1" / "latest").st_size == 100  # read (and mapped) again
