@@ -46,6 +46,7 @@ SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
 SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval of the daemon (see run)
 SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, collector)
 FORGET_CHUNK = 4  # collected sources whose kernel entries are dropped per loop turn
+GIVE_BACK_WAIT = 30.0  # seconds the give-back waits for the kernel's link counts at most
 TRIM_AFTER = 1000  # versions: a collection of more gives glibc's free heap back
 
 
@@ -293,6 +294,8 @@ class Collector:
         (store/memory.py), in a worker thread; with ``trim``, glibc's free heap too
         (malloc_trim holds the heap's lock for up to tens of ms, during which the
         loop's bigger allocations wait: only after a big collection)."""
+        with trio.move_on_after(GIVE_BACK_WAIT):
+            await self.fs.relinked()  # its reads would map the pages again at once
         await trio.to_thread.run_sync(memory.unmap_index, self.cache.index.path)
         if trim:
             await trio.to_thread.run_sync(memory.trim_heap)

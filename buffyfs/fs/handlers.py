@@ -76,6 +76,7 @@ LATEST_TIMEOUT = 60.0
 
 INVALIDATE_TIMEOUT = 2.0
 RELINK_BATCH = 256  # sources whose link counts one worker-thread read looks at
+RELINK_POLL = 0.05  # seconds between looks of relinked()
 CONTROL_HELP = {"root_control": help_text("root"), "control": help_text("source")}
 
 
@@ -868,6 +869,13 @@ class BuffyFS(pyfuse3.Operations):
                     self.relinking = True
                 except RuntimeError:  # not in trio (unit tests)
                     pass
+
+    async def relinked(self) -> None:
+        """Return once the link counts that changes named have been looked at (the
+        collector gives the index pages back after that, not before: the look maps
+        them again)."""
+        while self.relinking or self.relink_pending:
+            await trio.sleep(RELINK_POLL)
 
     async def _relink(self) -> None:
         """Have the kernel ask again for the link counts that changed, for the sources
