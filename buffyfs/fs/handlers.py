@@ -76,7 +76,6 @@ LATEST_TIMEOUT = 60.0
 
 INVALIDATE_TIMEOUT = 2.0
 RELINK_BATCH = 256  # sources whose link counts one worker-thread read looks at
-RELINK_POLL = 0.05  # seconds between looks of relinked()
 CONTROL_HELP = {"root_control": help_text("root"), "control": help_text("source")}
 
 
@@ -188,6 +187,7 @@ class BuffyFS(pyfuse3.Operations):
         self.shown_links: dict[int, int] = {}
         self.relink_pending: set[str] = set()  # sources whose link counts may have moved
         self.relinking = False  # the task that looks at them runs
+        self.relink_idle = trio.Event()  # set when that task ends (relinked)
         self.unpacked = UnpackedTree(self)  # SOURCE/@unpacked/ (unpackfs.py)
         self.on_source_changed: Callable[[str], None] | None = None  # the unpacker's kick
         self.replica: Any = None  # replica.Replica of a mount with --upstream
@@ -867,6 +867,7 @@ class BuffyFS(pyfuse3.Operations):
                 try:
                     trio.lowlevel.spawn_system_task(self._relink)
                     self.relinking = True
+                    self.relink_idle = trio.Event()
                 except RuntimeError:  # not in trio (unit tests)
                     pass
 
@@ -874,8 +875,8 @@ class BuffyFS(pyfuse3.Operations):
         """Return once the link counts that changes named have been looked at (the
         collector gives the index pages back after that, not before: the look maps
         them again)."""
-        while self.relinking or self.relink_pending:
-            await trio.sleep(RELINK_POLL)
+        if self.relinking:
+            await self.relink_idle.wait()
 
     async def _relink(self) -> None:
         """Have the kernel ask again for the link counts that changed, for the sources
@@ -889,6 +890,7 @@ class BuffyFS(pyfuse3.Operations):
                 await self._invalidate_attrs(self._changed_links(counts))
         finally:
             self.relinking = False
+            self.relink_idle.set()
 
     async def source_changed_now(self, name: str) -> None:
         """Like ``source_changed``, but returns once the kernel has dropped the entries,
