@@ -11,11 +11,12 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
 from buffyfs.store.index import Index
-from buffyfs.store.writes import IndexWrites
+from buffyfs.store.writes import IndexWrites, _Call
 
 
 class StepCounter(trio.abc.Instrument):
@@ -243,5 +244,59 @@ async def test_a_bug_in_a_queued_op_does_not_leave_a_whole_write_waiting(tmp_pat
             with trio.fail_after(10):
                 assert await writes.call(lambda: "answered") == "answered"
         assert failed == ["a bug"]
+    finally:
+        index.close()
+
+
+async def test_whole_writes_still_run_when_the_committing_task_is_cancelled(
+        tmp_path: Path) -> None:
+    """Unmounting cancels the committing task while whole writes wait in the queue:
+    every one of them still runs and answers (a cancel taken between trips dropped
+    them, and their callers got None)."""
+    index = Index(tmp_path / "index")
+    try:
+        writes = IndexWrites(index)
+        ran: list[int] = []
+        answers: dict[int, object] = {}
+
+        def write(i: int) -> str:
+            time.sleep(0.02)
+            ran.append(i)
+            return f"r{i}"
+
+        async def caller(i: int) -> None:
+            answers[i] = await writes.call(write, i)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writes.run)
+                for i in range(10):
+                    nursery.start_soon(caller, i)
+                await trio.sleep(0.01)  # the first trip under way
+                nursery.cancel_scope.cancel()
+        assert sorted(ran) == list(range(10))
+        assert answers == {i: f"r{i}" for i in range(10)}
+    finally:
+        index.close()
+
+
+def test_a_bug_in_an_op_at_shutdown_still_answers_the_whole_writes(tmp_path: Path) -> None:
+    """The same at shutdown (``drain`` on the calling thread): the whole write runs,
+    its waiter is woken, the posts are counted."""
+    index = Index(tmp_path / "index")
+    try:
+        writes = IndexWrites(index)
+        writes.stopped = True
+
+        def bug(w: object) -> None:
+            raise RuntimeError("a bug")
+
+        call = _Call(lambda: "answer")
+        writes.queue += [bug, call]
+        writes.posted += 2
+        with pytest.raises(RuntimeError):
+            writes.drain()
+        assert call.done.is_set() and call.result == "answer"
+        assert writes.committed == writes.posted == 2
     finally:
         index.close()

@@ -42,8 +42,10 @@ class _Call:
         self.done = trio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+        self.ran = False
 
     def run(self) -> None:
+        self.ran = True
         try:
             self.result = self.fn()
         except BaseException as e:  # noqa: BLE001 (raised again in the caller)
@@ -130,21 +132,28 @@ class IndexWrites:
                 while self.queue:
                     batch = self._take()
                     try:
-                        async with self.writer:
-                            await trio.to_thread.run_sync(self._commit, batch)
+                        # shielded: a trip is short, and its whole writes' callers wait
+                        # for their answers (a cancel taken here dropped them unrun)
+                        with trio.CancelScope(shield=True):
+                            async with self.writer:
+                                await trio.to_thread.run_sync(self._commit, batch)
                     finally:  # even after a bug in an op: its callers are not left waiting
                         self._done(batch)
         finally:
             self.stopped = True
-            self.drain()  # stopping: what is queued still lands, here and now
-            self._wake_flushes()
+            try:
+                self.drain()  # stopping: what is queued still lands, here and now
+            finally:
+                self._wake_flushes()
 
     def drain(self) -> None:
         """Commit what is queued on the calling thread (at shutdown)."""
         if self.queue:
             batch, self.queue = self.queue, []
-            self._commit(batch)
-            self._done(batch)
+            try:
+                self._commit(batch)
+            finally:
+                self._done(batch)
 
     def _take(self) -> list[Callable[[Writer], None] | _Call]:
         """The next trip's share of the queue: up to CALLS_PER_TRIP whole writes and
@@ -162,6 +171,9 @@ class IndexWrites:
     def _done(self, batch: list[Callable[[Writer], None] | _Call]) -> None:
         for item in batch:
             if isinstance(item, _Call):
+                if not item.ran:  # never a silent None: the caller hears it did not land
+                    item.error = CacheError("an index write was not run (the mount's "
+                                            "writer stopped)")
                 item.done.set()
         self.committed += len(batch)
         for name in [n for n, by in self.queued_by.items() if by <= self.committed]:
