@@ -37,7 +37,18 @@ class _QuietInvalidations(logging.Filter):
         return True
 
 
+_settings: tuple[str, Path | None] | None = None  # the last setup's (level, file)
+
+
+def settings() -> tuple[str, Path | None] | None:
+    """What ``setup`` was last called with (None: never), for a worker process to log
+    the same way (store/offload.py)."""
+    return _settings
+
+
 def setup(level: str = "info", file: Path | None = None) -> None:
+    global _settings
+    _settings = (level, file)
     handler: logging.Handler = logging.StreamHandler(
         # the log of a detached mount lives in the cache: never written through a link
         open(file, "a", encoding="utf-8", opener=safeio.opener) if file else None

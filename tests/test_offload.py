@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import trio
+
 from buffyfs.store import gc, offload
 from buffyfs.store.index import Index
 from tests.conftest import Mount
@@ -45,6 +47,9 @@ def test_plans_and_big_answers_come_from_a_worker_process(
     assert runs.get("gc_plan", 0) >= 1, runs
     # 600 doomed versions: 3 batches, each committed in a worker process as well
     assert runs.get("gc_commit", 0) >= 3, runs
+    # the workers log as the daemon does: each collected version is in its log
+    logged = m.log.read_text()
+    assert logged.count("collected version") == 2 * SOURCES, logged[-2000:]
     index = Index(m.cache / "index", readonly=True)
     try:
         with index.read() as r:  # what `buffyfs gc` watched while it waited
@@ -149,4 +154,29 @@ async def test_a_failed_worker_process_leaves_the_work_to_a_thread(
         assert "a worker process failed" in caplog.text
     finally:
         offload._own.clear()
+        index.close()
+
+
+async def test_a_cancelled_collection_still_hands_back_a_commit_under_way(
+        tmp_path: Path) -> None:
+    """A batch's commit is not killed by a cancel (an unmount, a cancelled download's
+    eviction): a commit that landed hands back the blobs it freed, for the mount to
+    unlink (a killed worker's were left on disk, counted as freed)."""
+    build(tmp_path, sources=250)
+    index = Index(tmp_path / "index")
+    try:
+        plan = await offload.plan_collection(index, set())
+        assert plan.pid != os.getpid()  # big enough for a worker process
+        got: list[gc.Report] = []
+
+        async def commit() -> None:
+            got.append(await offload.commit_batch(index, plan, plan.batches[0], set()))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(commit)
+                await trio.sleep(0.01)  # under way
+                nursery.cancel_scope.cancel()
+        assert got and len(got[0].unlink) == len(got[0].gone) > 0
+    finally:
         index.close()

@@ -1,4 +1,4 @@
-"""Heavy read-only work of the mount in a worker process, not a worker thread.
+"""Heavy work of the mount in a worker process, not a worker thread.
 
 A worker thread that runs Python (a collection plan over 100,000 versions, the JSON
 of 10,000 sources' ``@status``) holds the GIL the event loop's thread needs: every
@@ -10,8 +10,9 @@ commit (``commit_batch``: the worker then opens the index for writing; LMDB's wr
 lock holds across processes) and gets the names of what went: the mount never
 decodes the plan's versions nor maps the pages the commit's re-check reads.
 
-The processes are trio-parallel's (spawned, kept for reuse, killed on cancel); a
-worker that dies is reported and the work is done in a thread instead. What the
+The processes are trio-parallel's (spawned, kept for reuse, killed on cancel but for a
+collection's commit, logging as the daemon does); a worker that dies is reported and
+the work is done in a thread instead. What the
 mount holds in memory and the index does not (its queued state writes, writes.py;
 its open versions) is passed along. Small answers (one source's ``@status``, a root
 ``@status`` of a few sources) stay in a thread: the hop costs more than they do.
@@ -19,6 +20,7 @@ its open versions) is passed along. Small answers (one source's ``@status``, a r
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ from typing import Any, TypeVar
 import trio
 import trio_parallel
 
+from buffyfs import log as log_setup
 from buffyfs.store import gc, status
 from buffyfs.store.index import Index
 from buffyfs.store.metrics import IndexFigures, index_figures
@@ -131,9 +134,16 @@ WORKER_GRACE = 5.0  # seconds the daemon's exit waits for its workers before kil
 
 
 def configure_workers() -> None:
-    """Set up the worker processes; once, in the main thread, before any is used."""
+    """Set up the worker processes; once, in the main thread, before any is used. They
+    log as the daemon does (a collection's commit logs what it collected)."""
+    logged = log_setup.settings()
+    init = bool if logged is None else functools.partial(_log_like_the_daemon, *logged)
     trio_parallel.configure_default_context(idle_timeout=WORKER_IDLE,
-                                            grace_period=WORKER_GRACE)
+                                            grace_period=WORKER_GRACE, init=init)
+
+
+def _log_like_the_daemon(level: str, file: Path | None) -> None:
+    log_setup.setup(level, file)
 
 
 
@@ -142,12 +152,12 @@ def encode_status(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-async def _run(fn: Callable[..., T], index: Index, *args: Any) -> T:
-    """``fn(index.path, *args)`` in a worker process (killed if the caller is
-    cancelled); in a thread, on ``index`` itself, if the worker died (a bug or out of
-    memory there: the mount goes on)."""
+async def _run(fn: Callable[..., T], index: Index, *args: Any, kill: bool = True) -> T:
+    """``fn(index.path, *args)`` in a worker process (with ``kill``, killed if the
+    caller is cancelled); in a thread, on ``index`` itself, if the worker died (a bug or
+    out of memory there: the mount goes on)."""
     try:
-        return await trio_parallel.run_sync(fn, index.path, *args, kill_on_cancel=True)
+        return await trio_parallel.run_sync(fn, index.path, *args, kill_on_cancel=kill)
     except trio_parallel.BrokenWorkerError as e:
         log.warning("a worker process failed (%s): doing the work in a thread", e)
         _own[index.path] = index
@@ -169,13 +179,16 @@ async def plan_collection(index: Index, open_inos: set[int], need: int = 0,
 
 async def commit_batch(index: Index, plan: Plan, batch: bytes, open_inos: set[int],
                        progress: dict[str, Any] | None = None) -> gc.Report:
-    """``gc.commit`` of one batch of ``plan`` where the plan was made: a worker
-    process (a thread if the plan was small, or if the worker died)."""
-    if plan.pid == os.getpid():
-        _own[index.path] = index
-        return await trio.to_thread.run_sync(_commit, index.path, batch, open_inos,
-                                             progress)
-    return await _run(_commit, index, batch, open_inos, progress)
+    """``gc.commit`` of one batch of ``plan`` in a worker process (a thread if the plan
+    was small, or if the worker died). Never cut short by a cancel: a commit that
+    landed must hand back the blobs it freed, for the mount to unlink them (a killed
+    worker's would stay on disk, counted as freed, until the next start's sweep)."""
+    with trio.CancelScope(shield=True):
+        if plan.pid == os.getpid():
+            _own[index.path] = index
+            return await trio.to_thread.run_sync(_commit, index.path, batch, open_inos,
+                                                 progress)
+        return await _run(_commit, index, batch, open_inos, progress, kill=False)
 
 
 def is_small(index: Index) -> bool:
