@@ -335,11 +335,11 @@ class Collector:
         if not request or done.get("id") == request["id"]:
             return
         report, error = None, None
-        # the CLI waits while gc_progress moves: now (the plan), then each batch's commit
-        await trio.to_thread.run_sync(self._put_progress, {"request": request["id"],
-                                                           "done": 0, "of": None})
         self.request = request["id"]
         try:
+            # the CLI waits while gc_progress moves: now (the plan), then each batch's
+            await trio.to_thread.run_sync(self._put_progress, {"request": request["id"],
+                                                               "done": 0, "of": None})
             report = await self.collect(dry_run=request["dry_run"])
             if not request["dry_run"]:
                 report.orphans += await trio.to_thread.run_sync(self.sweep_partials)

@@ -72,6 +72,8 @@ class LoopMonitor(trio.abc.Instrument):
         self._sampler: threading.Thread | None = None
         self._collection_started = 0.0  # perf_counter() when Python's collector began
         self._collection_cpu = 0.0  # and the thread's CPU time then
+        # long collections not logged yet: (generation, seconds, CPU seconds, freed)
+        self._collections: list[tuple[int, float, float, int]] = []
 
     def __enter__(self) -> LoopMonitor:
         self.loop_thread = threading.get_ident()
@@ -87,6 +89,7 @@ class LoopMonitor(trio.abc.Instrument):
         self._stop.set()
         if self._sampler is not None:
             self._sampler.join(timeout=1.0)
+        self._log_collections()
 
     # trio's hooks: keep them cheap, they run around every task step
 
@@ -131,16 +134,24 @@ class LoopMonitor(trio.abc.Instrument):
             return
         took = time.perf_counter() - self._collection_started
         if took > self.threshold / 2:  # the CPU time: the rest is other processes'
+            # logged by the sampler thread: a collection may run inside a log write of
+            # this thread, and the stream would be written from within itself
+            self._collections.append((info.get("generation", -1), took,
+                                      time.thread_time() - self._collection_cpu,
+                                      info.get("collected", 0)))
+
+    def _log_collections(self) -> None:
+        while self._collections:
+            generation, took, cpu, freed = self._collections.pop(0)
             log.warning("garbage collection of generation %d took %.0f ms (%.0f ms of CPU; "
-                        "%d objects freed)", info.get("generation", -1), took * 1000,
-                        (time.thread_time() - self._collection_cpu) * 1000,
-                        info.get("collected", 0))
+                        "%d objects freed)", generation, took * 1000, cpu * 1000, freed)
 
     # the sampler thread
 
     def _sample_loop(self) -> None:
         early = self.threshold / 2  # a step this long may well pass the threshold
         while not self._stop.wait(SAMPLE_EVERY):
+            self._log_collections()
             step, began = self.steps, self.mark
             if not self.running or time.perf_counter() - began < early:
                 continue

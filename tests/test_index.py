@@ -511,7 +511,8 @@ def test_parse_rfc3339_reads_what_rfc3339_wrote(t: datetime) -> None:
 
 @pytest.mark.parametrize("bad", ["2026-13-01T00:00:00Z", "2026-01-01T00:00:0xZ",
                                  "2026-01-01 00:00:00Z", "abcd-01-01T00:00:00Z",
-                                 "2026-01-01T00:00:00+0", "2026-01-01", ""])
+                                 "2026-01-01T00:00:00+0", "2026-01-01", "",
+                                 "2024-W01-1T12:34:56Z"])
 def test_parse_rfc3339_refuses_other_shapes(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_rfc3339(bad)
