@@ -7,6 +7,7 @@ test leaves no mount and no process behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -331,3 +332,18 @@ def replica_factory(tmp_path: Path, mount_factory: Callable[..., Mount]
                              cache=cache)
 
     return start
+
+
+@pytest.fixture
+def own_root_logger():
+    """``log.setup`` and ``cli.main`` (quiet commands set the root logger to CRITICAL)
+    change the root logger in-process: give its handlers and level back afterwards, or
+    later tests' caplog sees nothing."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)

@@ -395,6 +395,7 @@ class SlowMount:
 
 
 def run_gc_in_process(cache_dir, capsys) -> tuple[int, str]:
+    """``buffyfs gc`` in this process (its test takes ``own_root_logger``)."""
     from buffyfs import cli
 
     code = cli.main(["gc", "--cache", str(cache_dir)])
@@ -402,7 +403,8 @@ def run_gc_in_process(cache_dir, capsys) -> tuple[int, str]:
     return code, out.out + out.err
 
 
-def test_gc_waits_while_the_mount_shows_progress(cache_dir, monkeypatch, capsys):
+def test_gc_waits_while_the_mount_shows_progress(cache_dir, monkeypatch, capsys,
+                                                own_root_logger):
     """A long collection (100,000 versions: a minute on a busy machine) is waited for
     as long as each of its batches commits within the bound."""
     from buffyfs import cli
@@ -414,7 +416,8 @@ def test_gc_waits_while_the_mount_shows_progress(cache_dir, monkeypatch, capsys)
     assert "total: freed 0 B" in out
 
 
-def test_gc_gives_up_on_a_mount_that_shows_no_progress(cache_dir, monkeypatch, capsys):
+def test_gc_gives_up_on_a_mount_that_shows_no_progress(cache_dir, monkeypatch, capsys,
+                                                       own_root_logger):
     from buffyfs import cli
 
     monkeypatch.setattr(cli, "GC_WAIT", 0.6)
@@ -425,7 +428,7 @@ def test_gc_gives_up_on_a_mount_that_shows_no_progress(cache_dir, monkeypatch, c
                            "request (no progress for 0.6s)")
 
 
-def test_gc_stops_waiting_when_the_mount_stops(cache_dir, capsys):
+def test_gc_stops_waiting_when_the_mount_stops(cache_dir, capsys, own_root_logger):
     with SlowMount(cache_dir, batches=3, step=0.2, stall=True) as mount:
         threading.Timer(1.0, mount.proc.stdin.close).start()  # it ends, not answering
         code, out = run_gc_in_process(cache_dir, capsys)

@@ -33,19 +33,6 @@ def test_only_a_version_nothing_else_keeps_sets_the_collectors_wake_time():
         "2031-01-01T00:00:00Z"
 
 
-@pytest.fixture
-def own_root_logger():
-    """log.setup replaces the root logger's handlers: give them back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in handlers:
-        root.addHandler(h)
-    root.setLevel(level)
-
-
 def test_a_failed_kernel_invalidation_is_one_warning_line(capsys, own_root_logger):
     log.setup("info")
     try:
