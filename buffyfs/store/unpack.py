@@ -167,27 +167,26 @@ class DerivedStore:
     def members_path(self, sha256: str) -> Path:
         return self.path(sha256) / "members.json"
 
-    def commit(self, sha256: str) -> None:
-        """Move a complete unpack into place (replacing a stale one)."""
+    def commit(self, sha256: str) -> bool:
+        """Move a complete unpack into place (replacing a stale one). False when its
+        partial is gone: a collection took the blob, and its unpack, meanwhile."""
         target = self.path(sha256)
         make_dir(target.parent, self.root)
-        if entry_kind(target) is not None:
-            self.remove(sha256)
-        os.rename(self.partial(sha256), target)
+        _remove_entry(target)
+        try:
+            os.rename(self.partial(sha256), target)
+        except FileNotFoundError:
+            return False
         fsync_dir(target.parent)
+        return True
 
     def remove(self, sha256: str) -> None:
-        """Delete the derived data of ``sha256`` (never following links)."""
-        for path in (self.path(sha256), self.partial(sha256)):
-            kind = entry_kind(path)
-            if kind == "directory":
-                shutil.rmtree(path, ignore_errors=True)
-            elif kind is not None:
-                path.unlink(missing_ok=True)
+        """Delete the derived data of ``sha256``, done or in progress."""
+        _remove_entry(self.path(sha256))
+        _remove_entry(self.partial(sha256))
 
     def remove_partial(self, sha256: str) -> None:
-        if entry_kind(self.partial(sha256)) is not None:
-            shutil.rmtree(self.partial(sha256), ignore_errors=True)
+        _remove_entry(self.partial(sha256))
 
     def drop_partials(self) -> None:
         """Unpacks a crash or an unmount interrupted: they start again from scratch."""
@@ -217,6 +216,15 @@ class DerivedStore:
     def partial_size(self, sha256: str) -> int:
         """Bytes of an unpack in progress."""
         return _files_size(self.partial(sha256))
+
+
+def _remove_entry(path: Path) -> None:
+    """Delete a file or a directory tree, never following links; gone already is fine."""
+    kind = entry_kind(path)
+    if kind == "directory":
+        shutil.rmtree(path, ignore_errors=True)
+    elif kind is not None:
+        path.unlink(missing_ok=True)
 
 
 def _files_size(directory: Path) -> int:

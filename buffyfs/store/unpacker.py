@@ -225,6 +225,9 @@ class Unpacker:
             str(self.max_size), str(os.getpid()), str(CHILD_MEMORY)])
         if "error" in summary:
             await trio.to_thread.run_sync(self.derived.remove_partial, sha)
+            if not await trio.to_thread.run_sync(self._still_used, sha):
+                log.info("blob %s was collected while it unpacked", sha)
+                return
             log.warning("unpacking blob %s (%s) failed: %s", sha, kind, summary["error"])
             await trio.to_thread.run_sync(self._record, sha, {
                 "state": "error", "kind": kind, "error": summary["error"],
@@ -236,7 +239,15 @@ class Unpacker:
     def _commit(self, sha: str, summary: dict[str, Any]) -> None:
         """Move the unpack into place, then record it (a crash between the two leaves a
         derived entry the next start unpacks again over)."""
-        self.derived.commit(sha)
+        if not self.derived.commit(sha):  # a collection removed the partial meanwhile
+            if self._still_used(sha):  # not a collection: unpack it again at next start
+                self._record(sha, {"state": "error", "kind": summary.get("kind"),
+                                   "error": "the unpacked data went missing",
+                                   "retry": True, "at": rfc3339(now_utc())})
+                log.warning("the unpack of blob %s went missing before its commit", sha)
+            else:
+                log.info("blob %s was collected while it unpacked", sha)
+            return
         record = {**summary, "state": "done", "size": self.derived.disk_size(sha),
                   "at": rfc3339(now_utc())}
         with self.index.write() as w:
@@ -245,6 +256,10 @@ class Unpacker:
                 w.changed(name)
         if not kept:  # its last version was collected meanwhile
             self.derived.remove(sha)
+
+    def _still_used(self, sha: str) -> bool:
+        with self.index.read() as r:
+            return r.blob_ref(sha) is not None
 
     def _record(self, sha: str, record: dict[str, Any]) -> None:
         try:
