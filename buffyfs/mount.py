@@ -169,6 +169,8 @@ class Collector:
         self.answering = False
         self.request: int | None = None  # the `buffyfs gc` request being answered
         self.rounds = 0  # collections so far (in gc_progress: each one's batches differ)
+        self.lost_blobs = False  # a commit's list of freed blobs was lost: sweep for them
+        self.sweeping = False
 
     def kick(self, name: str = "") -> None:
         self.wake.set()
@@ -214,7 +216,10 @@ class Collector:
         done = self.fs.start_collecting({ino for ino in inos if ino not in open_now})
         try:
             part = await offload.commit_batch(self.cache.index, planned, batch, open_now,
-                                              progress)
+                                              progress, lost=self.sweep_lost_blobs)
+        except Exception:  # it may have landed: its freed blobs are not known
+            self.sweep_lost_blobs()
+            raise
         finally:
             self.fs.end_collecting(done)
         if planned.pid != os.getpid():
@@ -299,6 +304,25 @@ class Collector:
         await trio.to_thread.run_sync(memory.unmap_index, self.cache.index.path)
         if trim:
             await trio.to_thread.run_sync(memory.trim_heap)
+
+    def sweep_lost_blobs(self) -> None:
+        """A commit landed, maybe, and the list of the blobs it freed was lost (its
+        worker process died, or it raised): the orphan sweep finds them, in a task, as
+        soon as no download is between blob and commit (not at the next start)."""
+        self.lost_blobs = True
+        if not self.sweeping:
+            self.sweeping = True
+            start_task(self.nursery, "orphan sweep", self._sweep_lost_blobs,
+                       restart=False)
+
+    async def _sweep_lost_blobs(self) -> None:
+        try:
+            while self.lost_blobs:
+                self.lost_blobs = False
+                while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110
+                    await trio.sleep(SWEEP_RETRY)
+        finally:
+            self.sweeping = False
 
     def sweep(self) -> list[str] | None:
         return gc.sweep_orphans(self.cache.index, self.cache.blobs, partial_key)
