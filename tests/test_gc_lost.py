@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-
 from buffyfs.store.index import Index
 from tests.conftest import Mount, wait_for
 from tests.test_stall import build
