@@ -759,7 +759,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         from buffyfs import mountctl
 
         rid = cache.request_gc(args.dry_run)
-        result = mountctl.wait_gc(cache, rid, GC_WAIT)
+        result = mountctl.wait_gc(cache, rid, GC_WAIT, args.dry_run)
         if result["error"]:
             raise CacheError(result["error"])
         report = result["report"]

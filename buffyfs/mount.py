@@ -371,7 +371,7 @@ class Collector:
             error = str(e)
         finally:
             self.request = None
-        await trio.to_thread.run_sync(self._put_result, request["id"], report, error)
+        await trio.to_thread.run_sync(self._put_result, request, report, error)
         del report
         await self.give_back(trim=True)
 
@@ -379,9 +379,10 @@ class Collector:
         with self.cache.index.write() as w:
             w.put_meta_json("gc_progress", progress)
 
-    def _put_result(self, rid: str, report: gc.Report | None, error: str | None) -> None:
-        result = {"id": rid, "report": report_json(report) if report else None,
-                  "error": error}
+    def _put_result(self, request: dict[str, Any], report: gc.Report | None,
+                    error: str | None) -> None:
+        result = {"id": request["id"], "dry_run": request["dry_run"],
+                  "report": report_json(report) if report else None, "error": error}
         with self.cache.index.write() as w:
             w.put_meta_json("gc_result", result)
 

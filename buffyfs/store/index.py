@@ -26,7 +26,7 @@ optional keys left out while at their default; records.encode / records.decode).
                   and the status page (cache.py)
     ``gc_request`` JSON ``{"id", "dry_run"}``: the last ``buffyfs gc`` asked of the
                   running mount (cache.py); ``gc_result`` JSON, the mount's answer
-                  to it: ``{"id", "report", "error"}``, the report ``{"versions":
+                  to it: ``{"id", "dry_run", "report", "error"}``, the report ``{"versions":
                   [{"source", "id", "reason"}], "freed": {SOURCE: bytes}, "total",
                   "orphans", "kept": [{"source", "id", "reasons"}]}`` (mount.py)
     ``gc_progress`` JSON ``{"request", "round", "done", "of"}``: how far the mount's
