@@ -16,7 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pyfuse3
@@ -37,6 +37,9 @@ from buffyfs.store.index import now_utc, rfc3339
 from buffyfs.store.scrub import Scrubber
 from buffyfs.store.unpacker import Unpacker
 from buffyfs.store.writes import IndexWrites
+
+if TYPE_CHECKING:
+    from buffyfs.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +436,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
                 start_task(nursery, "read-ahead", raise_readahead, settings.mountpoint,
                            restart=False)  # one try: what failed once fails again
             start_task(nursery, "signal watcher", _watch_signals, cache, settings, collector,
-                       fs, stopped)
+                       fs, stopped, refresher.writes, nursery)
             start_task(nursery, "index writes", refresher.writes.run)
             start_task(nursery, "change watcher", _watch_changes, cache, scheduler, fs,
                        collector)
@@ -597,11 +600,18 @@ def _set_readahead(mountpoint: str) -> None:
 
 
 async def _watch_signals(cache: Cache, settings: Settings, collector: Collector,
-                         fs: BuffyFS, stopped: trio.Event) -> None:
+                         fs: BuffyFS, stopped: trio.Event, writes: IndexWrites,
+                         nursery: trio.Nursery) -> None:
+    reloading = trio.Lock()  # one reload at a time, in the order the signals came
+
+    async def reload() -> None:
+        async with reloading:
+            await reload_config(cache, settings, collector, fs, writes)
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            if signum == signal.SIGHUP:
-                reload_config(cache, settings, collector, fs)
+            if signum == signal.SIGHUP:  # a task: its index write must not hold a SIGTERM
+                start_task(nursery, "config reload", reload, restart=False)
                 continue
             if settings.mountpoint is None:
                 log.info("%s: stopping", signal.Signals(signum).name)
@@ -612,28 +622,42 @@ async def _watch_signals(cache: Cache, settings: Settings, collector: Collector,
             return
 
 
-def reload_config(cache: Cache, settings: Settings, collector: Collector, fs: BuffyFS) -> None:
-    """SIGHUP: apply the config file again; a bad one leaves the running config as it is."""
+async def reload_config(cache: Cache, settings: Settings, collector: Collector, fs: BuffyFS,
+                        writes: IndexWrites) -> None:
+    """SIGHUP: apply the config file again; a bad one leaves the running config as it is.
+    The file is read in a worker thread, and the index written in the mount's index
+    writes' thread, in turn with the writes queued before (``IndexWrites.call``): never
+    on the loop, which another process holding LMDB's writer lock would stop."""
     if settings.config_path is None:
         log.info("SIGHUP: no config file to reload")
         return
     from buffyfs.config import load_config
 
     try:
-        config = load_config(settings.config_path)
+        config = await trio.to_thread.run_sync(load_config, settings.config_path)
     except BuffyError as e:
         log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
-        _put_reload_error(cache, {"at": rfc3339(now_utc()), "message": str(e)})
+        await writes.call(_put_reload_error, cache,
+                          {"at": rfc3339(now_utc()), "message": str(e)})
         return
-    _put_reload_error(cache, None)
-    added, changed, removed = cache.sync_sources(config.sources, settings.prune)
+    added, changed, removed = await writes.call(_apply_config, cache, config,
+                                                settings.prune)
     for name in added + changed + removed:
         fs.sync(name)
     collector.max_size = config.daemon.max_cache_size
-    cache.set_max_cache_size(config.daemon.max_cache_size)
     logging.getLogger().setLevel(config.daemon.log_level.upper())
     log.info("SIGHUP: config %s reloaded (%d added, %d changed, %d removed)",
              settings.config_path, len(added), len(changed), len(removed))
+
+
+def _apply_config(cache: Cache, config: Config,
+                  prune: bool) -> tuple[list[str], list[str], list[str]]:
+    """A reload's index writes (blocking): the refusal cleared, the sources synced, the
+    quota recorded; (added, changed, removed) sources."""
+    _put_reload_error(cache, None)
+    synced = cache.sync_sources(config.sources, prune)
+    cache.set_max_cache_size(config.daemon.max_cache_size)
+    return synced
 
 
 def _put_reload_error(cache: Cache, error: dict[str, str] | None) -> None:
