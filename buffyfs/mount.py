@@ -9,7 +9,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -198,8 +197,8 @@ class Collector:
                 self.cache.index, set(self.fs.open_inos), need, self.max_size, dry_run)
             if planned.pid != os.getpid():
                 self.fs.metrics.worker_runs.labels(task="gc_plan").inc()
-            if planned.report is not None:  # a dry run: the whole report, for its answer
-                return await trio.to_thread.run_sync(pickle.loads, planned.report)
+            if planned.report is not None:  # a dry run: its answer, encoded by the planner
+                return gc.Report(wake_at=planned.wake_at, answer=planned.report)
             report = gc.Report(wake_at=planned.wake_at)
             self.rounds += 1
             for i, (batch, inos) in enumerate(zip(planned.batches, planned.inos,
@@ -384,22 +383,13 @@ class Collector:
 
     def _put_result(self, request: dict[str, Any], report: gc.Report | None,
                     error: str | None) -> None:
-        result = {"id": request["id"], "dry_run": request["dry_run"],
-                  "report": report_json(report) if report else None, "error": error}
+        result = {"id": request["id"], "dry_run": request["dry_run"], "error": error}
         with self.cache.index.write() as w:
-            w.put_meta_json("gc_result", result)
-
-
-def report_json(report: gc.Report) -> dict:
-    return {
-        "versions": [{"source": source, "id": vid, "reason": reason}
-                     for source, vid, reason in report.collected()],
-        "freed": report.freed,
-        "total": report.total,
-        "orphans": report.orphans,
-        "kept": [{"source": k.source, "id": k.id, "reasons": [str(w) for w in k.reasons]}
-                 for k in report.kept],
-    }
+            if report is not None and report.answer is not None:  # JSON already
+                w.put_meta_json_with("gc_result", result, report=report.answer)
+                return
+            w.put_meta_json("gc_result", {**result, "report": gc.report_json(report)
+                                          if report else None})
 
 
 async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) -> None:

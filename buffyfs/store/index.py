@@ -436,6 +436,16 @@ class Writer(Reader):
     def put_meta_json(self, key: str, value: Any) -> None:
         self._put("meta", key.encode(), value)
 
+    def put_meta_json_with(self, key: str, value: dict[str, Any], **encoded: bytes) -> None:
+        """``put_meta_json`` of ``value`` with more members, each given as JSON bytes
+        already (a dry run's report, encoded in the worker process that planned it:
+        the mount never decodes it)."""
+        raw = _dumps(value)
+        for name, member in encoded.items():
+            raw = raw[:-1] + (b"," if raw != b"{}" else b"") + _dumps(name) + b":" + \
+                member + b"}"
+        self.txn.put(key.encode(), raw, db=self.dbs["meta"])
+
     def ref_blob(self, sha256: str, size: int) -> None:
         entry = self.blob_ref(sha256) or BlobEntry(size=size, refs=0)
         if entry.refs == 0:

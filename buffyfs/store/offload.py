@@ -88,7 +88,7 @@ class Plan:
     wake_at: str | None
     batches: list[bytes] = field(default_factory=list)  # pickled lists of gc.Doomed
     inos: list[list[int]] = field(default_factory=list)  # each batch's version inodes
-    report: bytes | None = None  # a dry run: the whole pickled gc.Report
+    report: bytes | None = None  # a dry run: the whole report, JSON (gc.report_json)
     pid: int = 0  # the process that planned
 
 
@@ -96,7 +96,8 @@ def _plan(path: Path, open_inos: set[int], need: int, max_size: int | None,
           dry_run: bool) -> Plan:
     report = gc.plan_snapshot(_index(path), open_inos, need, max_size)
     if dry_run:
-        return Plan(report.wake_at, report=pickle.dumps(report), pid=os.getpid())
+        return Plan(report.wake_at, report=json.dumps(gc.report_json(report)).encode(),
+                    pid=os.getpid())
     batches, inos = [], []
     for i in range(0, len(report.doomed), gc.COMMIT_BATCH):
         batch = report.doomed[i:i + gc.COMMIT_BATCH]
