@@ -303,7 +303,7 @@ class Collector:
         loop's bigger allocations wait: only after a big collection)."""
         with trio.move_on_after(GIVE_BACK_WAIT):
             await self.fs.relinked()  # its reads would map the pages again at once
-        await trio.to_thread.run_sync(memory.unmap_index, self.cache.index.path)
+        await trio.to_thread.run_sync(memory.unmap_index, self.cache.index)
         if trim:
             await trio.to_thread.run_sync(memory.trim_heap)
 
