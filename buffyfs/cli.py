@@ -759,12 +759,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         from buffyfs import mountctl
 
         rid = cache.request_gc(args.dry_run)
-        result = mountctl.wait_gc(cache, rid, GC_WAIT)
+        result = mountctl.wait_gc(cache, rid, GC_WAIT, args.dry_run)
         if result["error"]:
             raise CacheError(result["error"])
         report = result["report"]
     else:
-        from buffyfs.mount import report_json
         from buffyfs.store import gc
 
         found = gc.collect_now(cache.index, cache.blobs, set(), 0, cache.max_cache_size(),
@@ -776,7 +775,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             if swept is None:  # a download is committing: its partials are its own
                 swept = gc.sweep_partials(cache.index, cache.blobs, partial_key)
             found.orphans = swept
-        report = report_json(found)
+        report = gc.report_json(found)
     verb = "would free" if args.dry_run else "freed"
     per_source: dict[str, int] = {}
     for v in report["versions"]:

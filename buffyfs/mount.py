@@ -9,14 +9,13 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import pickle
 import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pyfuse3
@@ -37,6 +36,9 @@ from buffyfs.store.index import now_utc, rfc3339
 from buffyfs.store.scrub import Scrubber
 from buffyfs.store.unpacker import Unpacker
 from buffyfs.store.writes import IndexWrites
+
+if TYPE_CHECKING:
+    from buffyfs.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,8 @@ class Collector:
         self.answering = False
         self.request: int | None = None  # the `buffyfs gc` request being answered
         self.rounds = 0  # collections so far (in gc_progress: each one's batches differ)
+        self.lost_blobs = False  # a commit's list of freed blobs was lost: sweep for them
+        self.sweeping = False
 
     def kick(self, name: str = "") -> None:
         self.wake.set()
@@ -193,8 +197,8 @@ class Collector:
                 self.cache.index, set(self.fs.open_inos), need, self.max_size, dry_run)
             if planned.pid != os.getpid():
                 self.fs.metrics.worker_runs.labels(task="gc_plan").inc()
-            if planned.report is not None:  # a dry run: the whole report, for its answer
-                return await trio.to_thread.run_sync(pickle.loads, planned.report)
+            if planned.report is not None:  # a dry run: its answer, encoded by the planner
+                return gc.Report(wake_at=planned.wake_at, answer=planned.report)
             report = gc.Report(wake_at=planned.wake_at)
             self.rounds += 1
             for i, (batch, inos) in enumerate(zip(planned.batches, planned.inos,
@@ -214,7 +218,10 @@ class Collector:
         done = self.fs.start_collecting({ino for ino in inos if ino not in open_now})
         try:
             part = await offload.commit_batch(self.cache.index, planned, batch, open_now,
-                                              progress)
+                                              progress, lost=self.sweep_lost_blobs)
+        except Exception:  # it may have landed: its freed blobs are not known
+            self.sweep_lost_blobs()
+            raise
         finally:
             self.fs.end_collecting(done)
         if planned.pid != os.getpid():
@@ -296,9 +303,28 @@ class Collector:
         loop's bigger allocations wait: only after a big collection)."""
         with trio.move_on_after(GIVE_BACK_WAIT):
             await self.fs.relinked()  # its reads would map the pages again at once
-        await trio.to_thread.run_sync(memory.unmap_index, self.cache.index.path)
+        await trio.to_thread.run_sync(memory.unmap_index, self.cache.index)
         if trim:
             await trio.to_thread.run_sync(memory.trim_heap)
+
+    def sweep_lost_blobs(self) -> None:
+        """A commit landed, maybe, and the list of the blobs it freed was lost (its
+        worker process died, or it raised): the orphan sweep finds them, in a task, as
+        soon as no download is between blob and commit (not at the next start)."""
+        self.lost_blobs = True
+        if not self.sweeping:
+            self.sweeping = True
+            start_task(self.nursery, "orphan sweep", self._sweep_lost_blobs,
+                       restart=False)
+
+    async def _sweep_lost_blobs(self) -> None:
+        try:
+            while self.lost_blobs:
+                self.lost_blobs = False
+                while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110
+                    await trio.sleep(SWEEP_RETRY)
+        finally:
+            self.sweeping = False
 
     def sweep(self) -> list[str] | None:
         return gc.sweep_orphans(self.cache.index, self.cache.blobs, partial_key)
@@ -347,7 +373,7 @@ class Collector:
             error = str(e)
         finally:
             self.request = None
-        await trio.to_thread.run_sync(self._put_result, request["id"], report, error)
+        await trio.to_thread.run_sync(self._put_result, request, report, error)
         del report
         await self.give_back(trim=True)
 
@@ -355,23 +381,15 @@ class Collector:
         with self.cache.index.write() as w:
             w.put_meta_json("gc_progress", progress)
 
-    def _put_result(self, rid: str, report: gc.Report | None, error: str | None) -> None:
-        result = {"id": rid, "report": report_json(report) if report else None,
-                  "error": error}
+    def _put_result(self, request: dict[str, Any], report: gc.Report | None,
+                    error: str | None) -> None:
+        result = {"id": request["id"], "dry_run": request["dry_run"], "error": error}
         with self.cache.index.write() as w:
-            w.put_meta_json("gc_result", result)
-
-
-def report_json(report: gc.Report) -> dict:
-    return {
-        "versions": [{"source": source, "id": vid, "reason": reason}
-                     for source, vid, reason in report.collected()],
-        "freed": report.freed,
-        "total": report.total,
-        "orphans": report.orphans,
-        "kept": [{"source": k.source, "id": k.id, "reasons": [str(w) for w in k.reasons]}
-                 for k in report.kept],
-    }
+            if report is not None and report.answer is not None:  # JSON already
+                w.put_meta_json_with("gc_result", result, report=report.answer)
+                return
+            w.put_meta_json("gc_result", {**result, "report": gc.report_json(report)
+                                          if report else None})
 
 
 async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) -> None:
@@ -408,7 +426,7 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
                 start_task(nursery, "read-ahead", raise_readahead, settings.mountpoint,
                            restart=False)  # one try: what failed once fails again
             start_task(nursery, "signal watcher", _watch_signals, cache, settings, collector,
-                       fs, stopped)
+                       fs, stopped, refresher.writes, nursery)
             start_task(nursery, "index writes", refresher.writes.run)
             start_task(nursery, "change watcher", _watch_changes, cache, scheduler, fs,
                        collector)
@@ -572,11 +590,18 @@ def _set_readahead(mountpoint: str) -> None:
 
 
 async def _watch_signals(cache: Cache, settings: Settings, collector: Collector,
-                         fs: BuffyFS, stopped: trio.Event) -> None:
+                         fs: BuffyFS, stopped: trio.Event, writes: IndexWrites,
+                         nursery: trio.Nursery) -> None:
+    reloading = trio.Lock()  # one reload at a time, in the order the signals came
+
+    async def reload() -> None:
+        async with reloading:
+            await reload_config(cache, settings, collector, fs, writes)
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            if signum == signal.SIGHUP:
-                reload_config(cache, settings, collector, fs)
+            if signum == signal.SIGHUP:  # a task: its index write must not hold a SIGTERM
+                start_task(nursery, "config reload", reload, restart=False)
                 continue
             if settings.mountpoint is None:
                 log.info("%s: stopping", signal.Signals(signum).name)
@@ -587,28 +612,42 @@ async def _watch_signals(cache: Cache, settings: Settings, collector: Collector,
             return
 
 
-def reload_config(cache: Cache, settings: Settings, collector: Collector, fs: BuffyFS) -> None:
-    """SIGHUP: apply the config file again; a bad one leaves the running config as it is."""
+async def reload_config(cache: Cache, settings: Settings, collector: Collector, fs: BuffyFS,
+                        writes: IndexWrites) -> None:
+    """SIGHUP: apply the config file again; a bad one leaves the running config as it is.
+    The file is read in a worker thread, and the index written in the mount's index
+    writes' thread, in turn with the writes queued before (``IndexWrites.call``): never
+    on the loop, which another process holding LMDB's writer lock would stop."""
     if settings.config_path is None:
         log.info("SIGHUP: no config file to reload")
         return
     from buffyfs.config import load_config
 
     try:
-        config = load_config(settings.config_path)
+        config = await trio.to_thread.run_sync(load_config, settings.config_path)
     except BuffyError as e:
         log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
-        _put_reload_error(cache, {"at": rfc3339(now_utc()), "message": str(e)})
+        await writes.call(_put_reload_error, cache,
+                          {"at": rfc3339(now_utc()), "message": str(e)})
         return
-    _put_reload_error(cache, None)
-    added, changed, removed = cache.sync_sources(config.sources, settings.prune)
+    added, changed, removed = await writes.call(_apply_config, cache, config,
+                                                settings.prune)
     for name in added + changed + removed:
         fs.sync(name)
     collector.max_size = config.daemon.max_cache_size
-    cache.set_max_cache_size(config.daemon.max_cache_size)
     logging.getLogger().setLevel(config.daemon.log_level.upper())
     log.info("SIGHUP: config %s reloaded (%d added, %d changed, %d removed)",
              settings.config_path, len(added), len(changed), len(removed))
+
+
+def _apply_config(cache: Cache, config: Config,
+                  prune: bool) -> tuple[list[str], list[str], list[str]]:
+    """A reload's index writes (blocking): the refusal cleared, the sources synced, the
+    quota recorded; (added, changed, removed) sources."""
+    _put_reload_error(cache, None)
+    synced = cache.sync_sources(config.sources, prune)
+    cache.set_max_cache_size(config.daemon.max_cache_size)
+    return synced
 
 
 def _put_reload_error(cache: Cache, error: dict[str, str] | None) -> None:

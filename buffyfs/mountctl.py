@@ -112,15 +112,23 @@ def wait_refresh(cache: Cache, name: str, asked: float) -> dict[str, Any]:
 GC_POLL = 0.1  # seconds between looks at the index while the mount collects
 
 
-def wait_gc(cache: Cache, rid: int, stalled_after: float) -> dict[str, Any]:
+def wait_gc(cache: Cache, rid: int, stalled_after: float,
+            dry_run: bool = False) -> dict[str, Any]:
     """Wait for the mount's answer to ``buffyfs gc`` request ``rid`` (``gc_result``):
     as long as the mount shows progress (``gc_progress`` moves: the plan began, a
     batch was committed; a collection of 100,000 versions takes a minute on a busy
     machine), at most ``stalled_after`` seconds without any, and not at all once the
-    mount stopped."""
+    mount stopped.
+
+    The index holds one request: a second ``buffyfs gc`` may replace ``rid`` before
+    the mount reads it. The answer to that later request, if of the same kind (a dry
+    run or not), answers ``rid`` too: its collection began after ``rid`` was asked.
+    Else ``rid`` is asked again."""
     seen: Any = None
     since = time.monotonic()
-    while (result := cache.gc_result(rid)) is None:
+    while (result := _gc_answer(cache, rid, dry_run)) is None:
+        if cache.gc_result(rid) is not None:  # a request of the other kind replaced it
+            rid = cache.request_gc(dry_run)
         with cache.index.read() as r:
             progress = r.meta_json("gc_progress")
         if progress != seen:
@@ -128,9 +136,17 @@ def wait_gc(cache: Cache, rid: int, stalled_after: float) -> dict[str, Any]:
         elif time.monotonic() - since > stalled_after:
             raise CacheError(f"the running mount did not answer the gc request (no "
                              f"progress for {stalled_after:g}s)")
-        if cache.running_mount() is None and cache.gc_result(rid) is None:
+        if cache.running_mount() is None and _gc_answer(cache, rid, dry_run) is None:
             raise CacheError("the mount stopped before answering the gc request")
         time.sleep(GC_POLL)
+    return result
+
+
+def _gc_answer(cache: Cache, rid: int, dry_run: bool) -> dict[str, Any] | None:
+    """The mount's answer to request ``rid`` or to a later one of the same kind."""
+    result = cache.gc_result(rid)
+    if result is None or (result["id"] != rid and result.get("dry_run") != dry_run):
+        return None
     return result
 
 

@@ -27,7 +27,7 @@ class StepCounter(trio.abc.Instrument):
         self.steps[task.name] += 1
 
 
-async def test_a_committed_batch_wakes_only_the_flushes_it_completes(tmp_path: Path) -> None:
+async def test_a_committed_batch_wakes_only_the_calls_it_completes(tmp_path: Path) -> None:
     index = Index(tmp_path / "index")
     try:
         writes = IndexWrites(index)
@@ -35,17 +35,17 @@ async def test_a_committed_batch_wakes_only_the_flushes_it_completes(tmp_path: P
         woken: list[int] = []
 
         async def waiter(n: int) -> None:
-            await writes.flush()
+            await writes.call(lambda: None)
             woken.append(n)
 
         async with trio.open_nursery() as nursery:
-            for n in range(50):  # each waits for its own post
+            for n in range(50):  # each waits for its own whole write, behind a post
                 writes.post(lambda w: None)
                 nursery.start_soon(waiter, n, name=f"waiter{n}")
-                await trio.testing.wait_all_tasks_blocked()  # waiting for post n + 1
+                await trio.testing.wait_all_tasks_blocked()  # waiting for its call
             trio.lowlevel.add_instrument(counter)
-            for n in range(50):  # one post committed at a time: 50 batches
-                batch, writes.queue = writes.queue[:1], writes.queue[1:]
+            for n in range(50):  # one post and its call committed at a time: 50 batches
+                batch, writes.queue = writes.queue[:2], writes.queue[2:]
                 writes._commit(batch)
                 writes._done(batch)
                 await trio.testing.wait_all_tasks_blocked()

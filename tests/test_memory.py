@@ -38,7 +38,7 @@ def test_unmapping_the_index_keeps_it_readable(tmp_path: Path) -> None:
         with index.read() as r:
             before = [(n, [v.id for v in r.versions(n)]) for n in r.source_names()]
         assert mapped_kib("self", data) >= 256
-        memory.unmap_index(tmp_path / "index")
+        memory.unmap_index(index)
         assert mapped_kib("self", data) < 64
         with index.read() as r:  # mapped again as read: the same records
             assert [(n, [v.id for v in r.versions(n)]) for n in r.source_names()] == before
@@ -74,3 +74,27 @@ def test_a_collection_gives_back_the_index_pages(
     wait_for(lambda: mapped_kib(m.proc.pid, data) < looked // 4, 30,
              what="the daemon to unmap the index pages")
     assert os.stat(m / "src1" / "latest").st_size == 100  # read (and mapped) again
+
+
+def test_an_index_opened_with_writemap_is_not_unmapped(tmp_path: Path, monkeypatch) -> None:
+    """unmap_index assumes a map that is only read: an index whose writes go through
+    its map (``writemap``, should a later change open it so) is refused, loudly."""
+    import lmdb
+    import pytest
+
+    real_open = lmdb.open
+    monkeypatch.setattr(lmdb, "open", lambda *a, **kw: real_open(*a, writemap=True, **kw))
+    build(tmp_path, sources=50)
+    index = Index(tmp_path / "index")
+    data = tmp_path / "index" / "data.mdb"
+    try:
+        with index.read() as r:
+            names = list(r.source_names())
+        mapped = mapped_kib("self", data)
+        with pytest.raises(ValueError, match="writemap"):
+            memory.unmap_index(index)
+        assert mapped_kib("self", data) >= mapped  # nothing dropped
+        with index.read() as r:
+            assert list(r.source_names()) == names
+    finally:
+        index.close()

@@ -49,7 +49,11 @@ class BlobStore:
                 make_dir(Path(entry.path), root)
 
     def path(self, sha256: str) -> Path:
-        return self.blob_dir / sha256[:2] / sha256
+        return Path(self.path_str(sha256))
+
+    def path_str(self, sha256: str) -> str:
+        """The blob's path as a string: made without pathlib, for every FUSE open."""
+        return f"{self.blob_dir_str}/{sha256[:2]}/{sha256}"
 
     def exists(self, sha256: str) -> bool:
         """The blob is in the store (a regular file; anything else is no blob)."""
@@ -104,12 +108,12 @@ class BlobStore:
     def open_blob(self, sha256: str) -> int:
         """An O_RDONLY file descriptor of the blob (the caller closes it); never
         through a symlink (NotRegularFile, an OSError)."""
-        return open_file(self.path(sha256), os.O_RDONLY)
+        return self.open_blob_sized(sha256)[0]
 
     def open_blob_sized(self, sha256: str) -> tuple[int, int]:
-        """``open_blob`` and the blob file's size (per FUSE open of a version: a path
-        made without pathlib, one fstat)."""
-        fd, st = open_regular(f"{self.blob_dir_str}/{sha256[:2]}/{sha256}")
+        """``open_blob`` and the blob file's size, from the one fstat the open makes
+        (per FUSE open of a version)."""
+        fd, st = open_regular(self.path_str(sha256))
         return fd, st.st_size
 
     def is_current(self, sha256: str, fd: int) -> bool:

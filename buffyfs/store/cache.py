@@ -227,9 +227,11 @@ class Cache:
         return rid
 
     def gc_result(self, rid: int) -> dict[str, Any] | None:
+        """The mount's last answer, if it answers request ``rid`` or a later one (which
+        may have replaced ``rid`` before the mount read it: mountctl.wait_gc)."""
         with self.index.read() as r:
             result = r.meta_json("gc_result")
-        return result if result and result.get("id") == rid else None
+        return result if result and result.get("id", 0) >= rid else None
 
     def source_status(
         self, name: str, live_progress: dict[str, Any] | None = None,

@@ -98,6 +98,9 @@ class Report:
     # (source, version id, reason) of what a commit in a worker process dropped: its
     # records stay there (``slim``), the mount needs no more (offload.py)
     gone: list[tuple[str, str, str]] = field(default_factory=list)
+    # a dry run planned in a worker process: its whole report as ``report_json``'s JSON,
+    # encoded there (the mount passes it on to ``buffyfs gc`` without decoding it)
+    answer: bytes | None = None
 
     @property
     def total(self) -> int:
@@ -113,6 +116,19 @@ class Report:
         worker process sends back (a few bytes per version, nothing to decode)."""
         return Report(freed=self.freed, orphans=self.orphans, unlink=self.unlink,
                       wake_at=self.wake_at, changes=self.changes, gone=self.collected())
+
+
+def report_json(report: Report) -> dict[str, Any]:
+    """The report as ``buffyfs gc`` gets it (``gc_result``'s ``report``)."""
+    return {
+        "versions": [{"source": source, "id": vid, "reason": reason}
+                     for source, vid, reason in report.collected()],
+        "freed": report.freed,
+        "total": report.total,
+        "orphans": report.orphans,
+        "kept": [{"source": k.source, "id": k.id, "reasons": [str(w) for w in k.reasons]}
+                 for k in report.kept],
+    }
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ optional keys left out while at their default; records.encode / records.decode).
                   and the status page (cache.py)
     ``gc_request`` JSON ``{"id", "dry_run"}``: the last ``buffyfs gc`` asked of the
                   running mount (cache.py); ``gc_result`` JSON, the mount's answer
-                  to it: ``{"id", "report", "error"}``, the report ``{"versions":
+                  to it: ``{"id", "dry_run", "report", "error"}``, the report ``{"versions":
                   [{"source", "id", "reason"}], "freed": {SOURCE: bytes}, "total",
                   "orphans", "kept": [{"source", "id", "reasons"}]}`` (mount.py)
     ``gc_progress`` JSON ``{"request", "round", "done", "of"}``: how far the mount's
@@ -435,6 +435,16 @@ class Writer(Reader):
 
     def put_meta_json(self, key: str, value: Any) -> None:
         self._put("meta", key.encode(), value)
+
+    def put_meta_json_with(self, key: str, value: dict[str, Any], **encoded: bytes) -> None:
+        """``put_meta_json`` of ``value`` with more members, each given as JSON bytes
+        already (a dry run's report, encoded in the worker process that planned it:
+        the mount never decodes it)."""
+        raw = _dumps(value)
+        for name, member in encoded.items():
+            raw = raw[:-1] + (b"," if raw != b"{}" else b"") + _dumps(name) + b":" + \
+                member + b"}"
+        self.txn.put(key.encode(), raw, db=self.dbs["meta"])
 
     def ref_blob(self, sha256: str, size: int) -> None:
         entry = self.blob_ref(sha256) or BlobEntry(size=size, refs=0)

@@ -9,7 +9,9 @@
   pages the daemon's own code reads. madvise(MADV_DONTNEED) drops these mappings: the
   pages stay in the page cache (shared with the command line and the worker
   processes), and the next read maps what it needs again (a minor fault). Safe for
-  LMDB: without ``writemap`` its map is only read; writes go through the file.
+  LMDB without ``writemap``: its map is only read; writes go through the file. With
+  ``writemap`` the writer writes its pages through the map, and dropping them under it
+  is not what was reasoned about or tested: ``unmap_index`` refuses such an index.
 
 Both are system calls (ctypes lets go of the GIL): run them in a worker thread. Off
 glibc or Linux they do nothing.
@@ -21,6 +23,10 @@ import ctypes
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from buffyfs.store.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +69,15 @@ def mappings_of(path: Path) -> list[tuple[int, int]]:
     return out
 
 
-def unmap_index(index_dir: Path) -> None:
-    """Drop this process's mapped pages of the index file (they stay cached)."""
+def unmap_index(index: Index) -> None:
+    """Drop this process's mapped pages of the index file (they stay cached). Refused
+    (ValueError) for an index opened with ``writemap`` (its writes go through the map)."""
+    if index.env.flags()["writemap"]:
+        raise ValueError(f"the index in {index.path} is opened with writemap: its map "
+                         "is written through, its pages are not dropped")
     libc = _c()
     if libc is None:
         return
-    for start, end in mappings_of(index_dir / "data.mdb"):
+    for start, end in mappings_of(index.path / "data.mdb"):
         if libc.madvise(start, end - start, MADV_DONTNEED) != 0:
             log.debug("madvise of the index map: %s", os.strerror(ctypes.get_errno()))

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import trio
 import trio_parallel
 
+from buffyfs import crash
 from buffyfs import log as log_setup
 from buffyfs.store import gc, status
 from buffyfs.store.index import Index
@@ -87,7 +88,7 @@ class Plan:
     wake_at: str | None
     batches: list[bytes] = field(default_factory=list)  # pickled lists of gc.Doomed
     inos: list[list[int]] = field(default_factory=list)  # each batch's version inodes
-    report: bytes | None = None  # a dry run: the whole pickled gc.Report
+    report: bytes | None = None  # a dry run: the whole report, JSON (gc.report_json)
     pid: int = 0  # the process that planned
 
 
@@ -95,7 +96,8 @@ def _plan(path: Path, open_inos: set[int], need: int, max_size: int | None,
           dry_run: bool) -> Plan:
     report = gc.plan_snapshot(_index(path), open_inos, need, max_size)
     if dry_run:
-        return Plan(report.wake_at, report=pickle.dumps(report), pid=os.getpid())
+        return Plan(report.wake_at, report=json.dumps(gc.report_json(report)).encode(),
+                    pid=os.getpid())
     batches, inos = [], []
     for i in range(0, len(report.doomed), gc.COMMIT_BATCH):
         batch = report.doomed[i:i + gc.COMMIT_BATCH]
@@ -109,8 +111,11 @@ def _commit(path: Path, batch: bytes, open_inos: set[int],
     """``gc.commit`` of one pickled batch of a plan, here: the re-check reads every
     version of the batch's sources, which the mount then never maps nor decodes. The
     answer names what went (``Report.slim``)."""
-    return gc.commit(_writable_index(path), pickle.loads(batch), open_inos,
-                     progress).slim()
+    report = gc.commit(_writable_index(path), pickle.loads(batch), open_inos,
+                       progress).slim()
+    if path not in _own:  # in a worker process: its answer is lost if it dies here
+        crash.point("gc-worker-after-commit")
+    return report
 
 
 def _root_status(path: Path, queued_state: dict[str, dict[str, Any]] | None,
@@ -152,14 +157,17 @@ def encode_status(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-async def _run(fn: Callable[..., T], index: Index, *args: Any, kill: bool = True) -> T:
+async def _run(fn: Callable[..., T], index: Index, *args: Any, kill: bool = True,
+               broken: Callable[[], None] | None = None) -> T:
     """``fn(index.path, *args)`` in a worker process (with ``kill``, killed if the
     caller is cancelled); in a thread, on ``index`` itself, if the worker died (a bug or
-    out of memory there: the mount goes on)."""
+    out of memory there: the mount goes on), after calling ``broken``."""
     try:
         return await trio_parallel.run_sync(fn, index.path, *args, kill_on_cancel=kill)
     except trio_parallel.BrokenWorkerError as e:
         log.warning("a worker process failed (%s): doing the work in a thread", e)
+        if broken is not None:
+            broken()
         _own[index.path] = index
         return await trio.to_thread.run_sync(fn, index.path, *args)
 
@@ -178,17 +186,21 @@ async def plan_collection(index: Index, open_inos: set[int], need: int = 0,
 
 
 async def commit_batch(index: Index, plan: Plan, batch: bytes, open_inos: set[int],
-                       progress: dict[str, Any] | None = None) -> gc.Report:
+                       progress: dict[str, Any] | None = None,
+                       lost: Callable[[], None] | None = None) -> gc.Report:
     """``gc.commit`` of one batch of ``plan`` in a worker process (a thread if the plan
     was small, or if the worker died). Never cut short by a cancel: a commit that
     landed must hand back the blobs it freed, for the mount to unlink them (a killed
-    worker's would stay on disk, counted as freed, until the next start's sweep)."""
+    worker's would stay on disk, counted as freed, until the next start's sweep).
+    ``lost`` is called when the worker died: its commit may have landed, and which
+    blobs it freed is not known (the thread's second try finds them gone)."""
     with trio.CancelScope(shield=True):
         if plan.pid == os.getpid():
             _own[index.path] = index
             return await trio.to_thread.run_sync(_commit, index.path, batch, open_inos,
                                                  progress)
-        return await _run(_commit, index, batch, open_inos, progress, kill=False)
+        return await _run(_commit, index, batch, open_inos, progress, kill=False,
+                          broken=lost)
 
 
 def is_small(index: Index) -> bool:

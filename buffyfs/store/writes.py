@@ -17,7 +17,6 @@ its refresh in the loop turn that follows.
 
 from __future__ import annotations
 
-import heapq
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -61,11 +60,6 @@ class IndexWrites:
         self.committed = 0  # ops committed (or dropped by a failed commit) so far
         self.writer = trio.CapacityLimiter(1)  # one index writer of ours at a time
         self.wake = trio.Event()
-        self.progressed = trio.Event()  # set (and renewed) after each batch
-        # (post number, tie, event) of the flushes waiting: each is woken when its own
-        # posts are in, not at every batch (1,000 refreshes of a burst, each waiting for
-        # its flush, took 500 loop steps per batch)
-        self.flushing: list[tuple[int, int, trio.Event]] = []
         self.stopped = False  # the committing task ended: posts commit on the spot
         # set_state fields not committed yet, and the number of the post that queued
         # them last: the mount's reads see them at once (Reader.queued_state)
@@ -113,15 +107,6 @@ class IndexWrites:
             raise call.error
         return call.result  # type: ignore[no-any-return]
 
-    async def flush(self) -> None:
-        """Wait until everything posted so far is committed."""
-        target = self.posted
-        if self.committed >= target or self.stopped:
-            return
-        done = trio.Event()
-        heapq.heappush(self.flushing, (target, id(done), done))
-        await done.wait()
-
     async def run(self) -> None:
         """Commit what is posted, batch by batch (the mount's task)."""
         self.stopped = False
@@ -141,10 +126,7 @@ class IndexWrites:
                         self._done(batch)
         finally:
             self.stopped = True
-            try:
-                self.drain()  # stopping: what is queued still lands, here and now
-            finally:
-                self._wake_flushes()
+            self.drain()  # stopping: what is queued still lands, here and now
 
     def drain(self) -> None:
         """Commit what is queued on the calling thread (at shutdown)."""
@@ -179,20 +161,12 @@ class IndexWrites:
         for name in [n for n, by in self.queued_by.items() if by <= self.committed]:
             del self.queued_by[name]  # in the index now (or dropped with its batch)
             self.queued.pop(name, None)
-        self.progressed.set()
-        self.progressed = trio.Event()
-        self._wake_flushes()
-
-    def _wake_flushes(self) -> None:
-        while self.flushing and (self.flushing[0][0] <= self.committed or self.stopped):
-            heapq.heappop(self.flushing)[2].set()
 
     def _commit(self, batch: list[Callable[[Writer], None] | _Call]) -> None:
         """The ops of ``batch`` in one transaction, then its whole writes in order, each
         in its own: a whole write comes after everything posted before it (and maybe
-        after some posted since, as when it waited for a flush). One transaction per
-        stretch of ops between whole writes made a burst's commits (fsyncs) twice as
-        many."""
+        after ops of its batch posted since). One transaction per stretch of ops between
+        whole writes made a burst's commits (fsyncs) twice as many."""
         ops = [item for item in batch if not isinstance(item, _Call)]
         try:
             if ops:

@@ -1,0 +1,71 @@
+"""Issue 12, review leftovers: two `buffyfs gc` at once. The index holds one request, so
+the second replaces the first when the mount has not read it yet; the first was then
+never answered and waited for the mount's progress to stop, a minute, before failing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from buffyfs.store.index import Index
+from tests.conftest import Mount, wait_for
+from tests.test_stall import build
+
+SOURCES = 50  # keep_versions=1: 2 of each source's 5 versions are garbage
+
+
+def blocked_on_a_lock(proc: subprocess.Popen) -> bool:
+    """The process waits in the kernel for a futex (LMDB's writer lock is one)."""
+    try:
+        return "futex" in Path(f"/proc/{proc.pid}/wchan").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("second", [["gc"], ["gc", "--dry-run"]])
+def test_two_gc_requests_at_once_are_both_answered(
+        cache_dir: Path, mount_factory: Callable[..., Mount], second: list[str]) -> None:
+    build(cache_dir, SOURCES, 5)
+    m = mount_factory("--scrub-interval", "never")
+    index = Index(m.cache / "index")  # as another process: LMDB's writer lock is the file's
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with index.write():
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    runs: list[subprocess.Popen] = []
+    try:
+        assert held.wait(10)
+        for args in (["gc"], second):  # both wait for the writer to write their requests
+            runs.append(subprocess.Popen(
+                [sys.executable, "-m", "buffyfs", *args, "--cache", str(m.cache)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdin=subprocess.DEVNULL))
+        wait_for(lambda: all(blocked_on_a_lock(p) for p in runs), 30,
+                 what="both `buffyfs gc` to wait for the writer lock")
+        release.set()  # they write their requests back to back: the mount reads one
+        holder.join(10)
+        outs = [p.communicate(timeout=150) for p in runs]
+    finally:
+        release.set()
+        holder.join(10)
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        index.close()
+    for p, (_, err) in zip(runs, outs, strict=True):
+        assert p.returncode == 0, err
+    collected = outs[0][0]
+    assert collected.count(": 2 version(s), freed") == SOURCES, collected[-2000:]
+    assert outs[1][0].rstrip().splitlines()[-1].startswith(
+        "total: would free" if "--dry-run" in second else "total: freed")

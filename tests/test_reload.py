@@ -1,0 +1,56 @@
+"""Issue 12, review leftovers: a SIGHUP reload writes the index off the event loop, so
+that another process holding LMDB's writer lock (a long `buffyfs` command) does not stop
+every file request of the mount until it lets go."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from buffyfs.store.index import Index
+from tests.conftest import wait_for
+from tests.test_mount import read, status
+from tests.test_ops import write_config
+
+READS = 20
+
+
+def test_a_reload_waiting_for_the_writer_lock_leaves_the_mount_answering(
+        origin, tmp_path, mount_factory) -> None:
+    origin.set("/a", b"a")
+    config = write_config(tmp_path / "c.toml", origin, {"a": "/a"})
+    mnt = mount_factory("--config", str(config))
+    origin.set("/n", b"new one")  # the reload will add n
+    write_config(config, origin, {"a": "/a", "n": "/n"})
+    index = Index(mnt.cache / "index")  # as another process: the writer lock is the file's
+    held, release = threading.Event(), threading.Event()
+    answered: list[str] = []
+
+    def hold() -> None:
+        with index.write():
+            held.set()
+            release.wait(60)
+
+    def reader() -> None:  # each read opens the file: the daemon's loop answers it
+        for _ in range(READS):
+            answered.append(status(mnt / "a/@status")["name"])
+            release.wait(0.1)
+
+    holder = threading.Thread(target=hold)
+    reading = threading.Thread(target=reader, daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10)
+        mnt.proc.send_signal(signal.SIGHUP)  # its write waits for the lock
+        reading.start()
+        reading.join(30)
+        done_while_held = len(answered)
+    finally:
+        release.set()
+        holder.join(10)
+        reading.join(30)
+        index.close()
+    assert done_while_held == READS, f"{done_while_held} of {READS} reads answered"
+    wait_for(lambda: "n" in os.listdir(mnt.path), 10, what="the reloaded source")
+    assert read(mnt / "n/latest") == b"new one"
