@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bench.common import cpu_seconds
 from buffyfs.store import memory
+from buffyfs.store.blobs import BlobStore
 from buffyfs.store.index import Index
 from tests.conftest import Mount, wait_for
 from tests.test_stall import build
@@ -28,6 +29,32 @@ def mapped_kib(pid: int | str, path: Path) -> int:
             elif inside and fields[0] == "Rss:":
                 total += int(fields[1])
     return total
+
+
+def unpacker_looked_at_all(cache_dir: Path) -> bool:
+    """The unpacker's start-up pass recorded what every blob is (a late pass would map
+    the index pages again after the collection gave them back)."""
+    index = Index(cache_dir / "index", readonly=True)
+    try:
+        with index.read() as r:
+            return all(r.unpacked(sha) is not None for sha in r.blob_refs())
+    finally:
+        index.close()
+
+
+def write_blobs(cache_dir: Path) -> None:
+    """build() writes no blob files: without them the unpacker records nothing, and
+    the end of its first pass could not be seen."""
+    blobs = BlobStore(cache_dir)
+    index = Index(cache_dir / "index", readonly=True)
+    try:
+        with index.read() as r:
+            shas = list(r.blob_refs())
+    finally:
+        index.close()
+    for sha in shas:
+        blobs.path(sha).parent.mkdir(parents=True, exist_ok=True)
+        blobs.path(sha).write_bytes(b"x" * 100)
 
 
 def test_unmapping_the_index_keeps_it_readable(tmp_path: Path) -> None:
@@ -50,10 +77,13 @@ def test_unmapping_the_index_keeps_it_readable(tmp_path: Path) -> None:
 def test_a_collection_gives_back_the_index_pages(
         cache_dir: Path, mount_factory: Callable[..., Mount]) -> None:
     build(cache_dir, 300, 5)
+    write_blobs(cache_dir)
     m = mount_factory("--scrub-interval", "never")
     data = cache_dir / "index" / "data.mdb"
     # the start-up work (the unpacker's first look at every source reads them too)
     # done first: else it maps pages again after the give-back
+    wait_for(lambda: unpacker_looked_at_all(cache_dir), 60,
+             what="the unpacker's first look at every blob")
     quiet: list[float] = []
     wait_for(lambda: quiet.append(cpu_seconds(m.proc.pid)) or
              len(quiet) > 6 and quiet[-1] == quiet[-7], 30, interval=0.05,
