@@ -345,3 +345,25 @@ async def test_collected_versions_do_not_wake_the_unpacker(fs, cache):
     assert told == []
     fs.source_changed("s")
     assert told == ["s"]
+
+
+async def test_collected_versions_of_a_source_never_looked_into_cost_nothing(
+        fs, cache, monkeypatch):
+    """A collection names thousands of sources, but the kernel holds entries (and link
+    counts) only below those it looked into: the others get no invalidation and no
+    look at their link counts."""
+    versions = three_versions(cache)
+    sent: list[tuple[int, bytes]] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_entry_async",
+                        lambda parent, name, **kw: sent.append((parent, name)))
+    fs.shown_links[1 << 40] = 1  # the kernel holds some other version's link count
+    fs.versions_removed("s", [versions[1].id])
+    assert sent == []
+    assert fs.relink_pending == set()
+
+    await lookup(fs, "s", "newest")  # now it holds entries below s
+    base = (await lookup(fs, "s")).st_ino
+    fs.versions_removed("s", [versions[1].id])
+    assert fs.relink_pending == {"s"}
+    assert (base + SourceInode.versions, versions[1].id.encode()) in sent
+    assert (base, b"newest") in sent

@@ -861,7 +861,9 @@ class BuffyFS(pyfuse3.Operations):
             self.on_source_changed(name)
         for parent, entry in self.tree.stale_entries(name):
             _invalidate(parent, entry)
-        if self.shown_links:  # the kernel holds link counts of versions
+        # the kernel holds link counts of versions, and those of this source only if
+        # it looked into it (a version's inode is found by a lookup below the source)
+        if self.shown_links and name in self.tree.entered:
             self.relink_pending.add(name)
             if not self.relinking:
                 try:
@@ -956,13 +958,16 @@ class BuffyFS(pyfuse3.Operations):
                 pass  # ENOENT: the kernel did not have it cached
 
     def versions_removed(self, source: str, vids: list[str]) -> None:
-        """Drop kernel entries of collected versions (their entries were long-lived)."""
-        with self.index.read() as r:
-            src = r.source(source)
-        if src is None:
-            return
-        for vid in vids:
-            _invalidate(src.ino + SourceInode.versions, vid)
+        """Drop kernel entries of collected versions (their entries were long-lived).
+        A source the kernel never looked into holds none: nothing is read or sent for
+        it but what ``source_changed`` checks (a collection names thousands)."""
+        if source in self.tree.entered:
+            with self.index.read() as r:
+                src = r.source(source)
+            if src is None:
+                return
+            for vid in vids:
+                _invalidate(src.ino + SourceInode.versions, vid)
         self.source_changed(source, kick=False)
 
 def _invalidate(parent: int, name: str) -> None:
