@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import trio
@@ -180,3 +181,59 @@ async def test_a_cancelled_collection_still_hands_back_a_commit_under_way(
         assert got and len(got[0].unlink) == len(got[0].gone) > 0
     finally:
         index.close()
+
+
+async def test_a_collections_kernel_work_reads_and_sends_nothing_on_the_loop(
+        tmp_path: Path, monkeypatch) -> None:
+    """What the kernel's view of a collected batch's sources hangs on is read by the
+    worker that committed it; the loop only compares, decoding no version, and the
+    invalidations go from a worker thread, never from the loop's."""
+    import threading
+
+    import pyfuse3
+
+    from buffyfs.fs.handlers import BuffyFS
+    from buffyfs.mount import Collector
+    from buffyfs.store import records
+    from buffyfs.store.cache import Cache
+
+    build(tmp_path, sources=250)  # 1,250 versions: planned and committed elsewhere
+    cache = Cache(tmp_path)
+    sent: list[tuple[str, Any, int]] = []  # (call, what, thread)
+
+    def recorder(call: str) -> Callable[..., None]:
+        def record(what: Any, *args: Any, **kwargs: Any) -> None:
+            sent.append((call, args[0] if call.startswith("entry") else what,
+                         threading.get_ident()))
+        return record
+
+    for call in ("invalidate_entry", "invalidate_entry_async", "invalidate_inode"):
+        monkeypatch.setattr(pyfuse3, call, recorder(call.removeprefix("invalidate_")))
+    decoded: list[type] = []
+    real_decode = records.decode
+
+    def counting(cls, raw):  # type: ignore[no-untyped-def]
+        if threading.get_ident() == loop_thread:
+            decoded.append(cls)
+        return real_decode(cls, raw)
+
+    loop_thread = threading.get_ident()
+    try:
+        fs = BuffyFS(cache, None)
+        with cache.index.read() as r:
+            names = list(r.source_names())
+            some_version = r.versions("src7")[0]
+        fs.tree.entered.update(names)  # the kernel looked into every source
+        fs.shown_links[some_version.ino] = 99  # and holds a link count that is wrong
+        monkeypatch.setattr("buffyfs.store.index.decode", counting)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                report = await Collector(cache, fs, None, nursery).collect()
+        assert len(report.collected()) == 500
+        assert records.Version not in decoded
+        assert sent and all(thread != loop_thread for _, _, thread in sent)
+        entries = {name for call, name, _ in sent if call == "entry"}
+        assert {vid.encode() for _, vid, _ in report.collected()} <= entries
+        assert ("inode", some_version.ino) in {(call, what) for call, what, _ in sent}
+    finally:
+        cache.close()

@@ -113,6 +113,23 @@ def _commit(path: Path, batch: bytes, open_inos: set[int],
                      progress).slim()
 
 
+@dataclass
+class Committed:
+    """A batch's commit and what was read right after it, in the same process."""
+
+    report: gc.Report
+    read: Any  # what ``read_after`` returned
+
+
+def _commit_and_read(path: Path, batch: bytes, open_inos: set[int],
+                     progress: dict[str, Any] | None,
+                     read_after: Callable[[Index, list[str]], Any]) -> Committed:
+    """``_commit``, then ``read_after(index, names of the sources it touched)``."""
+    report = _commit(path, batch, open_inos, progress)
+    names = sorted({source for source, _, _ in report.gone})
+    return Committed(report, read_after(_writable_index(path), names))
+
+
 def _root_status(path: Path, queued_state: dict[str, dict[str, Any]] | None,
                  cache_dir: Path) -> bytes:
     index = _index(path, queued_state)
@@ -183,12 +200,29 @@ async def commit_batch(index: Index, plan: Plan, batch: bytes, open_inos: set[in
     was small, or if the worker died). Never cut short by a cancel: a commit that
     landed must hand back the blobs it freed, for the mount to unlink them (a killed
     worker's would stay on disk, counted as freed, until the next start's sweep)."""
+    return await _commit_where_planned(plan, _commit, index, batch, open_inos, progress)
+
+
+async def commit_and_read(index: Index, plan: Plan, batch: bytes, open_inos: set[int],
+                          progress: dict[str, Any] | None,
+                          read_after: Callable[[Index, list[str]], Any]) -> Committed:
+    """``commit_batch``, and ``read_after(index, names)`` of the sources whose versions
+    went, read by the same worker right after the commit: what the mount needs to know
+    of them then (fs/tree.py's ``read_sources``) is neither read nor decoded on its
+    loop. ``read_after`` must be a module-level function (it is pickled by name)."""
+    return await _commit_where_planned(plan, _commit_and_read, index, batch, open_inos,
+                                       progress, read_after)
+
+
+async def _commit_where_planned(plan: Plan, fn: Callable[..., T], index: Index,
+                                *args: Any) -> T:
+    """``fn(index.path, *args)`` where ``plan`` was made: in a worker process, or a
+    thread for a small plan (see ``commit_batch``); never cut short by a cancel."""
     with trio.CancelScope(shield=True):
         if plan.pid == os.getpid():
             _own[index.path] = index
-            return await trio.to_thread.run_sync(_commit, index.path, batch, open_inos,
-                                                 progress)
-        return await _run(_commit, index, batch, open_inos, progress, kill=False)
+            return await trio.to_thread.run_sync(fn, index.path, *args)
+        return await _run(fn, index, *args, kill=False)
 
 
 def is_small(index: Index) -> bool:
