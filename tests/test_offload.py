@@ -23,6 +23,15 @@ from tests.test_stall import build
 SOURCES = 300  # above offload.SMALL_SOURCES: the root's answers go to a worker process
 
 
+def children(pid: int) -> list[int]:
+    return [int(p) for task in os.listdir(f"/proc/{pid}/task")
+            for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+
+
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def worker_runs(m: Mount) -> dict[str, float]:
     text = (m / "@metrics").read_text()
     return {task: float(n) for task, n in
@@ -61,6 +70,11 @@ def test_plans_and_big_answers_come_from_a_worker_process(
     assert progress == {"request": asked, "round": progress["round"], "done": 3, "of": 3}
     assert runs.get("status", 0) >= 1, runs
     assert runs.get("metrics", 0) >= 1, runs
+    # the workers yield the CPU to the daemon's loop on a busy machine
+    workers = [p for p in children(m.proc.pid)  # not multiprocessing's resource tracker
+               if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert workers and {niceness(w) for w in workers} == \
+        {min(19, niceness(m.proc.pid) + offload.WORKER_NICE)}
     assert "buffyfs_versions 900.0" in (m / "@metrics").read_text()  # 300 x 3 left
     # one source's @status is small: built in a thread, right as ever
     assert len(json.loads((m / "src1" / "@status").read_text())["versions"]) == 3

@@ -150,17 +150,28 @@ WORKER_IDLE = 60.0  # seconds an idle worker process lives on (one that planned 
 WORKER_GRACE = 5.0  # seconds the daemon's exit waits for its workers before killing them
 
 
+WORKER_NICE = 10  # the workers' niceness above the daemon's (see _start_worker)
+
+
 def configure_workers() -> None:
     """Set up the worker processes; once, in the main thread, before any is used. They
     log as the daemon does (a collection's commit logs what it collected)."""
-    logged = log_setup.settings()
-    init = bool if logged is None else functools.partial(_log_like_the_daemon, *logged)
-    trio_parallel.configure_default_context(idle_timeout=WORKER_IDLE,
-                                            grace_period=WORKER_GRACE, init=init)
+    trio_parallel.configure_default_context(
+        idle_timeout=WORKER_IDLE, grace_period=WORKER_GRACE,
+        init=functools.partial(_start_worker, log_setup.settings()))
 
 
-def _log_like_the_daemon(level: str, file: Path | None) -> None:
-    log_setup.setup(level, file)
+def _start_worker(logged: tuple[str, Path | None] | None) -> bool:
+    """In a new worker process: lower its CPU priority, so that on a busy machine the
+    daemon's event loop runs first (a collection of 100,000 versions keeps a worker
+    busy for a minute; on two cores it took the loop's turn); log as the daemon."""
+    try:
+        os.nice(WORKER_NICE)
+    except OSError:
+        pass
+    if logged is not None:
+        log_setup.setup(*logged)
+    return True
 
 
 
