@@ -350,8 +350,9 @@ async def test_collected_versions_do_not_wake_the_unpacker(fs, cache):
 async def test_collected_versions_of_a_source_never_looked_into_cost_nothing(
         fs, cache, monkeypatch):
     """A collection names thousands of sources, but the kernel holds entries (and link
-    counts) only below those it looked into: the others get no invalidation and no
-    look at their link counts."""
+    counts) only below those it looked into, and entries in ``@versions/`` only if it
+    looked in there: the others get no invalidation and no look at their link
+    counts."""
     versions = three_versions(cache)
     sent: list[tuple[int, bytes]] = []
     monkeypatch.setattr(pyfuse3, "invalidate_entry_async",
@@ -361,9 +362,14 @@ async def test_collected_versions_of_a_source_never_looked_into_cost_nothing(
     assert sent == []
     assert fs.relink_pending == set()
 
-    await lookup(fs, "s", "newest")  # now it holds entries below s
+    await lookup(fs, "s", "newest")  # now it holds entries below s, none in @versions
     base = (await lookup(fs, "s")).st_ino
     fs.versions_removed("s", [versions[1].id])
     assert fs.relink_pending == {"s"}
-    assert (base + SourceInode.versions, versions[1].id.encode()) in sent
-    assert (base, b"newest") in sent
+    assert sent == [(base, b"newest")]
+
+    await lookup(fs, "s", "@versions", versions[0].id)
+    sent.clear()
+    fs.versions_removed("s", [versions[1].id])
+    assert sent == [(base + SourceInode.versions, versions[1].id.encode()),
+                    (base, b"newest")]

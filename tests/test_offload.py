@@ -238,6 +238,7 @@ async def test_a_collections_kernel_work_reads_and_sends_nothing_on_the_loop(
             names = list(r.source_names())
             some_version = r.versions("src7")[0]
         fs.tree.entered.update(names)  # the kernel looked into every source
+        fs.tree.versions_entered.update(names)  # and into its @versions/
         fs.shown_links[some_version.ino] = 99  # and holds a link count that is wrong
         monkeypatch.setattr("buffyfs.store.index.decode", counting)
         with trio.fail_after(60):

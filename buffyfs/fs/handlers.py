@@ -960,9 +960,10 @@ class BuffyFS(pyfuse3.Operations):
 
     def versions_removed(self, source: str, vids: list[str]) -> None:
         """Drop kernel entries of collected versions (their entries were long-lived).
-        A source the kernel never looked into holds none: nothing is read or sent for
-        it but what ``source_changed`` checks (a collection names thousands)."""
-        if source in self.tree.entered:
+        A source whose ``@versions`` the kernel never looked into holds none: nothing
+        is read or sent for it but what ``source_changed`` checks (a collection names
+        thousands)."""
+        if source in self.tree.versions_entered:
             with self.index.read() as r:
                 src = r.source(source)
             if src is None:
@@ -982,7 +983,7 @@ class BuffyFS(pyfuse3.Operations):
             return
         self.snapshots.clear()
         entered = source in self.tree.entered
-        if entered:
+        if source in self.tree.versions_entered:
             entries += [(facts.ino + SourceInode.versions, vid) for vid in vids]
         entries += self.tree.stale_entries_from(source, facts)
         if entered and self.shown_links:

@@ -110,6 +110,10 @@ class Tree:
         # sources the kernel looked into (a lookup or a listing in their directory):
         # only these can hold entries a change makes stale (stale_entries)
         self.entered: set[str] = set()
+        # of those, the ones whose @versions/ and @unpacked/ it looked into or was
+        # shown (a listing): only these can hold entries inside them
+        self.versions_entered: set[str] = set()
+        self.unpacked_entered: set[str] = set()
         self.shown_dirs: dict[str, int] = {}  # source -> its directory's inode, as given
 
     # --- what an inode is -------------------------------------------------------------
@@ -176,6 +180,7 @@ class Tree:
             if name == "@versions":
                 return base + SourceInode.versions
             if name == "@unpacked" and self.unpacked_shown(node.source):
+                self.unpacked_entered.add(node.source)
                 return unpackfs.dir_ino(base)
             tag = name[1:]
             if name.startswith("@") and TAG_RE.fullmatch(tag) and tag not in RESERVED_TAGS \
@@ -196,6 +201,7 @@ class Tree:
             raise NoEntry(name)
         if node.kind == "versions":
             assert node.source
+            self.versions_entered.add(node.source)
             if name == "..":
                 return parent - SourceInode.versions
             with self.index.read() as r:
@@ -295,6 +301,7 @@ class Tree:
             names += [(n, base + off) for n, off in SOURCE_FILES.items()]
             names.append(("@versions", base + SourceInode.versions))
             if self.unpacked_listed(node.source):
+                self.unpacked_entered.add(node.source)
                 names.append(("@unpacked", unpackfs.dir_ino(base)))
             return names + [("@" + tag, self.tagdir_ino(node.source, base, tag))
                             for tag in self.tags_in_use(node.source)]
@@ -306,6 +313,7 @@ class Tree:
                 [(v.id, v.ino) for v in tagged]
         if node.kind == "versions":
             assert node.source
+            self.versions_entered.add(node.source)
             with self.index.read() as r:
                 return [(v.id, v.ino) for v in r.versions(node.source)]
         raise NotADirectory(ino)
@@ -357,6 +365,8 @@ class Tree:
         if facts is None:
             self.shown_latest.pop(name, None)
             self.entered.discard(name)
+            self.versions_entered.discard(name)
+            self.unpacked_entered.discard(name)
             self.shown_dirs.pop(name, None)
             return [(ROOT, name)]
         out = []
@@ -371,7 +381,8 @@ class Tree:
             out.append((ino, "latest"))
             del self.shown_latest[name]
         out.append((ino, "newest"))  # a new version, a collection: it may move
-        out.append((unpackfs.dir_ino(ino), "latest"))  # may have moved: short-lived
+        if name in self.unpacked_entered:
+            out.append((unpackfs.dir_ino(ino), "latest"))  # may have moved: short-lived
         for (base, tag), tagdir in self.tagdir_inos.items():
             if base != ino:
                 continue
