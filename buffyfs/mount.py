@@ -136,9 +136,6 @@ class Unmounted(BuffyFS):
     async def source_changed_now(self, name: str) -> None:
         pass
 
-    def versions_removed(self, source: str, vids: list[str]) -> None:
-        pass
-
     def versions_collected(self, *args: Any) -> None:
         pass
 

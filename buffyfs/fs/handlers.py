@@ -958,27 +958,15 @@ class BuffyFS(pyfuse3.Operations):
             except OSError:
                 pass  # ENOENT: the kernel did not have it cached
 
-    def versions_removed(self, source: str, vids: list[str]) -> None:
-        """Drop kernel entries of collected versions (their entries were long-lived).
-        A source whose ``@versions`` the kernel never looked into holds none: nothing
-        is read or sent for it but what ``source_changed`` checks (a collection names
-        thousands)."""
-        if source in self.tree.versions_entered:
-            with self.index.read() as r:
-                src = r.source(source)
-            if src is None:
-                return
-            for vid in vids:
-                _invalidate(src.ino + SourceInode.versions, vid)
-        self.source_changed(source, kick=False)
-
     def versions_collected(self, source: str, vids: list[str], facts: SourceFacts | None,
                            entries: list[tuple[int, str]], inos: list[int]) -> None:
-        """``versions_removed`` from what the committing worker read of the source
-        right after its commit (``facts``: tree.read_sources; None: gone), reading
-        nothing and sending nothing: the kernel entries to drop are added to
-        ``entries``, the version inodes whose link count moved to ``inos``, for
-        ``send_invalidations``."""
+        """Which kernel entries and attributes the collection of ``vids`` of
+        ``source`` made stale (their entries were long-lived), from what the
+        committing worker read of the source right after its commit (``facts``:
+        tree.read_sources; None: gone), reading nothing and sending nothing: the
+        entries to drop are added to ``entries``, the version inodes whose link count
+        moved to ``inos``, for ``send_invalidations``. Entries in ``@versions/`` only
+        if the kernel looked in there (most collected versions were never looked up)."""
         if facts is None:
             return
         self.snapshots.clear()
