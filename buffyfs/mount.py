@@ -165,7 +165,7 @@ class Collector:
         self.unlinking = trio.CapacityLimiter(1)  # one batch of blob unlinks at a time
         self.notifying = trio.Lock()  # one batch of kernel invalidations at a time
         # entries (after, upto] of the index's changes log our commits wrote: their
-        # sources are brought up to date here (versions_removed), not again by the
+        # sources are brought up to date here (versions_collected), not again by the
         # change watcher (a collection touches thousands)
         self.own_changes: list[tuple[int, int]] = []
         self.asked = False  # a `buffyfs gc` request may be waiting
