@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from buffyfs.fetch.replica import Replica, ReplicaSettings
 from buffyfs.fetch.scheduler import Scheduler
 from buffyfs.fetch.upstream import Upstream
 from buffyfs.fs.handlers import BuffyFS
+from buffyfs.fs.tree import SourceFacts, read_sources
 from buffyfs.http import ServeSettings
 from buffyfs.store import gc, memory, offload
 from buffyfs.store.cache import Cache
@@ -47,7 +49,7 @@ GC_INTERVAL = 600.0  # periodic collection, besides the one after each new versi
 SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
 SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval of the daemon (see run)
 SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, collector)
-FORGET_CHUNK = 4  # collected sources whose kernel entries are dropped per loop turn
+FORGET_SLICE = 0.002  # seconds of the loop per slice of a collected batch's kernel work
 GIVE_BACK_WAIT = 30.0  # seconds the give-back waits for the kernel's link counts at most
 TRIM_AFTER = 1000  # versions: a collection of more gives glibc's free heap back
 
@@ -136,7 +138,7 @@ class Unmounted(BuffyFS):
     async def source_changed_now(self, name: str) -> None:
         pass
 
-    def versions_removed(self, source: str, vids: list[str]) -> None:
+    def versions_collected(self, *args: Any) -> None:
         pass
 
 
@@ -163,8 +165,9 @@ class Collector:
         self.wake = trio.Event()
         self.lock = trio.Lock()  # one collection at a time
         self.unlinking = trio.CapacityLimiter(1)  # one batch of blob unlinks at a time
+        self.notifying = trio.Lock()  # one batch of kernel invalidations at a time
         # entries (after, upto] of the index's changes log our commits wrote: their
-        # sources are brought up to date here (versions_removed), not again by the
+        # sources are brought up to date here (versions_collected), not again by the
         # change watcher (a collection touches thousands)
         self.own_changes: list[tuple[int, int]] = []
         self.asked = False  # a `buffyfs gc` request may be waiting
@@ -217,8 +220,10 @@ class Collector:
         open_now = set(self.fs.open_inos)
         done = self.fs.start_collecting({ino for ino in inos if ino not in open_now})
         try:
-            part = await offload.commit_batch(self.cache.index, planned, batch, open_now,
-                                              progress, lost=self.sweep_lost_blobs)
+            # what the kernel's view of the batch's sources hangs on is read there too
+            committed = await offload.commit_and_read(self.cache.index, planned, batch,
+                                                      open_now, progress, read_sources,
+                                                      lost=self.sweep_lost_blobs)
         except Exception:  # it may have landed: its freed blobs are not known
             self.sweep_lost_blobs()
             raise
@@ -226,8 +231,9 @@ class Collector:
             self.fs.end_collecting(done)
         if planned.pid != os.getpid():
             self.fs.metrics.worker_runs.labels(task="gc_commit").inc()
+        part = committed.report
         self.own_changes += part.changes
-        await self._collected_async(part)
+        await self._collected_async(part, committed.read)
         return part
 
     def own_change(self) -> Callable[[int], bool]:
@@ -246,22 +252,37 @@ class Collector:
         """The change watcher looked at the log up to ``upto``."""
         self.own_changes = [r for r in self.own_changes if r[1] > upto]
 
-    async def _collected_async(self, report: gc.Report) -> None:
+    async def _collected_async(self, report: gc.Report,
+                               facts: dict[str, SourceFacts | None]) -> None:
         """After a commit: unlink the blob files (a worker thread) and drop the kernel's
-        entries of the collected versions, a chunk of sources per loop turn."""
-        for _ in self._forget(report):
+        entries of the collected versions, worked out from ``facts`` in slices of
+        FORGET_SLICE seconds of the loop and sent from a worker thread."""
+        for _ in self._forget(report, facts):
             await trio.lowlevel.checkpoint()
 
-    def _forget(self, report: gc.Report) -> Iterator[None]:
+    def _forget(self, report: gc.Report, facts: dict[str, SourceFacts | None]
+                ) -> Iterator[None]:
         start_task(self.nursery, "blob unlinking", self._unlink, report.unlink,
                    restart=False)  # what is left is swept as orphans at the next start
         removed: dict[str, list[str]] = {}
         for source, vid, _ in report.collected():
             removed.setdefault(source, []).append(vid)
-        for i, (source, vids) in enumerate(removed.items()):
-            if i and i % FORGET_CHUNK == 0:
+        entries: list[tuple[int, str]] = []
+        inos: list[int] = []
+        until = time.perf_counter() + FORGET_SLICE
+        for source, vids in removed.items():
+            if time.perf_counter() > until:
                 yield
-            self.fs.versions_removed(source, vids)
+                until = time.perf_counter() + FORGET_SLICE
+            self.fs.versions_collected(source, vids, facts.get(source), entries, inos)
+        if entries or inos:
+            start_task(self.nursery, "kernel invalidations", self._send, entries, inos,
+                       restart=False)
+
+    async def _send(self, entries: list[tuple[int, str]], inos: list[int]) -> None:
+        """One batch's invalidations at a time (a big collection queues hundreds)."""
+        async with self.notifying:
+            await self.fs.send_invalidations(entries, inos)
 
     async def _unlink(self, shas: list[str]) -> None:
         """Unlink a batch's blob files in a worker thread, one batch at a time: a

@@ -28,6 +28,7 @@ from buffyfs.fs.handlers import (
     ROOT_STATUS,
     BuffyFS,
 )
+from buffyfs.fs.tree import read_sources
 from buffyfs.store.cache import Cache
 from buffyfs.store.index import SourceInode
 
@@ -341,7 +342,39 @@ async def test_collected_versions_do_not_wake_the_unpacker(fs, cache):
     await lookup(fs, "s", "latest")  # the kernel holds entries below it
     told: list[str] = []
     fs.on_source_changed = told.append
-    fs.versions_removed("s", [versions[1].id])
+    collected(fs, "s", versions[1].id)
     assert told == []
     fs.source_changed("s")
     assert told == ["s"]
+
+
+def collected(fs: BuffyFS, source: str, vid: str) -> tuple[list[tuple[int, str]], list[int]]:
+    """What the loop decides to drop from the kernel after a collection's commit of
+    ``vid`` (``versions_collected``, from what the worker read: ``read_sources``)."""
+    entries: list[tuple[int, str]] = []
+    inos: list[int] = []
+    facts = read_sources(fs.index, [source])[source]
+    fs.versions_collected(source, [vid], facts, entries, inos)
+    return entries, inos
+
+
+async def test_collected_versions_of_a_source_never_looked_into_cost_nothing(fs, cache):
+    """A collection names thousands of sources, but the kernel holds entries (and link
+    counts) only below those it looked into, and entries in ``@versions/`` only if it
+    looked in there: the others get no invalidation and no look at their link
+    counts."""
+    versions = three_versions(cache)
+    latest = versions[2]
+    fs.shown_links[latest.ino] = 99  # the kernel holds a link count that is wrong
+    assert collected(fs, "s", versions[1].id) == ([], [])
+    fs.source_changed("s")  # any other change: no look at its link counts either
+    assert fs.relink_pending == set()
+
+    await lookup(fs, "s", "newest")  # now it holds entries below s, none in @versions
+    base = (await lookup(fs, "s")).st_ino
+    fs.shown_links[latest.ino] = 99
+    assert collected(fs, "s", versions[1].id) == ([(base, "newest")], [latest.ino])
+
+    await lookup(fs, "s", "@versions", versions[0].id)
+    assert collected(fs, "s", versions[1].id)[0] == \
+        [(base + SourceInode.versions, versions[1].id), (base, "newest")]

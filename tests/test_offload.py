@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import trio
@@ -20,6 +21,15 @@ from tests.conftest import Mount
 from tests.test_stall import build
 
 SOURCES = 300  # above offload.SMALL_SOURCES: the root's answers go to a worker process
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for task in os.listdir(f"/proc/{pid}/task")
+            for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+
+
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 def worker_runs(m: Mount) -> dict[str, float]:
@@ -60,6 +70,11 @@ def test_plans_and_big_answers_come_from_a_worker_process(
     assert progress == {"request": asked, "round": progress["round"], "done": 3, "of": 3}
     assert runs.get("status", 0) >= 1, runs
     assert runs.get("metrics", 0) >= 1, runs
+    # the workers yield the CPU to the daemon's loop on a busy machine
+    workers = [p for p in children(m.proc.pid)  # not multiprocessing's resource tracker
+               if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert workers and {niceness(w) for w in workers} == \
+        {min(19, niceness(m.proc.pid) + offload.WORKER_NICE)}
     assert "buffyfs_versions 900.0" in (m / "@metrics").read_text()  # 300 x 3 left
     # one source's @status is small: built in a thread, right as ever
     assert len(json.loads((m / "src1" / "@status").read_text())["versions"]) == 3
@@ -180,3 +195,60 @@ async def test_a_cancelled_collection_still_hands_back_a_commit_under_way(
         assert got and len(got[0].unlink) == len(got[0].gone) > 0
     finally:
         index.close()
+
+
+async def test_a_collections_kernel_work_reads_and_sends_nothing_on_the_loop(
+        tmp_path: Path, monkeypatch) -> None:
+    """What the kernel's view of a collected batch's sources hangs on is read by the
+    worker that committed it; the loop only compares, decoding no version, and the
+    invalidations go from a worker thread, never from the loop's."""
+    import threading
+
+    import pyfuse3
+
+    from buffyfs.fs.handlers import BuffyFS
+    from buffyfs.mount import Collector
+    from buffyfs.store import records
+    from buffyfs.store.cache import Cache
+
+    build(tmp_path, sources=250)  # 1,250 versions: planned and committed elsewhere
+    cache = Cache(tmp_path)
+    sent: list[tuple[str, Any, int]] = []  # (call, what, thread)
+
+    def recorder(call: str) -> Callable[..., None]:
+        def record(what: Any, *args: Any, **kwargs: Any) -> None:
+            sent.append((call, args[0] if call.startswith("entry") else what,
+                         threading.get_ident()))
+        return record
+
+    for call in ("invalidate_entry", "invalidate_entry_async", "invalidate_inode"):
+        monkeypatch.setattr(pyfuse3, call, recorder(call.removeprefix("invalidate_")))
+    decoded: list[type] = []
+    real_decode = records.decode
+
+    def counting(cls, raw):  # type: ignore[no-untyped-def]
+        if threading.get_ident() == loop_thread:
+            decoded.append(cls)
+        return real_decode(cls, raw)
+
+    loop_thread = threading.get_ident()
+    try:
+        fs = BuffyFS(cache, None)
+        with cache.index.read() as r:
+            names = list(r.source_names())
+            some_version = r.versions("src7")[0]
+        fs.tree.entered.update(names)  # the kernel looked into every source
+        fs.tree.versions_entered.update(names)  # and into its @versions/
+        fs.shown_links[some_version.ino] = 99  # and holds a link count that is wrong
+        monkeypatch.setattr("buffyfs.store.index.decode", counting)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                report = await Collector(cache, fs, None, nursery).collect()
+        assert len(report.collected()) == 500
+        assert records.Version not in decoded
+        assert sent and all(thread != loop_thread for _, _, thread in sent)
+        entries = {name for call, name, _ in sent if call == "entry"}
+        assert {vid.encode() for _, vid, _ in report.collected()} <= entries
+        assert ("inode", some_version.ino) in {(call, what) for call, what, _ in sent}
+    finally:
+        cache.close()

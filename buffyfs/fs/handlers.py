@@ -54,6 +54,7 @@ from buffyfs.fs.tree import (  # noqa: F401 (ROOT_*, FIRST_TAGDIR_INO: asked her
     Node,
     NoEntry,
     NotADirectory,
+    SourceFacts,
     Tree,
 )
 from buffyfs.fs.unpackfs import UnpackedHandle, UnpackedTree
@@ -861,7 +862,9 @@ class BuffyFS(pyfuse3.Operations):
             self.on_source_changed(name)
         for parent, entry in self.tree.stale_entries(name):
             _invalidate(parent, entry)
-        if self.shown_links:  # the kernel holds link counts of versions
+        # the kernel holds link counts of versions, and those of this source only if
+        # it looked into it (a version's inode is found by a lookup below the source)
+        if self.shown_links and name in self.tree.entered:
             self.relink_pending.add(name)
             if not self.relinking:
                 try:
@@ -955,15 +958,48 @@ class BuffyFS(pyfuse3.Operations):
             except OSError:
                 pass  # ENOENT: the kernel did not have it cached
 
-    def versions_removed(self, source: str, vids: list[str]) -> None:
-        """Drop kernel entries of collected versions (their entries were long-lived)."""
-        with self.index.read() as r:
-            src = r.source(source)
-        if src is None:
+    def versions_collected(self, source: str, vids: list[str], facts: SourceFacts | None,
+                           entries: list[tuple[int, str]], inos: list[int]) -> None:
+        """Which kernel entries and attributes the collection of ``vids`` of
+        ``source`` made stale (their entries were long-lived), from what the
+        committing worker read of the source right after its commit (``facts``:
+        tree.read_sources; None: gone), reading nothing and sending nothing: the
+        entries to drop are added to ``entries``, the version inodes whose link count
+        moved to ``inos``, for ``send_invalidations``. Entries in ``@versions/`` only
+        if the kernel looked in there (most collected versions were never looked up)."""
+        if facts is None:
             return
-        for vid in vids:
-            _invalidate(src.ino + SourceInode.versions, vid)
-        self.source_changed(source, kick=False)
+        self.snapshots.clear()
+        entered = source in self.tree.entered
+        if source in self.tree.versions_entered:
+            entries += [(facts.ino + SourceInode.versions, vid) for vid in vids]
+        entries += self.tree.stale_entries_from(source, facts)
+        if entered and self.shown_links:
+            inos += self._changed_links(facts.links)
+
+    async def send_invalidations(self, entries: list[tuple[int, str]], inos: list[int]
+                                 ) -> None:
+        """Have the kernel drop ``entries`` ((parent inode, name)) and the attributes
+        of ``inos``, all from one worker thread: a notification may wait for the
+        kernel's requests on the same directory, which the loop answers meanwhile."""
+        await trio.to_thread.run_sync(_send_invalidations, entries, inos,
+                                      abandon_on_cancel=True)
+
+
+def _send_invalidations(entries: list[tuple[int, str]], inos: list[int]) -> None:
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry(parent, name.encode())
+        except OSError as e:  # ENOENT: the kernel did not have it; not mounted
+            if e.errno != errno.ENOENT:
+                log.debug("invalidate %s/%s: %s", parent, name, e)
+    for ino in inos:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.debug("invalidate inode %s: %s", ino, e)
+
 
 def _invalidate(parent: int, name: str) -> None:
     try:

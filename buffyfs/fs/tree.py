@@ -24,11 +24,18 @@ its "onopen" inode, which an open resolves to the version it checked.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from buffyfs.fs import links, unpackfs
 from buffyfs.options import NAME_RE, RESERVED_TAGS, TAG_RE
-from buffyfs.store.index import Index, SourceInode, newest_of, resolve_latest, tag_latest
+from buffyfs.store.index import (
+    Index,
+    Reader,
+    SourceInode,
+    newest_of,
+    resolve_latest,
+    tag_latest,
+)
 from buffyfs.store.records import Source, Version
 
 ROOT = 1  # pyfuse3.ROOT_INODE
@@ -103,6 +110,10 @@ class Tree:
         # sources the kernel looked into (a lookup or a listing in their directory):
         # only these can hold entries a change makes stale (stale_entries)
         self.entered: set[str] = set()
+        # of those, the ones whose @versions/ and @unpacked/ it looked into or was
+        # shown (a listing): only these can hold entries inside them
+        self.versions_entered: set[str] = set()
+        self.unpacked_entered: set[str] = set()
         self.shown_dirs: dict[str, int] = {}  # source -> its directory's inode, as given
 
     # --- what an inode is -------------------------------------------------------------
@@ -169,6 +180,7 @@ class Tree:
             if name == "@versions":
                 return base + SourceInode.versions
             if name == "@unpacked" and self.unpacked_shown(node.source):
+                self.unpacked_entered.add(node.source)
                 return unpackfs.dir_ino(base)
             tag = name[1:]
             if name.startswith("@") and TAG_RE.fullmatch(tag) and tag not in RESERVED_TAGS \
@@ -189,6 +201,7 @@ class Tree:
             raise NoEntry(name)
         if node.kind == "versions":
             assert node.source
+            self.versions_entered.add(node.source)
             if name == "..":
                 return parent - SourceInode.versions
             with self.index.read() as r:
@@ -288,6 +301,7 @@ class Tree:
             names += [(n, base + off) for n, off in SOURCE_FILES.items()]
             names.append(("@versions", base + SourceInode.versions))
             if self.unpacked_listed(node.source):
+                self.unpacked_entered.add(node.source)
                 names.append(("@unpacked", unpackfs.dir_ino(base)))
             return names + [("@" + tag, self.tagdir_ino(node.source, base, tag))
                             for tag in self.tags_in_use(node.source)]
@@ -299,6 +313,7 @@ class Tree:
                 [(v.id, v.ino) for v in tagged]
         if node.kind == "versions":
             assert node.source
+            self.versions_entered.add(node.source)
             with self.index.read() as r:
                 return [(v.id, v.ino) for v in r.versions(node.source)]
         raise NotADirectory(ino)
@@ -324,8 +339,7 @@ class Tree:
             versions = r.versions(source) if src else []
         if src is None:
             return {}
-        counts = links.link_counts(src, versions)
-        return {v.ino: counts[v.id] for v in versions}
+        return link_counts_of(src, versions)
 
     # --- what a change makes stale ----------------------------------------------------
 
@@ -336,38 +350,88 @@ class Tree:
         for a source the kernel never looked into (a replica's first sync adds
         thousands): it has no entries below it."""
         entered = name in self.entered
-        shown = entered or name in self.shown_dirs  # its record is needed
         with self.index.read() as r:
-            src = r.source(name) if shown else None
-            exists = src is not None if shown else r.has_source(name)
-            versions = r.versions(name) if src and entered else []
-        if not exists:
+            if entered or name in self.shown_dirs:  # its record is needed
+                facts = read_source(r, name, versions=entered, with_links=False)
+            else:
+                facts = UNSHOWN if r.has_source(name) else None
+        return self.stale_entries_from(name, facts)
+
+    def stale_entries_from(self, name: str, facts: SourceFacts | None
+                           ) -> list[tuple[int, str]]:
+        """``stale_entries`` from what was read of the source already (``read_source``;
+        None: it is gone), reading nothing: a collection's worker process reads it
+        right after its commit, and the loop only compares."""
+        if facts is None:
             self.shown_latest.pop(name, None)
             self.entered.discard(name)
+            self.versions_entered.discard(name)
+            self.unpacked_entered.discard(name)
             self.shown_dirs.pop(name, None)
             return [(ROOT, name)]
         out = []
-        if src is not None and self.shown_dirs.get(name, src.ino) != src.ino:
+        if self.shown_dirs.get(name, facts.ino) != facts.ino:
             out.append((ROOT, name))  # removed, added again: a new directory inode
             del self.shown_dirs[name]
-        if not entered:  # the kernel holds nothing below it
+        if name not in self.entered:  # the kernel holds nothing below it
             return out
-        current = latest_target(src, resolve_latest(src, versions))
+        ino = facts.ino
         shown = self.shown_latest.get(name)
-        if shown is not None and shown != current:
-            out.append((src.ino, "latest"))
+        if shown is not None and shown != facts.latest:
+            out.append((ino, "latest"))
             del self.shown_latest[name]
-        out.append((src.ino, "newest"))  # a new version, a collection: it may move
-        out.append((unpackfs.dir_ino(src.ino), "latest"))  # may have moved: short-lived
-        in_use = set(tags_of(versions))
-        ids = [v.id for v in versions]
-        for (base, tag), ino in self.tagdir_inos.items():
-            if base != src.ino:
+        out.append((ino, "newest"))  # a new version, a collection: it may move
+        if name in self.unpacked_entered:
+            out.append((unpackfs.dir_ino(ino), "latest"))  # may have moved: short-lived
+        for (base, tag), tagdir in self.tagdir_inos.items():
+            if base != ino:
                 continue
-            if tag not in in_use:
+            if tag not in facts.tags:
                 out.append((base, "@" + tag))
-            out += [(ino, "latest")] + [(ino, vid) for vid in ids]
+            out += [(tagdir, "latest")] + [(tagdir, vid) for vid in facts.ids]
         return out
+
+
+class SourceFacts(NamedTuple):
+    """What the kernel's view of a source hangs on (``stale_entries_from``, the link
+    counts): plain data, read anywhere (a worker process) and compared on the loop."""
+
+    ino: int  # its directory's inode (the first of its block)
+    latest: int  # the inode ``latest`` stands for
+    tags: frozenset[str]  # the tags in use
+    ids: tuple[str, ...]  # its versions' ids, newest first
+    links: dict[int, int]  # its versions' link counts, by inode (if asked for)
+
+
+UNSHOWN = SourceFacts(0, 0, frozenset(), (), {})  # a source that exists, nothing read
+
+
+def read_source(r: Reader, name: str, versions: bool = True, with_links: bool = True
+                ) -> SourceFacts | None:
+    """The source's ``SourceFacts`` (None: no such source); without ``versions``, its
+    inode only."""
+    src = r.source(name)
+    if src is None:
+        return None
+    if not versions:
+        return UNSHOWN._replace(ino=src.ino)
+    kept = r.versions(name)
+    counts = link_counts_of(src, kept) if with_links else {}
+    return SourceFacts(src.ino, latest_target(src, resolve_latest(src, kept)),
+                       frozenset(tags_of(kept)), tuple(v.id for v in kept), counts)
+
+
+def read_sources(index: Index, names: list[str]) -> dict[str, SourceFacts | None]:
+    """``read_source`` of each of ``names``, in one read transaction (for
+    ``offload.commit_and_read``: run in the worker process that committed)."""
+    with index.read() as r:
+        return {name: read_source(r, name) for name in names}
+
+
+def link_counts_of(src: Source, versions: list[Version]) -> dict[int, int]:
+    """The link count of every one of ``versions`` (all of ``src``'s), by inode."""
+    counts = links.link_counts(src, versions)
+    return {v.ino: counts[v.id] for v in versions}
 
 
 def tags_of(versions: list[Version]) -> list[str]:

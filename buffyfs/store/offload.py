@@ -118,6 +118,23 @@ def _commit(path: Path, batch: bytes, open_inos: set[int],
     return report
 
 
+@dataclass
+class Committed:
+    """A batch's commit and what was read right after it, in the same process."""
+
+    report: gc.Report
+    read: Any  # what ``read_after`` returned
+
+
+def _commit_and_read(path: Path, batch: bytes, open_inos: set[int],
+                     progress: dict[str, Any] | None,
+                     read_after: Callable[[Index, list[str]], Any]) -> Committed:
+    """``_commit``, then ``read_after(index, names of the sources it touched)``."""
+    report = _commit(path, batch, open_inos, progress)
+    names = sorted({source for source, _, _ in report.gone})
+    return Committed(report, read_after(_writable_index(path), names))
+
+
 def _root_status(path: Path, queued_state: dict[str, dict[str, Any]] | None,
                  cache_dir: Path) -> bytes:
     index = _index(path, queued_state)
@@ -138,17 +155,28 @@ WORKER_IDLE = 60.0  # seconds an idle worker process lives on (one that planned 
 WORKER_GRACE = 5.0  # seconds the daemon's exit waits for its workers before killing them
 
 
+WORKER_NICE = 10  # the workers' niceness above the daemon's (see _start_worker)
+
+
 def configure_workers() -> None:
     """Set up the worker processes; once, in the main thread, before any is used. They
     log as the daemon does (a collection's commit logs what it collected)."""
-    logged = log_setup.settings()
-    init = bool if logged is None else functools.partial(_log_like_the_daemon, *logged)
-    trio_parallel.configure_default_context(idle_timeout=WORKER_IDLE,
-                                            grace_period=WORKER_GRACE, init=init)
+    trio_parallel.configure_default_context(
+        idle_timeout=WORKER_IDLE, grace_period=WORKER_GRACE,
+        init=functools.partial(_start_worker, log_setup.settings()))
 
 
-def _log_like_the_daemon(level: str, file: Path | None) -> None:
-    log_setup.setup(level, file)
+def _start_worker(logged: tuple[str, Path | None] | None) -> bool:
+    """In a new worker process: lower its CPU priority, so that on a busy machine the
+    daemon's event loop runs first (a collection of 100,000 versions keeps a worker
+    busy for a minute; on two cores it took the loop's turn); log as the daemon."""
+    try:
+        os.nice(WORKER_NICE)
+    except OSError:
+        pass
+    if logged is not None:
+        log_setup.setup(*logged)
+    return True
 
 
 
@@ -194,13 +222,32 @@ async def commit_batch(index: Index, plan: Plan, batch: bytes, open_inos: set[in
     worker's would stay on disk, counted as freed, until the next start's sweep).
     ``lost`` is called when the worker died: its commit may have landed, and which
     blobs it freed is not known (the thread's second try finds them gone)."""
+    return await _commit_where_planned(plan, _commit, index, batch, open_inos, progress,
+                                       lost=lost)
+
+
+async def commit_and_read(index: Index, plan: Plan, batch: bytes, open_inos: set[int],
+                          progress: dict[str, Any] | None,
+                          read_after: Callable[[Index, list[str]], Any],
+                          lost: Callable[[], None] | None = None) -> Committed:
+    """``commit_batch``, and ``read_after(index, names)`` of the sources whose versions
+    went, read by the same worker right after the commit: what the mount needs to know
+    of them then (fs/tree.py's ``read_sources``) is neither read nor decoded on its
+    loop. ``read_after`` must be a module-level function (it is pickled by name).
+    ``lost``: as for ``commit_batch``."""
+    return await _commit_where_planned(plan, _commit_and_read, index, batch, open_inos,
+                                       progress, read_after, lost=lost)
+
+
+async def _commit_where_planned(plan: Plan, fn: Callable[..., T], index: Index,
+                                *args: Any, lost: Callable[[], None] | None) -> T:
+    """``fn(index.path, *args)`` where ``plan`` was made: in a worker process, or a
+    thread for a small plan (see ``commit_batch``); never cut short by a cancel."""
     with trio.CancelScope(shield=True):
         if plan.pid == os.getpid():
             _own[index.path] = index
-            return await trio.to_thread.run_sync(_commit, index.path, batch, open_inos,
-                                                 progress)
-        return await _run(_commit, index, batch, open_inos, progress, kill=False,
-                          broken=lost)
+            return await trio.to_thread.run_sync(fn, index.path, *args)
+        return await _run(fn, index, *args, kill=False, broken=lost)
 
 
 def is_small(index: Index) -> bool:
