@@ -344,6 +344,8 @@ class Collector:
                 self.lost_blobs = False
                 while await trio.to_thread.run_sync(self.sweep) is None:  # noqa: ASYNC110
                     await trio.sleep(SWEEP_RETRY)
+        except OSError as e:  # what is left is swept at the next start
+            log.error("sweeping the blobs a failed commit freed failed: %s", e)
         finally:
             self.sweeping = False
 
@@ -378,9 +380,8 @@ class Collector:
         """Run a collection ``buffyfs gc`` asked for, and leave the report for it."""
         with self.cache.index.read() as r:
             request = r.meta_json("gc_request")
-            done = r.meta_json("gc_result") or {}
-        if not request or done.get("id") == request["id"]:
-            return
+            if not request or r.gc_result(request["id"]) is not None:
+                return
         report, error = None, None
         self.request = request["id"]
         try:
@@ -407,10 +408,10 @@ class Collector:
         result = {"id": request["id"], "dry_run": request["dry_run"], "error": error}
         with self.cache.index.write() as w:
             if report is not None and report.answer is not None:  # JSON already
-                w.put_meta_json_with("gc_result", result, report=report.answer)
+                w.put_gc_result(result, report=report.answer)
                 return
-            w.put_meta_json("gc_result", {**result, "report": gc.report_json(report)
-                                          if report else None})
+            w.put_gc_result({**result, "report": gc.report_json(report)
+                             if report else None})
 
 
 async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) -> None:
@@ -651,8 +652,14 @@ async def reload_config(cache: Cache, settings: Settings, collector: Collector, 
         await writes.call(_put_reload_error, cache,
                           {"at": rfc3339(now_utc()), "message": str(e)})
         return
-    added, changed, removed = await writes.call(_apply_config, cache, config,
-                                                settings.prune)
+    try:
+        added, changed, removed = await writes.call(_apply_config, cache, config,
+                                                    settings.prune)
+    except BuffyError as e:
+        log.error("SIGHUP: config not applied: %s", e)
+        await writes.call(_put_reload_error, cache,
+                          {"at": rfc3339(now_utc()), "message": str(e)})
+        return
     for name in added + changed + removed:
         fs.sync(name)
     collector.max_size = config.daemon.max_cache_size
@@ -665,9 +672,9 @@ def _apply_config(cache: Cache, config: Config,
                   prune: bool) -> tuple[list[str], list[str], list[str]]:
     """A reload's index writes (blocking): the refusal cleared, the sources synced, the
     quota recorded; (added, changed, removed) sources."""
-    _put_reload_error(cache, None)
     synced = cache.sync_sources(config.sources, prune)
     cache.set_max_cache_size(config.daemon.max_cache_size)
+    _put_reload_error(cache, None)
     return synced
 
 

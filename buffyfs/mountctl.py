@@ -121,14 +121,15 @@ def wait_gc(cache: Cache, rid: int, stalled_after: float,
     mount stopped.
 
     The index holds one request: a second ``buffyfs gc`` may replace ``rid`` before
-    the mount reads it. The answer to that later request, if of the same kind (a dry
-    run or not), answers ``rid`` too: its collection began after ``rid`` was asked.
-    Else ``rid`` is asked again."""
+    the mount reads it, and the mount then answers only the later one. Its answer, if
+    of the same kind (a dry run or not), answers ``rid`` too: its collection began
+    after ``rid`` was asked. Else ``rid`` is asked again."""
     seen: Any = None
     since = time.monotonic()
     while (result := _gc_answer(cache, rid, dry_run)) is None:
-        if cache.gc_result(rid) is not None:  # a request of the other kind replaced it
-            rid = cache.request_gc(dry_run)
+        answered = cache.gc_answered()
+        if answered and answered["id"] > rid and answered["dry_run"] != dry_run:
+            rid = cache.request_gc(dry_run)  # replaced by a request of the other kind
         with cache.index.read() as r:
             progress = r.meta_json("gc_progress")
         if progress != seen:
@@ -143,11 +144,15 @@ def wait_gc(cache: Cache, rid: int, stalled_after: float,
 
 
 def _gc_answer(cache: Cache, rid: int, dry_run: bool) -> dict[str, Any] | None:
-    """The mount's answer to request ``rid`` or to a later one of the same kind."""
+    """The mount's answer to request ``rid``, or, when the mount answered a later one
+    and not ``rid`` (which that one replaced), the later one's if of the same kind."""
     result = cache.gc_result(rid)
-    if result is None or (result["id"] != rid and result.get("dry_run") != dry_run):
-        return None
-    return result
+    if result is not None:
+        return result
+    answered = cache.gc_answered()
+    if answered and answered["id"] > rid and answered["dry_run"] == dry_run:
+        return cache.gc_result(answered["id"])
+    return None
 
 
 def control_file(cache: Cache, source: str | None) -> Path | None:

@@ -367,7 +367,7 @@ if stall:
     sys.stdin.read()
 else:
     with cache.index.write() as w:
-        w.put_meta_json("gc_result", {"id": rid, "error": None, "report": {
+        w.put_gc_result({"id": rid, "dry_run": False, "error": None, "report": {
             "versions": [], "freed": {}, "total": 0, "orphans": [], "kept": []}})
     sys.stdin.read()
 """

@@ -4,6 +4,8 @@ never answered and waited for the mount's progress to stop, a minute, before fai
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -43,6 +45,9 @@ def test_two_gc_requests_at_once_are_both_answered(
     holder = threading.Thread(target=hold)
     holder.start()
     runs: list[subprocess.Popen] = []
+    with index.read() as r:
+        before = (r.meta_json("gc_request") or {"id": 0})["id"]
+    stopped = False
     try:
         assert held.wait(10)
         for args in (["gc"], second):  # both wait for the writer to write their requests
@@ -52,10 +57,24 @@ def test_two_gc_requests_at_once_are_both_answered(
                 stdin=subprocess.DEVNULL))
         wait_for(lambda: all(blocked_on_a_lock(p) for p in runs), 30,
                  what="both `buffyfs gc` to wait for the writer lock")
-        release.set()  # they write their requests back to back: the mount reads one
+        # the mount is stopped while they write their requests: it reads only the
+        # second (the command line never touches the mountpoint)
+        os.kill(m.proc.pid, signal.SIGSTOP)
+        stopped = True
+        release.set()
         holder.join(10)
+
+        def asked() -> int:
+            with index.read() as r:
+                return (r.meta_json("gc_request") or {"id": 0})["id"]
+
+        wait_for(lambda: asked() == before + 2, 30, what="both requests to be written")
+        os.kill(m.proc.pid, signal.SIGCONT)
+        stopped = False
         outs = [p.communicate(timeout=150) for p in runs]
     finally:
+        if stopped:
+            os.kill(m.proc.pid, signal.SIGCONT)
         release.set()
         holder.join(10)
         for p in runs:

@@ -227,11 +227,14 @@ class Cache:
         return rid
 
     def gc_result(self, rid: int) -> dict[str, Any] | None:
-        """The mount's last answer, if it answers request ``rid`` or a later one (which
-        may have replaced ``rid`` before the mount read it: mountctl.wait_gc)."""
+        """The mount's answer to request ``rid``, if any."""
         with self.index.read() as r:
-            result = r.meta_json("gc_result")
-        return result if result and result.get("id", 0) >= rid else None
+            return r.gc_result(rid)
+
+    def gc_answered(self) -> dict[str, Any] | None:
+        """``{"id", "dry_run"}`` of the newest request the mount answered."""
+        with self.index.read() as r:
+            return r.meta_json("gc_answered")
 
     def source_status(
         self, name: str, live_progress: dict[str, Any] | None = None,

@@ -25,10 +25,12 @@ optional keys left out while at their default; records.encode / records.decode).
     ``max_cache_size`` JSON integer or null: the mount's quota, for the command line
                   and the status page (cache.py)
     ``gc_request`` JSON ``{"id", "dry_run"}``: the last ``buffyfs gc`` asked of the
-                  running mount (cache.py); ``gc_result`` JSON, the mount's answer
-                  to it: ``{"id", "dry_run", "report", "error"}``, the report ``{"versions":
-                  [{"source", "id", "reason"}], "freed": {SOURCE: bytes}, "total",
-                  "orphans", "kept": [{"source", "id", "reasons"}]}`` (mount.py)
+                  running mount (cache.py); ``gc_result:ID`` JSON, the mount's answer
+                  to request ID: ``{"id", "dry_run", "report", "error"}``, the report
+                  ``{"versions": [{"source", "id", "reason"}], "freed": {SOURCE: bytes},
+                  "total", "orphans", "kept": [{"source", "id", "reasons"}]}``; the last
+                  ``GC_RESULTS_KEPT`` answers are kept, and ``gc_answered`` JSON
+                  ``{"id", "dry_run"}`` names the newest (mount.py, mountctl.py)
     ``gc_progress`` JSON ``{"request", "round", "done", "of"}``: how far the mount's
                   collection is (``request``: the ``gc_request`` id it answers, or null;
                   ``done`` of ``of`` batches committed; written when a request's plan
@@ -98,6 +100,7 @@ FIRST_DYNAMIC_INO = 16
 INODES_PER_SOURCE = 8
 CHANGES_KEPT = 10_000
 CHECKS_KEPT = 100
+GC_RESULTS_KEPT = 8  # answers to `buffyfs gc` requests kept (meta gc_result:ID)
 MAP_SIZE = 8 << 30  # virtual; the file grows only as needed
 
 
@@ -322,6 +325,10 @@ class Reader:
         raw = self.txn.get(b"seq", db=self.dbs["meta"])
         return _from_u64(raw) if raw else 0
 
+    def gc_result(self, rid: int) -> dict[str, Any] | None:
+        """The mount's answer to ``buffyfs gc`` request ``rid``, if kept."""
+        return self.meta_json(f"gc_result:{rid}")
+
     def meta_json(self, key: str) -> Any:
         return self._get("meta", key.encode())
 
@@ -435,6 +442,17 @@ class Writer(Reader):
 
     def put_meta_json(self, key: str, value: Any) -> None:
         self._put("meta", key.encode(), value)
+
+    def put_gc_result(self, value: dict[str, Any], report: bytes | None = None) -> None:
+        """The mount's answer to ``buffyfs gc`` request ``value["id"]`` (``report``: the
+        report's JSON, encoded already); answers older than ``GC_RESULTS_KEPT`` go."""
+        rid = value["id"]
+        if report is None:
+            self.put_meta_json(f"gc_result:{rid}", value)
+        else:
+            self.put_meta_json_with(f"gc_result:{rid}", value, report=report)
+        self.put_meta_json("gc_answered", {"id": rid, "dry_run": value["dry_run"]})
+        self.txn.delete(f"gc_result:{rid - GC_RESULTS_KEPT}".encode(), db=self.dbs["meta"])
 
     def put_meta_json_with(self, key: str, value: dict[str, Any], **encoded: bytes) -> None:
         """``put_meta_json`` of ``value`` with more members, each given as JSON bytes
