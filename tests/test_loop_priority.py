@@ -5,10 +5,16 @@ tree updates), and what a released index writer hands back to the loop is bounde
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
 
 from buffyfs import watchdog
+from buffyfs.fetch import segments
 
 
 def test_the_daemon_takes_the_gil_back_from_worker_threads_within_half_a_millisecond(
@@ -24,3 +30,60 @@ def test_the_daemon_takes_the_gil_back_from_worker_threads_within_half_a_millise
     before, after = json.loads(done.stdout)
     assert before == 0.005
     assert after == watchdog.SWITCH_INTERVAL <= 0.001
+
+
+async def _refresh_counting_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  size: int) -> tuple[list[int], str]:
+    """One refresh of a body of ``size`` bytes from an origin that serves ranges (so the
+    partial file's segment map is kept); returns the fdatasync calls made, the result."""
+    import httpx
+
+    from buffyfs.fetch import refresh
+    from buffyfs.options import normalize_options
+    from buffyfs.store.blobs import BlobStore
+    from buffyfs.store.index import Index
+
+    body = bytes(range(256)) * (size // 256)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        async def streamed() -> AsyncIterator[bytes]:  # as a socket's: read once
+            for at in range(0, len(body), 1 << 16):
+                yield body[at:at + (1 << 16)]
+
+        return httpx.Response(200, content=streamed(), headers={
+            "Content-Length": str(len(body)), "ETag": '"v1"', "Accept-Ranges": "bytes"})
+
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    index = Index(tmp_path / "index")
+    try:
+        index.add_source("s", "http://127.0.0.1:9/s", normalize_options({}))
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            refresher = refresh.Refresher(index, BlobStore(tmp_path), client)
+            outcome = await refresher.refresh("s")
+        with index.read() as r:
+            assert r.state("s").partial is None
+        return synced, outcome.result
+    finally:
+        index.close()
+
+
+async def test_a_small_body_is_synced_once_not_once_more_for_its_segment_map(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body that ends in its first segment: the attempt's fsync makes it durable, the
+    commit clears the map; no fdatasync (and map write) of its own for the segment it
+    completed (a burst of 1,000 small refreshes made 1,000 more thread trips and syncs)."""
+    synced, result = await _refresh_counting_syncs(tmp_path, monkeypatch, 4096)
+    assert result == "new_version"
+    assert synced == []
+
+
+async def test_a_body_of_two_segments_still_maps_its_first_segment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The segment map still records whole segments before the body's end (a restart
+    resumes after them): one fdatasync, for the first of two segments."""
+    synced, result = await _refresh_counting_syncs(tmp_path, monkeypatch,
+                                                   segments.SEGMENT_SIZE + 4096)
+    assert result == "new_version"
+    assert len(synced) == 1

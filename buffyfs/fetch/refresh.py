@@ -434,7 +434,9 @@ class Refresher:
 
         async def written(fd: int, end: int) -> None:
             """Bytes [0, end) are in the file: readers may have them; each segment
-            they complete goes into the map once it is on disk."""
+            they complete goes into the map once it is on disk. Not the whole body's
+            last one: the attempt's fsync follows at once, then the commit clears the
+            map (a burst of small bodies made a second sync and a map write each)."""
             live.arrived(0, end)
             for generation, length, digest in live.pending_checks():
                 if end >= length:  # the bytes a started-over download dropped: the same?
@@ -442,7 +444,7 @@ class Refresher:
                                                          length) == digest
                     live.checked(generation, same)
             whole = segments.segments_below(end, live.total)
-            if saved_point[0] is not None and whole > len(plan.done):
+            if saved_point[0] is not None and whole > len(plan.done) and end != live.total:
                 await trio.to_thread.run_sync(os.fdatasync, fd)
                 plan.done.update(range(whole))
                 record_map(plan.done)
