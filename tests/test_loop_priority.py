@@ -87,3 +87,39 @@ async def test_a_body_of_two_segments_still_maps_its_first_segment(
                                                    segments.SEGMENT_SIZE + 4096)
     assert result == "new_version"
     assert len(synced) == 1
+
+
+async def test_a_small_body_is_written_hashed_and_synced_in_one_trip_to_a_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """downloader.download of a 4 KiB body: one trip to a worker thread (the last batch
+    is written, hashed and fsync'd together), not one for the batch and one for the
+    fsync; each trip is a loop step and a wake-up more, 1,000 of them in a burst."""
+    import httpx
+    import trio
+
+    from buffyfs.fetch import downloader
+
+    body = b"x" * 4096
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        async def streamed() -> AsyncIterator[bytes]:
+            yield body
+
+        return httpx.Response(200, content=streamed(),
+                              headers={"Content-Length": str(len(body))})
+
+    trips: list[str] = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        trips.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    partial = tmp_path / "s.part"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        done = await downloader.download(client, downloader.Request("http://127.0.0.1:9/s"),
+                                         partial)
+    assert isinstance(done, downloader.Downloaded) and done.size == len(body)
+    assert partial.read_bytes() == body
+    assert trips == ["_write_and_hash"]
