@@ -123,3 +123,28 @@ async def test_a_small_body_is_written_hashed_and_synced_in_one_trip_to_a_thread
     assert isinstance(done, downloader.Downloaded) and done.size == len(body)
     assert partial.read_bytes() == body
     assert trips == ["_write_and_hash"]
+
+
+async def test_a_download_slot_parses_the_host_of_its_url_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taking a download slot (host, global and connection limits) looks the URL's host
+    up once, not once per limit."""
+    import httpx
+
+    from buffyfs.fetch import refresh
+    from buffyfs.store.blobs import BlobStore
+    from buffyfs.store.index import Index
+
+    asked: list[str] = []
+    real = refresh.host_of
+    monkeypatch.setattr(refresh, "host_of", lambda url: (asked.append(url), real(url))[1])
+    index = Index(tmp_path / "index")
+    try:
+        async with httpx.AsyncClient() as client:
+            refresher = refresh.Refresher(index, BlobStore(tmp_path), client)
+            async with refresher._slot("s", "http://127.0.0.1:9/s", lambda *a: None):
+                assert refresher.connections_to("http://127.0.0.1:9/s").borrowed_tokens == 1
+                assert refresher.host_limits["127.0.0.1"].borrowed_tokens == 1
+    finally:
+        index.close()
+    assert len(asked) == 2  # the slot's, then connections_to's above

@@ -217,15 +217,16 @@ class Refresher:
             return fn(*args, **kwargs)
         return await self.writes.call(fn, *args, **kwargs)
 
-    def _host_limit(self, url: str) -> trio.CapacityLimiter:
-        host = host_of(url)
+    def _host_limit(self, host: str) -> trio.CapacityLimiter:
         if host not in self.host_limits:
             self.host_limits[host] = trio.CapacityLimiter(self.per_host)
         return self.host_limits[host]
 
     def connections_to(self, url: str) -> trio.CapacityLimiter:
         """The connections to ``url``'s host: every download and ranged request holds one."""
-        host = host_of(url)
+        return self._connections(host_of(url))
+
+    def _connections(self, host: str) -> trio.CapacityLimiter:
         if host not in self.host_connections:
             self.host_connections[host] = trio.CapacityLimiter(self.max_connections_per_host)
         return self.host_connections[host]
@@ -531,9 +532,9 @@ class Refresher:
         host = host_of(url)
         held: list[trio.CapacityLimiter] = []
         try:
-            for limit, what in ((self._host_limit(url), f"max_downloads_per_host for {host}"),
+            for limit, what in ((self._host_limit(host), f"max_downloads_per_host for {host}"),
                                 (self.global_limit, "max_downloads"),
-                                (self.connections_to(url),
+                                (self._connections(host),
                                  f"max_connections_per_host for {host}")):
                 try:
                     limit.acquire_nowait()
