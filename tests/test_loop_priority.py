@@ -148,3 +148,76 @@ async def test_a_download_slot_parses_the_host_of_its_url_once(
     finally:
         index.close()
     assert len(asked) == 2  # the slot's, then connections_to's above
+
+
+async def test_a_burst_of_one_host_sets_up_few_refreshes_at_once_and_holds_up_no_other_host(
+        tmp_path: Path) -> None:
+    """100 refreshes of host a at once, its origin stalled: at most UNDER_WAY_PER_SLOT x
+    max_downloads_per_host of them are set up (a download under way, ``live``), the
+    others wait holding nothing and show ``queued``; a refresh of host b meanwhile goes
+    through at once. Then all of a's end with a new version."""
+    import httpx
+    import trio
+    import trio.testing
+
+    from buffyfs.fetch import refresh
+    from buffyfs.options import normalize_options
+    from buffyfs.store.blobs import BlobStore
+    from buffyfs.store.index import Index
+
+    go = trio.Event()
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "a.invalid":
+            await go.wait()
+        body = request.url.path.encode() * 64
+
+        async def streamed() -> AsyncIterator[bytes]:
+            yield body
+
+        return httpx.Response(200, content=streamed(),
+                              headers={"Content-Length": str(len(body))})
+
+    index = Index(tmp_path / "index")
+    names = [f"a{i}" for i in range(100)]
+    for name in names:
+        index.add_source(name, f"http://a.invalid/{name}", normalize_options({}))
+    index.add_source("b", "http://b.invalid/b", normalize_options({}))
+    most = [0]
+    results: dict[str, str] = {}
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            refresher = refresh.Refresher(index, BlobStore(tmp_path), client,
+                                          max_downloads=4, max_downloads_per_host=2)
+
+            class Watch(trio.abc.Instrument):
+                def after_task_step(self, task: trio.lowlevel.Task) -> None:
+                    most[0] = max(most[0], len(refresher.live))
+
+            async def one(name: str) -> None:
+                results[name] = (await refresher.refresh(name)).result
+
+            trio.lowlevel.add_instrument(Watch())
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for name in names:
+                        nursery.start_soon(one, name)
+                    under_way = refresh.UNDER_WAY_PER_SLOT * 2
+
+                    def queued() -> int:
+                        with index.read() as r:
+                            return sum("under way" in (r.state(n).queued or "")
+                                       for n in names)
+
+                    while queued() < len(names) - under_way:  # each took its lock
+                        await trio.sleep(0.01)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(refresher.live) == under_way
+                    await one("b")  # another host: not held up by a's burst
+                    assert results["b"] == "new_version"
+                    assert len(results) == 1
+                    go.set()
+    finally:
+        index.close()
+    assert most[0] == under_way + 1  # a's, and b's for a moment
+    assert [results[n] for n in names] == ["new_version"] * len(names)
