@@ -404,13 +404,16 @@ class Body:
         """
         fd = self.fd
         assert fd is not None
-        send, receive = trio.open_memory_channel[list[bytes]](QUEUE)
+        # (batch, whether it is the last: its trip to the thread also syncs the file)
+        send, receive = trio.open_memory_channel[tuple[list[bytes], bool]](QUEUE)
+        synced = [False]
 
         async def write_batches() -> None:
             async with receive:
-                async for batch in receive:
+                async for batch, last in receive:
                     await trio.to_thread.run_sync(_write_and_hash, fd, self.hasher, batch,
-                                                  self.size)
+                                                  self.size, last)
+                    synced[0] = last
                     self.size += sum(map(len, batch))
                     crash.point("download-mid-body")  # a batch is in the file
                     if self.on_written is not None:
@@ -443,7 +446,7 @@ class Body:
                                 pending_len += len(chunk)
                                 self.arrived = after
                                 if pending_len >= BATCH:
-                                    await send.send(pending)
+                                    await send.send((pending, False))
                                     pending, pending_len = [], 0
                                     if on_progress:
                                         on_progress(self.arrived, total)
@@ -452,11 +455,12 @@ class Body:
                     watching.cancel()
                     if stopped:
                         interrupted = AttemptError(stopped[0], True)
-                    if pending:
-                        await send.send(pending)
+                    if pending:  # written and synced in one trip (a small body: its only)
+                        await send.send((pending, True))
         except BaseExceptionGroup as group:  # trio wraps what the nursery raised
             raise _single(group) from None
-        await trio.to_thread.run_sync(os.fsync, fd)
+        if not synced[0]:
+            await trio.to_thread.run_sync(os.fsync, fd)
         if interrupted is not None:
             raise interrupted
         if on_progress:
@@ -528,8 +532,10 @@ def _hash_prefix(fd: int, length: int, hasher: hashlib._Hash) -> None:
         done += len(block)
 
 
-def _write_and_hash(fd: int, hasher: hashlib._Hash, chunks: list[bytes], offset: int) -> None:
-    """Append ``chunks`` (the file is at ``offset``), hash them, start their writeback."""
+def _write_and_hash(fd: int, hasher: hashlib._Hash, chunks: list[bytes], offset: int,
+                    sync: bool = False) -> None:
+    """Append ``chunks`` (the file is at ``offset``), hash them, start their writeback
+    (``sync``: the body's last batch, fsync the file instead)."""
     views = [memoryview(c) for c in chunks if c]
     length = sum(map(len, views))
     while views:
@@ -540,7 +546,10 @@ def _write_and_hash(fd: int, hasher: hashlib._Hash, chunks: list[bytes], offset:
             views[0] = views[0][n:]
     for chunk in chunks:
         hasher.update(chunk)
-    _start_writeback(fd, offset, length)
+    if sync:
+        os.fsync(fd)
+    else:
+        _start_writeback(fd, offset, length)
 
 
 _SYNC_FILE_RANGE_WRITE = 2

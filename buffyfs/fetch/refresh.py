@@ -65,6 +65,8 @@ LOCK_POLL = 0.2
 BACKOFF_CAP = 60.0  # seconds: the longest wait of our own between attempts
 RETRY_AFTER_CAP = 600.0  # seconds: the longest Retry-After we honour
 GROW_STEP = 16 << 20  # bytes: the least room a body of unknown length is granted at a time
+# refreshes of one host under way at once, per download slot of the host (Refresher.admit)
+UNDER_WAY_PER_SLOT = 4
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:
@@ -185,6 +187,8 @@ class Refresher:
         self.host_connections: dict[str, trio.CapacityLimiter] = {}
         # the mount's queue of index writes (writes.py); None: write on the spot (CLI)
         self.writes: IndexWrites | None = None
+        self.under_way: dict[str, trio.CapacityLimiter] = {}  # per host (admit)
+        self.admitted: dict[str, trio.CapacityLimiter] = {}  # source -> the one it holds
 
     def wake(self, name: str) -> None:
         """Cut short the backoff of ``name``, if it is waiting to retry."""
@@ -217,15 +221,16 @@ class Refresher:
             return fn(*args, **kwargs)
         return await self.writes.call(fn, *args, **kwargs)
 
-    def _host_limit(self, url: str) -> trio.CapacityLimiter:
-        host = host_of(url)
+    def _host_limit(self, host: str) -> trio.CapacityLimiter:
         if host not in self.host_limits:
             self.host_limits[host] = trio.CapacityLimiter(self.per_host)
         return self.host_limits[host]
 
     def connections_to(self, url: str) -> trio.CapacityLimiter:
         """The connections to ``url``'s host: every download and ranged request holds one."""
-        host = host_of(url)
+        return self._connections(host_of(url))
+
+    def _connections(self, host: str) -> trio.CapacityLimiter:
         if host not in self.host_connections:
             self.host_connections[host] = trio.CapacityLimiter(self.max_connections_per_host)
         return self.host_connections[host]
@@ -251,6 +256,11 @@ class Refresher:
         while not await trio.to_thread.run_sync(  # noqa: ASYNC110
                 lock.try_acquire, limiter=self.locking):
             await trio.sleep(LOCK_POLL)  # held by another process
+        try:
+            await self.admit(name)
+        except BaseException:
+            lock.release()
+            raise
         started = time.time()
         live = self.live[name] = segments.LiveDownload(name)
         self.live_changed.notify()
@@ -275,7 +285,39 @@ class Refresher:
                 self._after_refresh(name)
             finally:  # whatever the clean-up met, the source is not left locked
                 self._end_live(name, live, outcome)
+                self._leave(name)
                 lock.release()
+
+    async def admit(self, name: str) -> None:
+        """Wait until fewer than UNDER_WAY_PER_SLOT x max_downloads_per_host refreshes
+        of the source's host are under way (past this point), then count this one.
+
+        A burst of 1,000 refreshes of one host set all of them up at once (their
+        download, its task, its callbacks) to wait for 2 download slots: the garbage
+        collector walked those objects again and again, 15-35 ms each time, on the loop.
+        Waiting here holds nothing but the task; the source shows ``queued``. Other hosts
+        are not held up by this one's burst. Left while waiting out a backoff."""
+        try:
+            host = host_of(self.index.get_source(name).url)
+        except NotFound:
+            return  # the refresh says so
+        limit = self.under_way.get(host)
+        if limit is None:
+            limit = self.under_way[host] = trio.CapacityLimiter(
+                UNDER_WAY_PER_SLOT * self.per_host)
+        try:
+            limit.acquire_nowait()
+        except trio.WouldBlock:
+            self._post_state(name, queued=f"waiting for a download slot: "
+                             f"{limit.borrowed_tokens:g} refreshes of {host} under way")
+            await limit.acquire()
+        self.admitted[name] = limit
+
+    def _leave(self, name: str) -> None:
+        """This refresh no longer counts as under way (see ``admit``)."""
+        limit = self.admitted.pop(name, None)
+        if limit is not None:
+            limit.release()
 
     def _end_live(self, name: str, live: segments.LiveDownload,
                   outcome: Outcome | None) -> None:
@@ -434,7 +476,9 @@ class Refresher:
 
         async def written(fd: int, end: int) -> None:
             """Bytes [0, end) are in the file: readers may have them; each segment
-            they complete goes into the map once it is on disk."""
+            they complete goes into the map once it is on disk. Not the whole body's
+            last one: the attempt's fsync follows at once, then the commit clears the
+            map (a burst of small bodies made a second sync and a map write each)."""
             live.arrived(0, end)
             for generation, length, digest in live.pending_checks():
                 if end >= length:  # the bytes a started-over download dropped: the same?
@@ -442,7 +486,7 @@ class Refresher:
                                                          length) == digest
                     live.checked(generation, same)
             whole = segments.segments_below(end, live.total)
-            if saved_point[0] is not None and whole > len(plan.done):
+            if saved_point[0] is not None and whole > len(plan.done) and end != live.total:
                 await trio.to_thread.run_sync(os.fdatasync, fd)
                 plan.done.update(range(whole))
                 record_map(plan.done)
@@ -502,9 +546,11 @@ class Refresher:
                     next_check=rfc3339(now + timedelta(seconds=round(delay))),
                 )
                 self.wakes[name] = wake = trio.Event()
+                self._leave(name)  # waiting holds no place of its host (admit)
                 with trio.move_on_after(delay):
                     await wake.wait()  # or until asked to try now (`refresh`)
                 del self.wakes[name]
+                await self.admit(name)
                 continue
             # durable before the blob is renamed: a crash then must not resume it
             await self._write(self.index.set_state, name, partial=None)
@@ -529,9 +575,9 @@ class Refresher:
         host = host_of(url)
         held: list[trio.CapacityLimiter] = []
         try:
-            for limit, what in ((self._host_limit(url), f"max_downloads_per_host for {host}"),
+            for limit, what in ((self._host_limit(host), f"max_downloads_per_host for {host}"),
                                 (self.global_limit, "max_downloads"),
-                                (self.connections_to(url),
+                                (self._connections(host),
                                  f"max_connections_per_host for {host}")):
                 try:
                     limit.acquire_nowait()
