@@ -485,7 +485,6 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
                 os.write(settings.ready_fd, b"ready\n")
                 os.close(settings.ready_fd)
             watchdog.tune_collector()
-            watchdog.prefer_the_loop()
             watchdog.notify_systemd(b"READY=1")
             if mounted:
                 await pyfuse3.main()

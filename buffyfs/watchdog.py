@@ -43,7 +43,6 @@ SAMPLE_EVERY = 0.02  # seconds between looks of the sampler thread
 STACK_SHOWN = 4  # innermost frames named in the warning
 TEST_HOOKS_ENV = "BUFFYFS_TEST_HOOKS"
 FULL_COLLECTION_EVERY = 100  # collections of the middle generation per full one (tune_collector)
-SWITCH_INTERVAL = 0.0005  # seconds a thread holds the GIL when another asks (prefer_the_loop)
 
 
 # --- the loop monitor ---------------------------------------------------------------
@@ -214,18 +213,6 @@ def tune_collector() -> None:
     gc.freeze()
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
-
-
-def prefer_the_loop() -> None:
-    """Give the GIL back to the event loop sooner. Every blocking call of the loop (the
-    epoll wait, a read of /dev/fuse, a reply, a socket send) lets the GIL go; taking it
-    back waits until the worker thread holding it lets go, which a thread running Python
-    (an index commit's records, a tree update) does only every ``sys.getswitchinterval()``:
-    5 ms by default, so each FUSE request waited up to 5 ms several times while a worker
-    ran. At 0.5 ms: a request answered every 2 ms from another process while one thread
-    ran Python took p50 5.5 -> 0.8 ms, p99 24-43 -> 4-13 ms (the rest is other processes
-    on the cores); the workers lose ~1% to the extra switches."""
-    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 # --- systemd ------------------------------------------------------------------------
