@@ -10,8 +10,8 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import trio
 
