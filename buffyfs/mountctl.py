@@ -126,10 +126,9 @@ def wait_gc(cache: Cache, rid: int, stalled_after: float,
     after ``rid`` was asked. Else ``rid`` is asked again."""
     seen: Any = None
     since = time.monotonic()
-    while (result := _gc_answer(cache, rid, dry_run)) is None:
-        answered = cache.gc_answered()
-        if answered and answered["id"] > rid and answered["dry_run"] != dry_run:
-            rid = cache.request_gc(dry_run)  # replaced by a request of the other kind
+    while not isinstance(result := _gc_answer(cache, rid, dry_run), dict):
+        if result is False:  # replaced by a request of the other kind: ask again
+            rid = cache.request_gc(dry_run)
         with cache.index.read() as r:
             progress = r.meta_json("gc_progress")
         if progress != seen:
@@ -137,22 +136,25 @@ def wait_gc(cache: Cache, rid: int, stalled_after: float,
         elif time.monotonic() - since > stalled_after:
             raise CacheError(f"the running mount did not answer the gc request (no "
                              f"progress for {stalled_after:g}s)")
-        if cache.running_mount() is None and _gc_answer(cache, rid, dry_run) is None:
+        if cache.running_mount() is None and not _gc_answer(cache, rid, dry_run):
             raise CacheError("the mount stopped before answering the gc request")
         time.sleep(GC_POLL)
     return result
 
 
-def _gc_answer(cache: Cache, rid: int, dry_run: bool) -> dict[str, Any] | None:
+def _gc_answer(cache: Cache, rid: int, dry_run: bool) -> dict[str, Any] | bool | None:
     """The mount's answer to request ``rid``, or, when the mount answered a later one
-    and not ``rid`` (which that one replaced), the later one's if of the same kind."""
+    and not ``rid`` (which that one replaced), the later one's if of the same kind;
+    False if of the other kind (``rid`` must be asked again); None: no answer yet."""
     result = cache.gc_result(rid)
     if result is not None:
         return result
     answered = cache.gc_answered()
-    if answered and answered["id"] > rid and answered["dry_run"] == dry_run:
-        return cache.gc_result(answered["id"])
-    return None
+    if not answered or answered["id"] <= rid:
+        return None
+    if answered["dry_run"] != dry_run:
+        return False
+    return cache.gc_result(answered["id"])
 
 
 def control_file(cache: Cache, source: str | None) -> Path | None:
