@@ -29,6 +29,7 @@ from buffyfs.fetch.refresh import Refresher, partial_key
 from buffyfs.fetch.replica import Replica, ReplicaSettings
 from buffyfs.fetch.scheduler import Scheduler
 from buffyfs.fetch.upstream import Upstream
+from buffyfs.fs import libfuse
 from buffyfs.fs.handlers import BuffyFS
 from buffyfs.fs.tree import SourceFacts, read_sources
 from buffyfs.http import ServeSettings
@@ -479,6 +480,8 @@ async def _serve(cache: Cache, settings: Settings, client: httpx.AsyncClient) ->
             log.info("buffyfs %s %s, cache %s, %d sources, %d versions", __version__,
                      f"mounted on {settings.mountpoint}" if mounted else "running without a mount",
                      cache.root, len(names), versions)
+            if mounted:
+                log.info("%s", libfuse.describe())
             if settings.serve is not None:
                 log.info("serving HTTP on %s", settings.serve.url)
             if settings.ready_fd is not None:
