@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -81,6 +83,26 @@ async def test_200_streams_body_to_partial(origin: Origin, client, partial: Path
     assert header(seen.headers, "Accept-Encoding") == "identity"
     assert header(seen.headers, "If-None-Match") is None
     assert header(seen.headers, "If-Modified-Since") is None
+
+
+async def test_the_partial_file_is_opened_off_the_loop(origin: Origin, client, partial: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating the partial file waits for the file system's journal (about 1 ms each
+    while other downloads sync): it happens in a worker thread, with its truncation."""
+    loop_thread = threading.current_thread()
+    opened_in: list[threading.Thread] = []
+    real_open = downloader.open_file
+
+    def open_file(*args: Any, **kwargs: Any) -> int:
+        opened_in.append(threading.current_thread())
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(downloader, "open_file", open_file)
+    put(partial, b"stale leftovers")
+    origin.set("/t", b"fresh")
+    got = await downloader.download(client, Request(origin.url("/t")), partial)
+    assert isinstance(got, Downloaded) and contents(partial) == b"fresh"
+    assert opened_in and loop_thread not in opened_in
 
 
 async def test_empty_body(origin: Origin, client, partial: Path) -> None:
