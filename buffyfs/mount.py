@@ -618,9 +618,14 @@ async def _watch_signals(cache: Cache, settings: Settings, collector: Collector,
                          fs: BuffyFS, stopped: trio.Event, writes: IndexWrites,
                          nursery: trio.Nursery) -> None:
     reloading = trio.Lock()  # one reload at a time, in the order the signals came
+    waiting = [False]  # a reload is queued that has not read the file yet
 
     async def reload() -> None:
+        if waiting[0]:  # that one reads the file after this signal too: it answers both
+            return
+        waiting[0] = True
         async with reloading:
+            waiting[0] = False  # from here on a signal needs a reload of its own
             await reload_config(cache, settings, collector, fs, writes)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -14,6 +14,7 @@ from tests.test_mount import read, status
 from tests.test_ops import write_config
 
 READS = 20
+SIGNALS = 20
 
 
 def test_a_reload_waiting_for_the_writer_lock_leaves_the_mount_answering(
@@ -54,3 +55,42 @@ def test_a_reload_waiting_for_the_writer_lock_leaves_the_mount_answering(
     assert done_while_held == READS, f"{done_while_held} of {READS} reads answered"
     wait_for(lambda: "n" in os.listdir(mnt.path), 10, what="the reloaded source")
     assert read(mnt / "n/latest") == b"new one"
+
+
+def test_signals_while_a_reload_waits_make_one_more_reload(
+        origin, tmp_path, mount_factory) -> None:
+    """SIGHUPs that arrive while a reload waits for the writer lock are answered by one
+    reload that starts after all of them (not one full reload each), and that reload
+    reads the file as it is after the last signal."""
+    origin.set("/a", b"a")
+    config = write_config(tmp_path / "c.toml", origin, {"a": "/a"})
+    mnt = mount_factory("--config", str(config))
+    index = Index(mnt.cache / "index")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with index.write():
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        mnt.proc.send_signal(signal.SIGHUP)  # the first reload: waits for the lock
+        for i in range(SIGNALS):
+            names = {"a": "/a", f"s{i}": "/a"}
+            write_config(config, origin, names)  # a later signal, a later file
+            mnt.proc.send_signal(signal.SIGHUP)
+    finally:
+        release.set()
+        holder.join(10)
+        index.close()
+    last = f"s{SIGNALS - 1}"
+    wait_for(lambda: last in os.listdir(mnt.path), 15, what="the last file's source")
+
+    def reloads() -> int:
+        return mnt.log_text().count("SIGHUP: config ")
+
+    wait_for(lambda: reloads() >= 2, 10, what="the reloads")
+    assert reloads() <= 3, mnt.log_text()  # the first, then one (a signal may come late)
