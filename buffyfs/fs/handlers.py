@@ -890,7 +890,7 @@ class BuffyFS(pyfuse3.Operations):
                 names = [self.relink_pending.pop()
                          for _ in range(min(RELINK_BATCH, len(self.relink_pending)))]
                 counts = await trio.to_thread.run_sync(self._link_counts_of, names)
-                await self._invalidate_attrs(self._changed_links(counts))
+                await self._invalidate_now([], self._changed_links(counts))
         finally:
             self.relinking = False
             self.relink_idle.set()
@@ -903,17 +903,12 @@ class BuffyFS(pyfuse3.Operations):
         directory, so it runs in a worker thread while the loop keeps serving them.
         """
         self.snapshots.clear()
-        for parent, entry in self.tree.stale_entries(name):
-            with trio.move_on_after(INVALIDATE_TIMEOUT):
-                try:
-                    await trio.to_thread.run_sync(
-                        pyfuse3.invalidate_entry, parent, entry.encode(), abandon_on_cancel=True
-                    )
-                except OSError:
-                    pass  # ENOENT: the kernel did not have it cached
+        entries = self.tree.stale_entries(name)
+        inos: list[int] = []
         if self.shown_links:
             counts = await trio.to_thread.run_sync(self._link_counts_of, [name])
-            await self._invalidate_attrs(self._changed_links(counts))
+            inos = self._changed_links(counts)
+        await self._invalidate_now(entries, inos)
 
     def _link_counts_of(self, names: list[str]) -> dict[int, int]:
         """The tree's link counts of several sources (in a worker thread)."""
@@ -931,18 +926,6 @@ class BuffyFS(pyfuse3.Operations):
             del self.shown_links[ino]
         return changed
 
-    async def _invalidate_attrs(self, inos: list[int]) -> None:
-        """Make the kernel ask again for the attributes of ``inos`` (only those: their
-        cached pages stay). In a worker thread, as ``source_changed_now`` does."""
-        for ino in inos:
-            with trio.move_on_after(INVALIDATE_TIMEOUT):
-                try:
-                    await trio.to_thread.run_sync(
-                        functools.partial(pyfuse3.invalidate_inode, ino, attr_only=True),
-                        abandon_on_cancel=True)
-                except Exception as e:  # ENOENT: not cached; or not mounted (unit tests)
-                    log.debug("invalidate inode %s: %s", ino, e)
-
     async def _latest_moved_now(self, name: str) -> None:
         """Drop the kernel's entry of ``name``/latest and wait for it (whether or not
         ``source_changed`` already asked: that one does not wait)."""
@@ -951,12 +934,7 @@ class BuffyFS(pyfuse3.Operations):
         if src is None:
             return
         self.tree.shown_latest.pop(name, None)
-        with trio.move_on_after(INVALIDATE_TIMEOUT):
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, src.ino, b"latest",
-                                              abandon_on_cancel=True)
-            except OSError:
-                pass  # ENOENT: the kernel did not have it cached
+        await self._invalidate_now([(src.ino, "latest")], [])
 
     def versions_collected(self, source: str, vids: list[str], facts: SourceFacts | None,
                            entries: list[tuple[int, str]], inos: list[int]) -> None:
@@ -980,24 +958,33 @@ class BuffyFS(pyfuse3.Operations):
     async def send_invalidations(self, entries: list[tuple[int, str]], inos: list[int]
                                  ) -> None:
         """Have the kernel drop ``entries`` ((parent inode, name)) and the attributes
-        of ``inos``, all from one worker thread: a notification may wait for the
-        kernel's requests on the same directory, which the loop answers meanwhile."""
-        await trio.to_thread.run_sync(_send_invalidations, entries, inos,
-                                      abandon_on_cancel=True)
+        of ``inos`` (only those: their cached pages stay), all from one worker thread:
+        a notification may wait for the kernel's requests on the same directory, which
+        the loop answers meanwhile."""
+        if entries or inos:
+            await trio.to_thread.run_sync(_send_invalidations, entries, inos,
+                                          abandon_on_cancel=True)
+
+    async def _invalidate_now(self, entries: list[tuple[int, str]], inos: list[int]
+                              ) -> None:
+        """``send_invalidations``, given up after INVALIDATE_TIMEOUT (a control write
+        or a read returns by then whatever the kernel does)."""
+        with trio.move_on_after(INVALIDATE_TIMEOUT):
+            await self.send_invalidations(entries, inos)
 
 
 def _send_invalidations(entries: list[tuple[int, str]], inos: list[int]) -> None:
     for parent, name in entries:
         try:
             pyfuse3.invalidate_entry(parent, name.encode())
-        except OSError as e:  # ENOENT: the kernel did not have it; not mounted
-            if e.errno != errno.ENOENT:
+        except Exception as e:  # ENOENT: the kernel did not have it; or not mounted
+            if getattr(e, "errno", None) != errno.ENOENT:
                 log.debug("invalidate %s/%s: %s", parent, name, e)
     for ino in inos:
         try:
             pyfuse3.invalidate_inode(ino, attr_only=True)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
+        except Exception as e:
+            if getattr(e, "errno", None) != errno.ENOENT:
                 log.debug("invalidate inode %s: %s", ino, e)
 
 
