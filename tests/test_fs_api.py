@@ -19,6 +19,7 @@ from typing import Any
 
 import pyfuse3
 import pytest
+import trio
 
 from buffyfs.fs.handlers import (
     FIRST_TAGDIR_INO,
@@ -378,3 +379,41 @@ async def test_collected_versions_of_a_source_never_looked_into_cost_nothing(fs,
     await lookup(fs, "s", "@versions", versions[0].id)
     assert collected(fs, "s", versions[1].id)[0] == \
         [(base + SourceInode.versions, versions[1].id), (base, "newest")]
+
+
+async def test_an_invalidation_the_kernel_holds_up_does_not_hold_up_the_rest(
+        fs: BuffyFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A control write waits INVALIDATE_TIMEOUT at most for its invalidations; the
+    entries the worker thread did not reach by then (stuck behind one the kernel holds
+    up) go to pyfuse3's notification thread, and the stuck thread sends no more of
+    them (its inodes it still does)."""
+    import threading
+
+    from buffyfs.fs import handlers
+
+    release = threading.Event()
+    sent: list[tuple[int, bytes]] = []
+    handed: list[tuple[int, str]] = []
+    inodes: list[int] = []
+
+    def invalidate_entry(parent: int, name: bytes) -> None:
+        sent.append((parent, name))
+        if name == b"stuck":
+            release.wait(10)  # as the kernel does while the directory is busy
+
+    monkeypatch.setattr(handlers, "INVALIDATE_TIMEOUT", 0.2)
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", invalidate_entry)
+    monkeypatch.setattr(pyfuse3, "invalidate_inode",
+                        lambda ino, attr_only=False: inodes.append(ino))
+    monkeypatch.setattr(handlers, "_invalidate", lambda p, n: handed.append((p, n)))
+    entries = [(5, "first"), (5, "stuck"), (6, "later"), (7, "last")]
+    await fs._invalidate_now(entries, [42])
+    assert sent == [(5, b"first"), (5, b"stuck")]
+    assert handed == [(6, "later"), (7, "last")]
+    release.set()
+    for _ in range(100):  # the abandoned thread ends: its inodes, no more entries
+        if inodes:
+            break
+        await trio.sleep(0.05)
+    assert inodes == [42]
+    assert sent == [(5, b"first"), (5, b"stuck")]

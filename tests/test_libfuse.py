@@ -21,7 +21,7 @@ LOOKUP_SECONDS = 0.3
 # (trio.sleep: other requests are read and answered meanwhile); once unmounted it
 # prints how many lookups it held at once at most
 SLOW_LOOKUPS = """
-import stat, sys
+import errno, stat, sys
 import pyfuse3, trio
 held = [0, 0]
 class Slow(pyfuse3.Operations):
@@ -33,6 +33,8 @@ class Slow(pyfuse3.Operations):
     async def getattr(self, ino, ctx=None):
         return self._attr(ino)
     async def lookup(self, parent, name, ctx=None):
+        if not (name.startswith(b"f") and name[1:].isdigit()):
+            raise pyfuse3.FUSEError(errno.ENOENT)
         held[0] += 1
         held[1] = max(held)
         try:
@@ -91,7 +93,7 @@ def test_what_it_says_holds_on_a_real_mount(tmp_path: Path) -> None:
     """The claim of the log line, checked through the kernel: of 4 lookups of different
     names in one directory asked at once, each LOOKUP_SECONDS long in the daemon, the
     daemon holds one at a time when libfuse does not pass parallel lookups, all 4 at
-    once when it does."""
+    once when it does (more than one: all 4 overlap only if scheduled in time)."""
     mountpoint = tmp_path / "slow"
     mountpoint.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", SLOW_LOOKUPS, str(mountpoint),
@@ -108,4 +110,7 @@ def test_what_it_says_holds_on_a_real_mount(tmp_path: Path) -> None:
         unmount(mountpoint)
         stop_process(proc)
     held_at_once = int(out.strip() or 0)
-    assert held_at_once == (4 if libfuse.parallel_lookups(libfuse.version()) else 1), err
+    if libfuse.parallel_lookups(libfuse.version()):
+        assert held_at_once > 1, err
+    else:
+        assert held_at_once == 1, err

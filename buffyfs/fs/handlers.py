@@ -962,29 +962,52 @@ class BuffyFS(pyfuse3.Operations):
         a notification may wait for the kernel's requests on the same directory, which
         the loop answers meanwhile."""
         if entries or inos:
-            await trio.to_thread.run_sync(_send_invalidations, entries, inos,
+            await trio.to_thread.run_sync(_send_invalidations, _Invalidations(entries, inos),
                                           abandon_on_cancel=True)
 
     async def _invalidate_now(self, entries: list[tuple[int, str]], inos: list[int]
                               ) -> None:
-        """``send_invalidations``, given up after INVALIDATE_TIMEOUT (a control write
-        or a read returns by then whatever the kernel does)."""
+        """``send_invalidations``, waited for INVALIDATE_TIMEOUT at most (a control
+        write or a read returns by then whatever the kernel does). An entry the kernel
+        holds up (its directory's lock) does not hold up the rest past that: what the
+        thread has not reached goes to pyfuse3's notification thread."""
+        if not entries and not inos:
+            return
+        batch = _Invalidations(entries, inos)
         with trio.move_on_after(INVALIDATE_TIMEOUT):
-            await self.send_invalidations(entries, inos)
+            await trio.to_thread.run_sync(_send_invalidations, batch, abandon_on_cancel=True)
+            return
+        batch.handed_off = True  # the thread sends no further entry (its inodes still)
+        for parent, name in entries[batch.next_entry:]:
+            _invalidate(parent, name)
 
 
-def _send_invalidations(entries: list[tuple[int, str]], inos: list[int]) -> None:
-    for parent, name in entries:
+@dataclass
+class _Invalidations:
+    """Kernel entries ((parent inode, name)) and inodes (their attributes) to drop, in
+    order, by one worker thread; ``next_entry`` is how far it got (an entry may be
+    sent twice after a hand-off, never left out)."""
+
+    entries: list[tuple[int, str]]
+    inos: list[int]
+    next_entry: int = 0
+    handed_off: bool = False  # the caller stopped waiting: entries left go elsewhere
+
+
+def _send_invalidations(batch: _Invalidations) -> None:
+    while batch.next_entry < len(batch.entries) and not batch.handed_off:
+        parent, name = batch.entries[batch.next_entry]
+        batch.next_entry += 1
         try:
             pyfuse3.invalidate_entry(parent, name.encode())
-        except Exception as e:  # ENOENT: the kernel did not have it; or not mounted
-            if getattr(e, "errno", None) != errno.ENOENT:
+        except OSError as e:  # ENOENT: the kernel did not have it
+            if e.errno != errno.ENOENT:
                 log.debug("invalidate %s/%s: %s", parent, name, e)
-    for ino in inos:
+    for ino in batch.inos:
         try:
             pyfuse3.invalidate_inode(ino, attr_only=True)
-        except Exception as e:
-            if getattr(e, "errno", None) != errno.ENOENT:
+        except OSError as e:
+            if e.errno != errno.ENOENT:
                 log.debug("invalidate inode %s: %s", ino, e)
 
 

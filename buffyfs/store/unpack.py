@@ -157,10 +157,17 @@ class DerivedStore:
         make_dir(self.partial_dir, self.root)
 
     def path(self, sha256: str) -> Path:
-        return self.dir / sha256[:2] / sha256
+        return Path(self.path_str(sha256))
+
+    def path_str(self, sha256: str) -> str:
+        """``path`` as a string, made without pathlib (per freed blob of a collection)."""
+        return f"{self.dir}/{sha256[:2]}/{sha256}"
 
     def partial(self, sha256: str) -> Path:
-        return self.partial_dir / sha256
+        return Path(self.partial_str(sha256))
+
+    def partial_str(self, sha256: str) -> str:
+        return f"{self.partial_dir}/{sha256}"
 
     def data_path(self, sha256: str) -> Path:
         return self.path(sha256) / "data"
@@ -185,8 +192,8 @@ class DerivedStore:
         """Delete the derived data of ``sha256``, done or in progress. Paths made as
         strings: a collection removes this for every blob it frees (tens of thousands),
         in a worker thread whose Python time the event loop waits behind."""
-        _remove_entry(f"{self.dir}/{sha256[:2]}/{sha256}")
-        _remove_entry(f"{self.partial_dir}/{sha256}")
+        _remove_entry(self.path_str(sha256))
+        _remove_entry(self.partial_str(sha256))
 
     def remove_partial(self, sha256: str) -> None:
         _remove_entry(self.partial(sha256))
