@@ -7,12 +7,14 @@ test leaves no mount and no process behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from buffyfs.daemon import is_mounted  # noqa: F401 (tests import it from here)
+from buffyfs.store.index import Index
 from tests.origin import Origin
 
 MOUNT_TIMEOUT = 15.0
@@ -73,6 +76,31 @@ def cli(cache_dir: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         return run_cli(*args, cache=cache_dir, check=check, timeout=timeout)
     return run
 
+
+@contextlib.contextmanager
+def writer_held(index: Index) -> Iterator[Callable[[], None]]:
+    """LMDB's writer lock taken through ``index`` by a thread (as another process holds
+    it: the lock is the index file's) until the block ends, or earlier when the
+    callable it gives is called."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with index.write():
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+
+    def let_go() -> None:
+        release.set()
+        holder.join(10)
+
+    try:
+        assert held.wait(10), "the index's writer lock was not taken"
+        yield let_go
+    finally:
+        let_go()
 
 def unmount(path: Path) -> None:
     if is_mounted(path):

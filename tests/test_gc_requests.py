@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from buffyfs.store.index import Index
-from tests.conftest import Mount, wait_for
+from tests.conftest import Mount, wait_for, writer_held
 from tests.test_stall import build
 
 SOURCES = 50  # keep_versions=1: 2 of each source's 5 versions are garbage
@@ -35,48 +34,36 @@ def test_two_gc_requests_at_once_are_both_answered(
     build(cache_dir, SOURCES, 5)
     m = mount_factory("--scrub-interval", "never")
     index = Index(m.cache / "index")  # as another process: LMDB's writer lock is the file's
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with index.write():
-            held.set()
-            release.wait(60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
     runs: list[subprocess.Popen] = []
     with index.read() as r:
         before = (r.meta_json("gc_request") or {"id": 0})["id"]
     stopped = False
     try:
-        assert held.wait(10)
-        for args in (["gc"], second):  # both wait for the writer to write their requests
-            runs.append(subprocess.Popen(
-                [sys.executable, "-m", "buffyfs", *args, "--cache", str(m.cache)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                stdin=subprocess.DEVNULL))
-        wait_for(lambda: all(blocked_on_a_lock(p) for p in runs), 30,
-                 what="both `buffyfs gc` to wait for the writer lock")
-        # the mount is stopped while they write their requests: it reads only the
-        # second (the command line never touches the mountpoint)
-        os.kill(m.proc.pid, signal.SIGSTOP)
-        stopped = True
-        release.set()
-        holder.join(10)
+        with writer_held(index) as let_go:
+            for args in (["gc"], second):  # both wait for the writer to write their requests
+                runs.append(subprocess.Popen(
+                    [sys.executable, "-m", "buffyfs", *args, "--cache", str(m.cache)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    stdin=subprocess.DEVNULL))
+            wait_for(lambda: all(blocked_on_a_lock(p) for p in runs), 30,
+                     what="both `buffyfs gc` to wait for the writer lock")
+            # the mount is stopped while they write their requests: it reads only the
+            # second (the command line never touches the mountpoint)
+            os.kill(m.proc.pid, signal.SIGSTOP)
+            stopped = True
+            let_go()
 
-        def asked() -> int:
-            with index.read() as r:
-                return (r.meta_json("gc_request") or {"id": 0})["id"]
+            def asked() -> int:
+                with index.read() as r:
+                    return (r.meta_json("gc_request") or {"id": 0})["id"]
 
-        wait_for(lambda: asked() == before + 2, 30, what="both requests to be written")
-        os.kill(m.proc.pid, signal.SIGCONT)
-        stopped = False
-        outs = [p.communicate(timeout=150) for p in runs]
+            wait_for(lambda: asked() == before + 2, 30, what="both requests to be written")
+            os.kill(m.proc.pid, signal.SIGCONT)
+            stopped = False
+            outs = [p.communicate(timeout=150) for p in runs]
     finally:
         if stopped:
             os.kill(m.proc.pid, signal.SIGCONT)
-        release.set()
-        holder.join(10)
         for p in runs:
             if p.poll() is None:
                 p.kill()

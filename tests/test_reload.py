@@ -9,7 +9,7 @@ import signal
 import threading
 
 from buffyfs.store.index import Index
-from tests.conftest import wait_for
+from tests.conftest import wait_for, writer_held
 from tests.test_mount import read, status
 from tests.test_ops import write_config
 
@@ -25,31 +25,22 @@ def test_a_reload_waiting_for_the_writer_lock_leaves_the_mount_answering(
     origin.set("/n", b"new one")  # the reload will add n
     write_config(config, origin, {"a": "/a", "n": "/n"})
     index = Index(mnt.cache / "index")  # as another process: the writer lock is the file's
-    held, release = threading.Event(), threading.Event()
     answered: list[str] = []
-
-    def hold() -> None:
-        with index.write():
-            held.set()
-            release.wait(60)
+    pause = threading.Event()  # never set: the reader's pause between reads
 
     def reader() -> None:  # each read opens the file: the daemon's loop answers it
         for _ in range(READS):
             answered.append(status(mnt / "a/@status")["name"])
-            release.wait(0.1)
+            pause.wait(0.1)
 
-    holder = threading.Thread(target=hold)
     reading = threading.Thread(target=reader, daemon=True)
-    holder.start()
     try:
-        assert held.wait(10)
-        mnt.proc.send_signal(signal.SIGHUP)  # its write waits for the lock
-        reading.start()
-        reading.join(30)
-        done_while_held = len(answered)
+        with writer_held(index):
+            mnt.proc.send_signal(signal.SIGHUP)  # its write waits for the lock
+            reading.start()
+            reading.join(30)
+            done_while_held = len(answered)
     finally:
-        release.set()
-        holder.join(10)
         reading.join(30)
         index.close()
     assert done_while_held == READS, f"{done_while_held} of {READS} reads answered"
@@ -66,25 +57,14 @@ def test_signals_while_a_reload_waits_make_one_more_reload(
     config = write_config(tmp_path / "c.toml", origin, {"a": "/a"})
     mnt = mount_factory("--config", str(config))
     index = Index(mnt.cache / "index")
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with index.write():
-            held.set()
-            release.wait(60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
     try:
-        assert held.wait(10)
-        mnt.proc.send_signal(signal.SIGHUP)  # the first reload: waits for the lock
-        for i in range(SIGNALS):
-            names = {"a": "/a", f"s{i}": "/a"}
-            write_config(config, origin, names)  # a later signal, a later file
-            mnt.proc.send_signal(signal.SIGHUP)
+        with writer_held(index):
+            mnt.proc.send_signal(signal.SIGHUP)  # the first reload: waits for the lock
+            for i in range(SIGNALS):
+                names = {"a": "/a", f"s{i}": "/a"}
+                write_config(config, origin, names)  # a later signal, a later file
+                mnt.proc.send_signal(signal.SIGHUP)
     finally:
-        release.set()
-        holder.join(10)
         index.close()
     last = f"s{SIGNALS - 1}"
     wait_for(lambda: last in os.listdir(mnt.path), 15, what="the last file's source")
