@@ -72,9 +72,11 @@ async def test_a_body_of_two_segments_still_maps_its_first_segment(
 
 async def test_a_small_body_is_written_hashed_and_synced_in_one_trip_to_a_thread(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """downloader.download of a 4 KiB body: one trip to a worker thread (the last batch
-    is written, hashed and fsync'd together), not one for the batch and one for the
-    fsync; each trip is a loop step and a wake-up more, 1,000 of them in a burst."""
+    """downloader.download of a 4 KiB body: one trip to a worker thread for the body
+    (the last batch is written, hashed and fsync'd together), not one for the batch and
+    one for the fsync; each trip is a loop step and a wake-up more, 1,000 of them in a
+    burst. The partial file is opened in the trip before (creating a file waits for
+    the file system's journal: never on the loop)."""
     import httpx
     import trio
 
@@ -103,7 +105,7 @@ async def test_a_small_body_is_written_hashed_and_synced_in_one_trip_to_a_thread
                                          partial)
     assert isinstance(done, downloader.Downloaded) and done.size == len(body)
     assert partial.read_bytes() == body
-    assert trips == ["_write_and_hash"]
+    assert trips == ["_open_partial", "_write_and_hash"]
 
 
 async def test_a_download_slot_parses_the_host_of_its_url_once(
