@@ -164,7 +164,9 @@ class _Engine:
                 raise _first_failure(group) from None
         except AttemptError as e:
             await trio.to_thread.run_sync(os.fsync, self.fd)  # what arrived is kept
-            raise self._failed(e) from None
+            failed = self._failed(e)
+            await self._hand_over_hash(prefix_hash)
+            raise failed from None
         await trio.to_thread.run_sync(os.fsync, self.fd)
         if self.hashed != self.total:  # cannot be: every byte was written and hashed
             raise AttemptError("the body's hash did not reach its end", True)
@@ -179,6 +181,18 @@ class _Engine:
                     resume=Resume(self.have.prefix(), self.point.etag,
                                   self.point.last_modified),
                     restart=False)
+
+    async def _hand_over_hash(self, prefix_hash: downloader.PrefixHash | None) -> None:
+        """After a failed attempt: the hash of the contiguous prefix the next one resumes
+        after goes to it. If that one starts over instead, the bytes readers were given
+        are checked against this hash (segments.LiveDownload.body_starts): without it
+        every reader of the first bytes failed with EIO although the bytes were the same.
+        The hash task may lag behind what was written: the rest is hashed here."""
+        if prefix_hash is None:
+            return
+        self.hashed = await trio.to_thread.run_sync(
+            _hash_more, self.fd, self.hasher, self.hashed, self.have.prefix())
+        prefix_hash.length, prefix_hash.hasher = self.hashed, self.hasher.copy()
 
     def _holes(self) -> list[tuple[int, int]]:
         """The byte ranges of [start, total) not yet had."""
@@ -389,3 +403,16 @@ class _Engine:
             self.mapped |= new
             self.plan.done |= new
             self.plan.on_map(self.plan.done)
+
+
+def _hash_more(fd: int, hasher: Any, start: int, end: int) -> int:
+    """Hash the file's bytes [start, end) into ``hasher``; returns where it stopped (end,
+    or earlier if the file is shorter)."""
+    at = start
+    while at < end:
+        block = os.pread(fd, min(HASH_BLOCK, end - at), at)
+        if not block:
+            break
+        hasher.update(block)
+        at += len(block)
+    return at
