@@ -540,14 +540,22 @@ def _open_partial(path: Path, start: int, rehash: hashlib._Hash | None) -> int:
 
 
 def _hash_prefix(fd: int, length: int, hasher: hashlib._Hash) -> None:
-    done = 0
-    while done < length:
-        block = os.pread(fd, min(BATCH, length - done), done)
+    if hash_range(fd, hasher, 0, length) < length:
+        raise AttemptError("the partial download is shorter than recorded; starting over",
+                           True, restart=True)
+
+
+def hash_range(fd: int, hasher: Any, start: int, end: int) -> int:
+    """Hash the file's bytes [start, end) into ``hasher`` (blocking: a worker thread's);
+    returns where it stopped: ``end``, or earlier if the file is shorter."""
+    at = start
+    while at < end:
+        block = os.pread(fd, min(BATCH, end - at), at)
         if not block:
-            raise AttemptError("the partial download is shorter than recorded; starting over",
-                               True, restart=True)
+            break
         hasher.update(block)
-        done += len(block)
+        at += len(block)
+    return at
 
 
 def _write_and_hash(fd: int, hasher: hashlib._Hash, chunks: list[bytes], offset: int,

@@ -191,7 +191,7 @@ class _Engine:
         if prefix_hash is None:
             return
         self.hashed = await trio.to_thread.run_sync(
-            _hash_more, self.fd, self.hasher, self.hashed, self.have.prefix())
+            downloader.hash_range, self.fd, self.hasher, self.hashed, self.have.prefix())
         prefix_hash.length, prefix_hash.hasher = self.hashed, self.hasher.copy()
 
     def _holes(self) -> list[tuple[int, int]]:
@@ -403,16 +403,3 @@ class _Engine:
             self.mapped |= new
             self.plan.done |= new
             self.plan.on_map(self.plan.done)
-
-
-def _hash_more(fd: int, hasher: Any, start: int, end: int) -> int:
-    """Hash the file's bytes [start, end) into ``hasher``; returns where it stopped (end,
-    or earlier if the file is shorter)."""
-    at = start
-    while at < end:
-        block = os.pread(fd, min(HASH_BLOCK, end - at), at)
-        if not block:
-            break
-        hasher.update(block)
-        at += len(block)
-    return at

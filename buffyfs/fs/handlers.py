@@ -961,9 +961,7 @@ class BuffyFS(pyfuse3.Operations):
         of ``inos`` (only those: their cached pages stay), all from one worker thread:
         a notification may wait for the kernel's requests on the same directory, which
         the loop answers meanwhile."""
-        if entries or inos:
-            await trio.to_thread.run_sync(_send_invalidations, _Invalidations(entries, inos),
-                                          abandon_on_cancel=True)
+        await _send_in_thread(_Invalidations(entries, inos))
 
     async def _invalidate_now(self, entries: list[tuple[int, str]], inos: list[int]
                               ) -> None:
@@ -971,11 +969,9 @@ class BuffyFS(pyfuse3.Operations):
         write or a read returns by then whatever the kernel does). An entry the kernel
         holds up (its directory's lock) does not hold up the rest past that: what the
         thread has not reached goes to pyfuse3's notification thread."""
-        if not entries and not inos:
-            return
         batch = _Invalidations(entries, inos)
         with trio.move_on_after(INVALIDATE_TIMEOUT):
-            await trio.to_thread.run_sync(_send_invalidations, batch, abandon_on_cancel=True)
+            await _send_in_thread(batch)
             return
         batch.handed_off = True  # the thread sends no further entry (its inodes still)
         for parent, name in entries[batch.next_entry:]:
@@ -992,6 +988,11 @@ class _Invalidations:
     inos: list[int]
     next_entry: int = 0
     handed_off: bool = False  # the caller stopped waiting: entries left go elsewhere
+
+
+async def _send_in_thread(batch: _Invalidations) -> None:
+    if batch.entries or batch.inos:
+        await trio.to_thread.run_sync(_send_invalidations, batch, abandon_on_cancel=True)
 
 
 def _send_invalidations(batch: _Invalidations) -> None:
