@@ -57,7 +57,8 @@ class Origin:
         self.requests: list[Seen] = []
         self.lock = threading.Lock()
         self.inflight = 0
-        self.max_inflight = 0  # the most requests served at once
+        self.max_inflight = 0  # the most requests served at once: one counts from its
+        # headers until its last byte is handed to the socket (``_handle``)
         self.connections: set[socket.socket] = set()  # the open ones, busy or idle (``crash``
         # cuts them)
         origin = self
@@ -248,8 +249,8 @@ class Origin:
                 h.wfile.write(body[i : i + step])
                 h.wfile.flush()
                 ahead = began + (i + step) / res.rate - time.monotonic()
-                if ahead > 0:
-                    time.sleep(ahead)
+                if ahead > 0 and i + step < len(body):  # no pause after the last piece:
+                    time.sleep(ahead)  # the client has it all and may ask again at once
             return
         if res.chunk_delay or chunked:
             step = max(1, len(body) // 20)
@@ -257,7 +258,8 @@ class Origin:
                 piece = body[i : i + step]
                 h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                 h.wfile.flush()
-                time.sleep(res.chunk_delay)
+                if chunked or i + step < len(body):  # (same as above)
+                    time.sleep(res.chunk_delay)
             if chunked:
                 h.wfile.write(b"0\r\n\r\n")
             return
