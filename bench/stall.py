@@ -13,7 +13,10 @@ kernel's cache, and records how long each took, while:
 - status: `cat MOUNT/@status` runs in a loop (a separate process);
 - gc: `buffyfs gc` asks the mount to collect (keep_versions=1: two versions in five go);
 - burst: 1,000 sources (`burstN`, besides the others) are asked to `refresh` at once
-  (1,000 control writes) and download a new 4 KiB version each from a local origin;
+  (1,000 control writes) and download a new 4 KiB version each from a local origin
+  (nginx when installed, as the other benchmarks: its own process, light on the two
+  cores the daemon shares with it; ``--python-origin`` serves from a thread of this
+  process instead, as before 2026-12-01 evening);
 - hold: another process holds the index's write lock for 3 s (as a long `buffyfs` CLI
   write does) while the same 1,000 sources refresh again;
 
@@ -51,10 +54,10 @@ from bench.common import (  # noqa: E402
     CLI_TIMEOUT,
     BenchError,
     Daemon,
-    Origin,
     bounded,
     populate,
     proc_status,
+    start_origin,
 )
 
 PERIOD = 0.002  # seconds between probes
@@ -263,7 +266,8 @@ def cat_seconds(paths: list[Path]) -> float:
 
 
 def measure(sources: int, per_source: int, workdir: Path | None = None,
-            status_seconds: float = STATUS_SECONDS, burst: int = BURST) -> dict[str, Any]:
+            status_seconds: float = STATUS_SECONDS, burst: int = BURST,
+            nginx: bool = True) -> dict[str, Any]:
     """One run: build a cache, mount it, probe while idle, while @status is read in a
     loop, during a collection, a refresh burst, a burst with the writer held by another
     process; then the cat and RSS figures. Returns {scenario: summary} plus details."""
@@ -274,7 +278,7 @@ def measure(sources: int, per_source: int, workdir: Path | None = None,
     try:
         cache = work / "cache"
         files = write_origin_files(work / "origin", burst, 1)
-        origin = Origin(files).start()
+        origin = start_origin(work / "origin", work / "nginx", files, nginx)
         t = time.monotonic()
         build(cache, sources, per_source, burst, origin.base)
         built = time.monotonic() - t
@@ -287,7 +291,8 @@ def measure(sources: int, per_source: int, workdir: Path | None = None,
         bounded(lambda: probe(mnt, sources, lambda: False, tail=0.2), 60, "warm-up")
 
         out: dict[str, Any] = {"versions": sources * per_source, "built": built,
-                               "sources": sources, "burst_sources": burst}
+                               "sources": sources, "burst_sources": burst,
+                               "origin": origin.kind}
         until = time.monotonic() + IDLE_SECONDS
         out["idle"] = summary(bounded(
             lambda: probe(mnt, sources, lambda: time.monotonic() < until, 0), 60, "idle"))
@@ -369,7 +374,7 @@ def table(m: dict[str, Any]) -> list[str]:
     """The figures as printed lines, each with its target and the load average."""
     lines = [f"{m['versions']:,} versions in {m['sources']:,} sources + {m['burst_sources']:,} "
              f"burst sources (built in {m['built']:.1f} s); stat of SRC/{PROBED} every "
-             f"{PERIOD * 1e3:g} ms",
+             f"{PERIOD * 1e3:g} ms; the burst's origin: {m['origin']}",
              f"{'stat while':<44} {'stats':>6} {'p50':>8} {'p99':>8} {'max':>8}  load  target"]
     rows = [("idle", "nothing else", None),
             ("gc", f"(a) buffyfs gc ({m['gc_seconds']:.1f} s)", True),
@@ -406,6 +411,8 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="20,000 sources x 5 versions")
     p.add_argument("--smoke", action="store_true", help="200 sources, seconds")
     p.add_argument("--workdir", default="/var/tmp")
+    p.add_argument("--python-origin", action="store_true",
+                   help="serve the burst from a thread of this process, not nginx")
     p.add_argument("--show", type=int, default=5, metavar="N",
                    help="print the first N loop-monitor warnings (default 5)")
     args = p.parse_args()
@@ -414,7 +421,7 @@ def main() -> int:
     if args.smoke:
         args.sources, args.per_source, args.burst = 200, 5, 50
     m = measure(args.sources, args.per_source, Path(args.workdir),
-                1.0 if args.smoke else STATUS_SECONDS, args.burst)
+                1.0 if args.smoke else STATUS_SECONDS, args.burst, not args.python_origin)
     for line in table(m):
         print(line)
     for line in m["warnings"][:args.show]:
