@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from buffyfs import priority
 from buffyfs.store import gc, offload
 from buffyfs.store.index import Index
 from tests.conftest import Mount
@@ -74,7 +75,7 @@ def test_plans_and_big_answers_come_from_a_worker_process(
     workers = [p for p in children(m.proc.pid)  # not multiprocessing's resource tracker
                if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert workers and {niceness(w) for w in workers} == \
-        {min(19, niceness(m.proc.pid) + offload.WORKER_NICE)}
+        {min(19, niceness(m.proc.pid) + priority.WORKER_NICE)}
     assert "buffyfs_versions 900.0" in (m / "@metrics").read_text()  # 300 x 3 left
     # one source's @status is small: built in a thread, right as ever
     assert len(json.loads((m / "src1" / "@status").read_text())["versions"]) == 3
@@ -252,3 +253,23 @@ async def test_a_collections_kernel_work_reads_and_sends_nothing_on_the_loop(
         assert ("inode", some_version.ino) in {(call, what) for call, what, _ in sent}
     finally:
         cache.close()
+
+
+def test_worker_threads_run_niced_below_the_loop(origin, mnt) -> None:
+    """Downloads' writes and hashes, index commits, invalidations: every thread but the
+    event loop's runs WORKER_NICE levels below it, so the loop gets a core first."""
+    from tests.test_mount import read, write_control
+
+    body = os.urandom(1 << 20)
+    origin.set("/n", body, etag=True)
+    write_control(mnt / "@control", f"add n {origin.url('/n')}")
+    assert read(mnt / "n/latest") == body  # worker threads wrote, hashed and committed it
+    pid = mnt.proc.pid
+    tasks = Path(f"/proc/{pid}/task")
+    threads = {int(t): (tasks / t / "comm").read_text().strip() for t in os.listdir(tasks)}
+    loop = int((tasks / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[16])
+    others = {tid: int((tasks / str(tid) / "stat").read_text().rsplit(")", 1)[1].split()[16])
+              for tid in threads if tid != pid}
+    assert len(others) >= 2, threads  # trio's worker threads, the loop monitor's sampler
+    assert set(others.values()) == {min(19, loop + priority.WORKER_NICE)}, \
+        {threads[t]: n for t, n in others.items()}

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import trio
 import trio_parallel
 
-from buffyfs import crash
+from buffyfs import crash, priority
 from buffyfs import log as log_setup
 from buffyfs.store import gc, status
 from buffyfs.store.index import Index
@@ -155,25 +155,23 @@ WORKER_IDLE = 60.0  # seconds an idle worker process lives on (one that planned 
 WORKER_GRACE = 5.0  # seconds the daemon's exit waits for its workers before killing them
 
 
-WORKER_NICE = 10  # the workers' niceness above the daemon's (see _start_worker)
-
-
 def configure_workers() -> None:
-    """Set up the worker processes; once, in the main thread, before any is used. They
-    log as the daemon does (a collection's commit logs what it collected)."""
+    """Set up the worker threads and processes; once, in the event loop's thread, before
+    any is used. Both run niced below the loop (priority.py). The processes log as the
+    daemon does (a collection's commit logs what it collected)."""
+    loop_nice = priority.current()
+    priority.nice_new_threads(loop_nice)
     trio_parallel.configure_default_context(
         idle_timeout=WORKER_IDLE, grace_period=WORKER_GRACE,
-        init=functools.partial(_start_worker, log_setup.settings()))
+        init=functools.partial(_start_worker, log_setup.settings(),
+                               priority.helper_nice(loop_nice)))
 
 
-def _start_worker(logged: tuple[str, Path | None] | None) -> bool:
-    """In a new worker process: lower its CPU priority, so that on a busy machine the
-    daemon's event loop runs first (a collection of 100,000 versions keeps a worker
-    busy for a minute; on two cores it took the loop's turn); log as the daemon."""
-    try:
-        os.nice(WORKER_NICE)
-    except OSError:
-        pass
+def _start_worker(logged: tuple[str, Path | None] | None, nice: int) -> bool:
+    """In a new worker process: run at ``nice``, so that on a busy machine the daemon's
+    event loop runs first (a collection of 100,000 versions keeps a worker busy for a
+    minute; on two cores it took the loop's turn); log as the daemon."""
+    priority.lower_to(nice)
     if logged is not None:
         log_setup.setup(*logged)
     return True

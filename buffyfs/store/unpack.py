@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from buffyfs import priority
 from buffyfs.safeio import entry_kind, fsync_dir, make_dir, open_file
 
 COMPRESSED = ("gzip", "bzip2", "xz", "zstd")
@@ -567,10 +568,11 @@ def main(argv: list[str]) -> int:
     blob, kind, out_dir, limit, parent, memory = argv
     _PARENT = int(parent)
     _check_parent()
-    try:
-        os.nice(10)
+    try:  # niced below the mount's event loop (its thread's id is the mount's pid)
+        loop_nice = os.getpriority(os.PRIO_PROCESS, _PARENT)
     except OSError:
-        pass
+        loop_nice = priority.current()
+    priority.lower_to(priority.helper_nice(loop_nice))
     # hostile input must not take the machine's memory: a decoder asking more fails
     resource.setrlimit(resource.RLIMIT_AS, (int(memory), int(memory)))
     try:
