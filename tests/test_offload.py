@@ -255,14 +255,19 @@ async def test_a_collections_kernel_work_reads_and_sends_nothing_on_the_loop(
         cache.close()
 
 
-def test_worker_threads_run_niced_below_the_loop(origin, mnt) -> None:
-    """Downloads' writes and hashes, index commits, invalidations: every thread but the
-    event loop's runs WORKER_NICE levels below it, so the loop gets a core first."""
+def test_worker_threads_run_niced_below_the_loop(origin, mnt, tmp_path: Path) -> None:
+    """Downloads' writes and hashes, index commits, invalidations, validation commands:
+    everything but the event loop runs WORKER_NICE levels below it, so the loop gets a
+    core first."""
     from tests.test_mount import read, write_control
 
+    seen = tmp_path / "nice"
+    script = tmp_path / "validator"
+    script.write_text(f"#!/bin/sh\nnice > {seen}\n")
+    script.chmod(0o755)
     body = os.urandom(1 << 20)
     origin.set("/n", body, etag=True)
-    write_control(mnt / "@control", f"add n {origin.url('/n')}")
+    write_control(mnt / "@control", f"add n {origin.url('/n')} validate.cmd={script}")
     assert read(mnt / "n/latest") == body  # worker threads wrote, hashed and committed it
     pid = mnt.proc.pid
     tasks = Path(f"/proc/{pid}/task")
@@ -273,3 +278,4 @@ def test_worker_threads_run_niced_below_the_loop(origin, mnt) -> None:
     assert len(others) >= 2, threads  # trio's worker threads, the loop monitor's sampler
     assert set(others.values()) == {min(19, loop + priority.WORKER_NICE)}, \
         {threads[t]: n for t, n in others.items()}
+    assert int(seen.read_text()) == min(19, loop + priority.WORKER_NICE)  # the validator
