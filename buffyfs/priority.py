@@ -3,9 +3,11 @@
 On a busy machine the event loop's thread must get a core first: every FUSE request
 waits for it. The mount's worker threads (downloads' writes and hashes, index commits,
 listings, invalidations), its worker processes and its unpacking children run
-WORKER_NICE levels below the loop. Measured (bench.stall's refresh burst on two cores):
-with the worker threads at the loop's priority the loop waited for a core about as
-long as it ran, and a ``stat`` waited 16-45 ms at p99; with them niced, a third of that.
+WORKER_NICE levels below the loop. Measured (bench.stall's refresh burst, 4,000 × 5, on
+two cores): with the worker threads at the loop's priority the loop waited for a core
+about as long as it ran, and a ``stat`` waited 40-58 ms at p99; with them niced, 11-14.
+(Python 3.12 runs profile functions on sys.monitoring: the hook below still runs once
+per new thread, and trio keeps its threads for reuse, so that stays rare.)
 
 Linux keeps a nice value per thread, and a thread or process starts with its
 creator's: so a thread is lowered once, when it starts (``nice_new_threads``), and a
