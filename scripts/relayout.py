@@ -42,7 +42,7 @@ PLACES = {
     "mounttable": "", "watchdog": "", "busy": "",
     # leaves (log.py opens its file with safeio, so safeio is a leaf too)
     "errors": "", "options": "", "config": "", "control": "", "log": "", "crash": "",
-    "safeio": "",
+    "safeio": "", "priority": "",
     # fs/: the FUSE view
     "fs": "fs.handlers", "fstree": "fs.tree", "unpackfs": "fs.unpackfs", "links": "fs.links",
     "snapshots": "fs.snapshots",
@@ -71,7 +71,7 @@ SUBPACKAGES = {  # new rooms: the docstring of their __init__.py
     "store": "What is kept: the LMDB index and its records, the blob store, the cache\n"
              "as a whole, the rules of control commands, collection, checks, scrub,\n"
              "validation, @status and @metrics, unpacked (derived) data. Imports only\n"
-             "the leaves at the top (errors, options, control, safeio, crash).",
+             "the leaves at the top (errors, options, control, safeio, priority, crash).",
 }
 KEPT_SUBPACKAGES = {"http"}  # rooms that exist already and keep their modules
 WHERE = ["buffyfs", "tests", "bench", "scripts", "docs", "contrib", ".ci", "pyproject.toml"]
