@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5  # how often the mount looks for changes made by other processes
 GC_INTERVAL = 600.0  # periodic collection, besides the one after each new version
+REST_AFTER = 4.0  # after a collection that took T, the next one waits T x this at least
+# (not one `buffyfs gc` asks for): at 100,000 versions a plan takes about 1 s of a core
 SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
 SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval of the daemon (see run)
 SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, collector)
@@ -144,8 +146,9 @@ class Unmounted(BuffyFS):
 
 
 class Collector:
-    """Garbage collection inside the mount: after each new version, periodically, and
-    when ``buffyfs gc`` asks.
+    """Garbage collection inside the mount: after each new version (resting REST_AFTER
+    times as long as the last one took first), periodically, and when ``buffyfs gc``
+    asks.
 
     Off the event loop: the plan reads a snapshot in a worker process, and each batch
     of it commits in that kind of process too (``gc.commit``, which re-checks
@@ -304,6 +307,7 @@ class Collector:
             self.wake = trio.Event()
             wait = GC_INTERVAL
             report = None
+            began = trio.current_time()
             try:
                 report = await self.collect()
                 wait = gc.seconds_until(report.wake_at, GC_INTERVAL)  # a hold or grace ends
@@ -314,8 +318,15 @@ class Collector:
                     await trio.to_thread.run_sync(self.sweep_partials)
             except BuffyError as e:
                 log.error("collection failed: %s", e)
+            took = trio.current_time() - began
             big = report is not None and len(report.collected()) >= TRIM_AFTER
             await self.give_back(trim=big)
+            # New versions coming one after another (a burst of refreshes) would have
+            # the whole cache planned again after each: rest a while, and the next
+            # collection takes every version that came meanwhile at once.
+            rest = min(took * REST_AFTER, wait)
+            await trio.sleep(rest)
+            wait -= rest
 
     async def give_back(self, trim: bool) -> None:
         """After a collection (or the start-up sweep): the index pages it and what
