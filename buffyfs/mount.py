@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5  # how often the mount looks for changes made by other processes
 GC_INTERVAL = 600.0  # periodic collection, besides the one after each new version
-REST_AFTER = 4.0  # after a collection that took T, the next one waits T x this at least
-# (not one `buffyfs gc` asks for): at 100,000 versions a plan takes about 1 s of a core
+REST_AFTER = 4.0  # after a collection whose plan took T, the next one a new version or a
+# control write asks for waits T x this (REST_CAP at most; not one `buffyfs gc` asks for)
+REST_CAP = 30.0
 SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
 SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval of the daemon (see run)
 SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, collector)
@@ -147,7 +148,7 @@ class Unmounted(BuffyFS):
 
 class Collector:
     """Garbage collection inside the mount: after each new version (resting REST_AFTER
-    times as long as the last one took first), periodically, and when ``buffyfs gc``
+    times as long as the last plan took first), periodically, and when ``buffyfs gc``
     asks.
 
     Off the event loop: the plan reads a snapshot in a worker process, and each batch
@@ -180,6 +181,7 @@ class Collector:
         self.rounds = 0  # collections so far (in gc_progress: each one's batches differ)
         self.lost_blobs = False  # a commit's list of freed blobs was lost: sweep for them
         self.sweeping = False
+        self.planned_in = 0.0  # seconds the last plan took (Collector.run rests after it)
 
     def kick(self, name: str = "") -> None:
         self.wake.set()
@@ -200,8 +202,10 @@ class Collector:
         async with self.lock:
             # planned in a worker process (offload.py): not even the GIL is taken from
             # the loop; its batches are committed there too, one at a time
+            began = trio.current_time()
             planned = await offload.plan_collection(
                 self.cache.index, set(self.fs.open_inos), need, self.max_size, dry_run)
+            self.planned_in = trio.current_time() - began
             if planned.pid != os.getpid():
                 self.fs.metrics.worker_runs.labels(task="gc_plan").inc()
             if planned.report is not None:  # a dry run: its answer, encoded by the planner
@@ -304,27 +308,27 @@ class Collector:
         while True:
             with trio.move_on_after(wait) as periodic:
                 await self.wake.wait()
+            periodic_round = periodic.cancelled_caught and not self.wake.is_set()
             self.wake = trio.Event()
             wait = GC_INTERVAL
             report = None
-            began = trio.current_time()
             try:
                 report = await self.collect()
                 wait = gc.seconds_until(report.wake_at, GC_INTERVAL)  # a hold or grace ends
                 # partial files are swept on the periodic round (and by `buffyfs gc`),
                 # not after each new version: that sweep would race the report of a
                 # `buffyfs gc` asked meanwhile
-                if periodic.cancelled_caught:
+                if periodic_round:
                     await trio.to_thread.run_sync(self.sweep_partials)
             except BuffyError as e:
                 log.error("collection failed: %s", e)
-            took = trio.current_time() - began
             big = report is not None and len(report.collected()) >= TRIM_AFTER
             await self.give_back(trim=big)
             # New versions coming one after another (a burst of refreshes) would have
             # the whole cache planned again after each: rest a while, and the next
-            # collection takes every version that came meanwhile at once.
-            rest = min(took * REST_AFTER, wait)
+            # collection takes every version that came meanwhile at once. A hold or
+            # grace that ends sooner (wait) ends the rest.
+            rest = min(self.planned_in * REST_AFTER, REST_CAP, wait)
             await trio.sleep(rest)
             wait -= rest
 
@@ -360,6 +364,7 @@ class Collector:
             log.error("sweeping the blobs a failed commit freed failed: %s", e)
         finally:
             self.sweeping = False
+        self.planned_in = 0.0  # seconds the last plan took (Collector.run rests after it)
 
     def sweep(self) -> list[str] | None:
         return gc.sweep_orphans(self.cache.index, self.cache.blobs, partial_key)

@@ -7,6 +7,7 @@ takes PLAN seconds."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import trio
@@ -14,21 +15,25 @@ import trio
 from buffyfs import mount
 from buffyfs.mount import REST_AFTER, Collector
 from buffyfs.store import gc
+from buffyfs.store.index import rfc3339
 
 PLAN = 2.0  # seconds the stand-in collection takes
 
 
-async def collector(nursery: trio.Nursery, began: list[float]) -> Collector:
+async def collector(nursery: trio.Nursery, began: list[float],
+                    wake_at: list[str] | None = None) -> Collector:
     """A collector running in ``nursery``, past its start-up sweep (a worker thread,
     which the autojump clock does not wait for), whose collections append their start
-    to ``began``."""
+    to ``began`` and report the next of ``wake_at`` (a hold's end) if any."""
+    wake_at = list(wake_at or [])
     c = Collector(None, None, None, nursery)  # type: ignore[arg-type]
     swept = trio.Event()
 
     async def collect(need: int = 0, dry_run: bool = False) -> gc.Report:
         began.append(trio.current_time())
         await trio.sleep(PLAN)
-        return gc.Report()
+        c.planned_in = PLAN
+        return gc.Report(wake_at=wake_at.pop(0) if wake_at else None)
 
     async def give_back(trim: bool) -> None:
         swept.set()  # the first comes right after the start-up sweep
@@ -87,3 +92,16 @@ async def test_the_rest_does_not_push_the_periodic_collection_back(
     # collection ended: the rest counted in
     assert len(began) == 2, began
     assert abs((began[1] - began[0]) - (PLAN + 100.0)) < 0.1, began
+
+
+async def test_a_hold_that_ends_during_the_rest_ends_it(autojump_clock: Any) -> None:
+    began: list[float] = []
+    soon = rfc3339(datetime.now(UTC) + timedelta(seconds=1))  # the wall clock stands still
+    async with trio.open_nursery() as nursery:
+        c = await collector(nursery, began, [soon])
+        c.kick("src")
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    # the first collection said a hold ends in about 1 s: the next comes then, not after
+    # the rest of PLAN x REST_AFTER
+    assert len(began) >= 2 and began[1] - began[0] < PLAN + 2, began

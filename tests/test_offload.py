@@ -245,7 +245,9 @@ async def test_a_collections_kernel_work_reads_and_sends_nothing_on_the_loop(
         monkeypatch.setattr("buffyfs.store.index.decode", counting)
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                report = await Collector(cache, fs, None, nursery).collect()
+                collector = Collector(cache, fs, None, nursery)
+                report = await collector.collect()
+                assert collector.planned_in > 0  # how long the plan took: the rest after it
         assert len(report.collected()) == 500
         assert records.Version not in decoded
         assert sent and all(thread != loop_thread for _, _, thread in sent)
