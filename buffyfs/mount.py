@@ -364,7 +364,6 @@ class Collector:
             log.error("sweeping the blobs a failed commit freed failed: %s", e)
         finally:
             self.sweeping = False
-        self.planned_in = 0.0  # seconds the last plan took (Collector.run rests after it)
 
     def sweep(self) -> list[str] | None:
         return gc.sweep_orphans(self.cache.index, self.cache.blobs, partial_key)
