@@ -6,7 +6,6 @@ is told to a kernel."""
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import signal
@@ -54,7 +53,7 @@ SWEEP_RETRY = 2.0  # seconds between tries of the start-up orphan sweep
 SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval of the daemon (see run)
 SYNC_CHUNK = 16  # sources brought up to date per loop turn (change watcher, collector)
 FORGET_SLICE = 0.002  # seconds of the loop per slice of a collected batch's kernel work
-GIVE_BACK_WAIT = 30.0  # seconds the give-back waits for the kernel's link counts at most
+GIVE_BACK_WAIT = 30.0  # seconds the give-back waits for link counts and unlinks at most
 TRIM_AFTER = 1000  # versions: a collection of more gives glibc's free heap back
 
 
@@ -170,11 +169,18 @@ class Collector:
         self.wake = trio.Event()
         self.lock = trio.Lock()  # one collection at a time
         self.unlinking = trio.CapacityLimiter(1)  # one batch of blob unlinks at a time
+        self.unlinks_queued = 0  # batches of blob unlinks started and not yet ended
+        self.unlinked = trio.Event()  # set whenever that is 0
+        self.unlinked.set()
         self.notifying = trio.Lock()  # one batch of kernel invalidations at a time
         # entries (after, upto] of the index's changes log our commits wrote: their
         # sources are brought up to date here (versions_collected), not again by the
         # change watcher (a collection touches thousands)
         self.own_changes: list[tuple[int, int]] = []
+        # held from before a commit until its range is in own_changes (a commit lands
+        # before its worker's answer comes back); the watcher reads the log only outside
+        # it, or it took a landed commit's thousands of sources for another process's
+        self.registering = trio.Lock()
         self.asked = False  # a `buffyfs gc` request may be waiting
         self.answering = False
         self.request: int | None = None  # the `buffyfs gc` request being answered
@@ -225,6 +231,7 @@ class Collector:
         the loop only marks its inodes and, after, drops the kernel's entries."""
         # No await between the re-check and marking the batch: an open either counted
         # already (kept) or waits for the commit (fs.open).
+        await self.registering.acquire()
         open_now = set(self.fs.open_inos)
         done = self.fs.start_collecting({ino for ino in inos if ino not in open_now})
         try:
@@ -232,29 +239,24 @@ class Collector:
             committed = await offload.commit_and_read(self.cache.index, planned, batch,
                                                       open_now, progress, read_sources,
                                                       lost=self.sweep_lost_blobs)
+            self.own_changes += committed.report.changes
         except Exception:  # it may have landed: its freed blobs are not known
             self.sweep_lost_blobs()
             raise
         finally:
+            self.registering.release()
             self.fs.end_collecting(done)
         if planned.pid != os.getpid():
             self.fs.metrics.worker_runs.labels(task="gc_commit").inc()
         part = committed.report
-        self.own_changes += part.changes
         await self._collected_async(part, committed.read)
         return part
 
-    def own_change(self) -> Callable[[int], bool]:
-        """Whether an entry of the changes log is one of our commits' (for
-        ``Index.changes_since``); ranges up to the watcher's last look are dropped."""
-        ranges = sorted(self.own_changes)
-        starts = [after for after, _ in ranges]
-
-        def ours(seq: int) -> bool:
-            i = bisect.bisect_left(starts, seq) - 1
-            return i >= 0 and ranges[i][0] < seq <= ranges[i][1]
-
-        return ours
+    def own_change(self) -> list[tuple[int, int]]:
+        """The ranges (after, upto] of the changes log our commits wrote (for
+        ``Index.changes_since`` to leave out); those up to the watcher's last look are
+        dropped (``seen_changes``)."""
+        return list(self.own_changes)
 
     def seen_changes(self, upto: int) -> None:
         """The change watcher looked at the log up to ``upto``."""
@@ -270,8 +272,12 @@ class Collector:
 
     def _forget(self, report: gc.Report, facts: dict[str, SourceFacts | None]
                 ) -> Iterator[None]:
-        start_task(self.nursery, "blob unlinking", self._unlink, report.unlink,
-                   restart=False)  # what is left is swept as orphans at the next start
+        if report.unlink:
+            if not self.unlinks_queued:
+                self.unlinked = trio.Event()
+            self.unlinks_queued += 1
+            start_task(self.nursery, "blob unlinking", self._unlink, report.unlink,
+                       restart=False)  # what is left is swept as orphans at the next start
         removed: dict[str, list[str]] = {}
         for source, vid, _ in report.collected():
             removed.setdefault(source, []).append(vid)
@@ -296,8 +302,13 @@ class Collector:
         """Unlink a batch's blob files in a worker thread, one batch at a time: a
         collection of 100,000 versions queues hundreds of batches, which must not take
         every worker thread (control writes, @status and index writes need them)."""
-        await trio.to_thread.run_sync(gc.unlink_blobs, self.cache.index, self.cache.blobs,
-                                      shas, limiter=self.unlinking)
+        try:
+            await trio.to_thread.run_sync(gc.unlink_blobs, self.cache.index,
+                                          self.cache.blobs, shas, limiter=self.unlinking)
+        finally:
+            self.unlinks_queued -= 1
+            if not self.unlinks_queued:
+                self.unlinked.set()
 
     async def run(self) -> None:
         # Orphans a crash left are swept at start, retried while a commit is under way.
@@ -338,8 +349,9 @@ class Collector:
         (store/memory.py), in a worker thread; with ``trim``, glibc's free heap too
         (malloc_trim holds the heap's lock for up to tens of ms, during which the
         loop's bigger allocations wait: only after a big collection)."""
-        with trio.move_on_after(GIVE_BACK_WAIT):
-            await self.fs.relinked()  # its reads would map the pages again at once
+        with trio.move_on_after(GIVE_BACK_WAIT):  # their reads would map the pages again
+            await self.fs.relinked()
+            await self.unlinked.wait()  # (it reads the entry of every blob it unlinks)
         await trio.to_thread.run_sync(memory.unmap_index, self.cache.index)
         if trim:
             await trio.to_thread.run_sync(memory.trim_heap)
@@ -725,9 +737,10 @@ async def _apply_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,
                          collector: Collector, seq: int) -> int:
     """One round of the change watcher; returns the new change counter. Many changed
     sources (a collection touches thousands) are synced a chunk per loop turn."""
-    seq, names = await trio.to_thread.run_sync(cache.index.changes_since, seq,
-                                               collector.own_change())
-    collector.seen_changes(seq)
+    async with collector.registering:  # no commit of ours landed and not yet known
+        seq, names = await trio.to_thread.run_sync(cache.index.changes_since, seq,
+                                                   collector.own_change())
+        collector.seen_changes(seq)
     if names is None:  # too far behind to tell: look at everything
         names = set(await trio.to_thread.run_sync(cache.index.source_names)) | \
             scheduler.known | {""}

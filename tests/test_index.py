@@ -516,3 +516,23 @@ def test_parse_rfc3339_reads_what_rfc3339_wrote(t: datetime) -> None:
 def test_parse_rfc3339_refuses_other_shapes(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_rfc3339(bad)
+
+
+def test_changes_since_leaves_out_the_ranges_it_is_told_to_skip(idx: Index) -> None:
+    seq0, _ = idx.changes_since(0)
+    for name in "abcdef":
+        idx.add_source(name, f"http://h/{name}", OPTS)
+    now, every = idx.changes_since(seq0)
+    with idx.read() as r, r.txn.cursor(db=idx.dbs["changes"]) as cur:
+        assert cur.set_range((seq0 + 1).to_bytes(8, "big"))
+        log = [(int.from_bytes(k, "big"), v.decode()) for k, v in cur]
+    assert [n for _, n in log if n] == list("abcdef") and every == set("abcdef") | {""}
+    seq_of = {n: s for s, n in log if n}
+    # b and c in one skipped range, e in another, one that ended before seq0 too
+    skip = [(seq_of["e"] - 1, seq_of["e"]), (seq_of["b"] - 1, seq_of["c"]), (0, seq0)]
+    assert idx.changes_since(seq0, skip) == (now, every - {"b", "c", "e"})
+    # a range reaching past what is asked for, and one over the last entries
+    assert idx.changes_since(seq_of["b"], [(seq_of["a"], seq_of["d"])]) == \
+        (now, {n for s, n in log if s > seq_of["d"]})
+    assert idx.changes_since(seq0, [(seq_of["f"] - 1, now)])[1] == \
+        {n for s, n in log if s < seq_of["f"]}

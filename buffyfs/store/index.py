@@ -1036,10 +1036,12 @@ class Index:
                 w.txn.delete(n.encode(), db=self.dbs["requests"])
         return names
 
-    def changes_since(self, seq: int, skip: Callable[[int], bool] | None = None
+    def changes_since(self, seq: int, skip: Collection[tuple[int, int]] = ()
                       ) -> tuple[int, set[str] | None]:
         """The current seq and the names changed after ``seq``; None if too old to tell.
-        Entries whose seq ``skip`` accepts are left out."""
+        Entries in the ranges (after, upto] of ``skip`` are left out unread: the cursor
+        jumps over them (a collection writes thousands, whose pages the reader then
+        neither maps nor walks)."""
         with self.read() as r:
             now = r.seq()
             if now == seq:
@@ -1047,11 +1049,16 @@ class Index:
             if now - seq > CHANGES_KEPT - 1 or seq > now:
                 return now, None
             names = set()
+            gaps = sorted((after, upto) for after, upto in skip if upto > seq)
             with r.txn.cursor(db=self.dbs["changes"]) as cur:
-                if cur.set_range(_u64(seq + 1)):
-                    for k, v in cur:
-                        if skip is None or not skip(_from_u64(k)):
+                pos = seq + 1  # the next entry to read
+                for after, upto in [*gaps, (now, now)]:
+                    if after >= pos and cur.set_range(_u64(pos)):
+                        for k, v in cur:
+                            if _from_u64(k) > after:
+                                break
                             names.add(v.decode())
+                    pos = max(pos, upto + 1)
             return now, names
 
     def mirror_changes_since(self, serial: int) -> tuple[int, set[str] | None]:
