@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5  # how often the mount looks for changes made by other processes
+REGISTER_WAIT = 10.0  # seconds a change watcher's round waits for a commit of ours
 GC_INTERVAL = 600.0  # periodic collection, besides the one after each new version
 REST_AFTER = 4.0  # after a collection whose plan took T, the next one a new version or a
 # control write asks for waits T x this (REST_CAP at most; not one `buffyfs gc` asks for)
@@ -737,10 +738,15 @@ async def _apply_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,
                          collector: Collector, seq: int) -> int:
     """One round of the change watcher; returns the new change counter. Many changed
     sources (a collection touches thousands) are synced a chunk per loop turn."""
-    async with collector.registering:  # no commit of ours landed and not yet known
-        seq, names = await trio.to_thread.run_sync(cache.index.changes_since, seq,
-                                                   collector.own_change())
-        collector.seen_changes(seq)
+    # not while a commit of ours may have landed and not be known yet; a commit stuck
+    # (its worker hung) skips rounds, it does not stop the watcher's task
+    with trio.move_on_after(REGISTER_WAIT) as waited:
+        async with collector.registering:
+            seq, names = await trio.to_thread.run_sync(cache.index.changes_since, seq,
+                                                       collector.own_change())
+            collector.seen_changes(seq)
+    if waited.cancelled_caught:
+        return seq
     if names is None:  # too far behind to tell: look at everything
         names = set(await trio.to_thread.run_sync(cache.index.source_names)) | \
             scheduler.known | {""}

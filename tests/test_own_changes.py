@@ -90,3 +90,33 @@ async def test_the_watcher_leaves_out_a_commit_whose_answer_is_on_its_way(
                     await trio.sleep(0.05)
             assert fs.synced == ["src3"]
             nursery.cancel_scope.cancel()
+
+
+async def test_a_stuck_commit_skips_the_watchers_rounds_without_stopping_them(
+        cache: Cache, autojump_clock: Any) -> None:
+    """A commit whose worker hangs holds the change watcher's look at the log: each
+    round gives up after REGISTER_WAIT, and the next looks again."""
+    fs = Watched(cache)
+    async with trio.open_nursery() as nursery:
+        collector = Collector(cache, fs, None, nursery)
+        seq, _ = await trio.to_thread.run_sync(cache.index.changes_since, 0)
+        await trio.to_thread.run_sync(cache.tag, "src3", "latest", "mine")
+        ended = trio.Event()
+
+        async def stuck_commit(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            async with collector.registering:
+                task_status.started()
+                await ended.wait()
+
+        await nursery.start(stuck_commit)
+        began = trio.current_time()
+        with trio.fail_after(mount.REGISTER_WAIT * 2):
+            assert await mount._apply_changes(cache, NoScheduler(), fs,  # type: ignore[arg-type]
+                                              collector, seq) == seq
+        assert trio.current_time() - began == pytest.approx(mount.REGISTER_WAIT)
+        assert fs.synced == []
+        ended.set()
+        assert await mount._apply_changes(cache, NoScheduler(), fs,  # type: ignore[arg-type]
+                                          collector, seq) > seq
+        assert fs.synced == ["src3"]
+        nursery.cancel_scope.cancel()
