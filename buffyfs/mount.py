@@ -230,27 +230,29 @@ class Collector:
                       progress: dict[str, Any]) -> gc.Report:
         """Commit one batch of the plan where it was made (``offload.commit_batch``):
         the loop only marks its inodes and, after, drops the kernel's entries."""
-        # No await between the re-check and marking the batch: an open either counted
-        # already (kept) or waits for the commit (fs.open).
-        await self.registering.acquire()
-        open_now = set(self.fs.open_inos)
-        done = self.fs.start_collecting({ino for ino in inos if ino not in open_now})
-        try:
-            # what the kernel's view of the batch's sources hangs on is read there too
-            committed = await offload.commit_and_read(self.cache.index, planned, batch,
-                                                      open_now, progress, read_sources,
-                                                      lost=self.sweep_lost_blobs)
-            self.own_changes += committed.report.changes
-        except Exception:  # it may have landed: its freed blobs are not known
-            self.sweep_lost_blobs()
-            raise
-        finally:
-            self.registering.release()
-            self.fs.end_collecting(done)
+        async with self.registering:  # until the range its commit wrote is known
+            # No await between the re-check and marking the batch: an open either
+            # counted already (kept) or waits for the commit (fs.open).
+            open_now = set(self.fs.open_inos)
+            done = self.fs.start_collecting({ino for ino in inos if ino not in open_now})
+            try:
+                # what the kernel's view of the batch's sources hangs on is read there
+                committed = await offload.commit_and_read(
+                    self.cache.index, planned, batch, open_now, progress, read_sources,
+                    lost=self.sweep_lost_blobs)
+                self.own_changes += committed.report.changes
+            except Exception:  # it may have landed: its freed blobs are not known
+                self.sweep_lost_blobs()
+                raise
+            finally:
+                self.fs.end_collecting(done)
         if planned.pid != os.getpid():
             self.fs.metrics.worker_runs.labels(task="gc_commit").inc()
         part = committed.report
-        await self._collected_async(part, committed.read)
+        # landed: the kernel's view and the unlinks follow even if our caller (a
+        # download's make_room) is cancelled meanwhile; the watcher skips these sources
+        with trio.CancelScope(shield=True):
+            await self._collected_async(part, committed.read)
         return part
 
     def own_change(self) -> list[tuple[int, int]]:
@@ -277,8 +279,10 @@ class Collector:
             if not self.unlinks_queued:
                 self.unlinked = trio.Event()
             self.unlinks_queued += 1
+            # restart=False: _unlink's finally counts it down once; what is left is
+            # swept as orphans at the next start
             start_task(self.nursery, "blob unlinking", self._unlink, report.unlink,
-                       restart=False)  # what is left is swept as orphans at the next start
+                       restart=False)
         removed: dict[str, list[str]] = {}
         for source, vid, _ in report.collected():
             removed.setdefault(source, []).append(vid)

@@ -536,3 +536,9 @@ def test_changes_since_leaves_out_the_ranges_it_is_told_to_skip(idx: Index) -> N
         (now, {n for s, n in log if s > seq_of["d"]})
     assert idx.changes_since(seq0, [(seq_of["f"] - 1, now)])[1] == \
         {n for s, n in log if s < seq_of["f"]}
+    # overlapping and nested ranges, unsorted; one past the end of the log
+    assert idx.changes_since(seq0, [(seq_of["b"], seq_of["c"]), (seq_of["a"], seq_of["d"]),
+                                    (seq_of["a"], seq_of["b"])])[1] == \
+        {n for s, n in log if s <= seq_of["a"] or s > seq_of["d"]}
+    assert idx.changes_since(seq0, [(seq_of["f"] - 1, now + 5)])[1] == \
+        {n for s, n in log if s < seq_of["f"]}
