@@ -48,3 +48,15 @@ def test_stall_smoke_prints_every_row(tmp_path: Path) -> None:
         line = next((x for x in lines if x.startswith(row)), None)
         assert line is not None and ("PASS" in line or "MISS" in line), done.stdout
     assert not list(tmp_path.iterdir()), "bench.stall left work files behind"
+
+
+def test_latest_bench_smoke_prints_both_reads() -> None:
+    """bench.latest at its smoke size: a row per size and call, each with a ratio."""
+    done = subprocess.run([sys.executable, "-m", "bench.latest", "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("5", "latest"), ("5", "newest"),
+                                            ("50", "latest"), ("50", "newest")]
+    assert all(r[-1].endswith("×") and float(r[-1][:-1]) > 0 for r in rows)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from buffyfs.errors import BadInput, CacheError, NotFound
@@ -25,7 +25,9 @@ from buffyfs.store.index import (
     Index,
     SourceInode,
     latest_of,
+    newest_of,
     parse_rfc3339,
+    resolve_latest,
     rfc3339,
     version_id,
 )
@@ -542,3 +544,54 @@ def test_changes_since_leaves_out_the_ranges_it_is_told_to_skip(idx: Index) -> N
         {n for s, n in log if s <= seq_of["a"] or s > seq_of["d"]}
     assert idx.changes_since(seq0, [(seq_of["f"] - 1, now + 5)])[1] == \
         {n for s, n in log if s < seq_of["f"]}
+
+
+VERSION_SETS = st.lists(st.tuples(st.sampled_from(["a", "a0", "ab", "b"]),  # key neighbours
+                                  st.integers(1, 9),  # the version id's number
+                                  st.sets(st.sampled_from(["failed", "valid", "x"])),
+                                  st.booleans()),  # damaged
+                        max_size=24)
+
+
+@settings(max_examples=300)
+@given(VERSION_SETS, st.dictionaries(st.sampled_from(["a", "a0", "ab", "b"]),
+                                     st.sampled_from([f"v{i}" for i in range(1, 10)] + ["v5a"])),
+       st.sampled_from(["v0", "v4", "v5", "v5a", "v9", "w"]))
+@example([("a", 3, set(), False), ("a", 7, set(), False)], {"a": "v3"}, "v4")  # a pin
+@example([("a0", 3, {"failed"}, False), ("a0", 2, set(), True), ("a0", 1, set(), False),
+          ("a0", 5, set(), False)], {"a0": "v3"}, "v2")  # a pin that fails falls back
+def test_latest_and_newest_read_lazily_as_from_every_version(
+        entries: list[tuple[str, int, set[str], bool]], pins: dict[str, str],
+        upto: str) -> None:
+    """``Reader.latest``/``newest`` stop at the first version they want, reading newest
+    first; they answer what the rules over the whole list answer (pins that exist and
+    that do not, sources whose keys sort next to each other)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        idx = Index(Path(d) / "index")
+        try:
+            names = ["a", "a0", "ab", "b"]
+            for name in names:
+                idx.add_source(name, f"http://h/{name}", OPTS)
+            with idx.write() as w:
+                for n, (name, number, tags, damaged) in enumerate(entries):
+                    w.put_version(name, Version(
+                        id=f"v{number}", sha256=f"{n:064x}", size=1, fetched_at="t",
+                        ino=1000 + n, tags=sorted(tags),
+                        damaged={"at": "t", "reason": "r"} if damaged else None))
+                for name, pin in pins.items():
+                    w.set_pin(name, True, pin)
+            with idx.read() as r:
+                for name in names:
+                    every = r.versions(name)
+                    src = r.source(name)
+                    assert src is not None
+                    assert list(r.versions_newest_first(name)) == every
+                    assert list(r.versions_newest_first(name, upto)) == \
+                        [v for v in every if v.id <= upto]
+                    assert r.latest(name) == resolve_latest(src, every)
+                    assert r.newest(name) == newest_of(every)
+                assert r.latest("nosuch") is None and r.newest("nosuch") is None
+        finally:
+            idx.close()

@@ -32,7 +32,6 @@ from buffyfs.store.index import (
     Index,
     Reader,
     SourceInode,
-    newest_of,
     resolve_latest,
     tag_latest,
 )
@@ -243,7 +242,7 @@ class Tree:
     def newest_ino(self, name: str) -> int:
         """``SOURCE/newest``: the newest version, tagged ``failed`` or not (NoEntry: none)."""
         with self.index.read() as r:
-            v = newest_of(r.versions(name))
+            v = r.newest(name)
         if v is None:
             raise NoEntry(name)
         return v.ino

@@ -75,7 +75,7 @@ import functools
 import json
 import re
 import struct
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -150,7 +150,7 @@ def servable(version: Version) -> bool:
     return "failed" not in version.tags and not version.damaged
 
 
-def latest_of(versions: list[Version]) -> Version | None:
+def latest_of(versions: Iterable[Version]) -> Version | None:
     """The newest servable version (``versions`` newest first)."""
     for v in versions:
         if servable(v):
@@ -158,7 +158,7 @@ def latest_of(versions: list[Version]) -> Version | None:
     return None
 
 
-def newest_of(versions: list[Version]) -> Version | None:
+def newest_of(versions: Iterable[Version]) -> Version | None:
     """What the word ``newest`` names: the newest version that is not damaged, tagged
     ``failed`` or not (``versions`` newest first)."""
     return next((v for v in versions if not v.damaged), None)
@@ -278,6 +278,23 @@ class Reader:
         out.reverse()
         return out
 
+    def versions_newest_first(self, name: str, upto: str | None = None
+                              ) -> Iterator[Version]:
+        """The versions of a source newest first (those with an id <= ``upto`` if
+        given), read lazily: a caller that stops at the first it wants decodes only
+        what it looked at (``latest`` of a source with 1,000 versions decoded them
+        all, 3 ms on the loop). Use it inside the transaction."""
+        prefix = name.encode() + b"\0"
+        # the first key past the wanted ones; the one before it is the newest wanted
+        past = prefix + upto.encode() + b"\0" if upto is not None else name.encode() + b"\1"
+        with self.txn.cursor(db=self.dbs["versions"]) as cur:
+            found = cur.prev() if cur.set_range(past) else cur.last()
+            while found:
+                if not cur.key().startswith(prefix):
+                    return
+                yield decode(Version, cur.value())
+                found = cur.prev()
+
     def versions_after(self, name: str, vid: str) -> Iterator[Version]:
         """The versions of a source newer than ``vid``, oldest first, read lazily (use
         it inside the transaction; stop when you have what you need)."""
@@ -294,6 +311,9 @@ class Reader:
         prefix = name.encode() + b"\0"
         with self.txn.cursor(db=self.dbs["versions"]) as cur:
             return cur.set_range(prefix) and cur.key().startswith(prefix)
+
+    def has_version(self, name: str, vid: str) -> bool:
+        return self.txn.get(_version_key(name, vid), db=self.dbs["versions"]) is not None
 
     def version(self, name: str, vid: str) -> Version | None:
         return self._record(Version, "versions", name.encode() + b"\0" + vid.encode())
@@ -337,8 +357,17 @@ class Reader:
         return _from_u64(raw) if raw else 0
 
     def latest(self, name: str) -> Version | None:
+        """``resolve_latest`` of the source, decoding only the versions it passes over
+        (a pin that exists limits the look to it and older ones)."""
         src = self.source(name)
-        return resolve_latest(src, self.versions(name)) if src else None
+        if src is None:
+            return None
+        pin = src.pin if src.pin and self.has_version(name, src.pin) else None
+        return latest_of(self.versions_newest_first(name, upto=pin))
+
+    def newest(self, name: str) -> Version | None:
+        """``newest_of`` the source's versions, decoding only those it passes over."""
+        return newest_of(self.versions_newest_first(name))
 
     def version_by_inode(self, ino: int) -> tuple[str, Version] | None:
         """(source, version) of a version inode, including garbage not yet collected
