@@ -67,7 +67,7 @@ from buffyfs.options import (
     public_options,
     redact_url,
 )
-from buffyfs.store.index import newest_of, resolve_latest, tag_latest
+from buffyfs.store.index import resolve_latest, tag_latest
 from buffyfs.store.records import Source, Version
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class App:
             return await self._latest(req, send, head, src)
         if word == "newest" and not tail:  # the newest version, tagged failed or not
             with self.index.read() as r:
-                v = newest_of(r.versions(head))
+                v = r.newest(head)
             if v is None:
                 raise Answer(404, f"{head!r} has no version yet")
             return await self._version(req, send, head, v, mutable=True)

@@ -39,7 +39,7 @@ from buffyfs.options import (
     normalize_options,
     parse_duration,
 )
-from buffyfs.store.index import Index, Reader, Writer, newest_of
+from buffyfs.store.index import Index, Reader, Writer
 from buffyfs.store.records import Source, Version
 
 # How ``refresh`` takes effect in the transaction:
@@ -267,7 +267,7 @@ def version(r: Reader, source: str, ref: str) -> Version:
     it now)."""
     check_version_ref(ref)
     if ref == "newest":
-        v = newest_of(r.versions(source))
+        v = r.newest(source)
         if v is None:
             raise NotFound(f"source {source!r} has no version")
         return v

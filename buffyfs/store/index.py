@@ -283,7 +283,7 @@ class Reader:
         """The versions of a source newest first (those with an id <= ``upto`` if
         given), read lazily: a caller that stops at the first it wants decodes only
         what it looked at (``latest`` of a source with 1,000 versions decoded them
-        all, 3 ms on the loop). Use it inside the transaction."""
+        all, 2.5 ms on the loop). Use it inside the transaction."""
         prefix = name.encode() + b"\0"
         # the first key past the wanted ones; the one before it is the newest wanted
         past = prefix + upto.encode() + b"\0" if upto is not None else name.encode() + b"\1"
@@ -313,6 +313,7 @@ class Reader:
             return cur.set_range(prefix) and cur.key().startswith(prefix)
 
     def has_version(self, name: str, vid: str) -> bool:
+        """Whether ``name`` has a version ``vid`` (nothing decoded)."""
         return self.txn.get(_version_key(name, vid), db=self.dbs["versions"]) is not None
 
     def version(self, name: str, vid: str) -> Version | None:
@@ -1010,8 +1011,8 @@ class Index:
 
     def newest_sha256(self, name: str) -> str | None:
         with self.read() as r:
-            versions = r.versions(name)
-        return versions[0].sha256 if versions else None
+            newest = next(r.versions_newest_first(name), None)
+            return newest.sha256 if newest else None
 
     def change_tag(self, name: str, vid: str, add: str | None = None,
                    remove: str | None = None) -> Version:
