@@ -176,7 +176,8 @@ class Collector:
         self.notifying = trio.Lock()  # one batch of kernel invalidations at a time
         # entries (after, upto] of the index's changes log our commits wrote: their
         # sources are brought up to date here (versions_collected), not again by the
-        # change watcher (a collection touches thousands)
+        # change watcher (a collection touches thousands; it reads them under
+        # ``registering``, so no commit adds to them meanwhile)
         self.own_changes: list[tuple[int, int]] = []
         # held from before a commit until its range is in own_changes (a commit lands
         # before its worker's answer comes back); the watcher reads the log only outside
@@ -254,12 +255,6 @@ class Collector:
         with trio.CancelScope(shield=True):
             await self._collected_async(part, committed.read)
         return part
-
-    def own_change(self) -> list[tuple[int, int]]:
-        """The ranges (after, upto] of the changes log our commits wrote (for
-        ``Index.changes_since`` to leave out); those up to the watcher's last look are
-        dropped (``seen_changes``)."""
-        return list(self.own_changes)
 
     def seen_changes(self, upto: int) -> None:
         """The change watcher looked at the log up to ``upto``."""
@@ -747,7 +742,7 @@ async def _apply_changes(cache: Cache, scheduler: Scheduler, fs: BuffyFS,
     with trio.move_on_after(REGISTER_WAIT) as waited:
         async with collector.registering:
             seq, names = await trio.to_thread.run_sync(cache.index.changes_since, seq,
-                                                       collector.own_change())
+                                                       collector.own_changes)
             collector.seen_changes(seq)
     if waited.cancelled_caught:
         return seq

@@ -266,17 +266,7 @@ class Reader:
 
     def versions(self, name: str) -> list[Version]:
         """All versions of a source, newest first."""
-        prefix = name.encode() + b"\0"
-        out = []
-        with self.txn.cursor(db=self.dbs["versions"]) as cur:
-            if not cur.set_range(prefix):
-                return out
-            for k, v in cur:
-                if not k.startswith(prefix):
-                    break
-                out.append(decode(Version, v))
-        out.reverse()
-        return out
+        return list(self.versions_newest_first(name))
 
     def versions_newest_first(self, name: str, upto: str | None = None
                               ) -> Iterator[Version]:
@@ -317,7 +307,7 @@ class Reader:
         return self.txn.get(_version_key(name, vid), db=self.dbs["versions"]) is not None
 
     def version(self, name: str, vid: str) -> Version | None:
-        return self._record(Version, "versions", name.encode() + b"\0" + vid.encode())
+        return self._record(Version, "versions", _version_key(name, vid))
 
     def state(self, name: str) -> SourceState:
         queued = self.queued_state.get(name) if self.queued_state is not None else None
